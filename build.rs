@@ -1,0 +1,24 @@
+//! Compiles `proto/` with protox (pure Rust, so no system `protoc`) and writes the
+//! descriptor set that gRPC server reflection serves.
+
+use std::path::PathBuf;
+
+use prost::Message as _;
+
+const PROTOS: &[&str] = &[
+    "proto/builder/imgbuilder.proto",
+    "proto/contentservice/initializer.proto",
+    "proto/kiln/admin/v1/admin.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(PROTOS, ["proto"])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("kiln_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

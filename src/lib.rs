@@ -1,0 +1,34 @@
+//! Kiln builds container images for developer workspaces.
+//!
+//! # Layout
+//! - [`model`]: the domain vocabulary (image references, digests, build keys, secrets).
+//! - [`config`]: the one configuration file, with every knob and its default.
+//! - [`registry`]: the OCI distribution client (resolve, exists, copy) and the embedded
+//!   registry server.
+//! - [`actors`]: the supervised actor tree that owns every piece of runtime state.
+//! - [`api`]: the gRPC edge; turns requests into actor messages and nothing more.
+//! - [`cli`]: the `kiln` command line (server and clients).
+//! - [`proto`]: the generated wire types.
+//!
+//! Start reading at `ARCHITECTURE.md`, then [`actors`].
+
+pub mod model;
+pub mod registry;
+
+pub mod proto {
+    //! Generated protobuf and gRPC types. Only `src/api` and the CLI clients use them.
+    #![allow(clippy::all, missing_docs)]
+
+    pub mod builder {
+        tonic::include_proto!("builder");
+    }
+    pub mod contentservice {
+        tonic::include_proto!("contentservice");
+    }
+    pub mod admin {
+        tonic::include_proto!("kiln.admin.v1");
+    }
+
+    /// The encoded descriptor set of every Kiln proto, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln_descriptor.bin"));
+}

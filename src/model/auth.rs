@@ -1,0 +1,156 @@
+//! Which registry credentials a request may use (Gitpod's `BuildRegistryAuth`).
+//!
+//! The installation's own credentials (its pull secret) are powerful, so a caller says where
+//! they may be used: everywhere (`total.allow_all`), or only for Kiln's base and workspace
+//! repositories and a list of registry hosts (`selective`). A caller may also bring its own
+//! credentials per registry host (`additional`), which win over the installation's.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+
+use super::Secret;
+
+/// Where the installation's credentials may be used for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallationCredentialScope {
+    /// Never: the request only gets its `additional` credentials or anonymous access.
+    Nowhere,
+    /// For every registry (`total.allow_all`).
+    Everywhere,
+    /// For the listed places (`selective`).
+    Selective {
+        base_repo: bool,
+        workspace_repo: bool,
+        any_of: Vec<String>,
+    },
+}
+
+/// A registry user name and password supplied by a caller for one registry host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasicCredentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// The credential policy of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthPolicy {
+    pub installation: InstallationCredentialScope,
+    /// Caller-supplied credentials, keyed by registry host (with port when one was given).
+    pub additional: BTreeMap<String, BasicCredentials>,
+}
+
+impl Default for AuthPolicy {
+    /// A request that says nothing about auth may use the installation's credentials for
+    /// Kiln's own repositories only: that is what building needs, and nothing more.
+    fn default() -> Self {
+        Self {
+            installation: InstallationCredentialScope::Selective {
+                base_repo: true,
+                workspace_repo: true,
+                any_of: Vec::new(),
+            },
+            additional: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why an `additional` entry cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthPolicyError {
+    #[error("auth.additional[{host:?}] is not base64 of user:password")]
+    MalformedAdditional { host: String },
+}
+
+impl AuthPolicy {
+    /// Decodes Gitpod's `additional` map (host → base64 `user:password`).
+    pub fn with_additional(
+        installation: InstallationCredentialScope,
+        additional: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, AuthPolicyError> {
+        let additional = additional
+            .into_iter()
+            .map(|(host, encoded)| {
+                let malformed = || AuthPolicyError::MalformedAdditional { host: host.clone() };
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .map_err(|_| malformed())?;
+                let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
+                let (user, password) = decoded.split_once(':').ok_or_else(malformed)?;
+                let creds = BasicCredentials {
+                    username: user.to_owned(),
+                    password: Secret::new(password),
+                };
+                Ok((host, creds))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            installation,
+            additional,
+        })
+    }
+
+    /// Whether the installation's credentials may be used for `host`.
+    /// `is_base_repo`/`is_workspace_repo` say whether the image lives in Kiln's own repositories.
+    pub fn allows_installation_credentials(
+        &self,
+        host: &str,
+        is_base_repo: bool,
+        is_workspace_repo: bool,
+    ) -> bool {
+        match &self.installation {
+            InstallationCredentialScope::Nowhere => false,
+            InstallationCredentialScope::Everywhere => true,
+            InstallationCredentialScope::Selective {
+                base_repo,
+                workspace_repo,
+                any_of,
+            } => {
+                (*base_repo && is_base_repo)
+                    || (*workspace_repo && is_workspace_repo)
+                    || any_of.iter().any(|allowed| allowed == host)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn additional_is_decoded_and_redacted() {
+        let enc = base64::engine::general_purpose::STANDARD.encode("bob:canary-pass");
+        let p = AuthPolicy::with_additional(InstallationCredentialScope::Nowhere, [("r.io".into(), enc)])
+            .unwrap();
+        assert_eq!(p.additional["r.io"].username, "bob");
+        assert_eq!(p.additional["r.io"].password.expose(), "canary-pass");
+        assert!(!format!("{p:?}").contains("canary-pass"));
+    }
+
+    #[test]
+    fn malformed_additional_names_the_host() {
+        let err = AuthPolicy::with_additional(
+            InstallationCredentialScope::Nowhere,
+            [("r.io".into(), "!!".into())],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("r.io"));
+    }
+
+    #[test]
+    fn selective_scope() {
+        let p = AuthPolicy {
+            installation: InstallationCredentialScope::Selective {
+                base_repo: false,
+                workspace_repo: true,
+                any_of: vec!["ghcr.io".into()],
+            },
+            additional: Default::default(),
+        };
+        assert!(p.allows_installation_credentials("ghcr.io", false, false));
+        assert!(p.allows_installation_credentials("x", false, true));
+        assert!(!p.allows_installation_credentials("x", true, false));
+    }
+}

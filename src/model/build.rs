@@ -1,0 +1,157 @@
+//! What a build is: its source, its content-addressed key, its id and its status.
+
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+
+use super::{Digest, ImageRef};
+
+/// Kiln's build-process version. It is part of every build key: bump it whenever the same
+/// inputs would now produce a different image, so that old images are not reused.
+pub const BUILD_PROCESS_VERSION: &str = "kiln-build/1";
+
+/// What a caller asks Kiln to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildSource {
+    /// An existing image, copied into the workspace repository.
+    Image { reference: ImageRef },
+    /// A Dockerfile in a build context (built by the Dockerfile engine).
+    Dockerfile {
+        dockerfile_path: String,
+        context_path: String,
+    },
+}
+
+/// The stable key of a build, derived only from its inputs: the same inputs always give the
+/// same key, and two builds with one key never run at once. It is also the workspace image tag.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BuildKey(String);
+
+impl BuildKey {
+    /// The key of copying the image `base` (already resolved to a digest) into the workspace
+    /// repository.
+    pub fn for_image(base: &Digest) -> Self {
+        let mut h = Sha256::new();
+        h.update(BUILD_PROCESS_VERSION.as_bytes());
+        h.update(b"\0source=image\0base=");
+        h.update(base.as_str().as_bytes());
+        Self(hex::encode(h.finalize()))
+    }
+
+    /// The workspace image this key names, in `workspace_repo`.
+    pub fn workspace_image(&self, workspace_repo: &ImageRef) -> ImageRef {
+        workspace_repo.retagged(&self.0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BuildKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for BuildKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BuildKey({})", &self.0[..12.min(self.0.len())])
+    }
+}
+
+/// The id of one build run. Joining callers share it; a forced rebuild gets a new one.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct BuildId(String);
+
+impl BuildId {
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Parses a caller-supplied id; only the form Kiln hands out is accepted, so an id can
+    /// safely name a file under the data directory.
+    pub fn parse(s: &str) -> Option<Self> {
+        uuid::Uuid::parse_str(s)
+            .ok()
+            .map(|u| Self(u.hyphenated().to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BuildId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for BuildId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BuildId({})", self.0)
+    }
+}
+
+/// The wire-level status of a build, as Gitpod clients know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum BuildStatus {
+    Unknown,
+    Running,
+    DoneSuccess,
+    DoneFailure,
+}
+
+impl BuildStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::DoneSuccess | Self::DoneFailure)
+    }
+}
+
+/// How a finished build ended, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BuildOutcome {
+    Success,
+    Failure,
+    Cancelled,
+}
+
+impl BuildOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn status(self) -> BuildStatus {
+        match self {
+            Self::Success => BuildStatus::DoneSuccess,
+            Self::Failure | Self::Cancelled => BuildStatus::DoneFailure,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_depend_only_on_inputs() {
+        let a: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let b: Digest = format!("sha256:{}", "b".repeat(64)).parse().unwrap();
+        assert_eq!(BuildKey::for_image(&a), BuildKey::for_image(&a));
+        assert_ne!(BuildKey::for_image(&a), BuildKey::for_image(&b));
+        assert_eq!(BuildKey::for_image(&a).as_str().len(), 64);
+    }
+
+    #[test]
+    fn build_ids_are_validated() {
+        let id = BuildId::random();
+        assert_eq!(BuildId::parse(id.as_str()), Some(id));
+        assert_eq!(BuildId::parse("../etc/passwd"), None);
+    }
+}

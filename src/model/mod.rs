@@ -1,0 +1,16 @@
+//! Kiln's domain vocabulary: parsed, validated values that every other module shares.
+//!
+//! Values here are parsed once at the edge (`FromStr`, `Deserialize` and the proto
+//! conversions in `src/api` all go through the same parser) so that the rest of the code
+//! never sees a malformed image reference, digest or build id. Nothing in this module does
+//! I/O, and nothing here knows about gRPC.
+
+mod auth;
+mod build;
+mod image_ref;
+mod secret;
+
+pub use auth::{AuthPolicy, AuthPolicyError, BasicCredentials, InstallationCredentialScope};
+pub use build::{BuildId, BuildKey, BuildOutcome, BuildSource, BuildStatus, BUILD_PROCESS_VERSION};
+pub use image_ref::{Digest, ImageRef, ImageRefError};
+pub use secret::Secret;

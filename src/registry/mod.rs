@@ -1,0 +1,1 @@
+//! Talking OCI distribution: a client (resolve, exists, copy) and an embedded server.
