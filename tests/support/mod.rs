@@ -1,0 +1,4 @@
+//! Test support shared by Kiln's integration test binaries: real registries, synthetic
+//! images, and the `kiln` binary as a child process. Each test binary includes this with
+//! `#[path = "../support/mod.rs"] mod support;`.
+#![allow(dead_code)]
