@@ -12,8 +12,14 @@
 //!
 //! Start reading at `ARCHITECTURE.md`, then [`actors`].
 
+pub mod actors;
+pub mod api;
+pub mod config;
+pub mod executor;
+pub mod metrics;
 pub mod model;
 pub mod registry;
+pub mod server;
 
 pub mod proto {
     //! Generated protobuf and gRPC types. Only `src/api` and the CLI clients use them.

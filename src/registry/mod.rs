@@ -1,1 +1,15 @@
 //! Talking OCI distribution: a client (resolve, exists, copy) and an embedded server.
+pub mod server;
+
+mod client;
+mod copy;
+mod credentials;
+mod error;
+mod manifest;
+mod platform;
+
+pub use client::{ClientConfig, RegistryClient, CONNECT_TIMEOUT, READ_TIMEOUT};
+pub use copy::{CopyEvent, MAX_CONCURRENT_BLOBS};
+pub use credentials::CredentialStore;
+pub use error::{OciCause, RegistryError, RegistryErrorKind};
+pub use platform::{Platform, PlatformParseError};

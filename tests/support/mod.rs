@@ -2,3 +2,5 @@
 //! images, and the `kiln` binary as a child process. Each test binary includes this with
 //! `#[path = "../support/mod.rs"] mod support;`.
 #![allow(dead_code)]
+pub mod oci_layout;
+pub mod tools;

@@ -1,0 +1,324 @@
+//! The build actor: one per build. It runs the build's job through an executor, writes the
+//! build's log, reports status to the orchestrator, and enforces cancellation and the
+//! build timeout.
+//!
+//! Everything a build needs to survive a crash of its actor lives in [`BuildRun`], which the
+//! supervisor hands to the next incarnation: the job, the deadline, the cancellation token,
+//! and the next status sequence number. A restarted build actor re-syncs its log offset from
+//! the log fan-out and runs the (idempotent) job again; a build whose outcome was already
+//! decided only re-delivers it.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::{
+    log_fanout::{self, LogFanout},
+    orchestrator::{BuildRequest, Plan, Report, StatusUpdate},
+    supervision::{ActorKind, ChildGuard, Crash, Slot, INJECTED_CRASH},
+    supervisor::{ChildSpec, RestartMode},
+    Directory,
+};
+use crate::{
+    executor::{Job, LocalExecutor},
+    model::{BuildId, BuildOutcome, BuildStatus, Secret},
+};
+
+/// Asks a build to stop; it ends `done_failure` ("cancelled").
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct CancelRun;
+
+/// What every build actor shares.
+#[derive(Clone)]
+pub struct BuildDeps {
+    pub executor: LocalExecutor,
+    /// Limits builds running at once (`builds.max_concurrent`).
+    pub slots: Arc<Semaphore>,
+    pub restart_wait: Duration,
+}
+
+/// The decided end of a build, kept so a restarted actor only re-delivers it.
+#[derive(Debug, Clone)]
+struct Verdict {
+    outcome: BuildOutcome,
+    message: String,
+}
+
+/// One build's state that outlives any incarnation of its actor.
+pub struct BuildRun {
+    id: BuildId,
+    plan: Plan,
+    deadline: Instant,
+    timeout: Duration,
+    cancel: CancellationToken,
+    /// Secrets of the request, censored from the log.
+    secrets: Vec<Secret>,
+    verdict: Mutex<Option<Verdict>>,
+}
+
+impl BuildRun {
+    pub fn new(id: BuildId, plan: Plan, request: &BuildRequest, timeout: Duration) -> Self {
+        let secrets = request
+            .auth
+            .additional
+            .values()
+            .flat_map(|c| {
+                use base64::Engine as _;
+                let pair = format!("{}:{}", c.username, c.password.expose());
+                [c.password.clone(), Secret::new(base64::engine::general_purpose::STANDARD.encode(pair))]
+            })
+            .collect();
+        Self {
+            id,
+            plan,
+            deadline: Instant::now() + timeout,
+            timeout,
+            cancel: CancellationToken::new(),
+            secrets,
+            verdict: Mutex::new(None),
+        }
+    }
+
+    fn verdict(&self) -> Option<Verdict> {
+        self.verdict.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn decide(&self, verdict: Verdict) -> Verdict {
+        self.verdict.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(verdict).clone()
+    }
+}
+
+/// The supervisor's description of a build actor.
+pub fn child_spec(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>) -> ChildSpec {
+    let name: Arc<str> = format!("build-{}", run.id).into();
+    let slot = Slot::<BuildActor>::new(name.clone(), deps.restart_wait);
+    directory.builds.insert(run.id.clone(), slot.clone());
+    let mailbox = slot.clone();
+    let on_abandon = {
+        let directory = directory.clone();
+        let id = run.id.clone();
+        Box::new(move || {
+            directory.orchestrator.tell(Report {
+                build: id.clone(),
+                seq: None,
+                update: StatusUpdate {
+                    status: BuildStatus::DoneFailure,
+                    message: "build actor crashed too often; build abandoned".into(),
+                },
+                outcome: Some(BuildOutcome::Failure),
+            });
+            directory.logs.tell(log_fanout::Finish { build: id.clone() });
+            directory.builds.remove(&id);
+        })
+    };
+    ChildSpec {
+        name,
+        kind: ActorKind::Build,
+        restart: RestartMode::OnPanic,
+        spawn: Arc::new(move |arbiter, guard| {
+            let (run, deps, directory) = (run.clone(), deps.clone(), directory.clone());
+            let addr = BuildActor::start_in_arbiter(arbiter, move |_| BuildActor { run, deps, directory, guard });
+            slot.install(addr.clone());
+            addr.recipient()
+        }),
+        mailbox_len: Arc::new(move || mailbox.in_flight()),
+        on_abandon: Some(on_abandon),
+    }
+}
+
+/// The build actor.
+pub struct BuildActor {
+    run: Arc<BuildRun>,
+    deps: BuildDeps,
+    directory: Arc<Directory>,
+    guard: ChildGuard,
+}
+
+impl Actor for BuildActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let span = tracing::info_span!("build", build_id = %self.run.id, incarnation = self.guard.generation());
+        let drive = drive(self.run.clone(), self.deps.clone(), self.directory.clone(), self.guard.generation())
+            .instrument(span);
+        ctx.spawn(actix::fut::wrap_future(drive).map(|_, _, ctx: &mut Context<Self>| ctx.stop()));
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if !std::thread::panicking() {
+            self.directory.builds.remove(&self.run.id);
+        }
+    }
+}
+
+impl Handler<CancelRun> for BuildActor {
+    type Result = ();
+
+    fn handle(&mut self, _: CancelRun, _: &mut Self::Context) {
+        self.run.cancel.cancel();
+    }
+}
+
+impl Handler<Crash> for BuildActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, _: &mut Self::Context) {
+        std::panic::panic_any(INJECTED_CRASH);
+    }
+}
+
+/// Writes a build's log through the fan-out, exactly once per byte, censoring secrets.
+struct LogWriter {
+    build: BuildId,
+    logs: Arc<Slot<LogFanout>>,
+    offset: u64,
+    secrets: Vec<Secret>,
+}
+
+/// How long a log write keeps retrying while the fan-out is down.
+const LOG_WRITE_PATIENCE: Duration = Duration::from_secs(120);
+
+impl LogWriter {
+    /// Continues the build's log where it ends now.
+    async fn resume(run: &BuildRun, logs: Arc<Slot<LogFanout>>) -> Self {
+        let mut writer = Self { build: run.id.clone(), logs, offset: 0, secrets: run.secrets.clone() };
+        let started = Instant::now();
+        while started.elapsed() < LOG_WRITE_PATIENCE {
+            match writer.logs.call(log_fanout::Open { build: writer.build.clone() }).await {
+                Ok(Ok(progress)) => {
+                    writer.offset = progress.len;
+                    break;
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(build_id = %writer.build, %error, "cannot open build log");
+                    break;
+                }
+                Err(_) => continue,
+            }
+        }
+        writer
+    }
+
+    fn censor(&self, line: &str) -> String {
+        self.secrets
+            .iter()
+            .filter(|s| s.expose().len() >= 4)
+            .fold(line.to_owned(), |text, s| text.replace(s.expose(), "***"))
+    }
+
+    async fn line(&mut self, line: &str) {
+        let mut text = self.censor(line);
+        text.push('\n');
+        let data = Bytes::from(text);
+        let started = Instant::now();
+        while started.elapsed() < LOG_WRITE_PATIENCE {
+            let append = log_fanout::Append { build: self.build.clone(), offset: self.offset, data: data.clone() };
+            match self.logs.call(append).await {
+                Ok(Ok(len)) => {
+                    self.offset = len;
+                    return;
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(build_id = %self.build, %error, "build log write failed");
+                    return;
+                }
+                Err(_) => continue,
+            }
+        }
+        tracing::error!(build_id = %self.build, "log fan-out unavailable; log line dropped");
+    }
+
+    async fn finish(&self) {
+        let started = Instant::now();
+        while started.elapsed() < LOG_WRITE_PATIENCE {
+            if self.logs.call(log_fanout::Finish { build: self.build.clone() }).await.is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+/// Runs (or resumes) one build to its end.
+async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, incarnation: u64) {
+    let mut log = LogWriter::resume(&run, directory.logs.clone()).await;
+    let verdict = match run.verdict() {
+        Some(v) => v,
+        None => {
+            if incarnation > 1 {
+                log.line(&format!("build actor restarted (incarnation {incarnation}); resuming")).await;
+            } else {
+                log.line(&format!("build {} of {}", run.id, run.plan.refs.workspace)).await;
+                log.line(&format!("base image {}", run.plan.refs.base)).await;
+            }
+            let verdict = tokio::select! {
+                v = work(&run, &deps, &mut log) => v,
+                _ = run.cancel.cancelled() => Verdict { outcome: BuildOutcome::Cancelled, message: "build cancelled".into() },
+                _ = tokio::time::sleep_until(run.deadline.into()) => Verdict {
+                    outcome: BuildOutcome::Failure,
+                    message: format!("build timed out after {}", humantime::format_duration(run.timeout)),
+                },
+            };
+            let verdict = run.decide(verdict);
+            log.line(&verdict.message).await;
+            verdict
+        }
+    };
+    log.finish().await;
+    let status = verdict.outcome.status();
+    directory
+        .orchestrator
+        .call(Report {
+            build: run.id.clone(),
+            seq: Some(1),
+            update: StatusUpdate { status, message: verdict.message.clone() },
+            outcome: Some(verdict.outcome),
+        })
+        .await
+        .unwrap_or_else(|e| tracing::error!(build_id = %run.id, error = %e, "could not report the build's end"));
+}
+
+/// The build's work: wait for a slot, run the job, and say how it went.
+async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict {
+    let started = Instant::now();
+    let _slot = match deps.slots.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            log.line("waiting for a free build slot (builds.max_concurrent)").await;
+            deps.slots.clone().acquire_owned().await.expect("the build semaphore is never closed")
+        }
+    };
+    let (lines, mut line_rx) = mpsc::unbounded_channel();
+    let job: &Job = &run.plan.job;
+    let execute = deps.executor.run(job, &lines);
+    tokio::pin!(execute);
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some(line) = line_rx.recv() => log.line(&line).await,
+            result = &mut execute => break result,
+        }
+    };
+    while let Ok(line) = line_rx.try_recv() {
+        log.line(&line).await;
+    }
+    match result {
+        Ok(output) => Verdict {
+            outcome: BuildOutcome::Success,
+            message: format!(
+                "pushed {}@{} in {:.2}s",
+                run.plan.refs.workspace,
+                output.digest,
+                started.elapsed().as_secs_f64()
+            ),
+        },
+        Err(error) => Verdict { outcome: BuildOutcome::Failure, message: format!("build failed: {error}") },
+    }
+}

@@ -1,0 +1,198 @@
+//! Typed handles over the actor messages: what `src/api`, the CLI-facing server and other
+//! actors call instead of sending messages by hand.
+//!
+//! Each method looks up the current address of the actor it needs (through the
+//! [`Directory`]), so a caller never holds an address that a restart made stale, and turns
+//! the reply into a [`BuildError`]. The two streaming methods are built from small parts:
+//! [`status_stream`] replays a build's status history and follows it to the terminal
+//! update; [`LogsHandle::follow`] reads a log from any offset, follows it, and subscribes
+//! again when a restart of the log fan-out closed its watch.
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::watch;
+
+use super::{
+    error::BuildError,
+    log_fanout::{self, LogError},
+    orchestrator::{
+        self, BuildRequest, BuildSelector, BuildSnapshot, StatusUpdate, Submission, WorkspacePlan,
+    },
+    resolver::Resolve,
+    supervisor::{self, ActorSummary, RestartError},
+    Directory,
+};
+use crate::model::{AuthPolicy, BuildId, BuildSource, ImageRef};
+
+/// The resolver pool, used round-robin. A resolver that is down is skipped.
+#[derive(Clone)]
+pub struct ResolverPool {
+    directory: Arc<Directory>,
+}
+
+impl ResolverPool {
+    pub fn new(directory: Arc<Directory>) -> Self {
+        Self { directory }
+    }
+
+    pub async fn resolve(&self, image: ImageRef, auth: AuthPolicy, refresh: bool) -> Result<ImageRef, BuildError> {
+        let resolvers = &self.directory.resolvers;
+        let first = self.directory.next_resolver.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = None;
+        for i in 0..resolvers.len() {
+            let slot = &resolvers[(first + i) % resolvers.len()];
+            let msg = Resolve { image: image.clone(), auth: auth.clone(), refresh };
+            match slot.call(msg).await {
+                Ok(reply) => return reply.map_err(BuildError::from),
+                Err(unavailable) => last_error = Some(unavailable),
+            }
+        }
+        Err(last_error.expect("the pool has at least one resolver").into())
+    }
+}
+
+/// Reading build logs.
+#[derive(Clone)]
+pub struct LogsHandle {
+    directory: Arc<Directory>,
+}
+
+/// How long a reader waits for the log of a build that was just created to appear.
+const LOG_APPEAR_WAIT: Duration = Duration::from_secs(10);
+
+impl LogsHandle {
+    /// The log of `build` from byte `offset`: what is there, then what comes, ending when
+    /// the log is complete. Survives restarts of the log fan-out without gaps or repeats.
+    pub fn follow(&self, build: BuildId, offset: u64) -> impl Stream<Item = Result<Bytes, BuildError>> + Send + 'static {
+        let logs = self.directory.logs.clone();
+        async_stream::try_stream! {
+            let mut offset = offset;
+            let appear_deadline = tokio::time::Instant::now() + LOG_APPEAR_WAIT;
+            'subscribe: loop {
+                let mut progress = match logs.call(log_fanout::Subscribe { build: build.clone() }).await? {
+                    Ok(rx) => rx,
+                    Err(LogError::NotFound(_)) if tokio::time::Instant::now() < appear_deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue 'subscribe;
+                    }
+                    Err(e) => Err(BuildError::from(e))?,
+                };
+                loop {
+                    progress.borrow_and_update();
+                    let chunk = logs.call(log_fanout::Read { build: build.clone(), offset }).await??;
+                    if !chunk.data.is_empty() {
+                        offset += chunk.data.len() as u64;
+                        yield chunk.data;
+                        continue;
+                    }
+                    if chunk.progress.ended {
+                        return;
+                    }
+                    if progress.changed().await.is_err() {
+                        continue 'subscribe; // that fan-out incarnation died
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Replays `history` from its start and follows it until the terminal update.
+pub fn status_stream(mut history: watch::Receiver<Vec<StatusUpdate>>) -> impl Stream<Item = StatusUpdate> + Send + 'static {
+    async_stream::stream! {
+        let mut next = 0;
+        loop {
+            let fresh: Vec<StatusUpdate> = history.borrow_and_update()[next..].to_vec();
+            next += fresh.len();
+            for update in fresh {
+                let terminal = update.status.is_terminal();
+                yield update;
+                if terminal {
+                    return;
+                }
+            }
+            if history.changed().await.is_err() {
+                return; // the record was pruned
+            }
+        }
+    }
+}
+
+/// Everything the gRPC edge may ask of the actors.
+#[derive(Clone)]
+pub struct KilnHandle {
+    directory: Arc<Directory>,
+}
+
+impl KilnHandle {
+    pub(super) fn new(directory: Arc<Directory>) -> Self {
+        Self { directory }
+    }
+
+    pub fn resolvers(&self) -> ResolverPool {
+        ResolverPool::new(self.directory.clone())
+    }
+
+    pub fn logs(&self) -> LogsHandle {
+        LogsHandle { directory: self.directory.clone() }
+    }
+
+    pub async fn resolve_base(&self, image: ImageRef, auth: AuthPolicy) -> Result<ImageRef, BuildError> {
+        self.resolvers().resolve(image, auth, false).await
+    }
+
+    pub async fn plan_workspace(&self, source: BuildSource, auth: AuthPolicy) -> Result<WorkspacePlan, BuildError> {
+        self.directory.orchestrator.call(orchestrator::PlanWorkspace { source, auth }).await?
+    }
+
+    pub async fn submit(&self, request: BuildRequest) -> Result<Submission, BuildError> {
+        self.directory.orchestrator.call(orchestrator::Submit(request)).await?
+    }
+
+    /// A build's snapshot and its status history as a stream (replay, then follow).
+    pub async fn watch(
+        &self,
+        build: BuildId,
+    ) -> Result<(BuildSnapshot, impl Stream<Item = StatusUpdate> + Send + 'static), BuildError> {
+        let (snapshot, history) = self.directory.orchestrator.call(orchestrator::WatchBuild(build)).await??;
+        Ok((snapshot, status_stream(history)))
+    }
+
+    pub async fn lookup(&self, selector: BuildSelector) -> Result<BuildSnapshot, BuildError> {
+        self.directory.orchestrator.call(orchestrator::Lookup(selector)).await?
+    }
+
+    pub async fn list(&self) -> Result<Vec<BuildSnapshot>, BuildError> {
+        Ok(self.directory.orchestrator.call(orchestrator::ListBuilds).await?)
+    }
+
+    pub async fn cancel(&self, build: BuildId) -> Result<(), BuildError> {
+        self.directory.orchestrator.call(orchestrator::CancelBuild(build)).await?
+    }
+
+    pub async fn list_actors(&self) -> Result<Vec<ActorSummary>, BuildError> {
+        self.directory
+            .supervisor
+            .send(supervisor::ListActors)
+            .await
+            .map_err(|_| super::supervision::Unavailable { actor: "supervisor".into() }.into())
+    }
+
+    pub async fn restart_actor(&self, name: String) -> Result<u64, RestartError> {
+        self.directory
+            .supervisor
+            .send(supervisor::RestartActor { name: name.clone() })
+            .await
+            .unwrap_or(Err(RestartError::NotRestarted(name)))
+    }
+
+    /// False once any actor was abandoned after exhausting its restart budget.
+    pub async fn healthy(&self) -> bool {
+        self.directory.supervisor.send(supervisor::IsHealthy).await.unwrap_or(false)
+    }
+}

@@ -1,0 +1,198 @@
+//! The supervised actor tree that owns all of Kiln's runtime state.
+//!
+//! ```text
+//! Supervisor ─┬─ Orchestrator ── Build actor (one per build)
+//!             ├─ Resolver × resolver.pool_size  (one shared moka cache)
+//!             ├─ CacheWarmer
+//!             └─ LogFanout
+//! ```
+//! Start with [`start`], which runs the actix system on its own threads and returns a
+//! [`KilnHandle`]; everything outside this module talks to the actors through that handle.
+//! [`supervision`] explains how a crashed actor comes back without losing anything.
+
+mod build;
+mod cache_warmer;
+mod error;
+mod handles;
+mod log_fanout;
+mod orchestrator;
+mod resolver;
+mod supervision;
+mod supervisor;
+
+use std::{
+    sync::{atomic::AtomicUsize, Arc},
+    thread,
+};
+
+use actix::prelude::*;
+use dashmap::DashMap;
+use tokio::sync::Semaphore;
+
+pub use error::BuildError;
+pub use handles::{KilnHandle, LogsHandle, ResolverPool};
+pub use log_fanout::LogError;
+pub use orchestrator::{
+    BuildRefs, BuildRequest, BuildSelector, BuildSnapshot, StatusUpdate, Submission, WorkspacePlan,
+};
+pub use supervision::{ActorKind, Unavailable, INJECTED_CRASH};
+pub use supervisor::{ActorSummary, RestartError};
+
+use self::{
+    build::{BuildActor, BuildDeps},
+    cache_warmer::CacheWarmer,
+    log_fanout::LogFanout,
+    orchestrator::{BuildTable, Orchestrator, OrchestratorDeps},
+    resolver::{Resolver, ResolverShared},
+    supervision::{ChildGuard, Slot},
+    supervisor::{ChildSpec, RestartMode, ShutDown, StartChild, Supervisor},
+};
+use crate::{config::Config, executor::LocalExecutor, metrics::Metrics, model::BuildId, registry::RegistryClient};
+
+/// Where every actor can be reached right now. Slots are created once; the supervisor
+/// installs each new incarnation's address in its slot.
+pub struct Directory {
+    supervisor: Addr<Supervisor>,
+    orchestrator: Arc<Slot<Orchestrator>>,
+    resolvers: Vec<Arc<Slot<Resolver>>>,
+    next_resolver: AtomicUsize,
+    warmer: Arc<Slot<CacheWarmer>>,
+    logs: Arc<Slot<LogFanout>>,
+    builds: DashMap<BuildId, Arc<Slot<BuildActor>>>,
+}
+
+/// A running actor system. Dropping it does not stop it; call [`ActorSystem::stop`].
+pub struct ActorSystem {
+    handle: KilnHandle,
+    system: actix::System,
+    thread: Option<thread::JoinHandle<()>>,
+    directory: Arc<Directory>,
+}
+
+impl ActorSystem {
+    pub fn handle(&self) -> KilnHandle {
+        self.handle.clone()
+    }
+
+    /// Stops every actor and waits for the actor threads to end.
+    pub fn stop(mut self) {
+        self.directory.supervisor.do_send(ShutDown);
+        self.system.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A long-lived child: the supervisor starts `make` again after every crash.
+fn permanent<A, F>(name: &str, kind: ActorKind, slot: Arc<Slot<A>>, make: F) -> ChildSpec
+where
+    A: Actor<Context = Context<A>> + Handler<supervision::Crash>,
+    F: Fn(ChildGuard) -> A + Send + Sync + 'static,
+{
+    let mailbox = slot.clone();
+    let make = Arc::new(make);
+    ChildSpec {
+        name: name.into(),
+        kind,
+        restart: RestartMode::Always,
+        spawn: Arc::new(move |arbiter, guard| {
+            let make = make.clone();
+            let addr = A::start_in_arbiter(arbiter, move |_| make(guard));
+            slot.install(addr.clone());
+            addr.recipient()
+        }),
+        mailbox_len: Arc::new(move || mailbox.in_flight()),
+        on_abandon: None,
+    }
+}
+
+/// Starts the actor tree for `config` on its own threads (one per `actors.arbiters`).
+pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> anyhow::Result<ActorSystem> {
+    let restart_wait = config.supervision.backoff_max + std::time::Duration::from_secs(5);
+    let base_repository = config.registry.base_repository()?;
+    let workspace_repository = config.registry.workspace_repository()?;
+    let warm_refs = config.warmer.refs.iter().map(|r| r.parse()).collect::<Result<Vec<_>, _>>()?;
+    let config = config.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = thread::Builder::new().name("kiln-actors".into()).spawn(move || {
+        let system = actix::System::new();
+        let arbiters: Vec<Arbiter> = (0..config.actors.arbiters).map(|_| Arbiter::new()).collect();
+        let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
+        let supervision = config.supervision.clone();
+        let sup_metrics = metrics.clone();
+        let sup_arbiters = handles.clone();
+        let supervisor = actix::Supervisor::start_in_arbiter(&handles[0], move |_| {
+            Supervisor::new(supervision, sup_arbiters, sup_metrics)
+        });
+        let directory = Arc::new(Directory {
+            supervisor: supervisor.clone(),
+            orchestrator: Slot::new("orchestrator", restart_wait),
+            resolvers: (0..config.resolver.pool_size)
+                .map(|i| Slot::new(format!("resolver-{i}"), restart_wait))
+                .collect(),
+            next_resolver: AtomicUsize::new(0),
+            warmer: Slot::new("cache_warmer", restart_wait),
+            logs: Slot::new("log_fanout", restart_wait),
+            builds: DashMap::new(),
+        });
+
+        let logs_dir = config.data_dir.join("logs");
+        let (memory, m) = (config.logs.memory_bytes_per_build, metrics.clone());
+        supervisor.do_send(StartChild(permanent("log_fanout", ActorKind::LogFanout, directory.logs.clone(), move |g| {
+            LogFanout::new(logs_dir.clone(), memory, m.clone(), g)
+        })));
+
+        let shared = ResolverShared::new(
+            registry.clone(),
+            config.resolver.cache_capacity,
+            config.resolver.cache_ttl,
+            base_repository,
+            workspace_repository.clone(),
+            metrics.clone(),
+        );
+        for slot in &directory.resolvers {
+            let (shared, mailbox) = (shared.clone(), config.actors.mailbox_size);
+            let name = slot.name().to_owned();
+            supervisor.do_send(StartChild(permanent(&name, ActorKind::Resolver, slot.clone(), move |g| {
+                Resolver::new(shared.clone(), mailbox, g)
+            })));
+        }
+
+        let deps = Arc::new(OrchestratorDeps {
+            table: Arc::new(BuildTable::default()),
+            directory: directory.clone(),
+            registry: registry.clone(),
+            workspace_repository,
+            build: BuildDeps {
+                executor: LocalExecutor::new(registry),
+                slots: Arc::new(Semaphore::new(config.builds.max_concurrent)),
+                restart_wait,
+            },
+            build_timeout: config.builds.timeout,
+            retention: config.builds.retention,
+            mailbox_size: config.actors.mailbox_size,
+            metrics: metrics.clone(),
+        });
+        supervisor.do_send(StartChild(permanent(
+            "orchestrator",
+            ActorKind::Orchestrator,
+            directory.orchestrator.clone(),
+            move |g| Orchestrator::new(deps.clone(), g),
+        )));
+
+        let pool = ResolverPool::new(directory.clone());
+        let interval = config.warmer.interval;
+        supervisor.do_send(StartChild(permanent("cache_warmer", ActorKind::CacheWarmer, directory.warmer.clone(), move |g| {
+            CacheWarmer::new(warm_refs.clone(), interval, pool.clone(), g)
+        })));
+
+        let _ = tx.send((System::current(), directory));
+        system.run().ok();
+        for arbiter in arbiters {
+            arbiter.stop();
+        }
+    })?;
+    let (system, directory) = rx.recv()?;
+    Ok(ActorSystem { handle: KilnHandle::new(directory.clone()), system, thread: Some(thread), directory })
+}

@@ -1,0 +1,114 @@
+//! `builder.ImageBuilder`: each RPC validates its request, asks the actors through the
+//! [`KilnHandle`], and shapes the reply or stream. No decisions are made here.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status};
+
+use super::{convert, status::from_build_error};
+use crate::{
+    actors::{BuildSelector, KilnHandle, Submission},
+    proto::builder::{self as pb, image_builder_server::ImageBuilder},
+};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The Gitpod-compatible image builder service.
+pub struct ImageBuilderService {
+    kiln: KilnHandle,
+}
+
+impl ImageBuilderService {
+    pub fn new(kiln: KilnHandle) -> Self {
+        Self { kiln }
+    }
+}
+
+#[tonic::async_trait]
+impl ImageBuilder for ImageBuilderService {
+    async fn resolve_base_image(
+        &self,
+        request: Request<pb::ResolveBaseImageRequest>,
+    ) -> Result<Response<pb::ResolveBaseImageResponse>, Status> {
+        let req = request.into_inner();
+        let image = convert::image_ref("ref", &req.r#ref).map_err(from_build_error)?;
+        let auth = convert::auth(req.auth).map_err(from_build_error)?;
+        let resolved = self.kiln.resolve_base(image, auth).await.map_err(from_build_error)?;
+        Ok(Response::new(pb::ResolveBaseImageResponse { r#ref: resolved.to_string() }))
+    }
+
+    async fn resolve_workspace_image(
+        &self,
+        request: Request<pb::ResolveWorkspaceImageRequest>,
+    ) -> Result<Response<pb::ResolveWorkspaceImageResponse>, Status> {
+        let req = request.into_inner();
+        let source = convert::source(req.source).map_err(from_build_error)?;
+        let auth = convert::auth(req.auth).map_err(from_build_error)?;
+        let plan = self.kiln.plan_workspace(source, auth).await.map_err(from_build_error)?;
+        Ok(Response::new(pb::ResolveWorkspaceImageResponse {
+            r#ref: plan.refs.workspace.to_string(),
+            base_ref: plan.refs.base.to_string(),
+            status: convert::status(plan.status) as i32,
+        }))
+    }
+
+    type BuildStream = ResponseStream<pb::BuildResponse>;
+
+    async fn build(&self, request: Request<pb::BuildRequest>) -> Result<Response<Self::BuildStream>, Status> {
+        let req = convert::build_request(request.into_inner()).map_err(from_build_error)?;
+        let stream: Self::BuildStream = match self.kiln.submit(req).await.map_err(from_build_error)? {
+            Submission::Exists { refs } => Box::pin(futures::stream::once(async move {
+                Ok(convert::exists_response(&refs))
+            })),
+            Submission::Running { build, .. } => {
+                let (snapshot, updates) = self.kiln.watch(build).await.map_err(from_build_error)?;
+                Box::pin(updates.map(move |u| Ok(convert::build_response(&snapshot, u.status, u.message))))
+            }
+        };
+        Ok(Response::new(stream))
+    }
+
+    type LogsStream = ResponseStream<pb::LogsResponse>;
+
+    async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        // Logs are censored when written, so `censored` needs no work here.
+        let req = request.into_inner();
+        let selector = convert::selector(&req.build_id, &req.build_ref).map_err(from_build_error)?;
+        let snapshot = self.kiln.lookup(selector).await.map_err(from_build_error)?;
+        let stream = self.kiln.logs().follow(snapshot.id, req.offset);
+        Ok(Response::new(Box::pin(stream.map(|chunk| {
+            chunk.map(|content| pb::LogsResponse { content: content.to_vec() }).map_err(from_build_error)
+        }))))
+    }
+
+    async fn list_builds(
+        &self,
+        _: Request<pb::ListBuildsRequest>,
+    ) -> Result<Response<pb::ListBuildsResponse>, Status> {
+        let builds = self.kiln.list().await.map_err(from_build_error)?;
+        Ok(Response::new(pb::ListBuildsResponse {
+            builds: builds.iter().map(|b| convert::info(b, b.status)).collect(),
+        }))
+    }
+
+    async fn build_status(
+        &self,
+        request: Request<pb::BuildStatusRequest>,
+    ) -> Result<Response<pb::BuildResponse>, Status> {
+        let req = request.into_inner();
+        let selector = convert::selector(&req.build_id, &req.build_ref).map_err(from_build_error)?;
+        let snapshot = self.kiln.lookup(selector).await.map_err(from_build_error)?;
+        Ok(Response::new(convert::build_response(&snapshot, snapshot.status, snapshot.message.clone())))
+    }
+
+    async fn cancel_build(
+        &self,
+        request: Request<pb::CancelBuildRequest>,
+    ) -> Result<Response<pb::CancelBuildResponse>, Status> {
+        let id = convert::build_id("build_id", &request.into_inner().build_id).map_err(from_build_error)?;
+        self.kiln.lookup(BuildSelector::Id(id.clone())).await.map_err(from_build_error)?;
+        self.kiln.cancel(id).await.map_err(from_build_error)?;
+        Ok(Response::new(pb::CancelBuildResponse {}))
+    }
+}

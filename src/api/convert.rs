@@ -1,0 +1,167 @@
+//! Proto messages ↔ domain values. Every request field is validated here, once; a bad
+//! field becomes `BuildError::InvalidInput` with a message that says which field and why.
+
+use std::time::UNIX_EPOCH;
+
+use crate::{
+    actors::{BuildError, BuildRefs, BuildRequest, BuildSelector, BuildSnapshot},
+    model::{AuthPolicy, BuildId, BuildSource, BuildStatus, ImageRef, InstallationCredentialScope},
+    proto::builder as pb,
+};
+
+fn invalid(message: impl Into<String>) -> BuildError {
+    BuildError::InvalidInput(message.into())
+}
+
+/// Parses an image reference field.
+pub fn image_ref(field: &str, value: &str) -> Result<ImageRef, BuildError> {
+    value.parse().map_err(|e| invalid(format!("{field}: {e}")))
+}
+
+/// Parses a build id field.
+pub fn build_id(field: &str, value: &str) -> Result<BuildId, BuildError> {
+    BuildId::parse(value).ok_or_else(|| invalid(format!("{field}: {value:?} is not a build id (a UUID from Build or ListBuilds)")))
+}
+
+/// The source of a build or plan.
+pub fn source(source: Option<pb::BuildSource>) -> Result<BuildSource, BuildError> {
+    use pb::build_source::From;
+    match source.and_then(|s| s.from) {
+        None => Err(invalid("source: missing; set source.ref (an image reference) or source.file (a Dockerfile)")),
+        Some(From::Ref(r)) => Ok(BuildSource::Image { reference: image_ref("source.ref.ref", &r.r#ref)? }),
+        Some(From::File(f)) => {
+            if f.source.is_none() {
+                return Err(invalid("source.file.source: missing; set a workspace initializer (git)"));
+            }
+            Ok(BuildSource::Dockerfile { dockerfile_path: f.dockerfile_path, context_path: f.context_path })
+        }
+    }
+}
+
+/// A request's registry auth policy. No auth at all means Kiln's own repositories only.
+pub fn auth(auth: Option<pb::BuildRegistryAuth>) -> Result<AuthPolicy, BuildError> {
+    use pb::build_registry_auth::Mode;
+    let Some(auth) = auth else { return Ok(AuthPolicy::default()) };
+    let installation = match auth.mode {
+        None => InstallationCredentialScope::Nowhere,
+        Some(Mode::Total(t)) if t.allow_all => InstallationCredentialScope::Everywhere,
+        Some(Mode::Total(_)) => InstallationCredentialScope::Nowhere,
+        Some(Mode::Selective(s)) => InstallationCredentialScope::Selective {
+            base_repo: s.allow_baserep,
+            workspace_repo: s.allow_workspacerep,
+            any_of: s.any_of,
+        },
+    };
+    AuthPolicy::with_additional(installation, auth.additional).map_err(|e| invalid(e.to_string()))
+}
+
+pub fn build_request(req: pb::BuildRequest) -> Result<BuildRequest, BuildError> {
+    let base_resolved = match req.base_image_name_resolved.trim() {
+        "" => None,
+        name => {
+            let r = image_ref("base_image_name_resolved", name)?;
+            if r.digest().is_none() {
+                return Err(invalid("base_image_name_resolved: must be a digest reference (…@sha256:…)"));
+            }
+            Some(r)
+        }
+    };
+    Ok(BuildRequest {
+        source: source(req.source)?,
+        auth: auth(req.auth)?,
+        force_rebuild: req.force_rebuild,
+        base_resolved,
+        triggered_by: req.triggered_by,
+    })
+}
+
+/// `build_id` or `build_ref`, whichever is set (the id wins).
+pub fn selector(build_id: &str, build_ref: &str) -> Result<BuildSelector, BuildError> {
+    match (build_id.trim(), build_ref.trim()) {
+        ("", "") => Err(invalid("build_id or build_ref: set one to name the build")),
+        ("", r) => Ok(BuildSelector::WorkspaceRef(image_ref("build_ref", r)?)),
+        (id, _) => Ok(BuildSelector::Id(self::build_id("build_id", id)?)),
+    }
+}
+
+pub fn status(s: BuildStatus) -> pb::BuildStatus {
+    match s {
+        BuildStatus::Unknown => pb::BuildStatus::Unknown,
+        BuildStatus::Running => pb::BuildStatus::Running,
+        BuildStatus::DoneSuccess => pb::BuildStatus::DoneSuccess,
+        BuildStatus::DoneFailure => pb::BuildStatus::DoneFailure,
+    }
+}
+
+pub fn info(snapshot: &BuildSnapshot, current: BuildStatus) -> pb::BuildInfo {
+    pb::BuildInfo {
+        r#ref: snapshot.refs.workspace.to_string(),
+        base_ref: snapshot.refs.base.to_string(),
+        status: status(current) as i32,
+        started_at: snapshot.started_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+        build_id: snapshot.id.to_string(),
+        log_info: None,
+    }
+}
+
+/// A `BuildResponse` for one status of a known build.
+pub fn build_response(snapshot: &BuildSnapshot, status_now: BuildStatus, message: String) -> pb::BuildResponse {
+    pb::BuildResponse {
+        r#ref: snapshot.refs.workspace.to_string(),
+        base_ref: snapshot.refs.base.to_string(),
+        status: status(status_now) as i32,
+        message,
+        info: Some(info(snapshot, status_now)),
+    }
+}
+
+/// The single `BuildResponse` of a request whose image already exists.
+pub fn exists_response(refs: &BuildRefs) -> pb::BuildResponse {
+    pb::BuildResponse {
+        r#ref: refs.workspace.to_string(),
+        base_ref: refs.base.to_string(),
+        status: pb::BuildStatus::DoneSuccess as i32,
+        message: "image exists".into(),
+        info: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_source_says_what_to_set() {
+        let err = source(None).unwrap_err().to_string();
+        assert!(err.contains("source.ref"), "{err}");
+    }
+
+    #[test]
+    fn unparsable_ref_names_the_field() {
+        let src = pb::BuildSource {
+            from: Some(pb::build_source::From::Ref(pb::BuildSourceReference { r#ref: "Not A Ref".into() })),
+        };
+        let err = source(Some(src)).unwrap_err().to_string();
+        assert!(err.starts_with("source.ref.ref:"), "{err}");
+    }
+
+    #[test]
+    fn base_resolved_must_be_a_digest() {
+        let req = pb::BuildRequest {
+            source: Some(pb::BuildSource {
+                from: Some(pb::build_source::From::Ref(pb::BuildSourceReference { r#ref: "alpine".into() })),
+            }),
+            base_image_name_resolved: "alpine:3".into(),
+            ..Default::default()
+        };
+        assert!(build_request(req).unwrap_err().to_string().contains("digest"));
+    }
+
+    #[test]
+    fn selector_prefers_id_and_validates_it() {
+        assert!(selector("", "").is_err());
+        assert!(selector("../../etc", "").is_err());
+        let id = BuildId::random();
+        assert!(matches!(selector(id.as_str(), "x").unwrap(), BuildSelector::Id(i) if i == id));
+    }
+}

@@ -1,0 +1,14 @@
+//! The gRPC edge. The only code that knows proto types (besides the CLI clients): it
+//! validates requests ([`convert`]), sends them to the actors through a
+//! [`crate::actors::KilnHandle`], and maps every error to a status in one place
+//! ([`status`]). **Architecture invariant:** no business logic here.
+
+mod admin;
+mod builder;
+mod convert;
+mod rpc_metrics;
+mod status;
+
+pub use admin::AdminService;
+pub use builder::ImageBuilderService;
+pub use rpc_metrics::RpcMetricsLayer;

@@ -1,0 +1,407 @@
+//! The one configuration file: every knob an operator may turn, with its default.
+//!
+//! Precedence is flags > file > defaults. The file is TOML; an unknown key or a bad value
+//! fails start-up with a message that names the key (`resolver.pool_size: ...`). Every field
+//! is documented in `docs/config.md`; keep the two in step.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    model::{ImageRef, ImageRefError},
+    registry::Platform,
+};
+
+/// Why the configuration cannot be used. Messages name the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// Kiln's whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where Kiln keeps its state (logs, build records, the embedded registry's storage).
+    /// Default `./kiln-data`.
+    pub data_dir: PathBuf,
+    pub grpc: GrpcConfig,
+    pub metrics: MetricsConfig,
+    pub registry: RegistryConfig,
+    pub resolver: ResolverConfig,
+    pub warmer: WarmerConfig,
+    pub builds: BuildsConfig,
+    pub actors: ActorsConfig,
+    pub supervision: SupervisionConfig,
+    pub logs: LogsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./kiln-data"),
+            grpc: GrpcConfig::default(),
+            metrics: MetricsConfig::default(),
+            registry: RegistryConfig::default(),
+            resolver: ResolverConfig::default(),
+            warmer: WarmerConfig::default(),
+            builds: BuildsConfig::default(),
+            actors: ActorsConfig::default(),
+            supervision: SupervisionConfig::default(),
+            logs: LogsConfig::default(),
+        }
+    }
+}
+
+/// The gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Default `127.0.0.1:7070`.
+    pub addr: SocketAddr,
+    /// PEM certificate chain; with `tls_key`, the port speaks TLS. Default: plain text.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Largest request message accepted, in bytes. Default 4 MiB.
+    pub max_message_bytes: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            max_message_bytes: 4 << 20,
+        }
+    }
+}
+
+/// The Prometheus endpoint (`/metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Default `127.0.0.1:9500`.
+    pub addr: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { addr: SocketAddr::from(([127, 0, 0, 1], 9500)) }
+    }
+}
+
+/// Which registry Kiln pushes to, and how it talks to registries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// An existing registry (`host[:port]`) to push to. When unset (the default), Kiln runs
+    /// its embedded registry on `embedded_addr`.
+    pub external: Option<String>,
+    /// Where the embedded registry listens. Default `127.0.0.1:5000`.
+    pub embedded_addr: SocketAddr,
+    /// Registries (`host[:port]`) spoken to over plain HTTP. Loopback registries always are.
+    pub insecure: Vec<String>,
+    /// A docker `config.json` holding the installation's registry credentials (its pull
+    /// secret). Default: none.
+    pub pull_secret: Option<PathBuf>,
+    /// Repository for base images. Default `<registry>/kiln/base-images`.
+    pub base_repository: Option<String>,
+    /// Repository for workspace images. Default `<registry>/kiln/workspace-images`.
+    pub workspace_repository: Option<String>,
+    /// The platform picked from multi-platform images. Default `linux/amd64`.
+    pub platform: String,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            external: None,
+            embedded_addr: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            insecure: Vec::new(),
+            pull_secret: None,
+            base_repository: None,
+            workspace_repository: None,
+            platform: "linux/amd64".into(),
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// The registry Kiln pushes to: the external one, or the embedded one's address.
+    pub fn target_registry(&self) -> String {
+        self.external.clone().unwrap_or_else(|| self.embedded_addr.to_string())
+    }
+
+    fn repository(&self, configured: &Option<String>, default_path: &str) -> Result<ImageRef, ImageRefError> {
+        let raw = configured.clone().unwrap_or_else(|| format!("{}/{default_path}", self.target_registry()));
+        raw.parse()
+    }
+
+    pub fn base_repository(&self) -> Result<ImageRef, ImageRefError> {
+        self.repository(&self.base_repository, "kiln/base-images")
+    }
+
+    pub fn workspace_repository(&self) -> Result<ImageRef, ImageRefError> {
+        self.repository(&self.workspace_repository, "kiln/workspace-images")
+    }
+}
+
+/// The resolver pool and its cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResolverConfig {
+    /// Resolver actors in the pool. Default 2.
+    pub pool_size: usize,
+    /// Resolved references kept in the cache. Default 10000.
+    pub cache_capacity: u64,
+    /// How long a resolved tag is trusted. A short TTL follows moving tags sooner; a long one
+    /// saves registry round trips. Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        Self { pool_size: 2, cache_capacity: 10_000, cache_ttl: Duration::from_secs(300) }
+    }
+}
+
+/// The cache warmer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WarmerConfig {
+    /// How often the configured refs are re-resolved. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Image references to keep warm. Default: none.
+    pub refs: Vec<String>,
+}
+
+impl Default for WarmerConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(600), refs: Vec::new() }
+    }
+}
+
+/// Which executor runs builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// In-process, on this machine.
+    Local,
+}
+
+/// Build limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuildsConfig {
+    /// Builds running at once; more wait for a slot (their callers see `running`). Default 8.
+    pub max_concurrent: usize,
+    /// A build still running after this ends `done_failure`. Default `60m`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long finished builds stay in `ListBuilds`, `BuildStatus` and `Logs`. Default `24h`.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Default `local`.
+    pub executor: ExecutorKind,
+}
+
+impl Default for BuildsConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 8,
+            timeout: Duration::from_secs(3600),
+            retention: Duration::from_secs(86_400),
+            executor: ExecutorKind::Local,
+        }
+    }
+}
+
+/// The actor runtime.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActorsConfig {
+    /// Arbiter threads the actors run on. Default 2.
+    pub arbiters: usize,
+    /// Messages an actor's mailbox holds before senders wait. Default 1024.
+    pub mailbox_size: usize,
+}
+
+impl Default for ActorsConfig {
+    fn default() -> Self {
+        Self { arbiters: 2, mailbox_size: 1024 }
+    }
+}
+
+/// How a crashed actor is restarted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisionConfig {
+    /// First restart delay; doubles per consecutive crash. Default `10ms`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest restart delay. Default `2s`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Restarts allowed per actor within `window`; past it the actor stays down and health
+    /// reports NOT_SERVING. Default 100.
+    pub max_restarts: u32,
+    /// Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(2),
+            max_restarts: 100,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Build logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsConfig {
+    /// Bytes of each running build's log kept in memory; older bytes are read from disk.
+    /// Default 1 MiB.
+    pub memory_bytes_per_build: usize,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self { memory_bytes_per_build: 1 << 20 }
+    }
+}
+
+impl Config {
+    /// Reads `path` (or the defaults when `None`) and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = match path {
+            None => Self::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text. The error text names the key and the line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks what types cannot: ranges and the values that must parse.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.resolver.pool_size == 0 {
+            return Err(invalid("resolver.pool_size", "must be at least 1"));
+        }
+        if self.resolver.cache_capacity == 0 {
+            return Err(invalid("resolver.cache_capacity", "must be at least 1"));
+        }
+        if self.builds.max_concurrent == 0 {
+            return Err(invalid("builds.max_concurrent", "must be at least 1"));
+        }
+        if self.builds.timeout.is_zero() {
+            return Err(invalid("builds.timeout", "must be longer than zero"));
+        }
+        if self.actors.arbiters == 0 {
+            return Err(invalid("actors.arbiters", "must be at least 1"));
+        }
+        if self.actors.mailbox_size == 0 {
+            return Err(invalid("actors.mailbox_size", "must be at least 1"));
+        }
+        if self.warmer.interval.is_zero() {
+            return Err(invalid("warmer.interval", "must be longer than zero"));
+        }
+        if self.supervision.backoff_initial > self.supervision.backoff_max {
+            return Err(invalid("supervision.backoff_initial", "must not exceed supervision.backoff_max"));
+        }
+        if self.grpc.tls_cert.is_some() != self.grpc.tls_key.is_some() {
+            return Err(invalid("grpc.tls_cert", "grpc.tls_cert and grpc.tls_key must be set together"));
+        }
+        if self.grpc.tls_client_ca.is_some() && self.grpc.tls_cert.is_none() {
+            return Err(invalid("grpc.tls_client_ca", "needs grpc.tls_cert and grpc.tls_key"));
+        }
+        self.platform()?;
+        self.registry.base_repository().map_err(|e| invalid("registry.base_repository", e.to_string()))?;
+        self.registry
+            .workspace_repository()
+            .map_err(|e| invalid("registry.workspace_repository", e.to_string()))?;
+        for r in &self.warmer.refs {
+            r.parse::<ImageRef>().map_err(|e| invalid("warmer.refs", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn platform(&self) -> Result<Platform, ConfigError> {
+        self.registry.platform.parse().map_err(|e: crate::registry::PlatformParseError| invalid("registry.platform", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.grpc.addr.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.metrics.addr.to_string(), "127.0.0.1:9500");
+        assert_eq!(c.registry.target_registry(), "127.0.0.1:5000");
+        assert_eq!(
+            c.registry.workspace_repository().unwrap().to_string(),
+            "127.0.0.1:5000/kiln/workspace-images:latest"
+        );
+        assert_eq!(c.data_dir, PathBuf::from("./kiln-data"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse("[resolver]\npool_sise = 3\n").unwrap_err();
+        assert!(err.contains("pool_sise"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let c = Config::parse("[resolver]\npool_size = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("resolver.pool_size"));
+        let err = Config::parse("[builds]\ntimeout = \"soon\"\n").unwrap_err();
+        assert!(err.contains("timeout"), "{err}");
+        let c = Config::parse("[registry]\nplatform = \"linux\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("registry.platform"));
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = Config::parse("[resolver]\ncache_ttl = \"90s\"\n[builds]\ntimeout = \"2h\"\n").unwrap();
+        assert_eq!(c.resolver.cache_ttl, Duration::from_secs(90));
+        assert_eq!(c.builds.timeout, Duration::from_secs(7200));
+    }
+}

@@ -1,0 +1,305 @@
+//! [`RegistryClient`]: Kiln's OCI distribution client (resolve, exists; copy is in `copy.rs`),
+//! built on oci-client, with per-request credentials.
+//!
+//! # Credentials and oci-client's caches
+//! An `oci_client::Client` remembers the first credentials it was given for a registry (its
+//! auth store is keyed by registry only) and caches bearer tokens by registry + repository.
+//! Sharing one across requests that bring different credentials would let one caller's
+//! credentials (or token) serve another caller's request. So Kiln keeps one oci-client
+//! **per (registry, credentials) pair**, in a small idle-expiring cache: requests with the
+//! same credentials share connections and tokens; requests with different credentials never
+//! share anything. (A fresh client per request would also be correct, but pays for a TLS
+//! setup, a `/v2/` probe and a token round trip on every call.)
+//!
+//! Which credentials a request uses is decided in `credentials.rs` (`auth.additional`, then
+//! the installation's if the policy allows, then anonymous).
+//!
+//! # Transport
+//! Loopback registries (`127.x`, `localhost`, `::1`) and `insecure_registries` are spoken to
+//! over plain HTTP, everything else over HTTPS with the platform's roots. Connections time
+//! out after [`CONNECT_TIMEOUT`], and a stalled read after [`READ_TIMEOUT`]; both surface as
+//! `Unavailable` errors.
+
+use std::{sync::Arc, time::Duration};
+
+use oci_client::{
+    client::{ClientConfig as OciConfig, ClientProtocol},
+    secrets::RegistryAuth,
+};
+
+use super::{
+    credentials::{host_of, normalize_registry, select_credentials, CredentialSource, KilnRepositories},
+    error::classify,
+    manifest::{inspect, ManifestKind, MANIFEST_MEDIA_TYPES},
+    platform::select_manifest,
+    CredentialStore, Platform, RegistryError, RegistryErrorKind,
+};
+use crate::model::{AuthPolicy, BasicCredentials, Digest, ImageRef, Secret};
+
+/// How long to wait for a TCP (and TLS) connection to a registry.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a response may stall between two reads (not a limit on a whole transfer).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many oci-clients (distinct registry + credentials pairs) are kept.
+const CLIENT_CACHE_CAPACITY: u64 = 512;
+/// An oci-client unused for this long is dropped, with its connections and tokens.
+const CLIENT_CACHE_IDLE: Duration = Duration::from_secs(10 * 60);
+const USER_AGENT: &str = concat!("kiln/", env!("CARGO_PKG_VERSION"));
+
+/// What the registry client needs to know about the installation.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The platform picked from image indexes. Default `linux/amd64`.
+    pub platform: Platform,
+    /// Registries (`host[:port]`, or a bare host for every port) spoken to over plain HTTP.
+    /// Loopback registries always are, without being listed.
+    pub insecure_registries: Vec<String>,
+    /// The installation's pull secret.
+    pub credentials: CredentialStore,
+    /// Kiln's base-image repository (its tag is ignored); `selective` auth with
+    /// `allow_baserep` opens the installation's credentials for images in it.
+    pub base_repository: ImageRef,
+    /// Kiln's workspace-image repository (its tag is ignored); `copy` always pushes there
+    /// with the installation's credentials.
+    pub workspace_repository: ImageRef,
+}
+
+impl ClientConfig {
+    /// A configuration with the defaults: `linux/amd64`, no insecure registries, no
+    /// installation credentials.
+    pub fn new(base_repository: ImageRef, workspace_repository: ImageRef) -> Self {
+        Self {
+            platform: Platform::default(),
+            insecure_registries: Vec::new(),
+            credentials: CredentialStore::empty(),
+            base_repository,
+            workspace_repository,
+        }
+    }
+}
+
+/// Kiln's registry client. Cheap to clone; clones share connections and token caches.
+#[derive(Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    platform: Platform,
+    /// Normalised `host[:port]` or `host` entries.
+    insecure_registries: Vec<String>,
+    credentials: CredentialStore,
+    kiln: KilnRepositories,
+    /// One oci-client per (registry, credentials); see the module doc for why.
+    clients: moka::future::Cache<ClientKey, Oci>,
+}
+
+/// The identity of an oci-client: a registry and the exact credentials it authenticates with.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    registry: String,
+    credentials: Option<(String, Secret)>,
+}
+
+/// An oci-client together with the credentials it was set up with.
+#[derive(Clone)]
+pub(crate) struct Oci {
+    pub client: oci_client::Client,
+    pub auth: RegistryAuth,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("platform", &self.inner.platform)
+            .field("insecure_registries", &self.inner.insecure_registries)
+            .field("credentials", &self.inner.credentials)
+            .field("kiln", &self.inner.kiln)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RegistryClient {
+    /// Creates the client. Installs rustls's ring crypto provider for the process if none is
+    /// installed yet (idempotent).
+    pub fn new(config: ClientConfig) -> Result<Self, RegistryError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let clients = moka::future::Cache::builder()
+            .max_capacity(CLIENT_CACHE_CAPACITY)
+            .time_to_idle(CLIENT_CACHE_IDLE)
+            .build();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                platform: config.platform,
+                insecure_registries: config
+                    .insecure_registries
+                    .iter()
+                    .map(|r| normalize_registry(r))
+                    .collect(),
+                credentials: config.credentials,
+                kiln: KilnRepositories {
+                    base: config.base_repository,
+                    workspace: config.workspace_repository,
+                },
+                clients,
+            }),
+        })
+    }
+
+    /// The platform picked from image indexes.
+    pub fn platform(&self) -> &Platform {
+        &self.inner.platform
+    }
+
+    /// Tag → digest. An image index is resolved to the manifest for the configured platform,
+    /// and that manifest's digest is returned. A reference that already has a digest is
+    /// fetched too: that proves it exists (the bytes are checked against the digest) and
+    /// tells an index from an image. Returns `image.pinned(digest)`.
+    ///
+    /// This GETs the manifest (small) rather than HEADing it: a HEAD cannot tell an index from
+    /// an image through oci-client, and an index must be looked into anyway. The platform
+    /// manifest itself is not fetched; the registry vouches for the index's entries.
+    pub async fn resolve(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<ImageRef, RegistryError> {
+        let oci = self.oci_for_request(image, auth).await?;
+        let (body, digest) = oci
+            .client
+            .pull_manifest_raw(&image.to_oci(), &oci.auth, MANIFEST_MEDIA_TYPES)
+            .await
+            .map_err(|e| RegistryError::FetchManifest {
+                reference: image.clone(),
+                source: Arc::new(e),
+            })?;
+        let digest = match inspect(image, &body)? {
+            ManifestKind::Image { .. } => digest,
+            ManifestKind::Index { .. } => {
+                let index: oci_client::manifest::OciImageIndex =
+                    serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidManifest {
+                        reference: image.clone(),
+                        reason: format!("invalid image index: {e}"),
+                    })?;
+                let entry = select_manifest(&index, &self.inner.platform).map_err(|available| {
+                    RegistryError::PlatformNotFound {
+                        reference: image.clone(),
+                        platform: self.inner.platform.clone(),
+                        available,
+                    }
+                })?;
+                tracing::debug!(image = %image, index = %digest, manifest = %entry.digest,
+                    platform = %self.inner.platform, "picked the platform manifest from the index");
+                entry.digest.clone()
+            }
+        };
+        let digest = parse_digest(image, &digest)?;
+        Ok(image.pinned(digest))
+    }
+
+    /// Whether the manifest exists (a HEAD, falling back to a GET when the registry sends no
+    /// digest header). A registry that says "not found" (404, `MANIFEST_UNKNOWN`,
+    /// `NAME_UNKNOWN`) gives `Ok(false)`; every other failure is an error.
+    pub async fn exists(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<bool, RegistryError> {
+        let oci = self.oci_for_request(image, auth).await?;
+        match oci.client.fetch_manifest_digest(&image.to_oci(), &oci.auth).await {
+            Ok(_) => Ok(true),
+            Err(e) if classify(&e) == RegistryErrorKind::NotFound => Ok(false),
+            Err(e) => Err(RegistryError::CheckManifest {
+                reference: image.clone(),
+                source: Arc::new(e),
+            }),
+        }
+    }
+
+    /// The oci-client for a request about `image` under the caller's policy.
+    pub(crate) async fn oci_for_request(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<Oci, RegistryError> {
+        let (creds, source) = select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln);
+        tracing::debug!(registry = image.registry(), credentials = ?source, "registry credentials chosen");
+        self.oci(image, creds.as_ref()).await
+    }
+
+    /// The oci-client for Kiln's own repositories: the installation's credentials for the
+    /// registry, whatever the caller's policy says (Kiln pushes there on its own behalf).
+    pub(crate) async fn oci_for_kiln(&self, image: &ImageRef) -> Result<Oci, RegistryError> {
+        let creds = self.inner.credentials.get(image.registry()).cloned();
+        let source = if creds.is_some() {
+            CredentialSource::Installation
+        } else {
+            CredentialSource::Anonymous
+        };
+        tracing::debug!(registry = image.registry(), credentials = ?source, "registry credentials chosen");
+        self.oci(image, creds.as_ref()).await
+    }
+
+    async fn oci(&self, image: &ImageRef, creds: Option<&BasicCredentials>) -> Result<Oci, RegistryError> {
+        let key = ClientKey {
+            registry: image.registry().to_owned(),
+            credentials: creds.map(|c| (c.username.clone(), c.password.clone())),
+        };
+        self.inner
+            .clients
+            .try_get_with(key, self.build_oci(image, creds))
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn build_oci(&self, image: &ImageRef, creds: Option<&BasicCredentials>) -> Result<Oci, RegistryError> {
+        let registry = image.registry();
+        let protocol = if self.is_plain_http(registry) {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        };
+        let platform = self.inner.platform.clone();
+        let config = OciConfig {
+            protocol,
+            // Kiln resolves indexes itself; this only serves oci-client's own pull helpers.
+            platform_resolver: Some(Box::new(move |entries| {
+                entries
+                    .iter()
+                    .find(|e| platform.matches_entry(e))
+                    .map(|e| e.digest.clone())
+            })),
+            // One streamed PUT per blob: chunked uploads would send one PATCH per network
+            // read of the source stream.
+            use_monolithic_push: true,
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            user_agent: USER_AGENT,
+            ..OciConfig::default()
+        };
+        let client = oci_client::Client::try_from(config).map_err(|e| RegistryError::ClientSetup {
+            registry: registry.to_owned(),
+            source: Arc::new(e),
+        })?;
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.expose().to_owned()),
+            None => RegistryAuth::Anonymous,
+        };
+        // Calls that take no `auth` argument (blob HEAD, mount, blob pull/push) use the stored
+        // one; store it now, once, for the registry this client is for.
+        client
+            .store_auth_if_needed(image.to_oci().resolve_registry(), &auth)
+            .await;
+        tracing::debug!(registry, plain_http = self.is_plain_http(registry), "oci client created");
+        Ok(Oci { client, auth })
+    }
+
+    fn is_plain_http(&self, registry: &str) -> bool {
+        let registry = normalize_registry(registry);
+        let host = host_of(&registry);
+        host == "localhost"
+            || host == "::1"
+            || host.starts_with("127.")
+            || self
+                .inner
+                .insecure_registries
+                .iter()
+                .any(|r| *r == registry || r == host)
+    }
+}
+
+/// Parses a digest the registry handed out into Kiln's `Digest` (sha256 only).
+pub(crate) fn parse_digest(reference: &ImageRef, digest: &str) -> Result<Digest, RegistryError> {
+    digest.parse().map_err(|_| RegistryError::UnsupportedDigest {
+        reference: reference.clone(),
+        digest: digest.to_owned(),
+    })
+}

@@ -1,0 +1,287 @@
+//! [`RegistryClient::copy`]: copying one single-platform image, blob by blob, into Kiln's
+//! workspace repository, with the manifest bytes unchanged so that the digest is preserved.
+//!
+//! For each blob (config and layers, each once): HEAD it on the target and skip it when it is
+//! there; when source and target are on one registry, ask for a cross-repository mount; else
+//! (or when the mount is refused) stream it from the source straight into a monolithic upload
+//! on the target. Memory stays bounded by the transport buffers: a layer is never held whole.
+//! oci-client verifies the bytes against the digest as they stream, and the registry verifies
+//! them again on commit. Up to [`MAX_CONCURRENT_BLOBS`] blobs move at once.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use oci_client::{
+    errors::OciDistributionError,
+    manifest::{OciDescriptor, OciImageManifest},
+};
+
+use super::{
+    client::{parse_digest, Oci},
+    credentials::normalize_registry,
+    manifest::{inspect, ManifestKind, MANIFEST_MEDIA_TYPES},
+    RegistryClient, RegistryError,
+};
+use crate::model::{AuthPolicy, Digest, ImageRef};
+
+/// How many blobs of one image are copied at the same time.
+pub const MAX_CONCURRENT_BLOBS: usize = 4;
+
+/// Media types of layers that registries do not store ("foreign" Windows layers); the
+/// manifest points at their URLs and they are not copied.
+const NON_DISTRIBUTABLE: &[&str] = &[
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+];
+
+/// One step of a copy, reported as it happens (the build log shows each as a line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyEvent {
+    /// The target already had the blob.
+    BlobPresent { digest: Digest },
+    /// The registry linked the blob from the source repository `from`, no bytes moved.
+    BlobMounted { digest: Digest, from: String },
+    /// The blob was streamed from the source to the target.
+    BlobCopied { digest: Digest, bytes: u64 },
+    /// The manifest was pushed to the target tag.
+    ManifestPushed { digest: Digest },
+}
+
+impl fmt::Display for CopyEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BlobPresent { digest } => write!(f, "blob {digest} already present"),
+            Self::BlobMounted { digest, from } => write!(f, "blob {digest} mounted from {from}"),
+            Self::BlobCopied { digest, bytes } => write!(f, "blob {digest} copied ({bytes} bytes)"),
+            Self::ManifestPushed { digest } => write!(f, "manifest {digest} pushed"),
+        }
+    }
+}
+
+impl RegistryClient {
+    /// Copies the single-platform image `source` (pinned by digest) to the tag `target`, and
+    /// returns the manifest digest (the source's: the manifest bytes are pushed unchanged).
+    ///
+    /// `source` is read with the credentials `auth` allows for it. `target` is Kiln's own
+    /// workspace repository, so it is always written with the **installation's** credentials
+    /// for its registry (anonymous when the store has none), whatever `auth` says.
+    ///
+    /// After the push, the target tag is resolved again and must give the same digest.
+    /// `on_event` hears every blob and the manifest push, in completion order.
+    pub async fn copy(
+        &self,
+        source: &ImageRef,
+        target: &ImageRef,
+        auth: &AuthPolicy,
+        on_event: &(dyn Fn(CopyEvent) + Send + Sync),
+    ) -> Result<Digest, RegistryError> {
+        let Some(digest) = source.digest().cloned() else {
+            return Err(RegistryError::SourceNotPinned {
+                reference: source.clone(),
+            });
+        };
+        let Some(tag) = target.tag() else {
+            return Err(RegistryError::TargetNotTagged {
+                reference: target.clone(),
+            });
+        };
+        // Push by tag only (a digest in the target would make it a push by digest).
+        let target = ImageRef::with_tag(target.registry(), target.repository(), tag);
+
+        let src = self.oci_for_request(source, auth).await?;
+        let dst = self.oci_for_kiln(&target).await?;
+
+        // oci-client checks the bytes against the pinned digest.
+        let (body, _) = src
+            .client
+            .pull_manifest_raw(&source.to_oci(), &src.auth, MANIFEST_MEDIA_TYPES)
+            .await
+            .map_err(|e| RegistryError::FetchManifest {
+                reference: source.clone(),
+                source: Arc::new(e),
+            })?;
+        let media_type = match inspect(source, &body)? {
+            ManifestKind::Image { media_type } => media_type,
+            ManifestKind::Index { .. } => {
+                return Err(RegistryError::SourceIsIndex {
+                    reference: source.clone(),
+                })
+            }
+        };
+        let manifest: OciImageManifest =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidManifest {
+                reference: source.clone(),
+                reason: format!("invalid image manifest: {e}"),
+            })?;
+
+        let mut seen = HashSet::new();
+        let blobs: Vec<OciDescriptor> = std::iter::once(manifest.config)
+            .chain(manifest.layers)
+            .filter(|d| !NON_DISTRIBUTABLE.contains(&d.media_type.as_str()))
+            .filter(|d| seen.insert(d.digest.clone()))
+            .collect();
+        let same_registry = normalize_registry(source.registry()) == normalize_registry(target.registry());
+        tracing::debug!(%source, %target, blobs = blobs.len(), same_registry, "copying image");
+
+        let job = BlobJob {
+            src: &src,
+            dst: &dst,
+            source,
+            target: &target,
+            same_registry,
+        };
+        futures::stream::iter(blobs.iter().map(|d| job.copy_blob(d)))
+            .buffer_unordered(MAX_CONCURRENT_BLOBS)
+            .try_for_each(|event| {
+                on_event(event);
+                futures::future::ready(Ok(()))
+            })
+            .await?;
+
+        let content_type = media_type.parse().map_err(|_| RegistryError::UnsupportedManifest {
+            reference: source.clone(),
+            media_type: media_type.clone(),
+        })?;
+        dst.client
+            .push_manifest_raw(&target.to_oci(), body, content_type)
+            .await
+            .map_err(|e| RegistryError::PushManifest {
+                reference: target.clone(),
+                digest: digest.clone(),
+                source: Arc::new(e),
+            })?;
+        on_event(CopyEvent::ManifestPushed { digest: digest.clone() });
+
+        let actual = dst
+            .client
+            .fetch_manifest_digest(&target.to_oci(), &dst.auth)
+            .await
+            .map_err(|e| RegistryError::VerifyPush {
+                reference: target.clone(),
+                source: Arc::new(e),
+            })?;
+        if actual != digest.as_str() {
+            return Err(RegistryError::DigestMismatch {
+                reference: target,
+                expected: digest,
+                actual,
+            });
+        }
+        tracing::debug!(%source, %target, %digest, "image copied");
+        Ok(digest)
+    }
+}
+
+/// What every blob of one copy shares.
+struct BlobJob<'a> {
+    src: &'a Oci,
+    dst: &'a Oci,
+    source: &'a ImageRef,
+    target: &'a ImageRef,
+    same_registry: bool,
+}
+
+impl BlobJob<'_> {
+    async fn copy_blob(&self, desc: &OciDescriptor) -> Result<CopyEvent, RegistryError> {
+        let digest = parse_digest(self.source, &desc.digest)?;
+        let target = self.target.to_oci();
+        let present = self
+            .dst
+            .client
+            .blob_exists(&target, &desc.digest)
+            .await
+            .map_err(|e| RegistryError::CheckBlob {
+                reference: self.target.clone(),
+                digest: desc.digest.clone(),
+                source: Arc::new(e),
+            })?;
+        if present {
+            return Ok(CopyEvent::BlobPresent { digest });
+        }
+
+        if self.same_registry {
+            match self
+                .dst
+                .client
+                .mount_blob(&target, &self.source.to_oci(), &desc.digest)
+                .await
+            {
+                Ok(()) => {
+                    return Ok(CopyEvent::BlobMounted {
+                        digest,
+                        from: self.source.repository().to_owned(),
+                    })
+                }
+                // A refused mount (202: "upload instead", or no pull access to the source
+                // for the target's credentials) is not an error: stream the blob instead.
+                Err(e) => tracing::debug!(digest = %digest, reason = %super::error::describe(&e),
+                    "cross-repository mount refused; copying the blob"),
+            }
+        }
+
+        let copy_error = |e: OciDistributionError| RegistryError::CopyBlob {
+            from: self.source.clone(),
+            to: self.target.clone(),
+            digest: desc.digest.clone(),
+            source: Arc::new(e),
+        };
+        let size = u64::try_from(desc.size).map_err(|_| RegistryError::InvalidManifest {
+            reference: self.source.clone(),
+            reason: format!("blob {} has a negative size", desc.digest),
+        })?;
+        let pulled = self
+            .src
+            .client
+            .pull_blob_stream(&self.source.to_oci(), desc)
+            .await
+            .map_err(copy_error)?;
+        let moved = Arc::new(AtomicU64::new(0));
+        let counter = moved.clone();
+        let stream = pulled.stream.map(move |chunk| {
+            if let Ok(bytes) = &chunk {
+                counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            chunk.map_err(OciDistributionError::IoError)
+        });
+        self.dst
+            .client
+            .push_blob_stream(&target, stream, &desc.digest, Some(size))
+            .await
+            .map_err(copy_error)?;
+        Ok(CopyEvent::BlobCopied {
+            digest,
+            bytes: moved.load(Ordering::Relaxed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_read_as_log_lines() {
+        let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let line = CopyEvent::BlobMounted {
+            digest: d.clone(),
+            from: "base/alpine".into(),
+        }
+        .to_string();
+        assert_eq!(line, format!("blob {d} mounted from base/alpine"));
+        assert_eq!(
+            CopyEvent::BlobCopied { digest: d.clone(), bytes: 12 }.to_string(),
+            format!("blob {d} copied (12 bytes)")
+        );
+        assert_eq!(CopyEvent::ManifestPushed { digest: d.clone() }.to_string(), format!("manifest {d} pushed"));
+        assert_eq!(CopyEvent::BlobPresent { digest: d.clone() }.to_string(), format!("blob {d} already present"));
+    }
+}

@@ -1,0 +1,150 @@
+//! `kiln serve`: wires the configuration into running parts — the embedded registry, the
+//! actor system, the metrics endpoint and the gRPC server — and takes them down again.
+//!
+//! [`serve`] takes its shutdown signal as a parameter so tests can run a whole server
+//! in-process; [`run`] is the binary's entry point and stops on SIGINT or SIGTERM.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::{
+    actors,
+    api::{AdminService, ImageBuilderService, RpcMetricsLayer},
+    config::Config,
+    metrics::{self, Metrics},
+    proto::{admin::admin_server::AdminServer, builder::image_builder_server::ImageBuilderServer},
+    registry::{self, ClientConfig, CredentialStore, RegistryClient},
+};
+
+/// Runs Kiln until SIGINT or SIGTERM. Blocking: creates its own runtime.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(serve(config, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn registry_client(config: &Config) -> anyhow::Result<RegistryClient> {
+    let credentials = match &config.registry.pull_secret {
+        Some(path) => CredentialStore::from_docker_config_file(path)
+            .with_context(|| format!("registry.pull_secret: cannot use {}", path.display()))?,
+        None => CredentialStore::empty(),
+    };
+    Ok(RegistryClient::new(ClientConfig {
+        platform: config.platform()?,
+        insecure_registries: config.registry.insecure.clone(),
+        credentials,
+        base_repository: config.registry.base_repository()?,
+        workspace_repository: config.registry.workspace_repository()?,
+    })?)
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+fn tls(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&config.grpc.tls_cert, &config.grpc.tls_key) else { return Ok(None) };
+    let read = |p: &PathBuf, key: &str| std::fs::read(p).with_context(|| format!("{key}: cannot read {}", p.display()));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert, "grpc.tls_cert")?, read(key, "grpc.tls_key")?));
+    if let Some(ca) = &config.grpc.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "grpc.tls_client_ca")?));
+    }
+    Ok(Some(tls))
+}
+
+/// Runs every part of Kiln until `shutdown` resolves, then stops them all.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("data_dir: cannot create {}", config.data_dir.display()))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if config.registry.external.is_none() {
+        let listener = bind("the embedded registry", config.registry.embedded_addr).await?;
+        let root = config.data_dir.join("registry");
+        tracing::info!(addr = %config.registry.embedded_addr, root = %root.display(), "embedded registry listening");
+        let stop = stopped();
+        tasks.spawn(async move { registry::server::serve(listener, root, stop).await.context("embedded registry") });
+    }
+
+    let metrics = Metrics::new();
+    let metrics_listener = bind("metrics", config.metrics.addr).await?;
+    tracing::info!(addr = %config.metrics.addr, "metrics listening on /metrics");
+    let m = metrics.clone();
+    let stop = stopped();
+    tasks.spawn(async move { metrics::serve(metrics_listener, m, stop).await.context("metrics server") });
+
+    let system = actors::start(&config, registry_client(&config)?, metrics.clone())?;
+    let kiln = system.handle();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ImageBuilderServer<ImageBuilderService>>().await;
+    let watch_kiln = kiln.clone();
+    let watch_health = health.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let status = if watch_kiln.healthy().await {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            watch_health.set_service_status("", status).await;
+            watch_health.set_service_status("builder.ImageBuilder", status).await;
+        }
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let max = config.grpc.max_message_bytes;
+    let builder_service = ImageBuilderServer::new(ImageBuilderService::new(kiln.clone())).max_decoding_message_size(max);
+    let admin_service = AdminServer::new(AdminService::new(kiln)).max_decoding_message_size(max);
+    let mut server = Server::builder();
+    if let Some(tls) = tls(&config)? {
+        server = server.tls_config(tls)?;
+    }
+    let grpc_listener = bind("gRPC", config.grpc.addr).await?;
+    tracing::info!(addr = %config.grpc.addr, data_dir = %config.data_dir.display(), "kiln ready: gRPC listening");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let grpc = server
+        .layer(RpcMetricsLayer::new(metrics))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(builder_service)
+        .add_service(admin_service)
+        .serve_with_incoming_shutdown(incoming, stopped());
+
+    let result = tokio::select! {
+        r = grpc => r.context("gRPC server"),
+        Some(r) = tasks.join_next() => r.context("a server task panicked").and_then(|r| r),
+        _ = shutdown => Ok(()),
+    };
+    let _ = stop_tx.send(true);
+    // Give servers a moment to drain, then stop the actors on a blocking thread (it joins).
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    tokio::task::spawn_blocking(move || system.stop()).await?;
+    result
+}
