@@ -14,12 +14,14 @@
 
 pub mod actors;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod executor;
 pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod server;
+pub mod telemetry;
 
 pub mod proto {
     //! Generated protobuf and gRPC types. Only `src/api` and the CLI clients use them.

@@ -5,3 +5,4 @@
 mod support;
 
 mod server;
+mod client;

@@ -4,3 +4,5 @@
 #![allow(dead_code)]
 pub mod oci_layout;
 pub mod tools;
+pub mod docker_registry;
+pub mod images;
