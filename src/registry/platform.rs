@@ -50,7 +50,7 @@ impl Platform {
             None if self.architecture == "arm64" => Some("v8"),
             None => None,
         };
-        true
+        variant == Some(wanted.as_str())
     }
 
     pub(crate) fn matches_entry(&self, entry: &ImageIndexEntry) -> bool {

@@ -128,6 +128,13 @@ async fn resolves_an_index_to_the_configured_platform() {
     let by_index = client(reg.addr()).resolve(&tagged.pinned(index), &anonymous()).await.unwrap();
     assert_eq!(by_index.digest(), Some(&digest_of("linux/amd64")));
 
+    // A variant is matched when the configuration names one.
+    let arm_v7 = client_with(reg.addr(), |c| c.platform = "linux/arm/v7".parse().unwrap());
+    let resolved = arm_v7.resolve(&tagged, &anonymous()).await.unwrap();
+    assert_eq!(resolved.digest(), Some(&digest_of("linux/arm/v7")));
+    let arm_v6 = client_with(reg.addr(), |c| c.platform = "linux/arm/v6".parse().unwrap());
+    assert_kind(arm_v6.resolve(&tagged, &anonymous()).await, RegistryErrorKind::NotFound);
+
     let s390x = client_with(reg.addr(), |c| c.platform = "linux/s390x".parse().unwrap());
     let err = assert_kind(s390x.resolve(&tagged, &anonymous()).await, RegistryErrorKind::NotFound);
     let msg = err.to_string();
@@ -254,6 +261,9 @@ fn the_password_never_appears_in_errors_or_logs() {
         .with_writer(move || LogWriter(writer_log.clone()))
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests of this binary hit the same callsites concurrently, without a subscriber;
+    // make sure no callsite keeps an interest cached before this subscriber existed.
+    tracing::callsite::rebuild_interest_cache();
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let errors = runtime.block_on(async {
@@ -306,6 +316,9 @@ fn the_password_never_appears_in_errors_or_logs() {
     }
     let log = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
     assert!(log.contains("registry credentials chosen"), "the log capture did not work");
+    if let Ok(path) = std::env::var("KILN_TEST_DUMP_LOG") {
+        std::fs::write(path, &log).unwrap();
+    }
     for f in &forbidden {
         assert!(!log.contains(f.as_str()), "secret in the trace log");
     }
