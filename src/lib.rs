@@ -16,6 +16,7 @@ pub mod actors;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod executor;
 pub mod metrics;
 pub mod model;

@@ -260,9 +260,12 @@ fn the_password_never_appears_in_errors_or_logs() {
         .with_ansi(false)
         .with_writer(move || LogWriter(writer_log.clone()))
         .finish();
+    // While a single dispatcher exists, tracing computes a new callsite's (global, cached)
+    // interest from the default of whichever thread hits it first: another test's thread,
+    // without a subscriber, would switch the callsite off for this test too. A second, idle
+    // dispatcher makes tracing ask every dispatcher instead.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let _guard = tracing::subscriber::set_default(subscriber);
-    // Other tests of this binary hit the same callsites concurrently, without a subscriber;
-    // make sure no callsite keeps an interest cached before this subscriber existed.
     tracing::callsite::rebuild_interest_cache();
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -45,7 +45,7 @@ impl TestRegistry {
             root,
             stop: Some(stop),
             task: Some(task),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            http: http_client(),
         }
     }
 
@@ -120,6 +120,13 @@ impl TestRegistry {
         assert_eq!(resp.status(), StatusCode::CREATED, "{}", text(resp).await);
         manifest
     }
+}
+
+/// A plain-HTTP client. reqwest is built (through oci-client) without a rustls crypto
+/// provider, so install the crate's (ring) before building one.
+fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
 async fn text(resp: reqwest::Response) -> String {
@@ -769,7 +776,7 @@ async fn unknown_and_invalid_names() {
         .unwrap();
     assert_eq!(error_of(resp).await, (StatusCode::NOT_FOUND, "NAME_UNKNOWN".into()));
 
-    for bad in ["/v2/Kiln/Upper/tags/list", "/v2/kiln/-dash/blobs/uploads/", "/v2/a/%2e%2e/manifests/x"] {
+    for bad in ["/v2/Kiln/Upper/tags/list", "/v2/kiln/-dash/blobs/uploads/", "/v2/a/_hidden/manifests/x", "/v2/a..b/manifests/x"] {
         let resp = registry.request(Method::POST, bad).send().await.unwrap();
         assert_eq!(error_of(resp).await, (StatusCode::BAD_REQUEST, "NAME_INVALID".into()), "{bad}");
     }
@@ -886,10 +893,7 @@ async fn shutdown_stops_serving_and_storage_survives_a_restart() {
     let task = tokio::spawn(kiln::registry::server::serve(listener, root, async move {
         let _ = stopped.await;
     }));
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let resp = http_client()
         .get(format!("http://{addr}/v2/kiln/persisted/manifests/v1"))
         .send()
         .await

@@ -6,3 +6,5 @@ pub mod oci_layout;
 pub mod tools;
 pub mod docker_registry;
 pub mod images;
+pub mod kiln;
+pub mod slow_proxy;

@@ -30,6 +30,8 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// The largest manifest accepted (as distribution).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// How much of a too-large manifest is read (and dropped) before answering 413.
+const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
 
 /// What a manifest is, as far as verification goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,19 +217,32 @@ async fn read_capped(request: Request) -> Result<Vec<u8>> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = request.into_body().into_data_stream();
     if announced.is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+        drain(&mut stream, 0).await;
         return Err(too_large());
     }
     let mut bytes = Vec::with_capacity(announced.unwrap_or(0) as usize);
-    let mut stream = request.into_body().into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| invalid(format!("failed to read the request body: {e}")))?;
         if bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
+            drain(&mut stream, bytes.len() + chunk.len()).await;
             return Err(too_large());
         }
         bytes.extend_from_slice(&chunk);
     }
     Ok(bytes)
+}
+
+/// Reads and discards the rest of a refused body (up to [`MAX_DRAINED_BYTES`] in all), so
+/// that a client still sending it reads the error instead of a broken connection.
+async fn drain(stream: &mut axum::body::BodyDataStream, mut seen: usize) {
+    while seen <= MAX_DRAINED_BYTES {
+        match stream.next().await {
+            Some(Ok(chunk)) => seen += chunk.len(),
+            _ => return,
+        }
+    }
 }
 
 /// `PUT /v2/<name>/manifests/<reference>`.

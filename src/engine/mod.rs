@@ -1,0 +1,8 @@
+//! The Dockerfile engine: turns a Dockerfile and a build context into an OCI image in a
+//! registry, with no Docker daemon, BuildKit or buildah.
+//!
+//! Parts (each a module with its own doc):
+//! - `dockerfile`: parsing and shell-style word expansion;
+//! - `context`: build contexts (git checkouts, uploaded tars) and `.dockerignore`;
+//! - `layers`: unpacking pulled layers safely, packing new ones reproducibly;
+//! - `sandbox`: running RUN steps in Linux namespaces over overlayfs.

@@ -1,0 +1,283 @@
+//! The real `kiln` binary as a child process: `kiln serve --config <tempdir>/kiln.toml` on
+//! free loopback ports, with a temporary data directory, either the embedded registry or an
+//! external one, and any extra TOML a test needs (build limits, supervision, ...).
+//!
+//! The child's stdout and stderr go to `<tempdir>/kiln.log`; when a test panics while a
+//! [`KilnServer`] is alive, the log's tail is printed on drop. Drop kills and reaps the
+//! child (PID 1 does not reap orphans here) and deletes the directory.
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use kiln::proto::{admin::admin_client::AdminClient, builder::image_builder_client::ImageBuilderClient};
+use tonic::transport::{Channel, Endpoint};
+
+/// How long `start` waits for the gRPC port to accept connections.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines of the service log shown when something fails.
+const TAIL_LINES: usize = 80;
+
+/// Which registry the service pushes workspace images to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryMode {
+    /// Kiln's embedded registry, on a free loopback port.
+    Embedded,
+    /// An existing registry, `registry.external = "127.0.0.1:PORT"`.
+    External(String),
+}
+
+/// How to start a [`KilnServer`].
+#[derive(Debug, Clone)]
+pub struct KilnOptions {
+    pub registry: RegistryMode,
+    /// TOML appended to the generated config: whole tables such as
+    /// `"[builds]\nmax_concurrent = 20\n"`. The generated config sets `data_dir` and the
+    /// `[grpc]`, `[metrics]` and `[registry]` tables; do not repeat those tables here.
+    pub extra_toml: String,
+    /// `RUST_LOG` of the service. Default `info`.
+    pub rust_log: String,
+}
+
+impl Default for KilnOptions {
+    fn default() -> Self {
+        Self { registry: RegistryMode::Embedded, extra_toml: String::new(), rust_log: "info".into() }
+    }
+}
+
+impl KilnOptions {
+    /// The embedded registry.
+    pub fn embedded() -> Self {
+        Self::default()
+    }
+
+    /// An external registry at `addr` (`127.0.0.1:PORT`).
+    pub fn external(addr: &str) -> Self {
+        Self { registry: RegistryMode::External(addr.to_owned()), ..Self::default() }
+    }
+
+    /// Appends `toml` to the config.
+    pub fn with_toml(mut self, toml: &str) -> Self {
+        self.extra_toml.push_str(toml);
+        if !self.extra_toml.ends_with('\n') {
+            self.extra_toml.push('\n');
+        }
+        self
+    }
+}
+
+/// A running `kiln serve`.
+pub struct KilnServer {
+    child: Option<Child>,
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    registry_addr: String,
+    log_path: PathBuf,
+    http: reqwest::Client,
+    // Dropped last: the child must be gone before its directory is removed.
+    dir: tempfile::TempDir,
+}
+
+impl KilnServer {
+    /// Starts the service and waits until its gRPC port accepts connections. Retries with
+    /// new ports when a port picked as free was taken before the service bound it. Blocking.
+    pub fn start(options: KilnOptions) -> Self {
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            match Self::try_start(&options) {
+                Ok(server) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("kiln serve did not start:\n{last_error}");
+    }
+
+    fn try_start(options: &KilnOptions) -> Result<Self, String> {
+        let dir = tempfile::Builder::new().prefix("kiln-server-").tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let data_dir = dir.path().join("data");
+        let (registry_table, registry_addr) = match &options.registry {
+            RegistryMode::Embedded => {
+                let addr = format!("127.0.0.1:{}", free_port());
+                (format!("[registry]\nembedded_addr = \"{addr}\"\n"), addr)
+            }
+            RegistryMode::External(addr) => (format!("[registry]\nexternal = \"{addr}\"\n"), addr.clone()),
+        };
+        let config = format!(
+            "data_dir = {data_dir:?}\n\n[grpc]\naddr = \"{grpc_addr}\"\n\n[metrics]\naddr = \"{metrics_addr}\"\n\n\
+             {registry_table}\n{}",
+            options.extra_toml,
+            data_dir = data_dir.display().to_string(),
+        );
+        let config_path = dir.path().join("kiln.toml");
+        std::fs::write(&config_path, config).map_err(|e| format!("writing the config: {e}"))?;
+        let log_path = dir.path().join("kiln.log");
+        let log = File::create(&log_path).map_err(|e| format!("creating the log: {e}"))?;
+        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", &options.rust_log)
+            .env_remove("KILN_ADDR")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", env!("CARGO_BIN_EXE_kiln")))?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut server =
+            Self { child: Some(child), grpc_addr, metrics_addr, registry_addr, log_path, http, dir };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(format!("kiln serve exited with {status} during start-up:\n{}", self.log_tail()));
+                }
+            }
+            if TcpStream::connect_timeout(&self.grpc_addr, Duration::from_millis(200)).is_ok() && self.is_running() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Err(format!(
+            "kiln serve did not accept gRPC connections on {} within {STARTUP_TIMEOUT:?}:\n{}",
+            self.grpc_addr,
+            self.log_tail()
+        ))
+    }
+
+    /// `127.0.0.1:PORT` of the gRPC API.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// `127.0.0.1:PORT` of the metrics endpoint.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The registry Kiln pushes to (`127.0.0.1:PORT`): the embedded one or the external one.
+    pub fn registry_addr(&self) -> &str {
+        &self.registry_addr
+    }
+
+    /// `<registry>/kiln/workspace-images`.
+    pub fn workspace_repository(&self) -> String {
+        format!("{}/kiln/workspace-images", self.registry_addr)
+    }
+
+    /// The service's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A new gRPC channel to the service (HTTP/2; one channel multiplexes many calls).
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("a valid endpoint")
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to kiln at {}: {e}\n{}", self.grpc_addr, self.log_tail()))
+    }
+
+    /// A `builder.ImageBuilder` client on a new channel.
+    pub async fn builder(&self) -> ImageBuilderClient<Channel> {
+        ImageBuilderClient::new(self.channel().await)
+    }
+
+    /// A `kiln.admin.v1.Admin` client on a new channel.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await)
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let url = format!("http://{}/metrics", self.metrics_addr);
+        let resp = self.http.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
+        resp.text().await.unwrap_or_else(|e| panic!("reading {url}: {e}"))
+    }
+
+    /// The value of one sample, named with its labels exactly as exposed, e.g.
+    /// `kiln_builds_completed_total{outcome="cancelled"}`. A sample not exposed (yet) is 0.
+    pub async fn metric(&self, name_with_labels: &str) -> f64 {
+        sample(&self.metrics_text().await, name_with_labels)
+    }
+
+    /// The service log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The last lines of the service log.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log_path, TAIL_LINES)
+    }
+
+    /// Whether the child is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Kills (SIGKILL) and reaps the service now.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for KilnServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- kiln serve log (last {TAIL_LINES} lines of {}) ----\n{}\n---- end of kiln log ----",
+                self.log_path.display(),
+                self.log_tail()
+            );
+        }
+        self.kill();
+    }
+}
+
+/// The value of `name_with_labels` in Prometheus/OpenMetrics text; 0 when absent.
+pub fn sample(text: &str, name_with_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let rest = line.strip_prefix(name_with_labels)?;
+            let value = rest.strip_prefix(' ')?.split_whitespace().next()?;
+            value.parse::<f64>().ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding 127.0.0.1:0")
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
