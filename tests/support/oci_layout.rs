@@ -151,7 +151,11 @@ impl OciLayout {
             })
             .collect();
         let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
-        std::fs::write(self.dir.join("index.json"), serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+        std::fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec_pretty(&index).unwrap(),
+        )
+        .unwrap();
     }
 }
 

@@ -82,8 +82,11 @@ pub fn parse_range(value: Option<&str>, size: u64) -> ByteRange {
 }
 
 fn blob_unknown(digest: &Digest) -> RegistryError {
-    RegistryError::new(ErrorCode::BlobUnknown, format!("blob {digest} is unknown to this repository"))
-        .with_detail(serde_json::json!({ "digest": digest }))
+    RegistryError::new(
+        ErrorCode::BlobUnknown,
+        format!("blob {digest} is unknown to this repository"),
+    )
+    .with_detail(serde_json::json!({ "digest": digest }))
 }
 
 /// `HEAD`/`GET /v2/<name>/blobs/<digest>`.
@@ -113,7 +116,10 @@ pub async fn get(
     };
 
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let digest_value = HeaderValue::from_str(digest.as_str()).expect("digest is ascii");
     headers.insert(HeaderName::from_static(CONTENT_DIGEST_HEADER), digest_value);
@@ -140,13 +146,14 @@ pub async fn get(
             (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
         ByteRange::Unsatisfiable => {
-            return Err(
-                RegistryError::new(ErrorCode::RangeInvalid, format!("range not satisfiable for {size} bytes"))
-                    .with_header(
-                        header::CONTENT_RANGE,
-                        HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-                    ),
-            );
+            return Err(RegistryError::new(
+                ErrorCode::RangeInvalid,
+                format!("range not satisfiable for {size} bytes"),
+            )
+            .with_header(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            ));
         }
     };
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -197,7 +204,15 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=0-0"), 0), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=-5"), 0), Unsatisfiable);
         // Ignored: whole blob.
-        for ignored in ["bytes=0-1,3-4", "items=0-1", "bytes=5-2", "bytes=a-b", "bytes=-", "0-4", "bytes=1"] {
+        for ignored in [
+            "bytes=0-1,3-4",
+            "items=0-1",
+            "bytes=5-2",
+            "bytes=a-b",
+            "bytes=-",
+            "0-4",
+            "bytes=1",
+        ] {
             assert_eq!(parse_range(Some(ignored), 10), Full, "{ignored}");
         }
     }

@@ -84,16 +84,16 @@ fn invalid(message: impl Into<String>) -> RegistryError {
 /// without parameters; absent, `application/json` and `application/octet-stream` defer to the
 /// body's `mediaType` (and then to the shape).
 pub fn check(content_type: Option<&str>, bytes: &[u8]) -> Result<Checked> {
-    let doc: Document = serde_json::from_slice(bytes)
-        .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
+    let doc: Document =
+        serde_json::from_slice(bytes).map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
     if doc.schema_version != Some(2) {
         return Err(invalid(format!(
             "unsupported schemaVersion {:?}: only 2 is supported",
             doc.schema_version
         )));
     }
-    let declared = content_type
-        .filter(|ct| !matches!(*ct, "" | "application/json" | "application/octet-stream"));
+    let declared =
+        content_type.filter(|ct| !matches!(*ct, "" | "application/json" | "application/octet-stream"));
     if let Some(ct) = declared {
         if kind_of(ct).is_none() {
             return Err(invalid(format!("unsupported manifest media type {ct:?}")));
@@ -120,8 +120,14 @@ pub fn check(content_type: Option<&str>, bytes: &[u8]) -> Result<Checked> {
     let kind = kind_of(&media_type).expect("checked above");
     let descriptors: Vec<&Descriptor> = match kind {
         Kind::Image => {
-            let config = doc.config.as_ref().ok_or_else(|| invalid("image manifest has no config"))?;
-            let layers = doc.layers.as_ref().ok_or_else(|| invalid("image manifest has no layers"))?;
+            let config = doc
+                .config
+                .as_ref()
+                .ok_or_else(|| invalid("image manifest has no config"))?;
+            let layers = doc
+                .layers
+                .as_ref()
+                .ok_or_else(|| invalid("image manifest has no layers"))?;
             std::iter::once(config)
                 .chain(layers.iter().filter(|layer| layer.urls.is_empty()))
                 .collect()
@@ -172,8 +178,11 @@ pub fn name_unknown(repo: &RepoName) -> RegistryError {
 }
 
 fn manifest_unknown(reference: &str) -> RegistryError {
-    RegistryError::new(ErrorCode::ManifestUnknown, format!("manifest {reference} is unknown"))
-        .with_detail(serde_json::json!({ "reference": reference }))
+    RegistryError::new(
+        ErrorCode::ManifestUnknown,
+        format!("manifest {reference} is unknown"),
+    )
+    .with_detail(serde_json::json!({ "reference": reference }))
 }
 
 /// `HEAD`/`GET /v2/<name>/manifests/<reference>`.
@@ -201,7 +210,10 @@ pub async fn get(registry: &Registry, repo: &RepoName, reference: &str) -> Resul
     };
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, header_value(&media_type));
-    headers.insert(HeaderName::from_static(CONTENT_DIGEST_HEADER), header_value(digest.as_str()));
+    headers.insert(
+        HeaderName::from_static(CONTENT_DIGEST_HEADER),
+        header_value(digest.as_str()),
+    );
     headers.insert(header::ETAG, header_value(&format!("\"{digest}\"")));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     Ok((StatusCode::OK, headers, bytes).into_response())
@@ -210,7 +222,8 @@ pub async fn get(registry: &Registry, repo: &RepoName, reference: &str) -> Resul
 /// Reads a request body of at most [`MAX_MANIFEST_BYTES`].
 async fn read_capped(request: Request) -> Result<Vec<u8>> {
     let too_large = || {
-        invalid(format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes")).with_status(StatusCode::PAYLOAD_TOO_LARGE)
+        invalid(format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes"))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
     };
     let announced = request
         .headers()
@@ -246,7 +259,12 @@ async fn drain(stream: &mut axum::body::BodyDataStream, mut seen: usize) {
 }
 
 /// `PUT /v2/<name>/manifests/<reference>`.
-pub async fn put(registry: &Registry, repo: &RepoName, reference: &str, request: Request) -> Result<Response> {
+pub async fn put(
+    registry: &Registry,
+    repo: &RepoName,
+    reference: &str,
+    request: Request,
+) -> Result<Response> {
     let parsed = Reference::parse(reference)?;
     let content_type = request
         .headers()
@@ -297,8 +315,14 @@ pub async fn put(registry: &Registry, repo: &RepoName, reference: &str, request:
         .map_err(|e| RegistryError::internal("storing manifest", e))?;
     tracing::debug!(repo = %repo, reference, digest = %digest, media_type = %checked.media_type, "manifest stored");
     let headers: [(HeaderName, HeaderValue); 3] = [
-        (header::LOCATION, header_value(&format!("/v2/{repo}/manifests/{digest}"))),
-        (HeaderName::from_static(CONTENT_DIGEST_HEADER), header_value(digest.as_str())),
+        (
+            header::LOCATION,
+            header_value(&format!("/v2/{repo}/manifests/{digest}")),
+        ),
+        (
+            HeaderName::from_static(CONTENT_DIGEST_HEADER),
+            header_value(digest.as_str()),
+        ),
         (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
     ];
     Ok((StatusCode::CREATED, headers).into_response())
@@ -354,13 +378,26 @@ mod tests {
 
     #[test]
     fn media_type_comes_from_header_body_or_shape() {
-        assert_eq!(check(None, &image(Some(DOCKER_MANIFEST))).unwrap().media_type, DOCKER_MANIFEST);
-        assert_eq!(check(Some(DOCKER_MANIFEST), &image(None)).unwrap().media_type, DOCKER_MANIFEST);
-        assert_eq!(check(Some("application/json"), &image(None)).unwrap().media_type, OCI_MANIFEST);
-        let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{"digest": d('e')}]}))
-            .unwrap();
+        assert_eq!(
+            check(None, &image(Some(DOCKER_MANIFEST))).unwrap().media_type,
+            DOCKER_MANIFEST
+        );
+        assert_eq!(
+            check(Some(DOCKER_MANIFEST), &image(None)).unwrap().media_type,
+            DOCKER_MANIFEST
+        );
+        assert_eq!(
+            check(Some("application/json"), &image(None)).unwrap().media_type,
+            OCI_MANIFEST
+        );
+        let index =
+            serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{"digest": d('e')}]}))
+                .unwrap();
         let checked = check(None, &index).unwrap();
-        assert_eq!((checked.kind, checked.media_type.as_str()), (Kind::Index, OCI_INDEX));
+        assert_eq!(
+            (checked.kind, checked.media_type.as_str()),
+            (Kind::Index, OCI_INDEX)
+        );
         assert_eq!(checked.references, vec![d('e').parse::<Digest>().unwrap()]);
     }
 
@@ -370,16 +407,28 @@ mod tests {
         assert_eq!(code(None, b"not json"), ErrorCode::ManifestInvalid);
         assert_eq!(code(None, br#"{"schemaVersion":1}"#), ErrorCode::ManifestInvalid);
         // Header and body disagree.
-        assert_eq!(code(Some(DOCKER_MANIFEST), &image(Some(OCI_MANIFEST))), ErrorCode::ManifestInvalid);
-        // Unknown media types.
-        assert_eq!(code(Some("text/plain"), &image(None)), ErrorCode::ManifestInvalid);
-        assert_eq!(code(None, &image(Some("application/x-other"))), ErrorCode::ManifestInvalid);
-        // An image without layers, an index without manifests.
         assert_eq!(
-            code(Some(OCI_MANIFEST), br#"{"schemaVersion":2,"config":{"digest":"sha256:00"}}"#),
+            code(Some(DOCKER_MANIFEST), &image(Some(OCI_MANIFEST))),
             ErrorCode::ManifestInvalid
         );
-        assert_eq!(code(Some(OCI_INDEX), br#"{"schemaVersion":2}"#), ErrorCode::ManifestInvalid);
+        // Unknown media types.
+        assert_eq!(code(Some("text/plain"), &image(None)), ErrorCode::ManifestInvalid);
+        assert_eq!(
+            code(None, &image(Some("application/x-other"))),
+            ErrorCode::ManifestInvalid
+        );
+        // An image without layers, an index without manifests.
+        assert_eq!(
+            code(
+                Some(OCI_MANIFEST),
+                br#"{"schemaVersion":2,"config":{"digest":"sha256:00"}}"#
+            ),
+            ErrorCode::ManifestInvalid
+        );
+        assert_eq!(
+            code(Some(OCI_INDEX), br#"{"schemaVersion":2}"#),
+            ErrorCode::ManifestInvalid
+        );
         // A malformed referenced digest.
         let bad = br#"{"schemaVersion":2,"config":{"digest":"md5:00"},"layers":[]}"#;
         let err = check(Some(OCI_MANIFEST), bad).unwrap_err();

@@ -43,7 +43,9 @@ pub async fn serve(
     });
     let app = Router::new().fallback(routes::handle).with_state(registry);
     tracing::info!(addr = ?listener.local_addr().ok(), root = %root.display(), "registry serving");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     tracing::info!("registry stopped");
     Ok(())
 }

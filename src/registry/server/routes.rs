@@ -193,7 +193,10 @@ pub fn parse_path(path: &str) -> Result<Route, RouteError> {
         return Ok(if id.is_empty() {
             Route::UploadStart { name }
         } else {
-            Route::Upload { name, id: id.to_owned() }
+            Route::Upload {
+                name,
+                id: id.to_owned(),
+            }
         });
     }
     if n >= 3 && seg(2) == "blobs" && seg(1) == "uploads" {
@@ -248,7 +251,10 @@ pub fn query_params(uri: &Uri) -> Result<HashMap<String, String>> {
     }
     Query::<HashMap<String, String>>::try_from_uri(uri)
         .map(|Query(q)| q)
-        .map_err(|e| RegistryError::new(ErrorCode::Unsupported, format!("malformed query: {e}")).with_status(StatusCode::BAD_REQUEST))
+        .map_err(|e| {
+            RegistryError::new(ErrorCode::Unsupported, format!("malformed query: {e}"))
+                .with_status(StatusCode::BAD_REQUEST)
+        })
 }
 
 /// The one handler behind the router: parses, dispatches, traces.
@@ -280,29 +286,28 @@ pub async fn handle(State(registry): State<Arc<Registry>>, request: Request) -> 
 
 async fn dispatch(registry: &Registry, request: Request) -> Result<Response> {
     let route = parse_path(request.uri().path()).map_err(|e| match e {
-        RouteError::NotFound => {
-            RegistryError::new(ErrorCode::Unsupported, "no such registry endpoint").with_status(StatusCode::NOT_FOUND)
-        }
-        RouteError::NameInvalid(name) => {
-            RegistryError::new(ErrorCode::NameInvalid, format!("invalid repository name {name:?}"))
-                .with_detail(serde_json::json!({ "name": name }))
-        }
+        RouteError::NotFound => RegistryError::new(ErrorCode::Unsupported, "no such registry endpoint")
+            .with_status(StatusCode::NOT_FOUND),
+        RouteError::NameInvalid(name) => RegistryError::new(
+            ErrorCode::NameInvalid,
+            format!("invalid repository name {name:?}"),
+        )
+        .with_detail(serde_json::json!({ "name": name })),
     })?;
     let method = request.method().clone();
     let head = method == Method::HEAD;
     match (route, method) {
-        (Route::Base, Method::GET | Method::HEAD) => Ok((
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            "{}",
-        )
-            .into_response()),
+        (Route::Base, Method::GET | Method::HEAD) => {
+            Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response())
+        }
         (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
             blobs::get(registry, &name, &digest, request.headers(), head).await
         }
         (Route::Blob { name, digest }, Method::DELETE) => blobs::delete(registry, &name, &digest).await,
         (Route::UploadStart { name }, Method::POST) => upload::start(registry, name, request).await,
-        (Route::Upload { name, id }, Method::GET | Method::HEAD) => upload::status(registry, &name, &id).await,
+        (Route::Upload { name, id }, Method::GET | Method::HEAD) => {
+            upload::status(registry, &name, &id).await
+        }
         (Route::Upload { name, id }, Method::PATCH) => upload::patch(registry, &name, &id, request).await,
         (Route::Upload { name, id }, Method::PUT) => upload::complete(registry, &name, &id, request).await,
         (Route::Upload { name, id }, Method::DELETE) => upload::cancel(registry, &name, &id).await,
@@ -393,12 +398,21 @@ mod tests {
             Reference::parse(&format!("sha256:{hex}")).unwrap(),
             Reference::Digest(format!("sha256:{hex}").parse().unwrap())
         );
-        assert_eq!(Reference::parse("v1").unwrap(), Reference::Tag(Tag::parse("v1").unwrap()));
+        assert_eq!(
+            Reference::parse("v1").unwrap(),
+            Reference::Tag(Tag::parse("v1").unwrap())
+        );
         let err = Reference::parse(&format!("sha512:{}", "a".repeat(128))).unwrap_err();
         assert_eq!(err.code, ErrorCode::DigestInvalid);
         assert!(err.message.contains("unsupported"), "{}", err.message);
-        assert_eq!(Reference::parse("sha256:zz").unwrap_err().code, ErrorCode::DigestInvalid);
-        assert_eq!(Reference::parse("../x").unwrap_err().code, ErrorCode::ManifestInvalid);
+        assert_eq!(
+            Reference::parse("sha256:zz").unwrap_err().code,
+            ErrorCode::DigestInvalid
+        );
+        assert_eq!(
+            Reference::parse("../x").unwrap_err().code,
+            ErrorCode::ManifestInvalid
+        );
     }
 
     #[test]
@@ -442,7 +456,10 @@ mod tests {
                 reference: "latest".into()
             })
         );
-        assert_eq!(parse_path("/v2/x/y/tags/list"), Ok(Route::Tags { name: name("x/y") }));
+        assert_eq!(
+            parse_path("/v2/x/y/tags/list"),
+            Ok(Route::Tags { name: name("x/y") })
+        );
         // Names may contain the endpoint words as components.
         assert_eq!(
             parse_path("/v2/blobs/manifests/manifests/v1"),
@@ -502,7 +519,9 @@ mod tests {
 
     #[test]
     fn query_parameters() {
-        let uri: Uri = "/v2/a/blobs/uploads/?mount=sha256%3Aab&from=x%2Fy".parse().unwrap();
+        let uri: Uri = "/v2/a/blobs/uploads/?mount=sha256%3Aab&from=x%2Fy"
+            .parse()
+            .unwrap();
         let q = query_params(&uri).unwrap();
         assert_eq!(q["mount"], "sha256:ab");
         assert_eq!(q["from"], "x/y");

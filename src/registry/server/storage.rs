@@ -159,8 +159,11 @@ impl Storage {
         self.write_atomic(&self.revision_link(repo, digest), media_type.as_bytes())
             .await?;
         if let Some(tag) = tag {
-            self.write_atomic(&self.tags_dir(repo).join(tag.as_str()), digest.as_str().as_bytes())
-                .await?;
+            self.write_atomic(
+                &self.tags_dir(repo).join(tag.as_str()),
+                digest.as_str().as_bytes(),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -206,9 +209,11 @@ impl Storage {
         remove_if_present(&self.tags_dir(repo).join(tag.as_str())).await
     }
 
-    /// Whether anything was ever pushed to `repo`.
+    /// Whether anything was ever pushed to `repo` (its directory alone is not enough: it is
+    /// also the parent of `repo/child`).
     pub async fn repo_exists(&self, repo: &RepoName) -> io::Result<bool> {
-        exists(&self.repo_dir(repo)).await
+        let dir = self.repo_dir(repo);
+        Ok(exists(&dir.join("_layers")).await? || exists(&dir.join("_manifests")).await?)
     }
 
     /// `repo`'s tags, sorted; `None` if the repository does not exist.
@@ -276,6 +281,10 @@ mod tests {
         storage.link_blob(&a, &digest).await.unwrap();
         assert!(storage.blob_in_repo(&a, &digest).await.unwrap());
         assert!(!storage.blob_in_repo(&repo("team"), &digest).await.unwrap());
+        // The parent of a repository is not a repository.
+        assert!(storage.repo_exists(&a).await.unwrap());
+        assert!(!storage.repo_exists(&repo("team")).await.unwrap());
+        assert_eq!(storage.tags(&repo("team")).await.unwrap(), None);
 
         let manifest = br#"{"schemaVersion":2}"#;
         let md = Digest::of(manifest);

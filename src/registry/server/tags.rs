@@ -59,10 +59,14 @@ pub async fn list(registry: &Registry, repo: &RepoName, query: &HashMap<String, 
     )
         .into_response();
     if let (true, Some(n), Some(last_shown)) = (more, n, page.last()) {
-        let link = format!("</v2/{repo}/tags/list?n={n}&last={}>; rel=\"next\"", last_shown.as_str());
-        response
-            .headers_mut()
-            .insert(header::LINK, HeaderValue::from_str(&link).expect("names and tags are ascii"));
+        let link = format!(
+            "</v2/{repo}/tags/list?n={n}&last={}>; rel=\"next\"",
+            last_shown.as_str()
+        );
+        response.headers_mut().insert(
+            header::LINK,
+            HeaderValue::from_str(&link).expect("names and tags are ascii"),
+        );
     }
     Ok(response)
 }

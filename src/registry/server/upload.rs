@@ -65,7 +65,9 @@ impl Uploads {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<tokio::sync::Mutex<Session>>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
-        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -176,7 +178,7 @@ impl Session {
     /// Verifies the data against `expected` and moves it into the store, linked in the
     /// session's repository. On mismatch the data is discarded.
     async fn finish(&self, registry: &Registry, expected: &Digest) -> Result<Response> {
-        let actual = Digest::from_hex_of(self.hasher.clone().finalize().as_slice());
+        let actual = digest_of_hash(self.hasher.clone().finalize().as_slice());
         if &actual != expected {
             let _ = fs::remove_file(&self.path).await;
             return Err(RegistryError::new(
@@ -200,16 +202,11 @@ impl Session {
     }
 }
 
-trait FromHash {
-    fn from_hex_of(hash: &[u8]) -> Self;
-}
-
-impl FromHash for Digest {
-    fn from_hex_of(hash: &[u8]) -> Self {
-        format!("sha256:{}", hex::encode(hash))
-            .parse()
-            .expect("a sha256 hash is a valid digest")
-    }
+/// The digest whose sha256 is `hash`.
+fn digest_of_hash(hash: &[u8]) -> Digest {
+    format!("sha256:{}", hex::encode(hash))
+        .parse()
+        .expect("a sha256 hash is a valid digest")
 }
 
 /// The `Range` value for an upload of `size` bytes: `0-<last byte>`, `0-0` when empty (as
@@ -229,8 +226,14 @@ fn upload_location(repo: &RepoName, id: Uuid) -> HeaderValue {
 /// 201 for a blob now in `repo`.
 fn blob_created(repo: &RepoName, digest: &Digest) -> Response {
     let headers: [(HeaderName, HeaderValue); 3] = [
-        (header::LOCATION, header_value(format!("/v2/{repo}/blobs/{digest}"))),
-        (HeaderName::from_static(CONTENT_DIGEST_HEADER), header_value(digest.to_string())),
+        (
+            header::LOCATION,
+            header_value(format!("/v2/{repo}/blobs/{digest}")),
+        ),
+        (
+            HeaderName::from_static(CONTENT_DIGEST_HEADER),
+            header_value(digest.to_string()),
+        ),
         (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
     ];
     (StatusCode::CREATED, headers).into_response()
@@ -241,7 +244,10 @@ fn session_response(status: StatusCode, repo: &RepoName, id: Uuid, size: u64) ->
     let headers: [(HeaderName, HeaderValue); 4] = [
         (header::LOCATION, upload_location(repo, id)),
         (header::RANGE, range_header(size)),
-        (HeaderName::from_static(UPLOAD_UUID_HEADER), header_value(id.to_string())),
+        (
+            HeaderName::from_static(UPLOAD_UUID_HEADER),
+            header_value(id.to_string()),
+        ),
         (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
     ];
     (status, headers).into_response()
@@ -301,8 +307,11 @@ pub async fn start(registry: &Registry, repo: RepoName, request: Request) -> Res
         let digest = parse_digest(mount)?;
         if let Some(from) = query.get("from") {
             let from = RepoName::parse(from).ok_or_else(|| {
-                RegistryError::new(ErrorCode::NameInvalid, format!("invalid repository name {from:?}"))
-                    .with_detail(serde_json::json!({ "name": from }))
+                RegistryError::new(
+                    ErrorCode::NameInvalid,
+                    format!("invalid repository name {from:?}"),
+                )
+                .with_detail(serde_json::json!({ "name": from }))
             })?;
             let present = registry
                 .storage
@@ -414,7 +423,9 @@ mod tests {
         assert_eq!(parse_content_range("bytes 10-19/100"), Some((10, 19)));
         assert_eq!(parse_content_range("10-19/*"), Some((10, 19)));
         assert_eq!(parse_content_range(" 5-5 "), Some((5, 5)));
-        for bad in ["", "-", "5-", "-5", "9-3", "a-b", "1-2-3", "+1-2", "0x1-2", "bytes=1"] {
+        for bad in [
+            "", "-", "5-", "-5", "9-3", "a-b", "1-2-3", "+1-2", "0x1-2", "bytes=1",
+        ] {
             assert_eq!(parse_content_range(bad), None, "{bad:?}");
         }
     }
@@ -441,7 +452,7 @@ mod tests {
         assert_eq!(s.size, 11);
         assert_eq!(std::fs::read(&s.path).unwrap(), b"hello world");
         assert_eq!(
-            Digest::from_hex_of(s.hasher.clone().finalize().as_slice()),
+            digest_of_hash(s.hasher.clone().finalize().as_slice()),
             Digest::of(b"hello world")
         );
     }
@@ -471,7 +482,7 @@ mod tests {
         // The session goes on as if nothing happened.
         s.append(Body::from("def"), Some((3, 5))).await.unwrap();
         assert_eq!(
-            Digest::from_hex_of(s.hasher.clone().finalize().as_slice()),
+            digest_of_hash(s.hasher.clone().finalize().as_slice()),
             Digest::of(b"abcdef")
         );
     }
