@@ -44,7 +44,9 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::RestartActorResponse>, Status> {
         let name = request.into_inner().name;
         if name.trim().is_empty() {
-            return Err(Status::invalid_argument("name: set the actor's name (see ListActors)"));
+            return Err(Status::invalid_argument(
+                "name: set the actor's name (see ListActors)",
+            ));
         }
         let restarts = self.kiln.restart_actor(name).await.map_err(from_restart_error)?;
         Ok(Response::new(pb::RestartActorResponse { restarts }))

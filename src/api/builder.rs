@@ -34,8 +34,14 @@ impl ImageBuilder for ImageBuilderService {
         let req = request.into_inner();
         let image = convert::image_ref("ref", &req.r#ref).map_err(from_build_error)?;
         let auth = convert::auth(req.auth).map_err(from_build_error)?;
-        let resolved = self.kiln.resolve_base(image, auth).await.map_err(from_build_error)?;
-        Ok(Response::new(pb::ResolveBaseImageResponse { r#ref: resolved.to_string() }))
+        let resolved = self
+            .kiln
+            .resolve_base(image, auth)
+            .await
+            .map_err(from_build_error)?;
+        Ok(Response::new(pb::ResolveBaseImageResponse {
+            r#ref: resolved.to_string(),
+        }))
     }
 
     async fn resolve_workspace_image(
@@ -45,7 +51,11 @@ impl ImageBuilder for ImageBuilderService {
         let req = request.into_inner();
         let source = convert::source(req.source).map_err(from_build_error)?;
         let auth = convert::auth(req.auth).map_err(from_build_error)?;
-        let plan = self.kiln.plan_workspace(source, auth).await.map_err(from_build_error)?;
+        let plan = self
+            .kiln
+            .plan_workspace(source, auth)
+            .await
+            .map_err(from_build_error)?;
         Ok(Response::new(pb::ResolveWorkspaceImageResponse {
             r#ref: plan.refs.workspace.to_string(),
             base_ref: plan.refs.base.to_string(),
@@ -78,7 +88,11 @@ impl ImageBuilder for ImageBuilderService {
         let snapshot = self.kiln.lookup(selector).await.map_err(from_build_error)?;
         let stream = self.kiln.logs().follow(snapshot.id, req.offset);
         Ok(Response::new(Box::pin(stream.map(|chunk| {
-            chunk.map(|content| pb::LogsResponse { content: content.to_vec() }).map_err(from_build_error)
+            chunk
+                .map(|content| pb::LogsResponse {
+                    content: content.to_vec(),
+                })
+                .map_err(from_build_error)
         }))))
     }
 
@@ -99,7 +113,19 @@ impl ImageBuilder for ImageBuilderService {
         let req = request.into_inner();
         let selector = convert::selector(&req.build_id, &req.build_ref).map_err(from_build_error)?;
         let snapshot = self.kiln.lookup(selector).await.map_err(from_build_error)?;
-        Ok(Response::new(convert::build_response(&snapshot, snapshot.status, snapshot.message.clone())))
+        Ok(Response::new(convert::build_response(
+            &snapshot,
+            snapshot.status,
+            snapshot.message.clone(),
+        )))
+    }
+
+    async fn upload_context(
+        &self,
+        _request: Request<tonic::Streaming<pb::UploadContextRequest>>,
+    ) -> Result<Response<pb::UploadContextResponse>, Status> {
+        // Wired to the context store together with the Dockerfile engine.
+        Err(Status::unimplemented("UploadContext needs the Dockerfile engine"))
     }
 
     async fn cancel_build(
@@ -107,7 +133,10 @@ impl ImageBuilder for ImageBuilderService {
         request: Request<pb::CancelBuildRequest>,
     ) -> Result<Response<pb::CancelBuildResponse>, Status> {
         let id = convert::build_id("build_id", &request.into_inner().build_id).map_err(from_build_error)?;
-        self.kiln.lookup(BuildSelector::Id(id.clone())).await.map_err(from_build_error)?;
+        self.kiln
+            .lookup(BuildSelector::Id(id.clone()))
+            .await
+            .map_err(from_build_error)?;
         self.kiln.cancel(id).await.map_err(from_build_error)?;
         Ok(Response::new(pb::CancelBuildResponse {}))
     }

@@ -20,20 +20,33 @@ pub fn image_ref(field: &str, value: &str) -> Result<ImageRef, BuildError> {
 
 /// Parses a build id field.
 pub fn build_id(field: &str, value: &str) -> Result<BuildId, BuildError> {
-    BuildId::parse(value).ok_or_else(|| invalid(format!("{field}: {value:?} is not a build id (a UUID from Build or ListBuilds)")))
+    BuildId::parse(value).ok_or_else(|| {
+        invalid(format!(
+            "{field}: {value:?} is not a build id (a UUID from Build or ListBuilds)"
+        ))
+    })
 }
 
 /// The source of a build or plan.
 pub fn source(source: Option<pb::BuildSource>) -> Result<BuildSource, BuildError> {
     use pb::build_source::From;
     match source.and_then(|s| s.from) {
-        None => Err(invalid("source: missing; set source.ref (an image reference) or source.file (a Dockerfile)")),
-        Some(From::Ref(r)) => Ok(BuildSource::Image { reference: image_ref("source.ref.ref", &r.r#ref)? }),
+        None => Err(invalid(
+            "source: missing; set source.ref (an image reference) or source.file (a Dockerfile)",
+        )),
+        Some(From::Ref(r)) => Ok(BuildSource::Image {
+            reference: image_ref("source.ref.ref", &r.r#ref)?,
+        }),
         Some(From::File(f)) => {
             if f.source.is_none() {
-                return Err(invalid("source.file.source: missing; set a workspace initializer (git)"));
+                return Err(invalid(
+                    "source.file.source: missing; set a workspace initializer (git)",
+                ));
             }
-            Ok(BuildSource::Dockerfile { dockerfile_path: f.dockerfile_path, context_path: f.context_path })
+            Ok(BuildSource::Dockerfile {
+                dockerfile_path: f.dockerfile_path,
+                context_path: f.context_path,
+            })
         }
     }
 }
@@ -41,7 +54,9 @@ pub fn source(source: Option<pb::BuildSource>) -> Result<BuildSource, BuildError
 /// A request's registry auth policy. No auth at all means Kiln's own repositories only.
 pub fn auth(auth: Option<pb::BuildRegistryAuth>) -> Result<AuthPolicy, BuildError> {
     use pb::build_registry_auth::Mode;
-    let Some(auth) = auth else { return Ok(AuthPolicy::default()) };
+    let Some(auth) = auth else {
+        return Ok(AuthPolicy::default());
+    };
     let installation = match auth.mode {
         None => InstallationCredentialScope::Nowhere,
         Some(Mode::Total(t)) if t.allow_all => InstallationCredentialScope::Everywhere,
@@ -61,7 +76,9 @@ pub fn build_request(req: pb::BuildRequest) -> Result<BuildRequest, BuildError> 
         name => {
             let r = image_ref("base_image_name_resolved", name)?;
             if r.digest().is_none() {
-                return Err(invalid("base_image_name_resolved: must be a digest reference (…@sha256:…)"));
+                return Err(invalid(
+                    "base_image_name_resolved: must be a digest reference (…@sha256:…)",
+                ));
             }
             Some(r)
         }
@@ -98,14 +115,22 @@ pub fn info(snapshot: &BuildSnapshot, current: BuildStatus) -> pb::BuildInfo {
         r#ref: snapshot.refs.workspace.to_string(),
         base_ref: snapshot.refs.base.to_string(),
         status: status(current) as i32,
-        started_at: snapshot.started_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+        started_at: snapshot
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
         build_id: snapshot.id.to_string(),
         log_info: None,
     }
 }
 
 /// A `BuildResponse` for one status of a known build.
-pub fn build_response(snapshot: &BuildSnapshot, status_now: BuildStatus, message: String) -> pb::BuildResponse {
+pub fn build_response(
+    snapshot: &BuildSnapshot,
+    status_now: BuildStatus,
+    message: String,
+) -> pb::BuildResponse {
     pb::BuildResponse {
         r#ref: snapshot.refs.workspace.to_string(),
         base_ref: snapshot.refs.base.to_string(),
@@ -139,7 +164,9 @@ mod tests {
     #[test]
     fn unparsable_ref_names_the_field() {
         let src = pb::BuildSource {
-            from: Some(pb::build_source::From::Ref(pb::BuildSourceReference { r#ref: "Not A Ref".into() })),
+            from: Some(pb::build_source::From::Ref(pb::BuildSourceReference {
+                r#ref: "Not A Ref".into(),
+            })),
         };
         let err = source(Some(src)).unwrap_err().to_string();
         assert!(err.starts_with("source.ref.ref:"), "{err}");
@@ -149,7 +176,9 @@ mod tests {
     fn base_resolved_must_be_a_digest() {
         let req = pb::BuildRequest {
             source: Some(pb::BuildSource {
-                from: Some(pb::build_source::From::Ref(pb::BuildSourceReference { r#ref: "alpine".into() })),
+                from: Some(pb::build_source::From::Ref(pb::BuildSourceReference {
+                    r#ref: "alpine".into(),
+                })),
             }),
             base_image_name_resolved: "alpine:3".into(),
             ..Default::default()

@@ -27,7 +27,10 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcMetrics { inner, metrics: self.metrics.clone() }
+        RpcMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 

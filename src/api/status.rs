@@ -43,11 +43,25 @@ mod tests {
 
     #[test]
     fn codes() {
-        assert_eq!(from_build_error(BuildError::InvalidInput("x".into())).code(), Code::InvalidArgument);
-        assert_eq!(from_build_error(BuildError::NotFound("x".into())).code(), Code::NotFound);
-        assert_eq!(from_build_error(BuildError::Unsupported("x".into())).code(), Code::Unimplemented);
-        let e = BuildError::Unavailable(Unavailable { actor: "resolver-0".into() });
+        assert_eq!(
+            from_build_error(BuildError::InvalidInput("x".into())).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            from_build_error(BuildError::NotFound("x".into())).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            from_build_error(BuildError::Unsupported("x".into())).code(),
+            Code::Unimplemented
+        );
+        let e = BuildError::Unavailable(Unavailable {
+            actor: "resolver-0".into(),
+        });
         assert_eq!(from_build_error(e).code(), Code::Unavailable);
-        assert_eq!(from_restart_error(RestartError::NotFound("x".into())).code(), Code::NotFound);
+        assert_eq!(
+            from_restart_error(RestartError::NotFound("x".into())).code(),
+            Code::NotFound
+        );
     }
 }

@@ -206,6 +206,7 @@ pub fn build_source_of(args: &BuildArgs) -> Result<BuildSource, ClientError> {
                 dockerfile_version: String::new(),
                 dockerfile_path: args.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()),
                 context_path: args.context.clone().unwrap_or_else(|| ".".into()),
+                ..Default::default()
             })
         }
         _ => return Err(ClientError::Usage("give exactly one of --ref and --git".into())),

@@ -86,12 +86,12 @@ impl RegistryClient {
     ) -> Result<Digest, RegistryError> {
         let Some(digest) = source.digest().cloned() else {
             return Err(RegistryError::SourceNotPinned {
-                reference: source.clone(),
+                reference: source.to_string(),
             });
         };
         let Some(tag) = target.tag() else {
             return Err(RegistryError::TargetNotTagged {
-                reference: target.clone(),
+                reference: target.to_string(),
             });
         };
         // Push by tag only (a digest in the target would make it a push by digest).
@@ -106,20 +106,20 @@ impl RegistryClient {
             .pull_manifest_raw(&source.to_oci(), &src.auth, MANIFEST_MEDIA_TYPES)
             .await
             .map_err(|e| RegistryError::FetchManifest {
-                reference: source.clone(),
+                reference: source.to_string(),
                 source: Arc::new(e),
             })?;
         let media_type = match inspect(source, &body)? {
             ManifestKind::Image { media_type } => media_type,
             ManifestKind::Index { .. } => {
                 return Err(RegistryError::SourceIsIndex {
-                    reference: source.clone(),
+                    reference: source.to_string(),
                 })
             }
         };
         let manifest: OciImageManifest =
             serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidManifest {
-                reference: source.clone(),
+                reference: source.to_string(),
                 reason: format!("invalid image manifest: {e}"),
             })?;
 
@@ -147,31 +147,35 @@ impl RegistryClient {
             })
             .await?;
 
-        let content_type = media_type.parse().map_err(|_| RegistryError::UnsupportedManifest {
-            reference: source.clone(),
-            media_type: media_type.clone(),
-        })?;
+        let content_type = media_type
+            .parse()
+            .map_err(|_| RegistryError::UnsupportedManifest {
+                reference: source.to_string(),
+                media_type: media_type.clone(),
+            })?;
         dst.client
             .push_manifest_raw(&target.to_oci(), body, content_type)
             .await
             .map_err(|e| RegistryError::PushManifest {
-                reference: target.clone(),
+                reference: target.to_string(),
                 digest: digest.clone(),
                 source: Arc::new(e),
             })?;
-        on_event(CopyEvent::ManifestPushed { digest: digest.clone() });
+        on_event(CopyEvent::ManifestPushed {
+            digest: digest.clone(),
+        });
 
         let actual = dst
             .client
             .fetch_manifest_digest(&target.to_oci(), &dst.auth)
             .await
             .map_err(|e| RegistryError::VerifyPush {
-                reference: target.clone(),
+                reference: target.to_string(),
                 source: Arc::new(e),
             })?;
         if actual != digest.as_str() {
             return Err(RegistryError::DigestMismatch {
-                reference: target,
+                reference: target.to_string(),
                 expected: digest,
                 actual,
             });
@@ -200,7 +204,7 @@ impl BlobJob<'_> {
             .blob_exists(&target, &desc.digest)
             .await
             .map_err(|e| RegistryError::CheckBlob {
-                reference: self.target.clone(),
+                reference: self.target.to_string(),
                 digest: desc.digest.clone(),
                 source: Arc::new(e),
             })?;
@@ -229,13 +233,13 @@ impl BlobJob<'_> {
         }
 
         let copy_error = |e: OciDistributionError| RegistryError::CopyBlob {
-            from: self.source.clone(),
-            to: self.target.clone(),
+            from: self.source.to_string(),
+            to: self.target.to_string(),
             digest: desc.digest.clone(),
             source: Arc::new(e),
         };
         let size = u64::try_from(desc.size).map_err(|_| RegistryError::InvalidManifest {
-            reference: self.source.clone(),
+            reference: self.source.to_string(),
             reason: format!("blob {} has a negative size", desc.digest),
         })?;
         let pulled = self
@@ -278,10 +282,20 @@ mod tests {
         .to_string();
         assert_eq!(line, format!("blob {d} mounted from base/alpine"));
         assert_eq!(
-            CopyEvent::BlobCopied { digest: d.clone(), bytes: 12 }.to_string(),
+            CopyEvent::BlobCopied {
+                digest: d.clone(),
+                bytes: 12
+            }
+            .to_string(),
             format!("blob {d} copied (12 bytes)")
         );
-        assert_eq!(CopyEvent::ManifestPushed { digest: d.clone() }.to_string(), format!("manifest {d} pushed"));
-        assert_eq!(CopyEvent::BlobPresent { digest: d.clone() }.to_string(), format!("blob {d} already present"));
+        assert_eq!(
+            CopyEvent::ManifestPushed { digest: d.clone() }.to_string(),
+            format!("manifest {d} pushed")
+        );
+        assert_eq!(
+            CopyEvent::BlobPresent { digest: d.clone() }.to_string(),
+            format!("blob {d} already present")
+        );
     }
 }

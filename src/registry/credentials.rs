@@ -46,12 +46,14 @@ impl CredentialStore {
     /// never what a value was (serde's type errors quote values, so values are read by hand).
     pub fn from_docker_config_json(bytes: &[u8]) -> Result<Self, String> {
         // Syntax errors name a line and column only, never content.
-        let doc: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        let doc: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
         let doc = doc.as_object().ok_or("the top level is not an object")?;
         for helper in ["credsStore", "credHelpers"] {
             if doc.contains_key(helper) {
-                tracing::warn!(field = helper, "docker config names credential helpers; Kiln ignores them");
+                tracing::warn!(
+                    field = helper,
+                    "docker config names credential helpers; Kiln ignores them"
+                );
             }
         }
         let mut by_registry = BTreeMap::new();
@@ -67,9 +69,15 @@ impl CredentialStore {
             let entry = entry
                 .as_object()
                 .ok_or_else(|| format!("auths[{key:?}] is not an object"))?;
-            let text = |field: &str| entry.get(field).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+            let text = |field: &str| {
+                entry
+                    .get(field)
+                    .and_then(|v| v.as_str())
+                    .filter(|s| !s.is_empty())
+            };
             let creds = if let Some(encoded) = text("auth") {
-                decode_auth(encoded).ok_or_else(|| format!("auths[{key:?}].auth is not base64 of user:password"))?
+                decode_auth(encoded)
+                    .ok_or_else(|| format!("auths[{key:?}].auth is not base64 of user:password"))?
             } else if let (Some(username), Some(password)) = (text("username"), text("password")) {
                 BasicCredentials {
                     username: username.to_owned(),
@@ -136,10 +144,7 @@ pub(crate) fn host_of(registry: &str) -> &str {
 /// `https://index.docker.io/v1/` → `docker.io`; `HTTP://Host:5000/path` → `host:5000`.
 pub(crate) fn normalize_registry(key: &str) -> String {
     let key = key.trim();
-    let key = key
-        .split_once("://")
-        .map(|(_, rest)| rest)
-        .unwrap_or(key);
+    let key = key.split_once("://").map(|(_, rest)| rest).unwrap_or(key);
     let key = key.split('/').next().unwrap_or(key).to_ascii_lowercase();
     match key.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io".into(),
@@ -232,11 +237,20 @@ mod tests {
     #[test]
     fn reads_docker_config_forms() {
         let store = CredentialStore::from_docker_config_json(CONFIG.as_bytes()).unwrap();
-        assert_eq!(store.registries().collect::<Vec<_>>(), ["127.0.0.1:5000", "docker.io", "ghcr.io"]);
+        assert_eq!(
+            store.registries().collect::<Vec<_>>(),
+            ["127.0.0.1:5000", "docker.io", "ghcr.io"]
+        );
         let hub = store.get("docker.io").unwrap();
-        assert_eq!((hub.username.as_str(), hub.password.expose()), ("hub-user", "hub-canary"));
+        assert_eq!(
+            (hub.username.as_str(), hub.password.expose()),
+            ("hub-user", "hub-canary")
+        );
         assert_eq!(store.get("index.docker.io").unwrap().username, "hub-user");
-        assert_eq!(store.get("127.0.0.1:5000").unwrap().password.expose(), "local-canary");
+        assert_eq!(
+            store.get("127.0.0.1:5000").unwrap().password.expose(),
+            "local-canary"
+        );
         assert_eq!(store.get("ghcr.io:443").unwrap().username, "gh");
         assert!(store.get("127.0.0.1:5001").is_none());
         assert!(store.get("quay.io").is_none());
@@ -252,7 +266,10 @@ mod tests {
         // A value of the wrong type must not be quoted back.
         let bad = br#"{"auths": {"r.io": {"auth": "bm90LWEtcGFpci1jYW5hcnk="}}}"#;
         let err = CredentialStore::from_docker_config_json(bad).unwrap_err();
-        assert!(err.contains("r.io") && !err.contains("canary") && !err.contains("bm90"), "{err}");
+        assert!(
+            err.contains("r.io") && !err.contains("canary") && !err.contains("bm90"),
+            "{err}"
+        );
         let bad = br#"{"auths": {"r.io": "canary-string"}}"#;
         let err = CredentialStore::from_docker_config_json(bad).unwrap_err();
         assert!(!err.contains("canary"), "{err}");
@@ -260,8 +277,8 @@ mod tests {
 
     #[test]
     fn reading_a_missing_file_names_the_path() {
-        let err = CredentialStore::from_docker_config_file(Path::new("/nonexistent/kiln/config.json"))
-            .unwrap_err();
+        let err =
+            CredentialStore::from_docker_config_file(Path::new("/nonexistent/kiln/config.json")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/kiln/config.json"), "{err}");
         assert_eq!(err.kind(), crate::registry::RegistryErrorKind::Internal);
     }
@@ -281,13 +298,20 @@ mod tests {
             select_credentials(&image, &auth, &store, &kiln()).1,
             CredentialSource::Installation
         );
-        auth.additional.insert("ghcr.io".into(), creds("caller", "c-pass"));
+        auth.additional
+            .insert("ghcr.io".into(), creds("caller", "c-pass"));
         let (c, source) = select_credentials(&image, &auth, &store, &kiln());
-        assert_eq!((c.unwrap().username.as_str(), source), ("caller", CredentialSource::Additional));
+        assert_eq!(
+            (c.unwrap().username.as_str(), source),
+            ("caller", CredentialSource::Additional)
+        );
 
         auth.additional.clear();
         auth.installation = InstallationCredentialScope::Nowhere;
-        assert_eq!(select_credentials(&image, &auth, &store, &kiln()), (None, CredentialSource::Anonymous));
+        assert_eq!(
+            select_credentials(&image, &auth, &store, &kiln()),
+            (None, CredentialSource::Anonymous)
+        );
     }
 
     #[test]
@@ -299,9 +323,22 @@ mod tests {
         };
         auth.additional.insert("r.example".into(), creds("plain", "p"));
         let store = CredentialStore::empty();
-        assert_eq!(select_credentials(&image, &auth, &store, &kiln()).0.unwrap().username, "plain");
-        auth.additional.insert("r.example:5000".into(), creds("ported", "p"));
-        assert_eq!(select_credentials(&image, &auth, &store, &kiln()).0.unwrap().username, "ported");
+        assert_eq!(
+            select_credentials(&image, &auth, &store, &kiln())
+                .0
+                .unwrap()
+                .username,
+            "plain"
+        );
+        auth.additional
+            .insert("r.example:5000".into(), creds("ported", "p"));
+        assert_eq!(
+            select_credentials(&image, &auth, &store, &kiln())
+                .0
+                .unwrap()
+                .username,
+            "ported"
+        );
     }
 
     #[test]
@@ -318,10 +355,22 @@ mod tests {
             additional: Default::default(),
         };
         let source = |r: &str| select_credentials(&r.parse().unwrap(), &auth, &store, &kiln()).1;
-        assert_eq!(source("registry.kiln:5000/kiln/base:x"), CredentialSource::Installation);
-        assert_eq!(source("registry.kiln:5000/kiln/base/sub:x"), CredentialSource::Installation);
-        assert_eq!(source("registry.kiln:5000/kiln/baseline:x"), CredentialSource::Anonymous);
-        assert_eq!(source("registry.kiln:5000/kiln/workspace:x"), CredentialSource::Anonymous);
+        assert_eq!(
+            source("registry.kiln:5000/kiln/base:x"),
+            CredentialSource::Installation
+        );
+        assert_eq!(
+            source("registry.kiln:5000/kiln/base/sub:x"),
+            CredentialSource::Installation
+        );
+        assert_eq!(
+            source("registry.kiln:5000/kiln/baseline:x"),
+            CredentialSource::Anonymous
+        );
+        assert_eq!(
+            source("registry.kiln:5000/kiln/workspace:x"),
+            CredentialSource::Anonymous
+        );
         assert_eq!(source("ghcr.io/any/thing:1"), CredentialSource::Installation);
     }
 

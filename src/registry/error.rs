@@ -1,7 +1,7 @@
 //! What can go wrong talking to a registry, and what kind of failure it is for the caller.
 //!
 //! [`RegistryError`] has one variant per step (fetching a manifest, checking a blob, copying a
-//! blob, pushing a manifest, ...). Each keeps the reference it was working on and the
+//! blob, pushing a manifest, ...). Each keeps the reference it was working on (as text) and the
 //! oci-client error as `#[source]`; none ever holds a credential. Its message ends with a short
 //! reason built from the structure of the cause (the registry's error codes, the HTTP status,
 //! the transport failure), never from the cause's text.
@@ -23,8 +23,7 @@ use std::{error::Error as StdError, fmt, io, path::PathBuf, sync::Arc};
 
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 
-use super::Platform;
-use crate::model::{Digest, ImageRef};
+use crate::model::Digest;
 
 /// The oci-client error behind a failed step. Shared so that [`RegistryError`] is `Clone`
 /// (one result can be handed to every caller that joined the same request).
@@ -49,68 +48,68 @@ pub enum RegistryError {
     },
     #[error("fetching manifest {reference}: {}", describe(source))]
     FetchManifest {
-        reference: ImageRef,
+        reference: String,
         #[source]
         source: OciCause,
     },
     #[error("checking whether manifest {reference} exists: {}", describe(source))]
     CheckManifest {
-        reference: ImageRef,
+        reference: String,
         #[source]
         source: OciCause,
     },
     #[error("{reference} is not a supported image manifest ({media_type})")]
-    UnsupportedManifest { reference: ImageRef, media_type: String },
+    UnsupportedManifest { reference: String, media_type: String },
     #[error("invalid manifest {reference}: {reason}")]
-    InvalidManifest { reference: ImageRef, reason: String },
+    InvalidManifest { reference: String, reason: String },
     #[error(
         "{reference} has no manifest for platform {platform} (available: {})",
         if available.is_empty() { "none".to_owned() } else { available.join(", ") }
     )]
     PlatformNotFound {
-        reference: ImageRef,
-        platform: Platform,
+        reference: String,
+        platform: String,
         available: Vec<String>,
     },
     #[error("{reference} uses digest {digest:?}; only sha256 is supported")]
-    UnsupportedDigest { reference: ImageRef, digest: String },
+    UnsupportedDigest { reference: String, digest: String },
     #[error("copy source {reference} is not pinned by digest")]
-    SourceNotPinned { reference: ImageRef },
+    SourceNotPinned { reference: String },
     #[error("copy source {reference} is an image index; resolve it to one platform first")]
-    SourceIsIndex { reference: ImageRef },
+    SourceIsIndex { reference: String },
     #[error("copy target {reference} has no tag")]
-    TargetNotTagged { reference: ImageRef },
+    TargetNotTagged { reference: String },
     #[error("checking blob {digest} in {reference}: {}", describe(source))]
     CheckBlob {
-        reference: ImageRef,
+        reference: String,
         digest: String,
         #[source]
         source: OciCause,
     },
     #[error("copying blob {digest} from {from} to {to}: {}", describe(source))]
     CopyBlob {
-        from: ImageRef,
-        to: ImageRef,
+        from: String,
+        to: String,
         digest: String,
         #[source]
         source: OciCause,
     },
     #[error("pushing manifest {digest} to {reference}: {}", describe(source))]
     PushManifest {
-        reference: ImageRef,
+        reference: String,
         digest: Digest,
         #[source]
         source: OciCause,
     },
     #[error("checking {reference} after the push: {}", describe(source))]
     VerifyPush {
-        reference: ImageRef,
+        reference: String,
         #[source]
         source: OciCause,
     },
     #[error("{reference} resolves to {actual} after pushing {expected}")]
     DigestMismatch {
-        reference: ImageRef,
+        reference: String,
         expected: Digest,
         actual: String,
     },
@@ -442,7 +441,10 @@ mod tests {
             assert_eq!(classify(&envelope(&[code])), kind, "{code}");
         }
         // The first code that says something wins over codes that do not.
-        assert_eq!(classify(&envelope(&["ARTIFACT_LOCKED", "DENIED"])), K::Unauthenticated);
+        assert_eq!(
+            classify(&envelope(&["ARTIFACT_LOCKED", "DENIED"])),
+            K::Unauthenticated
+        );
         assert_eq!(classify(&envelope(&[])), K::Internal);
     }
 
@@ -470,7 +472,9 @@ mod tests {
 
     #[test]
     fn auth_failures_are_unauthenticated() {
-        let e = OciDistributionError::UnauthorizedError { url: "http://r/v2/".into() };
+        let e = OciDistributionError::UnauthorizedError {
+            url: "http://r/v2/".into(),
+        };
         assert_eq!(classify(&e), K::Unauthenticated);
         let e = OciDistributionError::AuthenticationFailure("{\"details\":\"bad\"}".into());
         assert_eq!(classify(&e), K::Unauthenticated);
@@ -507,9 +511,18 @@ mod tests {
     fn manifest_shape_errors() {
         let e = OciDistributionError::UnsupportedMediaTypeError("application/x-helm".into());
         assert_eq!(classify(&e), K::InvalidInput);
-        assert_eq!(classify(&OciDistributionError::UnsupportedSchemaVersionError(1)), K::InvalidInput);
-        assert_eq!(classify(&OciDistributionError::SpecViolationError("x".into())), K::Internal);
-        assert_eq!(classify(&OciDistributionError::RegistryNoLocationError), K::Internal);
+        assert_eq!(
+            classify(&OciDistributionError::UnsupportedSchemaVersionError(1)),
+            K::InvalidInput
+        );
+        assert_eq!(
+            classify(&OciDistributionError::SpecViolationError("x".into())),
+            K::Internal
+        );
+        assert_eq!(
+            classify(&OciDistributionError::RegistryNoLocationError),
+            K::Internal
+        );
         assert_eq!(
             classify(&OciDistributionError::ImageManifestNotFoundError("x".into())),
             K::NotFound
@@ -518,7 +531,7 @@ mod tests {
 
     #[test]
     fn messages_name_the_step_the_reference_and_the_reason() {
-        let reference: ImageRef = "127.0.0.1:5000/base/alpine:3".parse().unwrap();
+        let reference = "127.0.0.1:5000/base/alpine:3".to_owned();
         let e = RegistryError::FetchManifest {
             reference: reference.clone(),
             source: Arc::new(envelope(&["MANIFEST_UNKNOWN"])),
@@ -533,13 +546,16 @@ mod tests {
 
         let e = RegistryError::PlatformNotFound {
             reference,
-            platform: "linux/s390x".parse().unwrap(),
+            platform: "linux/s390x".into(),
             available: vec!["linux/amd64".into(), "linux/arm64/v8".into()],
         };
         assert_eq!(e.kind(), K::NotFound);
         assert!(!e.is_retryable());
         let msg = e.to_string();
-        assert!(msg.contains("linux/s390x") && msg.contains("linux/amd64, linux/arm64/v8"), "{msg}");
+        assert!(
+            msg.contains("linux/s390x") && msg.contains("linux/amd64, linux/arm64/v8"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -28,12 +28,13 @@ pub(crate) enum ManifestKind {
 
 /// Reads `mediaType` (and, for OCI manifests that leave it out, the shape) of a manifest.
 pub(crate) fn inspect(reference: &ImageRef, body: &[u8]) -> Result<ManifestKind, RegistryError> {
-    let doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| RegistryError::InvalidManifest {
-        reference: reference.clone(),
-        reason: format!("not JSON: {e}"),
-    })?;
+    let doc: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| RegistryError::InvalidManifest {
+            reference: reference.to_string(),
+            reason: format!("not JSON: {e}"),
+        })?;
     let unsupported = |media_type: String| RegistryError::UnsupportedManifest {
-        reference: reference.clone(),
+        reference: reference.to_string(),
         media_type,
     };
     let schema = doc.get("schemaVersion").and_then(serde_json::Value::as_i64);
@@ -88,17 +89,26 @@ mod tests {
             }
         );
         let bare_oci = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
-        assert!(matches!(inspect(&r(), bare_oci).unwrap(), ManifestKind::Image { .. }));
+        assert!(matches!(
+            inspect(&r(), bare_oci).unwrap(),
+            ManifestKind::Image { .. }
+        ));
     }
 
     #[test]
     fn refuses_what_it_cannot_copy() {
         let schema1 = br#"{"schemaVersion":1,"name":"a"}"#;
-        assert_eq!(inspect(&r(), schema1).unwrap_err().kind(), RegistryErrorKind::InvalidInput);
+        assert_eq!(
+            inspect(&r(), schema1).unwrap_err().kind(),
+            RegistryErrorKind::InvalidInput
+        );
         let artifact = br#"{"schemaVersion":2,"mediaType":"application/vnd.cncf.helm.chart"}"#;
         let err = inspect(&r(), artifact).unwrap_err();
         assert_eq!(err.kind(), RegistryErrorKind::InvalidInput);
         assert!(err.to_string().contains("application/vnd.cncf.helm.chart"));
-        assert_eq!(inspect(&r(), b"<html>").unwrap_err().kind(), RegistryErrorKind::Internal);
+        assert_eq!(
+            inspect(&r(), b"<html>").unwrap_err().kind(),
+            RegistryErrorKind::Internal
+        );
     }
 }

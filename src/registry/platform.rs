@@ -182,9 +182,20 @@ mod tests {
         assert_eq!(p.architecture, "arm64");
         assert_eq!(p.variant.as_deref(), Some("v8"));
         assert_eq!(p.to_string(), "linux/arm64/v8");
-        assert_eq!("linux/x86_64".parse::<Platform>().unwrap(), Platform::linux_amd64());
+        assert_eq!(
+            "linux/x86_64".parse::<Platform>().unwrap(),
+            Platform::linux_amd64()
+        );
         assert_eq!(Platform::default().to_string(), "linux/amd64");
-        for bad in ["", "linux", "linux/", "/amd64", "linux/amd64/v8/x", "Linux/amd64", "linux amd64"] {
+        for bad in [
+            "",
+            "linux",
+            "linux/",
+            "/amd64",
+            "linux/amd64/v8/x",
+            "Linux/amd64",
+            "linux amd64",
+        ] {
             assert!(bad.parse::<Platform>().is_err(), "{bad:?} parsed");
         }
     }
@@ -217,7 +228,9 @@ mod tests {
             format!("sha256:{}", "1".repeat(64))
         );
         assert_eq!(
-            select_manifest(&idx, &"linux/arm64/v8".parse().unwrap()).unwrap().digest,
+            select_manifest(&idx, &"linux/arm64/v8".parse().unwrap())
+                .unwrap()
+                .digest,
             format!("sha256:{}", "2".repeat(64))
         );
         let available = select_manifest(&idx, &"linux/s390x".parse().unwrap()).unwrap_err();

@@ -4,5 +4,5 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-mod server;
 mod client;
+mod server;

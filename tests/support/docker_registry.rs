@@ -110,14 +110,21 @@ impl DockerRegistry {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("exited with {status} during startup:\n{}", tail(log_path)));
+                return Err(format!(
+                    "exited with {status} during startup:\n{}",
+                    tail(log_path)
+                ));
             }
             if matches!(probe(&self.addr), Some(200 | 401)) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(format!("no answer on {} within {STARTUP_TIMEOUT:?}:\n{}", self.addr, tail(log_path)))
+        Err(format!(
+            "no answer on {} within {STARTUP_TIMEOUT:?}:\n{}",
+            self.addr,
+            tail(log_path)
+        ))
     }
 
     /// `127.0.0.1:PORT`, as image references name the registry.
@@ -173,7 +180,10 @@ fn ensure_binary() {
         let _ = Command::new("apt-get").arg("update").status();
         assert!(install(), "apt-get install docker-registry failed");
     }
-    assert!(Path::new(BINARY).exists(), "{BINARY} still missing after apt-get install");
+    assert!(
+        Path::new(BINARY).exists(),
+        "{BINARY} still missing after apt-get install"
+    );
 }
 
 fn free_port() -> u16 {
@@ -187,7 +197,11 @@ fn free_port() -> u16 {
 fn probe(addr: &str) -> Option<u16> {
     let mut stream = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET /v2/ HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET /v2/ HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut head = [0u8; 64];
     let n = stream.read(&mut head).ok()?;
     let line = std::str::from_utf8(&head[..n]).ok()?;

@@ -26,7 +26,9 @@ pub const FIRST_LAYER_BYTES: usize = 300 * 1024;
 
 /// `registry/repo:tag` as a Kiln reference.
 pub fn image_ref(registry: &str, repo: &str, tag: &str) -> ImageRef {
-    format!("{registry}/{repo}:{tag}").parse().expect("valid reference")
+    format!("{registry}/{repo}:{tag}")
+        .parse()
+        .expect("valid reference")
 }
 
 /// Pushes a `linux/amd64` image with `n_layers` random layers to an anonymous registry
@@ -46,7 +48,8 @@ pub async fn push_image_with(
     platform: &str,
 ) -> Digest {
     let (client, _auth) = client_for(registry, creds).await;
-    let (bytes, digest) = push_blobs_and_build_manifest(&client, registry, repo, n_layers, seed, platform).await;
+    let (bytes, digest) =
+        push_blobs_and_build_manifest(&client, registry, repo, n_layers, seed, platform).await;
     let reference = Reference::with_tag(registry.into(), repo.into(), tag.into());
     client
         .push_manifest_raw(&reference, bytes, OCI_MANIFEST.parse().unwrap())
@@ -57,7 +60,12 @@ pub async fn push_image_with(
 
 /// Pushes one image per platform and an OCI index over them, tagged `tag`. Returns the
 /// index digest and each platform's manifest digest, in the order given.
-pub async fn push_index(registry: &str, repo: &str, tag: &str, platforms: &[&str]) -> (Digest, Vec<(String, Digest)>) {
+pub async fn push_index(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    platforms: &[&str],
+) -> (Digest, Vec<(String, Digest)>) {
     let (client, _auth) = client_for(registry, None).await;
     let mut entries = Vec::new();
     let mut result = Vec::new();

@@ -2,9 +2,9 @@
 //! images, and the `kiln` binary as a child process. Each test binary includes this with
 //! `#[path = "../support/mod.rs"] mod support;`.
 #![allow(dead_code)]
-pub mod oci_layout;
-pub mod tools;
 pub mod docker_registry;
 pub mod images;
 pub mod kiln;
+pub mod oci_layout;
 pub mod slow_proxy;
+pub mod tools;
