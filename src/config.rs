@@ -29,7 +29,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, message: message.into() }
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 /// Kiln's whole configuration.
@@ -105,7 +108,9 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([127, 0, 0, 1], 9500)) }
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9500)),
+        }
     }
 }
 
@@ -148,11 +153,15 @@ impl Default for RegistryConfig {
 impl RegistryConfig {
     /// The registry Kiln pushes to: the external one, or the embedded one's address.
     pub fn target_registry(&self) -> String {
-        self.external.clone().unwrap_or_else(|| self.embedded_addr.to_string())
+        self.external
+            .clone()
+            .unwrap_or_else(|| self.embedded_addr.to_string())
     }
 
     fn repository(&self, configured: &Option<String>, default_path: &str) -> Result<ImageRef, ImageRefError> {
-        let raw = configured.clone().unwrap_or_else(|| format!("{}/{default_path}", self.target_registry()));
+        let raw = configured
+            .clone()
+            .unwrap_or_else(|| format!("{}/{default_path}", self.target_registry()));
         raw.parse()
     }
 
@@ -181,7 +190,11 @@ pub struct ResolverConfig {
 
 impl Default for ResolverConfig {
     fn default() -> Self {
-        Self { pool_size: 2, cache_capacity: 10_000, cache_ttl: Duration::from_secs(300) }
+        Self {
+            pool_size: 2,
+            cache_capacity: 10_000,
+            cache_ttl: Duration::from_secs(300),
+        }
     }
 }
 
@@ -198,7 +211,10 @@ pub struct WarmerConfig {
 
 impl Default for WarmerConfig {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(600), refs: Vec::new() }
+        Self {
+            interval: Duration::from_secs(600),
+            refs: Vec::new(),
+        }
     }
 }
 
@@ -249,7 +265,10 @@ pub struct ActorsConfig {
 
 impl Default for ActorsConfig {
     fn default() -> Self {
-        Self { arbiters: 2, mailbox_size: 1024 }
+        Self {
+            arbiters: 2,
+            mailbox_size: 1024,
+        }
     }
 }
 
@@ -293,7 +312,9 @@ pub struct LogsConfig {
 
 impl Default for LogsConfig {
     fn default() -> Self {
-        Self { memory_bytes_per_build: 1 << 20 }
+        Self {
+            memory_bytes_per_build: 1 << 20,
+        }
     }
 }
 
@@ -303,9 +324,14 @@ impl Config {
         let config = match path {
             None => Self::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-                Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: path.into(),
+                    message,
+                })?
             }
         };
         config.validate()?;
@@ -341,27 +367,42 @@ impl Config {
             return Err(invalid("warmer.interval", "must be longer than zero"));
         }
         if self.supervision.backoff_initial > self.supervision.backoff_max {
-            return Err(invalid("supervision.backoff_initial", "must not exceed supervision.backoff_max"));
+            return Err(invalid(
+                "supervision.backoff_initial",
+                "must not exceed supervision.backoff_max",
+            ));
         }
         if self.grpc.tls_cert.is_some() != self.grpc.tls_key.is_some() {
-            return Err(invalid("grpc.tls_cert", "grpc.tls_cert and grpc.tls_key must be set together"));
+            return Err(invalid(
+                "grpc.tls_cert",
+                "grpc.tls_cert and grpc.tls_key must be set together",
+            ));
         }
         if self.grpc.tls_client_ca.is_some() && self.grpc.tls_cert.is_none() {
-            return Err(invalid("grpc.tls_client_ca", "needs grpc.tls_cert and grpc.tls_key"));
+            return Err(invalid(
+                "grpc.tls_client_ca",
+                "needs grpc.tls_cert and grpc.tls_key",
+            ));
         }
         self.platform()?;
-        self.registry.base_repository().map_err(|e| invalid("registry.base_repository", e.to_string()))?;
+        self.registry
+            .base_repository()
+            .map_err(|e| invalid("registry.base_repository", e.to_string()))?;
         self.registry
             .workspace_repository()
             .map_err(|e| invalid("registry.workspace_repository", e.to_string()))?;
         for r in &self.warmer.refs {
-            r.parse::<ImageRef>().map_err(|e| invalid("warmer.refs", e.to_string()))?;
+            r.parse::<ImageRef>()
+                .map_err(|e| invalid("warmer.refs", e.to_string()))?;
         }
         Ok(())
     }
 
     pub fn platform(&self) -> Result<Platform, ConfigError> {
-        self.registry.platform.parse().map_err(|e: crate::registry::PlatformParseError| invalid("registry.platform", e.to_string()))
+        self.registry
+            .platform
+            .parse()
+            .map_err(|e: crate::registry::PlatformParseError| invalid("registry.platform", e.to_string()))
     }
 }
 
@@ -391,11 +432,19 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let c = Config::parse("[resolver]\npool_size = 0\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("resolver.pool_size"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("resolver.pool_size"));
         let err = Config::parse("[builds]\ntimeout = \"soon\"\n").unwrap_err();
         assert!(err.contains("timeout"), "{err}");
         let c = Config::parse("[registry]\nplatform = \"linux\"\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("registry.platform"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("registry.platform"));
     }
 
     #[test]

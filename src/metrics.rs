@@ -86,13 +86,29 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let builds_started = Counter::default();
-        registry.register("kiln_builds_started", "Builds started (joins excluded)", builds_started.clone());
+        registry.register(
+            "kiln_builds_started",
+            "Builds started (joins excluded)",
+            builds_started.clone(),
+        );
         let builds_completed = Family::<OutcomeLabel, Counter>::default();
-        registry.register("kiln_builds_completed", "Builds finished, by outcome", builds_completed.clone());
+        registry.register(
+            "kiln_builds_completed",
+            "Builds finished, by outcome",
+            builds_completed.clone(),
+        );
         let build_joins = Counter::default();
-        registry.register("kiln_build_joins", "Build requests that joined a running build", build_joins.clone());
+        registry.register(
+            "kiln_build_joins",
+            "Build requests that joined a running build",
+            build_joins.clone(),
+        );
         let build_duration = Histogram::new(exponential_buckets(0.01, 2.0, 16));
-        registry.register("kiln_build_duration_seconds", "Build wall time", build_duration.clone());
+        registry.register(
+            "kiln_build_duration_seconds",
+            "Build wall time",
+            build_duration.clone(),
+        );
         let resolve_requests = Family::<ResultLabel, Counter>::default();
         registry.register(
             "kiln_resolve_requests",
@@ -100,11 +116,19 @@ impl Metrics {
             resolve_requests.clone(),
         );
         let actor_restarts = Family::<KindLabel, Counter>::default();
-        registry.register("kiln_actor_restarts", "Actor restarts, by actor kind", actor_restarts.clone());
+        registry.register(
+            "kiln_actor_restarts",
+            "Actor restarts, by actor kind",
+            actor_restarts.clone(),
+        );
         let log_bytes = Counter::default();
         registry.register("kiln_log_bytes", "Build log bytes written", log_bytes.clone());
         let rpc_requests = Family::<RpcLabels, Counter>::default();
-        registry.register("kiln_grpc_requests", "gRPC requests, by method and status code", rpc_requests.clone());
+        registry.register(
+            "kiln_grpc_requests",
+            "gRPC requests, by method and status code",
+            rpc_requests.clone(),
+        );
         let rpc_duration: HistogramFamily<MethodLabel> = Family::new_with_constructor(latency_histogram);
         registry.register(
             "kiln_grpc_request_duration_seconds",
@@ -134,7 +158,12 @@ impl Metrics {
     }
 
     pub fn build_completed(&self, outcome: BuildOutcome, took: Duration) {
-        self.0.builds_completed.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+        self.0
+            .builds_completed
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
+            .inc();
         self.0.build_duration.observe(took.as_secs_f64());
     }
 
@@ -144,11 +173,17 @@ impl Metrics {
             ResolveResult::Miss => "miss",
             ResolveResult::Error => "error",
         };
-        self.0.resolve_requests.get_or_create(&ResultLabel { result }).inc();
+        self.0
+            .resolve_requests
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     pub fn actor_restarted(&self, kind: ActorKind) {
-        self.0.actor_restarts.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+        self.0
+            .actor_restarts
+            .get_or_create(&KindLabel { kind: kind.as_str() })
+            .inc();
     }
 
     pub fn log_bytes(&self, n: u64) {
@@ -156,8 +191,19 @@ impl Metrics {
     }
 
     pub fn rpc_finished(&self, method: &str, code: &'static str, took: Duration) {
-        self.0.rpc_requests.get_or_create(&RpcLabels { method: method.to_owned(), code }).inc();
-        self.0.rpc_duration.get_or_create(&MethodLabel { method: method.to_owned() }).observe(took.as_secs_f64());
+        self.0
+            .rpc_requests
+            .get_or_create(&RpcLabels {
+                method: method.to_owned(),
+                code,
+            })
+            .inc();
+        self.0
+            .rpc_duration
+            .get_or_create(&MethodLabel {
+                method: method.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// The Prometheus text exposition of every metric.
@@ -181,7 +227,10 @@ pub async fn serve(
             let metrics = metrics.clone();
             async move {
                 (
-                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     metrics.encode(),
                 )
             }

@@ -51,13 +51,22 @@ fn registry_client(config: &Config) -> anyhow::Result<RegistryClient> {
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
 fn tls(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
-    let (Some(cert), Some(key)) = (&config.grpc.tls_cert, &config.grpc.tls_key) else { return Ok(None) };
-    let read = |p: &PathBuf, key: &str| std::fs::read(p).with_context(|| format!("{key}: cannot read {}", p.display()));
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert, "grpc.tls_cert")?, read(key, "grpc.tls_key")?));
+    let (Some(cert), Some(key)) = (&config.grpc.tls_cert, &config.grpc.tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &PathBuf, key: &str| {
+        std::fs::read(p).with_context(|| format!("{key}: cannot read {}", p.display()))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(cert, "grpc.tls_cert")?,
+        read(key, "grpc.tls_key")?,
+    ));
     if let Some(ca) = &config.grpc.tls_client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read(ca, "grpc.tls_client_ca")?));
     }
@@ -65,7 +74,10 @@ fn tls(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
 }
 
 /// Runs every part of Kiln until `shutdown` resolves, then stops them all.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", config.data_dir.display()))?;
@@ -77,14 +89,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         }
     };
 
-
     let mut tasks = tokio::task::JoinSet::new();
     if config.registry.external.is_none() {
         let listener = bind("the embedded registry", config.registry.embedded_addr).await?;
         let root = config.data_dir.join("registry");
         tracing::info!(addr = %config.registry.embedded_addr, root = %root.display(), "embedded registry listening");
         let stop = stopped();
-        tasks.spawn(async move { registry::server::serve(listener, root, stop).await.context("embedded registry") });
+        tasks.spawn(async move {
+            registry::server::serve(listener, root, stop)
+                .await
+                .context("embedded registry")
+        });
     }
 
     let metrics = Metrics::new();
@@ -92,13 +107,19 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     tracing::info!(addr = %config.metrics.addr, "metrics listening on /metrics");
     let m = metrics.clone();
     let stop = stopped();
-    tasks.spawn(async move { metrics::serve(metrics_listener, m, stop).await.context("metrics server") });
+    tasks.spawn(async move {
+        metrics::serve(metrics_listener, m, stop)
+            .await
+            .context("metrics server")
+    });
 
     let system = actors::start(&config, registry_client(&config)?, metrics.clone())?;
     let kiln = system.handle();
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ImageBuilderServer<ImageBuilderService>>().await;
+    health
+        .set_serving::<ImageBuilderServer<ImageBuilderService>>()
+        .await;
     let watch_kiln = kiln.clone();
     let watch_health = health.clone();
     tasks.spawn(async move {
@@ -111,7 +132,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
                 tonic_health::ServingStatus::NotServing
             };
             watch_health.set_service_status("", status).await;
-            watch_health.set_service_status("builder.ImageBuilder", status).await;
+            watch_health
+                .set_service_status("builder.ImageBuilder", status)
+                .await;
         }
     });
     let reflection = tonic_reflection::server::Builder::configure()
@@ -120,7 +143,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .build_v1()?;
 
     let max = config.grpc.max_message_bytes;
-    let builder_service = ImageBuilderServer::new(ImageBuilderService::new(kiln.clone())).max_decoding_message_size(max);
+    let builder_service =
+        ImageBuilderServer::new(ImageBuilderService::new(kiln.clone())).max_decoding_message_size(max);
     let admin_service = AdminServer::new(AdminService::new(kiln)).max_decoding_message_size(max);
     let mut server = Server::builder();
     if let Some(tls) = tls(&config)? {
@@ -144,7 +168,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     };
     let _ = stop_tx.send(true);
     // Give servers a moment to drain, then stop the actors on a blocking thread (it joins).
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     tokio::task::spawn_blocking(move || system.stop()).await?;
     result
 }

@@ -73,7 +73,10 @@ impl BuildRun {
             .flat_map(|c| {
                 use base64::Engine as _;
                 let pair = format!("{}:{}", c.username, c.password.expose());
-                [c.password.clone(), Secret::new(base64::engine::general_purpose::STANDARD.encode(pair))]
+                [
+                    c.password.clone(),
+                    Secret::new(base64::engine::general_purpose::STANDARD.encode(pair)),
+                ]
             })
             .collect();
         Self {
@@ -92,7 +95,11 @@ impl BuildRun {
     }
 
     fn decide(&self, verdict: Verdict) -> Verdict {
-        self.verdict.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(verdict).clone()
+        self.verdict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(verdict)
+            .clone()
     }
 }
 
@@ -125,7 +132,12 @@ pub fn child_spec(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>
         restart: RestartMode::OnPanic,
         spawn: Arc::new(move |arbiter, guard| {
             let (run, deps, directory) = (run.clone(), deps.clone(), directory.clone());
-            let addr = BuildActor::start_in_arbiter(arbiter, move |_| BuildActor { run, deps, directory, guard });
+            let addr = BuildActor::start_in_arbiter(arbiter, move |_| BuildActor {
+                run,
+                deps,
+                directory,
+                guard,
+            });
             slot.install(addr.clone());
             addr.recipient()
         }),
@@ -146,9 +158,15 @@ impl Actor for BuildActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let span = tracing::info_span!("build", build_id = %self.run.id, incarnation = self.guard.generation());
-        let drive = drive(self.run.clone(), self.deps.clone(), self.directory.clone(), self.guard.generation())
-            .instrument(span);
+        let span =
+            tracing::info_span!("build", build_id = %self.run.id, incarnation = self.guard.generation());
+        let drive = drive(
+            self.run.clone(),
+            self.deps.clone(),
+            self.directory.clone(),
+            self.guard.generation(),
+        )
+        .instrument(span);
         ctx.spawn(actix::fut::wrap_future(drive).map(|_, _, ctx: &mut Context<Self>| ctx.stop()));
     }
 
@@ -189,10 +207,21 @@ const LOG_WRITE_PATIENCE: Duration = Duration::from_secs(120);
 impl LogWriter {
     /// Continues the build's log where it ends now.
     async fn resume(run: &BuildRun, logs: Arc<Slot<LogFanout>>) -> Self {
-        let mut writer = Self { build: run.id.clone(), logs, offset: 0, secrets: run.secrets.clone() };
+        let mut writer = Self {
+            build: run.id.clone(),
+            logs,
+            offset: 0,
+            secrets: run.secrets.clone(),
+        };
         let started = Instant::now();
         while started.elapsed() < LOG_WRITE_PATIENCE {
-            match writer.logs.call(log_fanout::Open { build: writer.build.clone() }).await {
+            match writer
+                .logs
+                .call(log_fanout::Open {
+                    build: writer.build.clone(),
+                })
+                .await
+            {
                 Ok(Ok(progress)) => {
                     writer.offset = progress.len;
                     break;
@@ -220,7 +249,11 @@ impl LogWriter {
         let data = Bytes::from(text);
         let started = Instant::now();
         while started.elapsed() < LOG_WRITE_PATIENCE {
-            let append = log_fanout::Append { build: self.build.clone(), offset: self.offset, data: data.clone() };
+            let append = log_fanout::Append {
+                build: self.build.clone(),
+                offset: self.offset,
+                data: data.clone(),
+            };
             match self.logs.call(append).await {
                 Ok(Ok(len)) => {
                     self.offset = len;
@@ -239,7 +272,14 @@ impl LogWriter {
     async fn finish(&self) {
         let started = Instant::now();
         while started.elapsed() < LOG_WRITE_PATIENCE {
-            if self.logs.call(log_fanout::Finish { build: self.build.clone() }).await.is_ok() {
+            if self
+                .logs
+                .call(log_fanout::Finish {
+                    build: self.build.clone(),
+                })
+                .await
+                .is_ok()
+            {
                 return;
             }
         }
@@ -253,9 +293,13 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
         Some(v) => v,
         None => {
             if incarnation > 1 {
-                log.line(&format!("build actor restarted (incarnation {incarnation}); resuming")).await;
+                log.line(&format!(
+                    "build actor restarted (incarnation {incarnation}); resuming"
+                ))
+                .await;
             } else {
-                log.line(&format!("build {} of {}", run.id, run.plan.refs.workspace)).await;
+                log.line(&format!("build {} of {}", run.id, run.plan.refs.workspace))
+                    .await;
                 log.line(&format!("base image {}", run.plan.refs.base)).await;
             }
             let verdict = tokio::select! {
@@ -278,11 +322,16 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
         .call(Report {
             build: run.id.clone(),
             seq: Some(1),
-            update: StatusUpdate { status, message: verdict.message.clone() },
+            update: StatusUpdate {
+                status,
+                message: verdict.message.clone(),
+            },
             outcome: Some(verdict.outcome),
         })
         .await
-        .unwrap_or_else(|e| tracing::error!(build_id = %run.id, error = %e, "could not report the build's end"));
+        .unwrap_or_else(
+            |e| tracing::error!(build_id = %run.id, error = %e, "could not report the build's end"),
+        );
 }
 
 /// The build's work: wait for a slot, run the job, and say how it went.
@@ -291,8 +340,13 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
     let _slot = match deps.slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {
-            log.line("waiting for a free build slot (builds.max_concurrent)").await;
-            deps.slots.clone().acquire_owned().await.expect("the build semaphore is never closed")
+            log.line("waiting for a free build slot (builds.max_concurrent)")
+                .await;
+            deps.slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the build semaphore is never closed")
         }
     };
     let (lines, mut line_rx) = mpsc::unbounded_channel();
@@ -319,6 +373,9 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
                 started.elapsed().as_secs_f64()
             ),
         },
-        Err(error) => Verdict { outcome: BuildOutcome::Failure, message: format!("build failed: {error}") },
+        Err(error) => Verdict {
+            outcome: BuildOutcome::Failure,
+            message: format!("build failed: {error}"),
+        },
     }
 }

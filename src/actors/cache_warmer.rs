@@ -28,7 +28,12 @@ pub struct CacheWarmer {
 
 impl CacheWarmer {
     pub fn new(refs: Vec<ImageRef>, interval: Duration, resolvers: ResolverPool, guard: ChildGuard) -> Self {
-        Self { refs, interval, resolvers, _guard: guard }
+        Self {
+            refs,
+            interval,
+            resolvers,
+            _guard: guard,
+        }
     }
 
     fn warm(&self) -> impl std::future::Future<Output = usize> + 'static {
@@ -39,7 +44,10 @@ impl CacheWarmer {
             for image in refs {
                 // Warm with the default policy: that is what most requests present, and the
                 // cache is keyed by policy.
-                match resolvers.resolve(image.clone(), AuthPolicy::default(), true).await {
+                match resolvers
+                    .resolve(image.clone(), AuthPolicy::default(), true)
+                    .await
+                {
                     Ok(resolved) => {
                         warmed += 1;
                         tracing::debug!(%image, %resolved, "warmed");

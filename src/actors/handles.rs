@@ -40,13 +40,22 @@ impl ResolverPool {
         Self { directory }
     }
 
-    pub async fn resolve(&self, image: ImageRef, auth: AuthPolicy, refresh: bool) -> Result<ImageRef, BuildError> {
+    pub async fn resolve(
+        &self,
+        image: ImageRef,
+        auth: AuthPolicy,
+        refresh: bool,
+    ) -> Result<ImageRef, BuildError> {
         let resolvers = &self.directory.resolvers;
         let first = self.directory.next_resolver.fetch_add(1, Ordering::Relaxed);
         let mut last_error = None;
         for i in 0..resolvers.len() {
             let slot = &resolvers[(first + i) % resolvers.len()];
-            let msg = Resolve { image: image.clone(), auth: auth.clone(), refresh };
+            let msg = Resolve {
+                image: image.clone(),
+                auth: auth.clone(),
+                refresh,
+            };
             match slot.call(msg).await {
                 Ok(reply) => return reply.map_err(BuildError::from),
                 Err(unavailable) => last_error = Some(unavailable),
@@ -68,7 +77,11 @@ const LOG_APPEAR_WAIT: Duration = Duration::from_secs(10);
 impl LogsHandle {
     /// The log of `build` from byte `offset`: what is there, then what comes, ending when
     /// the log is complete. Survives restarts of the log fan-out without gaps or repeats.
-    pub fn follow(&self, build: BuildId, offset: u64) -> impl Stream<Item = Result<Bytes, BuildError>> + Send + 'static {
+    pub fn follow(
+        &self,
+        build: BuildId,
+        offset: u64,
+    ) -> impl Stream<Item = Result<Bytes, BuildError>> + Send + 'static {
         let logs = self.directory.logs.clone();
         async_stream::try_stream! {
             let mut offset = offset;
@@ -103,7 +116,9 @@ impl LogsHandle {
 }
 
 /// Replays `history` from its start and follows it until the terminal update.
-pub fn status_stream(mut history: watch::Receiver<Vec<StatusUpdate>>) -> impl Stream<Item = StatusUpdate> + Send + 'static {
+pub fn status_stream(
+    mut history: watch::Receiver<Vec<StatusUpdate>>,
+) -> impl Stream<Item = StatusUpdate> + Send + 'static {
     async_stream::stream! {
         let mut next = 0;
         loop {
@@ -139,19 +154,31 @@ impl KilnHandle {
     }
 
     pub fn logs(&self) -> LogsHandle {
-        LogsHandle { directory: self.directory.clone() }
+        LogsHandle {
+            directory: self.directory.clone(),
+        }
     }
 
     pub async fn resolve_base(&self, image: ImageRef, auth: AuthPolicy) -> Result<ImageRef, BuildError> {
         self.resolvers().resolve(image, auth, false).await
     }
 
-    pub async fn plan_workspace(&self, source: BuildSource, auth: AuthPolicy) -> Result<WorkspacePlan, BuildError> {
-        self.directory.orchestrator.call(orchestrator::PlanWorkspace { source, auth }).await?
+    pub async fn plan_workspace(
+        &self,
+        source: BuildSource,
+        auth: AuthPolicy,
+    ) -> Result<WorkspacePlan, BuildError> {
+        self.directory
+            .orchestrator
+            .call(orchestrator::PlanWorkspace { source, auth })
+            .await?
     }
 
     pub async fn submit(&self, request: BuildRequest) -> Result<Submission, BuildError> {
-        self.directory.orchestrator.call(orchestrator::Submit(request)).await?
+        self.directory
+            .orchestrator
+            .call(orchestrator::Submit(request))
+            .await?
     }
 
     /// A build's snapshot and its status history as a stream (replay, then follow).
@@ -159,12 +186,19 @@ impl KilnHandle {
         &self,
         build: BuildId,
     ) -> Result<(BuildSnapshot, impl Stream<Item = StatusUpdate> + Send + 'static), BuildError> {
-        let (snapshot, history) = self.directory.orchestrator.call(orchestrator::WatchBuild(build)).await??;
+        let (snapshot, history) = self
+            .directory
+            .orchestrator
+            .call(orchestrator::WatchBuild(build))
+            .await??;
         Ok((snapshot, status_stream(history)))
     }
 
     pub async fn lookup(&self, selector: BuildSelector) -> Result<BuildSnapshot, BuildError> {
-        self.directory.orchestrator.call(orchestrator::Lookup(selector)).await?
+        self.directory
+            .orchestrator
+            .call(orchestrator::Lookup(selector))
+            .await?
     }
 
     pub async fn list(&self) -> Result<Vec<BuildSnapshot>, BuildError> {
@@ -172,7 +206,10 @@ impl KilnHandle {
     }
 
     pub async fn cancel(&self, build: BuildId) -> Result<(), BuildError> {
-        self.directory.orchestrator.call(orchestrator::CancelBuild(build)).await?
+        self.directory
+            .orchestrator
+            .call(orchestrator::CancelBuild(build))
+            .await?
     }
 
     pub async fn list_actors(&self) -> Result<Vec<ActorSummary>, BuildError> {
@@ -180,7 +217,12 @@ impl KilnHandle {
             .supervisor
             .send(supervisor::ListActors)
             .await
-            .map_err(|_| super::supervision::Unavailable { actor: "supervisor".into() }.into())
+            .map_err(|_| {
+                super::supervision::Unavailable {
+                    actor: "supervisor".into(),
+                }
+                .into()
+            })
     }
 
     pub async fn restart_actor(&self, name: String) -> Result<u64, RestartError> {
@@ -193,6 +235,10 @@ impl KilnHandle {
 
     /// False once any actor was abandoned after exhausting its restart budget.
     pub async fn healthy(&self) -> bool {
-        self.directory.supervisor.send(supervisor::IsHealthy).await.unwrap_or(false)
+        self.directory
+            .supervisor
+            .send(supervisor::IsHealthy)
+            .await
+            .unwrap_or(false)
     }
 }

@@ -128,7 +128,13 @@ pub struct LogFanout {
 
 impl LogFanout {
     pub fn new(dir: PathBuf, memory_per_build: usize, metrics: Metrics, guard: ChildGuard) -> Self {
-        Self { dir, memory_per_build, logs: HashMap::new(), metrics, _guard: guard }
+        Self {
+            dir,
+            memory_per_build,
+            logs: HashMap::new(),
+            metrics,
+            _guard: guard,
+        }
     }
 
     fn log_path(&self, build: &BuildId) -> PathBuf {
@@ -140,7 +146,10 @@ impl LogFanout {
     }
 
     fn storage_error(build: &BuildId, e: io::Error) -> LogError {
-        LogError::Storage { build: build.clone(), message: e.to_string() }
+        LogError::Storage {
+            build: build.clone(),
+            message: e.to_string(),
+        }
     }
 
     /// The in-memory state of a log, loaded from disk if this incarnation has not seen it.
@@ -148,7 +157,9 @@ impl LogFanout {
         if !self.logs.contains_key(build) {
             let len = match fs::metadata(self.log_path(build)) {
                 Ok(m) => m.len(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(LogError::NotFound(build.clone())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(LogError::NotFound(build.clone()))
+                }
                 Err(e) => return Err(Self::storage_error(build, e)),
             };
             let ended = self.end_path(build).exists();
@@ -188,15 +199,23 @@ impl LogFanout {
             return Err(LogError::Ended { build: build.clone() });
         }
         if offset > len {
-            return Err(LogError::Gap { build: build.clone(), offset, len });
+            return Err(LogError::Gap {
+                build: build.clone(),
+                offset,
+                len,
+            });
         }
         let new_bytes = &data[(len - offset) as usize..];
         if log.file.is_none() {
-            let file = OpenOptions::new().append(true).open(&path).map_err(|e| Self::storage_error(build, e))?;
+            let file = OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(|e| Self::storage_error(build, e))?;
             log.file = Some(file);
         }
         let file = log.file.as_mut().expect("opened above");
-        file.write_all(new_bytes).map_err(|e| Self::storage_error(build, e))?;
+        file.write_all(new_bytes)
+            .map_err(|e| Self::storage_error(build, e))?;
         log.tail.extend_from_slice(new_bytes);
         if log.tail.len() > memory_limit {
             let drop = log.tail.len() - memory_limit;
@@ -230,7 +249,10 @@ impl LogFanout {
         let log = self.load(build)?;
         let progress = log.progress();
         if offset >= progress.len {
-            return Ok(LogChunk { data: Bytes::new(), progress });
+            return Ok(LogChunk {
+                data: Bytes::new(),
+                progress,
+            });
         }
         let data = if offset >= log.tail_start {
             let from = (offset - log.tail_start) as usize;
@@ -240,7 +262,8 @@ impl LogFanout {
             let want = READ_CHUNK.min((progress.len - offset) as usize);
             let mut buf = vec![0; want];
             let mut file = File::open(&path).map_err(|e| Self::storage_error(build, e))?;
-            file.seek(SeekFrom::Start(offset)).map_err(|e| Self::storage_error(build, e))?;
+            file.seek(SeekFrom::Start(offset))
+                .map_err(|e| Self::storage_error(build, e))?;
             let n = file.read(&mut buf).map_err(|e| Self::storage_error(build, e))?;
             buf.truncate(n);
             Bytes::from(buf)

@@ -47,7 +47,9 @@ use self::{
     supervision::{ChildGuard, Slot},
     supervisor::{ChildSpec, RestartMode, ShutDown, StartChild, Supervisor},
 };
-use crate::{config::Config, executor::LocalExecutor, metrics::Metrics, model::BuildId, registry::RegistryClient};
+use crate::{
+    config::Config, executor::LocalExecutor, metrics::Metrics, model::BuildId, registry::RegistryClient,
+};
 
 /// Where every actor can be reached right now. Slots are created once; the supervisor
 /// installs each new incarnation's address in its slot.
@@ -112,7 +114,12 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
     let restart_wait = config.supervision.backoff_max + std::time::Duration::from_secs(5);
     let base_repository = config.registry.base_repository()?;
     let workspace_repository = config.registry.workspace_repository()?;
-    let warm_refs = config.warmer.refs.iter().map(|r| r.parse()).collect::<Result<Vec<_>, _>>()?;
+    let warm_refs = config
+        .warmer
+        .refs
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<Vec<_>, _>>()?;
     let config = config.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = thread::Builder::new().name("kiln-actors".into()).spawn(move || {
@@ -139,9 +146,12 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
 
         let logs_dir = config.data_dir.join("logs");
         let (memory, m) = (config.logs.memory_bytes_per_build, metrics.clone());
-        supervisor.do_send(StartChild(permanent("log_fanout", ActorKind::LogFanout, directory.logs.clone(), move |g| {
-            LogFanout::new(logs_dir.clone(), memory, m.clone(), g)
-        })));
+        supervisor.do_send(StartChild(permanent(
+            "log_fanout",
+            ActorKind::LogFanout,
+            directory.logs.clone(),
+            move |g| LogFanout::new(logs_dir.clone(), memory, m.clone(), g),
+        )));
 
         let shared = ResolverShared::new(
             registry.clone(),
@@ -154,9 +164,12 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
         for slot in &directory.resolvers {
             let (shared, mailbox) = (shared.clone(), config.actors.mailbox_size);
             let name = slot.name().to_owned();
-            supervisor.do_send(StartChild(permanent(&name, ActorKind::Resolver, slot.clone(), move |g| {
-                Resolver::new(shared.clone(), mailbox, g)
-            })));
+            supervisor.do_send(StartChild(permanent(
+                &name,
+                ActorKind::Resolver,
+                slot.clone(),
+                move |g| Resolver::new(shared.clone(), mailbox, g),
+            )));
         }
 
         let deps = Arc::new(OrchestratorDeps {
@@ -183,9 +196,12 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
 
         let pool = ResolverPool::new(directory.clone());
         let interval = config.warmer.interval;
-        supervisor.do_send(StartChild(permanent("cache_warmer", ActorKind::CacheWarmer, directory.warmer.clone(), move |g| {
-            CacheWarmer::new(warm_refs.clone(), interval, pool.clone(), g)
-        })));
+        supervisor.do_send(StartChild(permanent(
+            "cache_warmer",
+            ActorKind::CacheWarmer,
+            directory.warmer.clone(),
+            move |g| CacheWarmer::new(warm_refs.clone(), interval, pool.clone(), g),
+        )));
 
         let _ = tx.send((System::current(), directory));
         system.run().ok();
@@ -194,5 +210,10 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
         }
     })?;
     let (system, directory) = rx.recv()?;
-    Ok(ActorSystem { handle: KilnHandle::new(directory.clone()), system, thread: Some(thread), directory })
+    Ok(ActorSystem {
+        handle: KilnHandle::new(directory.clone()),
+        system,
+        thread: Some(thread),
+        directory,
+    })
 }

@@ -61,7 +61,13 @@ impl ResolverShared {
         metrics: Metrics,
     ) -> Arc<Self> {
         let cache = Cache::builder().max_capacity(capacity).time_to_live(ttl).build();
-        Arc::new(Self { client, cache, base_repository, workspace_repository, metrics })
+        Arc::new(Self {
+            client,
+            cache,
+            base_repository,
+            workspace_repository,
+            metrics,
+        })
     }
 
     fn in_repository(image: &ImageRef, repo: &ImageRef) -> bool {
@@ -71,7 +77,10 @@ impl ResolverShared {
     /// A fingerprint of the credentials `auth` allows for `image` (never the secret itself).
     fn cache_key(&self, image: &ImageRef, auth: &AuthPolicy) -> CacheKey {
         let mut h = Sha256::new();
-        let additional = auth.additional.get(image.registry()).or_else(|| auth.additional.get(image.host()));
+        let additional = auth
+            .additional
+            .get(image.registry())
+            .or_else(|| auth.additional.get(image.host()));
         if let Some(creds) = additional {
             h.update(b"additional\0");
             h.update(creds.username.as_bytes());
@@ -83,11 +92,23 @@ impl ResolverShared {
             Self::in_repository(image, &self.base_repository),
             Self::in_repository(image, &self.workspace_repository),
         );
-        h.update(if installation { &b"installation"[..] } else { &b"anonymous"[..] });
-        CacheKey { image: image.to_string(), credentials: h.finalize().into() }
+        h.update(if installation {
+            &b"installation"[..]
+        } else {
+            &b"anonymous"[..]
+        });
+        CacheKey {
+            image: image.to_string(),
+            credentials: h.finalize().into(),
+        }
     }
 
-    async fn resolve(&self, image: ImageRef, auth: AuthPolicy, refresh: bool) -> Result<ImageRef, Arc<RegistryError>> {
+    async fn resolve(
+        &self,
+        image: ImageRef,
+        auth: AuthPolicy,
+        refresh: bool,
+    ) -> Result<ImageRef, Arc<RegistryError>> {
         let key = self.cache_key(&image, &auth);
         if refresh {
             self.cache.invalidate(&key).await;
@@ -123,7 +144,11 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(shared: Arc<ResolverShared>, mailbox_size: usize, guard: ChildGuard) -> Self {
-        Self { shared, mailbox_size, _guard: guard }
+        Self {
+            shared,
+            mailbox_size,
+            _guard: guard,
+        }
     }
 }
 

@@ -101,7 +101,11 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     pub(super) fn new(name: Arc<str>, generation: u64, supervisor: Recipient<ChildDied>) -> Self {
-        Self { name, generation, supervisor }
+        Self {
+            name,
+            generation,
+            supervisor,
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -158,7 +162,11 @@ impl<A: Actor> Slot<A> {
     }
 
     fn current(&self) -> Option<Addr<A>> {
-        self.addr.read().unwrap_or_else(|e| e.into_inner()).clone().filter(|a| a.connected())
+        self.addr
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|a| a.connected())
     }
 
     /// Waits until a live incarnation newer than `seen` is installed.
@@ -207,7 +215,9 @@ impl<A: Actor> Slot<A> {
                 }
             }
         }
-        Err(Unavailable { actor: self.name.to_string() })
+        Err(Unavailable {
+            actor: self.name.to_string(),
+        })
     }
 
     /// Sends without waiting for a reply; dropped if the actor is down.

@@ -95,7 +95,9 @@ pub struct IsHealthy;
 pub struct ShutDown;
 
 enum ChildState {
-    Running { crash: Recipient<Crash> },
+    Running {
+        crash: Recipient<Crash>,
+    },
     /// Waiting for its restart timer.
     Down,
     Abandoned,
@@ -154,7 +156,9 @@ impl Supervisor {
     fn spawn_child(&mut self, name: &Arc<str>, ctx: &mut Context<Self>) {
         let arbiter = self.next_arbiter();
         let me = ctx.address().recipient();
-        let Some(child) = self.children.get_mut(name) else { return };
+        let Some(child) = self.children.get_mut(name) else {
+            return;
+        };
         if !matches!(child.state, ChildState::Down) {
             return;
         }
@@ -173,7 +177,10 @@ impl Supervisor {
 
     fn backoff(&self, crashes_in_window: usize) -> Duration {
         let exp = crashes_in_window.saturating_sub(1).min(16) as u32;
-        self.policy.backoff_initial.saturating_mul(1 << exp).min(self.policy.backoff_max)
+        self.policy
+            .backoff_initial
+            .saturating_mul(1 << exp)
+            .min(self.policy.backoff_max)
     }
 }
 
@@ -234,7 +241,9 @@ impl Handler<ChildDied> for Supervisor {
         if self.shutting_down {
             return;
         }
-        let Some(child) = self.children.get_mut(&died.name) else { return };
+        let Some(child) = self.children.get_mut(&died.name) else {
+            return;
+        };
         if child.generation != died.generation || !matches!(child.state, ChildState::Running { .. }) {
             return; // a stale report from an earlier incarnation
         }
@@ -245,7 +254,11 @@ impl Handler<ChildDied> for Supervisor {
         let now = Instant::now();
         child.restarts += 1;
         child.recent.push_back(now);
-        while child.recent.front().is_some_and(|t| now.duration_since(*t) > self.policy.window) {
+        while child
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.policy.window)
+        {
             child.recent.pop_front();
         }
         let kind = child.kind;
@@ -318,7 +331,10 @@ impl Handler<IsHealthy> for Supervisor {
     type Result = bool;
 
     fn handle(&mut self, _: IsHealthy, _: &mut Self::Context) -> bool {
-        !self.children.values().any(|c| matches!(c.state, ChildState::Abandoned))
+        !self
+            .children
+            .values()
+            .any(|c| matches!(c.state, ChildState::Abandoned))
     }
 }
 

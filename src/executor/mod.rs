@@ -16,7 +16,11 @@ use crate::{
 #[derive(Debug, Clone)]
 pub enum Job {
     /// Copy the image `source` (pinned by digest) to `target` (a tag).
-    CopyImage { source: ImageRef, target: ImageRef, auth: AuthPolicy },
+    CopyImage {
+        source: ImageRef,
+        target: ImageRef,
+        auth: AuthPolicy,
+    },
 }
 
 /// What a job produced.
@@ -30,7 +34,11 @@ pub struct JobOutput {
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
     #[error("copying {from} to {target}: {error}")]
-    Copy { from: ImageRef, target: ImageRef, error: RegistryError },
+    Copy {
+        from: ImageRef,
+        target: ImageRef,
+        error: RegistryError,
+    },
     #[error("{target} does not resolve to {expected} after the push")]
     NotLanded { target: ImageRef, expected: Digest },
 }
@@ -57,23 +65,40 @@ impl LocalExecutor {
     }
 
     /// Runs `job`, sending a human-readable line per step to `log`.
-    pub async fn run(&self, job: &Job, log: &mpsc::UnboundedSender<String>) -> Result<JobOutput, ExecutorError> {
+    pub async fn run(
+        &self,
+        job: &Job,
+        log: &mpsc::UnboundedSender<String>,
+    ) -> Result<JobOutput, ExecutorError> {
         match job {
             Job::CopyImage { source, target, auth } => {
                 let _ = log.send(format!("copying {source} to {target}"));
                 let on_event = |event: crate::registry::CopyEvent| {
                     let _ = log.send(event.to_string());
                 };
-                let digest = self.registry.copy(source, target, auth, &on_event).await.map_err(|error| {
-                    ExecutorError::Copy { from: source.clone(), target: target.clone(), error }
-                })?;
-                let landed = self.registry.resolve(target, auth).await.map_err(|error| ExecutorError::Copy {
-                    from: source.clone(),
-                    target: target.clone(),
-                    error,
-                })?;
+                let digest = self
+                    .registry
+                    .copy(source, target, auth, &on_event)
+                    .await
+                    .map_err(|error| ExecutorError::Copy {
+                        from: source.clone(),
+                        target: target.clone(),
+                        error,
+                    })?;
+                let landed =
+                    self.registry
+                        .resolve(target, auth)
+                        .await
+                        .map_err(|error| ExecutorError::Copy {
+                            from: source.clone(),
+                            target: target.clone(),
+                            error,
+                        })?;
                 if landed.digest() != Some(&digest) {
-                    return Err(ExecutorError::NotLanded { target: target.clone(), expected: digest });
+                    return Err(ExecutorError::NotLanded {
+                        target: target.clone(),
+                        expected: digest,
+                    });
                 }
                 let _ = log.send(format!("verified {target} resolves to {digest}"));
                 Ok(JobOutput { digest })

@@ -49,7 +49,11 @@ pub enum Submission {
     /// The workspace image already exists; nothing to build.
     Exists { refs: BuildRefs },
     /// A build is running for the request: a new one, or one the request joined.
-    Running { build: BuildId, refs: BuildRefs, joined: bool },
+    Running {
+        build: BuildId,
+        refs: BuildRefs,
+        joined: bool,
+    },
 }
 
 /// Which build a caller means.
@@ -129,15 +133,22 @@ impl Orchestrator {
     }
 
     fn record(&self, id: &BuildId) -> Result<Arc<BuildRecord>, BuildError> {
-        self.deps.table.records.get(id).map(|r| r.clone()).ok_or_else(|| BuildError::NotFound(id.to_string()))
+        self.deps
+            .table
+            .records
+            .get(id)
+            .map(|r| r.clone())
+            .ok_or_else(|| BuildError::NotFound(id.to_string()))
     }
 
     fn select(&self, selector: &BuildSelector) -> Result<Arc<BuildRecord>, BuildError> {
         match selector {
             BuildSelector::Id(id) => self.record(id),
-            BuildSelector::WorkspaceRef(r) => {
-                self.deps.table.by_workspace_ref(r).ok_or_else(|| BuildError::NotFound(r.to_string()))
-            }
+            BuildSelector::WorkspaceRef(r) => self
+                .deps
+                .table
+                .by_workspace_ref(r)
+                .ok_or_else(|| BuildError::NotFound(r.to_string())),
         }
     }
 
@@ -165,7 +176,11 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
     let running = deps.table.running.get(&plan.key).map(|id| id.clone());
     if let Some(build) = running {
         deps.metrics.build_joined();
-        return Ok(Submission::Running { build, refs: plan.refs, joined: true });
+        return Ok(Submission::Running {
+            build,
+            refs: plan.refs,
+            joined: true,
+        });
     }
     if !request.force_rebuild && deps.registry.exists(&plan.refs.workspace, &request.auth).await? {
         return Ok(Submission::Exists { refs: plan.refs });
@@ -187,14 +202,21 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
     };
     if !created {
         deps.metrics.build_joined();
-        return Ok(Submission::Running { build, refs: plan.refs, joined: true });
+        return Ok(Submission::Running {
+            build,
+            refs: plan.refs,
+            joined: true,
+        });
     }
     deps.metrics.build_started();
     tracing::info!(build_id = %build, workspace = %plan.refs.workspace, base = %plan.refs.base, triggered_by = %request.triggered_by, "build started");
     if let Err(e) = start_build(&deps, &build, plan.clone(), &request).await {
         let record = deps.table.records.get(&build).map(|r| r.clone());
         if let Some(record) = record {
-            let update = StatusUpdate { status: BuildStatus::DoneFailure, message: e.to_string() };
+            let update = StatusUpdate {
+                status: BuildStatus::DoneFailure,
+                message: e.to_string(),
+            };
             if let Some((outcome, took)) = record.record(1, update, Some(BuildOutcome::Failure)) {
                 deps.metrics.build_completed(outcome, took);
             }
@@ -202,7 +224,11 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
         deps.table.running.remove_if(&plan.key, |_, id| id == &build);
         return Err(e);
     }
-    Ok(Submission::Running { build, refs: plan.refs, joined: false })
+    Ok(Submission::Running {
+        build,
+        refs: plan.refs,
+        joined: false,
+    })
 }
 
 async fn start_build(
@@ -211,14 +237,19 @@ async fn start_build(
     plan: Plan,
     request: &BuildRequest,
 ) -> Result<(), BuildError> {
-    deps.directory.logs.call(log_fanout::Open { build: build.clone() }).await??;
+    deps.directory
+        .logs
+        .call(log_fanout::Open { build: build.clone() })
+        .await??;
     let run = Arc::new(BuildRun::new(build.clone(), plan, request, deps.build_timeout));
     let spec = build::child_spec(run, deps.build.clone(), deps.directory.clone());
     deps.directory
         .supervisor
         .send(StartChild(spec))
         .await
-        .map_err(|_| super::supervision::Unavailable { actor: "supervisor".into() })?;
+        .map_err(|_| super::supervision::Unavailable {
+            actor: "supervisor".into(),
+        })?;
     Ok(())
 }
 
@@ -298,11 +329,16 @@ impl Handler<Report> for Orchestrator {
     type Result = ();
 
     fn handle(&mut self, msg: Report, _: &mut Self::Context) {
-        let Ok(record) = self.record(&msg.build) else { return };
+        let Ok(record) = self.record(&msg.build) else {
+            return;
+        };
         let seq = msg.seq.unwrap_or_else(|| record.subscribe().borrow().len());
         if let Some((outcome, took)) = record.record(seq, msg.update, msg.outcome) {
             self.deps.metrics.build_completed(outcome, took);
-            self.deps.table.running.remove_if(&record.key, |_, id| id == &record.id);
+            self.deps
+                .table
+                .running
+                .remove_if(&record.key, |_, id| id == &record.id);
             tracing::info!(build_id = %record.id, outcome = outcome.as_str(), took_ms = took.as_millis() as u64, "build finished");
         }
     }

@@ -23,7 +23,8 @@ pub struct WorkspacePlan {
     pub status: BuildStatus,
 }
 
-const DOCKERFILE_UNSUPPORTED: &str = "Dockerfile sources need Kiln's Dockerfile engine, which this Kiln does not \
+const DOCKERFILE_UNSUPPORTED: &str =
+    "Dockerfile sources need Kiln's Dockerfile engine, which this Kiln does not \
      have yet; build from an image reference (source.ref) instead";
 
 pub(super) async fn plan(deps: &OrchestratorDeps, request: &BuildRequest) -> Result<Plan, BuildError> {
@@ -52,8 +53,16 @@ fn plan_from_base(deps: &OrchestratorDeps, base: ImageRef, auth: AuthPolicy) -> 
     let digest = base.digest().expect("resolved references carry a digest");
     let key = BuildKey::for_image(digest);
     let workspace = key.workspace_image(&deps.workspace_repository);
-    let job = Job::CopyImage { source: base.clone(), target: workspace.clone(), auth };
-    Plan { key, refs: BuildRefs { workspace, base }, job }
+    let job = Job::CopyImage {
+        source: base.clone(),
+        target: workspace.clone(),
+        auth,
+    };
+    Plan {
+        key,
+        refs: BuildRefs { workspace, base },
+        job,
+    }
 }
 
 pub(super) async fn plan_workspace(
@@ -64,6 +73,13 @@ pub(super) async fn plan_workspace(
     let base = resolve_source(deps, &source, &auth).await?;
     let plan = plan_from_base(deps, base, auth.clone());
     let exists = deps.registry.exists(&plan.refs.workspace, &auth).await?;
-    let status = if exists { BuildStatus::DoneSuccess } else { BuildStatus::Unknown };
-    Ok(WorkspacePlan { refs: plan.refs, status })
+    let status = if exists {
+        BuildStatus::DoneSuccess
+    } else {
+        BuildStatus::Unknown
+    };
+    Ok(WorkspacePlan {
+        refs: plan.refs,
+        status,
+    })
 }

@@ -64,7 +64,12 @@ impl BuildRecord {
     }
 
     pub fn snapshot(&self) -> BuildSnapshot {
-        let last = self.history.borrow().last().cloned().expect("history starts non-empty");
+        let last = self
+            .history
+            .borrow()
+            .last()
+            .cloned()
+            .expect("history starts non-empty");
         BuildSnapshot {
             id: self.id.clone(),
             refs: self.refs.clone(),
@@ -80,7 +85,10 @@ impl BuildRecord {
 
     /// When the build finished, if it did.
     pub fn finished_at(&self) -> Option<Instant> {
-        self.finished.lock().unwrap_or_else(|e| e.into_inner()).map(|(t, _)| t)
+        self.finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|(t, _)| t)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Vec<StatusUpdate>> {
@@ -153,15 +161,24 @@ mod tests {
         BuildRecord::new(
             BuildId::random(),
             BuildKey::for_image(&d),
-            BuildRefs { workspace: base.clone(), base },
-            StatusUpdate { status: BuildStatus::Running, message: "started".into() },
+            BuildRefs {
+                workspace: base.clone(),
+                base,
+            },
+            StatusUpdate {
+                status: BuildStatus::Running,
+                message: "started".into(),
+            },
         )
     }
 
     #[test]
     fn history_ignores_resends_and_updates_after_the_end() {
         let r = record();
-        let done = StatusUpdate { status: BuildStatus::DoneSuccess, message: "ok".into() };
+        let done = StatusUpdate {
+            status: BuildStatus::DoneSuccess,
+            message: "ok".into(),
+        };
         assert!(r.record(1, done.clone(), Some(BuildOutcome::Success)).is_some());
         assert!(r.record(1, done.clone(), Some(BuildOutcome::Success)).is_none());
         assert!(r.record(2, done, Some(BuildOutcome::Success)).is_none());

@@ -1,0 +1,666 @@
+//! Filesystem steps of a build (COPY, ADD, WORKDIR, heredoc files), applied to an image's
+//! root filesystem through a real overlay mount, so that copy-up, whiteouts and the image's
+//! own symlinks behave exactly as they will in a container.
+//!
+//! The overlay must be mounted in a private mount namespace, which a multi-threaded process
+//! cannot enter; so [`apply`] re-executes the `kiln` binary (`kiln __fsop`), which reads an
+//! [`FsOp`] on stdin, unshares its mount namespace, mounts, applies the actions with
+//! [`run_child`], and exits. Its mounts vanish with it: nothing is left mounted on the host,
+//! whatever happens to either process. The step's changes end up in the overlay's upper
+//! directory, which is the new layer.
+
+use std::{
+    collections::HashMap,
+    fs::{self, File},
+    io::{self, Read, Write},
+    os::unix::fs::{chown, lchown, symlink, MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::securejoin::resolve_in_root;
+use crate::engine::context::DockerIgnore;
+
+/// The root filesystem being changed: read-only layers (top first) and the new upper dir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Overlay {
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+/// Where COPY/ADD read from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FsSource {
+    /// The build context; `ignore` is its `.dockerignore` text.
+    Context { dir: PathBuf, ignore: String },
+    /// Another stage or image, as its layers (top first).
+    Layers { lowers: Vec<PathBuf> },
+}
+
+/// One change to the root filesystem.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FsAction {
+    /// COPY/ADD `sources` (patterns relative to the source root) to `dest` (absolute; a
+    /// trailing `/` means a directory).
+    Copy {
+        sources: Vec<String>,
+        dest: String,
+        chown: Option<String>,
+        chmod: Option<u32>,
+        /// ADD: unpack local tar archives into `dest`.
+        extract: bool,
+    },
+    /// WORKDIR: create `path` and its parents if missing.
+    Mkdir { path: String },
+    /// COPY <<EOF: write `content` to `dest`.
+    Write { dest: String, name: String, content: Vec<u8>, chown: Option<String>, chmod: Option<u32> },
+}
+
+/// Everything `kiln __fsop` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FsOp {
+    pub target: Overlay,
+    pub source: Option<FsSource>,
+    pub actions: Vec<FsAction>,
+    /// Scratch space for mount points and an empty bottom layer.
+    pub scratch: PathBuf,
+}
+
+/// Why a filesystem step failed. The message is meant for the build log.
+#[derive(Debug, thiserror::Error)]
+pub enum FsOpError {
+    #[error("cannot start the filesystem helper {exe}: {source}")]
+    Spawn { exe: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs `op` in a child `kiln __fsop` process.
+pub async fn apply(exe: &Path, op: &FsOp) -> Result<(), FsOpError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("__fsop")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| FsOpError::Spawn { exe: exe.into(), source })?;
+    let spec = serde_json::to_vec(op).expect("fs ops serialize");
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(&spec).await.map_err(|e| FsOpError::Failed(format!("sending the step to the helper: {e}")))?;
+    drop(stdin);
+    let out = child.wait_with_output().await.map_err(|e| FsOpError::Failed(format!("waiting for the helper: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        Err(FsOpError::Failed(if msg.is_empty() { format!("filesystem helper failed: {}", out.status) } else { msg }))
+    }
+}
+
+/// The `kiln __fsop` entry point: reads an [`FsOp`] from stdin and applies it.
+pub fn child_main() -> std::process::ExitCode {
+    let mut input = Vec::new();
+    let result = io::stdin()
+        .read_to_end(&mut input)
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_slice::<FsOp>(&input).map_err(|e| format!("bad fs op: {e}")))
+        .and_then(|op| run_child(&op));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            let _ = writeln!(io::stderr(), "{message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> String {
+    let lower = lowers.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
+    match upper {
+        Some((u, w)) => format!("lowerdir={lower},upperdir={},workdir={}", u.display(), w.display()),
+        None => format!("lowerdir={lower}"),
+    }
+}
+
+fn mount_overlay(target: &Path, lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    fs::create_dir_all(target).map_err(|e| format!("creating mount point {}: {e}", target.display()))?;
+    let options = overlay_options(lowers, upper);
+    let flags = if upper.is_none() { MsFlags::MS_RDONLY } else { MsFlags::empty() };
+    mount(Some("overlay"), target, Some("overlay"), flags, Some(options.as_str()))
+        .map_err(|e| format!("mounting the image's layers ({} layers): {e}", lowers.len()))
+}
+
+/// Applies `op` (in the child, as root, before any other thread exists).
+pub fn run_child(op: &FsOp) -> Result<(), String> {
+    use nix::{
+        mount::{mount, MsFlags},
+        sched::{unshare, CloneFlags},
+    };
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mount namespace: {e}"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| format!("making mounts private: {e}"))?;
+    let scratch = &op.scratch;
+    let empty = scratch.join("empty");
+    fs::create_dir_all(&empty).map_err(|e| e.to_string())?;
+    // Overlay needs at least one lower layer, and a read-only overlay at least two.
+    let with_empty = |lowers: &[PathBuf]| {
+        let mut l = lowers.to_vec();
+        l.push(empty.clone());
+        l
+    };
+    let root = scratch.join("root");
+    mount_overlay(&root, &with_empty(&op.target.lowers), Some((&op.target.upper, &op.target.work)))?;
+    let source = match &op.source {
+        None => None,
+        Some(FsSource::Context { dir, ignore }) => Some((dir.clone(), Some(DockerIgnore::parse(ignore)))),
+        Some(FsSource::Layers { lowers }) => {
+            let src = scratch.join("source");
+            mount_overlay(&src, &with_empty(lowers), None)?;
+            Some((src, None))
+        }
+    };
+    let ids = IdMaps::load(&root);
+    for action in &op.actions {
+        match action {
+            FsAction::Mkdir { path } => {
+                let dest = resolve_in_root(&root, path, true).map_err(|e| format!("WORKDIR {path}: {e}"))?;
+                mkdir_parents(&dest, &root, None).map_err(|e| format!("WORKDIR {path}: {e}"))?;
+            }
+            FsAction::Write { dest, name, content, chown: owner, chmod } => {
+                let owner = owner.as_deref().map(|o| ids.resolve(o)).transpose()?;
+                let mut target = dest.clone();
+                if dest.ends_with('/') {
+                    target.push_str(name);
+                }
+                let path = resolve_in_root(&root, &target, true).map_err(|e| format!("{target}: {e}"))?;
+                if path.is_dir() {
+                    return Err(format!("cannot write {name} over the directory {target}"));
+                }
+                mkdir_parents(path.parent().unwrap_or(&root), &root, owner).map_err(|e| format!("{target}: {e}"))?;
+                fs::write(&path, content).map_err(|e| format!("writing {target}: {e}"))?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(chmod.unwrap_or(0o644)))
+                    .map_err(|e| e.to_string())?;
+                let (uid, gid) = owner.unwrap_or((0, 0));
+                chown(&path, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+            }
+            FsAction::Copy { sources, dest, chown: owner, chmod, extract } => {
+                let Some((src_root, ignore)) = &source else {
+                    return Err("COPY has no source".into());
+                };
+                let owner = owner.as_deref().map(|o| ids.resolve(o)).transpose()?;
+                let plan = CopyPlan { root: &root, owner, chmod: *chmod, extract: *extract, keep_ids: ignore.is_none() };
+                plan.copy(src_root, ignore.as_ref(), sources, dest)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// User and group names of the image, for `--chown`.
+struct IdMaps {
+    users: HashMap<String, (u32, u32)>,
+    groups: HashMap<String, u32>,
+}
+
+impl IdMaps {
+    fn load(root: &Path) -> Self {
+        let read = |p: &str| {
+            resolve_in_root(root, p, true).ok().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default()
+        };
+        let users = read("/etc/passwd")
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                Some((f.first()?.to_string(), (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))
+            })
+            .collect();
+        let groups = read("/etc/group")
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
+            })
+            .collect();
+        Self { users, groups }
+    }
+
+    /// `user[:group]`, names or numbers; a user alone also sets its primary group
+    /// (numeric users without a passwd entry get the same number as group).
+    fn resolve(&self, spec: &str) -> Result<(u32, u32), String> {
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        let (uid, primary) = match user.parse::<u32>() {
+            Ok(uid) => (uid, self.users.values().find(|(u, _)| *u == uid).map(|(_, g)| *g).unwrap_or(uid)),
+            Err(_) => *self.users.get(user).ok_or_else(|| format!("--chown: unknown user {user:?} in the image's /etc/passwd"))?,
+        };
+        let gid = match group {
+            None => primary,
+            Some(g) => match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => *self.groups.get(g).ok_or_else(|| format!("--chown: unknown group {g:?} in the image's /etc/group"))?,
+            },
+        };
+        Ok((uid, gid))
+    }
+}
+
+/// Creates `dir` and missing parents (0755, owned by `owner` or root), like `mkdir -p`.
+fn mkdir_parents(dir: &Path, root: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if parent.starts_with(root) && parent != dir {
+            mkdir_parents(parent, root, owner)?;
+        }
+    }
+    match fs::symlink_metadata(dir) {
+        Ok(m) if !m.is_dir() => {
+            return Err(io::Error::other(format!("{} exists and is not a directory", dir.display())));
+        }
+        Ok(_) => return Ok(()),
+        Err(_) => {}
+    }
+    fs::create_dir(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    chown(dir, Some(uid), Some(gid))
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Go's `filepath.Match` for one path segment: `*`, `?`, `[...]` (with `^`/`!` negation and
+/// ranges), `\` escapes.
+pub fn segment_matches(pattern: &str, name: &str) -> bool {
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
+            Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
+            Some('[') => {
+                let Some(c) = n.first() else { return false };
+                let mut i = 1;
+                let negate = matches!(p.get(1), Some('^') | Some('!'));
+                if negate {
+                    i += 1;
+                }
+                let mut matched = false;
+                let mut first = true;
+                while i < p.len() && (first || p[i] != ']') {
+                    first = false;
+                    let lo = if p[i] == '\\' && i + 1 < p.len() {
+                        i += 1;
+                        p[i]
+                    } else {
+                        p[i]
+                    };
+                    if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+                        if lo <= *c && *c <= p[i + 2] {
+                            matched = true;
+                        }
+                        i += 3;
+                    } else {
+                        if lo == *c {
+                            matched = true;
+                        }
+                        i += 1;
+                    }
+                }
+                if i >= p.len() {
+                    return false; // unterminated class
+                }
+                matched != negate && go(&p[i + 1..], &n[1..])
+            }
+            Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && go(&p[2..], &n[1..]),
+            Some(ch) => n.first() == Some(ch) && go(&p[1..], &n[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    go(&p, &n)
+}
+
+/// Paths (relative to `root`) matching `pattern`, segment by segment, sorted.
+fn glob(root: &Path, pattern: &str, ignore: Option<&DockerIgnore>) -> Vec<String> {
+    let segments: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
+    let mut found = vec![String::new()];
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        let mut next = Vec::new();
+        for base in &found {
+            let dir = root.join(base);
+            if !has_glob(seg) {
+                let rel = if base.is_empty() { seg.to_string() } else { format!("{base}/{seg}") };
+                if fs::symlink_metadata(root.join(&rel)).is_ok() {
+                    next.push(rel);
+                }
+                continue;
+            }
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            let mut names: Vec<String> =
+                entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            names.sort();
+            for name in names {
+                if segment_matches(seg, &name) {
+                    let rel = if base.is_empty() { name } else { format!("{base}/{name}") };
+                    let is_dir = root.join(&rel).is_dir();
+                    if last && ignore.is_some_and(|ig| ig.is_excluded(&rel, is_dir)) {
+                        continue;
+                    }
+                    next.push(rel);
+                }
+            }
+        }
+        found = next;
+    }
+    found.retain(|p| !p.is_empty());
+    found
+}
+
+/// The paths (relative to `root`) one COPY source names: a glob's matches, or the path
+/// itself. Used to hash a COPY's inputs for the instruction cache.
+pub fn glob_sources(root: &Path, pattern: &str, ignore: Option<&DockerIgnore>) -> Vec<String> {
+    let clean = pattern.trim_start_matches('/').trim_start_matches("./");
+    if clean.is_empty() || clean == "." {
+        return vec![String::new()];
+    }
+    if has_glob(clean) {
+        glob(root, clean, ignore)
+    } else {
+        vec![clean.trim_end_matches('/').to_owned()]
+    }
+}
+
+struct CopyPlan<'a> {
+    root: &'a Path,
+    owner: Option<(u32, u32)>,
+    chmod: Option<u32>,
+    extract: bool,
+    /// Keep source ownership (COPY --from); context files belong to root.
+    keep_ids: bool,
+}
+
+impl CopyPlan<'_> {
+    fn copy(&self, src_root: &Path, ignore: Option<&DockerIgnore>, sources: &[String], dest: &str) -> Result<(), String> {
+        let mut matched: Vec<(String, PathBuf)> = Vec::new();
+        for pattern in sources {
+            let clean = pattern.trim_start_matches('/');
+            let clean = if clean.is_empty() { "." } else { clean };
+            let rels: Vec<String> = if clean == "." || clean == "./" {
+                vec![String::new()]
+            } else if has_glob(clean) {
+                glob(src_root, clean, ignore)
+            } else {
+                let rel = clean.trim_end_matches('/').trim_start_matches("./").to_owned();
+                let path = resolve_in_root(src_root, &rel, true).map_err(|e| format!("{pattern}: {e}"))?;
+                let excluded = ignore.is_some_and(|ig| ig.is_excluded(&rel, path.is_dir()));
+                if fs::symlink_metadata(&path).is_err() || excluded {
+                    return Err(format!("{pattern}: not found in the build context (or excluded by .dockerignore)"));
+                }
+                vec![rel]
+            };
+            if rels.is_empty() {
+                return Err(format!("{pattern}: no files match in the build context"));
+            }
+            for rel in rels {
+                let path = resolve_in_root(src_root, &rel, true).map_err(|e| format!("{rel}: {e}"))?;
+                matched.push((rel, path));
+            }
+        }
+        let many = matched.len() > 1 || sources.iter().any(|s| has_glob(s));
+        let dest_is_dir_syntax = dest.ends_with('/') || dest.ends_with("/.") || dest == "." || dest.is_empty();
+        if many && !dest_is_dir_syntax {
+            let dest_path = resolve_in_root(self.root, dest, true).map_err(|e| e.to_string())?;
+            if !dest_path.is_dir() {
+                return Err(format!("when copying several sources, the destination {dest:?} must be a directory and end with /"));
+            }
+        }
+        for (rel, path) in matched {
+            let meta = fs::metadata(&path).map_err(|e| format!("{rel}: {e}"))?;
+            let dest_path = resolve_in_root(self.root, dest, true).map_err(|e| e.to_string())?;
+            if meta.is_dir() {
+                self.mkdir_dest(&dest_path)?;
+                self.copy_dir_contents(&path, &dest_path, src_root, ignore, &rel, &mut HashMap::new())?;
+            } else if self.extract && is_archive(&path) {
+                self.mkdir_dest(&dest_path)?;
+                extract_archive(&path, &dest_path, self.owner).map_err(|e| format!("ADD {rel}: extracting: {e}"))?;
+            } else {
+                let into_dir = dest_is_dir_syntax || many || dest_path.is_dir();
+                let target = if into_dir {
+                    self.mkdir_dest(&dest_path)?;
+                    let name = Path::new(&rel).file_name().map(|n| n.to_owned()).unwrap_or_default();
+                    dest_path.join(name)
+                } else {
+                    if let Some(parent) = dest_path.parent() {
+                        mkdir_parents(parent, self.root, self.owner).map_err(|e| format!("{dest}: {e}"))?;
+                    }
+                    dest_path
+                };
+                self.copy_entry(&path, &target, &mut HashMap::new()).map_err(|e| format!("{rel}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn mkdir_dest(&self, dir: &Path) -> Result<(), String> {
+        mkdir_parents(dir, self.root, self.owner).map_err(|e| format!("{}: {e}", dir.display()))
+    }
+
+    fn copy_dir_contents(
+        &self,
+        src: &Path,
+        dest: &Path,
+        src_root: &Path,
+        ignore: Option<&DockerIgnore>,
+        rel: &str,
+        links: &mut HashMap<(u64, u64), PathBuf>,
+    ) -> Result<(), String> {
+        let mut entries: Vec<_> = fs::read_dir(src)
+            .map_err(|e| format!("{rel}: {e}"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        entries.sort();
+        for name in entries {
+            let child_rel = if rel.is_empty() {
+                name.to_string_lossy().into_owned()
+            } else {
+                format!("{rel}/{}", name.to_string_lossy())
+            };
+            let child = src.join(&name);
+            let meta = fs::symlink_metadata(&child).map_err(|e| format!("{child_rel}: {e}"))?;
+            if ignore.is_some_and(|ig| ig.is_excluded(&child_rel, meta.is_dir())) {
+                // An excluded directory may still hold re-included files (`!` patterns).
+                if !meta.is_dir() || !ignore.is_some_and(|ig| ig.may_reinclude_beneath(&child_rel)) {
+                    continue;
+                }
+            }
+            let target = dest.join(&name);
+            if meta.is_dir() {
+                self.copy_entry(&child, &target, links).map_err(|e| format!("{child_rel}: {e}"))?;
+                self.copy_dir_contents(&child, &target, src_root, ignore, &child_rel, links)?;
+                self.finish_dir(&child, &target).map_err(|e| format!("{child_rel}: {e}"))?;
+            } else {
+                self.copy_entry(&child, &target, links).map_err(|e| format!("{child_rel}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ids(&self, meta: &fs::Metadata) -> (u32, u32) {
+        match (self.owner, self.keep_ids) {
+            (Some(o), _) => o,
+            (None, true) => (meta.uid(), meta.gid()),
+            (None, false) => (0, 0),
+        }
+    }
+
+    fn mode(&self, meta: &fs::Metadata) -> u32 {
+        self.chmod.unwrap_or(meta.mode() & 0o7777)
+    }
+
+    /// Copies one entry (a directory only as itself, not its contents).
+    fn copy_entry(&self, src: &Path, dest: &Path, links: &mut HashMap<(u64, u64), PathBuf>) -> io::Result<()> {
+        let meta = fs::symlink_metadata(src)?;
+        let ft = meta.file_type();
+        if let Ok(existing) = fs::symlink_metadata(dest) {
+            if !(existing.is_dir() && ft.is_dir()) {
+                if existing.is_dir() {
+                    fs::remove_dir_all(dest)?;
+                } else {
+                    fs::remove_file(dest)?;
+                }
+            }
+        }
+        let (uid, gid) = self.ids(&meta);
+        if ft.is_dir() {
+            if !dest.is_dir() {
+                fs::create_dir(dest)?;
+            }
+            fs::set_permissions(dest, fs::Permissions::from_mode(self.mode(&meta)))?;
+            chown(dest, Some(uid), Some(gid))?;
+        } else if ft.is_symlink() {
+            symlink(fs::read_link(src)?, dest)?;
+            lchown(dest, Some(uid), Some(gid))?;
+            let mtime = filetime::FileTime::from_last_modification_time(&meta);
+            filetime::set_symlink_file_times(dest, mtime, mtime)?;
+        } else if ft.is_file() && meta.nlink() > 1 && links.contains_key(&(meta.dev(), meta.ino())) {
+            fs::hard_link(&links[&(meta.dev(), meta.ino())], dest)?;
+        } else if ft.is_file() {
+            let mut input = File::open(src)?;
+            let mut output = File::create(dest)?;
+            io::copy(&mut input, &mut output)?;
+            drop(output);
+            fs::set_permissions(dest, fs::Permissions::from_mode(self.mode(&meta)))?;
+            chown(dest, Some(uid), Some(gid))?;
+            let mtime = filetime::FileTime::from_last_modification_time(&meta);
+            filetime::set_file_times(dest, mtime, mtime)?;
+            if meta.nlink() > 1 {
+                links.insert((meta.dev(), meta.ino()), dest.to_path_buf());
+            }
+        } else {
+            // fifos and device nodes (COPY --from of a system image)
+            use nix::sys::stat::{mknod, Mode, SFlag};
+            let kind = SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
+            mknod(dest, kind, Mode::from_bits_truncate(meta.mode() & 0o7777), meta.rdev())
+                .map_err(io::Error::from)?;
+            chown(dest, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    }
+
+    /// Directory mtimes are set after their contents are written.
+    fn finish_dir(&self, src: &Path, dest: &Path) -> io::Result<()> {
+        let meta = fs::metadata(src)?;
+        let mtime = filetime::FileTime::from_last_modification_time(&meta);
+        filetime::set_file_times(dest, mtime, mtime)
+    }
+}
+
+/// Whether `path` is a tar archive (plain, gzip, bzip2 or xz), judged by content.
+fn is_archive(path: &Path) -> bool {
+    let Ok(mut f) = File::open(path) else { return false };
+    let mut head = [0u8; 6];
+    let n = f.read(&mut head).unwrap_or(0);
+    let compressed = match &head[..n.min(6)] {
+        [0x1f, 0x8b, ..] | [b'B', b'Z', b'h', ..] | [0xfd, b'7', b'z', b'X', b'Z', 0] => true,
+        _ => false,
+    };
+    match open_decompressed(path) {
+        Ok(mut r) => {
+            let mut block = vec![0u8; 512];
+            let mut filled = 0;
+            while filled < 512 {
+                match r.read(&mut block[filled..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => filled += k,
+                }
+            }
+            let ustar = filled == 512 && &block[257..262] == b"ustar";
+            ustar || (compressed && filled == 512 && tar_checksum_ok(&block))
+        }
+        Err(_) => false,
+    }
+}
+
+fn tar_checksum_ok(block: &[u8]) -> bool {
+    let stored = std::str::from_utf8(&block[148..156])
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok());
+    let sum: u32 = block.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { *b as u32 }).sum();
+    stored == Some(sum)
+}
+
+fn open_decompressed(path: &Path) -> io::Result<Box<dyn Read>> {
+    let mut f = File::open(path)?;
+    let mut head = [0u8; 6];
+    let n = f.read(&mut head)?;
+    let f = File::open(path)?;
+    Ok(match &head[..n] {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(f))),
+        [b'B', b'Z', b'h', ..] => Box::new(bzip2::read::MultiBzDecoder::new(io::BufReader::new(f))),
+        [0xfd, b'7', b'z', b'X', b'Z', 0] => {
+            let mut out = Vec::new();
+            lzma_rs::xz_decompress(&mut io::BufReader::new(f), &mut out).map_err(|e| io::Error::other(e.to_string()))?;
+            Box::new(io::Cursor::new(out))
+        }
+        _ => Box::new(f),
+    })
+}
+
+fn extract_archive(path: &Path, dest: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let mut archive = tar::Archive::new(open_decompressed(path)?);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(owner.is_none());
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let unpacked = entry.unpack_in(dest)?;
+        if let (true, Some((uid, gid))) = (unpacked, owner) {
+            let p = dest.join(entry.path()?);
+            lchown(&p, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_glob_segments() {
+        assert!(segment_matches("*.json", "data1.json"));
+        assert!(!segment_matches("*.json", "data1.jsonx"));
+        assert!(segment_matches("data?.json", "data1.json"));
+        assert!(!segment_matches("data?.json", "data10.json"));
+        assert!(segment_matches("[a-c].txt", "b.txt"));
+        assert!(!segment_matches("[^a-c].txt", "b.txt"));
+        assert!(segment_matches("*", ".hidden.txt"));
+        assert!(segment_matches("\\*", "*"));
+    }
+
+    #[test]
+    fn chown_specs() {
+        let ids = IdMaps {
+            users: [("app".to_string(), (1000, 1000))].into(),
+            groups: [("staff".to_string(), 50)].into(),
+        };
+        assert_eq!(ids.resolve("app").unwrap(), (1000, 1000));
+        assert_eq!(ids.resolve("app:staff").unwrap(), (1000, 50));
+        assert_eq!(ids.resolve("1000:7").unwrap(), (1000, 7));
+        assert_eq!(ids.resolve("42").unwrap(), (42, 42));
+        assert!(ids.resolve("nobody").unwrap_err().contains("nobody"));
+    }
+}

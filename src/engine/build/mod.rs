@@ -1,0 +1,229 @@
+//! The Dockerfile interpreter: from a parsed Dockerfile and a build context to an image
+//! pushed to a registry.
+//!
+//! [`Engine::build`] walks the stages the target needs, in order. Each stage starts from an
+//! image (pulled into the layer store), an earlier stage, or `scratch`, and applies its
+//! instructions to an [`state::ImageState`]: metadata instructions change the config,
+//! RUN runs in the sandbox over the stage's layers, COPY/ADD/WORKDIR go through
+//! [`fsop`]. Every layer-producing step is looked up in the instruction cache first. The
+//! target stage's state is then pushed: layers (mounted from their origin when possible),
+//! config, manifest.
+//!
+//! The engine keeps no state between builds other than what is on disk (layer store, blob
+//! directory, instruction cache, cache mounts), so any number of builds may share one.
+
+mod cache;
+pub mod fsop;
+mod pull;
+mod push;
+mod securejoin;
+mod stage;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use cache::{InstructionCache, StateKey};
+pub use fsop::child_main as fsop_child_main;
+pub use stage::BuildLogSink;
+
+use super::{
+    dockerfile::{self, ParseError},
+    layers::{Compression, LayerStore},
+};
+use crate::{
+    model::{AuthPolicy, Digest, ImageRef},
+    registry::{Platform, RegistryClient, RegistryError},
+};
+
+/// How RUN steps reach the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunNetwork {
+    /// Share the host's network (the default; `apt-get` works).
+    #[default]
+    Host,
+    /// A new network namespace with only loopback.
+    None,
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Root of the engine's state: `layers/`, `blobs/`, `cache/`, `cache-mounts/`, `tmp/`.
+    pub data_dir: PathBuf,
+    /// The `kiln` binary, re-executed for RUN (`__sandbox`) and filesystem steps (`__fsop`).
+    pub exe: PathBuf,
+    pub compression: Compression,
+    pub network: RunNetwork,
+    pub platform: Platform,
+}
+
+/// One build's inputs.
+#[derive(Debug, Clone)]
+pub struct BuildInput {
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// The build context directory.
+    pub context: PathBuf,
+    /// The context's `.dockerignore` text ("" when there is none).
+    pub dockerignore: String,
+    pub build_args: BTreeMap<String, String>,
+    /// The stage to build; the last one when `None`.
+    pub target: Option<String>,
+    /// Where the image goes (a tag).
+    pub destination: ImageRef,
+    pub auth: AuthPolicy,
+}
+
+/// What a build pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOutput {
+    pub digest: Digest,
+    pub reference: ImageRef,
+}
+
+/// Why a build failed. Retryable: `Registry` with an Unavailable kind.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// A Dockerfile instruction cannot be applied (the message names the line).
+    #[error("Dockerfile line {line}: {message}")]
+    Instruction { line: usize, message: String },
+    /// A RUN step exited non-zero.
+    #[error("Dockerfile line {line}: RUN {command} exited with code {exit_code}\n{tail}")]
+    RunFailed { line: usize, command: String, exit_code: i32, tail: String },
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("layer store: {0}")]
+    Layer(#[from] super::layers::LayerError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("build cancelled")]
+    Cancelled,
+}
+
+impl EngineError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+
+    pub(crate) fn at(line: usize, message: impl Into<String>) -> Self {
+        Self::Instruction { line, message: message.into() }
+    }
+}
+
+/// The Dockerfile engine. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    config: EngineConfig,
+    registry: RegistryClient,
+    layers: LayerStore,
+    cache: InstructionCache,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, registry: RegistryClient) -> Result<Self, EngineError> {
+        for dir in ["layers", "blobs", "cache", "cache-mounts", "tmp"] {
+            let p = config.data_dir.join(dir);
+            std::fs::create_dir_all(&p).map_err(EngineError::io(format!("creating {}", p.display())))?;
+        }
+        // Temp dirs of builds that died with an earlier process hold nothing worth keeping.
+        let tmp = config.data_dir.join("tmp");
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let layers = LayerStore::open(config.data_dir.join("layers"))?;
+        let cache = InstructionCache::open(config.data_dir.join("cache"))
+            .map_err(EngineError::io("opening the instruction cache"))?;
+        Ok(Self { inner: Arc::new(EngineInner { config, registry, layers, cache }) })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn registry(&self) -> &RegistryClient {
+        &self.inner.registry
+    }
+
+    pub(crate) fn layer_store(&self) -> &LayerStore {
+        &self.inner.layers
+    }
+
+    pub(crate) fn instruction_cache(&self) -> &InstructionCache {
+        &self.inner.cache
+    }
+
+    /// Where compressed layers this engine made are kept (`blobs/sha256/<hex>`).
+    pub(crate) fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.config.data_dir.join("blobs").join(digest.hex())
+    }
+
+    pub(crate) fn cache_mount_dir(&self, id: &str) -> PathBuf {
+        let name = hex::encode(&sha2::Sha256::digest(id.as_bytes())[..16]);
+        self.inner.config.data_dir.join("cache-mounts").join(name)
+    }
+
+    /// Pulls `image`'s layers into the layer store (the cache warmer's pre-fetch).
+    pub async fn prefetch(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<usize, EngineError> {
+        let base = pull::pull(self, image, auth).await?;
+        Ok(base.layers.len())
+    }
+
+    /// Builds `input` and pushes the result. Lines for the build log go to `log`.
+    pub async fn build(
+        &self,
+        input: &BuildInput,
+        log: mpsc::UnboundedSender<Bytes>,
+        cancel: CancellationToken,
+    ) -> Result<BuildOutput, EngineError> {
+        let started = Instant::now();
+        let dockerfile = dockerfile::parse(&input.dockerfile)?;
+        let scratch = tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(self.inner.config.data_dir.join("tmp"))
+            .map_err(EngineError::io("creating the build's scratch directory"))?;
+        let log = BuildLogSink::new(log);
+        let build = stage::StageRunner::new(self, input, &dockerfile, scratch.path(), log.clone(), cancel.clone());
+        let state = tokio::select! {
+            s = build.run() => s?,
+            _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+        };
+        log.line(format!("pushing {}", input.destination));
+        let output = tokio::select! {
+            o = push::push(self, &state, &input.destination, &input.auth, &log) => o?,
+            _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+        };
+        log.line(format!(
+            "pushed {}@{} ({} layers) in {:.2}s",
+            input.destination,
+            output.digest,
+            state.layers.len(),
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(output)
+    }
+}
+
+use sha2::Digest as _;
+
+/// `dir` as a string for messages.
+pub(crate) fn shown(dir: &Path) -> String {
+    dir.display().to_string()
+}

@@ -1,0 +1,992 @@
+//! Applying a Dockerfile's stages to image states, instruction by instruction.
+//!
+//! The scoping rules follow the Dockerfile reference: ARGs declared before the first FROM
+//! are visible only to FROM lines, unless a stage re-declares them; a stage's ARGs are
+//! visible to later instructions of that stage (and to RUN's environment) but never stored
+//! in the image; ENV wins over ARG of the same name; the predefined proxy ARGs reach RUN
+//! without being declared; TARGET*/BUILD* platform ARGs are set automatically.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    cache::{CachedLayer, StateKey},
+    fsop::{self, FsAction, FsOp, FsSource, Overlay},
+    pull, BuildInput, Engine, EngineError, RunNetwork,
+};
+use crate::{
+    engine::{
+        dockerfile::{self, expand, Dockerfile, Instruction, Located, ShellOrExec},
+        image::{self, Descriptor, Healthcheck, HistoryEntry, ImageConfig},
+        layers::{pack_layer_async, PackOptions},
+        sandbox::{self, BindMount, RunSpec},
+    },
+    model::{Digest, ImageRef},
+};
+
+/// Proxy ARGs that reach RUN without being declared (and are kept out of history).
+const PREDEFINED_ARGS: [&str; 10] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// The default `SHELL`.
+const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
+
+/// Where a layer's compressed blob can be found for the push.
+#[derive(Debug, Clone)]
+pub enum LayerOrigin {
+    /// In this registry repository (a pulled base layer): mount or copy it from there.
+    Registry(ImageRef),
+    /// In the engine's local blob directory (a layer this engine made).
+    Local,
+}
+
+/// One layer of an image state.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub diff_id: Digest,
+    pub blob: Descriptor,
+    /// The layer unpacked (an overlayfs lower directory).
+    pub dir: PathBuf,
+    pub origin: LayerOrigin,
+}
+
+/// An image under construction.
+#[derive(Debug, Clone)]
+pub struct ImageState {
+    pub config: ImageConfig,
+    pub layers: Vec<Layer>,
+    pub key: StateKey,
+}
+
+impl ImageState {
+    /// Overlay lower dirs, top layer first.
+    fn lowers(&self) -> Vec<PathBuf> {
+        self.layers.iter().rev().map(|l| l.dir.clone()).collect()
+    }
+}
+
+/// Where build log output goes: announced steps and RUN output.
+#[derive(Debug, Clone)]
+pub struct BuildLogSink(mpsc::UnboundedSender<Bytes>);
+
+impl BuildLogSink {
+    pub fn new(tx: mpsc::UnboundedSender<Bytes>) -> Self {
+        Self(tx)
+    }
+
+    pub fn line(&self, line: impl Into<String>) {
+        let mut s = line.into();
+        s.push('\n');
+        let _ = self.0.send(Bytes::from(s));
+    }
+
+    pub fn bytes(&self, b: Bytes) {
+        let _ = self.0.send(b);
+    }
+}
+
+/// The values of a stage's ARGs and the build's arguments.
+struct Args<'a> {
+    build_args: &'a BTreeMap<String, String>,
+    globals: &'a BTreeMap<String, Option<String>>,
+    automatic: &'a BTreeMap<String, String>,
+    declared: BTreeMap<String, Option<String>>,
+}
+
+impl Args<'_> {
+    fn declare(&mut self, name: &str, default: Option<String>) {
+        let value = self
+            .build_args
+            .get(name)
+            .cloned()
+            .or(default)
+            .or_else(|| self.globals.get(name).cloned().flatten())
+            .or_else(|| self.automatic.get(name).cloned());
+        self.declared.insert(name.to_owned(), value);
+    }
+
+    /// Variables visible to expansion: declared ARGs overridden by ENV.
+    fn lookup(&self, config: &ImageConfig, name: &str) -> Option<String> {
+        config
+            .env_pairs()
+            .into_iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .or_else(|| self.declared.get(name).cloned().flatten())
+    }
+
+    /// RUN's environment: the image's, plus declared ARGs and given proxy args it does not set.
+    fn run_env(&self, config: &ImageConfig) -> Vec<(String, String)> {
+        let mut env = config.env_pairs();
+        let mut add = |k: &str, v: &str| {
+            if !env.iter().any(|(ek, _)| ek == k) {
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        };
+        for (k, v) in &self.declared {
+            if let Some(v) = v {
+                add(k, v);
+            }
+        }
+        for k in PREDEFINED_ARGS {
+            if let Some(v) = self.build_args.get(k) {
+                add(k, v);
+            }
+        }
+        env
+    }
+}
+
+/// Runs the stages of one build.
+pub struct StageRunner<'a> {
+    engine: &'a Engine,
+    input: &'a BuildInput,
+    dockerfile: &'a Dockerfile,
+    scratch: &'a Path,
+    log: BuildLogSink,
+    cancel: CancellationToken,
+    /// Set when the last step was answered from the instruction cache.
+    last_step_cached: AtomicBool,
+}
+
+impl<'a> StageRunner<'a> {
+    pub fn new(
+        engine: &'a Engine,
+        input: &'a BuildInput,
+        dockerfile: &'a Dockerfile,
+        scratch: &'a Path,
+        log: BuildLogSink,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self { engine, input, dockerfile, scratch, log, cancel, last_step_cached: AtomicBool::new(false) }
+    }
+
+    fn automatic_args(&self) -> BTreeMap<String, String> {
+        let p = &self.engine.config().platform;
+        let platform = p.to_string();
+        let mut m = BTreeMap::new();
+        for prefix in ["TARGET", "BUILD"] {
+            m.insert(format!("{prefix}PLATFORM"), platform.clone());
+            m.insert(format!("{prefix}OS"), p.os.clone());
+            m.insert(format!("{prefix}ARCH"), p.architecture.clone());
+            m.insert(format!("{prefix}VARIANT"), p.variant.clone().unwrap_or_default());
+        }
+        m
+    }
+
+    fn source_date_epoch(&self) -> Option<i64> {
+        self.input.build_args.get("SOURCE_DATE_EPOCH").and_then(|v| v.trim().parse().ok())
+    }
+
+    fn created(&self) -> String {
+        let secs = self.source_date_epoch().unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+        });
+        image::timestamp(secs)
+    }
+
+    /// The index of the stage named `name` (alias or number), among those before `before`.
+    fn stage_index(&self, name: &str, before: usize) -> Option<usize> {
+        let lower = name.to_ascii_lowercase();
+        self.dockerfile.stages[..before]
+            .iter()
+            .position(|s| s.from.alias.as_deref() == Some(lower.as_str()))
+            .or_else(|| lower.parse::<usize>().ok().filter(|i| *i < before))
+    }
+
+    /// Builds every stage the target needs and returns the target's state.
+    pub async fn run(&self) -> Result<ImageState, EngineError> {
+        let stages = &self.dockerfile.stages;
+        let target = match &self.input.target {
+            None => stages.len() - 1,
+            Some(t) => self.stage_index(t, stages.len()).ok_or_else(|| {
+                let names: Vec<_> = stages.iter().filter_map(|s| s.from.alias.clone()).collect();
+                EngineError::at(0, format!("target stage {t:?} not found (stages: {})", names.join(", ")))
+            })?,
+        };
+        let automatic = self.automatic_args();
+        let mut globals: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for decl in &self.dockerfile.global_args {
+            let lookup = |n: &str| globals.get(n).cloned().flatten().or_else(|| automatic.get(n).cloned());
+            let default = decl
+                .default
+                .as_deref()
+                .map(|d| expand(d, &lookup, self.dockerfile.escape))
+                .transpose()
+                .map_err(|e| EngineError::at(0, format!("ARG {}: {e}", decl.name)))?;
+            let value = self.input.build_args.get(&decl.name).cloned().or(default);
+            globals.insert(decl.name.clone(), value);
+        }
+        let needed = self.needed_stages(target, &globals, &automatic)?;
+        let mut done: HashMap<usize, ImageState> = HashMap::new();
+        let total = needed.len();
+        for (n, index) in needed.iter().enumerate() {
+            if self.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let state = self.run_stage(*index, n + 1, total, &globals, &automatic, &done).await?;
+            done.insert(*index, state);
+        }
+        Ok(done.remove(&target).expect("the target stage was built"))
+    }
+
+    /// The target and every stage it depends on (FROM <stage>, COPY --from=<stage>), in order.
+    fn needed_stages(
+        &self,
+        target: usize,
+        globals: &BTreeMap<String, Option<String>>,
+        automatic: &BTreeMap<String, String>,
+    ) -> Result<Vec<usize>, EngineError> {
+        let mut needed = vec![false; self.dockerfile.stages.len()];
+        let mut stack = vec![target];
+        while let Some(i) = stack.pop() {
+            if needed[i] {
+                continue;
+            }
+            needed[i] = true;
+            let stage = &self.dockerfile.stages[i];
+            let from = self.expand_from(&stage.from.image, stage.from.line, globals, automatic)?;
+            if let Some(dep) = self.stage_index(&from, i) {
+                stack.push(dep);
+            }
+            for instr in &stage.instructions {
+                if let Instruction::Copy(spec) | Instruction::Add(spec) = &instr.inner {
+                    if let Some(dep) = spec.from.as_deref().and_then(|f| self.stage_index(f, i)) {
+                        stack.push(dep);
+                    }
+                }
+            }
+        }
+        Ok((0..needed.len()).filter(|i| needed[*i]).collect())
+    }
+
+    fn expand_from(
+        &self,
+        word: &str,
+        line: usize,
+        globals: &BTreeMap<String, Option<String>>,
+        automatic: &BTreeMap<String, String>,
+    ) -> Result<String, EngineError> {
+        let lookup = |n: &str| globals.get(n).cloned().flatten().or_else(|| automatic.get(n).cloned());
+        expand(word, &lookup, self.dockerfile.escape).map_err(|e| EngineError::at(line, format!("FROM: {e}")))
+    }
+
+    async fn base_state(
+        &self,
+        stage_index: usize,
+        globals: &BTreeMap<String, Option<String>>,
+        automatic: &BTreeMap<String, String>,
+        done: &HashMap<usize, ImageState>,
+    ) -> Result<(ImageState, String), EngineError> {
+        let from = &self.dockerfile.stages[stage_index].from;
+        let name = self.expand_from(&from.image, from.line, globals, automatic)?;
+        if let Some(dep) = self.stage_index(&name, stage_index) {
+            let mut state = done.get(&dep).cloned().expect("dependencies are built first");
+            state.config.config.on_build = None;
+            return Ok((state, name));
+        }
+        if name.eq_ignore_ascii_case("scratch") {
+            let p = &self.engine.config().platform;
+            let config = ImageConfig {
+                architecture: p.architecture.clone(),
+                os: p.os.clone(),
+                variant: p.variant.clone(),
+                ..Default::default()
+            };
+            return Ok((ImageState { config, layers: Vec::new(), key: StateKey::scratch() }, name));
+        }
+        let image: ImageRef =
+            name.parse().map_err(|e| EngineError::at(from.line, format!("FROM {name}: {e}")))?;
+        let started = Instant::now();
+        let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
+        self.log.line(format!(
+            "  pulled {} ({} layers) in {:.2}s",
+            pulled.reference,
+            pulled.layers.len(),
+            started.elapsed().as_secs_f64()
+        ));
+        let digest = pulled.reference.digest().cloned().expect("pulled images are pinned");
+        Ok((ImageState { config: pulled.config, layers: pulled.layers, key: StateKey::of_image(&digest) }, name))
+    }
+
+    async fn run_stage(
+        &self,
+        index: usize,
+        ordinal: usize,
+        total: usize,
+        globals: &BTreeMap<String, Option<String>>,
+        automatic: &BTreeMap<String, String>,
+        done: &HashMap<usize, ImageState>,
+    ) -> Result<ImageState, EngineError> {
+        let stage = &self.dockerfile.stages[index];
+        let steps = stage.instructions.len() + 1;
+        let label = match &stage.from.alias {
+            Some(a) => format!("stage {ordinal}/{total} {a}"),
+            None => format!("stage {ordinal}/{total}"),
+        };
+        self.log.line(format!("[{label} 1/{steps}] FROM {}", stage.from.image));
+        let (mut state, _) = self.base_state(index, globals, automatic, done).await?;
+        let mut ctx = StageCtx {
+            args: Args { build_args: &self.input.build_args, globals, automatic, declared: BTreeMap::new() },
+            cmd_set: false,
+            done,
+            stage_index: index,
+        };
+        // ONBUILD triggers of the base run first, as if they were written after FROM.
+        let triggers = state.config.config.on_build.take().unwrap_or_default();
+        for trigger in triggers {
+            let parsed = dockerfile::parse(&format!("FROM scratch\n{trigger}\n"))
+                .map_err(|e| EngineError::at(stage.from.line, format!("ONBUILD trigger {trigger:?}: {e}")))?;
+            for instr in &parsed.stages[0].instructions {
+                let located = Located { line: stage.from.line, inner: instr.inner.clone() };
+                self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
+                state = self.step(&mut ctx, state, &located).await?;
+            }
+        }
+        for (n, instr) in stage.instructions.iter().enumerate() {
+            if self.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let started = Instant::now();
+            let text = describe(&instr.inner);
+            self.last_step_cached.store(false, Ordering::Relaxed);
+            state = self.step(&mut ctx, state, instr).await?;
+            let note = if self.last_step_cached.load(Ordering::Relaxed) {
+                "cached".to_string()
+            } else {
+                format!("{:.2}s", started.elapsed().as_secs_f64())
+            };
+            self.log.line(format!("[{label} {}/{steps}] {text} ({note})", n + 2));
+        }
+        Ok(state)
+    }
+
+    /// Applies one instruction.
+    async fn step(
+        &self,
+        ctx: &mut StageCtx<'_>,
+        mut state: ImageState,
+        located: &Located<Instruction>,
+    ) -> Result<ImageState, EngineError> {
+        let line = located.line;
+        let escape = self.dockerfile.escape;
+        let word = |ctx: &StageCtx<'_>, state: &ImageState, w: &str| {
+            expand(w, &|n: &str| ctx.args.lookup(&state.config, n), escape)
+                .map_err(|e| EngineError::at(line, e.to_string()))
+        };
+        let created = self.created();
+        let mut meta = |state: &mut ImageState, created_by: String| {
+            state.key = state.key.with_meta(created_by.as_bytes());
+            state.config.history.push(HistoryEntry {
+                created: Some(created.clone()),
+                created_by: Some(created_by),
+                empty_layer: true,
+                ..Default::default()
+            });
+        };
+        let shell = |state: &ImageState| -> Vec<String> {
+            state.config.config.shell.clone().unwrap_or_else(|| DEFAULT_SHELL.iter().map(|s| s.to_string()).collect())
+        };
+        match &located.inner {
+            Instruction::Env(pairs) => {
+                let mut shown = Vec::new();
+                for (k, v) in pairs {
+                    let v = word(ctx, &state, v)?;
+                    state.config.set_env(k, &v);
+                    shown.push(format!("{k}={v}"));
+                }
+                meta(&mut state, format!("ENV {}", shown.join(" ")));
+            }
+            Instruction::Arg(decls) => {
+                let mut shown = Vec::new();
+                for d in decls {
+                    let default = d.default.as_deref().map(|v| word(ctx, &state, v)).transpose()?;
+                    ctx.args.declare(&d.name, default);
+                    shown.push(d.name.clone());
+                }
+                meta(&mut state, format!("ARG {}", shown.join(" ")));
+            }
+            Instruction::Label(pairs) => {
+                let labels = state.config.config.labels.get_or_insert_with(BTreeMap::new);
+                let mut shown = Vec::new();
+                for (k, v) in pairs {
+                    let k = expand(k, &|n: &str| ctx.args.lookup(&state.config, n), escape)
+                        .map_err(|e| EngineError::at(line, e.to_string()))?;
+                    let v = expand(v, &|n: &str| ctx.args.lookup(&state.config, n), escape)
+                        .map_err(|e| EngineError::at(line, e.to_string()))?;
+                    shown.push(format!("{k}={v}"));
+                    labels.insert(k, v);
+                }
+                meta(&mut state, format!("LABEL {}", shown.join(" ")));
+            }
+            Instruction::Maintainer(m) => {
+                state.config.author = Some(m.clone());
+                meta(&mut state, format!("MAINTAINER {m}"));
+            }
+            Instruction::User(u) => {
+                let u = word(ctx, &state, u)?;
+                state.config.config.user = Some(u.clone());
+                meta(&mut state, format!("USER {u}"));
+            }
+            Instruction::Expose(ports) => {
+                let exposed = state.config.config.exposed_ports.get_or_insert_with(BTreeMap::new);
+                let mut shown = Vec::new();
+                for p in ports {
+                    let p = expand(p, &|n: &str| ctx.args.lookup(&state.config, n), escape)
+                        .map_err(|e| EngineError::at(line, e.to_string()))?;
+                    for p in p.split_whitespace() {
+                        let p = if p.contains('/') { p.to_ascii_lowercase() } else { format!("{p}/tcp") };
+                        exposed.insert(p.clone(), Default::default());
+                        shown.push(p);
+                    }
+                }
+                meta(&mut state, format!("EXPOSE {}", shown.join(" ")));
+            }
+            Instruction::Volume(vols) => {
+                let volumes = state.config.config.volumes.get_or_insert_with(BTreeMap::new);
+                let mut shown = Vec::new();
+                for v in vols {
+                    let v = expand(v, &|n: &str| ctx.args.lookup(&state.config, n), escape)
+                        .map_err(|e| EngineError::at(line, e.to_string()))?;
+                    if v.is_empty() {
+                        return Err(EngineError::at(line, "VOLUME: empty path"));
+                    }
+                    volumes.insert(v.clone(), Default::default());
+                    shown.push(v);
+                }
+                meta(&mut state, format!("VOLUME [{}]", shown.join(" ")));
+            }
+            Instruction::StopSignal(s) => {
+                let s = word(ctx, &state, s)?;
+                state.config.config.stop_signal = Some(s.clone());
+                meta(&mut state, format!("STOPSIGNAL {s}"));
+            }
+            Instruction::Shell(argv) => {
+                state.config.config.shell = Some(argv.clone());
+                meta(&mut state, format!("SHELL {}", serde_json::to_string(argv).unwrap_or_default()));
+            }
+            Instruction::Cmd(cmd) => {
+                let argv = match cmd {
+                    ShellOrExec::Exec(v) => v.clone(),
+                    ShellOrExec::Shell(s) => shell(&state).into_iter().chain([s.clone()]).collect(),
+                };
+                state.config.config.cmd = Some(argv.clone());
+                ctx.cmd_set = true;
+                meta(&mut state, format!("CMD {}", serde_json::to_string(&argv).unwrap_or_default()));
+            }
+            Instruction::Entrypoint(ep) => {
+                let argv = match ep {
+                    ShellOrExec::Exec(v) => v.clone(),
+                    ShellOrExec::Shell(s) => shell(&state).into_iter().chain([s.clone()]).collect(),
+                };
+                state.config.config.entrypoint = Some(argv.clone());
+                // An ENTRYPOINT resets a CMD inherited from the base image.
+                if !ctx.cmd_set {
+                    state.config.config.cmd = None;
+                }
+                meta(&mut state, format!("ENTRYPOINT {}", serde_json::to_string(&argv).unwrap_or_default()));
+            }
+            Instruction::Healthcheck(hc) => {
+                let check = healthcheck(hc, &shell(&state)).map_err(|m| EngineError::at(line, m))?;
+                state.config.config.healthcheck = Some(check);
+                meta(&mut state, format!("HEALTHCHECK {}", describe(&located.inner)));
+            }
+            Instruction::Onbuild(inner) => {
+                let text = describe(inner);
+                state.config.config.on_build.get_or_insert_with(Vec::new).push(text.clone());
+                meta(&mut state, format!("ONBUILD {text}"));
+            }
+            Instruction::Workdir(dir) => {
+                let dir = word(ctx, &state, dir)?;
+                let cwd = state.config.config.working_dir.clone().unwrap_or_else(|| "/".into());
+                let path = join_path(&cwd, &dir);
+                state.config.config.working_dir = Some(path.clone());
+                let created_by = format!("WORKDIR {path}");
+                let step = created_by.clone();
+                state = self
+                    .fs_step(state, line, &step, &created_by, None, vec![FsAction::Mkdir { path }], true)
+                    .await?;
+            }
+            Instruction::Run(run) => {
+                state = self.run_step(ctx, state, line, run).await?;
+            }
+            Instruction::Copy(spec) | Instruction::Add(spec) => {
+                let is_add = matches!(located.inner, Instruction::Add(_));
+                state = self.copy_step(ctx, state, line, spec, is_add).await?;
+            }
+            other => {
+                return Err(EngineError::at(line, format!("{} is not supported here", describe(other))));
+            }
+        }
+        Ok(state)
+    }
+
+    fn step_dir(&self, what: &str) -> Result<PathBuf, EngineError> {
+        let dir = tempfile::Builder::new()
+            .prefix(what)
+            .tempdir_in(self.scratch)
+            .map_err(EngineError::io("creating a step directory"))?
+            .keep();
+        Ok(dir)
+    }
+
+    /// Looks up `step` in the cache from `state`; on a hit, adds the cached layer.
+    fn cached(&self, state: &ImageState, step: &str, created_by: &str) -> Option<ImageState> {
+        let key = state.key.step(step.as_bytes());
+        let entry = self.engine.instruction_cache().get(&key)?;
+        let dir = self.engine.layer_store().get(&entry.diff_id)?;
+        if !self.engine.blob_path(&entry.digest).exists() {
+            return None;
+        }
+        let mut next = state.clone();
+        self.add_layer(&mut next, entry, dir, created_by);
+        self.last_step_cached.store(true, Ordering::Relaxed);
+        Some(next)
+    }
+
+    fn add_layer(&self, state: &mut ImageState, entry: CachedLayer, dir: PathBuf, created_by: &str) {
+        state.key = state.key.with_layer(&entry.diff_id);
+        state.config.rootfs.diff_ids.push(entry.diff_id.clone());
+        state.config.history.push(HistoryEntry {
+            created: Some(self.created()),
+            created_by: Some(created_by.to_owned()),
+            ..Default::default()
+        });
+        state.layers.push(Layer {
+            diff_id: entry.diff_id,
+            blob: Descriptor { media_type: entry.media_type, digest: entry.digest, size: entry.size },
+            dir,
+            origin: LayerOrigin::Local,
+        });
+    }
+
+    /// Packs `upper` as a new layer on `state` and records it in the cache under `step`.
+    async fn commit_layer(
+        &self,
+        mut state: ImageState,
+        step: &str,
+        upper: &Path,
+        created_by: &str,
+        skip_if_empty: bool,
+    ) -> Result<ImageState, EngineError> {
+        let empty = std::fs::read_dir(upper).map(|mut d| d.next().is_none()).unwrap_or(true);
+        if empty && skip_if_empty {
+            state.key = state.key.with_meta(created_by.as_bytes());
+            state.config.history.push(HistoryEntry {
+                created: Some(self.created()),
+                created_by: Some(created_by.to_owned()),
+                empty_layer: true,
+                ..Default::default()
+            });
+            return Ok(state);
+        }
+        let options = PackOptions {
+            compression: self.engine.config().compression,
+            source_date_epoch: self.source_date_epoch(),
+        };
+        let out = self.scratch.join(format!("layer-{}.blob", uuid::Uuid::new_v4()));
+        let packed = pack_layer_async(upper.to_path_buf(), options, out.clone()).await?;
+        let blob = self.engine.blob_path(&packed.digest);
+        if !blob.exists() {
+            std::fs::rename(&out, &blob).map_err(EngineError::io("storing a new layer blob"))?;
+        }
+        let dir = self.engine.layer_store().adopt(&packed.diff_id, upper)?;
+        let entry = CachedLayer {
+            diff_id: packed.diff_id.clone(),
+            digest: packed.digest.clone(),
+            size: packed.size,
+            media_type: packed.media_type.clone(),
+        };
+        let key = state.key.step(step.as_bytes());
+        self.engine.instruction_cache().put(&key, &entry).map_err(EngineError::io("writing the instruction cache"))?;
+        self.add_layer(&mut state, entry, dir, created_by);
+        Ok(state)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fs_step(
+        &self,
+        state: ImageState,
+        line: usize,
+        step: &str,
+        created_by: &str,
+        source: Option<FsSource>,
+        actions: Vec<FsAction>,
+        skip_if_empty: bool,
+    ) -> Result<ImageState, EngineError> {
+        if let Some(hit) = self.cached(&state, step, created_by) {
+            return Ok(hit);
+        }
+        let dir = self.step_dir("fs-")?;
+        let (upper, work) = (dir.join("upper"), dir.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(EngineError::io("creating overlay directories"))?;
+        }
+        let op = FsOp {
+            target: Overlay { lowers: state.lowers(), upper: upper.clone(), work },
+            source,
+            actions,
+            scratch: dir.join("mnt"),
+        };
+        fsop::apply(&self.engine.config().exe, &op).await.map_err(|e| EngineError::at(line, e.to_string()))?;
+        self.commit_layer(state, step, &upper, created_by, skip_if_empty).await
+    }
+
+    async fn copy_step(
+        &self,
+        ctx: &mut StageCtx<'_>,
+        state: ImageState,
+        line: usize,
+        spec: &dockerfile::CopySpec,
+        is_add: bool,
+    ) -> Result<ImageState, EngineError> {
+        let escape = self.dockerfile.escape;
+        let exp = |w: &str| {
+            expand(w, &|n: &str| ctx.args.lookup(&state.config, n), escape).map_err(|e| EngineError::at(line, e.to_string()))
+        };
+        let keyword = if is_add { "ADD" } else { "COPY" };
+        let cwd = state.config.config.working_dir.clone().unwrap_or_else(|| "/".into());
+        let dest_raw = exp(&spec.dest)?;
+        let mut dest = join_path(&cwd, &dest_raw);
+        if (dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/.")) && !dest.ends_with('/') {
+            dest.push('/');
+        }
+        let chown = spec.chown.as_deref().map(exp).transpose()?;
+        let chmod = match spec.chmod.as_deref().map(exp).transpose()? {
+            None => None,
+            Some(m) => Some(u32::from_str_radix(&m, 8).map_err(|_| {
+                EngineError::at(line, format!("{keyword} --chmod={m}: expected an octal mode such as 0755"))
+            })?),
+        };
+        let sources: Vec<String> = spec.sources.iter().map(|s| exp(s)).collect::<Result<_, _>>()?;
+        for s in &sources {
+            if s.starts_with("http://") || s.starts_with("https://") {
+                return Err(EngineError::at(line, format!("{keyword} {s}: remote URLs are not supported; download in a RUN step")));
+            }
+            if !is_add && (s.starts_with("git@") || s.ends_with(".git")) && s.contains("://") {
+                return Err(EngineError::at(line, format!("{keyword} {s}: git sources are not supported")));
+            }
+        }
+        let created_by = format!(
+            "{keyword}{}{}{} {} {dest}",
+            spec.from.as_deref().map(|f| format!(" --from={f}")).unwrap_or_default(),
+            chown.as_deref().map(|c| format!(" --chown={c}")).unwrap_or_default(),
+            chmod.map(|m| format!(" --chmod={m:o}")).unwrap_or_default(),
+            sources.join(" "),
+        );
+        let mut actions = Vec::new();
+        let (source, inputs) = if !spec.heredocs.is_empty() {
+            for doc in &spec.heredocs {
+                let content = if doc.expand { exp(&doc.content)? } else { doc.content.clone() };
+                actions.push(FsAction::Write {
+                    dest: dest.clone(),
+                    name: doc.name.clone(),
+                    content: content.into_bytes(),
+                    chown: chown.clone(),
+                    chmod,
+                });
+            }
+            (None, String::new())
+        } else {
+            actions.push(FsAction::Copy { sources: sources.clone(), dest: dest.clone(), chown: chown.clone(), chmod, extract: is_add });
+            match spec.from.as_deref() {
+                None => {
+                    let digest = context_inputs_digest(&self.input.context, &self.input.dockerignore, &sources)
+                        .map_err(|e| EngineError::at(line, format!("{keyword}: {e}")))?;
+                    (
+                        Some(FsSource::Context {
+                            dir: self.input.context.clone(),
+                            ignore: self.input.dockerignore.clone(),
+                        }),
+                        digest,
+                    )
+                }
+                Some(from) => {
+                    let from = exp(from)?;
+                    let src_state = match self.stage_index(&from, ctx.stage_index) {
+                        Some(i) => ctx.done.get(&i).cloned().ok_or_else(|| {
+                            EngineError::at(line, format!("{keyword} --from={from}: stage not built"))
+                        })?,
+                        None => {
+                            let image: ImageRef = from
+                                .parse()
+                                .map_err(|e| EngineError::at(line, format!("{keyword} --from={from}: {e}")))?;
+                            let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
+                            let digest = pulled.reference.digest().cloned().expect("pinned");
+                            ImageState { config: pulled.config, layers: pulled.layers, key: StateKey::of_image(&digest) }
+                        }
+                    };
+                    (Some(FsSource::Layers { lowers: src_state.lowers() }), src_state.key.hex())
+                }
+            }
+        };
+        let step = format!("{created_by}\0{inputs}");
+        self.fs_step(state, line, &step, &created_by, source, actions, false).await
+    }
+
+    async fn run_step(
+        &self,
+        ctx: &mut StageCtx<'_>,
+        state: ImageState,
+        line: usize,
+        run: &dockerfile::RunSpec,
+    ) -> Result<ImageState, EngineError> {
+        let shell = state
+            .config
+            .config
+            .shell
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SHELL.iter().map(|s| s.to_string()).collect());
+        let (argv, shown) = run_argv(run, &shell);
+        let env = ctx.args.run_env(&state.config);
+        let user = state.config.config.user.clone().filter(|u| !u.is_empty());
+        let cwd = state.config.config.working_dir.clone().unwrap_or_else(|| "/".into());
+        let network = match run.network.as_deref() {
+            None | Some("default") => self.engine.config().network,
+            Some("none") => RunNetwork::None,
+            Some("host") => RunNetwork::Host,
+            Some(other) => return Err(EngineError::at(line, format!("RUN --network={other}: expected default, none or host"))),
+        };
+        let mut mounts = Vec::new();
+        for m in &run.mounts {
+            match m.kind.as_str() {
+                "cache" => {
+                    let target = join_path(&cwd, &m.target);
+                    let id = m.id.clone().unwrap_or_else(|| target.clone());
+                    let host_dir = self.engine.cache_mount_dir(&id);
+                    std::fs::create_dir_all(&host_dir).map_err(EngineError::io("creating a cache mount"))?;
+                    mounts.push(BindMount { host_dir, target, read_only: m.read_only });
+                }
+                other => {
+                    return Err(EngineError::at(line, format!("RUN --mount=type={other} is not supported (only type=cache)")));
+                }
+            }
+        }
+        // Everything the step's result depends on besides the parent state.
+        let step = serde_json::to_string(&(&argv, &env, &user, &cwd, format!("{network:?}"), run.mounts.iter().map(|m| (&m.kind, &m.target)).collect::<Vec<_>>()))
+            .expect("serializable");
+        let created_by = format!("RUN {shown}");
+        if let Some(hit) = self.cached(&state, &step, &created_by) {
+            return Ok(hit);
+        }
+        let dir = self.step_dir("run-")?;
+        let (upper, work) = (dir.join("upper"), dir.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(EngineError::io("creating overlay directories"))?;
+        }
+        let spec = RunSpec {
+            lower_dirs: state.lowers(),
+            upper_dir: upper.clone(),
+            work_dir: work,
+            argv,
+            env,
+            cwd,
+            user,
+            hostname: "kiln".into(),
+            network: match network {
+                RunNetwork::Host => sandbox::Network::Host,
+                RunNetwork::None => sandbox::Network::None,
+            },
+            cache_mounts: mounts,
+            resolv_conf: Some(PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists()),
+        };
+        let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+        let log = self.log.clone();
+        let tail = std::sync::Arc::new(std::sync::Mutex::new(Tail::default()));
+        let tail_writer = tail.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(chunk) = rx.recv().await {
+                tail_writer.lock().unwrap_or_else(|e| e.into_inner()).push(&chunk);
+                log.bytes(chunk);
+            }
+        });
+        let outcome = sandbox::run(&self.engine.config().exe, &spec, tx, self.cancel.clone()).await;
+        let _ = forward.await;
+        let outcome = outcome.map_err(|e| EngineError::at(line, format!("RUN {shown}: {e}")))?;
+        if self.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        if outcome.exit_code != 0 {
+            let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
+            return Err(EngineError::RunFailed { line, command: shown, exit_code: outcome.exit_code, tail });
+        }
+        self.commit_layer(state, &step, &upper, &created_by, false).await
+    }
+}
+
+/// The last lines of a step's output, for its error message.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    const KEEP: usize = 4096;
+
+    fn push(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+        if self.0.len() > Self::KEEP * 2 {
+            self.0.drain(..self.0.len() - Self::KEEP);
+        }
+    }
+
+    fn text(&self) -> String {
+        let s = String::from_utf8_lossy(&self.0);
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+struct StageCtx<'a> {
+    args: Args<'a>,
+    /// CMD was set in this stage (an ENTRYPOINT then keeps it).
+    cmd_set: bool,
+    done: &'a HashMap<usize, ImageState>,
+    stage_index: usize,
+}
+
+/// `path` made absolute against `cwd`, cleaned (no `.`/`..`), keeping a trailing `/`.
+pub fn join_path(cwd: &str, path: &str) -> String {
+    let joined = if path.starts_with('/') { path.to_owned() } else { format!("{}/{path}", cwd.trim_end_matches('/')) };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in joined.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// The argv of a RUN, and how it is shown in logs and history.
+fn run_argv(run: &dockerfile::RunSpec, shell: &[String]) -> (Vec<String>, String) {
+    match &run.command {
+        ShellOrExec::Exec(argv) => (argv.clone(), serde_json::to_string(argv).unwrap_or_default()),
+        ShellOrExec::Shell(cmd) => {
+            let script = if run.heredocs.is_empty() {
+                cmd.clone()
+            } else if is_bare_heredoc(cmd) && run.heredocs.len() == 1 {
+                // `RUN <<EOF`: the heredoc is the script.
+                run.heredocs[0].content.clone()
+            } else {
+                // `RUN cmd <<EOF`: the shell reads the heredoc itself.
+                let mut s = cmd.clone();
+                for doc in &run.heredocs {
+                    s.push('\n');
+                    s.push_str(&doc.content);
+                    if !doc.content.ends_with('\n') {
+                        s.push('\n');
+                    }
+                    s.push_str(&doc.name);
+                }
+                s
+            };
+            let argv = match script.strip_prefix("#!") {
+                Some(rest) if is_bare_heredoc(cmd) => {
+                    let interp: Vec<String> = rest.lines().next().unwrap_or("").split_whitespace().map(String::from).collect();
+                    interp.into_iter().chain(["-c".to_string(), script.clone()]).collect()
+                }
+                _ => shell.iter().cloned().chain([script.clone()]).collect(),
+            };
+            let shown = if run.heredocs.is_empty() { cmd.clone() } else { format!("{cmd} (heredoc)") };
+            (argv, shown)
+        }
+    }
+}
+
+fn is_bare_heredoc(cmd: &str) -> bool {
+    let t = cmd.trim();
+    t.starts_with("<<") && !t.contains(char::is_whitespace)
+}
+
+fn healthcheck(hc: &dockerfile::Healthcheck, shell: &[String]) -> Result<Healthcheck, String> {
+    let _ = shell;
+    match hc {
+        dockerfile::Healthcheck::None => Ok(Healthcheck { test: Some(vec!["NONE".into()]), ..Default::default() }),
+        dockerfile::Healthcheck::Cmd { test, interval, timeout, start_period, start_interval, retries } => {
+            let test = match test {
+                ShellOrExec::Exec(v) => std::iter::once("CMD".to_string()).chain(v.iter().cloned()).collect(),
+                ShellOrExec::Shell(s) => vec!["CMD-SHELL".to_string(), s.clone()],
+            };
+            let nanos = |d: &Option<String>, what: &str| -> Result<Option<i64>, String> {
+                d.as_deref()
+                    .map(|d| {
+                        humantime::parse_duration(d)
+                            .map(|d| d.as_nanos() as i64)
+                            .map_err(|e| format!("HEALTHCHECK --{what}={d}: {e}"))
+                    })
+                    .transpose()
+            };
+            Ok(Healthcheck {
+                test: Some(test),
+                interval: nanos(interval, "interval")?,
+                timeout: nanos(timeout, "timeout")?,
+                start_period: nanos(start_period, "start-period")?,
+                start_interval: nanos(start_interval, "start-interval")?,
+                retries: *retries,
+            })
+        }
+    }
+}
+
+/// A digest of the context files the sources of one COPY/ADD name (after `.dockerignore`):
+/// paths, types, modes and contents. A changed file changes it; an unrelated one does not.
+fn context_inputs_digest(context: &Path, ignore: &str, sources: &[String]) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let ignore = crate::engine::context::DockerIgnore::parse(ignore);
+    let mut h = Sha256::new();
+    for source in sources {
+        h.update(source.as_bytes());
+        h.update([0]);
+        let matches = fsop::glob_sources(context, source, Some(&ignore));
+        for rel in matches {
+            let root = context.join(&rel);
+            for entry in walkdir::WalkDir::new(&root).sort_by_file_name().follow_links(false) {
+                let entry = entry.map_err(|e| e.to_string())?;
+                let rel_entry = entry.path().strip_prefix(context).unwrap_or(entry.path()).to_string_lossy().into_owned();
+                let meta = entry.path().symlink_metadata().map_err(|e| e.to_string())?;
+                if entry.depth() > 0 && ignore.is_excluded(&rel_entry, meta.is_dir()) && !meta.is_dir() {
+                    continue;
+                }
+                h.update(rel_entry.as_bytes());
+                h.update(meta.permissions().mode().to_le_bytes());
+                if meta.file_type().is_symlink() {
+                    h.update(std::fs::read_link(entry.path()).map_err(|e| e.to_string())?.to_string_lossy().as_bytes());
+                } else if meta.is_file() {
+                    let mut f = std::fs::File::open(entry.path()).map_err(|e| e.to_string())?;
+                    let mut fh = Sha256::new();
+                    std::io::copy(&mut f, &mut fh).map_err(|e| e.to_string())?;
+                    h.update(fh.finalize());
+                }
+                h.update([0xff]);
+            }
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A canonical, human-readable form of an instruction (logs, history, ONBUILD triggers).
+pub fn describe(instr: &Instruction) -> String {
+    dockerfile::display_instruction(instr)
+}
