@@ -51,6 +51,7 @@ pub struct Config {
     pub actors: ActorsConfig,
     pub supervision: SupervisionConfig,
     pub logs: LogsConfig,
+    pub engine: EngineSettings,
 }
 
 impl Default for Config {
@@ -66,6 +67,7 @@ impl Default for Config {
             actors: ActorsConfig::default(),
             supervision: SupervisionConfig::default(),
             logs: LogsConfig::default(),
+            engine: EngineSettings::default(),
         }
     }
 }
@@ -240,6 +242,12 @@ pub struct BuildsConfig {
     pub retention: Duration,
     /// Default `local`.
     pub executor: ExecutorKind,
+    /// Whether Dockerfile sources may name `file://` git remotes. They can read any
+    /// repository the Kiln process can, so turn this off where callers are not trusted with
+    /// the host's files. Default `true` (the single-machine default).
+    pub allow_local_git: bool,
+    /// Largest uploaded build context, in bytes. Default 1 GiB.
+    pub max_context_bytes: u64,
 }
 
 impl Default for BuildsConfig {
@@ -249,6 +257,8 @@ impl Default for BuildsConfig {
             timeout: Duration::from_secs(3600),
             retention: Duration::from_secs(86_400),
             executor: ExecutorKind::Local,
+            allow_local_git: true,
+            max_context_bytes: 1 << 30,
         }
     }
 }
@@ -314,6 +324,48 @@ impl Default for LogsConfig {
     fn default() -> Self {
         Self {
             memory_bytes_per_build: 1 << 20,
+        }
+    }
+}
+
+/// Layer compression for new layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerCompressionSetting {
+    Gzip,
+    Zstd,
+}
+
+/// The Dockerfile engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// How new layers are compressed: `gzip` (every client reads it) or `zstd` (smaller and
+    /// faster; needs a client that supports OCI zstd layers). Default `gzip`.
+    pub compression: LayerCompressionSetting,
+    /// Compression level; default 6 for gzip (1-9), 3 for zstd (1-19).
+    pub compression_level: Option<u32>,
+    /// RUN's network: `host` (shares the host's; package installs work) or `none`.
+    /// Default `host`.
+    pub network: crate::engine::build::RunNetwork,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            compression: LayerCompressionSetting::Gzip,
+            compression_level: None,
+            network: crate::engine::build::RunNetwork::Host,
+        }
+    }
+}
+
+impl EngineSettings {
+    pub fn compression(&self) -> crate::engine::layers::Compression {
+        use crate::engine::layers::Compression;
+        match self.compression {
+            LayerCompressionSetting::Gzip => Compression::Gzip { level: self.compression_level.unwrap_or(6) },
+            LayerCompressionSetting::Zstd => Compression::Zstd { level: self.compression_level.unwrap_or(3) as i32 },
         }
     }
 }

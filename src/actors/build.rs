@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     executor::{Job, LocalExecutor},
-    model::{BuildId, BuildOutcome, BuildStatus, Secret},
+    model::{BuildId, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource, Secret},
 };
 
 /// Asks a build to stop; it ends `done_failure` ("cancelled").
@@ -66,19 +66,18 @@ pub struct BuildRun {
 
 impl BuildRun {
     pub fn new(id: BuildId, plan: Plan, request: &BuildRequest, timeout: Duration) -> Self {
-        let secrets = request
-            .auth
-            .additional
-            .values()
-            .flat_map(|c| {
-                use base64::Engine as _;
-                let pair = format!("{}:{}", c.username, c.password.expose());
-                [
-                    c.password.clone(),
-                    Secret::new(base64::engine::general_purpose::STANDARD.encode(pair)),
-                ]
-            })
-            .collect();
+        use base64::Engine as _;
+        let encode = |user: &str, password: &Secret| {
+            let pair = format!("{user}:{}", password.expose());
+            [password.clone(), Secret::new(base64::engine::general_purpose::STANDARD.encode(pair))]
+        };
+        let mut secrets: Vec<Secret> =
+            request.auth.additional.values().flat_map(|c| encode(&c.username, &c.password)).collect();
+        if let BuildSource::Dockerfile(DockerfileSource { context: ContextSource::Git(git), .. }) = &request.source {
+            if let Some((user, password)) = &git.credentials {
+                secrets.extend(encode(user, password));
+            }
+        }
         Self {
             id,
             plan,
@@ -236,17 +235,31 @@ impl LogWriter {
         writer
     }
 
-    fn censor(&self, line: &str) -> String {
-        self.secrets
-            .iter()
-            .filter(|s| s.expose().len() >= 4)
-            .fold(line.to_owned(), |text, s| text.replace(s.expose(), "***"))
+    /// Replaces every secret in `data` with `***`. Secrets shorter than 4 bytes are left
+    /// alone: censoring them would mangle ordinary output and protect nothing.
+    fn censor(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        for secret in self.secrets.iter().map(|s| s.expose().as_bytes()).filter(|s| s.len() >= 4) {
+            let mut i = 0;
+            while i + secret.len() <= out.len() {
+                if &out[i..i + secret.len()] == secret {
+                    out.splice(i..i + secret.len(), *b"***");
+                    i += 3;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out
     }
 
     async fn line(&mut self, line: &str) {
-        let mut text = self.censor(line);
-        text.push('\n');
-        let data = Bytes::from(text);
+        self.write(format!("{line}\n").as_bytes()).await;
+    }
+
+    /// Appends `data` (censored) to the log, exactly once.
+    async fn write(&mut self, data: &[u8]) {
+        let data = Bytes::from(self.censor(data));
         let started = Instant::now();
         while started.elapsed() < LOG_WRITE_PATIENCE {
             let append = log_fanout::Append {
@@ -349,19 +362,19 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
                 .expect("the build semaphore is never closed")
         }
     };
-    let (lines, mut line_rx) = mpsc::unbounded_channel();
+    let (output, mut output_rx) = mpsc::unbounded_channel::<Bytes>();
     let job: &Job = &run.plan.job;
-    let execute = deps.executor.run(job, &lines);
+    let execute = deps.executor.run(job, &output, run.cancel.child_token());
     tokio::pin!(execute);
     let result = loop {
         tokio::select! {
             biased;
-            Some(line) = line_rx.recv() => log.line(&line).await,
+            Some(chunk) = output_rx.recv() => log.write(&chunk).await,
             result = &mut execute => break result,
         }
     };
-    while let Ok(line) = line_rx.try_recv() {
-        log.line(&line).await;
+    while let Ok(chunk) = output_rx.try_recv() {
+        log.write(&chunk).await;
     }
     match result {
         Ok(output) => Verdict {

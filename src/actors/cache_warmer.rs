@@ -1,5 +1,6 @@
 //! The cache warmer: on an interval, re-resolves the configured references so that builds
-//! that use them find a fresh digest in the resolver cache.
+//! that use them find a fresh digest in the resolver cache, and pre-fetches their layers
+//! into the engine's layer store so the first build on them pulls nothing.
 //!
 //! It has no state worth keeping: a restarted warmer re-arms its timer and warms at once.
 
@@ -11,7 +12,10 @@ use super::{
     handles::ResolverPool,
     supervision::{ChildGuard, Crash, INJECTED_CRASH},
 };
-use crate::model::{AuthPolicy, ImageRef};
+use crate::{
+    engine::build::Engine,
+    model::{AuthPolicy, ImageRef},
+};
 
 /// Warms every configured reference now; replies how many resolved.
 #[derive(Debug, Clone, Copy, Message)]
@@ -23,22 +27,25 @@ pub struct CacheWarmer {
     refs: Vec<ImageRef>,
     interval: Duration,
     resolvers: ResolverPool,
+    engine: Engine,
     _guard: ChildGuard,
 }
 
 impl CacheWarmer {
-    pub fn new(refs: Vec<ImageRef>, interval: Duration, resolvers: ResolverPool, guard: ChildGuard) -> Self {
-        Self {
-            refs,
-            interval,
-            resolvers,
-            _guard: guard,
-        }
+    pub fn new(
+        refs: Vec<ImageRef>,
+        interval: Duration,
+        resolvers: ResolverPool,
+        engine: Engine,
+        guard: ChildGuard,
+    ) -> Self {
+        Self { refs, interval, resolvers, engine, _guard: guard }
     }
 
     fn warm(&self) -> impl std::future::Future<Output = usize> + 'static {
         let refs = self.refs.clone();
         let resolvers = self.resolvers.clone();
+        let engine = self.engine.clone();
         async move {
             let mut warmed = 0;
             for image in refs {
@@ -50,7 +57,10 @@ impl CacheWarmer {
                 {
                     Ok(resolved) => {
                         warmed += 1;
-                        tracing::debug!(%image, %resolved, "warmed");
+                        match engine.prefetch(&resolved, &AuthPolicy::default()).await {
+                            Ok(layers) => tracing::debug!(%image, %resolved, layers, "warmed"),
+                            Err(error) => tracing::warn!(%image, %error, "cache warmer could not pre-fetch layers"),
+                        }
                     }
                     Err(error) => tracing::warn!(%image, %error, "cache warmer could not resolve"),
                 }

@@ -32,6 +32,9 @@ pub enum BuildError {
     /// A log could not be read or written.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// Kiln itself failed (disk, a task); the message says where.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<Arc<RegistryError>> for BuildError {

@@ -27,7 +27,10 @@ use super::{
     supervisor::{self, ActorSummary, RestartError},
     Directory,
 };
-use crate::model::{AuthPolicy, BuildId, BuildSource, ImageRef};
+use crate::{
+    engine::context::{ContextError, ContextStore},
+    model::{AuthPolicy, BuildId, BuildSource, Digest, ImageRef},
+};
 
 /// The resolver pool, used round-robin. A resolver that is down is skipped.
 #[derive(Clone)]
@@ -142,11 +145,30 @@ pub fn status_stream(
 #[derive(Clone)]
 pub struct KilnHandle {
     directory: Arc<Directory>,
+    /// Uploaded contexts are stored directly: they are content-addressed files, not actor
+    /// state, and streaming them through a mailbox would copy every byte for nothing.
+    contexts: ContextStore,
+    max_context_bytes: u64,
 }
 
 impl KilnHandle {
-    pub(super) fn new(directory: Arc<Directory>) -> Self {
-        Self { directory }
+    pub(super) fn new(directory: Arc<Directory>, contexts: ContextStore, max_context_bytes: u64) -> Self {
+        Self { directory, contexts, max_context_bytes }
+    }
+
+    /// Stores an uploaded context tar; returns its digest and size.
+    pub async fn upload_context<S, E>(&self, chunks: S) -> Result<(Digest, u64), BuildError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let digest = self.contexts.put(chunks, self.max_context_bytes).await.map_err(|e| match e {
+            ContextError::TooLarge { .. } => BuildError::InvalidInput(e.to_string()),
+            ContextError::UploadStream { .. } => BuildError::InvalidInput(e.to_string()),
+            e => BuildError::Internal(format!("storing the context: {e}")),
+        })?;
+        let size = self.contexts.path(&digest).and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+        Ok((digest, size))
     }
 
     pub fn resolvers(&self) -> ResolverPool {

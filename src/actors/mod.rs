@@ -33,7 +33,8 @@ pub use error::BuildError;
 pub use handles::{KilnHandle, LogsHandle, ResolverPool};
 pub use log_fanout::LogError;
 pub use orchestrator::{
-    BuildRefs, BuildRequest, BuildSelector, BuildSnapshot, StatusUpdate, Submission, WorkspacePlan,
+    BuildRefs, BuildRequest, BuildSelector, BuildSnapshot, PreparedContext, StatusUpdate, Submission,
+    WorkspacePlan,
 };
 pub use supervision::{ActorKind, Unavailable, INJECTED_CRASH};
 pub use supervisor::{ActorSummary, RestartError};
@@ -48,7 +49,15 @@ use self::{
     supervisor::{ChildSpec, RestartMode, ShutDown, StartChild, Supervisor},
 };
 use crate::{
-    config::Config, executor::LocalExecutor, metrics::Metrics, model::BuildId, registry::RegistryClient,
+    config::Config,
+    engine::{
+        build::{Engine, EngineConfig},
+        context::ContextStore,
+    },
+    executor::LocalExecutor,
+    metrics::Metrics,
+    model::BuildId,
+    registry::RegistryClient,
 };
 
 /// Where every actor can be reached right now. Slots are created once; the supervisor
@@ -112,6 +121,25 @@ where
 /// Starts the actor tree for `config` on its own threads (one per `actors.arbiters`).
 pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> anyhow::Result<ActorSystem> {
     let restart_wait = config.supervision.backoff_max + std::time::Duration::from_secs(5);
+    let platform = config.platform()?;
+    let engine = Engine::new(
+        EngineConfig {
+            data_dir: config.data_dir.join("engine"),
+            exe: std::env::current_exe()?,
+            compression: config.engine.compression(),
+            network: config.engine.network,
+            platform: platform.clone(),
+        },
+        registry.clone(),
+    )?;
+    let contexts = ContextStore::open(config.data_dir.join("contexts"))?;
+    let contexts_tmp = config.data_dir.join("contexts").join("work");
+    std::fs::create_dir_all(&contexts_tmp)?;
+    for stale in std::fs::read_dir(&contexts_tmp)?.flatten() {
+        let _ = std::fs::remove_dir_all(stale.path());
+    }
+    let handle_contexts = contexts.clone();
+    let config_max_context = config.builds.max_context_bytes;
     let base_repository = config.registry.base_repository()?;
     let workspace_repository = config.registry.workspace_repository()?;
     let warm_refs = config
@@ -157,7 +185,7 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
             registry.clone(),
             config.resolver.cache_capacity,
             config.resolver.cache_ttl,
-            base_repository,
+            base_repository.clone(),
             workspace_repository.clone(),
             metrics.clone(),
         );
@@ -176,9 +204,14 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
             table: Arc::new(BuildTable::default()),
             directory: directory.clone(),
             registry: registry.clone(),
+            base_repository,
             workspace_repository,
+            contexts,
+            contexts_tmp,
+            allow_local_git: config.builds.allow_local_git,
+            platform,
             build: BuildDeps {
-                executor: LocalExecutor::new(registry),
+                executor: LocalExecutor::new(registry, engine.clone()),
                 slots: Arc::new(Semaphore::new(config.builds.max_concurrent)),
                 restart_wait,
             },
@@ -200,7 +233,7 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
             "cache_warmer",
             ActorKind::CacheWarmer,
             directory.warmer.clone(),
-            move |g| CacheWarmer::new(warm_refs.clone(), interval, pool.clone(), g),
+            move |g| CacheWarmer::new(warm_refs.clone(), interval, pool.clone(), engine.clone(), g),
         )));
 
         let _ = tx.send((System::current(), directory));
@@ -210,8 +243,9 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
         }
     })?;
     let (system, directory) = rx.recv()?;
+    let max_context_bytes = config_max_context;
     Ok(ActorSystem {
-        handle: KilnHandle::new(directory.clone()),
+        handle: KilnHandle::new(directory.clone(), handle_contexts, max_context_bytes),
         system,
         thread: Some(thread),
         directory,

@@ -122,10 +122,11 @@ impl ImageBuilder for ImageBuilderService {
 
     async fn upload_context(
         &self,
-        _request: Request<tonic::Streaming<pb::UploadContextRequest>>,
+        request: Request<tonic::Streaming<pb::UploadContextRequest>>,
     ) -> Result<Response<pb::UploadContextResponse>, Status> {
-        // Wired to the context store together with the Dockerfile engine.
-        Err(Status::unimplemented("UploadContext needs the Dockerfile engine"))
+        let chunks = request.into_inner().map(|m| m.map(|m| bytes::Bytes::from(m.chunk)));
+        let (digest, size) = self.kiln.upload_context(chunks).await.map_err(from_build_error)?;
+        Ok(Response::new(pb::UploadContextResponse { digest: digest.to_string(), size }))
     }
 
     async fn cancel_build(

@@ -5,7 +5,11 @@ use std::time::UNIX_EPOCH;
 
 use crate::{
     actors::{BuildError, BuildRefs, BuildRequest, BuildSelector, BuildSnapshot},
-    model::{AuthPolicy, BuildId, BuildSource, BuildStatus, ImageRef, InstallationCredentialScope},
+    engine::context::{GitSource, GitTarget},
+    model::{
+        AuthPolicy, BuildId, BuildSource, BuildStatus, ContextSource, DockerfileSource, ImageRef,
+        InstallationCredentialScope, Secret,
+    },
     proto::builder as pb,
 };
 
@@ -37,18 +41,53 @@ pub fn source(source: Option<pb::BuildSource>) -> Result<BuildSource, BuildError
         Some(From::Ref(r)) => Ok(BuildSource::Image {
             reference: image_ref("source.ref.ref", &r.r#ref)?,
         }),
-        Some(From::File(f)) => {
-            if f.source.is_none() {
-                return Err(invalid(
-                    "source.file.source: missing; set a workspace initializer (git)",
-                ));
+        Some(From::File(f)) => dockerfile_source(f),
+    }
+}
+
+fn dockerfile_source(f: pb::BuildSourceDockerfile) -> Result<BuildSource, BuildError> {
+    use crate::proto::contentservice::{workspace_initializer::Spec, GitAuthMethod};
+    let context = match (f.context_digest.trim(), f.source.and_then(|s| s.spec)) {
+        ("", None) => {
+            return Err(invalid(
+                "source.file: set source (a git initializer) or context_digest (from UploadContext)",
+            ))
+        }
+        ("", Some(Spec::Git(git))) => {
+            let target = GitTarget::from_clone_target(git.target_mode, &git.clone_taget)
+                .map_err(|e| invalid(format!("source.file.source.git: {e}")))?;
+            let config = git.config.unwrap_or_default();
+            let credentials = match GitAuthMethod::try_from(config.authentication).unwrap_or(GitAuthMethod::NoAuth) {
+                GitAuthMethod::NoAuth => None,
+                GitAuthMethod::BasicAuth => Some((config.auth_user, Secret::new(config.auth_password))),
+                GitAuthMethod::BasicAuthOts => Some((config.auth_user, Secret::new(config.auth_ots))),
+            };
+            if git.remote_uri.trim().is_empty() {
+                return Err(invalid("source.file.source.git.remote_uri: missing"));
             }
-            Ok(BuildSource::Dockerfile {
-                dockerfile_path: f.dockerfile_path,
-                context_path: f.context_path,
+            ContextSource::Git(GitSource {
+                remote_uri: git.remote_uri,
+                target,
+                credentials,
+                custom_config: config.custom_config.into_iter().collect(),
+                full_clone: git.full_clone,
             })
         }
-    }
+        ("", Some(_)) => {
+            return Err(invalid("source.file.source: only the git initializer can provide a build context"))
+        }
+        (digest, _) => ContextSource::Uploaded(
+            digest.parse().map_err(|e| invalid(format!("source.file.context_digest: {e}")))?,
+        ),
+    };
+    let target = Some(f.target.trim().to_owned()).filter(|t| !t.is_empty());
+    Ok(BuildSource::Dockerfile(DockerfileSource {
+        context,
+        dockerfile_path: f.dockerfile_path,
+        context_path: f.context_path,
+        build_args: f.build_args.into_iter().collect(),
+        target,
+    }))
 }
 
 /// A request's registry auth policy. No auth at all means Kiln's own repositories only.

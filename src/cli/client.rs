@@ -36,7 +36,7 @@ use crate::{
             BuildRegistryAuth, BuildRegistryAuthTotal, BuildRequest, BuildResponse, BuildSource,
             BuildSourceDockerfile, BuildSourceReference, BuildStatus, BuildStatusRequest, CancelBuildRequest,
             ListBuildsRequest, LogsRequest, LogsResponse, ResolveBaseImageRequest,
-            ResolveWorkspaceImageRequest,
+            ResolveWorkspaceImageRequest, UploadContextRequest,
         },
         contentservice::{workspace_initializer, CloneTargetMode, GitInitializer, WorkspaceInitializer},
     },
@@ -189,9 +189,38 @@ pub fn git_target_mode(rev: Option<&str>) -> CloneTargetMode {
 
 /// The `BuildSource` for `--ref` or `--git`.
 pub fn build_source_of(args: &BuildArgs) -> Result<BuildSource, ClientError> {
-    let from = match (&args.image_ref, &args.git) {
-        (Some(image), None) => build_source::From::Ref(BuildSourceReference { r#ref: image.clone() }),
-        (None, Some(url)) => {
+    build_source_with(args, None)
+}
+
+/// The build args of `--build-arg NAME=VALUE` flags.
+pub fn build_args_of(args: &[String]) -> Result<HashMap<String, String>, ClientError> {
+    args.iter()
+        .map(|a| {
+            a.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| ClientError::Usage(format!("--build-arg expects NAME=VALUE, got {a:?}")))
+        })
+        .collect()
+}
+
+/// Like [`build_source_of`]; `uploaded` is the digest of DIR's uploaded context.
+pub fn build_source_with(args: &BuildArgs, uploaded: Option<String>) -> Result<BuildSource, ClientError> {
+    let dockerfile_source = |source: Option<WorkspaceInitializer>, context_digest: String| {
+        Ok::<_, ClientError>(build_source::From::File(BuildSourceDockerfile {
+            source,
+            dockerfile_version: String::new(),
+            dockerfile_path: args.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()),
+            context_path: args.context.clone().unwrap_or_else(|| ".".into()),
+            context_digest,
+            build_args: build_args_of(&args.build_args)?,
+            target: args.target.clone().unwrap_or_default(),
+        }))
+    };
+    let from = match (&args.image_ref, &args.git, uploaded) {
+        (None, None, Some(digest)) => dockerfile_source(None, digest)?,
+        (Some(image), None, None) => build_source::From::Ref(BuildSourceReference { r#ref: image.clone() }),
+        (None, Some(url), None) => {
             let rev = args.rev.as_deref().filter(|r| !r.is_empty());
             let git = GitInitializer {
                 remote_uri: url.clone(),
@@ -199,17 +228,10 @@ pub fn build_source_of(args: &BuildArgs) -> Result<BuildSource, ClientError> {
                 clone_taget: rev.unwrap_or_default().to_owned(),
                 ..Default::default()
             };
-            build_source::From::File(BuildSourceDockerfile {
-                source: Some(WorkspaceInitializer {
-                    spec: Some(workspace_initializer::Spec::Git(git)),
-                }),
-                dockerfile_version: String::new(),
-                dockerfile_path: args.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()),
-                context_path: args.context.clone().unwrap_or_else(|| ".".into()),
-                ..Default::default()
-            })
+            let init = WorkspaceInitializer { spec: Some(workspace_initializer::Spec::Git(git)) };
+            dockerfile_source(Some(init), String::new())?
         }
-        _ => return Err(ClientError::Usage("give exactly one of --ref and --git".into())),
+        _ => return Err(ClientError::Usage("give exactly one of DIR, --ref and --git".into())),
     };
     Ok(BuildSource { from: Some(from) })
 }
@@ -265,6 +287,32 @@ pub fn build_request(args: &BuildArgs) -> Result<BuildRequest, ClientError> {
     })
 }
 
+/// Packs `dir` (honouring its `.dockerignore`) and uploads it; returns the context digest.
+async fn upload_dir(
+    client: &mut ImageBuilderClient<Channel>,
+    dir: &std::path::Path,
+    quiet: bool,
+) -> Result<String, ClientError> {
+    use crate::engine::context::{pack_dir, DockerIgnore};
+    let ignore = std::fs::read_to_string(dir.join(".dockerignore")).unwrap_or_default();
+    let dir_owned = dir.to_path_buf();
+    let tar = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        pack_dir(&dir_owned, &DockerIgnore::parse(&ignore), &mut out).map(|_| out)
+    })
+    .await
+    .map_err(|e| ClientError::Usage(format!("packing {}: {e}", dir.display())))?
+    .map_err(|e| ClientError::Usage(format!("packing {}: {e}", dir.display())))?;
+    if !quiet {
+        println!("uploading {} ({} bytes)", dir.display(), tar.len());
+    }
+    const CHUNK: usize = 1 << 20;
+    let chunks: Vec<UploadContextRequest> =
+        tar.chunks(CHUNK).map(|c| UploadContextRequest { chunk: c.to_vec() }).collect();
+    let reply = client.upload_context(futures::stream::iter(chunks)).await?.into_inner();
+    Ok(reply.digest)
+}
+
 /// What `kiln build` shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Display {
@@ -278,8 +326,19 @@ pub enum Display {
 
 /// `kiln build`: start or join the build, show its status and log, end with its ref.
 pub async fn build(args: BuildArgs) -> Result<(), ClientError> {
-    let request = build_request(&args)?;
-    let client = builder(&args.client).await?;
+    let mut client = builder(&args.client).await?;
+    let request = match &args.dir {
+        None => build_request(&args)?,
+        Some(dir) => {
+            let digest = upload_dir(&mut client, dir, args.quiet).await?;
+            BuildRequest {
+                source: Some(build_source_with(&args, Some(digest))?),
+                auth: registry_auth(&args.auth_additional, args.allow_all_auth)?,
+                force_rebuild: args.force,
+                ..Default::default()
+            }
+        }
+    };
     let display = if args.quiet {
         Display::Quiet
     } else if args.no_follow {

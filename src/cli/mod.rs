@@ -9,6 +9,7 @@
 //! `Cli::try_parse_from(["kiln", "list", "--json"])`.
 
 pub mod client;
+mod execute;
 pub mod progress;
 
 use std::{
@@ -139,6 +140,33 @@ pub enum Command {
         after_help = "Examples:\n  kiln admin actors\n  kiln admin restart resolver-0"
     )]
     Admin(AdminCommand),
+
+    /// Internal: the child side of a sandboxed RUN step, started by Kiln itself.
+    #[command(
+        hide = true,
+        name = "__sandbox",
+        after_help = "Started by `kiln serve` for each RUN step, never by hand: it reads the \
+            step from stdin (see src/engine/sandbox)."
+    )]
+    Sandbox,
+
+    /// Internal: applies one filesystem step of a build (COPY, ADD, WORKDIR) in a private
+    /// mount namespace, started by Kiln itself.
+    #[command(hide = true, name = "__fsop")]
+    Fsop,
+
+    /// Build a Dockerfile and push the image, without the service.
+    #[command(
+        long_about = "Run Kiln's Dockerfile engine once, without `kiln serve`: build the \
+            Dockerfile in a local directory (--context) or a git repository (--git, --rev) and \
+            push the image to --destination. The build log goes to stdout. Exits 0 only when \
+            the image was pushed. This is also what Kiln's builder pods run on Kubernetes.",
+        after_help = "Examples:\n  \
+            kiln execute --context . --destination 127.0.0.1:5000/team/app:dev\n  \
+            kiln execute --git file:///srv/repos/app --rev main --dockerfile build/Dockerfile \\\n      \
+            --destination registry.example.com/team/app:1 --build-arg VERSION=1"
+    )]
+    Execute(execute::ExecuteArgs),
 }
 
 /// `kiln admin ...`
@@ -252,21 +280,31 @@ pub struct ClientArgs {
 #[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["image_ref", "git"])))]
 pub struct BuildArgs {
+    /// A local directory to upload and build (its Dockerfile and context; .dockerignore
+    /// is honoured).
+    #[arg(value_name = "DIR", conflicts_with_all = ["image_ref", "git"])]
+    pub dir: Option<std::path::PathBuf>,
     /// Base image to build the workspace image from.
     #[arg(long = "ref", value_name = "IMAGE")]
     pub image_ref: Option<String>,
-    /// Git repository holding the Dockerfile to build (not supported by the service yet).
+    /// Git repository holding the Dockerfile to build.
     #[arg(long, value_name = "URL")]
     pub git: Option<String>,
     /// With --git: commit (40 hex digits) or branch to build. Default: the remote HEAD.
     #[arg(long, value_name = "REV", requires = "git", conflicts_with = "image_ref")]
     pub rev: Option<String>,
-    /// With --git: the Dockerfile, relative to the checkout. [default: Dockerfile]
-    #[arg(long, value_name = "PATH", requires = "git", conflicts_with = "image_ref")]
+    /// The Dockerfile, relative to the checkout or DIR. [default: Dockerfile]
+    #[arg(long, value_name = "PATH", conflicts_with = "image_ref")]
     pub dockerfile: Option<String>,
-    /// With --git: the build context, relative to the checkout. [default: .]
-    #[arg(long, value_name = "PATH", requires = "git", conflicts_with = "image_ref")]
+    /// The build context, relative to the checkout or DIR. [default: .]
+    #[arg(long, value_name = "PATH", conflicts_with = "image_ref")]
     pub context: Option<String>,
+    /// A build argument (ARG), repeatable.
+    #[arg(long = "build-arg", value_name = "NAME=VALUE", conflicts_with = "image_ref")]
+    pub build_args: Vec<String>,
+    /// The stage to build (default: the last one).
+    #[arg(long, value_name = "STAGE", conflicts_with = "image_ref")]
+    pub target: Option<String>,
     /// Build even if the workspace image exists already (its ref stays the same).
     #[arg(long)]
     pub force: bool,
@@ -425,6 +463,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Admin(AdminCommand::Restart { name, client }) => {
             client::run(client::admin_restart(client, name))
         }
+        Command::Sandbox => crate::engine::sandbox::child_main(),
+        Command::Fsop => crate::engine::build::fsop_child_main(),
+        Command::Execute(args) => execute::run(args),
     }
 }
 

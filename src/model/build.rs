@@ -1,25 +1,44 @@
 //! What a build is: its source, its content-addressed key, its id and its status.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use sha2::{Digest as _, Sha256};
 
 use super::{Digest, ImageRef};
+use crate::engine::context::GitSource;
 
 /// Kiln's build-process version. It is part of every build key: bump it whenever the same
 /// inputs would now produce a different image, so that old images are not reused.
 pub const BUILD_PROCESS_VERSION: &str = "kiln-build/1";
 
 /// What a caller asks Kiln to build.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum BuildSource {
     /// An existing image, copied into the workspace repository.
     Image { reference: ImageRef },
-    /// A Dockerfile in a build context (built by the Dockerfile engine).
-    Dockerfile {
-        dockerfile_path: String,
-        context_path: String,
-    },
+    /// A Dockerfile in a build context, built by the Dockerfile engine.
+    Dockerfile(DockerfileSource),
+}
+
+/// Where a Dockerfile build's context comes from.
+#[derive(Debug, Clone)]
+pub enum ContextSource {
+    /// A git checkout (Gitpod's `git` initializer).
+    Git(GitSource),
+    /// A context uploaded with `UploadContext`, named by its digest.
+    Uploaded(Digest),
+}
+
+/// A Dockerfile build's inputs, as the caller gave them.
+#[derive(Debug, Clone)]
+pub struct DockerfileSource {
+    pub context: ContextSource,
+    /// The Dockerfile, relative to the checkout (or upload) root.
+    pub dockerfile_path: String,
+    /// The build context directory, relative to the checkout (or upload) root.
+    pub context_path: String,
+    pub build_args: BTreeMap<String, String>,
+    pub target: Option<String>,
 }
 
 /// The stable key of a build, derived only from its inputs: the same inputs always give the
@@ -35,6 +54,54 @@ impl BuildKey {
         h.update(BUILD_PROCESS_VERSION.as_bytes());
         h.update(b"\0source=image\0base=");
         h.update(base.as_str().as_bytes());
+        Self(hex::encode(h.finalize()))
+    }
+
+    /// The key of a workspace image made from the base image `base`: its digest when it has
+    /// one, else its (content-addressed) tag form.
+    pub fn for_base(base: &ImageRef) -> Self {
+        match base.digest() {
+            Some(d) => Self::for_image(d),
+            None => {
+                let mut h = Sha256::new();
+                h.update(BUILD_PROCESS_VERSION.as_bytes());
+                h.update(b"\0source=image\0base-ref=");
+                h.update(base.to_string().as_bytes());
+                Self(hex::encode(h.finalize()))
+            }
+        }
+    }
+
+    /// The key of building a Dockerfile: its text, the context's content digest (after
+    /// `.dockerignore`), the digest every external FROM resolved to, the build arguments,
+    /// the target stage and the platform.
+    pub fn for_dockerfile<'a>(
+        dockerfile: &str,
+        context: &Digest,
+        from_digests: impl IntoIterator<Item = &'a Digest>,
+        build_args: &BTreeMap<String, String>,
+        target: Option<&str>,
+        platform: &dyn fmt::Display,
+    ) -> Self {
+        let mut h = Sha256::new();
+        let mut field = |name: &str, value: &[u8]| {
+            h.update(name.as_bytes());
+            h.update((value.len() as u64).to_le_bytes());
+            h.update(value);
+        };
+        field("version", BUILD_PROCESS_VERSION.as_bytes());
+        field("source", b"dockerfile");
+        field("dockerfile", dockerfile.as_bytes());
+        field("context", context.as_str().as_bytes());
+        for d in from_digests {
+            field("from", d.as_str().as_bytes());
+        }
+        for (k, v) in build_args {
+            field("arg", k.as_bytes());
+            field("value", v.as_bytes());
+        }
+        field("target", target.unwrap_or("").as_bytes());
+        field("platform", platform.to_string().as_bytes());
         Self(hex::encode(h.finalize()))
     }
 
@@ -146,6 +213,23 @@ mod tests {
         assert_eq!(BuildKey::for_image(&a), BuildKey::for_image(&a));
         assert_ne!(BuildKey::for_image(&a), BuildKey::for_image(&b));
         assert_eq!(BuildKey::for_image(&a).as_str().len(), 64);
+    }
+
+    #[test]
+    fn dockerfile_keys_change_with_every_input() {
+        let ctx: Digest = format!("sha256:{}", "c".repeat(64)).parse().unwrap();
+        let ctx2: Digest = format!("sha256:{}", "d".repeat(64)).parse().unwrap();
+        let from: Digest = format!("sha256:{}", "e".repeat(64)).parse().unwrap();
+        let args = BTreeMap::from([("A".to_string(), "1".to_string())]);
+        let key = |df: &str, c: &Digest, a: &BTreeMap<String, String>, t: Option<&str>| {
+            BuildKey::for_dockerfile(df, c, [&from], a, t, &"linux/amd64")
+        };
+        let base = key("FROM x", &ctx, &args, None);
+        assert_eq!(base, key("FROM x", &ctx, &args, None));
+        assert_ne!(base, key("FROM y", &ctx, &args, None));
+        assert_ne!(base, key("FROM x", &ctx2, &args, None));
+        assert_ne!(base, key("FROM x", &ctx, &BTreeMap::new(), None));
+        assert_ne!(base, key("FROM x", &ctx, &args, Some("t")));
     }
 
     #[test]

@@ -185,17 +185,19 @@ impl RegistryClient {
     }
 }
 
-/// What every blob of one copy shares.
-struct BlobJob<'a> {
-    src: &'a Oci,
-    dst: &'a Oci,
-    source: &'a ImageRef,
-    target: &'a ImageRef,
-    same_registry: bool,
+/// What every blob of one copy shares. Also used by `RegistryClient::transfer_blob`
+/// (`blobs.rs`) for a single blob.
+pub(super) struct BlobJob<'a> {
+    pub src: &'a Oci,
+    pub dst: &'a Oci,
+    pub source: &'a ImageRef,
+    pub target: &'a ImageRef,
+    pub same_registry: bool,
 }
 
 impl BlobJob<'_> {
-    async fn copy_blob(&self, desc: &OciDescriptor) -> Result<CopyEvent, RegistryError> {
+    /// Makes one blob present in the target: HEAD (skip), mount (same registry), or stream.
+    pub(super) async fn copy_blob(&self, desc: &OciDescriptor) -> Result<CopyEvent, RegistryError> {
         let digest = parse_digest(self.source, &desc.digest)?;
         let target = self.target.to_oci();
         let present = self

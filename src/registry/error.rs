@@ -16,8 +16,8 @@
 //! | `NotFound` | 404/410, `NAME_UNKNOWN`, `MANIFEST_UNKNOWN`, `BLOB_UNKNOWN`, `NOT_FOUND`, no manifest for the platform | no |
 //! | `Unauthenticated` | 401/403, `UNAUTHORIZED`, `DENIED`, a refused token request | no (not with the same credentials) |
 //! | `Unavailable` | 408/429/5xx (but 501), `TOOMANYREQUESTS`, connection refused/reset/aborted, timeouts, a transfer cut short | **yes**, with backoff |
-//! | `InvalidInput` | `NAME_INVALID`/`TAG_INVALID`, an unsupported manifest type or digest algorithm, a copy source that is not a pinned single-platform image | no |
-//! | `Internal` | everything else: the registry broke the protocol or the digest, TLS failures, Kiln's own bugs, a bad docker config file | no |
+//! | `InvalidInput` | `NAME_INVALID`/`TAG_INVALID`, an unsupported manifest type or digest algorithm, a copy source that is not a pinned single-platform image, a manifest pushed under another digest than its own | no |
+//! | `Internal` | everything else: the registry broke the protocol or the digest, a blob of the wrong size or digest, local blob file I/O, TLS failures, Kiln's own bugs, a bad docker config file | no |
 
 use std::{error::Error as StdError, fmt, io, path::PathBuf, sync::Arc};
 
@@ -113,6 +113,59 @@ pub enum RegistryError {
         expected: Digest,
         actual: String,
     },
+    #[error("pulling blob {digest} from {reference}: {}", describe(source))]
+    PullBlob {
+        reference: String,
+        digest: Digest,
+        #[source]
+        source: OciCause,
+    },
+    #[error("pushing blob {digest} to {reference}: {}", describe(source))]
+    PushBlob {
+        reference: String,
+        digest: Digest,
+        #[source]
+        source: OciCause,
+    },
+    #[error("blob {digest} from {reference} has {actual} bytes, expected {expected}")]
+    BlobSizeMismatch {
+        reference: String,
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("blob {expected} from {reference} has digest {actual}")]
+    BlobDigestMismatch {
+        reference: String,
+        expected: Digest,
+        actual: String,
+    },
+    #[error("local blob {path} is not {digest}: {reason}")]
+    LocalBlobMismatch {
+        path: PathBuf,
+        digest: Digest,
+        reason: String,
+    },
+    #[error("bytes pushed as blob {expected} to {reference} have digest {actual}")]
+    BlobBytesMismatch {
+        reference: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("cannot read blob file {path}: {source}")]
+    ReadBlobFile {
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("cannot write blob file {path}: {source}")]
+    WriteBlobFile {
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("manifest target {reference} names another digest than the manifest's ({actual})")]
+    TargetDigestMismatch { reference: String, actual: Digest },
 }
 
 /// What a [`RegistryError`] means for the caller; the API edge maps it to a status code.
@@ -166,7 +219,9 @@ impl RegistryError {
             | Self::CheckBlob { source, .. }
             | Self::CopyBlob { source, .. }
             | Self::PushManifest { source, .. }
-            | Self::VerifyPush { source, .. } => classify(source),
+            | Self::VerifyPush { source, .. }
+            | Self::PullBlob { source, .. }
+            | Self::PushBlob { source, .. } => classify(source),
             Self::UnsupportedManifest { .. } => K::InvalidInput,
             Self::InvalidManifest { .. } => K::Internal,
             Self::PlatformNotFound { .. } => K::NotFound,
@@ -175,6 +230,14 @@ impl RegistryError {
                 K::InvalidInput
             }
             Self::DigestMismatch { .. } => K::Internal,
+            // The registry (or the manifest naming the blob) broke the content address, or
+            // Kiln handed over bytes that are not what it said: neither gets better by retrying.
+            Self::BlobSizeMismatch { .. }
+            | Self::BlobDigestMismatch { .. }
+            | Self::LocalBlobMismatch { .. }
+            | Self::BlobBytesMismatch { .. } => K::Internal,
+            Self::ReadBlobFile { .. } | Self::WriteBlobFile { .. } => K::Internal,
+            Self::TargetDigestMismatch { .. } => K::InvalidInput,
         }
     }
 

@@ -1,6 +1,8 @@
-//! Talking OCI distribution: a client (resolve, exists, copy) and an embedded server.
+//! Talking OCI distribution: a client (resolve, exists, copy, and the engine's blob and
+//! manifest primitives) and an embedded server.
 pub mod server;
 
+mod blobs;
 mod client;
 mod copy;
 mod credentials;
@@ -8,6 +10,7 @@ mod error;
 mod manifest;
 mod platform;
 
+pub use blobs::{BlobPush, FetchedImage, LayerDescriptor, MAX_CONFIG_BYTES};
 pub use client::{ClientConfig, RegistryClient, CONNECT_TIMEOUT, READ_TIMEOUT};
 pub use copy::{CopyEvent, MAX_CONCURRENT_BLOBS};
 pub use credentials::CredentialStore;

@@ -6,6 +6,7 @@
 //! reference), starts one build actor per new key under the supervisor, records the status
 //! updates build actors report, and prunes finished builds after the retention period.
 
+mod dockerfile;
 mod plan;
 mod table;
 
@@ -15,6 +16,7 @@ use actix::prelude::*;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::watch;
 
+pub use dockerfile::PreparedContext;
 pub use plan::{Plan, WorkspacePlan};
 pub use table::{BuildRecord, BuildRefs, BuildSnapshot, BuildTable, StatusUpdate};
 
@@ -27,9 +29,10 @@ use super::{
     Directory,
 };
 use crate::{
+    engine::context::ContextStore,
     metrics::Metrics,
     model::{AuthPolicy, BuildId, BuildOutcome, BuildSource, BuildStatus, ImageRef},
-    registry::RegistryClient,
+    registry::{Platform, RegistryClient},
 };
 
 /// A caller's build request, validated.
@@ -113,7 +116,15 @@ pub struct OrchestratorDeps {
     pub table: Arc<BuildTable>,
     pub directory: Arc<Directory>,
     pub registry: RegistryClient,
+    pub base_repository: ImageRef,
     pub workspace_repository: ImageRef,
+    /// Uploaded contexts.
+    pub contexts: ContextStore,
+    /// Where contexts are checked out or unpacked while a build needs them.
+    pub contexts_tmp: std::path::PathBuf,
+    /// Whether `file://` git remotes may be built (they can read any repository on the host).
+    pub allow_local_git: bool,
+    pub platform: Platform,
     pub build: BuildDeps,
     pub build_timeout: Duration,
     pub retention: Duration,

@@ -1,15 +1,19 @@
 //! Planning: from a request to the content-addressed key, references and job of a build.
 
-use super::{BuildRefs, BuildRequest, OrchestratorDeps};
+use std::sync::Arc;
+
+use super::{dockerfile, BuildRefs, BuildRequest, OrchestratorDeps};
 use crate::{
     actors::{error::BuildError, handles::ResolverPool},
+    engine::build::BuildInput,
     executor::Job,
-    model::{AuthPolicy, BuildKey, BuildSource, BuildStatus, ImageRef},
+    model::{AuthPolicy, BuildKey, BuildSource, BuildStatus, DockerfileSource, ImageRef},
 };
 
 /// A planned build.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// The workspace image's key: the build table's de-duplication key.
     pub key: BuildKey,
     pub refs: BuildRefs,
     pub job: Job,
@@ -23,46 +27,59 @@ pub struct WorkspacePlan {
     pub status: BuildStatus,
 }
 
-const DOCKERFILE_UNSUPPORTED: &str =
-    "Dockerfile sources need Kiln's Dockerfile engine, which this Kiln does not \
-     have yet; build from an image reference (source.ref) instead";
-
 pub(super) async fn plan(deps: &OrchestratorDeps, request: &BuildRequest) -> Result<Plan, BuildError> {
-    let base = match (&request.base_resolved, request.force_rebuild) {
-        (Some(resolved), false) => resolved.clone(),
-        _ => resolve_source(deps, &request.source, &request.auth).await?,
-    };
-    Ok(plan_from_base(deps, base, request.auth.clone()))
-}
-
-async fn resolve_source(
-    deps: &OrchestratorDeps,
-    source: &BuildSource,
-    auth: &AuthPolicy,
-) -> Result<ImageRef, BuildError> {
-    match source {
+    match &request.source {
         BuildSource::Image { reference } => {
-            let pool = ResolverPool::new(deps.directory.clone());
-            pool.resolve(reference.clone(), auth.clone(), false).await
+            let base = match (&request.base_resolved, request.force_rebuild) {
+                (Some(resolved), false) => resolved.clone(),
+                _ => resolve(deps, reference, &request.auth).await?,
+            };
+            Ok(plan_image(deps, base, request.auth.clone()))
         }
-        BuildSource::Dockerfile { .. } => Err(BuildError::Unsupported(DOCKERFILE_UNSUPPORTED.into())),
+        BuildSource::Dockerfile(source) => plan_dockerfile(deps, source, &request.auth, request.force_rebuild).await,
     }
 }
 
-fn plan_from_base(deps: &OrchestratorDeps, base: ImageRef, auth: AuthPolicy) -> Plan {
-    let digest = base.digest().expect("resolved references carry a digest");
-    let key = BuildKey::for_image(digest);
+async fn resolve(deps: &OrchestratorDeps, image: &ImageRef, auth: &AuthPolicy) -> Result<ImageRef, BuildError> {
+    ResolverPool::new(deps.directory.clone()).resolve(image.clone(), auth.clone(), false).await
+}
+
+fn plan_image(deps: &OrchestratorDeps, base: ImageRef, auth: AuthPolicy) -> Plan {
+    let key = BuildKey::for_base(&base);
     let workspace = key.workspace_image(&deps.workspace_repository);
-    let job = Job::CopyImage {
-        source: base.clone(),
-        target: workspace.clone(),
-        auth,
+    let job = Job::CopyImage { source: base.clone(), target: workspace.clone(), auth };
+    Plan { key, refs: BuildRefs { workspace, base }, job }
+}
+
+async fn plan_dockerfile(
+    deps: &OrchestratorDeps,
+    source: &DockerfileSource,
+    auth: &AuthPolicy,
+    force: bool,
+) -> Result<Plan, BuildError> {
+    let planned = dockerfile::plan(deps, source, auth).await?;
+    // The built image goes to the base repository under its content-addressed key; the
+    // workspace image is named after that reference, so it is known before building.
+    let base = planned.key.workspace_image(&deps.base_repository);
+    let key = BuildKey::for_base(&base);
+    let workspace = key.workspace_image(&deps.workspace_repository);
+    let input = BuildInput {
+        dockerfile: planned.context.dockerfile.clone(),
+        context: planned.context.root.clone(),
+        dockerignore: planned.context.dockerignore.clone(),
+        build_args: source.build_args.clone(),
+        target: source.target.clone(),
+        destination: base.clone(),
+        auth: auth.clone(),
+        pinned: planned.pinned,
     };
-    Plan {
-        key,
-        refs: BuildRefs { workspace, base },
-        job,
-    }
+    let job = Job::Dockerfile {
+        input: Box::new(input),
+        context: Arc::clone(&planned.context),
+        workspace: workspace.clone(),
+        force,
+    };
+    Ok(Plan { key, refs: BuildRefs { workspace, base }, job })
 }
 
 pub(super) async fn plan_workspace(
@@ -70,16 +87,15 @@ pub(super) async fn plan_workspace(
     source: BuildSource,
     auth: AuthPolicy,
 ) -> Result<WorkspacePlan, BuildError> {
-    let base = resolve_source(deps, &source, &auth).await?;
-    let plan = plan_from_base(deps, base, auth.clone());
-    let exists = deps.registry.exists(&plan.refs.workspace, &auth).await?;
-    let status = if exists {
-        BuildStatus::DoneSuccess
-    } else {
-        BuildStatus::Unknown
+    let request = BuildRequest {
+        source,
+        auth: auth.clone(),
+        force_rebuild: false,
+        base_resolved: None,
+        triggered_by: String::new(),
     };
-    Ok(WorkspacePlan {
-        refs: plan.refs,
-        status,
-    })
+    let plan = plan(deps, &request).await?;
+    let exists = deps.registry.exists(&plan.refs.workspace, &auth).await?;
+    let status = if exists { BuildStatus::DoneSuccess } else { BuildStatus::Unknown };
+    Ok(WorkspacePlan { refs: plan.refs, status })
 }

@@ -81,6 +81,9 @@ pub struct BuildInput {
     /// Where the image goes (a tag).
     pub destination: ImageRef,
     pub auth: AuthPolicy,
+    /// Images as the Dockerfile names them (after ARG expansion) → the digest form they were
+    /// resolved to when the build was planned, so the build uses exactly what its key names.
+    pub pinned: BTreeMap<String, ImageRef>,
 }
 
 /// What a build pushed.
@@ -223,7 +226,21 @@ impl Engine {
 
 use sha2::Digest as _;
 
-/// `dir` as a string for messages.
-pub(crate) fn shown(dir: &Path) -> String {
-    dir.display().to_string()
+/// Moves a freshly packed layer's directory (an overlay upper dir, which has the same form as
+/// an unpacked lower dir) into the layer store under its diff id. If the store already has
+/// that layer, the new copy is dropped and the stored one returned.
+fn adopt_layer(store: &LayerStore, diff_id: &Digest, dir: &Path) -> Result<PathBuf, EngineError> {
+    if let Some(existing) = store.get(diff_id) {
+        let _ = std::fs::remove_dir_all(dir);
+        return Ok(existing);
+    }
+    let target = store.root().join("by-diff-id").join(diff_id.hex());
+    match std::fs::rename(dir, &target) {
+        Ok(()) => Ok(target),
+        Err(_) if target.is_dir() => {
+            let _ = std::fs::remove_dir_all(dir);
+            Ok(target)
+        }
+        Err(e) => Err(EngineError::Io { what: format!("storing layer {diff_id}"), source: e }),
+    }
 }

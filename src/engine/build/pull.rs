@@ -8,7 +8,10 @@ use super::{
     Engine, EngineError,
 };
 use crate::{
-    engine::image::{Descriptor, ImageConfig},
+    engine::{
+        image::{Descriptor, ImageConfig},
+        layers::{BlobSource, LayerBlob},
+    },
     model::{AuthPolicy, ImageRef},
 };
 
@@ -30,28 +33,23 @@ pub async fn pull(engine: &Engine, image: &ImageRef, auth: &AuthPolicy) -> Resul
     let repo = Arc::new(fetched.reference.clone());
     let mut layers = Vec::with_capacity(fetched.layers.len());
     // Layers are fetched concurrently; the store unpacks each blob once.
-    let futures = fetched.layers.iter().map(|l| {
+    let futures = fetched.layers.iter().zip(config.rootfs.diff_ids.iter().map(Some).chain(std::iter::repeat(None))).map(|(l, diff_id)| {
         let (engine, repo, auth) = (engine.clone(), repo.clone(), auth.clone());
         let l = l.clone();
+        let blob = LayerBlob { digest: l.digest.clone(), media_type: l.media_type.clone(), diff_id: diff_id.cloned() };
         async move {
-            let registry = engine.registry().clone();
-            let tmp = engine.config().data_dir.join("tmp");
-            let stored = engine
-                .layer_store()
-                .ensure(&l.digest, &l.media_type, move |dest: std::path::PathBuf| {
-                    let (registry, repo, digest, auth) = (registry.clone(), repo.clone(), l.digest.clone(), auth.clone());
-                    let _ = &tmp;
-                    async move {
-                        registry
-                            .pull_blob_to_file(&repo, &digest, Some(l.size), &dest, &auth)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| std::io::Error::other(e.to_string()))
-                    }
-                })
-                .await?;
+            let download = engine.config().data_dir.join("tmp").join(format!("pull-{}", uuid::Uuid::new_v4()));
+            let fetch = || async {
+                engine
+                    .registry()
+                    .pull_blob_to_file(&repo, &l.digest, Some(l.size), &download, &auth)
+                    .await
+                    .map(|_| BlobSource::File(download.clone()))
+            };
+            let stored = engine.layer_store().ensure(&blob, fetch).await;
+            let _ = std::fs::remove_file(&download);
+            let stored = stored?;
             Ok::<_, EngineError>(Layer {
-                diff_id: stored.diff_id,
                 blob: Descriptor { media_type: l.media_type.clone(), digest: l.digest.clone(), size: l.size },
                 dir: stored.dir,
                 origin: LayerOrigin::Registry((*repo).clone()),

@@ -2,7 +2,7 @@
 //! allows, uploaded from the local blob directory otherwise), then the config, then the
 //! manifest under the destination tag.
 
-use futures::{stream, StreamExt as _, TryStreamExt as _};
+use futures::{stream, TryStreamExt as _};
 
 use super::{
     stage::{BuildLogSink, ImageState, LayerOrigin},

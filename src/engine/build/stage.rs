@@ -25,12 +25,12 @@ use super::{
 };
 use crate::{
     engine::{
-        dockerfile::{self, expand, Dockerfile, Instruction, Located, ShellOrExec},
+        dockerfile::{self, expand, Dockerfile, Instruction, Located, MountType, RunScript, ShellOrExec},
         image::{self, Descriptor, Healthcheck, HistoryEntry, ImageConfig},
         layers::{pack_layer_async, PackOptions},
         sandbox::{self, BindMount, RunSpec},
     },
-    model::{Digest, ImageRef},
+    model::ImageRef,
 };
 
 /// Proxy ARGs that reach RUN without being declared (and are kept out of history).
@@ -62,7 +62,6 @@ pub enum LayerOrigin {
 /// One layer of an image state.
 #[derive(Debug, Clone)]
 pub struct Layer {
-    pub diff_id: Digest,
     pub blob: Descriptor,
     /// The layer unpacked (an overlayfs lower directory).
     pub dir: PathBuf,
@@ -315,8 +314,10 @@ impl<'a> StageRunner<'a> {
             };
             return Ok((ImageState { config, layers: Vec::new(), key: StateKey::scratch() }, name));
         }
-        let image: ImageRef =
-            name.parse().map_err(|e| EngineError::at(from.line, format!("FROM {name}: {e}")))?;
+        let image: ImageRef = match self.input.pinned.get(&name) {
+            Some(pinned) => pinned.clone(),
+            None => name.parse().map_err(|e| EngineError::at(from.line, format!("FROM {name}: {e}")))?,
+        };
         let started = Instant::now();
         let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
         self.log.line(format!(
@@ -395,7 +396,7 @@ impl<'a> StageRunner<'a> {
                 .map_err(|e| EngineError::at(line, e.to_string()))
         };
         let created = self.created();
-        let mut meta = |state: &mut ImageState, created_by: String| {
+        let meta = |state: &mut ImageState, created_by: String| {
             state.key = state.key.with_meta(created_by.as_bytes());
             state.config.history.push(HistoryEntry {
                 created: Some(created.clone()),
@@ -427,16 +428,12 @@ impl<'a> StageRunner<'a> {
                 meta(&mut state, format!("ARG {}", shown.join(" ")));
             }
             Instruction::Label(pairs) => {
-                let labels = state.config.config.labels.get_or_insert_with(BTreeMap::new);
-                let mut shown = Vec::new();
+                let mut expanded = Vec::new();
                 for (k, v) in pairs {
-                    let k = expand(k, &|n: &str| ctx.args.lookup(&state.config, n), escape)
-                        .map_err(|e| EngineError::at(line, e.to_string()))?;
-                    let v = expand(v, &|n: &str| ctx.args.lookup(&state.config, n), escape)
-                        .map_err(|e| EngineError::at(line, e.to_string()))?;
-                    shown.push(format!("{k}={v}"));
-                    labels.insert(k, v);
+                    expanded.push((word(ctx, &state, k)?, word(ctx, &state, v)?));
                 }
+                let shown: Vec<String> = expanded.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                state.config.config.labels.get_or_insert_with(BTreeMap::new).extend(expanded);
                 meta(&mut state, format!("LABEL {}", shown.join(" ")));
             }
             Instruction::Maintainer(m) => {
@@ -449,31 +446,27 @@ impl<'a> StageRunner<'a> {
                 meta(&mut state, format!("USER {u}"));
             }
             Instruction::Expose(ports) => {
-                let exposed = state.config.config.exposed_ports.get_or_insert_with(BTreeMap::new);
                 let mut shown = Vec::new();
                 for p in ports {
-                    let p = expand(p, &|n: &str| ctx.args.lookup(&state.config, n), escape)
-                        .map_err(|e| EngineError::at(line, e.to_string()))?;
-                    for p in p.split_whitespace() {
-                        let p = if p.contains('/') { p.to_ascii_lowercase() } else { format!("{p}/tcp") };
-                        exposed.insert(p.clone(), Default::default());
-                        shown.push(p);
+                    for p in word(ctx, &state, p)?.split_whitespace() {
+                        shown.push(if p.contains('/') { p.to_ascii_lowercase() } else { format!("{p}/tcp") });
                     }
                 }
+                let exposed = state.config.config.exposed_ports.get_or_insert_with(BTreeMap::new);
+                exposed.extend(shown.iter().map(|p| (p.clone(), Default::default())));
                 meta(&mut state, format!("EXPOSE {}", shown.join(" ")));
             }
             Instruction::Volume(vols) => {
-                let volumes = state.config.config.volumes.get_or_insert_with(BTreeMap::new);
                 let mut shown = Vec::new();
                 for v in vols {
-                    let v = expand(v, &|n: &str| ctx.args.lookup(&state.config, n), escape)
-                        .map_err(|e| EngineError::at(line, e.to_string()))?;
+                    let v = word(ctx, &state, v)?;
                     if v.is_empty() {
                         return Err(EngineError::at(line, "VOLUME: empty path"));
                     }
-                    volumes.insert(v.clone(), Default::default());
                     shown.push(v);
                 }
+                let volumes = state.config.config.volumes.get_or_insert_with(BTreeMap::new);
+                volumes.extend(shown.iter().map(|v| (v.clone(), Default::default())));
                 meta(&mut state, format!("VOLUME [{}]", shown.join(" ")));
             }
             Instruction::StopSignal(s) => {
@@ -507,8 +500,7 @@ impl<'a> StageRunner<'a> {
                 meta(&mut state, format!("ENTRYPOINT {}", serde_json::to_string(&argv).unwrap_or_default()));
             }
             Instruction::Healthcheck(hc) => {
-                let check = healthcheck(hc, &shell(&state)).map_err(|m| EngineError::at(line, m))?;
-                state.config.config.healthcheck = Some(check);
+                state.config.config.healthcheck = Some(healthcheck(hc));
                 meta(&mut state, format!("HEALTHCHECK {}", describe(&located.inner)));
             }
             Instruction::Onbuild(inner) => {
@@ -533,9 +525,6 @@ impl<'a> StageRunner<'a> {
             Instruction::Copy(spec) | Instruction::Add(spec) => {
                 let is_add = matches!(located.inner, Instruction::Add(_));
                 state = self.copy_step(ctx, state, line, spec, is_add).await?;
-            }
-            other => {
-                return Err(EngineError::at(line, format!("{} is not supported here", describe(other))));
             }
         }
         Ok(state)
@@ -573,7 +562,6 @@ impl<'a> StageRunner<'a> {
             ..Default::default()
         });
         state.layers.push(Layer {
-            diff_id: entry.diff_id,
             blob: Descriptor { media_type: entry.media_type, digest: entry.digest, size: entry.size },
             dir,
             origin: LayerOrigin::Local,
@@ -610,12 +598,12 @@ impl<'a> StageRunner<'a> {
         if !blob.exists() {
             std::fs::rename(&out, &blob).map_err(EngineError::io("storing a new layer blob"))?;
         }
-        let dir = self.engine.layer_store().adopt(&packed.diff_id, upper)?;
+        let dir = super::adopt_layer(self.engine.layer_store(), &packed.diff_id, upper)?;
         let entry = CachedLayer {
             diff_id: packed.diff_id.clone(),
             digest: packed.digest.clone(),
             size: packed.size,
-            media_type: packed.media_type.clone(),
+            media_type: packed.media_type.to_owned(),
         };
         let key = state.key.step(step.as_bytes());
         self.engine.instruction_cache().put(&key, &entry).map_err(EngineError::io("writing the instruction cache"))?;
@@ -728,9 +716,12 @@ impl<'a> StageRunner<'a> {
                             EngineError::at(line, format!("{keyword} --from={from}: stage not built"))
                         })?,
                         None => {
-                            let image: ImageRef = from
-                                .parse()
-                                .map_err(|e| EngineError::at(line, format!("{keyword} --from={from}: {e}")))?;
+                            let image: ImageRef = match self.input.pinned.get(&from) {
+                                Some(pinned) => pinned.clone(),
+                                None => from
+                                    .parse()
+                                    .map_err(|e| EngineError::at(line, format!("{keyword} --from={from}: {e}")))?,
+                            };
                             let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
                             let digest = pulled.reference.digest().cloned().expect("pinned");
                             ImageState { config: pulled.config, layers: pulled.layers, key: StateKey::of_image(&digest) }
@@ -757,7 +748,7 @@ impl<'a> StageRunner<'a> {
             .shell
             .clone()
             .unwrap_or_else(|| DEFAULT_SHELL.iter().map(|s| s.to_string()).collect());
-        let (argv, shown) = run_argv(run, &shell);
+        let (argv, shown, script_file) = run_argv(run, &shell);
         let env = ctx.args.run_env(&state.config);
         let user = state.config.config.user.clone().filter(|u| !u.is_empty());
         let cwd = state.config.config.working_dir.clone().unwrap_or_else(|| "/".into());
@@ -768,22 +759,30 @@ impl<'a> StageRunner<'a> {
             Some(other) => return Err(EngineError::at(line, format!("RUN --network={other}: expected default, none or host"))),
         };
         let mut mounts = Vec::new();
+        let mut mount_keys = Vec::new();
         for m in &run.mounts {
-            match m.kind.as_str() {
-                "cache" => {
+            let m = m
+                .expand(&|n: &str| ctx.args.lookup(&state.config, n), self.dockerfile.escape)
+                .map_err(|e| EngineError::at(line, format!("RUN --mount: {e}")))?;
+            match m.kind {
+                MountType::Cache => {
                     let target = join_path(&cwd, &m.target);
                     let id = m.id.clone().unwrap_or_else(|| target.clone());
                     let host_dir = self.engine.cache_mount_dir(&id);
                     std::fs::create_dir_all(&host_dir).map_err(EngineError::io("creating a cache mount"))?;
-                    mounts.push(BindMount { host_dir, target, read_only: m.read_only });
+                    mount_keys.push(format!("cache:{id}:{target}:{}", m.read_only));
+                    mounts.push(BindMount { host_dir, target: PathBuf::from(target), read_only: m.read_only });
                 }
                 other => {
-                    return Err(EngineError::at(line, format!("RUN --mount=type={other} is not supported (only type=cache)")));
+                    return Err(EngineError::at(
+                        line,
+                        format!("RUN --mount=type={} is not supported (only type=cache)", other.as_str()),
+                    ));
                 }
             }
         }
         // Everything the step's result depends on besides the parent state.
-        let step = serde_json::to_string(&(&argv, &env, &user, &cwd, format!("{network:?}"), run.mounts.iter().map(|m| (&m.kind, &m.target)).collect::<Vec<_>>()))
+        let step = serde_json::to_string(&(&argv, &env, &user, &cwd, format!("{network:?}"), &mount_keys, &script_file))
             .expect("serializable");
         let created_by = format!("RUN {shown}");
         if let Some(hit) = self.cached(&state, &step, &created_by) {
@@ -793,6 +792,15 @@ impl<'a> StageRunner<'a> {
         let (upper, work) = (dir.join("upper"), dir.join("work"));
         for d in [&upper, &work] {
             std::fs::create_dir_all(d).map_err(EngineError::io("creating overlay directories"))?;
+        }
+        if let Some((name, content)) = &script_file {
+            let pipes = dir.join("pipes");
+            std::fs::create_dir_all(&pipes).map_err(EngineError::io("creating the heredoc script dir"))?;
+            let path = pipes.join(name);
+            std::fs::write(&path, content).map_err(EngineError::io("writing the heredoc script"))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .map_err(EngineError::io("writing the heredoc script"))?;
+            mounts.push(BindMount { host_dir: pipes, target: PathBuf::from("/dev/pipes"), read_only: true });
         }
         let spec = RunSpec {
             lower_dirs: state.lowers(),
@@ -879,73 +887,42 @@ pub fn join_path(cwd: &str, path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-/// The argv of a RUN, and how it is shown in logs and history.
-fn run_argv(run: &dockerfile::RunSpec, shell: &[String]) -> (Vec<String>, String) {
-    match &run.command {
-        ShellOrExec::Exec(argv) => (argv.clone(), serde_json::to_string(argv).unwrap_or_default()),
-        ShellOrExec::Shell(cmd) => {
-            let script = if run.heredocs.is_empty() {
-                cmd.clone()
-            } else if is_bare_heredoc(cmd) && run.heredocs.len() == 1 {
-                // `RUN <<EOF`: the heredoc is the script.
-                run.heredocs[0].content.clone()
-            } else {
-                // `RUN cmd <<EOF`: the shell reads the heredoc itself.
-                let mut s = cmd.clone();
-                for doc in &run.heredocs {
-                    s.push('\n');
-                    s.push_str(&doc.content);
-                    if !doc.content.ends_with('\n') {
-                        s.push('\n');
-                    }
-                    s.push_str(&doc.name);
-                }
-                s
+/// The argv of a RUN, how it is shown in logs and history, and a heredoc script file to
+/// provide at `/dev/pipes/<name>` (BuildKit's place for `RUN <<EOF` scripts with `#!`).
+fn run_argv(run: &dockerfile::RunSpec, shell: &[String]) -> (Vec<String>, String, Option<(String, String)>) {
+    match (&run.command, run.script()) {
+        (ShellOrExec::Exec(argv), _) => (argv.clone(), serde_json::to_string(argv).unwrap_or_default(), None),
+        (ShellOrExec::Shell(cmd), Some(RunScript::Executable { name, content })) => {
+            (vec![format!("/dev/pipes/{name}")], cmd.clone(), Some((name, content)))
+        }
+        (ShellOrExec::Shell(cmd), script) => {
+            let text = match script {
+                Some(RunScript::Shell(text)) => text,
+                _ => cmd.clone(),
             };
-            let argv = match script.strip_prefix("#!") {
-                Some(rest) if is_bare_heredoc(cmd) => {
-                    let interp: Vec<String> = rest.lines().next().unwrap_or("").split_whitespace().map(String::from).collect();
-                    interp.into_iter().chain(["-c".to_string(), script.clone()]).collect()
-                }
-                _ => shell.iter().cloned().chain([script.clone()]).collect(),
-            };
-            let shown = if run.heredocs.is_empty() { cmd.clone() } else { format!("{cmd} (heredoc)") };
-            (argv, shown)
+            let argv = shell.iter().cloned().chain([text]).collect();
+            (argv, cmd.clone(), None)
         }
     }
 }
 
-fn is_bare_heredoc(cmd: &str) -> bool {
-    let t = cmd.trim();
-    t.starts_with("<<") && !t.contains(char::is_whitespace)
-}
-
-fn healthcheck(hc: &dockerfile::Healthcheck, shell: &[String]) -> Result<Healthcheck, String> {
-    let _ = shell;
+fn healthcheck(hc: &dockerfile::Healthcheck) -> Healthcheck {
     match hc {
-        dockerfile::Healthcheck::None => Ok(Healthcheck { test: Some(vec!["NONE".into()]), ..Default::default() }),
+        dockerfile::Healthcheck::None => Healthcheck { test: Some(vec!["NONE".into()]), ..Default::default() },
         dockerfile::Healthcheck::Cmd { test, interval, timeout, start_period, start_interval, retries } => {
             let test = match test {
                 ShellOrExec::Exec(v) => std::iter::once("CMD".to_string()).chain(v.iter().cloned()).collect(),
                 ShellOrExec::Shell(s) => vec!["CMD-SHELL".to_string(), s.clone()],
             };
-            let nanos = |d: &Option<String>, what: &str| -> Result<Option<i64>, String> {
-                d.as_deref()
-                    .map(|d| {
-                        humantime::parse_duration(d)
-                            .map(|d| d.as_nanos() as i64)
-                            .map_err(|e| format!("HEALTHCHECK --{what}={d}: {e}"))
-                    })
-                    .transpose()
-            };
-            Ok(Healthcheck {
+            let nanos = |d: &Option<std::time::Duration>| d.map(|d| d.as_nanos() as i64);
+            Healthcheck {
                 test: Some(test),
-                interval: nanos(interval, "interval")?,
-                timeout: nanos(timeout, "timeout")?,
-                start_period: nanos(start_period, "start-period")?,
-                start_interval: nanos(start_interval, "start-interval")?,
+                interval: nanos(interval),
+                timeout: nanos(timeout),
+                start_period: nanos(start_period),
+                start_interval: nanos(start_interval),
                 retries: *retries,
-            })
+            }
         }
     }
 }

@@ -1,0 +1,189 @@
+//! Planning a Dockerfile build: materialize its context, read and parse its Dockerfile,
+//! resolve every image it builds FROM, and derive the content-addressed key from all of it.
+//!
+//! The context is fetched here, not in the build, because the key depends on its content:
+//! two requests for one commit get one key and one build, and a changed COPY'd file gets a
+//! new key. The fetched context is owned by the plan ([`PreparedContext`]) and deleted when
+//! the last holder (a joined request's plan, or the build) lets it go.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use super::OrchestratorDeps;
+use crate::{
+    actors::{error::BuildError, handles::ResolverPool},
+    engine::{
+        context::{self, DockerIgnore},
+        dockerfile::{self, expand, Instruction},
+    },
+    model::{AuthPolicy, BuildKey, ContextSource, DockerfileSource, ImageRef},
+};
+
+/// A build context on disk, deleted when dropped.
+#[derive(Debug)]
+pub struct PreparedContext {
+    _dir: tempfile::TempDir,
+    /// The context root (a subdirectory of the checkout for `context_path`).
+    pub root: PathBuf,
+    pub dockerfile: String,
+    pub dockerignore: String,
+}
+
+/// The result of planning a Dockerfile source.
+#[derive(Debug, Clone)]
+pub struct DockerfilePlan {
+    pub key: BuildKey,
+    pub context: Arc<PreparedContext>,
+    /// Each external FROM / COPY --from image as written (expanded) → its resolved digest form.
+    pub pinned: BTreeMap<String, ImageRef>,
+}
+
+fn invalid(message: impl Into<String>) -> BuildError {
+    BuildError::InvalidInput(message.into())
+}
+
+/// A relative path inside the checkout, refusing anything that climbs out of it.
+fn inside(root: &Path, rel: &str, what: &str) -> Result<PathBuf, BuildError> {
+    let mut path = root.to_path_buf();
+    for part in Path::new(rel.trim_start_matches('/')).components() {
+        match part {
+            std::path::Component::Normal(p) => path.push(p),
+            std::path::Component::CurDir => {}
+            _ => return Err(invalid(format!("{what}: {rel:?} must stay inside the build context"))),
+        }
+    }
+    Ok(path)
+}
+
+async fn materialize(
+    deps: &OrchestratorDeps,
+    source: &DockerfileSource,
+) -> Result<(tempfile::TempDir, PathBuf), BuildError> {
+    let dir = tempfile::Builder::new()
+        .prefix("context-")
+        .tempdir_in(&deps.contexts_tmp)
+        .map_err(|e| BuildError::Internal(format!("cannot create a context directory: {e}")))?;
+    let dest = dir.path().join("src");
+    let root = match &source.context {
+        ContextSource::Git(git) => {
+            if git.is_local() && !deps.allow_local_git {
+                return Err(invalid(
+                    "source.file.source.git.remote_uri: file:// remotes are disabled on this Kiln (builds.allow_local_git)",
+                ));
+            }
+            context::checkout(git, &dest)
+                .await
+                .map_err(|e| invalid(format!("source.file.source.git: {e}")))?
+                .dir
+        }
+        ContextSource::Uploaded(digest) => {
+            let (store, digest, target) = (deps.contexts.clone(), digest.clone(), dest.clone());
+            tokio::task::spawn_blocking(move || store.unpack(&digest, &target).map_err(|e| (digest, e)))
+                .await
+                .map_err(|e| BuildError::Internal(format!("unpacking the context: {e}")))?
+                .map_err(|(digest, e)| match e {
+                    context::ContextError::UnknownContext { .. } => {
+                        BuildError::NotFound(format!("uploaded context {digest}; upload it with UploadContext"))
+                    }
+                    e => invalid(format!("source.file.context_digest: {e}")),
+                })?;
+            dest
+        }
+    };
+    Ok((dir, root))
+}
+
+/// Materializes and plans `source`.
+pub async fn plan(
+    deps: &OrchestratorDeps,
+    source: &DockerfileSource,
+    auth: &AuthPolicy,
+) -> Result<DockerfilePlan, BuildError> {
+    let (dir, checkout) = materialize(deps, source).await?;
+    let root = inside(&checkout, &source.context_path, "source.file.context_path")?;
+    if !root.is_dir() {
+        return Err(invalid(format!("source.file.context_path: {:?} is not a directory", source.context_path)));
+    }
+    let dockerfile_rel = if source.dockerfile_path.is_empty() { "Dockerfile" } else { &source.dockerfile_path };
+    // Gitpod resolves the Dockerfile against the checkout; fall back to the context.
+    let dockerfile_path = {
+        let from_checkout = inside(&checkout, dockerfile_rel, "source.file.dockerfile_path")?;
+        if from_checkout.is_file() { from_checkout } else { inside(&root, dockerfile_rel, "source.file.dockerfile_path")? }
+    };
+    let text = std::fs::read_to_string(&dockerfile_path)
+        .map_err(|e| invalid(format!("source.file.dockerfile_path: cannot read {dockerfile_rel:?}: {e}")))?;
+    let dockerignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap_or_default();
+    let parsed = dockerfile::parse(&text).map_err(|e| invalid(e.to_string()))?;
+    let pinned = resolve_images(deps, &parsed, &source.build_args, auth).await?;
+    let ignore = DockerIgnore::parse(&dockerignore);
+    let root_for_digest = root.clone();
+    let context_digest = tokio::task::spawn_blocking(move || context::context_digest(&root_for_digest, &ignore))
+        .await
+        .map_err(|e| BuildError::Internal(format!("hashing the context: {e}")))?
+        .map_err(|e| invalid(format!("build context: {e}")))?;
+    let key = BuildKey::for_dockerfile(
+        &text,
+        &context_digest,
+        pinned.values().filter_map(|r| r.digest()),
+        &source.build_args,
+        source.target.as_deref(),
+        &deps.platform,
+    );
+    let context = PreparedContext { _dir: dir, root, dockerfile: text, dockerignore };
+    Ok(DockerfilePlan { key, context: Arc::new(context), pinned })
+}
+
+/// Resolves every image the Dockerfile builds FROM (or copies --from), in order.
+async fn resolve_images(
+    deps: &OrchestratorDeps,
+    parsed: &dockerfile::Dockerfile,
+    build_args: &BTreeMap<String, String>,
+    auth: &AuthPolicy,
+) -> Result<BTreeMap<String, ImageRef>, BuildError> {
+    let mut globals: BTreeMap<String, String> = BTreeMap::new();
+    for decl in &parsed.global_args {
+        let value = build_args.get(&decl.name).cloned().or_else(|| {
+            decl.default.as_deref().and_then(|d| expand(d, &|n: &str| globals.get(n).cloned(), parsed.escape).ok())
+        });
+        if let Some(v) = value {
+            globals.insert(decl.name.clone(), v);
+        }
+    }
+    let mut aliases: Vec<String> = Vec::new();
+    let mut wanted: Vec<(usize, String)> = Vec::new();
+    for stage in &parsed.stages {
+        let from = expand(&stage.from.image, &|n: &str| globals.get(n).cloned(), parsed.escape)
+            .map_err(|e| invalid(format!("Dockerfile line {}: FROM: {e}", stage.from.line)))?;
+        let is_stage = aliases.iter().any(|a| a.eq_ignore_ascii_case(&from));
+        if !is_stage && !from.eq_ignore_ascii_case("scratch") {
+            wanted.push((stage.from.line, from));
+        }
+        for instr in &stage.instructions {
+            if let Instruction::Copy(spec) | Instruction::Add(spec) = &instr.inner {
+                if let Some(f) = &spec.from {
+                    let named_stage = aliases.iter().any(|a| a.eq_ignore_ascii_case(f)) || f.parse::<usize>().is_ok();
+                    if !named_stage && !f.contains('$') {
+                        wanted.push((instr.line, f.clone()));
+                    }
+                }
+            }
+        }
+        if let Some(alias) = &stage.from.alias {
+            aliases.push(alias.clone());
+        }
+    }
+    let pool = ResolverPool::new(deps.directory.clone());
+    let mut pinned = BTreeMap::new();
+    for (line, name) in wanted {
+        if pinned.contains_key(&name) {
+            continue;
+        }
+        let image: ImageRef = name.parse().map_err(|e| invalid(format!("Dockerfile line {line}: {e}")))?;
+        let resolved = pool.resolve(image, auth.clone(), false).await?;
+        pinned.insert(name, resolved);
+    }
+    Ok(pinned)
+}

@@ -1,0 +1,914 @@
+//! Git build contexts: check out Gitpod's `GitInitializer` with the system `git` binary.
+//!
+//! [`checkout`] fills an empty destination directory `dest` with:
+//! - `dest/tree`: the work tree ([`Checkout::dir`]), with **no `.git` inside** — BuildKit
+//!   drops `.git` from git contexts, so `COPY .` and the context digest never see it;
+//! - `dest/git`: the git directory ([`Checkout::git_dir`]), kept for [`tree_id`].
+//!
+//! How each [`GitTarget`] is fetched (`--depth 1` unless `full_clone`):
+//! - `RemoteHead`: the remote's `HEAD`, checked out detached;
+//! - `RemoteBranch(b)`: `refs/heads/b`, checked out as local branch `b` (a missing branch
+//!   is an error; upstream silently falls back to the default branch);
+//! - `LocalBranch(b)`: the remote's `HEAD`, checked out as a new local branch `b` (what
+//!   Gitpod's `LOCAL_BRANCH` does);
+//! - `Commit(sha)`: `git fetch --depth 1 origin <sha>` when the sha is complete; when the
+//!   server refuses unadvertised objects (protocol v0 without
+//!   `uploadpack.allowReachableSHA1InWant`) or the sha is abbreviated, every branch and tag
+//!   is fetched with full history and the commit is looked up there.
+//!
+//! Every git process runs with a clean environment: `HOME` is an empty temporary directory
+//! (the host's git configuration is never read), no system config, `GIT_TERMINAL_PROMPT=0`,
+//! `LC_ALL=C`, only the `https`, `http`, `git` and `file` transports, its own process group
+//! and a deadline (the group is killed when it passes).
+//!
+//! **Credentials** never reach a command line, `.git/config`, a log line or an error: they
+//! travel only in the child's environment, as `http.<remote url>.extraHeader=Authorization:
+//! Basic …` (scoped to the remote, so a redirect elsewhere does not get it) through `GIT_CONFIG_COUNT`/`GIT_CONFIG_KEY_n`/`GIT_CONFIG_VALUE_n`. Credentials embedded
+//! in the remote URL (`https://user:token@host/…`) are taken out of it the same way, and
+//! git's stderr is scrubbed of every form of the secret before it goes into an error.
+//! A request's `custom_config` is passed the same way and restricted to keys that cannot
+//! make git run a command or read host files (see [`check_config_key`]).
+//!
+//! Submodules are not fetched.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use super::ContextError;
+use crate::model::Secret;
+
+/// How long a whole checkout may take by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The transports git may use (`GIT_ALLOW_PROTOCOL`).
+const ALLOWED_PROTOCOLS: &str = "https:http:git:file";
+
+/// Where and what to check out: Gitpod's `GitInitializer`, validated.
+#[derive(Clone)]
+pub struct GitSource {
+    /// `https://`, `http://`, `git://` or `file://` URL. Credentials in it are moved out of it.
+    pub remote_uri: String,
+    pub target: GitTarget,
+    /// (user, password or one-time token) for basic auth over http(s).
+    pub credentials: Option<(String, Secret)>,
+    /// Gitpod's `GitConfig.custom_config`; keys are checked by [`check_config_key`].
+    pub custom_config: Vec<(String, String)>,
+    /// Fetch full history instead of `--depth 1`.
+    pub full_clone: bool,
+}
+
+impl GitSource {
+    /// Whether the remote is on this machine (`file://`). The gRPC edge should accept such
+    /// remotes only when the installation allows it: they can read any repository the
+    /// Kiln process can.
+    pub fn is_local(&self) -> bool {
+        self.remote_uri
+            .trim()
+            .get(..7)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("file://"))
+    }
+}
+
+impl fmt::Debug for GitSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GitSource")
+            .field("remote_uri", &display_remote(&self.remote_uri))
+            .field("target", &self.target)
+            .field("credentials", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .field(
+                "custom_config_keys",
+                &self.custom_config.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("full_clone", &self.full_clone)
+            .finish()
+    }
+}
+
+/// What to check out (Gitpod's `CloneTargetMode` with `clone_taget`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GitTarget {
+    /// `REMOTE_HEAD` (0): the remote's default branch.
+    RemoteHead,
+    /// `REMOTE_COMMIT` (1): a commit sha (complete or abbreviated, at least 4 hex digits).
+    Commit(String),
+    /// `REMOTE_BRANCH` (2): a branch of the remote.
+    RemoteBranch(String),
+    /// `LOCAL_BRANCH` (3): a new local branch at the remote's `HEAD`.
+    LocalBranch(String),
+}
+
+impl GitTarget {
+    /// From Gitpod's `CloneTargetMode` number and `clone_taget`, validated.
+    pub fn from_clone_target(mode: i32, clone_target: &str) -> Result<Self, ContextError> {
+        let name = clone_target.trim();
+        let target = match mode {
+            0 => Self::RemoteHead,
+            1 => Self::Commit(name.to_owned()),
+            2 => Self::RemoteBranch(name.to_owned()),
+            3 => Self::LocalBranch(name.to_owned()),
+            other => {
+                return Err(ContextError::InvalidTarget {
+                    target: clone_target.to_owned(),
+                    reason: format!("unknown clone target mode {other}"),
+                })
+            }
+        };
+        target.validated()
+    }
+
+    /// Checks branch names and shas; normalises a sha to lower case.
+    fn validated(self) -> Result<Self, ContextError> {
+        let invalid = |target: &str, reason: &str| ContextError::InvalidTarget {
+            target: target.to_owned(),
+            reason: reason.to_owned(),
+        };
+        match self {
+            Self::RemoteHead => Ok(Self::RemoteHead),
+            Self::Commit(sha) => {
+                if !(4..=64).contains(&sha.len()) || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(&sha, "expected a commit sha of 4 to 64 hex digits"));
+                }
+                Ok(Self::Commit(sha.to_ascii_lowercase()))
+            }
+            Self::RemoteBranch(name) => match branch_name_problem(&name) {
+                Some(reason) => Err(invalid(&name, reason)),
+                None => Ok(Self::RemoteBranch(name)),
+            },
+            Self::LocalBranch(name) => match branch_name_problem(&name) {
+                Some(reason) => Err(invalid(&name, reason)),
+                None => Ok(Self::LocalBranch(name)),
+            },
+        }
+    }
+}
+
+impl fmt::Display for GitTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RemoteHead => f.write_str("remote HEAD"),
+            Self::Commit(sha) => write!(f, "commit {sha}"),
+            Self::RemoteBranch(name) => write!(f, "branch {name}"),
+            Self::LocalBranch(name) => write!(f, "local branch {name} (at remote HEAD)"),
+        }
+    }
+}
+
+/// A finished checkout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkout {
+    /// The work tree (no `.git` inside).
+    pub dir: PathBuf,
+    /// The git directory, beside the work tree.
+    pub git_dir: PathBuf,
+    /// The full sha of the checked-out commit.
+    pub commit: String,
+}
+
+/// Checks out `source` into `dest` (absent or an empty directory) within
+/// [`DEFAULT_TIMEOUT`]. See the module doc for the layout and the fetch strategy. On error
+/// `dest` may hold a partial checkout; the caller owns and removes it.
+pub async fn checkout(source: &GitSource, dest: &Path) -> Result<Checkout, ContextError> {
+    checkout_with_timeout(source, dest, DEFAULT_TIMEOUT).await
+}
+
+/// [`checkout`] with an explicit deadline for the whole checkout.
+pub async fn checkout_with_timeout(
+    source: &GitSource,
+    dest: &Path,
+    timeout: Duration,
+) -> Result<Checkout, ContextError> {
+    let remote = Remote::parse(&source.remote_uri)?;
+    let target = source.target.clone().validated()?;
+    for (key, _) in &source.custom_config {
+        check_config_key(key)?;
+    }
+    let credentials = match (&source.credentials, &remote.userinfo) {
+        (Some((user, secret)), _) => Some((user.clone(), secret.expose().to_owned())),
+        (None, Some((user, password))) => Some((user.clone(), password.clone())),
+        (None, None) => None,
+    };
+
+    // git resolves GIT_DIR against its working directory (the work tree): go absolute.
+    let dest = &std::path::absolute(dest).map_err(|e| ContextError::io("resolving", dest, e))?;
+    prepare_dest(dest).await?;
+    let dir = dest.join("tree");
+    let git_dir = dest.join("git");
+    tokio::fs::create_dir(&dir)
+        .await
+        .map_err(|e| ContextError::io("creating", &dir, e))?;
+
+    let mut scrub = Scrubber::default();
+    let mut config = Vec::new();
+    for (key, value) in &source.custom_config {
+        if key.to_ascii_lowercase().ends_with("extraheader") {
+            scrub.add(value);
+        }
+        config.push((key.clone(), value.clone()));
+    }
+    if let Some((user, password)) = &credentials {
+        let pair = format!("{user}:{password}");
+        let basic = base64::engine::general_purpose::STANDARD.encode(&pair);
+        let header = format!("Authorization: Basic {basic}");
+        for secret in [password, user, &pair, &basic, &header] {
+            scrub.add(secret);
+        }
+        // Scoped to the remote's URL, so a redirect to another host does not receive it.
+        config.push((format!("http.{}.extraHeader", remote.clean), header));
+    }
+    if let Some((user, password)) = &remote.userinfo {
+        scrub.add(user);
+        scrub.add(password);
+    }
+
+    let git = Runner::new(
+        git_dir.clone(),
+        dir.clone(),
+        config,
+        scrub,
+        remote.clean.clone(),
+        target.to_string(),
+        timeout,
+    )?;
+    tracing::debug!(remote = %remote.clean, target = %target, full_clone = source.full_clone, "git checkout");
+
+    git.run("git init", &["init", "-q", "--template="]).await?;
+    git.run("git remote add", &["remote", "add", "origin", &remote.clean])
+        .await?;
+
+    let depth: &[&str] = if source.full_clone { &[] } else { &["--depth", "1"] };
+    let rev = match &target {
+        GitTarget::RemoteHead | GitTarget::LocalBranch(_) => {
+            git.fetch(depth, &["+HEAD:refs/kiln/head"]).await?;
+            "refs/kiln/head".to_owned()
+        }
+        GitTarget::RemoteBranch(branch) => {
+            let tracking = format!("refs/remotes/origin/{branch}");
+            git.fetch(depth, &[&format!("+refs/heads/{branch}:{tracking}")])
+                .await?;
+            tracking
+        }
+        GitTarget::Commit(sha) => fetch_commit(&git, sha, source.full_clone).await?,
+    };
+
+    match &target {
+        GitTarget::RemoteBranch(branch) | GitTarget::LocalBranch(branch) => {
+            git.run(
+                "git checkout",
+                &["checkout", "-q", "--no-track", "-B", branch, &rev],
+            )
+            .await?
+        }
+        _ => {
+            git.run(
+                "git checkout",
+                &[
+                    "-c",
+                    "advice.detachedHead=false",
+                    "checkout",
+                    "-q",
+                    "--detach",
+                    &rev,
+                ],
+            )
+            .await?
+        }
+    };
+    let commit = git
+        .run("git rev-parse", &["rev-parse", "--verify", "HEAD"])
+        .await?
+        .trim()
+        .to_owned();
+
+    let tree = dir.clone();
+    tokio::task::spawn_blocking(move || normalize_modes(&tree))
+        .await
+        .expect("mode normalisation does not panic")?;
+    tracing::info!(remote = %remote.clean, target = %target, commit = %commit, "git checkout done");
+    Ok(Checkout { dir, git_dir, commit })
+}
+
+/// The git tree id of `context_path` (relative to the checkout; `""`, `.` or `/` is the
+/// root) at the checked-out commit: `git rev-parse HEAD:<context_path>`.
+pub async fn tree_id(checkout: &Checkout, context_path: &str) -> Result<String, ContextError> {
+    let path = normalize_context_path(context_path)?;
+    let spec = if path.is_empty() {
+        "HEAD^{tree}".to_owned()
+    } else {
+        format!("HEAD:{path}")
+    };
+    let git = Runner::new(
+        checkout.git_dir.clone(),
+        checkout.dir.clone(),
+        Vec::new(),
+        Scrubber::default(),
+        checkout.dir.display().to_string(),
+        format!("commit {}", checkout.commit),
+        Duration::from_secs(60),
+    )?;
+    let not_found = || ContextError::ContextPathNotFound {
+        path: path.clone(),
+        commit: checkout.commit.clone(),
+    };
+    let id = match git
+        .run("git rev-parse", &["rev-parse", "--verify", "-q", &spec])
+        .await
+    {
+        Ok(out) => out.trim().to_owned(),
+        Err(ContextError::Git { .. }) => return Err(not_found()),
+        Err(other) => return Err(other),
+    };
+    let kind = git.run("git cat-file", &["cat-file", "-t", &id]).await?;
+    if kind.trim() != "tree" {
+        return Err(not_found());
+    }
+    Ok(id)
+}
+
+/// A complete sha is fetched alone (shallow unless `full_clone`); otherwise, or when the
+/// server refuses, every branch and tag is fetched and the commit looked up. Returns the
+/// full sha.
+async fn fetch_commit(git: &Runner, sha: &str, full_clone: bool) -> Result<String, ContextError> {
+    let complete = sha.len() == 40 || sha.len() == 64;
+    if complete && !full_clone {
+        match git.fetch(&["--depth", "1"], &[sha]).await {
+            Ok(()) => return Ok(sha.to_owned()),
+            Err(e @ ContextError::GitTimeout { .. }) => return Err(e),
+            Err(e) => tracing::debug!(error = %e, "fetching the commit alone failed; fetching all branches"),
+        }
+    }
+    git.fetch(
+        &[],
+        &["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"],
+    )
+    .await?;
+    let peeled = format!("{sha}^{{commit}}");
+    if let Ok(full) = git
+        .run("git rev-parse", &["rev-parse", "--verify", "-q", &peeled])
+        .await
+    {
+        return Ok(full.trim().to_owned());
+    }
+    if complete {
+        // Not on a branch or tag; the server may still serve it by id.
+        git.fetch(&[], &[sha]).await?;
+        return Ok(sha.to_owned());
+    }
+    Err(ContextError::Git {
+        step: "git fetch",
+        remote: git.remote.clone(),
+        target: git.target.clone(),
+        detail: "no branch or tag of the remote contains this commit".into(),
+    })
+}
+
+/// Refuses `custom_config` keys that could make git run a command, read host files or
+/// change where objects come from. Allowed: `http.*` transfer settings (not cookie files
+/// or client certificates), checkout-affecting `core.*` keys, and the `fetch`, `pack`,
+/// `transfer`, `protocol`, `index`, `checkout`, `gc`, `url`, `user`, `init`, `advice`,
+/// `color` and `feature` sections.
+pub fn check_config_key(key: &str) -> Result<(), ContextError> {
+    let lower = key.to_ascii_lowercase();
+    let refused = || ContextError::ConfigNotAllowed { key: key.to_owned() };
+    let (section, name) = match (lower.split_once('.'), lower.rsplit_once('.')) {
+        (Some((section, _)), Some((_, name))) if !section.is_empty() && !name.is_empty() => (section, name),
+        _ => return Err(refused()),
+    };
+    if key.chars().any(|c| c.is_control() || c == '=') {
+        return Err(refused());
+    }
+    let allowed = match section {
+        "http" => !matches!(
+            name,
+            "cookiefile" | "savecookies" | "sslcert" | "sslkey" | "sslcertpasswordprotected"
+        ),
+        "core" => matches!(
+            name,
+            "autocrlf"
+                | "eol"
+                | "safecrlf"
+                | "symlinks"
+                | "ignorecase"
+                | "precomposeunicode"
+                | "protectntfs"
+                | "protecthfs"
+                | "longpaths"
+                | "filemode"
+                | "checkstat"
+                | "trustctime"
+                | "compression"
+                | "loosecompression"
+                | "bigfilethreshold"
+                | "packedgitlimit"
+                | "packedgitwindowsize"
+                | "deltabasecachelimit"
+                | "quotepath"
+        ),
+        "fetch" | "pack" | "transfer" | "protocol" | "index" | "checkout" | "gc" | "url" | "user"
+        | "init" | "advice" | "color" | "feature" => true,
+        _ => false,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(refused())
+    }
+}
+
+/// Why `name` is not a branch name git would accept (a conservative `check-ref-format`).
+fn branch_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("a branch name is required");
+    }
+    let bad_char = |c: char| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c);
+    if name.starts_with('-')
+        || name.starts_with('/')
+        || name.ends_with('/')
+        || name.ends_with('.')
+        || name.ends_with(".lock")
+        || name.contains("..")
+        || name.contains("//")
+        || name.contains("@{")
+        || name == "@"
+        || name.chars().any(bad_char)
+        || name.split('/').any(|part| part.starts_with('.'))
+    {
+        return Some("not a valid branch name");
+    }
+    None
+}
+
+/// Context paths are relative to the checkout: `./a/`, `/a` and `a` are the same; `..` may
+/// not leave the checkout.
+fn normalize_context_path(path: &str) -> Result<String, ContextError> {
+    let invalid = |reason| ContextError::InvalidContextPath {
+        path: path.to_owned(),
+        reason,
+    };
+    if path.contains('\0') {
+        return Err(invalid("contains a NUL byte"));
+    }
+    let cleaned = super::dockerignore::clean(path.trim().trim_start_matches('/'));
+    if cleaned == "." {
+        return Ok(String::new());
+    }
+    if cleaned == ".." || cleaned.starts_with("../") {
+        return Err(invalid("leaves the repository"));
+    }
+    Ok(cleaned)
+}
+
+/// `dest` must be absent (it is created) or an empty directory.
+async fn prepare_dest(dest: &Path) -> Result<(), ContextError> {
+    match tokio::fs::read_dir(dest).await {
+        Ok(mut entries) => {
+            let first = entries
+                .next_entry()
+                .await
+                .map_err(|e| ContextError::io("listing", dest, e))?;
+            if first.is_some() {
+                return Err(ContextError::DestinationNotEmpty {
+                    path: dest.to_path_buf(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => tokio::fs::create_dir_all(dest)
+            .await
+            .map_err(|e| ContextError::io("creating", dest, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(ContextError::DestinationNotEmpty {
+            path: dest.to_path_buf(),
+        }),
+        Err(e) => Err(ContextError::io("listing", dest, e)),
+    }
+}
+
+/// Git tracks only "executable or not": make files 0644/0755 and directories 0755 so that
+/// a checkout (and its digest) does not depend on the process umask.
+fn normalize_modes(tree: &Path) -> Result<(), ContextError> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in walkdir::WalkDir::new(tree).min_depth(1) {
+        let entry = entry.map_err(|e| {
+            let path = e.path().unwrap_or(tree).to_path_buf();
+            ContextError::io("walking", path, e.into())
+        })?;
+        let file_type = entry.file_type();
+        let mode = if file_type.is_dir() {
+            0o755
+        } else if file_type.is_file() {
+            let current = entry
+                .metadata()
+                .map_err(|e| ContextError::io("reading metadata of", entry.path(), e.into()))?
+                .permissions()
+                .mode();
+            if current & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            }
+        } else {
+            continue;
+        };
+        std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))
+            .map_err(|e| ContextError::io("setting permissions of", entry.path(), e))?;
+    }
+    Ok(())
+}
+
+/// A remote URL with any credentials taken out.
+struct Remote {
+    /// The URL without userinfo: safe for argv, `.git/config`, logs and errors.
+    clean: String,
+    /// (user, password) percent-decoded from the URL's userinfo.
+    userinfo: Option<(String, String)>,
+}
+
+impl fmt::Debug for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Remote")
+            .field("clean", &self.clean)
+            .field("userinfo", &self.userinfo.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Remote {
+    fn parse(uri: &str) -> Result<Self, ContextError> {
+        let uri = uri.trim();
+        let unsupported = |reason| ContextError::UnsupportedRemote {
+            remote: display_remote(uri),
+            reason,
+        };
+        if uri.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(unsupported("contains whitespace or control characters"));
+        }
+        let Some((scheme, rest)) = uri.split_once("://") else {
+            return Err(unsupported(
+                "expected an https://, http://, git:// or file:// URL",
+            ));
+        };
+        if !matches!(
+            scheme.to_ascii_lowercase().as_str(),
+            "https" | "http" | "git" | "file"
+        ) {
+            return Err(unsupported(
+                "only https://, http://, git:// and file:// remotes are supported",
+            ));
+        }
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        let (userinfo, host) = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                (Some((percent_decode(user), percent_decode(password))), host)
+            }
+            None => (None, authority),
+        };
+        if scheme.eq_ignore_ascii_case("file") && !host.is_empty() && host != "localhost" {
+            return Err(unsupported("a file:// URL must not name a host"));
+        }
+        if !scheme.eq_ignore_ascii_case("file") && host.is_empty() {
+            return Err(unsupported("the URL has no host"));
+        }
+        Ok(Self {
+            clean: format!("{scheme}://{host}{path}"),
+            userinfo,
+        })
+    }
+}
+
+/// `uri` with any userinfo replaced, for messages about a URI that may not parse.
+fn display_remote(uri: &str) -> String {
+    match uri.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://<redacted>@{host}{}", &rest[end..]),
+                None => uri.to_owned(),
+            }
+        }
+        None => match uri.rsplit_once('@') {
+            Some((_, host)) => format!("<redacted>@{host}"),
+            None => uri.to_owned(),
+        },
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi * 16 + lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Replaces every known secret in git's output with `<redacted>`.
+#[derive(Default)]
+struct Scrubber {
+    secrets: Vec<String>,
+}
+
+impl Scrubber {
+    fn add(&mut self, secret: &str) {
+        if !secret.is_empty() && !self.secrets.iter().any(|s| s == secret) {
+            self.secrets.push(secret.to_owned());
+            // Longest first, so that a pair is replaced before its parts.
+            self.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        }
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for secret in &self.secrets {
+            text = text.replace(secret.as_str(), "<redacted>");
+        }
+        text
+    }
+}
+
+/// Runs git commands for one checkout with the clean environment described in the module
+/// doc.
+struct Runner {
+    git_dir: PathBuf,
+    work_tree: PathBuf,
+    home: tempfile::TempDir,
+    /// (key, value) pairs passed as `GIT_CONFIG_KEY_n`/`GIT_CONFIG_VALUE_n`.
+    config: Vec<(String, String)>,
+    scrub: Scrubber,
+    /// For messages: the remote without credentials, and the target.
+    remote: String,
+    target: String,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Runner {
+    fn new(
+        git_dir: PathBuf,
+        work_tree: PathBuf,
+        config: Vec<(String, String)>,
+        scrub: Scrubber,
+        remote: String,
+        target: String,
+        timeout: Duration,
+    ) -> Result<Self, ContextError> {
+        let home = tempfile::Builder::new()
+            .prefix("kiln-git-home-")
+            .tempdir()
+            .map_err(|e| ContextError::io("creating", std::env::temp_dir(), e))?;
+        Ok(Self {
+            git_dir,
+            work_tree,
+            home,
+            config,
+            scrub,
+            remote,
+            target,
+            timeout,
+            deadline: Instant::now() + timeout,
+        })
+    }
+
+    async fn fetch(&self, options: &[&str], refspecs: &[&str]) -> Result<(), ContextError> {
+        let mut args = vec!["fetch", "-q", "--no-tags", "--no-recurse-submodules"];
+        args.extend_from_slice(options);
+        args.push("origin");
+        args.extend_from_slice(refspecs);
+        self.run("git fetch", &args).await.map(drop)
+    }
+
+    /// Runs `git <args>`; returns its stdout, or an error with its scrubbed stderr tail.
+    async fn run(&self, step: &'static str, args: &[&str]) -> Result<String, ContextError> {
+        let mut cmd = Command::new("git");
+        cmd.env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("HOME", self.home.path())
+            .env("XDG_CONFIG_HOME", self.home.path().join(".config"))
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ALLOW_PROTOCOL", ALLOWED_PROTOCOLS)
+            .env("LC_ALL", "C")
+            .env("GIT_DIR", &self.git_dir)
+            .env("GIT_WORK_TREE", &self.work_tree)
+            .env("GIT_CONFIG_COUNT", self.config.len().to_string());
+        for (i, (key, value)) in self.config.iter().enumerate() {
+            cmd.env(format!("GIT_CONFIG_KEY_{i}"), key)
+                .env(format!("GIT_CONFIG_VALUE_{i}"), value);
+        }
+        cmd.args(args)
+            .current_dir(&self.work_tree)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(|source| ContextError::GitSpawn { step, source })?;
+        let pid = child.id();
+        let output = match tokio::time::timeout_at(self.deadline, child.wait_with_output()).await {
+            Ok(result) => result.map_err(|source| ContextError::GitSpawn { step, source })?,
+            Err(_) => {
+                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                    // The group holds git's helpers (remote-https, upload-pack) too.
+                    let _ =
+                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                }
+                return Err(ContextError::GitTimeout {
+                    step,
+                    remote: self.remote.clone(),
+                    target: self.target.clone(),
+                    after: self.timeout,
+                });
+            }
+        };
+        if output.status.success() {
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+        }
+        let stderr = self.scrub.scrub(&String::from_utf8_lossy(&output.stderr));
+        let detail = tail(stderr.trim(), 2000);
+        let detail = if detail.is_empty() {
+            format!("git exited with {}", output.status)
+        } else {
+            detail
+        };
+        Err(ContextError::Git {
+            step,
+            remote: self.remote.clone(),
+            target: self.target.clone(),
+            detail,
+        })
+    }
+}
+
+/// The last `max` bytes of `text` (on a character boundary), lines joined with "; ".
+fn tail(text: &str, max: usize) -> String {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..]
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_from_gitpod_modes() {
+        assert_eq!(
+            GitTarget::from_clone_target(0, "ignored").unwrap(),
+            GitTarget::RemoteHead
+        );
+        assert_eq!(
+            GitTarget::from_clone_target(1, " ABCDEF12 ").unwrap(),
+            GitTarget::Commit("abcdef12".into())
+        );
+        assert_eq!(
+            GitTarget::from_clone_target(2, "feature/x").unwrap(),
+            GitTarget::RemoteBranch("feature/x".into())
+        );
+        assert_eq!(
+            GitTarget::from_clone_target(3, "mine").unwrap(),
+            GitTarget::LocalBranch("mine".into())
+        );
+        for (mode, target) in [
+            (1, "xyz"),
+            (1, "abc"),
+            (2, ""),
+            (2, "-rf"),
+            (2, "a..b"),
+            (2, "a b"),
+            (2, "x.lock"),
+            (2, "a/.hidden"),
+            (3, "a:b"),
+            (4, "main"),
+        ] {
+            assert!(
+                GitTarget::from_clone_target(mode, target).is_err(),
+                "{mode} {target:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn remotes_lose_their_credentials() {
+        let r = Remote::parse("https://alice:s%40cret@example.com:8443/org/repo.git").unwrap();
+        assert_eq!(r.clean, "https://example.com:8443/org/repo.git");
+        assert_eq!(r.userinfo, Some(("alice".into(), "s@cret".into())));
+        let r = Remote::parse("https://tok3n@example.com/r").unwrap();
+        assert_eq!(r.userinfo, Some(("tok3n".into(), String::new())));
+        assert_eq!(
+            Remote::parse("file:///srv/repo").unwrap().clean,
+            "file:///srv/repo"
+        );
+        for bad in [
+            "git@github.com:org/repo.git",
+            "ssh://host/repo",
+            "ext::sh -c id",
+            "file://evil/x",
+            "https:///x",
+        ] {
+            let err = Remote::parse(bad).unwrap_err().to_string();
+            assert!(!err.contains("git@"), "{err}");
+        }
+        let err = Remote::parse("ssh://bob:hunter2@host/repo")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2") && !err.contains("bob"), "{err}");
+        assert!(!format!(
+            "{:?}",
+            GitSource {
+                remote_uri: "https://u:hunter2@h/r".into(),
+                target: GitTarget::RemoteHead,
+                credentials: Some(("u".into(), Secret::new("pw-canary"))),
+                custom_config: vec![("http.extraHeader".into(), "X: secret-canary".into())],
+                full_clone: false,
+            }
+        )
+        .contains("canary"));
+    }
+
+    #[test]
+    fn local_remotes() {
+        let src = |uri: &str| GitSource {
+            remote_uri: uri.into(),
+            target: GitTarget::RemoteHead,
+            credentials: None,
+            custom_config: Vec::new(),
+            full_clone: false,
+        };
+        assert!(src("file:///srv/repo").is_local());
+        assert!(src(" FILE:///srv/repo").is_local());
+        assert!(!src("https://example.com/r").is_local());
+        assert!(!src("fi").is_local());
+    }
+
+    #[test]
+    fn config_keys() {
+        for ok in [
+            "core.autocrlf",
+            "http.sslVerify",
+            "http.https://x.example/.extraHeader",
+            "protocol.version",
+            "url.https://a/.insteadOf",
+        ] {
+            assert!(check_config_key(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "core.fsmonitor",
+            "core.hooksPath",
+            "core.sshCommand",
+            "credential.helper",
+            "remote.origin.uploadpack",
+            "filter.x.smudge",
+            "http.cookieFile",
+            "alias.x",
+            "nodot",
+            ".x",
+            "x.",
+        ] {
+            assert!(check_config_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scrubber_and_context_paths() {
+        let mut s = Scrubber::default();
+        s.add("pw");
+        s.add("user:pw");
+        s.add("");
+        assert_eq!(s.scrub("a user:pw b pw"), "a <redacted> b <redacted>");
+        assert_eq!(normalize_context_path("").unwrap(), "");
+        assert_eq!(normalize_context_path("./").unwrap(), "");
+        assert_eq!(normalize_context_path("/a/b/").unwrap(), "a/b");
+        assert_eq!(normalize_context_path("a/../b").unwrap(), "b");
+        assert!(normalize_context_path("../x").is_err());
+        assert!(normalize_context_path("a/../../x").is_err());
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
+    }
+}

@@ -1,0 +1,126 @@
+//! Build contexts: the files a Dockerfile's `COPY`/`ADD` may read, and their identity.
+//!
+//! A context comes from one of two places:
+//! - a **git checkout** ([`git::checkout`]): Gitpod's `GitInitializer` (remote, target mode,
+//!   credentials) cloned with the system `git` binary into a work tree that has no `.git`
+//!   inside it (the git directory sits beside it, as BuildKit's git contexts drop `.git`);
+//! - an **uploaded tar** ([`upload::ContextStore`]): `kiln build DIR` packs the directory
+//!   ([`upload::pack_dir`]), the server stores the tar content-addressed and unpacks it
+//!   safely ([`upload::ContextStore::unpack`]).
+//!
+//! Either way the engine sees a directory plus its `.dockerignore`
+//! ([`dockerignore::DockerIgnore`], Docker's exact pattern semantics). [`digest::walk_included`]
+//! lists the entries that survive the patterns (COPY sources, upload packing) and
+//! [`digest::context_digest`] hashes them into one deterministic [`Digest`] for build keys.
+//!
+//! Every failure is a [`ContextError`]; no error text ever carries a credential.
+
+pub mod digest;
+pub mod dockerignore;
+pub mod git;
+pub mod upload;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::Digest;
+
+pub use digest::{context_digest, digest_entries, walk_included, EntryKind, IncludedEntry};
+pub use dockerignore::DockerIgnore;
+pub use git::{checkout, checkout_with_timeout, tree_id, Checkout, GitSource, GitTarget};
+pub use upload::{pack_dir, pack_dir_keeping, unpack_tar, ContextStore, ALWAYS_SENT};
+
+/// Why a build context could not be read, fetched, stored or unpacked.
+///
+/// Messages name the step, the path or the remote (with any credentials removed) and the
+/// cause; they never contain a password, a token or an `Authorization` header.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("invalid .dockerignore pattern {pattern:?} on line {line}: {reason}")]
+    InvalidPattern {
+        line: usize,
+        pattern: String,
+        reason: String,
+    },
+
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("file name {path:?} in the build context is not valid UTF-8")]
+    NonUtf8Path { path: String },
+
+    #[error("unsupported git remote {remote:?}: {reason}")]
+    UnsupportedRemote { remote: String, reason: &'static str },
+
+    #[error("invalid git target {target:?}: {reason}")]
+    InvalidTarget { target: String, reason: String },
+
+    #[error("git config key {key:?} is not allowed in a build request")]
+    ConfigNotAllowed { key: String },
+
+    #[error("git checkout destination {} exists and is not an empty directory", path.display())]
+    DestinationNotEmpty { path: PathBuf },
+
+    #[error("running git ({step}): {source}; is the `git` package installed?")]
+    GitSpawn {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{step} of {remote} at {target}: {detail}")]
+    Git {
+        step: &'static str,
+        remote: String,
+        target: String,
+        detail: String,
+    },
+
+    #[error("{step} of {remote} at {target} timed out after {after:?}")]
+    GitTimeout {
+        step: &'static str,
+        remote: String,
+        target: String,
+        after: Duration,
+    },
+
+    #[error("invalid context path {path:?}: {reason}")]
+    InvalidContextPath { path: String, reason: &'static str },
+
+    #[error("context path {path:?} is not a directory at commit {commit}")]
+    ContextPathNotFound { path: String, commit: String },
+
+    #[error("uploaded context exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+
+    #[error("reading the uploaded context stream: {source}")]
+    UploadStream {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    #[error("no uploaded context with digest {digest}")]
+    UnknownContext { digest: Digest },
+
+    #[error("refusing tar entry {path:?}: {reason}")]
+    UnsafeEntry { path: String, reason: String },
+
+    #[error("{} changed while it was being read", path.display())]
+    Changed { path: PathBuf },
+}
+
+impl ContextError {
+    /// An I/O failure of `action` ("reading", "creating", ...) on `path`.
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}

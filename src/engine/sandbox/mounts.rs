@@ -1,0 +1,768 @@
+//! The sandbox's file system: the overlay root and everything mounted inside it.
+//!
+//! Three parts, so that the decisions can be unit-tested without mounting anything:
+//!
+//! - [`overlay_options`] builds the overlay mount data. Every layer is named by the number
+//!   of an `O_PATH` descriptor, and the mount is made with the current directory at
+//!   `/proc/self/fd`, so `lowerdir=5:6:7` resolves through the descriptors' magic links.
+//!   That keeps the data far below the kernel's one-page limit (500 layers, the most
+//!   overlayfs stacks, need about 2.5 KiB instead of ~40 KiB of absolute paths) and needs no
+//!   escaping of `:`, `,` or `\` in host paths.
+//! - [`plan`] lists what is mounted inside the new root, in order, as data: `/proc`, a
+//!   `tmpfs` `/dev` with host device nodes bind-mounted in, `/dev/pts`, `/dev/shm`,
+//!   `/dev/mqueue`, a read-only `sysfs` `/sys`, Docker's masked and read-only `/proc` and
+//!   `/sys` paths, then `/etc/resolv.conf` and the cache mounts.
+//! - [`Mounts`] carries the plan out *after* `pivot_root`, so every path, symlinks included,
+//!   resolves inside the image and never on the host (an image's `/etc/resolv.conf ->
+//!   /../../host/path` stays inside). Host objects were cloned beforehand as detached mount
+//!   trees ([`HostFds`], `open_tree(2)`) and are attached with `move_mount(2)`. It creates
+//!   missing mount points
+//!   ("stubs", as BuildKit calls them) and records them; [`Mounts::clean_up`] unmounts and
+//!   removes them after the command, and restores the times of the directory they were
+//!   created in, so that neither `/proc` nor `/etc/resolv.conf` nor a cache mount's target
+//!   ends up in the step's diff. (A directory the stub was created in stays copied up in the
+//!   upper directory with its original metadata, as under BuildKit.)
+//!
+//! Device safety without a device cgroup: the overlay root, `/dev` itself, `/dev/shm` and the
+//! cache mounts are `nodev`, so a device node that comes in a layer or that a RUN creates
+//! (`CAP_MKNOD` is kept, as in Docker) cannot be opened. The usable nodes in `/dev` are bind
+//! mounts of the host's `null`, `zero`, `full`, `random`, `urandom` and `tty`, whose mounts
+//! keep the host's flags.
+
+use std::{
+    collections::VecDeque,
+    ffi::OsString,
+    fs::{self, DirBuilder, FileTimes, OpenOptions},
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::fs::{DirBuilderExt, OpenOptionsExt},
+    },
+    path::{Component, Path, PathBuf},
+    time::SystemTime,
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{open, OFlag},
+    mount::{mount, umount2, MntFlags, MsFlags},
+    sys::stat::Mode,
+};
+
+use super::{
+    child::ChildError,
+    spec::{LaunchRequest, RunSpec},
+};
+
+/// The kernel copies at most one page of mount data, including the final NUL.
+const MOUNT_DATA_MAX: usize = 4095;
+
+/// Host device nodes bind-mounted into the sandbox's `/dev` (Docker's default set).
+pub(crate) const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Docker's masked paths: a file is covered by `/dev/null`, a directory by an empty
+/// read-only `tmpfs`. Skipped where they do not exist.
+const MASKED: [&str; 11] = [
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Docker's read-only paths: bind-mounted onto themselves, read-only.
+const READ_ONLY: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// `/dev` symlinks every container has.
+const DEV_SYMLINKS: [(&str, &str); 5] = [
+    ("/dev/fd", "/proc/self/fd"),
+    ("/dev/stdin", "/proc/self/fd/0"),
+    ("/dev/stdout", "/proc/self/fd/1"),
+    ("/dev/stderr", "/proc/self/fd/2"),
+    ("/dev/ptmx", "pts/ptmx"),
+];
+
+/// The overlay mount data for layers and directories named by descriptor numbers, top layer
+/// first. The mount must be made with the current directory at `/proc/self/fd`.
+///
+/// `index`, `redirect_dir` and `metacopy` are off whatever the kernel's defaults: with
+/// `metacopy` a metadata change would copy up only metadata (the upper directory would not be
+/// a complete diff), and with `redirect_dir` renaming a lower directory would record a
+/// redirect xattr instead of a new directory plus a whiteout.
+pub(crate) fn overlay_options(lower: &[RawFd], upper: RawFd, work: RawFd) -> Result<String, ChildError> {
+    let lower: Vec<String> = lower.iter().map(RawFd::to_string).collect();
+    let data = format!(
+        "lowerdir={},upperdir={upper},workdir={work},index=off,redirect_dir=off,metacopy=off",
+        lower.join(":")
+    );
+    if data.len() > MOUNT_DATA_MAX {
+        return Err(ChildError::OverlayOptionsTooLong {
+            len: data.len(),
+            max: MOUNT_DATA_MAX,
+        });
+    }
+    Ok(data)
+}
+
+/// A host file or directory, opened before `pivot_root` hides the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostRef {
+    /// `spec.cache_mounts[i].host_dir`.
+    Cache(usize),
+    /// `spec.resolv_conf`.
+    ResolvConf,
+    /// `/dev/<name>` of the host.
+    Device(&'static str),
+}
+
+/// What is mounted on a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A new instance of a file system.
+    Fs {
+        fstype: &'static str,
+        data: Option<&'static str>,
+    },
+    /// A bind mount of a host file or directory.
+    Host(HostRef),
+    /// A bind mount of the target onto itself (to change its flags).
+    Itself,
+    /// `/dev/null` over a file, an empty read-only `tmpfs` over a directory.
+    Mask,
+}
+
+/// What to do when a mount point is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Create {
+    /// Create a directory (and missing parents); it is removed after the step.
+    Dir,
+    /// Create an empty file (and missing parents); it is removed after the step.
+    File,
+    /// Skip the mount.
+    Never,
+}
+
+/// One step of [`plan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Mount `source` on `target` (a path inside the sandbox). For bind mounts, non-empty
+    /// `flags` are applied by a remount.
+    Mount {
+        target: PathBuf,
+        source: Source,
+        flags: MsFlags,
+        create: Create,
+    },
+    /// A symlink inside a file system Kiln mounted (so nothing to clean up).
+    Symlink { path: PathBuf, target: PathBuf },
+}
+
+fn fs_step(target: &str, fstype: &'static str, data: Option<&'static str>, flags: MsFlags) -> Step {
+    Step::Mount {
+        target: target.into(),
+        source: Source::Fs { fstype, data },
+        flags,
+        create: Create::Dir,
+    }
+}
+
+/// Everything mounted inside the new root, in order.
+pub(crate) fn plan(spec: &RunSpec) -> Vec<Step> {
+    let hidden = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mut steps = vec![
+        fs_step("/proc", "proc", None, hidden),
+        fs_step(
+            "/dev",
+            "tmpfs",
+            Some("mode=755,size=65536k"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
+        ),
+    ];
+    steps.extend(DEVICES.iter().map(|name| Step::Mount {
+        target: Path::new("/dev").join(name),
+        source: Source::Host(HostRef::Device(name)),
+        flags: MsFlags::empty(),
+        create: Create::File,
+    }));
+    steps.extend([
+        fs_step(
+            "/dev/pts",
+            "devpts",
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        ),
+        fs_step("/dev/shm", "tmpfs", Some("mode=1777,size=65536k"), hidden),
+        fs_step("/dev/mqueue", "mqueue", None, hidden),
+    ]);
+    steps.extend(DEV_SYMLINKS.iter().map(|(path, target)| Step::Symlink {
+        path: path.into(),
+        target: target.into(),
+    }));
+    steps.push(fs_step("/sys", "sysfs", None, hidden | MsFlags::MS_RDONLY));
+    steps.extend(MASKED.iter().map(|path| Step::Mount {
+        target: path.into(),
+        source: Source::Mask,
+        flags: MsFlags::empty(),
+        create: Create::Never,
+    }));
+    steps.extend(READ_ONLY.iter().map(|path| Step::Mount {
+        target: path.into(),
+        source: Source::Itself,
+        flags: hidden | MsFlags::MS_RDONLY,
+        create: Create::Never,
+    }));
+    if spec.resolv_conf.is_some() {
+        steps.push(Step::Mount {
+            target: "/etc/resolv.conf".into(),
+            source: Source::Host(HostRef::ResolvConf),
+            flags: hidden | MsFlags::MS_RDONLY,
+            create: Create::File,
+        });
+    }
+    for (i, cache) in spec.cache_mounts.iter().enumerate() {
+        let mut flags = MsFlags::MS_NODEV;
+        if cache.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        steps.push(Step::Mount {
+            target: cache.target.clone(),
+            source: Source::Host(HostRef::Cache(i)),
+            flags,
+            create: Create::Dir,
+        });
+    }
+    steps
+}
+
+fn open_path(what: &'static str, path: &Path) -> Result<OwnedFd, ChildError> {
+    let flags = OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY;
+    open(path, flags, Mode::empty()).map_err(|source| ChildError::OpenHost {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// `open_tree(2)` flags (not in the `libc` crate).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
+/// `move_mount(2)` flag: the source is the descriptor itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// A detached bind mount of `path` (recursive for a directory): `open_tree(OPEN_TREE_CLONE)`.
+///
+/// Why not a path or an `O_PATH` descriptor: host objects are mounted *after* `pivot_root`
+/// (so that targets resolve inside the image), and by then the host's mounts are detached
+/// from the sandbox's namespace; the kernel refuses to bind from a mount outside the
+/// caller's namespace, but it attaches a tree cloned beforehand.
+fn open_tree(what: &'static str, path: &Path, recursive: bool) -> Result<OwnedFd, ChildError> {
+    let err = |source| ChildError::OpenHost {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| err(Errno::EINVAL))?;
+    let mut flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as libc::c_uint;
+    }
+    // SAFETY: a system call on a NUL-terminated path; the result is checked before use.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(err(Errno::last()));
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Attaches a tree from [`open_tree`] on `target`.
+fn move_mount(tree: &OwnedFd, target: &Path) -> Result<(), Errno> {
+    let c_target =
+        std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: a system call on a valid descriptor, an empty and a NUL-terminated path.
+    let res = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c_target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    Errno::result(res).map(drop)
+}
+
+/// Every host file and directory the sandbox needs, opened while the host is still visible:
+/// the overlay's directories as `O_PATH` descriptors, what is bind-mounted as detached
+/// mount trees.
+#[derive(Debug)]
+pub(crate) struct HostFds {
+    lowers: Vec<OwnedFd>,
+    upper: OwnedFd,
+    work: OwnedFd,
+    caches: Vec<OwnedFd>,
+    resolv_conf: Option<OwnedFd>,
+    devices: Vec<(&'static str, OwnedFd)>,
+}
+
+impl HostFds {
+    /// Must run inside the sandbox's (private) mount namespace, before `pivot_root`.
+    pub(crate) fn open(request: &LaunchRequest) -> Result<Self, ChildError> {
+        let spec = &request.spec;
+        let lowers = request
+            .lower_dirs()
+            .into_iter()
+            .map(|dir| open_path("lower layer directory", dir))
+            .collect::<Result<_, _>>()?;
+        let caches = spec
+            .cache_mounts
+            .iter()
+            .map(|m| open_tree("cache directory", &m.host_dir, true))
+            .collect::<Result<_, _>>()?;
+        let resolv_conf = match &spec.resolv_conf {
+            Some(path) => Some(open_tree("resolv.conf file", path, false)?),
+            None => None,
+        };
+        // A device the host lacks is left out rather than failing the step.
+        let devices = DEVICES
+            .iter()
+            .filter_map(|name| {
+                let fd = open_tree("device", &Path::new("/dev").join(name), false).ok()?;
+                Some((*name, fd))
+            })
+            .collect();
+        Ok(Self {
+            lowers,
+            upper: open_path("upper directory", &spec.upper_dir)?,
+            work: open_path("work directory", &spec.work_dir)?,
+            caches,
+            resolv_conf,
+            devices,
+        })
+    }
+
+    /// The overlay mount data for these descriptors (see [`overlay_options`]).
+    pub(crate) fn overlay_options(&self) -> Result<String, ChildError> {
+        let lowers: Vec<RawFd> = self.lowers.iter().map(AsRawFd::as_raw_fd).collect();
+        overlay_options(&lowers, self.upper.as_raw_fd(), self.work.as_raw_fd())
+    }
+
+    /// The detached tree of a host object, or `None` for a device the host lacks.
+    fn tree(&self, host: HostRef) -> Option<&OwnedFd> {
+        match host {
+            HostRef::Cache(i) => self.caches.get(i),
+            HostRef::ResolvConf => self.resolv_conf.as_ref(),
+            HostRef::Device(name) => self.devices.iter().find(|(n, _)| *n == name).map(|(_, fd)| fd),
+        }
+    }
+}
+
+/// Mount points Kiln created, to be removed after the step.
+#[derive(Debug)]
+struct Stub {
+    /// Created paths, outermost first.
+    created: Vec<PathBuf>,
+    /// The existing directory the outermost one was created in, with its times before.
+    parent: PathBuf,
+    accessed: SystemTime,
+    modified: SystemTime,
+    /// The parent's mtime right after the creation: if it is unchanged when the step ends,
+    /// only Kiln touched the directory and the old mtime comes back.
+    modified_after: SystemTime,
+}
+
+/// The mounts made inside the sandbox and the stubs created for them.
+#[derive(Debug, Default)]
+pub(crate) struct Mounts {
+    mounted: Vec<PathBuf>,
+    stubs: Vec<Stub>,
+}
+
+fn mount_err(what: impl Into<String>, target: &Path) -> impl FnOnce(Errno) -> ChildError + '_ {
+    let what = what.into();
+    move |source| ChildError::Mount {
+        what,
+        target: target.to_owned(),
+        source,
+    }
+}
+
+impl Mounts {
+    /// Carries out `steps`, in the sandbox's root.
+    pub(crate) fn apply(&mut self, steps: &[Step], host: &HostFds) -> Result<(), ChildError> {
+        for step in steps {
+            match step {
+                Step::Mount {
+                    target,
+                    source,
+                    flags,
+                    create,
+                } => self.mount(target, source, *flags, *create, host)?,
+                Step::Symlink { path, target } => match std::os::unix::fs::symlink(target, path) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                        return Err(ChildError::MountPoint {
+                            path: path.clone(),
+                            source: e,
+                        })
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn mount(
+        &mut self,
+        target: &Path,
+        source: &Source,
+        flags: MsFlags,
+        create: Create,
+        host: &HostFds,
+    ) -> Result<(), ChildError> {
+        let tree = match source {
+            Source::Host(r) => match host.tree(*r) {
+                Some(tree) => Some(tree),
+                None => return Ok(()),
+            },
+            _ => None,
+        };
+        let Some(target) = self.mount_point(target, create)? else {
+            return Ok(());
+        };
+        let none: Option<&str> = None;
+        match source {
+            Source::Fs { fstype, data } => {
+                mount(Some(*fstype), &target, Some(*fstype), flags, *data)
+                    .map_err(mount_err(*fstype, &target))?;
+            }
+            Source::Host(_) | Source::Itself => {
+                let what = match (source, tree) {
+                    (Source::Host(r), Some(tree)) => {
+                        let what = format!("{r:?} from the host");
+                        move_mount(tree, &target).map_err(mount_err(what.clone(), &target))?;
+                        what
+                    }
+                    _ => {
+                        let what = "a bind mount of itself".to_owned();
+                        mount(
+                            Some(&target),
+                            &target,
+                            none,
+                            MsFlags::MS_BIND | MsFlags::MS_REC,
+                            none,
+                        )
+                        .map_err(mount_err(what.clone(), &target))?;
+                        what
+                    }
+                };
+                if !flags.is_empty() {
+                    let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+                    mount(none, &target, none, remount, none)
+                        .map_err(mount_err(format!("{what} (remounting with {flags:?})"), &target))?;
+                }
+            }
+            Source::Mask => {
+                if target.is_dir() {
+                    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+                    mount(Some("tmpfs"), &target, Some("tmpfs"), ro, none)
+                        .map_err(mount_err("an empty tmpfs", &target))?;
+                } else {
+                    mount(Some("/dev/null"), &target, none, MsFlags::MS_BIND, none)
+                        .map_err(mount_err("/dev/null", &target))?;
+                }
+            }
+        }
+        self.mounted.push(target);
+        Ok(())
+    }
+
+    /// Resolves `path` inside the sandbox's root (symlinks included), creating what is
+    /// missing as `create` says. `None`: missing, and `Create::Never`.
+    fn mount_point(&mut self, path: &Path, create: Create) -> Result<Option<PathBuf>, ChildError> {
+        let err = |source: io::Error| ChildError::MountPoint {
+            path: path.to_owned(),
+            source,
+        };
+        let mut resolved = PathBuf::from("/");
+        let mut pending: VecDeque<OsString> = components(path);
+        let mut links = 0;
+        let mut stub: Option<Stub> = None;
+        while let Some(name) = pending.pop_front() {
+            if name == ".." {
+                resolved.pop();
+                continue;
+            }
+            let next = resolved.join(&name);
+            let last = pending.is_empty();
+            match fs::symlink_metadata(&next) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    links += 1;
+                    if links > 40 {
+                        return Err(err(io::Error::from_raw_os_error(libc::ELOOP)));
+                    }
+                    let link = fs::read_link(&next).map_err(err)?;
+                    if link.is_absolute() {
+                        resolved = PathBuf::from("/");
+                    }
+                    for component in components(&link).into_iter().rev() {
+                        pending.push_front(component);
+                    }
+                }
+                Ok(meta) => {
+                    let wants_dir = !last || create == Create::Dir;
+                    if wants_dir && !meta.is_dir() {
+                        return Err(err(io::Error::from_raw_os_error(libc::ENOTDIR)));
+                    }
+                    if last && create == Create::File && meta.is_dir() {
+                        return Err(err(io::Error::from_raw_os_error(libc::EISDIR)));
+                    }
+                    resolved = next;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if create == Create::Never {
+                        return Ok(None);
+                    }
+                    if stub.is_none() {
+                        let meta = fs::metadata(&resolved).map_err(err)?;
+                        stub = Some(Stub {
+                            created: Vec::new(),
+                            parent: resolved.clone(),
+                            accessed: meta.accessed().map_err(err)?,
+                            modified: meta.modified().map_err(err)?,
+                            modified_after: SystemTime::UNIX_EPOCH,
+                        });
+                    }
+                    if last && create == Create::File {
+                        OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o644)
+                            .open(&next)
+                            .map_err(err)?;
+                    } else {
+                        DirBuilder::new().mode(0o755).create(&next).map_err(err)?;
+                    }
+                    if let Some(stub) = &mut stub {
+                        stub.created.push(next.clone());
+                    }
+                    resolved = next;
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        if let Some(mut stub) = stub {
+            // Stubs inside a file system Kiln mounted (`/dev/pts` in the `/dev` tmpfs, a
+            // target inside a cache) vanish or belong there: nothing to clean up.
+            if !self.mounted.iter().any(|m| stub.parent.starts_with(m)) {
+                stub.modified_after = fs::metadata(&stub.parent)
+                    .and_then(|m| m.modified())
+                    .map_err(err)?;
+                self.stubs.push(stub);
+            }
+        }
+        Ok(Some(resolved))
+    }
+
+    /// Unmounts everything (lazily, innermost first), then removes the stubs and restores the
+    /// times of the directories they were created in. A stub the step put files in stays:
+    /// it is part of the step's result.
+    pub(crate) fn clean_up(&mut self) -> Result<(), ChildError> {
+        for target in self.mounted.drain(..).rev() {
+            match umount2(&target, MntFlags::MNT_DETACH) {
+                // EINVAL: already gone with an outer mount.
+                Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+                Err(source) => return Err(ChildError::Unmount { target, source }),
+            }
+        }
+        for stub in self.stubs.drain(..).rev() {
+            let err = |path: &Path| {
+                let path = path.to_owned();
+                move |source| ChildError::Cleanup { path, source }
+            };
+            let modified_now = fs::metadata(&stub.parent)
+                .and_then(|m| m.modified())
+                .map_err(err(&stub.parent))?;
+            let mut all_removed = true;
+            for path in stub.created.iter().rev() {
+                let removed = match fs::symlink_metadata(path) {
+                    Ok(meta) if meta.is_dir() => fs::remove_dir(path),
+                    Ok(_) => fs::remove_file(path),
+                    Err(e) => Err(e),
+                };
+                match removed {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    // The step created files in it: it stays, with its parents.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                        all_removed = false;
+                        break;
+                    }
+                    Err(e) => return Err(err(path)(e)),
+                }
+            }
+            if all_removed {
+                let modified = if modified_now == stub.modified_after {
+                    stub.modified
+                } else {
+                    modified_now
+                };
+                let times = FileTimes::new()
+                    .set_accessed(stub.accessed)
+                    .set_modified(modified);
+                fs::File::open(&stub.parent)
+                    .and_then(|dir| dir.set_times(times))
+                    .map_err(err(&stub.parent))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The normal and `..` components of a path (`/` and `.` dropped).
+fn components(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_owned()),
+            Component::ParentDir => Some("..".into()),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sandbox::spec::{tests::sample, BindMount};
+
+    #[test]
+    fn overlay_options_name_layers_by_descriptor_top_first_with_copy_up_features_off() {
+        assert_eq!(
+            overlay_options(&[7, 5, 6], 8, 9).unwrap(),
+            "lowerdir=7:5:6,upperdir=8,workdir=9,index=off,redirect_dir=off,metacopy=off"
+        );
+    }
+
+    #[test]
+    fn overlay_options_fit_in_a_page_for_the_most_layers_overlayfs_takes() {
+        let fds: Vec<RawFd> = (1000..1500).collect();
+        assert!(overlay_options(&fds, 1500, 1501).unwrap().len() <= MOUNT_DATA_MAX);
+        let too_many: Vec<RawFd> = (100_000..101_000).collect();
+        assert!(matches!(
+            overlay_options(&too_many, 1, 2),
+            Err(ChildError::OverlayOptionsTooLong { .. })
+        ));
+    }
+
+    fn targets(steps: &[Step]) -> Vec<String> {
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::Mount { target, .. } => target.display().to_string(),
+                Step::Symlink { path, .. } => format!("{} ->", path.display()),
+            })
+            .collect()
+    }
+
+    fn find<'a>(steps: &'a [Step], wanted: &str) -> &'a Step {
+        steps
+            .iter()
+            .find(|s| matches!(s, Step::Mount { target, .. } if target == Path::new(wanted)))
+            .unwrap_or_else(|| panic!("no mount on {wanted}"))
+    }
+
+    #[test]
+    fn proc_comes_first_and_dev_before_its_nodes_and_masks() {
+        let steps = plan(&sample());
+        let order = targets(&steps);
+        let pos = |t: &str| order.iter().position(|o| o == t).unwrap_or_else(|| panic!("{t}"));
+        assert_eq!(pos("/proc"), 0);
+        assert!(pos("/dev") < pos("/dev/null") && pos("/dev/null") < pos("/dev/pts"));
+        // Masks use /dev/null, and bind mounts from the host go through /proc/self/fd.
+        assert!(pos("/dev/null") < pos("/proc/kcore"));
+        assert!(pos("/sys") < pos("/sys/firmware"));
+        assert!(pos("/proc/sys") < pos("/etc/resolv.conf"));
+        assert_eq!(order.last().unwrap(), "/root/.cache/go-build");
+    }
+
+    #[test]
+    fn sys_and_resolv_conf_are_read_only_and_nothing_but_devices_allows_device_nodes() {
+        let steps = plan(&sample());
+        for step in &steps {
+            let Step::Mount {
+                target,
+                source,
+                flags,
+                ..
+            } = step
+            else {
+                continue;
+            };
+            let binds_host_device = matches!(source, Source::Host(HostRef::Device(_)));
+            let devpts = target == Path::new("/dev/pts");
+            let masked = *source == Source::Mask;
+            if !binds_host_device && !devpts && !masked {
+                assert!(flags.contains(MsFlags::MS_NODEV), "{target:?} allows devices");
+            }
+        }
+        for ro in ["/sys", "/etc/resolv.conf", "/proc/sys", "/proc/sysrq-trigger"] {
+            let Step::Mount { flags, .. } = find(&steps, ro) else {
+                unreachable!()
+            };
+            assert!(flags.contains(MsFlags::MS_RDONLY), "{ro} is writable");
+        }
+        let Step::Mount { create, .. } = find(&steps, "/proc/kcore") else {
+            unreachable!()
+        };
+        assert_eq!(*create, Create::Never, "masks never create paths in the image");
+    }
+
+    #[test]
+    fn cache_mounts_bind_their_host_directory_read_only_when_asked() {
+        let mut spec = sample();
+        spec.resolv_conf = None;
+        spec.cache_mounts.push(BindMount {
+            host_dir: "/cache/apt".into(),
+            target: "/var/cache/apt".into(),
+            read_only: true,
+        });
+        let steps = plan(&spec);
+        assert!(!targets(&steps).contains(&"/etc/resolv.conf".to_owned()));
+        assert_eq!(
+            *find(&steps, "/root/.cache/go-build"),
+            Step::Mount {
+                target: "/root/.cache/go-build".into(),
+                source: Source::Host(HostRef::Cache(0)),
+                flags: MsFlags::MS_NODEV,
+                create: Create::Dir,
+            }
+        );
+        let Step::Mount { source, flags, .. } = find(&steps, "/var/cache/apt") else {
+            unreachable!()
+        };
+        assert_eq!(*source, Source::Host(HostRef::Cache(1)));
+        assert_eq!(*flags, MsFlags::MS_NODEV | MsFlags::MS_RDONLY);
+    }
+
+    #[test]
+    fn components_keep_dot_dot_and_drop_the_rest() {
+        assert_eq!(
+            components(Path::new("/a/./b/../c/")),
+            ["a", "b", "..", "c"].map(OsString::from)
+        );
+    }
+}

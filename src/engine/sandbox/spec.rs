@@ -1,0 +1,355 @@
+//! The values that cross the process boundary between the engine and `kiln __sandbox`.
+//!
+//! The parent sends one [`LaunchRequest`] (JSON) over the launcher's stdin, a Unix stream
+//! socket, and shuts down its writing side. The launcher and the processes it forks answer
+//! on the same socket with [`Report`]s, one JSON object per line. Deriving `Serialize` here
+//! makes these types an IPC boundary, but only between two copies of the same binary: the
+//! launcher is always the running `kiln` (or the one a test names), so no versioning is
+//! needed.
+//!
+//! [`RunSpec`] is what the engine decides for one RUN step; [`RunSpec::validate`] checks what
+//! can be checked without touching the file system, so that mistakes are reported before any
+//! process starts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the sandbox needs to run one RUN step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// Unpacked read-only layers, TOP FIRST (overlayfs `lowerdir` order). Empty for a
+    /// `FROM scratch` stage: an empty directory is used then.
+    pub lower_dirs: Vec<PathBuf>,
+    /// The overlay's upper directory: after the step it holds the step's diff exactly as
+    /// overlayfs writes it (whiteouts as 0:0 character devices, opaque directories marked
+    /// with the `trusted.overlay.opaque=y` xattr).
+    pub upper_dir: PathBuf,
+    /// The overlay's work directory: empty, on the same file system as `upper_dir`.
+    pub work_dir: PathBuf,
+    /// The command, already decided by the engine (shell form is `["/bin/sh", "-c", cmd]`).
+    /// `argv[0]` is looked up in the `PATH` of `env` when it has no `/`.
+    pub argv: Vec<String>,
+    /// The complete environment of the command, in order. Nothing is added (not even
+    /// `HOME`).
+    pub env: Vec<(String, String)>,
+    /// The working directory inside the image. It must exist (WORKDIR creates it).
+    pub cwd: String,
+    /// `name`, `uid`, `name:group`, `uid:gid` (and the mixed forms), resolved with the
+    /// image's `/etc/passwd` and `/etc/group`. `None` is root.
+    pub user: Option<String>,
+    /// The host name the command sees (at most 64 bytes).
+    pub hostname: String,
+    /// Which network the command gets.
+    pub network: Network,
+    /// `RUN --mount=type=cache` directories: bind-mounted, never part of the diff.
+    pub cache_mounts: Vec<BindMount>,
+    /// A host file bind-mounted read-only over `/etc/resolv.conf` (usually the host's own).
+    /// Never part of the diff, whether or not the image has the file.
+    pub resolv_conf: Option<PathBuf>,
+}
+
+/// The network of a RUN step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// The host's network namespace (Docker's `--network=host`, the default of builds).
+    Host,
+    /// A new, empty network namespace with only the loopback interface, up.
+    None,
+}
+
+/// A host directory bind-mounted into the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    /// The directory on the host.
+    pub host_dir: PathBuf,
+    /// Where it appears inside the sandbox (absolute). Created if missing; created
+    /// directories are removed again after the step, so they are not part of the diff.
+    pub target: PathBuf,
+    /// Mount it read-only.
+    pub read_only: bool,
+}
+
+/// Why a [`RunSpec`] cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("the command is empty")]
+    EmptyArgv,
+    #[error("argument {index} of the command contains a NUL byte")]
+    NulInArgv { index: usize },
+    #[error("environment variable {name:?} has an invalid name (empty, or with '=' or NUL)")]
+    BadEnvName { name: String },
+    #[error("the value of environment variable {name:?} contains a NUL byte")]
+    NulInEnvValue { name: String },
+    #[error("the working directory {cwd:?} is not an absolute path")]
+    RelativeCwd { cwd: String },
+    #[error("the host name {hostname:?} is empty, longer than 64 bytes or contains a NUL byte")]
+    BadHostname { hostname: String },
+    #[error("the user {user:?} is empty or contains a NUL byte or a newline")]
+    BadUser { user: String },
+    #[error("the cache mount target {target:?} is not an absolute path")]
+    RelativeCacheTarget { target: PathBuf },
+    #[error("the cache mount target {target:?} is the root directory")]
+    RootCacheTarget { target: PathBuf },
+    #[error("the {what} {path:?} is not an absolute path")]
+    RelativeHostPath { what: &'static str, path: PathBuf },
+    #[error("too many lower layers: {count} (overlayfs stacks at most {max})")]
+    TooManyLayers { count: usize, max: usize },
+}
+
+/// The most lower layers overlayfs accepts (the kernel's `OVL_MAX_STACK`).
+pub const MAX_LOWER_LAYERS: usize = 500;
+
+impl RunSpec {
+    /// Checks what can be checked before starting anything.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.argv.is_empty() {
+            return Err(SpecError::EmptyArgv);
+        }
+        if let Some(index) = self.argv.iter().position(|a| a.contains('\0')) {
+            return Err(SpecError::NulInArgv { index });
+        }
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(SpecError::BadEnvName { name: name.clone() });
+            }
+            if value.contains('\0') {
+                return Err(SpecError::NulInEnvValue { name: name.clone() });
+            }
+        }
+        if !self.cwd.starts_with('/') || self.cwd.contains('\0') {
+            return Err(SpecError::RelativeCwd {
+                cwd: self.cwd.clone(),
+            });
+        }
+        if self.hostname.is_empty() || self.hostname.len() > 64 || self.hostname.contains('\0') {
+            return Err(SpecError::BadHostname {
+                hostname: self.hostname.clone(),
+            });
+        }
+        if let Some(user) = &self.user {
+            if user.is_empty() || user.contains(['\0', '\n']) {
+                return Err(SpecError::BadUser { user: user.clone() });
+            }
+        }
+        if self.lower_dirs.len() > MAX_LOWER_LAYERS {
+            return Err(SpecError::TooManyLayers {
+                count: self.lower_dirs.len(),
+                max: MAX_LOWER_LAYERS,
+            });
+        }
+        let host_paths = self
+            .lower_dirs
+            .iter()
+            .map(|p| ("lower layer directory", p.as_path()))
+            .chain([
+                ("upper directory", self.upper_dir.as_path()),
+                ("work directory", self.work_dir.as_path()),
+            ])
+            .chain(
+                self.cache_mounts
+                    .iter()
+                    .map(|m| ("cache directory", m.host_dir.as_path())),
+            )
+            .chain(self.resolv_conf.iter().map(|p| ("resolv.conf file", p.as_path())));
+        for (what, path) in host_paths {
+            if !path.is_absolute() {
+                return Err(SpecError::RelativeHostPath {
+                    what,
+                    path: path.to_owned(),
+                });
+            }
+        }
+        for mount in &self.cache_mounts {
+            if !mount.target.is_absolute() {
+                return Err(SpecError::RelativeCacheTarget {
+                    target: mount.target.clone(),
+                });
+            }
+            if mount.target.parent().is_none() {
+                return Err(SpecError::RootCacheTarget {
+                    target: mount.target.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the parent sends to the launcher: the spec plus two host directories the parent
+/// owns (and removes afterwards), so that a killed sandbox leaves nothing to clean up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LaunchRequest {
+    pub spec: RunSpec,
+    /// An empty directory the overlay is mounted on (inside the sandbox's mount
+    /// namespace only; on the host it stays empty).
+    pub rootfs: PathBuf,
+    /// An empty directory, the only lower layer of a `FROM scratch` step.
+    pub empty_dir: PathBuf,
+}
+
+impl LaunchRequest {
+    /// The lower layers to stack, top first: the spec's, or the empty directory.
+    pub fn lower_dirs(&self) -> Vec<&Path> {
+        if self.spec.lower_dirs.is_empty() {
+            vec![self.empty_dir.as_path()]
+        } else {
+            self.spec.lower_dirs.iter().map(PathBuf::as_path).collect()
+        }
+    }
+}
+
+/// Who is to blame for a failure inside the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum FailureKind {
+    /// Kiln or the host: namespaces, mounts, the launcher itself.
+    Setup,
+    /// The step: an unknown user, a missing working directory or executable.
+    Run,
+}
+
+/// A message from the sandbox side to the parent, one JSON object per line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "report", rename_all = "snake_case")]
+pub(crate) enum Report {
+    /// Something failed before the command ran, or while cleaning up after it.
+    Failed { kind: FailureKind, message: String },
+    /// The command ended: its exit code, or 128 + the signal that killed it.
+    Exited { code: i32 },
+}
+
+impl Report {
+    /// The report as one line of JSON (with the newline).
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
+        line.push(b'\n');
+        line
+    }
+
+    /// Every well-formed report in `bytes`; lines that do not parse are skipped (a report
+    /// cut short by a killed process).
+    pub fn parse_all(bytes: &[u8]) -> Vec<Report> {
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .filter_map(|line| serde_json::from_slice(line).ok())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> RunSpec {
+        RunSpec {
+            lower_dirs: vec!["/layers/b".into(), "/layers/a".into()],
+            upper_dir: "/steps/1/upper".into(),
+            work_dir: "/steps/1/work".into(),
+            argv: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: "/".into(),
+            user: Some("app:app".into()),
+            hostname: "kiln".into(),
+            network: Network::None,
+            cache_mounts: vec![BindMount {
+                host_dir: "/cache/go".into(),
+                target: "/root/.cache/go-build".into(),
+                read_only: false,
+            }],
+            resolv_conf: Some("/etc/resolv.conf".into()),
+        }
+    }
+
+    #[test]
+    fn a_sample_spec_is_valid_and_round_trips_through_json() {
+        let spec = sample();
+        spec.validate().unwrap();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains("\"network\":\"none\""), "{json}");
+        assert_eq!(serde_json::from_str::<RunSpec>(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let check = |change: fn(&mut RunSpec), expected: SpecError| {
+            let mut spec = sample();
+            change(&mut spec);
+            assert_eq!(spec.validate().unwrap_err(), expected);
+        };
+        check(|s| s.argv.clear(), SpecError::EmptyArgv);
+        check(|s| s.argv.push("a\0b".into()), SpecError::NulInArgv { index: 3 });
+        check(
+            |s| s.env.push(("A=B".into(), "x".into())),
+            SpecError::BadEnvName { name: "A=B".into() },
+        );
+        check(
+            |s| s.env.push(("A".into(), "x\0".into())),
+            SpecError::NulInEnvValue { name: "A".into() },
+        );
+        check(
+            |s| s.cwd = "src".into(),
+            SpecError::RelativeCwd { cwd: "src".into() },
+        );
+        check(
+            |s| s.hostname = "h".repeat(65),
+            SpecError::BadHostname {
+                hostname: "h".repeat(65),
+            },
+        );
+        check(
+            |s| s.user = Some(String::new()),
+            SpecError::BadUser { user: String::new() },
+        );
+        check(
+            |s| s.cache_mounts[0].target = "cache".into(),
+            SpecError::RelativeCacheTarget {
+                target: "cache".into(),
+            },
+        );
+        check(
+            |s| s.cache_mounts[0].target = "/".into(),
+            SpecError::RootCacheTarget { target: "/".into() },
+        );
+        check(
+            |s| s.upper_dir = "upper".into(),
+            SpecError::RelativeHostPath {
+                what: "upper directory",
+                path: "upper".into(),
+            },
+        );
+        check(
+            |s| s.lower_dirs = vec!["/l".into(); 501],
+            SpecError::TooManyLayers { count: 501, max: 500 },
+        );
+    }
+
+    #[test]
+    fn scratch_uses_the_empty_directory_as_its_only_layer() {
+        let mut request = LaunchRequest {
+            spec: sample(),
+            rootfs: "/tmp/s/rootfs".into(),
+            empty_dir: "/tmp/s/empty".into(),
+        };
+        assert_eq!(
+            request.lower_dirs(),
+            [Path::new("/layers/b"), Path::new("/layers/a")]
+        );
+        request.spec.lower_dirs.clear();
+        assert_eq!(request.lower_dirs(), [Path::new("/tmp/s/empty")]);
+    }
+
+    #[test]
+    fn reports_are_lines_of_json_and_torn_lines_are_skipped() {
+        let failed = Report::Failed {
+            kind: FailureKind::Run,
+            message: "executable \"/bin/bash\" not found in the image".into(),
+        };
+        let mut bytes = failed.to_line();
+        bytes.extend(Report::Exited { code: 3 }.to_line());
+        bytes.extend(b"{\"report\":\"exi");
+        assert_eq!(Report::parse_all(&bytes), [failed, Report::Exited { code: 3 }]);
+    }
+}
