@@ -32,6 +32,9 @@ pub enum BuildError {
     /// A log could not be read or written.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// Something Kiln depends on (a git remote) did not answer in time. Retryable.
+    #[error("{0}")]
+    SourceUnavailable(String),
     /// Kiln itself failed (disk, a task); the message says where.
     #[error("{0}")]
     Internal(String),

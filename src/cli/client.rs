@@ -1216,6 +1216,12 @@ mod tests {
             ) -> Result<Response<CancelBuildResponse>, Status> {
                 Err(Status::unimplemented("fake"))
             }
+            async fn upload_context(
+                &self,
+                _: Request<tonic::Streaming<crate::proto::builder::UploadContextRequest>>,
+            ) -> Result<Response<crate::proto::builder::UploadContextResponse>, Status> {
+                Err(Status::unimplemented("fake"))
+            }
         }
     }
 

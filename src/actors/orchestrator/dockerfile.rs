@@ -76,7 +76,11 @@ async fn materialize(
             }
             context::checkout(git, &dest)
                 .await
-                .map_err(|e| invalid(format!("source.file.source.git: {e}")))?
+                .map_err(|e| match e {
+                    // The remote may answer next time: a retryable error.
+                    context::ContextError::GitTimeout { .. } => BuildError::SourceUnavailable(e.to_string()),
+                    e => invalid(format!("source.file.source.git: {e}")),
+                })?
                 .dir
         }
         ContextSource::Uploaded(digest) => {
@@ -118,7 +122,7 @@ pub async fn plan(
     let dockerignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap_or_default();
     let parsed = dockerfile::parse(&text).map_err(|e| invalid(e.to_string()))?;
     let pinned = resolve_images(deps, &parsed, &source.build_args, auth).await?;
-    let ignore = DockerIgnore::parse(&dockerignore);
+    let ignore = DockerIgnore::try_parse(&dockerignore).map_err(|e| invalid(format!(".dockerignore: {e}")))?;
     let root_for_digest = root.clone();
     let context_digest = tokio::task::spawn_blocking(move || context::context_digest(&root_for_digest, &ignore))
         .await

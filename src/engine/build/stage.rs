@@ -410,9 +410,13 @@ impl<'a> StageRunner<'a> {
         };
         match &located.inner {
             Instruction::Env(pairs) => {
-                let mut shown = Vec::new();
+                // Every value sees the environment from before this instruction.
+                let mut values = Vec::new();
                 for (k, v) in pairs {
-                    let v = word(ctx, &state, v)?;
+                    values.push((k, word(ctx, &state, v)?));
+                }
+                let mut shown = Vec::new();
+                for (k, v) in values {
                     state.config.set_env(k, &v);
                     shown.push(format!("{k}={v}"));
                 }

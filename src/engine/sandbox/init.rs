@@ -49,7 +49,7 @@ use super::{
     child::{poll, pollfd, ChildError, ReportChannel, EXIT_SETUP_FAILED},
     exec,
     mounts::{plan, HostFds, Mounts},
-    spec::{LaunchRequest, Network, RunSpec},
+    spec::{LaunchRequest, Network, Report, RunSpec},
     user::{self, ExecUser},
 };
 
@@ -120,6 +120,12 @@ fn run(request: &LaunchRequest, channel: &ReportChannel, lifeline: OwnedFd) -> R
     let mut mounts = Mounts::default();
     let result = prepare_and_run(spec, host, &mut mounts, channel);
     let cleaned = mounts.clean_up();
+    if cleaned.is_ok() {
+        let dirs = mounts.take_copied_up();
+        if !dirs.is_empty() {
+            channel.send(&Report::CopiedUp { dirs });
+        }
+    }
     let code = result?;
     cleaned?;
     Ok(code)

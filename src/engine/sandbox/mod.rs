@@ -71,7 +71,7 @@ use tokio_util::sync::CancellationToken;
 pub use child::child_main;
 pub use spec::{BindMount, Network, RunSpec, SpecError};
 
-use spec::{FailureKind, LaunchRequest, Report};
+use spec::{CopiedUpDir, FailureKind, LaunchRequest, Report};
 
 /// The hidden subcommand of the `kiln` binary that runs the child side.
 pub const SUBCOMMAND: &str = "__sandbox";
@@ -189,6 +189,15 @@ pub async fn run(
                 exe: exe.to_owned(),
                 source,
             })?;
+            // `Exited` comes after the init was reaped: the overlay is gone, so the upper
+            // directory may be changed.
+            if reports.iter().any(|r| matches!(r, Report::Exited { .. })) {
+                for report in &reports {
+                    if let Report::CopiedUp { dirs } = report {
+                        prune_copied_up(&spec.upper_dir, dirs);
+                    }
+                }
+            }
             outcome(exe, &reports, status)
         }
     };
@@ -269,6 +278,42 @@ async fn stop(launcher: &mut Child) {
     }
 }
 
+/// Removes from `upper` the directories the sandbox made overlayfs copy up (see
+/// [`CopiedUpDir`]) that are still exactly as they were: empty, not opaque, same mode,
+/// owner and mtime. The step changed any other one (a file created and deleted again changes
+/// the mtime), so it stays. Best effort: a directory left behind is harmless noise.
+fn prune_copied_up(upper: &Path, dirs: &[CopiedUpDir]) {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let mut pristine: Vec<PathBuf> = dirs
+        .iter()
+        .filter_map(|dir| {
+            let relative = dir.path.strip_prefix("/").ok()?;
+            if !relative
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                return None;
+            }
+            let path = upper.join(relative);
+            let meta = std::fs::symlink_metadata(&path).ok()?;
+            let unchanged = meta.is_dir()
+                && (meta.mode(), meta.uid(), meta.gid()) == (dir.mode, dir.uid, dir.gid)
+                && (meta.mtime(), meta.mtime_nsec()) == (dir.mtime, dir.mtime_nsec)
+                && !matches!(xattr::get(&path, "trusted.overlay.opaque"), Ok(Some(v)) if v == b"y");
+            unchanged.then_some(path)
+        })
+        .collect();
+    // Children first (their removal does not matter: the parent was judged before).
+    pristine.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for path in pristine {
+        // Fails, and keeps the directory, when the step left something in it.
+        if let Err(e) = std::fs::remove_dir(&path) {
+            tracing::debug!(path = %path.display(), error = %e, "kept a copied-up directory");
+        }
+    }
+}
+
 /// The result of a step from its reports: the first failure wins, then the exit code.
 fn outcome(exe: &Path, reports: &[Report], status: ExitStatus) -> Result<RunOutcome, SandboxError> {
     for report in reports {
@@ -284,7 +329,7 @@ fn outcome(exe: &Path, reports: &[Report], status: ExitStatus) -> Result<RunOutc
         .iter()
         .find_map(|report| match report {
             Report::Exited { code } => Some(RunOutcome { exit_code: *code }),
-            Report::Failed { .. } => None,
+            Report::Failed { .. } | Report::CopiedUp { .. } => None,
         })
         .ok_or_else(|| SandboxError::LauncherDied {
             exe: exe.to_owned(),
@@ -335,6 +380,66 @@ mod tests {
         let e = outcome(Path::new("/usr/bin/false"), &[], status(1)).unwrap_err();
         assert!(matches!(e, SandboxError::LauncherDied { .. }), "{e}");
         assert!(e.to_string().contains("/usr/bin/false"), "{e}");
+    }
+
+    #[test]
+    fn only_pristine_copied_up_directories_are_pruned_children_first() {
+        use std::os::unix::fs::MetadataExt as _;
+
+        let upper = tempfile::tempdir().unwrap();
+        let record = |rel: &str| {
+            let meta = std::fs::symlink_metadata(upper.path().join(rel)).unwrap();
+            CopiedUpDir {
+                path: Path::new("/").join(rel),
+                mode: meta.mode(),
+                uid: meta.uid(),
+                gid: meta.gid(),
+                mtime: meta.mtime(),
+                mtime_nsec: meta.mtime_nsec(),
+            }
+        };
+        for dir in ["etc", "var/lib", "root", "opt", "home/app"] {
+            std::fs::create_dir_all(upper.path().join(dir)).unwrap();
+        }
+        // Recorded before the step: var and var/lib (a chain), etc, root, opt, home, home/app.
+        let mut dirs: Vec<CopiedUpDir> = ["var", "var/lib", "etc", "root", "opt", "home", "home/app"]
+            .map(record)
+            .into();
+        // The step chmod-ed /root, left a file in /opt, and made /home/app's mode different.
+        std::fs::set_permissions(
+            upper.path().join("root"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        std::fs::write(upper.path().join("opt/file"), "x").unwrap();
+        dirs.push(CopiedUpDir {
+            path: "/../outside".into(),
+            ..dirs[0].clone()
+        });
+        dirs.iter_mut()
+            .find(|d| d.path == Path::new("/home/app"))
+            .unwrap()
+            .mode ^= 0o022;
+
+        prune_copied_up(upper.path(), &dirs);
+        let left: Vec<String> = walk(upper.path());
+        assert_eq!(left, ["home", "home/app", "opt", "opt/file", "root"]);
+    }
+
+    fn walk(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_owned()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+                if path.is_dir() {
+                    stack.push(path);
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     #[tokio::test]

@@ -20,8 +20,10 @@
 //!   ("stubs", as BuildKit calls them) and records them; [`Mounts::clean_up`] unmounts and
 //!   removes them after the command, and restores the times of the directory they were
 //!   created in, so that neither `/proc` nor `/etc/resolv.conf` nor a cache mount's target
-//!   ends up in the step's diff. (A directory the stub was created in stays copied up in the
-//!   upper directory with its original metadata, as under BuildKit.)
+//!   ends up in the step's diff. The directories overlayfs copied up only because a stub was
+//!   created in them (`/etc` for `/etc/resolv.conf`) are reported to the parent, which
+//!   removes them from the upper directory once the overlay is gone, if they are still
+//!   empty, not opaque and as they were (BuildKit leaves them in).
 //!
 //! Device safety without a device cgroup: the overlay root, `/dev` itself, `/dev/shm` and the
 //! cache mounts are `nodev`, so a device node that comes in a layer or that a RUN creates
@@ -35,8 +37,8 @@ use std::{
     fs::{self, DirBuilder, FileTimes, OpenOptions},
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::fs::{DirBuilderExt, OpenOptionsExt},
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
     },
     path::{Component, Path, PathBuf},
     time::SystemTime,
@@ -44,14 +46,14 @@ use std::{
 
 use nix::{
     errno::Errno,
-    fcntl::{open, OFlag},
+    fcntl::{open, AtFlags, OFlag},
     mount::{mount, umount2, MntFlags, MsFlags},
-    sys::stat::Mode,
+    sys::stat::{fstatat, Mode},
 };
 
 use super::{
     child::ChildError,
-    spec::{LaunchRequest, RunSpec},
+    spec::{CopiedUpDir, LaunchRequest, RunSpec},
 };
 
 /// The kernel copies at most one page of mount data, including the final NUL.
@@ -361,6 +363,11 @@ impl HostFds {
         overlay_options(&lowers, self.upper.as_raw_fd(), self.work.as_raw_fd())
     }
 
+    /// The upper directory, to tell what overlayfs copies up.
+    fn upper(&self) -> BorrowedFd<'_> {
+        self.upper.as_fd()
+    }
+
     /// The detached tree of a host object, or `None` for a device the host lacks.
     fn tree(&self, host: HostRef) -> Option<&OwnedFd> {
         match host {
@@ -390,6 +397,8 @@ struct Stub {
 pub(crate) struct Mounts {
     mounted: Vec<PathBuf>,
     stubs: Vec<Stub>,
+    /// Directories of the image that creating a stub copied up (see [`CopiedUpDir`]).
+    copied_up: Vec<CopiedUpDir>,
 }
 
 fn mount_err(what: impl Into<String>, target: &Path) -> impl FnOnce(Errno) -> ChildError + '_ {
@@ -441,7 +450,7 @@ impl Mounts {
             },
             _ => None,
         };
-        let Some(target) = self.mount_point(target, create)? else {
+        let Some(target) = self.mount_point(target, create, host.upper())? else {
             return Ok(());
         };
         let none: Option<&str> = None;
@@ -493,7 +502,12 @@ impl Mounts {
 
     /// Resolves `path` inside the sandbox's root (symlinks included), creating what is
     /// missing as `create` says. `None`: missing, and `Create::Never`.
-    fn mount_point(&mut self, path: &Path, create: Create) -> Result<Option<PathBuf>, ChildError> {
+    fn mount_point(
+        &mut self,
+        path: &Path,
+        create: Create,
+        upper: BorrowedFd<'_>,
+    ) -> Result<Option<PathBuf>, ChildError> {
         let err = |source: io::Error| ChildError::MountPoint {
             path: path.to_owned(),
             source,
@@ -538,6 +552,7 @@ impl Mounts {
                         return Ok(None);
                     }
                     if stub.is_none() {
+                        self.record_copy_up(&resolved, upper).map_err(err)?;
                         let meta = fs::metadata(&resolved).map_err(err)?;
                         stub = Some(Stub {
                             created: Vec::new(),
@@ -576,6 +591,44 @@ impl Mounts {
             }
         }
         Ok(Some(resolved))
+    }
+
+    /// Before a stub is created in the existing directory `dir`: records `dir` and its
+    /// ancestors that are not in the upper directory yet, as they are now (overlayfs is about
+    /// to copy them up). Not for directories inside a file system Kiln mounted.
+    fn record_copy_up(&mut self, dir: &Path, upper: BorrowedFd<'_>) -> io::Result<()> {
+        if self.mounted.iter().any(|m| dir.starts_with(m)) {
+            return Ok(());
+        }
+        for ancestor in dir.ancestors() {
+            let Ok(relative) = ancestor.strip_prefix("/") else {
+                continue;
+            };
+            if relative.as_os_str().is_empty() || self.copied_up.iter().any(|d| d.path == ancestor) {
+                continue;
+            }
+            match fstatat(upper, relative, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(_) => continue,
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let meta = fs::symlink_metadata(ancestor)?;
+            self.copied_up.push(CopiedUpDir {
+                path: ancestor.to_owned(),
+                mode: meta.mode(),
+                uid: meta.uid(),
+                gid: meta.gid(),
+                mtime: meta.mtime(),
+                mtime_nsec: meta.mtime_nsec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The directories stubs made overlayfs copy up, for the parent to prune (see
+    /// [`CopiedUpDir`]); only meaningful after a successful [`Mounts::clean_up`].
+    pub(crate) fn take_copied_up(&mut self) -> Vec<CopiedUpDir> {
+        std::mem::take(&mut self.copied_up)
     }
 
     /// Unmounts everything (lazily, innermost first), then removes the stubs and restores the

@@ -210,12 +210,28 @@ pub(crate) enum FailureKind {
     Run,
 }
 
+/// A directory of the image that overlayfs copied up into the upper directory only because
+/// the sandbox created a mount point in it, with its metadata from before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CopiedUpDir {
+    /// Absolute, inside the sandbox, without symlinks or `..`.
+    pub path: PathBuf,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+}
+
 /// A message from the sandbox side to the parent, one JSON object per line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "report", rename_all = "snake_case")]
 pub(crate) enum Report {
     /// Something failed before the command ran, or while cleaning up after it.
     Failed { kind: FailureKind, message: String },
+    /// The mount points are gone again; these directories were copied up for them only and
+    /// can go from the upper directory too if they are still as they were.
+    CopiedUp { dirs: Vec<CopiedUpDir> },
     /// The command ended: its exit code, or 128 + the signal that killed it.
     Exited { code: i32 },
 }
