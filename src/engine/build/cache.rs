@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::model::Digest;
+use crate::model::{Digest, BUILD_PROCESS_VERSION};
 
 /// A chain key: identifies a filesystem + config state reached by a sequence of steps.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -21,13 +21,15 @@ pub struct StateKey(pub [u8; 32]);
 
 impl StateKey {
     /// The state of a pulled base image.
+    /// Every key starts from Kiln's build-process version, so a Kiln that builds
+    /// differently never reuses what an older one cached.
     pub fn of_image(manifest_digest: &Digest) -> Self {
-        Self::hash(&[b"image", manifest_digest.as_str().as_bytes()])
+        Self::hash(&[BUILD_PROCESS_VERSION.as_bytes(), b"image", manifest_digest.as_str().as_bytes()])
     }
 
     /// The empty state (`FROM scratch`).
     pub fn scratch() -> Self {
-        Self::hash(&[b"scratch"])
+        Self::hash(&[BUILD_PROCESS_VERSION.as_bytes(), b"scratch"])
     }
 
     pub fn hash(parts: &[&[u8]]) -> Self {

@@ -429,7 +429,7 @@ impl CopyPlan<'_> {
             let dest_path = resolve_in_root(self.root, dest, true).map_err(|e| e.to_string())?;
             if meta.is_dir() {
                 self.mkdir_dest(&dest_path)?;
-                self.copy_dir_contents(&path, &dest_path, src_root, ignore, &rel, &mut HashMap::new())?;
+                self.copy_dir_contents(&path, &dest_path, ignore, &rel, &mut HashMap::new())?;
             } else if self.extract && is_archive(&path) {
                 self.mkdir_dest(&dest_path)?;
                 extract_archive(&path, &dest_path, self.owner).map_err(|e| format!("ADD {rel}: extracting: {e}"))?;
@@ -459,7 +459,6 @@ impl CopyPlan<'_> {
         &self,
         src: &Path,
         dest: &Path,
-        src_root: &Path,
         ignore: Option<&DockerIgnore>,
         rel: &str,
         links: &mut HashMap<(u64, u64), PathBuf>,
@@ -487,7 +486,7 @@ impl CopyPlan<'_> {
             let target = dest.join(&name);
             if meta.is_dir() {
                 self.copy_entry(&child, &target, links).map_err(|e| format!("{child_rel}: {e}"))?;
-                self.copy_dir_contents(&child, &target, src_root, ignore, &child_rel, links)?;
+                self.copy_dir_contents(&child, &target, ignore, &child_rel, links)?;
                 self.finish_dir(&child, &target).map_err(|e| format!("{child_rel}: {e}"))?;
             } else {
                 self.copy_entry(&child, &target, links).map_err(|e| format!("{child_rel}: {e}"))?;
@@ -571,10 +570,10 @@ fn is_archive(path: &Path) -> bool {
     let Ok(mut f) = File::open(path) else { return false };
     let mut head = [0u8; 6];
     let n = f.read(&mut head).unwrap_or(0);
-    let compressed = match &head[..n.min(6)] {
-        [0x1f, 0x8b, ..] | [b'B', b'Z', b'h', ..] | [0xfd, b'7', b'z', b'X', b'Z', 0] => true,
-        _ => false,
-    };
+    let compressed = matches!(
+        &head[..n.min(6)],
+        [0x1f, 0x8b, ..] | [b'B', b'Z', b'h', ..] | [0xfd, b'7', b'z', b'X', b'Z', 0]
+    );
     match open_decompressed(path) {
         Ok(mut r) => {
             let mut block = vec![0u8; 512];

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     engine::{
-        dockerfile::{self, expand, Dockerfile, Instruction, Located, MountType, RunScript, ShellOrExec},
+        dockerfile::{self, expand, expand_heredoc, expand_words, Dockerfile, Instruction, Located, MountType, RunScript, ShellOrExec},
         image::{self, Descriptor, Healthcheck, HistoryEntry, ImageConfig},
         layers::{pack_layer_async, PackOptions},
         sandbox::{self, BindMount, RunSpec},
@@ -452,7 +452,9 @@ impl<'a> StageRunner<'a> {
             Instruction::Expose(ports) => {
                 let mut shown = Vec::new();
                 for p in ports {
-                    for p in word(ctx, &state, p)?.split_whitespace() {
+                    let words = expand_words(p, &|n: &str| ctx.args.lookup(&state.config, n), escape)
+                        .map_err(|e| EngineError::at(line, e.to_string()))?;
+                    for p in words.iter().filter(|w| !w.is_empty()) {
                         shown.push(if p.contains('/') { p.to_ascii_lowercase() } else { format!("{p}/tcp") });
                     }
                 }
@@ -689,7 +691,13 @@ impl<'a> StageRunner<'a> {
         let mut actions = Vec::new();
         let (source, inputs) = if !spec.heredocs.is_empty() {
             for doc in &spec.heredocs {
-                let content = if doc.expand { exp(&doc.content)? } else { doc.content.clone() };
+                let body = doc.body();
+                let content = if doc.expand {
+                    expand_heredoc(&body, &|n: &str| ctx.args.lookup(&state.config, n))
+                        .map_err(|e| EngineError::at(line, e.to_string()))?
+                } else {
+                    body
+                };
                 actions.push(FsAction::Write {
                     dest: dest.clone(),
                     name: doc.name.clone(),
@@ -753,8 +761,13 @@ impl<'a> StageRunner<'a> {
             .clone()
             .unwrap_or_else(|| DEFAULT_SHELL.iter().map(|s| s.to_string()).collect());
         let (argv, shown, script_file) = run_argv(run, &shell);
-        let env = ctx.args.run_env(&state.config);
+        let mut env = ctx.args.run_env(&state.config);
         let user = state.config.config.user.clone().filter(|u| !u.is_empty());
+        if !env.iter().any(|(k, _)| k == "HOME") {
+            // As Docker does: the user's home from the image's passwd, else `/`.
+            let passwd = read_merged(&state.lowers(), "etc/passwd").unwrap_or_default();
+            env.push(("HOME".into(), home_of(&passwd, user.as_deref().unwrap_or("root"))));
+        }
         let cwd = state.config.config.working_dir.clone().unwrap_or_else(|| "/".into());
         let network = match run.network.as_deref() {
             None | Some("default") => self.engine.config().network,
@@ -873,6 +886,33 @@ struct StageCtx<'a> {
     cmd_set: bool,
     done: &'a HashMap<usize, ImageState>,
     stage_index: usize,
+}
+
+/// The text of `rel` in the union of `lowers` (top first), honouring overlay whiteouts.
+fn read_merged(lowers: &[PathBuf], rel: &str) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    for dir in lowers {
+        let path = dir.join(rel);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_char_device() => return None, // a whiteout
+            Ok(m) if m.is_file() => return std::fs::read_to_string(&path).ok(),
+            Ok(_) => return None,
+            Err(_) => continue,
+        }
+    }
+    None
+}
+
+/// The home directory of `user` (`name`, `uid`, or either with `:group`) in `passwd`.
+fn home_of(passwd: &str, user: &str) -> String {
+    let name = user.split(':').next().unwrap_or(user);
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && (f[0] == name || f[2] == name))
+        .map(|f| f[5].to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".into())
 }
 
 /// `path` made absolute against `cwd`, cleaned (no `.`/`..`), keeping a trailing `/`.

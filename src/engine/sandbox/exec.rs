@@ -106,7 +106,13 @@ fn prepare(spec: &RunSpec, user: &ExecUser) -> Result<(), ChildError> {
             source,
         }
     };
-    let groups: Vec<Gid> = user.groups.iter().copied().map(Gid::from_raw).collect();
+    // Docker (runc) lists the primary group first among the supplementary ones, so `id`
+    // shows `groups=<gid>,<others>` and files of the primary group stay reachable after a
+    // later `chgrp`.
+    let groups: Vec<Gid> = std::iter::once(user.gid)
+        .chain(user.groups.iter().copied().filter(|g| *g != user.gid))
+        .map(Gid::from_raw)
+        .collect();
     setgroups(&groups).map_err(credentials("setgroups"))?;
     setgid(Gid::from_raw(user.gid)).map_err(credentials("setgid"))?;
     setuid(Uid::from_raw(user.uid)).map_err(credentials("setuid"))?;
