@@ -5,4 +5,5 @@
 mod support;
 
 mod client;
+mod engine_io;
 mod server;
