@@ -152,7 +152,12 @@ pub enum Command {
 
     /// Internal: applies one filesystem step of a build (COPY, ADD, WORKDIR) in a private
     /// mount namespace, started by Kiln itself.
-    #[command(hide = true, name = "__fsop")]
+    #[command(
+        hide = true,
+        name = "__fsop",
+        after_help = "Started by kiln for each COPY, ADD and WORKDIR step, never by hand: it reads \
+            the step from stdin (see src/engine/build/fsop.rs)."
+    )]
     Fsop,
 
     /// Build a Dockerfile and push the image, without the service.
@@ -278,7 +283,7 @@ pub struct ClientArgs {
 
 /// Flags of `kiln build`.
 #[derive(Debug, Clone, Args)]
-#[command(group(ArgGroup::new("source").required(true).args(["image_ref", "git"])))]
+#[command(group(ArgGroup::new("source").required(true).args(["dir", "image_ref", "git"])))]
 pub struct BuildArgs {
     /// A local directory to upload and build (its Dockerfile and context; .dockerignore
     /// is honoured).
@@ -622,19 +627,19 @@ mod tests {
             parse_err(&["build", "--ref", "alpine", "--git", "https://g.example/r"]),
             ErrorKind::ArgumentConflict
         );
-        // The git-only flags need --git; with --ref they conflict.
-        for flag in ["--rev", "--dockerfile", "--context"] {
+        // Dockerfile flags make no sense with --ref; --rev needs --git.
+        for flag in ["--rev", "--dockerfile", "--context", "--target", "--build-arg"] {
             assert_eq!(
                 parse_err(&["build", "--ref", "alpine", flag, "x"]),
                 ErrorKind::ArgumentConflict
             );
-            assert_eq!(
-                parse_err(&["build", flag, "x"]),
-                ErrorKind::MissingRequiredArgument
-            );
         }
-        // No positional DIR yet.
-        assert_eq!(parse_err(&["build", "./app"]), ErrorKind::UnknownArgument);
+        assert_eq!(parse_err(&["build", "--rev", "x"]), ErrorKind::MissingRequiredArgument);
+        // A directory is a source of its own, exclusive with the others.
+        assert_eq!(parse_err(&["build", "./app", "--ref", "alpine"]), ErrorKind::ArgumentConflict);
+        let a = build_args(&["./app", "--dockerfile", "build/Dockerfile", "--build-arg", "A=1"]);
+        assert_eq!(a.dir.as_deref(), Some(std::path::Path::new("./app")));
+        assert_eq!(a.build_args, ["A=1"]);
     }
 
     #[test]
