@@ -345,8 +345,9 @@ impl<'a> StageRunner<'a> {
             Some(a) => format!("stage {ordinal}/{total} {a}"),
             None => format!("stage {ordinal}/{total}"),
         };
-        self.log.line(format!("[{label} 1/{steps}] FROM {}", stage.from.image));
-        let (mut state, _) = self.base_state(index, globals, automatic, done).await?;
+        let started = Instant::now();
+        let (mut state, from) = self.base_state(index, globals, automatic, done).await?;
+        self.log.line(format!("[{label} 1/{steps}] FROM {from} ({:.2}s)", started.elapsed().as_secs_f64()));
         let mut ctx = StageCtx {
             args: Args { build_args: &self.input.build_args, globals, automatic, declared: BTreeMap::new() },
             cmd_set: false,
