@@ -41,11 +41,32 @@ pub struct KilnOptions {
     pub extra_toml: String,
     /// `RUST_LOG` of the service. Default `info`.
     pub rust_log: String,
+    /// Use this data directory instead of a fresh one in the server's temporary directory,
+    /// e.g. to start a second service on the state a killed one left. Not deleted on drop.
+    pub data_dir: Option<PathBuf>,
+    /// TOML lines added to the generated `[grpc]` table (TLS paths, the admin token).
+    pub grpc_toml: String,
+    /// TOML lines added to the generated `[registry]` table (e.g. `pull_secret`).
+    pub registry_toml: String,
+    /// The IP the gRPC port listens on instead of 127.0.0.1 (e.g. `0.0.0.0`); clients still
+    /// connect to `127.0.0.1:PORT`.
+    pub grpc_listen_ip: Option<std::net::IpAddr>,
+    /// Environment variables added to the service's.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for KilnOptions {
     fn default() -> Self {
-        Self { registry: RegistryMode::Embedded, extra_toml: String::new(), rust_log: "info".into() }
+        Self {
+            registry: RegistryMode::Embedded,
+            extra_toml: String::new(),
+            rust_log: "info".into(),
+            data_dir: None,
+            grpc_toml: String::new(),
+            registry_toml: String::new(),
+            grpc_listen_ip: None,
+            env: Vec::new(),
+        }
     }
 }
 
@@ -57,7 +78,10 @@ impl KilnOptions {
 
     /// An external registry at `addr` (`127.0.0.1:PORT`).
     pub fn external(addr: &str) -> Self {
-        Self { registry: RegistryMode::External(addr.to_owned()), ..Self::default() }
+        Self {
+            registry: RegistryMode::External(addr.to_owned()),
+            ..Self::default()
+        }
     }
 
     /// Appends `toml` to the config.
@@ -76,6 +100,7 @@ pub struct KilnServer {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     registry_addr: String,
+    data_dir: PathBuf,
     log_path: PathBuf,
     http: reqwest::Client,
     // Dropped last: the child must be gone before its directory is removed.
@@ -97,10 +122,17 @@ impl KilnServer {
     }
 
     fn try_start(options: &KilnOptions) -> Result<Self, String> {
-        let dir = tempfile::Builder::new().prefix("kiln-server-").tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-server-")
+            .tempdir()
+            .map_err(|e| format!("tempdir: {e}"))?;
         let grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let grpc_listen = SocketAddr::new(options.grpc_listen_ip.unwrap_or(grpc_addr.ip()), grpc_addr.port());
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let data_dir = dir.path().join("data");
+        let data_dir = options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         let (registry_table, registry_addr) = match &options.registry {
             RegistryMode::Embedded => {
                 let addr = format!("127.0.0.1:{}", free_port());
@@ -109,8 +141,10 @@ impl KilnServer {
             RegistryMode::External(addr) => (format!("[registry]\nexternal = \"{addr}\"\n"), addr.clone()),
         };
         let config = format!(
-            "data_dir = {data_dir:?}\n\n[grpc]\naddr = \"{grpc_addr}\"\n\n[metrics]\naddr = \"{metrics_addr}\"\n\n\
-             {registry_table}\n{}",
+            "data_dir = {data_dir:?}\n\n[grpc]\naddr = \"{grpc_listen}\"\n{}\n[metrics]\naddr = \"{metrics_addr}\"\n\n\
+             {registry_table}{}\n{}",
+            options.grpc_toml,
+            options.registry_toml,
             options.extra_toml,
             data_dir = data_dir.display().to_string(),
         );
@@ -125,19 +159,31 @@ impl KilnServer {
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", &options.rust_log)
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .env_remove("KILN_ADDR")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", env!("CARGO_BIN_EXE_kiln")))?;
+        // reqwest is built without a default TLS provider; the metrics endpoint is plain HTTP,
+        // but building a client still needs one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| e.to_string())?;
-        let mut server =
-            Self { child: Some(child), grpc_addr, metrics_addr, registry_addr, log_path, http, dir };
+        let mut server = Self {
+            child: Some(child),
+            grpc_addr,
+            metrics_addr,
+            registry_addr,
+            data_dir,
+            log_path,
+            http,
+            dir,
+        };
         server.wait_ready()?;
         Ok(server)
     }
@@ -148,10 +194,15 @@ impl KilnServer {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    return Err(format!("kiln serve exited with {status} during start-up:\n{}", self.log_tail()));
+                    return Err(format!(
+                        "kiln serve exited with {status} during start-up:\n{}",
+                        self.log_tail()
+                    ));
                 }
             }
-            if TcpStream::connect_timeout(&self.grpc_addr, Duration::from_millis(200)).is_ok() && self.is_running() {
+            if TcpStream::connect_timeout(&self.grpc_addr, Duration::from_millis(200)).is_ok()
+                && self.is_running()
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -183,9 +234,19 @@ impl KilnServer {
         format!("{}/kiln/workspace-images", self.registry_addr)
     }
 
-    /// The service's data directory.
+    /// The service's data directory (`<tempdir>/data` unless [`KilnOptions::data_dir`]).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
+    }
+
+    /// The config file the service runs with (`<tempdir>/kiln.toml`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("kiln.toml")
+    }
+
+    /// The service's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// A new gRPC channel to the service (HTTP/2; one channel multiplexes many calls).
@@ -195,7 +256,13 @@ impl KilnServer {
             .connect_timeout(Duration::from_secs(10))
             .connect()
             .await
-            .unwrap_or_else(|e| panic!("connecting to kiln at {}: {e}\n{}", self.grpc_addr, self.log_tail()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connecting to kiln at {}: {e}\n{}",
+                    self.grpc_addr,
+                    self.log_tail()
+                )
+            })
     }
 
     /// A `builder.ImageBuilder` client on a new channel.
@@ -211,7 +278,12 @@ impl KilnServer {
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
         let url = format!("http://{}/metrics", self.metrics_addr);
-        let resp = self.http.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
         resp.text().await.unwrap_or_else(|e| panic!("reading {url}: {e}"))
     }
@@ -220,6 +292,20 @@ impl KilnServer {
     /// `kiln_builds_completed_total{outcome="cancelled"}`. A sample not exposed (yet) is 0.
     pub async fn metric(&self, name_with_labels: &str) -> f64 {
         sample(&self.metrics_text().await, name_with_labels)
+    }
+
+    /// The value of a sample once it equals `expected`, polling for up to 10 s; the last
+    /// value read if it never does. Counters are updated just after the state change they
+    /// count becomes visible to clients, so read them with this after observing the change.
+    pub async fn metric_eventually(&self, name_with_labels: &str, expected: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(name_with_labels).await;
+            if value == expected || Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The service log so far.
@@ -234,7 +320,69 @@ impl KilnServer {
 
     /// Whether the child is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Stops the service as an operator would (SIGTERM), waits up to `grace` for it to exit,
+    /// then kills it; reaps it either way. Returns whether it exited within `grace`.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Starts the service again on the same config file — same ports, same data directory —
+    /// e.g. after [`KilnServer::kill`] (a service still running is killed first). `options`
+    /// gives the environment (`rust_log`, `env`); the config is not rewritten. The new
+    /// process logs to the same file. Blocking; panics if the service does not come back.
+    pub fn restart(&mut self, options: &KilnOptions) {
+        self.kill();
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let log = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.log_path)
+                .expect("opening the service log");
+            let log_err = log.try_clone().expect("cloning the log handle");
+            let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .arg("serve")
+                .arg("--config")
+                .arg(self.config_path())
+                .env("RUST_LOG", &options.rust_log)
+                .envs(options.env.iter().map(|(k, v)| (k, v)))
+                .env_remove("KILN_ADDR")
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log_err)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_kiln")));
+            self.child = Some(child);
+            match self.wait_ready() {
+                Ok(()) => return,
+                Err(e) => {
+                    last_error = e;
+                    self.kill();
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        panic!("kiln serve did not restart:\n{last_error}");
     }
 
     /// Kills (SIGKILL) and reaps the service now.
@@ -273,7 +421,10 @@ pub fn sample(text: &str, name_with_labels: &str) -> f64 {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
 }
 
 fn tail(path: &Path, n: usize) -> String {

@@ -2,6 +2,9 @@
 //! images, and the `kiln` binary as a child process. Each test binary includes this with
 //! `#[path = "../support/mod.rs"] mod support;`.
 #![allow(dead_code)]
+pub mod base_images;
+pub mod buildah;
+pub mod compare;
 pub mod docker_registry;
 pub mod images;
 pub mod kiln;

@@ -85,7 +85,13 @@ impl SlowProxy {
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })
             .expect("spawning the proxy thread");
-        Self { addr, upstream: upstream.to_owned(), connections, stop: Some(stop_tx), thread: Some(thread) }
+        Self {
+            addr,
+            upstream: upstream.to_owned(),
+            connections,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
     }
 
     /// `127.0.0.1:PORT`: use it as the registry part of image references.

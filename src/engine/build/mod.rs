@@ -139,7 +139,11 @@ struct EngineInner {
 }
 
 impl Engine {
-    pub fn new(config: EngineConfig, registry: RegistryClient) -> Result<Self, EngineError> {
+    pub fn new(mut config: EngineConfig, registry: RegistryClient) -> Result<Self, EngineError> {
+        // Step directories are handed to child processes that change their root and
+        // working directory: every path must be absolute.
+        config.data_dir = std::path::absolute(&config.data_dir)
+            .map_err(EngineError::io(format!("resolving {}", config.data_dir.display())))?;
         for dir in ["layers", "blobs", "cache", "cache-mounts", "tmp"] {
             let p = config.data_dir.join(dir);
             std::fs::create_dir_all(&p).map_err(EngineError::io(format!("creating {}", p.display())))?;

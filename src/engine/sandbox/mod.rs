@@ -94,7 +94,7 @@ pub struct RunOutcome {
 /// [`SandboxError::LauncherDied`] may be worth a retry; the others repeat.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("invalid RUN step")]
+    #[error("invalid RUN step: {0}")]
     InvalidSpec(#[from] SpecError),
     #[error("creating the sandbox's scratch directory in {dir:?}")]
     Scratch {
