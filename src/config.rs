@@ -13,7 +13,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    model::{ImageRef, ImageRefError},
+    model::{ImageRef, ImageRefError, Secret},
     registry::Platform,
 };
 
@@ -52,6 +52,7 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub logs: LogsConfig,
     pub engine: EngineSettings,
+    pub chaos: ChaosConfig,
 }
 
 impl Default for Config {
@@ -68,6 +69,7 @@ impl Default for Config {
             supervision: SupervisionConfig::default(),
             logs: LogsConfig::default(),
             engine: EngineSettings::default(),
+            chaos: ChaosConfig::default(),
         }
     }
 }
@@ -86,6 +88,58 @@ pub struct GrpcConfig {
     pub tls_client_ca: Option<PathBuf>,
     /// Largest request message accepted, in bytes. Default 4 MiB.
     pub max_message_bytes: usize,
+    /// The bearer token that `kiln.admin.v1.Admin/*` and `CancelBuild` need when `addr` is
+    /// not loopback (and whenever it is set). Default: none.
+    pub admin_token: Option<Secret>,
+    /// A file holding the admin token (surrounding whitespace ignored), instead of
+    /// `admin_token`. Default: none.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl GrpcConfig {
+    /// The admin token: `admin_token`, or the contents of `admin_token_file` (read now).
+    /// Errors name the key and the file, never the token.
+    pub fn admin_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let token = match (&self.admin_token, &self.admin_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "grpc.admin_token",
+                    "set grpc.admin_token or grpc.admin_token_file, not both",
+                ))
+            }
+            (Some(token), None) => token.expose().trim().to_owned(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    invalid(
+                        "grpc.admin_token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => return Ok(None),
+        };
+        let key = if self.admin_token.is_some() {
+            "grpc.admin_token"
+        } else {
+            "grpc.admin_token_file"
+        };
+        if token.is_empty() {
+            return Err(invalid(key, "the admin token is empty"));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                key,
+                "the admin token must be printable ASCII without spaces (it is sent as gRPC metadata)",
+            ));
+        }
+        Ok(Some(Secret::new(token)))
+    }
+
+    /// Whether the listen address reaches beyond this host (anything but 127.0.0.0/8, ::1).
+    pub fn listens_beyond_loopback(&self) -> bool {
+        !self.addr.ip().is_loopback()
+    }
 }
 
 impl Default for GrpcConfig {
@@ -96,6 +150,8 @@ impl Default for GrpcConfig {
             tls_key: None,
             tls_client_ca: None,
             max_message_bytes: 4 << 20,
+            admin_token: None,
+            admin_token_file: None,
         }
     }
 }
@@ -136,6 +192,20 @@ pub struct RegistryConfig {
     pub workspace_repository: Option<String>,
     /// The platform picked from multi-platform images. Default `linux/amd64`.
     pub platform: String,
+    /// Attempts per registry operation, the first included (1: no retries). Only failures
+    /// that may pass (429, 5xx, timeouts, broken connections) are retried. Default 5.
+    pub retry_attempts: u32,
+    /// Delay before the first retry; doubles per further failure, randomly shortened by up to
+    /// half. Default `200ms`.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_initial: Duration,
+    /// Longest delay between two attempts. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// How long a registry response may stall between two reads before the attempt fails.
+    /// Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -148,6 +218,10 @@ impl Default for RegistryConfig {
             base_repository: None,
             workspace_repository: None,
             platform: "linux/amd64".into(),
+            retry_attempts: 5,
+            retry_backoff_initial: Duration::from_millis(200),
+            retry_backoff_max: Duration::from_secs(10),
+            read_timeout: crate::registry::READ_TIMEOUT,
         }
     }
 }
@@ -173,6 +247,16 @@ impl RegistryConfig {
 
     pub fn workspace_repository(&self) -> Result<ImageRef, ImageRefError> {
         self.repository(&self.workspace_repository, "kiln/workspace-images")
+    }
+
+    /// How the registry client retries (`retry_*`).
+    pub fn retry_policy(&self) -> crate::registry::RetryPolicy {
+        crate::registry::RetryPolicy {
+            max_attempts: self.retry_attempts,
+            initial_backoff: self.retry_backoff_initial,
+            max_backoff: self.retry_backoff_max,
+            ..crate::registry::RetryPolicy::default()
+        }
     }
 }
 
@@ -328,6 +412,34 @@ impl Default for LogsConfig {
     }
 }
 
+/// Chaos mode: crashes random actors on purpose, to prove that nothing is lost when they
+/// crash (soak tests, resilience drills). Also switched at run time with `Admin.SetChaos`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChaosConfig {
+    /// Whether chaos runs from start-up. Default `false`.
+    pub enabled: bool,
+    /// Actor kinds that may be crashed (`supervisor`, `orchestrator`, `build`, `resolver`,
+    /// `cache_warmer`, `log_fanout`); empty means every kind. Default: every kind.
+    pub kinds: Vec<String>,
+    /// Time between two crashes. Default `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for ChaosConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kinds: crate::actors::ActorKind::ALL
+                .iter()
+                .map(|k| k.as_str().to_owned())
+                .collect(),
+            interval: Duration::from_millis(100),
+        }
+    }
+}
+
 /// Layer compression for new layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -424,6 +536,18 @@ impl Config {
                 "must not exceed supervision.backoff_max",
             ));
         }
+        if self.registry.retry_attempts == 0 {
+            return Err(invalid("registry.retry_attempts", "must be at least 1"));
+        }
+        if self.registry.retry_backoff_initial > self.registry.retry_backoff_max {
+            return Err(invalid(
+                "registry.retry_backoff_initial",
+                "must not exceed registry.retry_backoff_max",
+            ));
+        }
+        if self.registry.read_timeout.is_zero() {
+            return Err(invalid("registry.read_timeout", "must be longer than zero"));
+        }
         if self.grpc.tls_cert.is_some() != self.grpc.tls_key.is_some() {
             return Err(invalid(
                 "grpc.tls_cert",
@@ -436,6 +560,22 @@ impl Config {
                 "needs grpc.tls_cert and grpc.tls_key",
             ));
         }
+        let admin_token = self.grpc.admin_token()?;
+        if self.grpc.listens_beyond_loopback() && admin_token.is_none() && self.grpc.tls_client_ca.is_none() {
+            return Err(invalid(
+                "grpc.admin_token",
+                format!(
+                    "grpc.addr {} listens beyond loopback, so Admin and CancelBuild calls must \
+                     be authenticated: set grpc.admin_token (or grpc.admin_token_file), or \
+                     grpc.tls_client_ca to require client certificates",
+                    self.grpc.addr
+                ),
+            ));
+        }
+        if self.chaos.interval.is_zero() {
+            return Err(invalid("chaos.interval", "must be longer than zero"));
+        }
+        crate::actors::parse_kinds(&self.chaos.kinds).map_err(|e| invalid("chaos.kinds", e.to_string()))?;
         self.platform()?;
         self.registry
             .base_repository()
@@ -497,6 +637,130 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("registry.platform"));
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_a_token_or_client_certificates() {
+        let c = Config::parse("[grpc]\naddr = \"0.0.0.0:7070\"\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("grpc.admin_token"), "{err}");
+        assert!(err.contains("0.0.0.0:7070"), "{err}");
+        let c = Config::parse("[grpc]\naddr = \"[::]:7070\"\n").unwrap();
+        assert!(c.validate().is_err());
+        // Loopback needs nothing; a token or a client CA makes any address acceptable.
+        for ok in [
+            "[grpc]\naddr = \"127.0.0.2:7070\"\n",
+            "[grpc]\naddr = \"[::1]:7070\"\n",
+            "[grpc]\naddr = \"0.0.0.0:7070\"\nadmin_token = \"t0ken-canary\"\n",
+            "[grpc]\naddr = \"0.0.0.0:7070\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_client_ca = \"ca\"\n",
+        ] {
+            let c = Config::parse(ok).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_the_config_or_a_file_and_never_shows() {
+        let c = Config::parse("[grpc]\nadmin_token = \" t0ken-canary\\n\"\n").unwrap();
+        assert_eq!(c.grpc.admin_token().unwrap().unwrap().expose(), "t0ken-canary");
+        assert!(!format!("{c:?}").contains("t0ken-canary"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "file-t0ken-canary\n").unwrap();
+        let text = format!(
+            "[grpc]\naddr = \"0.0.0.0:1\"\nadmin_token_file = {:?}\n",
+            file.display().to_string()
+        );
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.grpc.admin_token().unwrap().unwrap().expose(),
+            "file-t0ken-canary"
+        );
+
+        let missing = format!(
+            "[grpc]\nadmin_token_file = {:?}\n",
+            dir.path().join("nope").display().to_string()
+        );
+        let err = Config::parse(&missing)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("grpc.admin_token_file") && err.contains("nope"),
+            "{err}"
+        );
+
+        std::fs::write(&file, "  \n").unwrap();
+        let err = Config::parse(&text).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+
+        let both = format!("{text}admin_token = \"x\"\n");
+        let err = Config::parse(&both).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+
+        let spaced = Config::parse("[grpc]\nadmin_token = \"two w0rds-canary\"\n").unwrap();
+        let err = spaced.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("printable ASCII") && !err.contains("w0rds-canary"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn chaos_is_off_by_default_and_validated() {
+        let c = Config::load(None).unwrap();
+        assert!(!c.chaos.enabled);
+        assert_eq!(c.chaos.kinds.len(), 6);
+        assert_eq!(c.chaos.interval, Duration::from_millis(100));
+        let c = Config::parse(
+            "[chaos]\nenabled = true\nkinds = [\"build\", \"resolver\"]\ninterval = \"250ms\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.chaos.kinds, ["build", "resolver"]);
+        assert_eq!(c.chaos.interval, Duration::from_millis(250));
+        let c = Config::parse("[chaos]\nkinds = [\"builder\"]\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("chaos.kinds") && err.contains("builder"), "{err}");
+        let c = Config::parse("[chaos]\ninterval = \"0s\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("chaos.interval"));
+    }
+
+    #[test]
+    fn registry_retries_are_configurable_and_checked() {
+        let c = Config::load(None).unwrap();
+        let p = c.registry.retry_policy();
+        assert_eq!(p.max_attempts, 5);
+        assert_eq!(p.initial_backoff, Duration::from_millis(200));
+        assert_eq!(p.max_backoff, Duration::from_secs(10));
+        assert_eq!(c.registry.read_timeout, Duration::from_secs(60));
+
+        let c = Config::parse(
+            "[registry]\nretry_attempts = 3\nretry_backoff_initial = \"5ms\"\nretry_backoff_max = \"50ms\"\nread_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = c.registry.retry_policy();
+        assert_eq!(
+            (p.max_attempts, p.initial_backoff, p.max_backoff),
+            (3, Duration::from_millis(5), Duration::from_millis(50))
+        );
+        assert_eq!(c.registry.read_timeout, Duration::from_secs(2));
+
+        for (toml, key) in [
+            ("[registry]\nretry_attempts = 0\n", "registry.retry_attempts"),
+            (
+                "[registry]\nretry_backoff_initial = \"2s\"\nretry_backoff_max = \"1s\"\n",
+                "registry.retry_backoff_initial",
+            ),
+            ("[registry]\nread_timeout = \"0s\"\n", "registry.read_timeout"),
+        ] {
+            let err = Config::parse(toml).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     actors,
-    api::{AdminService, ImageBuilderService, RpcMetricsLayer},
+    api::{AccessLayer, AccessPolicy, AdminService, ImageBuilderService, RpcMetricsLayer},
     config::Config,
     metrics::{self, Metrics},
     proto::{admin::admin_server::AdminServer, builder::image_builder_server::ImageBuilderServer},
@@ -47,6 +47,9 @@ fn registry_client(config: &Config) -> anyhow::Result<RegistryClient> {
         credentials,
         base_repository: config.registry.base_repository()?,
         workspace_repository: config.registry.workspace_repository()?,
+        retry: config.registry.retry_policy(),
+        read_timeout: config.registry.read_timeout,
+        upload_chunk_bytes: registry::UPLOAD_CHUNK_BYTES,
     })?)
 }
 
@@ -147,14 +150,35 @@ pub async fn serve(
         ImageBuilderServer::new(ImageBuilderService::new(kiln.clone())).max_decoding_message_size(max);
     let admin_service = AdminServer::new(AdminService::new(kiln)).max_decoding_message_size(max);
     let mut server = Server::builder();
-    if let Some(tls) = tls(&config)? {
+    let tls = tls(&config)?;
+    let access = AccessPolicy::from_config(&config)?;
+    if access.is_guarded() {
+        tracing::info!(
+            token = config.grpc.admin_token.is_some() || config.grpc.admin_token_file.is_some(),
+            client_certificates = config.grpc.tls_client_ca.is_some(),
+            "Admin and CancelBuild need an admin token or a client certificate"
+        );
+        if tls.is_none() && config.grpc.listens_beyond_loopback() {
+            tracing::warn!(
+                addr = %config.grpc.addr,
+                "the admin token travels in clear text: set grpc.tls_cert and grpc.tls_key"
+            );
+        }
+    }
+    if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
     let grpc_listener = bind("gRPC", config.grpc.addr).await?;
     tracing::info!(addr = %config.grpc.addr, data_dir = %config.data_dir.display(), "kiln ready: gRPC listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    // Small unary replies must not wait for Nagle's algorithm (tens of ms per call).
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), |s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let grpc = server
         .layer(RpcMetricsLayer::new(metrics))
+        .layer(AccessLayer::new(access))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(builder_service)

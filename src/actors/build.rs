@@ -328,7 +328,9 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
             verdict
         }
     };
-    log.finish().await;
+    // The end is reported (and so recorded on disk) before the log is ended: a Kiln killed
+    // in between restarts with a finished build whose log it only has to end, never with an
+    // unfinished build whose log says it ended.
     let status = verdict.outcome.status();
     directory
         .orchestrator
@@ -345,6 +347,7 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
         .unwrap_or_else(
             |e| tracing::error!(build_id = %run.id, error = %e, "could not report the build's end"),
         );
+    log.finish().await;
 }
 
 /// The build's work: wait for a slot, run the job, and say how it went.

@@ -255,6 +255,11 @@ impl KilnHandle {
             .unwrap_or(Err(RestartError::NotRestarted(name)))
     }
 
+    /// Turns chaos mode on or off (see `actors::chaos`); replies the crashes injected so far.
+    pub async fn set_chaos(&self, settings: super::ChaosSettings) -> Result<u64, BuildError> {
+        super::chaos::set(&self.directory, settings).await
+    }
+
     /// False once any actor was abandoned after exhausting its restart budget.
     pub async fn healthy(&self) -> bool {
         self.directory

@@ -12,6 +12,7 @@
 
 mod build;
 mod cache_warmer;
+mod chaos;
 mod error;
 mod handles;
 mod log_fanout;
@@ -29,6 +30,7 @@ use actix::prelude::*;
 use dashmap::DashMap;
 use tokio::sync::Semaphore;
 
+pub use chaos::{parse_kinds, ChaosError, ChaosSettings};
 pub use error::BuildError;
 pub use handles::{KilnHandle, LogsHandle, ResolverPool};
 pub use log_fanout::LogError;
@@ -42,8 +44,9 @@ pub use supervisor::{ActorSummary, RestartError};
 use self::{
     build::{BuildActor, BuildDeps},
     cache_warmer::CacheWarmer,
+    chaos::ChaosDriver,
     log_fanout::LogFanout,
-    orchestrator::{BuildTable, Orchestrator, OrchestratorDeps},
+    orchestrator::{BuildTable, Journal, Orchestrator, OrchestratorDeps},
     resolver::{Resolver, ResolverShared},
     supervision::{ChildGuard, Slot},
     supervisor::{ChildSpec, RestartMode, ShutDown, StartChild, Supervisor},
@@ -70,6 +73,8 @@ pub struct Directory {
     warmer: Arc<Slot<CacheWarmer>>,
     logs: Arc<Slot<LogFanout>>,
     builds: DashMap<BuildId, Arc<Slot<BuildActor>>>,
+    /// Chaos mode's driver (off unless `chaos.enabled` or `Admin.SetChaos`).
+    chaos: Addr<ChaosDriver>,
 }
 
 /// A running actor system. Dropping it does not stop it; call [`ActorSystem::stop`].
@@ -140,6 +145,17 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
     }
     let handle_contexts = contexts.clone();
     let config_max_context = config.builds.max_context_bytes;
+    // Every build record a previous process left, finished or not; the unfinished ones are
+    // resumed (or ended) by `orchestrator::recover` once the actors run.
+    let journal = Journal::open(config.data_dir.join("builds"))?;
+    let (table, loaded) = BuildTable::load(journal);
+    if !loaded.interrupted.is_empty() || !loaded.finished.is_empty() {
+        tracing::info!(
+            finished = loaded.finished.len(),
+            interrupted = loaded.interrupted.len(),
+            "build records loaded"
+        );
+    }
     let base_repository = config.registry.base_repository()?;
     let workspace_repository = config.registry.workspace_repository()?;
     let warm_refs = config
@@ -148,6 +164,7 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
         .iter()
         .map(|r| r.parse())
         .collect::<Result<Vec<_>, _>>()?;
+    let chaos_settings = ChaosSettings::from_config(&config.chaos)?;
     let config = config.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = thread::Builder::new().name("kiln-actors".into()).spawn(move || {
@@ -160,6 +177,7 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
         let supervisor = actix::Supervisor::start_in_arbiter(&handles[0], move |_| {
             Supervisor::new(supervision, sup_arbiters, sup_metrics)
         });
+        let chaos = ChaosDriver::start(supervisor.clone(), chaos_settings, &handles[handles.len() - 1]);
         let directory = Arc::new(Directory {
             supervisor: supervisor.clone(),
             orchestrator: Slot::new("orchestrator", restart_wait),
@@ -170,6 +188,7 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
             warmer: Slot::new("cache_warmer", restart_wait),
             logs: Slot::new("log_fanout", restart_wait),
             builds: DashMap::new(),
+            chaos,
         });
 
         let logs_dir = config.data_dir.join("logs");
@@ -201,7 +220,7 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
         }
 
         let deps = Arc::new(OrchestratorDeps {
-            table: Arc::new(BuildTable::default()),
+            table: Arc::new(table),
             directory: directory.clone(),
             registry: registry.clone(),
             base_repository,
@@ -210,6 +229,11 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
             contexts_tmp,
             allow_local_git: config.builds.allow_local_git,
             platform,
+            exists_checks: DashMap::new(),
+            plan_cache: moka::sync::Cache::builder()
+                .max_capacity(config.resolver.cache_capacity)
+                .time_to_live(config.resolver.cache_ttl)
+                .build(),
             build: BuildDeps {
                 executor: LocalExecutor::new(registry, engine.clone()),
                 slots: Arc::new(Semaphore::new(config.builds.max_concurrent)),
@@ -220,12 +244,18 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
             mailbox_size: config.actors.mailbox_size,
             metrics: metrics.clone(),
         });
+        let recovery = deps.clone();
         supervisor.do_send(StartChild(permanent(
             "orchestrator",
             ActorKind::Orchestrator,
             directory.orchestrator.clone(),
             move |g| Orchestrator::new(deps.clone(), g),
         )));
+        // Its own task on the first arbiter: it waits for the actors it needs through their
+        // slots, and no actor's crash can cut it short.
+        handles[0].spawn_fn(move || {
+            actix::spawn(orchestrator::recover(recovery, loaded));
+        });
 
         let pool = ResolverPool::new(directory.clone());
         let interval = config.warmer.interval;

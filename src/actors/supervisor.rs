@@ -21,7 +21,10 @@ use std::{
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::supervision::{ActorKind, ChildDied, ChildGuard, Crash};
+use super::{
+    chaos::{self, Candidate},
+    supervision::{ActorKind, ChildDied, ChildGuard, Crash},
+};
 use crate::{config::SupervisionConfig, metrics::Metrics};
 
 /// Starts one incarnation of a child on the given arbiter and returns how to crash it.
@@ -88,6 +91,15 @@ pub struct RestartActor {
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "bool")]
 pub struct IsHealthy;
+
+/// Crashes one random live actor of `kinds` (chaos mode, see [`chaos`]); replies its name,
+/// or `None` when no actor qualifies. An actor whose next crash would exhaust its restart
+/// budget is spared.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Option<String>")]
+pub struct InjectCrash {
+    pub kinds: Vec<ActorKind>,
+}
 
 /// Stops restarting children: the process is shutting down.
 #[derive(Debug, Clone, Copy, Message)]
@@ -343,5 +355,48 @@ impl Handler<ShutDown> for Supervisor {
 
     fn handle(&mut self, _: ShutDown, _: &mut Self::Context) {
         self.shutting_down = true;
+    }
+}
+
+impl Handler<InjectCrash> for Supervisor {
+    type Result = Option<String>;
+
+    fn handle(&mut self, msg: InjectCrash, ctx: &mut Self::Context) -> Option<String> {
+        if self.shutting_down {
+            return None;
+        }
+        let now = Instant::now();
+        let (window, budget) = (self.policy.window, self.policy.max_restarts as usize);
+        let victim = {
+            let mut candidates = vec![Candidate {
+                name: "supervisor",
+                kind: ActorKind::Supervisor,
+            }];
+            candidates.extend(
+                self.children
+                    .iter()
+                    .filter(|(_, c)| {
+                        matches!(c.state, ChildState::Running { .. })
+                            && c.recent
+                                .iter()
+                                .filter(|t| now.duration_since(**t) <= window)
+                                .count()
+                                < budget
+                    })
+                    .map(|(name, c)| Candidate { name, kind: c.kind }),
+            );
+            chaos::pick(&candidates, &msg.kinds, &mut rand::rng())?.to_owned()
+        };
+        if victim == "supervisor" {
+            // As RestartActor("supervisor"): actix restarts it in place.
+            ctx.stop();
+        } else if let Some(Child {
+            state: ChildState::Running { crash },
+            ..
+        }) = self.children.get(victim.as_str())
+        {
+            crash.do_send(Crash);
+        }
+        Some(victim)
     }
 }

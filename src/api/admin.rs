@@ -1,10 +1,12 @@
 //! `kiln.admin.v1.Admin`: the actor tree for operators and chaos tests.
 
+use std::time::Duration;
+
 use tonic::{Request, Response, Status};
 
 use super::status::{from_build_error, from_restart_error};
 use crate::{
-    actors::KilnHandle,
+    actors::{parse_kinds, BuildError, ChaosSettings, KilnHandle},
     proto::admin::{self as pb, admin_server::Admin},
 };
 
@@ -50,5 +52,21 @@ impl Admin for AdminService {
         }
         let restarts = self.kiln.restart_actor(name).await.map_err(from_restart_error)?;
         Ok(Response::new(pb::RestartActorResponse { restarts }))
+    }
+
+    async fn set_chaos(
+        &self,
+        request: Request<pb::SetChaosRequest>,
+    ) -> Result<Response<pb::SetChaosResponse>, Status> {
+        let req = request.into_inner();
+        let kinds = parse_kinds(&req.kinds)
+            .map_err(|e| from_build_error(BuildError::InvalidInput(format!("kinds: {e}"))))?;
+        let settings = ChaosSettings {
+            enabled: req.enabled,
+            kinds,
+            interval: (req.interval_ms > 0).then(|| Duration::from_millis(req.interval_ms)),
+        };
+        let injected_so_far = self.kiln.set_chaos(settings).await.map_err(from_build_error)?;
+        Ok(Response::new(pb::SetChaosResponse { injected_so_far }))
     }
 }

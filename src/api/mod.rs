@@ -3,12 +3,14 @@
 //! [`crate::actors::KilnHandle`], and maps every error to a status in one place
 //! ([`status`]). **Architecture invariant:** no business logic here.
 
+mod access;
 mod admin;
 mod builder;
 mod convert;
 mod rpc_metrics;
 mod status;
 
+pub use access::{AccessLayer, AccessPolicy};
 pub use admin::AdminService;
 pub use builder::ImageBuilderService;
 pub use rpc_metrics::RpcMetricsLayer;

@@ -18,7 +18,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tonic::{
-    transport::{Channel, Endpoint},
+    metadata::{Ascii, MetadataValue},
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
     Code, Status, Streaming,
 };
 
@@ -30,7 +32,9 @@ use super::{
 use crate::{
     model::Secret,
     proto::{
-        admin::{admin_client::AdminClient, ActorInfo, ListActorsRequest, RestartActorRequest},
+        admin::{
+            admin_client::AdminClient, ActorInfo, ListActorsRequest, RestartActorRequest, SetChaosRequest,
+        },
         builder::{
             build_registry_auth, build_source, image_builder_client::ImageBuilderClient, BuildInfo,
             BuildRegistryAuth, BuildRegistryAuthTotal, BuildRequest, BuildResponse, BuildSource,
@@ -123,15 +127,26 @@ pub fn run(command: impl Future<Output = Result<(), ClientError>>) -> ExitCode {
     }
 }
 
-/// The endpoint URI for `--addr`: `HOST:PORT`, or `http://HOST:PORT`.
+/// The endpoint URI for `--addr`: `HOST:PORT` (plain text), `http://HOST:PORT` or
+/// `https://HOST:PORT` (TLS).
 pub fn endpoint_uri(addr: &str) -> Result<String, ClientError> {
-    if addr.starts_with("https://") {
-        return Err(ClientError::Usage(format!(
-            "--addr {addr}: TLS is not supported by the kiln client yet; use HOST:PORT"
-        )));
-    }
-    let uri = if addr.starts_with("http://") {
+    endpoint_uri_with(addr, false)
+}
+
+/// Like [`endpoint_uri`]; with `tls` (a `--tls-*` flag was given) a bare `HOST:PORT` means
+/// `https://HOST:PORT`, and `http://` is a contradiction.
+pub fn endpoint_uri_with(addr: &str, tls: bool) -> Result<String, ClientError> {
+    let uri = if addr.starts_with("https://") {
         addr.to_owned()
+    } else if addr.starts_with("http://") {
+        if tls {
+            return Err(ClientError::Usage(format!(
+                "--addr {addr}: --tls-ca, --tls-cert and --tls-key need TLS; use https://HOST:PORT or HOST:PORT"
+            )));
+        }
+        addr.to_owned()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     };
@@ -141,16 +156,104 @@ pub fn endpoint_uri(addr: &str) -> Result<String, ClientError> {
     }
 }
 
-/// Connects to the service at `--addr`.
-async fn connect(client: &ClientArgs) -> Result<Channel, ClientError> {
-    let uri = endpoint_uri(&client.addr)?;
-    let endpoint = Endpoint::from_shared(uri)
+/// Adds `authorization: Bearer <token>` to every call when `--token`/`KILN_TOKEN` is set.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// The interceptor for `token`; a token that cannot be metadata is a usage error (which
+    /// does not echo it).
+    pub fn new(token: Option<&Secret>) -> Result<Self, ClientError> {
+        let Some(token) = token else {
+            return Ok(Self(None));
+        };
+        let token = token.expose().trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClientError::Usage(
+                "--token (KILN_TOKEN): must be printable ASCII without spaces".into(),
+            ));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Usage("--token (KILN_TOKEN): not a valid token".into()))?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BearerToken(<redacted>)"
+        } else {
+            "BearerToken(none)"
+        })
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The transport every client command uses: a channel, plus the bearer token if any.
+pub type Transport = InterceptedService<Channel, BearerToken>;
+
+/// The TLS settings of `--tls-*` (or the system's roots alone, for `https://`).
+fn client_tls(client: &ClientArgs, uri: &str) -> Result<ClientTlsConfig, ClientError> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ClientError::Usage(format!("{flag} {}: {e}", path.display())))
+    };
+    let mut tls = ClientTlsConfig::new();
+    if let Some(host) = uri
+        .parse::<tonic::transport::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_owned))
+    {
+        // `[::1]` names the IP address ::1.
+        tls = tls.domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+    }
+    tls = match &client.tls_ca {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?)),
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&client.tls_cert, &client.tls_key) {
+        tls = tls.identity(Identity::from_pem(
+            read("--tls-cert", cert)?,
+            read("--tls-key", key)?,
+        ));
+    }
+    Ok(tls)
+}
+
+/// Connects to the service at `--addr`, over TLS for `https://` or `--tls-*`.
+async fn connect_channel(client: &ClientArgs) -> Result<Channel, ClientError> {
+    let uri = endpoint_uri_with(&client.addr, client.wants_tls())?;
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|_| ClientError::Usage(format!("--addr {}: expected HOST:PORT", client.addr)))?
         .connect_timeout(CONNECT_TIMEOUT);
+    if uri.starts_with("https://") {
+        // rustls needs a process-wide crypto provider; Kiln uses ring everywhere.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        endpoint = endpoint
+            .tls_config(client_tls(client, &uri)?)
+            .map_err(|e| ClientError::Usage(format!("--addr {}: {}", client.addr, error_chain(&e))))?;
+    }
     endpoint.connect().await.map_err(|e| ClientError::Connect {
         addr: client.addr.clone(),
         detail: error_chain(&e),
     })
+}
+
+/// Connects to the service at `--addr` with the client's credentials.
+async fn connect(client: &ClientArgs) -> Result<Transport, ClientError> {
+    let token = BearerToken::new(client.token.as_ref())?;
+    let channel = connect_channel(client).await?;
+    Ok(InterceptedService::new(channel, token))
 }
 
 /// An error and its sources, `outer: inner: innermost` (tonic's transport error alone says
@@ -169,7 +272,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-async fn builder(client: &ClientArgs) -> Result<ImageBuilderClient<Channel>, ClientError> {
+async fn builder(client: &ClientArgs) -> Result<ImageBuilderClient<Transport>, ClientError> {
     Ok(ImageBuilderClient::new(connect(client).await?))
 }
 
@@ -289,7 +392,7 @@ pub fn build_request(args: &BuildArgs) -> Result<BuildRequest, ClientError> {
 
 /// Packs `dir` (honouring its `.dockerignore`) and uploads it; returns the context digest.
 async fn upload_dir(
-    client: &mut ImageBuilderClient<Channel>,
+    client: &mut ImageBuilderClient<Transport>,
     dir: &std::path::Path,
     quiet: bool,
 ) -> Result<String, ClientError> {
@@ -352,7 +455,7 @@ pub async fn build(args: BuildArgs) -> Result<(), ClientError> {
 /// Sends `request`, then reads the status stream and, with [`Display::Follow`], the build's
 /// log stream at the same time, writing to `out` until both have ended.
 pub async fn run_build<W: Write>(
-    mut client: ImageBuilderClient<Channel>,
+    mut client: ImageBuilderClient<Transport>,
     request: BuildRequest,
     display: Display,
     out: W,
@@ -468,7 +571,7 @@ pub async fn logs(args: LogsArgs) -> Result<(), ClientError> {
 
 /// Writes a `Logs` stream's bytes to `out` as they arrive, until the stream ends.
 pub async fn copy_logs<W: Write>(
-    client: &mut ImageBuilderClient<Channel>,
+    client: &mut ImageBuilderClient<Transport>,
     request: LogsRequest,
     mut out: W,
 ) -> Result<(), ClientError> {
@@ -648,6 +751,27 @@ pub async fn admin_restart(client: ClientArgs, name: String) -> Result<(), Clien
     print_out(&format!("{}\n", resp.restarts))
 }
 
+/// `kiln admin chaos on|off`: prints how many crashes chaos mode has injected so far.
+pub async fn admin_chaos(
+    client: ClientArgs,
+    enabled: bool,
+    kinds: Vec<String>,
+    interval: Option<Duration>,
+) -> Result<(), ClientError> {
+    let mut admin = AdminClient::new(connect(&client).await?);
+    let request = SetChaosRequest {
+        enabled,
+        kinds,
+        interval_ms: interval.map_or(0, |i| i.as_millis().max(1) as u64),
+    };
+    let resp = admin.set_chaos(request).await?.into_inner();
+    print_out(&format!(
+        "chaos {}; {} crashes injected so far\n",
+        if enabled { "on" } else { "off" },
+        resp.injected_so_far
+    ))
+}
+
 /// The `kiln admin actors` table: NAME, KIND, RESTARTS, MAILBOX.
 pub fn actors_table(actors: &[ActorInfo]) -> String {
     let rows: Vec<Vec<String>> = actors
@@ -785,6 +909,10 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
     use clap::Parser as _;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["kiln"].into_iter().chain(args.iter().copied()))
+    }
 
     fn build_args(args: &[&str]) -> BuildArgs {
         let argv = ["kiln", "build"].into_iter().chain(args.iter().copied());
@@ -943,18 +1071,79 @@ mod tests {
         );
         assert_eq!(endpoint_uri("[::1]:7070").unwrap(), "http://[::1]:7070");
         assert_eq!(endpoint_uri("no-port").unwrap_err().exit_code(), 2);
-        assert_eq!(endpoint_uri("https://kiln:7070").unwrap_err().exit_code(), 2);
+        assert_eq!(endpoint_uri("https://kiln:7070").unwrap(), "https://kiln:7070");
         assert_eq!(endpoint_uri("a b:1").unwrap_err().exit_code(), 2);
+        // --tls-* flags: HOST:PORT means https, http:// contradicts them.
+        assert_eq!(
+            endpoint_uri_with("127.0.0.1:7070", true).unwrap(),
+            "https://127.0.0.1:7070"
+        );
+        assert_eq!(
+            endpoint_uri_with("https://kiln:7070", true).unwrap(),
+            "https://kiln:7070"
+        );
+        assert_eq!(
+            endpoint_uri_with("http://kiln:7070", true)
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+        assert_eq!(endpoint_uri_with("no-port", true).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn client_credential_flags() {
+        let Command::Cancel(a) = parse(&[
+            "cancel",
+            "b-1",
+            "--token",
+            "t0ken-canary",
+            "--tls-ca",
+            "/ca.pem",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.client.token.as_ref().unwrap().expose(), "t0ken-canary");
+        assert!(a.client.wants_tls());
+        assert!(!format!("{a:?}").contains("t0ken-canary"));
+        // A certificate needs its key.
+        assert!(parse(&["list", "--tls-cert", "/c.pem"]).is_err());
+        assert!(!ClientArgs::plain("h:1").wants_tls());
+    }
+
+    #[test]
+    fn the_token_goes_into_the_authorization_metadata() {
+        let token = Secret::new("t0ken-canary");
+        let mut interceptor = BearerToken::new(Some(&token)).unwrap();
+        let request = interceptor.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap().to_str().unwrap(),
+            "Bearer t0ken-canary"
+        );
+        assert!(!format!("{interceptor:?} {:?}", request.metadata()).contains("t0ken-canary"));
+        let mut none = BearerToken::new(None).unwrap();
+        assert!(none
+            .call(tonic::Request::new(()))
+            .unwrap()
+            .metadata()
+            .get("authorization")
+            .is_none());
+        let err = BearerToken::new(Some(&Secret::new("two w0rds"))).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(!err.message().unwrap().contains("w0rds"));
     }
 
     #[tokio::test]
     async fn an_unreachable_service_is_unavailable() {
         // Port 1 on loopback: nothing listens there.
-        let err = connect(&ClientArgs {
-            addr: "127.0.0.1:1".into(),
-        })
-        .await
-        .unwrap_err();
+        let err = connect(&ClientArgs::plain("127.0.0.1:1")).await.unwrap_err();
         let message = err.message().unwrap();
         assert!(
             message.starts_with("kiln: Unavailable: cannot connect to 127.0.0.1:1: "),
@@ -1244,7 +1433,7 @@ mod tests {
         display: Display,
     ) -> (Result<(), ClientError>, String, fake::Fake) {
         let (addr, fake) = fake::serve(script).await;
-        let client = builder(&ClientArgs { addr }).await.unwrap();
+        let client = builder(&ClientArgs::plain(addr)).await.unwrap();
         let mut out = Vec::new();
         let request = build_request(&build_args(&["--ref", "alpine"])).unwrap();
         let result = run_build(client, request, display, &mut out).await;
@@ -1374,7 +1563,7 @@ mod tests {
             ..Default::default()
         };
         let (addr, fake) = fake::serve(script).await;
-        let mut client = builder(&ClientArgs { addr }).await.unwrap();
+        let mut client = builder(&ClientArgs::plain(addr)).await.unwrap();
         let selector = BuildSelector {
             build_id: Some("b-1".into()),
             build_ref: None,

@@ -65,7 +65,8 @@ pub enum Command {
         after_help = "Examples:\n  \
             kiln serve\n  \
             kiln serve --config /etc/kiln/kiln.toml --log-format json\n  \
-            kiln serve --grpc-addr 0.0.0.0:7070 --registry registry.example.com:5000"
+            kiln serve --config /etc/kiln/kiln.toml --grpc-addr 0.0.0.0:7070 --registry registry.example.com:5000\n\n\
+            Listening beyond loopback needs grpc.admin_token (or grpc.tls_client_ca) in the config."
     )]
     Serve(ServeArgs),
 
@@ -137,7 +138,7 @@ pub enum Command {
     /// Operator commands: inspect and restart the service's actors.
     #[command(
         subcommand,
-        after_help = "Examples:\n  kiln admin actors\n  kiln admin restart resolver-0"
+        after_help = "Examples:\n  kiln admin actors\n  kiln admin restart resolver-0\n  kiln admin chaos on --interval 100ms"
     )]
     Admin(AdminCommand),
 
@@ -204,6 +205,31 @@ pub enum AdminCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Turn chaos mode on or off: crash a random actor every interval.
+    #[command(
+        long_about = "Turn chaos mode on or off. While on, the service crashes one random live \
+            actor of the chosen kinds every interval (as `kiln admin restart` does) and its \
+            supervisor restarts it; builds, streams and logs must lose nothing. Prints how many \
+            crashes chaos mode has injected so far. For soak tests and resilience drills, \
+            never for a service in use.",
+        after_help = "Examples:\n  kiln admin chaos on\n  \
+            kiln admin chaos on --kind build --kind resolver --interval 250ms\n  \
+            kiln admin chaos off"
+    )]
+    Chaos {
+        /// `on` starts crashing actors, `off` stops.
+        #[arg(value_name = "STATE", value_parser = ["on", "off"])]
+        state: String,
+        /// An actor kind to crash (repeatable): supervisor, orchestrator, build, resolver,
+        /// cache_warmer, log_fanout. Default: every kind.
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
+        /// Time between two crashes, e.g. `100ms`. Default: the service's `chaos.interval`.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        interval: Option<std::time::Duration>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Flags of `kiln serve`.
@@ -267,10 +293,11 @@ impl ServeArgs {
     }
 }
 
-/// `--addr`, shared by every client subcommand.
+/// `--addr` and the credentials, shared by every client subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Address of the Kiln gRPC service.
+    /// Address of the Kiln gRPC service: HOST:PORT, http://HOST:PORT, or https://HOST:PORT
+    /// for a service with grpc.tls_cert (HOST:PORT with --tls-* flags means https too).
     #[arg(
         long,
         value_name = "HOST:PORT",
@@ -279,6 +306,39 @@ pub struct ClientArgs {
         default_value = "127.0.0.1:7070"
     )]
     pub addr: String,
+    /// The service's admin token (grpc.admin_token), sent as `authorization: Bearer` with
+    /// every call. Needed for `admin` and `cancel` when the service listens beyond loopback.
+    /// Never printed.
+    #[arg(long, value_name = "TOKEN", env = "KILN_TOKEN", hide_env_values = true, value_parser = secret_value)]
+    pub token: Option<Secret>,
+    /// PEM CA certificate(s) that signed the service's TLS certificate. Default: the system's
+    /// trusted roots.
+    #[arg(long, value_name = "FILE", env = "KILN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a service that requires one (grpc.tls_client_ca).
+    #[arg(long, value_name = "FILE", env = "KILN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "KILN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// A plain-text client of `addr` without credentials.
+    pub fn plain(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            token: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
+    /// Whether a --tls-* flag asks for TLS.
+    pub fn wants_tls(&self) -> bool {
+        self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_key.is_some()
+    }
 }
 
 /// Flags of `kiln build`.
@@ -468,6 +528,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Admin(AdminCommand::Restart { name, client }) => {
             client::run(client::admin_restart(client, name))
         }
+        Command::Admin(AdminCommand::Chaos {
+            state,
+            kinds,
+            interval,
+            client,
+        }) => client::run(client::admin_chaos(client, state == "on", kinds, interval)),
         Command::Sandbox => crate::engine::sandbox::child_main(),
         Command::Fsop => crate::engine::build::fsop_child_main(),
         Command::Execute(args) => execute::run(args),
@@ -776,6 +842,45 @@ mod tests {
         assert_eq!(
             parse_err(&["admin"]),
             ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        );
+        let Command::Admin(AdminCommand::Chaos {
+            state,
+            kinds,
+            interval,
+            ..
+        }) = parse(&[
+            "admin",
+            "chaos",
+            "on",
+            "--kind",
+            "build",
+            "--kind",
+            "resolver",
+            "--interval",
+            "250ms",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(state, "on");
+        assert_eq!(kinds, ["build", "resolver"]);
+        assert_eq!(interval, Some(std::time::Duration::from_millis(250)));
+        let Command::Admin(AdminCommand::Chaos {
+            state,
+            kinds,
+            interval,
+            ..
+        }) = parse(&["admin", "chaos", "off"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!((state.as_str(), kinds.len(), interval), ("off", 0, None));
+        assert_eq!(parse_err(&["admin", "chaos", "maybe"]), ErrorKind::InvalidValue);
+        assert_eq!(
+            parse_err(&["admin", "chaos", "on", "--interval", "soon"]),
+            ErrorKind::ValueValidation
         );
     }
 

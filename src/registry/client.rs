@@ -18,8 +18,15 @@
 //! # Transport
 //! Loopback registries (`127.x`, `localhost`, `::1`) and `insecure_registries` are spoken to
 //! over plain HTTP, everything else over HTTPS with the platform's roots. Connections time
-//! out after [`CONNECT_TIMEOUT`], and a stalled read after [`READ_TIMEOUT`]; both surface as
-//! `Unavailable` errors.
+//! out after [`CONNECT_TIMEOUT`], and a stalled read after [`ClientConfig::read_timeout`]
+//! (default [`READ_TIMEOUT`]); both surface as `Unavailable` errors.
+//!
+//! # Retries
+//! Every registry call goes through the [`RetryPolicy`] of the config (`retry.rs`): reads
+//! (GET, HEAD), mounts and manifest pushes are idempotent and simply run again; blob uploads
+//! resume where the registry says they stand (`blobs.rs`). Only `Unavailable` failures are
+//! retried; when the budget is spent the error is `RetriesExhausted` (still `Unavailable`),
+//! naming the registry and the last error.
 
 use std::{sync::Arc, time::Duration};
 
@@ -33,14 +40,18 @@ use super::{
     error::classify,
     manifest::{inspect, ManifestKind, MANIFEST_MEDIA_TYPES},
     platform::select_manifest,
-    CredentialStore, Platform, RegistryError, RegistryErrorKind,
+    CredentialStore, Platform, RegistryError, RegistryErrorKind, RetryPolicy,
 };
 use crate::model::{AuthPolicy, BasicCredentials, Digest, ImageRef, Secret};
 
 /// How long to wait for a TCP (and TLS) connection to a registry.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a response may stall between two reads (not a limit on a whole transfer).
+/// How long a response may stall between two reads (not a limit on a whole transfer), unless
+/// [`ClientConfig::read_timeout`] says otherwise.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest request body of a blob upload: bigger blobs go in several chunks, and an
+/// interrupted upload resumes from the last chunk the registry confirmed.
+pub const UPLOAD_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
 /// How many oci-clients (distinct registry + credentials pairs) are kept.
 const CLIENT_CACHE_CAPACITY: u64 = 512;
 /// An oci-client unused for this long is dropped, with its connections and tokens.
@@ -63,6 +74,14 @@ pub struct ClientConfig {
     /// Kiln's workspace-image repository (its tag is ignored); `copy` always pushes there
     /// with the installation's credentials.
     pub workspace_repository: ImageRef,
+    /// How failed registry calls are retried. Default [`RetryPolicy::default`].
+    pub retry: RetryPolicy,
+    /// How long a response may stall between two reads; also the longest a request may take
+    /// from being sent to the head of its answer (reqwest's read timeout), so an upload chunk
+    /// must go through within it. Default [`READ_TIMEOUT`].
+    pub read_timeout: Duration,
+    /// The largest body of one upload request (at least 1). Default [`UPLOAD_CHUNK_BYTES`].
+    pub upload_chunk_bytes: u64,
 }
 
 impl ClientConfig {
@@ -75,6 +94,9 @@ impl ClientConfig {
             credentials: CredentialStore::empty(),
             base_repository,
             workspace_repository,
+            retry: RetryPolicy::default(),
+            read_timeout: READ_TIMEOUT,
+            upload_chunk_bytes: UPLOAD_CHUNK_BYTES,
         }
     }
 }
@@ -91,6 +113,9 @@ struct Inner {
     insecure_registries: Vec<String>,
     credentials: CredentialStore,
     kiln: KilnRepositories,
+    retry: RetryPolicy,
+    read_timeout: Duration,
+    upload_chunk_bytes: u64,
     /// One oci-client per (registry, credentials); see the module doc for why.
     clients: moka::future::Cache<ClientKey, Oci>,
 }
@@ -102,11 +127,15 @@ struct ClientKey {
     credentials: Option<(String, Secret)>,
 }
 
-/// An oci-client together with the credentials it was set up with.
+/// An oci-client together with the credentials it was set up with, and a plain HTTP client
+/// with the same transport settings for what oci-client cannot do (resumable uploads).
 #[derive(Clone)]
 pub(crate) struct Oci {
     pub client: oci_client::Client,
     pub auth: RegistryAuth,
+    pub http: reqwest::Client,
+    /// `http` or `https`, for URLs built by hand.
+    pub scheme: &'static str,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -116,6 +145,7 @@ impl std::fmt::Debug for RegistryClient {
             .field("insecure_registries", &self.inner.insecure_registries)
             .field("credentials", &self.inner.credentials)
             .field("kiln", &self.inner.kiln)
+            .field("retry", &self.inner.retry)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +172,9 @@ impl RegistryClient {
                     base: config.base_repository,
                     workspace: config.workspace_repository,
                 },
+                retry: config.retry,
+                read_timeout: config.read_timeout,
+                upload_chunk_bytes: config.upload_chunk_bytes.max(1),
                 clients,
             }),
         })
@@ -150,6 +183,16 @@ impl RegistryClient {
     /// The platform picked from image indexes.
     pub fn platform(&self) -> &Platform {
         &self.inner.platform
+    }
+
+    /// How failed registry calls are retried.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.retry
+    }
+
+    /// The largest body of one upload request.
+    pub(crate) fn upload_chunk_bytes(&self) -> u64 {
+        self.inner.upload_chunk_bytes
     }
 
     /// Tag → digest. An image index is resolved to the manifest for the configured platform,
@@ -162,14 +205,20 @@ impl RegistryClient {
     /// manifest itself is not fetched; the registry vouches for the index's entries.
     pub async fn resolve(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<ImageRef, RegistryError> {
         let oci = self.oci_for_request(image, auth).await?;
-        let (body, digest) = oci
-            .client
-            .pull_manifest_raw(&image.to_oci(), &oci.auth, MANIFEST_MEDIA_TYPES)
-            .await
-            .map_err(|e| RegistryError::FetchManifest {
-                reference: image.to_string(),
-                source: Arc::new(e),
-            })?;
+        let reference = image.to_oci();
+        let (body, digest) = self
+            .inner
+            .retry
+            .run(image.registry(), "fetch manifest", || async {
+                oci.client
+                    .pull_manifest_raw(&reference, &oci.auth, MANIFEST_MEDIA_TYPES)
+                    .await
+                    .map_err(|e| RegistryError::FetchManifest {
+                        reference: image.to_string(),
+                        source: Arc::new(e),
+                    })
+            })
+            .await?;
         let digest = match inspect(image, &body)? {
             ManifestKind::Image { .. } => digest,
             ManifestKind::Index { .. } => {
@@ -199,14 +248,20 @@ impl RegistryClient {
     /// `NAME_UNKNOWN`) gives `Ok(false)`; every other failure is an error.
     pub async fn exists(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<bool, RegistryError> {
         let oci = self.oci_for_request(image, auth).await?;
-        match oci.client.fetch_manifest_digest(&image.to_oci(), &oci.auth).await {
-            Ok(_) => Ok(true),
-            Err(e) if classify(&e) == RegistryErrorKind::NotFound => Ok(false),
-            Err(e) => Err(RegistryError::CheckManifest {
-                reference: image.to_string(),
-                source: Arc::new(e),
-            }),
-        }
+        let reference = image.to_oci();
+        self.inner
+            .retry
+            .run(image.registry(), "check manifest", || async {
+                match oci.client.fetch_manifest_digest(&reference, &oci.auth).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if classify(&e) == RegistryErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(RegistryError::CheckManifest {
+                        reference: image.to_string(),
+                        source: Arc::new(e),
+                    }),
+                }
+            })
+            .await
     }
 
     /// The oci-client for a request about `image` under the caller's policy.
@@ -251,7 +306,8 @@ impl RegistryClient {
         creds: Option<&BasicCredentials>,
     ) -> Result<Oci, RegistryError> {
         let registry = image.registry();
-        let protocol = if self.is_plain_http(registry) {
+        let protocol_is_http = self.is_plain_http(registry);
+        let protocol = if protocol_is_http {
             ClientProtocol::Http
         } else {
             ClientProtocol::Https
@@ -270,14 +326,22 @@ impl RegistryClient {
             // read of the source stream.
             use_monolithic_push: true,
             connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(READ_TIMEOUT),
+            read_timeout: Some(self.inner.read_timeout),
             user_agent: USER_AGENT,
             ..OciConfig::default()
         };
-        let client = oci_client::Client::try_from(config).map_err(|e| RegistryError::ClientSetup {
+        let setup_error = |e: oci_client::errors::OciDistributionError| RegistryError::ClientSetup {
             registry: registry.to_owned(),
             source: Arc::new(e),
-        })?;
+        };
+        let client = oci_client::Client::try_from(config).map_err(setup_error)?;
+        // The same transport settings as oci-client's own reqwest client.
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(self.inner.read_timeout)
+            .user_agent(USER_AGENT)
+            .build()
+            .map_err(|e| setup_error(e.into()))?;
         let auth = match creds {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.expose().to_owned()),
             None => RegistryAuth::Anonymous,
@@ -292,7 +356,16 @@ impl RegistryClient {
             plain_http = self.is_plain_http(registry),
             "oci client created"
         );
-        Ok(Oci { client, auth })
+        let scheme = match protocol_is_http {
+            true => "http",
+            false => "https",
+        };
+        Ok(Oci {
+            client,
+            auth,
+            http,
+            scheme,
+        })
     }
 
     fn is_plain_http(&self, registry: &str) -> bool {

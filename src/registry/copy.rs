@@ -3,27 +3,23 @@
 //!
 //! For each blob (config and layers, each once): HEAD it on the target and skip it when it is
 //! there; when source and target are on one registry, ask for a cross-repository mount; else
-//! (or when the mount is refused) stream it from the source straight into a monolithic upload
-//! on the target. Memory stays bounded by the transport buffers: a layer is never held whole.
-//! oci-client verifies the bytes against the digest as they stream, and the registry verifies
-//! them again on commit. Up to [`MAX_CONCURRENT_BLOBS`] blobs move at once.
+//! (or when the mount is refused) stream it from the source straight into a resumable upload
+//! on the target (`blobs.rs`). Memory stays bounded by the transport buffers: a layer is never
+//! held whole. The bytes are hashed as they stream and committed only when they match the
+//! digest, and the registry verifies them again on commit. Up to [`MAX_CONCURRENT_BLOBS`]
+//! blobs move at once.
+//!
+//! Every step runs under the client's retry policy: the manifest fetch, each HEAD, the
+//! manifest push and the check after it are retried as a whole; an interrupted blob upload
+//! resumes where the target registry has it, reading the source again from that offset.
 
-use std::{
-    collections::HashSet,
-    fmt,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-};
+use std::{collections::HashSet, fmt, sync::Arc};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use oci_client::{
-    errors::OciDistributionError,
-    manifest::{OciDescriptor, OciImageManifest},
-};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
 
 use super::{
+    blobs::RegistrySource,
     client::{parse_digest, Oci},
     credentials::normalize_registry,
     manifest::{inspect, ManifestKind, MANIFEST_MEDIA_TYPES},
@@ -101,14 +97,19 @@ impl RegistryClient {
         let dst = self.oci_for_kiln(&target).await?;
 
         // oci-client checks the bytes against the pinned digest.
-        let (body, _) = src
-            .client
-            .pull_manifest_raw(&source.to_oci(), &src.auth, MANIFEST_MEDIA_TYPES)
-            .await
-            .map_err(|e| RegistryError::FetchManifest {
-                reference: source.to_string(),
-                source: Arc::new(e),
-            })?;
+        let source_reference = source.to_oci();
+        let (body, _) = self
+            .retry_policy()
+            .run(source.registry(), "fetch manifest", || async {
+                src.client
+                    .pull_manifest_raw(&source_reference, &src.auth, MANIFEST_MEDIA_TYPES)
+                    .await
+                    .map_err(|e| RegistryError::FetchManifest {
+                        reference: source.to_string(),
+                        source: Arc::new(e),
+                    })
+            })
+            .await?;
         let media_type = match inspect(source, &body)? {
             ManifestKind::Image { media_type } => media_type,
             ManifestKind::Index { .. } => {
@@ -133,6 +134,7 @@ impl RegistryClient {
         tracing::debug!(%source, %target, blobs = blobs.len(), same_registry, "copying image");
 
         let job = BlobJob {
+            client: self,
             src: &src,
             dst: &dst,
             source,
@@ -147,32 +149,42 @@ impl RegistryClient {
             })
             .await?;
 
-        let content_type = media_type
-            .parse()
-            .map_err(|_| RegistryError::UnsupportedManifest {
-                reference: source.to_string(),
-                media_type: media_type.clone(),
-            })?;
-        dst.client
-            .push_manifest_raw(&target.to_oci(), body, content_type)
-            .await
-            .map_err(|e| RegistryError::PushManifest {
-                reference: target.to_string(),
-                digest: digest.clone(),
-                source: Arc::new(e),
-            })?;
+        let content_type: reqwest::header::HeaderValue =
+            media_type
+                .parse()
+                .map_err(|_| RegistryError::UnsupportedManifest {
+                    reference: source.to_string(),
+                    media_type: media_type.clone(),
+                })?;
+        let target_reference = target.to_oci();
+        self.retry_policy()
+            .run(target.registry(), "push manifest", || async {
+                dst.client
+                    .push_manifest_raw(&target_reference, body.clone(), content_type.clone())
+                    .await
+                    .map_err(|e| RegistryError::PushManifest {
+                        reference: target.to_string(),
+                        digest: digest.clone(),
+                        source: Arc::new(e),
+                    })
+            })
+            .await?;
         on_event(CopyEvent::ManifestPushed {
             digest: digest.clone(),
         });
 
-        let actual = dst
-            .client
-            .fetch_manifest_digest(&target.to_oci(), &dst.auth)
-            .await
-            .map_err(|e| RegistryError::VerifyPush {
-                reference: target.to_string(),
-                source: Arc::new(e),
-            })?;
+        let actual = self
+            .retry_policy()
+            .run(target.registry(), "check pushed manifest", || async {
+                dst.client
+                    .fetch_manifest_digest(&target_reference, &dst.auth)
+                    .await
+                    .map_err(|e| RegistryError::VerifyPush {
+                        reference: target.to_string(),
+                        source: Arc::new(e),
+                    })
+            })
+            .await?;
         if actual != digest.as_str() {
             return Err(RegistryError::DigestMismatch {
                 reference: target.to_string(),
@@ -188,6 +200,7 @@ impl RegistryClient {
 /// What every blob of one copy shares. Also used by `RegistryClient::transfer_blob`
 /// (`blobs.rs`) for a single blob.
 pub(super) struct BlobJob<'a> {
+    pub client: &'a RegistryClient,
     pub src: &'a Oci,
     pub dst: &'a Oci,
     pub source: &'a ImageRef,
@@ -200,17 +213,7 @@ impl BlobJob<'_> {
     pub(super) async fn copy_blob(&self, desc: &OciDescriptor) -> Result<CopyEvent, RegistryError> {
         let digest = parse_digest(self.source, &desc.digest)?;
         let target = self.target.to_oci();
-        let present = self
-            .dst
-            .client
-            .blob_exists(&target, &desc.digest)
-            .await
-            .map_err(|e| RegistryError::CheckBlob {
-                reference: self.target.to_string(),
-                digest: desc.digest.clone(),
-                source: Arc::new(e),
-            })?;
-        if present {
+        if self.client.has_blob(self.dst, self.target, &digest).await? {
             return Ok(CopyEvent::BlobPresent { digest });
         }
 
@@ -234,39 +237,23 @@ impl BlobJob<'_> {
             }
         }
 
-        let copy_error = |e: OciDistributionError| RegistryError::CopyBlob {
-            from: self.source.to_string(),
-            to: self.target.to_string(),
-            digest: desc.digest.clone(),
-            source: Arc::new(e),
-        };
         let size = u64::try_from(desc.size).map_err(|_| RegistryError::InvalidManifest {
             reference: self.source.to_string(),
             reason: format!("blob {} has a negative size", desc.digest),
         })?;
-        let pulled = self
-            .src
+        let from = RegistrySource {
+            oci: self.src.clone(),
+            image: self.source.clone(),
+            desc: desc.clone(),
+            digest: digest.clone(),
+            target: self.target.to_string(),
+            retry: self.client.retry_policy().clone(),
+        };
+        let bytes = self
             .client
-            .pull_blob_stream(&self.source.to_oci(), desc)
-            .await
-            .map_err(copy_error)?;
-        let moved = Arc::new(AtomicU64::new(0));
-        let counter = moved.clone();
-        let stream = pulled.stream.map(move |chunk| {
-            if let Ok(bytes) = &chunk {
-                counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            }
-            chunk.map_err(OciDistributionError::IoError)
-        });
-        self.dst
-            .client
-            .push_blob_stream(&target, stream, &desc.digest, Some(size))
-            .await
-            .map_err(copy_error)?;
-        Ok(CopyEvent::BlobCopied {
-            digest,
-            bytes: moved.load(Ordering::Relaxed),
-        })
+            .upload_blob(self.dst, self.target, &digest, size, &from)
+            .await?;
+        Ok(CopyEvent::BlobCopied { digest, bytes })
     }
 }
 

@@ -17,6 +17,7 @@
 //! | `Unauthenticated` | 401/403, `UNAUTHORIZED`, `DENIED`, a refused token request | no (not with the same credentials) |
 //! | `Unavailable` | 408/429/5xx (but 501), `TOOMANYREQUESTS`, connection refused/reset/aborted, timeouts, a transfer cut short | **yes**, with backoff |
 //! | `InvalidInput` | `NAME_INVALID`/`TAG_INVALID`, an unsupported manifest type or digest algorithm, a copy source that is not a pinned single-platform image, a manifest pushed under another digest than its own | no |
+//! | `Unavailable` | `RetriesExhausted`: an `Unavailable` failure that outlasted the retry policy (`retry.rs`) | yes, later |
 //! | `Internal` | everything else: the registry broke the protocol or the digest, a blob of the wrong size or digest, local blob file I/O, TLS failures, Kiln's own bugs, a bad docker config file | no |
 
 use std::{error::Error as StdError, fmt, io, path::PathBuf, sync::Arc};
@@ -166,6 +167,14 @@ pub enum RegistryError {
     },
     #[error("manifest target {reference} names another digest than the manifest's ({actual})")]
     TargetDigestMismatch { reference: String, actual: Digest },
+    /// An `Unavailable` failure that persisted through every attempt of the retry policy.
+    #[error("{last} (registry {registry} unavailable after {attempts} attempts)")]
+    RetriesExhausted {
+        registry: String,
+        attempts: u32,
+        #[source]
+        last: Box<RegistryError>,
+    },
 }
 
 /// What a [`RegistryError`] means for the caller; the API edge maps it to a status code.
@@ -238,6 +247,7 @@ impl RegistryError {
             | Self::BlobBytesMismatch { .. } => K::Internal,
             Self::ReadBlobFile { .. } | Self::WriteBlobFile { .. } => K::Internal,
             Self::TargetDigestMismatch { .. } => K::InvalidInput,
+            Self::RetriesExhausted { .. } => K::Unavailable,
         }
     }
 

@@ -9,10 +9,12 @@ mod credentials;
 mod error;
 mod manifest;
 mod platform;
+mod retry;
 
 pub use blobs::{BlobPush, FetchedImage, LayerDescriptor, MAX_CONFIG_BYTES};
-pub use client::{ClientConfig, RegistryClient, CONNECT_TIMEOUT, READ_TIMEOUT};
+pub use client::{ClientConfig, RegistryClient, CONNECT_TIMEOUT, READ_TIMEOUT, UPLOAD_CHUNK_BYTES};
 pub use copy::{CopyEvent, MAX_CONCURRENT_BLOBS};
 pub use credentials::CredentialStore;
 pub use error::{OciCause, RegistryError, RegistryErrorKind};
 pub use platform::{Platform, PlatformParseError};
+pub use retry::{Attempts, RetryPolicy};

@@ -39,6 +39,53 @@ pub struct DockerfilePlan {
     pub context: Arc<PreparedContext>,
     /// Each external FROM / COPY --from image as written (expanded) → its resolved digest form.
     pub pinned: BTreeMap<String, ImageRef>,
+    /// What the request named, pinned: its identity in the plan cache.
+    pub identity: Option<[u8; 32]>,
+}
+
+/// A fingerprint of everything a Dockerfile request names, with its context pinned to a
+/// commit or an upload digest, and of the credentials it may use (hashed, never kept).
+/// Two requests with one identity plan to the same key, as long as the images their FROM
+/// lines name still resolve to the same digests (the cache's TTL is the resolver's).
+pub fn identity(source: &DockerfileSource, pinned_context: &str, auth: &AuthPolicy) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |v: &[u8]| {
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(v);
+    };
+    match &source.context {
+        ContextSource::Git(git) => {
+            field(b"git");
+            field(git.remote_uri.as_bytes());
+        }
+        ContextSource::Uploaded(_) => field(b"upload"),
+    }
+    field(pinned_context.as_bytes());
+    field(source.dockerfile_path.as_bytes());
+    field(source.context_path.as_bytes());
+    for (k, v) in &source.build_args {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    field(source.target.as_deref().unwrap_or("").as_bytes());
+    field(format!("{:?}", auth.installation).as_bytes());
+    for (host, creds) in &auth.additional {
+        field(host.as_bytes());
+        field(creds.username.as_bytes());
+        field(creds.password.expose().as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// The request's identity when it can be known without fetching the context: an upload's
+/// digest, or the commit a git target names (`git ls-remote`, no objects fetched).
+pub async fn quick_identity(source: &DockerfileSource, auth: &AuthPolicy) -> Option<[u8; 32]> {
+    let pinned = match &source.context {
+        ContextSource::Uploaded(digest) => digest.to_string(),
+        ContextSource::Git(git) => context::remote_commit(git).await.ok().flatten()?,
+    };
+    Some(identity(source, &pinned, auth))
 }
 
 fn invalid(message: impl Into<String>) -> BuildError {
@@ -61,12 +108,13 @@ fn inside(root: &Path, rel: &str, what: &str) -> Result<PathBuf, BuildError> {
 async fn materialize(
     deps: &OrchestratorDeps,
     source: &DockerfileSource,
-) -> Result<(tempfile::TempDir, PathBuf), BuildError> {
+) -> Result<(tempfile::TempDir, PathBuf, String), BuildError> {
     let dir = tempfile::Builder::new()
         .prefix("context-")
         .tempdir_in(&deps.contexts_tmp)
         .map_err(|e| BuildError::Internal(format!("cannot create a context directory: {e}")))?;
     let dest = dir.path().join("src");
+    let pinned;
     let root = match &source.context {
         ContextSource::Git(git) => {
             if git.is_local() && !deps.allow_local_git {
@@ -74,16 +122,18 @@ async fn materialize(
                     "source.file.source.git.remote_uri: file:// remotes are disabled on this Kiln (builds.allow_local_git)",
                 ));
             }
-            context::checkout(git, &dest)
+            let checkout = context::checkout(git, &dest)
                 .await
                 .map_err(|e| match e {
                     // The remote may answer next time: a retryable error.
                     context::ContextError::GitTimeout { .. } => BuildError::SourceUnavailable(e.to_string()),
                     e => invalid(format!("source.file.source.git: {e}")),
-                })?
-                .dir
+                })?;
+            pinned = checkout.commit;
+            checkout.dir
         }
         ContextSource::Uploaded(digest) => {
+            pinned = digest.to_string();
             let (store, digest, target) = (deps.contexts.clone(), digest.clone(), dest.clone());
             tokio::task::spawn_blocking(move || store.unpack(&digest, &target).map_err(|e| (digest, e)))
                 .await
@@ -97,7 +147,7 @@ async fn materialize(
             dest
         }
     };
-    Ok((dir, root))
+    Ok((dir, root, pinned))
 }
 
 /// Materializes and plans `source`.
@@ -106,7 +156,7 @@ pub async fn plan(
     source: &DockerfileSource,
     auth: &AuthPolicy,
 ) -> Result<DockerfilePlan, BuildError> {
-    let (dir, checkout) = materialize(deps, source).await?;
+    let (dir, checkout, pinned_context) = materialize(deps, source).await?;
     let root = inside(&checkout, &source.context_path, "source.file.context_path")?;
     if !root.is_dir() {
         return Err(invalid(format!("source.file.context_path: {:?} is not a directory", source.context_path)));
@@ -137,7 +187,8 @@ pub async fn plan(
         &deps.platform,
     );
     let context = PreparedContext { _dir: dir, root, dockerfile: text, dockerignore };
-    Ok(DockerfilePlan { key, context: Arc::new(context), pinned })
+    let identity = Some(identity(source, &pinned_context, auth));
+    Ok(DockerfilePlan { key, context: Arc::new(context), pinned, identity })
 }
 
 /// Resolves every image the Dockerfile builds FROM (or copies --from), in order.

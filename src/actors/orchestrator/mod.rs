@@ -5,8 +5,15 @@
 //! base through the resolver pool, derive the content-addressed key and the workspace
 //! reference), starts one build actor per new key under the supervisor, records the status
 //! updates build actors report, and prunes finished builds after the retention period.
+//!
+//! Durability: the table persists every record in a [`Journal`] under the data directory.
+//! At start-up [`recover`] ends what a killed process left behind: every build it had not
+//! finished is resumed under its id (its job runs again; finished steps and blobs already
+//! pushed are not redone) or, when its request cannot be reconstructed (it carried secrets,
+//! or its inputs changed meanwhile), ends `done_failure` saying it was interrupted.
 
 mod dockerfile;
+mod journal;
 mod plan;
 mod table;
 
@@ -18,7 +25,8 @@ use tokio::sync::watch;
 
 pub use dockerfile::PreparedContext;
 pub use plan::{Plan, WorkspacePlan};
-pub use table::{BuildRecord, BuildRefs, BuildSnapshot, BuildTable, StatusUpdate};
+pub use journal::{BuildInputs, Journal};
+pub use table::{BuildRecord, BuildRefs, BuildSnapshot, BuildTable, Loaded, StatusUpdate};
 
 use super::{
     build::{self, BuildDeps, BuildRun, CancelRun},
@@ -31,7 +39,7 @@ use super::{
 use crate::{
     engine::context::ContextStore,
     metrics::Metrics,
-    model::{AuthPolicy, BuildId, BuildOutcome, BuildSource, BuildStatus, ImageRef},
+    model::{AuthPolicy, BuildId, BuildKey, BuildOutcome, BuildSource, BuildStatus, ImageRef},
     registry::{Platform, RegistryClient},
 };
 
@@ -125,12 +133,23 @@ pub struct OrchestratorDeps {
     /// Whether `file://` git remotes may be built (they can read any repository on the host).
     pub allow_local_git: bool,
     pub platform: Platform,
+    /// Dockerfile requests planned before (identity → key and references), so a repeated
+    /// request needs neither a checkout nor a hash of its context.
+    pub plan_cache: moka::sync::Cache<[u8; 32], (BuildKey, BuildRefs)>,
+    /// Registry existence checks in flight, shared by identical concurrent requests. The
+    /// key is the workspace key; a check is only shared by requests for the same image.
+    pub exists_checks: dashmap::DashMap<BuildKey, ExistsCheck>,
     pub build: BuildDeps,
     pub build_timeout: Duration,
     pub retention: Duration,
     pub mailbox_size: usize,
     pub metrics: Metrics,
 }
+
+/// A registry existence check that several requests can await.
+pub type ExistsCheck = futures::future::Shared<
+    futures::future::BoxFuture<'static, Result<bool, Arc<crate::registry::RegistryError>>>,
+>;
 
 /// The orchestrator actor.
 pub struct Orchestrator {
@@ -165,24 +184,69 @@ impl Orchestrator {
 
     /// Drops finished builds older than the retention period, and their logs.
     fn prune(&self) {
-        let retention = self.deps.retention;
-        let expired: Vec<BuildId> = self
-            .deps
-            .table
-            .records
-            .iter()
-            .filter(|r| r.finished_at().is_some_and(|t| t.elapsed() > retention))
-            .map(|r| r.id.clone())
-            .collect();
-        for id in expired {
-            self.deps.table.records.remove(&id);
-            self.deps.directory.logs.tell(log_fanout::Forget { build: id });
-        }
+        prune_expired(&self.deps);
+    }
+}
+
+/// Drops finished builds older than the retention period (on the wall clock, so that it
+/// counts across restarts of Kiln), their records on disk and their logs.
+fn prune_expired(deps: &OrchestratorDeps) {
+    let retention = deps.retention;
+    let now = std::time::SystemTime::now();
+    let expired: Vec<BuildId> = deps
+        .table
+        .records
+        .iter()
+        .filter(|r| {
+            r.finished_wall()
+                .is_some_and(|t| now.duration_since(t).unwrap_or_default() > retention)
+        })
+        .map(|r| r.id.clone())
+        .collect();
+    for id in expired {
+        deps.table.remove(&id);
+        deps.directory.logs.tell(log_fanout::Forget { build: id });
     }
 }
 
 /// Starts or joins the build of `plan`; the heart of de-duplication.
+/// Whether the workspace image of `key` exists. Concurrent identical requests share one
+/// registry round trip: a thousand callers arriving together make one HEAD, not a thousand.
+async fn workspace_exists(
+    deps: &OrchestratorDeps,
+    key: &BuildKey,
+    refs: &BuildRefs,
+    auth: &AuthPolicy,
+) -> Result<bool, BuildError> {
+    use futures::FutureExt as _;
+    let shared = match deps.exists_checks.entry(key.clone()) {
+        Entry::Occupied(e) => e.get().clone(),
+        Entry::Vacant(v) => {
+            let (registry, image, auth) = (deps.registry.clone(), refs.workspace.clone(), auth.clone());
+            let check = async move { registry.exists(&image, &auth).await.map_err(Arc::new) }.boxed().shared();
+            v.insert(check.clone());
+            check
+        }
+    };
+    let result = shared.await;
+    deps.exists_checks.remove(key);
+    Ok(result?)
+}
+
 async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Submission, BuildError> {
+    // A repeated Dockerfile request is answered without fetching its context again.
+    if !request.force_rebuild {
+        if let Some((key, refs)) = plan::cached(&deps, &request).await {
+            let running = deps.table.running.get(&key).map(|id| id.clone());
+            if let Some(build) = running {
+                deps.metrics.build_joined();
+                return Ok(Submission::Running { build, refs, joined: true });
+            }
+            if workspace_exists(&deps, &key, &refs, &request.auth).await? {
+                return Ok(Submission::Exists { refs });
+            }
+        }
+    }
     let plan = plan::plan(&deps, &request).await?;
     let running = deps.table.running.get(&plan.key).map(|id| id.clone());
     if let Some(build) = running {
@@ -193,7 +257,7 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
             joined: true,
         });
     }
-    if !request.force_rebuild && deps.registry.exists(&plan.refs.workspace, &request.auth).await? {
+    if !request.force_rebuild && workspace_exists(&deps, &plan.key, &plan.refs, &request.auth).await? {
         return Ok(Submission::Exists { refs: plan.refs });
     }
     // Claim the key atomically: of all concurrent requests for it, exactly one creates.
@@ -205,8 +269,9 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
                 status: BuildStatus::Running,
                 message: format!("building {}", plan.refs.workspace),
             };
-            let record = BuildRecord::new(id.clone(), plan.key.clone(), plan.refs.clone(), first);
-            deps.table.records.insert(id.clone(), Arc::new(record));
+            let record = BuildRecord::new(id.clone(), plan.key.clone(), plan.refs.clone(), first)
+                .with_inputs(BuildInputs::of(&request));
+            deps.table.insert(record);
             v.insert(id.clone());
             (id, true)
         }
@@ -233,6 +298,8 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
             }
         }
         deps.table.running.remove_if(&plan.key, |_, id| id == &build);
+        // The log may have been opened: end it, so that its readers' streams end.
+        deps.directory.logs.tell(log_fanout::Finish { build: build.clone() });
         return Err(e);
     }
     Ok(Submission::Running {
@@ -261,6 +328,149 @@ async fn start_build(
         .map_err(|_| super::supervision::Unavailable {
             actor: "supervisor".into(),
         })?;
+    Ok(())
+}
+
+/// The status message of a build that a restart of Kiln interrupted and that could not be
+/// resumed; the reason follows in parentheses.
+pub const INTERRUPTED: &str = "interrupted by a restart of Kiln; request again";
+
+/// The log line a resumed build starts its second part with.
+pub const RESUMED: &str = "resumed after a restart of Kiln";
+
+/// Ends what a killed Kiln process left behind, once, at start-up: finished builds past
+/// retention are dropped; the logs of finished builds are ended (a process killed between
+/// recording a build's end and ending its log leaves the log open); every build in
+/// `loaded.interrupted` is resumed under its id or, when that is impossible, ends
+/// `done_failure` with [`INTERRUPTED`] and the reason.
+///
+/// It runs as a task of its own (not in a handler), so that a crash of the orchestrator
+/// meanwhile cannot leave a build half-recovered; it works on the shared table like
+/// `submit` does.
+pub async fn recover(deps: Arc<OrchestratorDeps>, loaded: Loaded) {
+    prune_expired(&deps);
+    for id in &loaded.finished {
+        if deps.table.records.contains_key(id) {
+            // Idempotent; a log that does not exist stays absent.
+            let _ = deps.directory.logs.call(log_fanout::Finish { build: id.clone() }).await;
+        }
+    }
+    if loaded.interrupted.is_empty() {
+        return;
+    }
+    tracing::info!(builds = loaded.interrupted.len(), "recovering builds interrupted by a restart of Kiln");
+    let each = loaded.interrupted.into_iter().map(|id| {
+        let deps = deps.clone();
+        async move {
+            let Some(record) = deps.table.records.get(&id).map(|r| r.clone()) else {
+                return;
+            };
+            if record.has_ended() {
+                return;
+            }
+            if let Err(reason) = resume(&deps, &record).await {
+                tracing::warn!(build_id = %id, %reason, "interrupted build not resumed");
+                fail_interrupted(&deps, &record, &reason).await;
+            }
+        }
+    });
+    futures::future::join_all(each).await;
+}
+
+/// Plans an interrupted build's request again and starts it under its old id.
+async fn resume(deps: &Arc<OrchestratorDeps>, record: &BuildRecord) -> Result<(), String> {
+    let request = match record.inputs() {
+        Some(inputs) => inputs.to_request()?,
+        None => return Err("its request was not recorded".into()),
+    };
+    let mut planning = request.clone();
+    if let BuildSource::Image { .. } = planning.source {
+        // The base was resolved when the build was accepted: keep it, so the key is the same.
+        if record.refs.base.digest().is_some() {
+            planning.base_resolved = Some(record.refs.base.clone());
+            planning.force_rebuild = false;
+        }
+    }
+    let plan = plan::plan(deps, &planning)
+        .await
+        .map_err(|e| format!("planning it again failed: {e}"))?;
+    if plan.key != record.key {
+        return Err(format!(
+            "its inputs changed since it was accepted; they now make {}",
+            plan.refs.workspace
+        ));
+    }
+    let claimed = match deps.table.running.entry(plan.key.clone()) {
+        Entry::Occupied(e) => e.get() == &record.id,
+        Entry::Vacant(v) => {
+            v.insert(record.id.clone());
+            true
+        }
+    };
+    if !claimed {
+        return Err("another build of the same image is running".into());
+    }
+    let started = async {
+        append_line(deps, &record.id, RESUMED).await?;
+        start_build(deps, &record.id, plan, &request).await
+    };
+    if let Err(e) = started.await {
+        deps.table.running.remove_if(&record.key, |_, id| id == &record.id);
+        return Err(format!("it could not be started again: {e}"));
+    }
+    deps.metrics.build_started();
+    tracing::info!(build_id = %record.id, workspace = %record.refs.workspace, "build resumed after a restart of Kiln");
+    Ok(())
+}
+
+/// Ends an interrupted build `done_failure`: its log says why and ends, then its status.
+async fn fail_interrupted(deps: &OrchestratorDeps, record: &BuildRecord, reason: &str) {
+    let message = format!("{INTERRUPTED} ({reason})");
+    if let Err(error) = append_line(deps, &record.id, &message).await {
+        tracing::error!(build_id = %record.id, %error, "cannot write the interrupted build's log");
+    }
+    let seq = record.subscribe().borrow().len();
+    let update = StatusUpdate {
+        status: BuildStatus::DoneFailure,
+        message,
+    };
+    if let Some((outcome, took)) = record.record(seq, update, Some(BuildOutcome::Failure)) {
+        deps.metrics.build_completed(outcome, took);
+    }
+    deps.table.running.remove_if(&record.key, |_, id| id == &record.id);
+    if let Err(e) = deps.directory.logs.call(log_fanout::Finish { build: record.id.clone() }).await {
+        tracing::error!(build_id = %record.id, error = %e, "cannot end the interrupted build's log");
+    }
+}
+
+/// Appends `line` to a build's log (creating the log if a killed process had not), on a
+/// line of its own even if the log ends mid-line. Nothing is appended to a log that ended.
+async fn append_line(deps: &OrchestratorDeps, build: &BuildId, line: &str) -> Result<(), BuildError> {
+    let logs = &deps.directory.logs;
+    let progress = logs.call(log_fanout::Open { build: build.clone() }).await??;
+    if progress.ended {
+        return Ok(());
+    }
+    let mut text = String::new();
+    if progress.len > 0 {
+        let last = logs
+            .call(log_fanout::Read {
+                build: build.clone(),
+                offset: progress.len - 1,
+            })
+            .await??;
+        if last.data.last() != Some(&b'\n') {
+            text.push('\n');
+        }
+    }
+    text.push_str(line);
+    text.push('\n');
+    logs.call(log_fanout::Append {
+        build: build.clone(),
+        offset: progress.len,
+        data: text.into_bytes().into(),
+    })
+    .await??;
     Ok(())
 }
 
@@ -344,8 +554,9 @@ impl Handler<Report> for Orchestrator {
             return;
         };
         let seq = msg.seq.unwrap_or_else(|| record.subscribe().borrow().len());
-        if let Some((outcome, took)) = record.record(seq, msg.update, msg.outcome) {
-            self.deps.metrics.build_completed(outcome, took);
+        let metrics = &self.deps.metrics;
+        let counted = |outcome, took| metrics.build_completed(outcome, took);
+        if let Some((outcome, took)) = record.record_then(seq, msg.update, msg.outcome, counted) {
             self.deps
                 .table
                 .running

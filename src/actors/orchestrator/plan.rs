@@ -58,11 +58,11 @@ async fn plan_dockerfile(
     force: bool,
 ) -> Result<Plan, BuildError> {
     let planned = dockerfile::plan(deps, source, auth).await?;
-    // The built image goes to the base repository under its content-addressed key; the
-    // workspace image is named after that reference, so it is known before building.
-    let base = planned.key.workspace_image(&deps.base_repository);
-    let key = BuildKey::for_base(&base);
-    let workspace = key.workspace_image(&deps.workspace_repository);
+    let (key, refs) = dockerfile_refs(deps, &planned.key);
+    if let Some(identity) = planned.identity {
+        deps.plan_cache.insert(identity, (key.clone(), refs.clone()));
+    }
+    let BuildRefs { workspace, base } = refs;
     let input = BuildInput {
         dockerfile: planned.context.dockerfile.clone(),
         context: planned.context.root.clone(),
@@ -82,6 +82,23 @@ async fn plan_dockerfile(
     Ok(Plan { key, refs: BuildRefs { workspace, base }, job })
 }
 
+/// The built image goes to the base repository under its content-addressed key; the
+/// workspace image is named after that reference, so both are known before building.
+fn dockerfile_refs(deps: &OrchestratorDeps, dockerfile_key: &BuildKey) -> (BuildKey, BuildRefs) {
+    let base = dockerfile_key.workspace_image(&deps.base_repository);
+    let key = BuildKey::for_base(&base);
+    let workspace = key.workspace_image(&deps.workspace_repository);
+    (key, BuildRefs { workspace, base })
+}
+
+/// The key and references of a Dockerfile request planned before, without fetching its
+/// context (the fast path of a repeated request). `None` for other sources or a miss.
+pub(super) async fn cached(deps: &OrchestratorDeps, request: &BuildRequest) -> Option<(BuildKey, BuildRefs)> {
+    let BuildSource::Dockerfile(source) = &request.source else { return None };
+    let identity = dockerfile::quick_identity(source, &request.auth).await?;
+    deps.plan_cache.get(&identity)
+}
+
 pub(super) async fn plan_workspace(
     deps: &OrchestratorDeps,
     source: BuildSource,
@@ -94,8 +111,11 @@ pub(super) async fn plan_workspace(
         base_resolved: None,
         triggered_by: String::new(),
     };
-    let plan = plan(deps, &request).await?;
-    let exists = deps.registry.exists(&plan.refs.workspace, &auth).await?;
+    let refs = match cached(deps, &request).await {
+        Some((_, refs)) => refs,
+        None => plan(deps, &request).await?.refs,
+    };
+    let exists = deps.registry.exists(&refs.workspace, &auth).await?;
     let status = if exists { BuildStatus::DoneSuccess } else { BuildStatus::Unknown };
-    Ok(WorkspacePlan { refs: plan.refs, status })
+    Ok(WorkspacePlan { refs, status })
 }

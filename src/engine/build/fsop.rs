@@ -103,6 +103,8 @@ pub async fn apply(exe: &Path, op: &FsOp) -> Result<(), FsOpError> {
 
 /// The `kiln __fsop` entry point: reads an [`FsOp`] from stdin and applies it.
 pub fn child_main() -> std::process::ExitCode {
+    // Die with Kiln: a step must not outlive the build that asked for it.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let mut input = Vec::new();
     let result = io::stdin()
         .read_to_end(&mut input)

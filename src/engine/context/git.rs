@@ -183,6 +183,61 @@ pub async fn checkout_with_timeout(
     dest: &Path,
     timeout: Duration,
 ) -> Result<Checkout, ContextError> {
+    let (remote, target, config, scrub) = prepare(source)?;
+
+    // git resolves GIT_DIR against its working directory (the work tree): go absolute.
+    let dest = &std::path::absolute(dest).map_err(|e| ContextError::io("resolving", dest, e))?;
+    prepare_dest(dest).await?;
+    let dir = dest.join("tree");
+    let git_dir = dest.join("git");
+    tokio::fs::create_dir(&dir)
+        .await
+        .map_err(|e| ContextError::io("creating", &dir, e))?;
+
+    let git = Runner::new(
+        git_dir.clone(),
+        dir.clone(),
+        config,
+        scrub,
+        remote.clean.clone(),
+        target.to_string(),
+        timeout,
+    )?;
+    checkout_into(source, &remote, &target, &git, dir, git_dir).await
+}
+
+/// The commit the target names on the remote right now, without fetching any objects
+/// (`git ls-remote`). `None` when only a fetch can tell (an abbreviated sha).
+pub async fn remote_commit(source: &GitSource) -> Result<Option<String>, ContextError> {
+    let (remote, target, config, scrub) = prepare(source)?;
+    let refname = match &target {
+        GitTarget::Commit(sha) if sha.len() == 40 => return Ok(Some(sha.to_ascii_lowercase())),
+        GitTarget::Commit(_) => return Ok(None),
+        GitTarget::RemoteHead | GitTarget::LocalBranch(_) => "HEAD".to_owned(),
+        GitTarget::RemoteBranch(branch) => format!("refs/heads/{branch}"),
+    };
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-ls-remote-")
+        .tempdir()
+        .map_err(|e| ContextError::io("creating", std::env::temp_dir(), e))?;
+    let git = Runner::new(
+        scratch.path().join("no-git-dir"),
+        scratch.path().to_path_buf(),
+        config,
+        scrub,
+        remote.clean.clone(),
+        target.to_string(),
+        DEFAULT_TIMEOUT,
+    )?;
+    let out = git.run("git ls-remote", &["ls-remote", &remote.clean, &refname]).await?;
+    Ok(out.lines().find_map(|l| l.split_whitespace().next()).map(str::to_owned))
+}
+
+type Prepared = (Remote, GitTarget, Vec<(String, String)>, Scrubber);
+
+/// Validates `source` and builds the git config (credentials as a scoped header) and the
+/// scrubber that keeps every form of the credentials out of messages.
+fn prepare(source: &GitSource) -> Result<Prepared, ContextError> {
     let remote = Remote::parse(&source.remote_uri)?;
     let target = source.target.clone().validated()?;
     for (key, _) in &source.custom_config {
@@ -193,15 +248,6 @@ pub async fn checkout_with_timeout(
         (None, Some((user, password))) => Some((user.clone(), password.clone())),
         (None, None) => None,
     };
-
-    // git resolves GIT_DIR against its working directory (the work tree): go absolute.
-    let dest = &std::path::absolute(dest).map_err(|e| ContextError::io("resolving", dest, e))?;
-    prepare_dest(dest).await?;
-    let dir = dest.join("tree");
-    let git_dir = dest.join("git");
-    tokio::fs::create_dir(&dir)
-        .await
-        .map_err(|e| ContextError::io("creating", &dir, e))?;
 
     let mut scrub = Scrubber::default();
     let mut config = Vec::new();
@@ -225,16 +271,17 @@ pub async fn checkout_with_timeout(
         scrub.add(user);
         scrub.add(password);
     }
+    Ok((remote, target, config, scrub))
+}
 
-    let git = Runner::new(
-        git_dir.clone(),
-        dir.clone(),
-        config,
-        scrub,
-        remote.clean.clone(),
-        target.to_string(),
-        timeout,
-    )?;
+async fn checkout_into(
+    source: &GitSource,
+    remote: &Remote,
+    target: &GitTarget,
+    git: &Runner,
+    dir: PathBuf,
+    git_dir: PathBuf,
+) -> Result<Checkout, ContextError> {
     tracing::debug!(remote = %remote.clean, target = %target, full_clone = source.full_clone, "git checkout");
 
     git.run("git init", &["init", "-q", "--template="]).await?;
@@ -242,7 +289,7 @@ pub async fn checkout_with_timeout(
         .await?;
 
     let depth: &[&str] = if source.full_clone { &[] } else { &["--depth", "1"] };
-    let rev = match &target {
+    let rev = match target {
         GitTarget::RemoteHead | GitTarget::LocalBranch(_) => {
             git.fetch(depth, &["+HEAD:refs/kiln/head"]).await?;
             "refs/kiln/head".to_owned()
@@ -253,10 +300,10 @@ pub async fn checkout_with_timeout(
                 .await?;
             tracking
         }
-        GitTarget::Commit(sha) => fetch_commit(&git, sha, source.full_clone).await?,
+        GitTarget::Commit(sha) => fetch_commit(git, sha, source.full_clone).await?,
     };
 
-    match &target {
+    match target {
         GitTarget::RemoteBranch(branch) | GitTarget::LocalBranch(branch) => {
             git.run(
                 "git checkout",

@@ -30,6 +30,17 @@ struct Registry {
     uploads: upload::Uploads,
 }
 
+/// The registry's axum app over the storage at `root`, without a listener: for driving
+/// requests in-process (e.g. a fuzz target with `tower::ServiceExt::oneshot`).
+pub async fn router(root: PathBuf) -> std::io::Result<Router> {
+    let storage = storage::Storage::open(root).await?;
+    let registry = Arc::new(Registry {
+        storage,
+        uploads: upload::Uploads::default(),
+    });
+    Ok(Router::new().fallback(routes::handle).with_state(registry))
+}
+
 /// Serves the registry on `listener`, storing everything under `root`, until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
