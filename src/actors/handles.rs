@@ -51,14 +51,12 @@ impl ResolverPool {
     ) -> Result<ImageRef, BuildError> {
         let resolvers = &self.directory.resolvers;
         let first = self.directory.next_resolver.fetch_add(1, Ordering::Relaxed);
+        // Resolvers the supervisor gave up on are tried last (and fail at once).
+        let mut order: Vec<_> = (0..resolvers.len()).map(|i| &resolvers[(first + i) % resolvers.len()]).collect();
+        order.sort_by_key(|slot| slot.is_abandoned());
         let mut last_error = None;
-        for i in 0..resolvers.len() {
-            let slot = &resolvers[(first + i) % resolvers.len()];
-            let msg = Resolve {
-                image: image.clone(),
-                auth: auth.clone(),
-                refresh,
-            };
+        for slot in order {
+            let msg = Resolve { image: image.clone(), auth: auth.clone(), refresh };
             match slot.call(msg).await {
                 Ok(reply) => return reply.map_err(BuildError::from),
                 Err(unavailable) => last_error = Some(unavailable),

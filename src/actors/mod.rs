@@ -107,6 +107,7 @@ where
     F: Fn(ChildGuard) -> A + Send + Sync + 'static,
 {
     let mailbox = slot.clone();
+    let abandoned = slot.clone();
     let make = Arc::new(make);
     ChildSpec {
         name: name.into(),
@@ -119,7 +120,7 @@ where
             addr.recipient()
         }),
         mailbox_len: Arc::new(move || mailbox.in_flight()),
-        on_abandon: None,
+        on_abandon: Some(Box::new(move || abandoned.mark_abandoned())),
     }
 }
 

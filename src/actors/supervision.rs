@@ -18,7 +18,7 @@
 use std::{
     fmt,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, RwLock,
     },
     time::Duration,
@@ -134,6 +134,9 @@ pub struct Slot<A: Actor> {
     in_flight: AtomicU64,
     /// How long a call waits for a crashed actor to come back before answering Unavailable.
     restart_wait: Duration,
+    /// Set when the supervisor gave up on the actor: calls fail at once instead of waiting
+    /// for a restart that will not come.
+    abandoned: AtomicBool,
 }
 
 impl<A: Actor> Slot<A> {
@@ -144,7 +147,18 @@ impl<A: Actor> Slot<A> {
             generation: watch::Sender::new(0),
             in_flight: AtomicU64::new(0),
             restart_wait,
+            abandoned: AtomicBool::new(false),
         })
+    }
+
+    /// The supervisor abandoned this actor (restart budget exhausted).
+    pub fn mark_abandoned(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &str {
@@ -196,6 +210,9 @@ impl<A: Actor> Slot<A> {
     {
         const ATTEMPTS: usize = 4;
         for _ in 0..ATTEMPTS {
+            if self.is_abandoned() {
+                break;
+            }
             let seen = *self.generation.borrow();
             let Some(addr) = self.current() else {
                 if !self.wait_for_restart(seen).await {
