@@ -479,16 +479,22 @@ impl CopyPlan<'_> {
             };
             let child = src.join(&name);
             let meta = fs::symlink_metadata(&child).map_err(|e| format!("{child_rel}: {e}"))?;
-            if ignore.is_some_and(|ig| ig.is_excluded(&child_rel, meta.is_dir())) {
-                // An excluded directory may still hold re-included files (`!` patterns).
-                if !meta.is_dir() || !ignore.is_some_and(|ig| ig.may_reinclude_beneath(&child_rel)) {
-                    continue;
-                }
+            let excluded = ignore.is_some_and(|ig| ig.is_excluded(&child_rel, meta.is_dir()));
+            // An excluded directory may still hold re-included files (`!` patterns).
+            if excluded && (!meta.is_dir() || !ignore.is_some_and(|ig| ig.may_reinclude_beneath(&child_rel))) {
+                continue;
             }
             let target = dest.join(&name);
             if meta.is_dir() {
+                let existed = target.is_dir();
                 self.copy_entry(&child, &target, links).map_err(|e| format!("{child_rel}: {e}"))?;
                 self.copy_dir_contents(&child, &target, ignore, &child_rel, links)?;
+                // An excluded directory exists in the image only to hold re-included files.
+                let empty = fs::read_dir(&target).map(|mut d| d.next().is_none()).unwrap_or(false);
+                if excluded && !existed && empty {
+                    fs::remove_dir(&target).map_err(|e| format!("{child_rel}: {e}"))?;
+                    continue;
+                }
                 self.finish_dir(&child, &target).map_err(|e| format!("{child_rel}: {e}"))?;
             } else {
                 self.copy_entry(&child, &target, links).map_err(|e| format!("{child_rel}: {e}"))?;
