@@ -12,7 +12,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     actors,
-    api::{AccessLayer, AccessPolicy, AdminService, ImageBuilderService, RpcMetricsLayer},
+    api::{AccessLayer, AccessPolicy, AdminService, ImageBuilderService, MessageLimitLayer, RpcMetricsLayer},
     config::Config,
     metrics::{self, Metrics},
     proto::{admin::admin_server::AdminServer, builder::image_builder_server::ImageBuilderServer},
@@ -178,6 +178,7 @@ pub async fn serve(
     });
     let grpc = server
         .layer(RpcMetricsLayer::new(metrics))
+        .layer(MessageLimitLayer)
         .layer(AccessLayer::new(access))
         .add_service(health_service)
         .add_service(reflection)

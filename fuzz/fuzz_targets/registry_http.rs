@@ -153,5 +153,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let beside = beside_root(&harness.sandbox);
-    assert!(beside.is_empty(), "the registry wrote outside its root: {beside:?}");
+    assert!(
+        beside.is_empty(),
+        "the registry wrote outside its root: {beside:?}"
+    );
 });

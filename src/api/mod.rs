@@ -7,10 +7,12 @@ mod access;
 mod admin;
 mod builder;
 mod convert;
+mod message_limits;
 mod rpc_metrics;
 mod status;
 
 pub use access::{AccessLayer, AccessPolicy};
 pub use admin::AdminService;
 pub use builder::ImageBuilderService;
+pub use message_limits::MessageLimitLayer;
 pub use rpc_metrics::RpcMetricsLayer;

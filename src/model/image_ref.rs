@@ -196,6 +196,14 @@ impl FromStr for ImageRef {
                     input: input.into(),
                     reason: e.to_string(),
                 })?;
+        // Repository names are lower case (the distribution spec's grammar); accepting
+        // upper case here would let a reference print in a form that no longer parses.
+        if parsed.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(ImageRefError::Invalid {
+                input: input.into(),
+                reason: "repository names must be lower case".into(),
+            });
+        }
         let digest = parsed.digest().map(str::parse).transpose()?;
         let tag = match (parsed.tag(), &digest) {
             (Some(t), _) => Some(t.to_owned()),

@@ -27,7 +27,16 @@ pub(crate) enum ManifestKind {
 }
 
 /// Reads `mediaType` (and, for OCI manifests that leave it out, the shape) of a manifest.
+/// The largest manifest Kiln reads (the distribution spec's recommended limit).
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
 pub(crate) fn inspect(reference: &ImageRef, body: &[u8]) -> Result<ManifestKind, RegistryError> {
+    if body.len() > MAX_MANIFEST_BYTES {
+        return Err(RegistryError::InvalidManifest {
+            reference: reference.to_string(),
+            reason: format!("{} bytes, more than the {MAX_MANIFEST_BYTES} bytes Kiln reads", body.len()),
+        });
+    }
     let doc: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| RegistryError::InvalidManifest {
             reference: reference.to_string(),
