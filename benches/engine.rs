@@ -6,8 +6,10 @@
 //!   directory: base pulled from the registry, nothing cached; until the stream ends.
 //! * `kiln_warm_s`: the same inputs again on that Kiln with `force_rebuild` (instruction cache).
 //! * `repeat_ms`: the same inputs once more without `force_rebuild`, so the image exists: the
-//!   whole Build call, request sent to stream end.
-//! * `exists_ms`: within that call, request sent to the `done_success` message.
+//!   whole Build call, request sent to stream end (median of 5). The source still names the
+//!   remote HEAD, so Kiln asks git which commit that is (`git ls-remote`).
+//! * `exists_ms`: a Build naming exactly the same inputs, the commit pinned as Gitpod sends
+//!   it (`REMOTE_COMMIT`): request sent to the `done_success` message (median of 5).
 //! * `buildah_cold_s`: `buildah bud` on empty storage plus `buildah push` (Kiln's time includes
 //!   its push too); `buildah_warm_s`: the same on the storage the cold build left (layer cache).
 //! * `ratio_*` = Kiln / buildah.
@@ -88,6 +90,7 @@ fn main() {
         }
         eprintln!("bench: {name}");
         let repo = GitRepo::new(case);
+        let commit = repo.head();
 
         // buildah: cold (empty storage), then warm (the storage it left)
         let checkout = repo.checkout();
@@ -134,17 +137,27 @@ fn main() {
             let cold = timed_build(&mut client, request(false)).await;
             if let Err(e) = &cold {
                 eprintln!("bench: {name}: Kiln cold build failed: {e}");
-                return (None, None, None);
+                return (None, None, (None, None));
             }
             let warm = timed_build(&mut client, request(true)).await;
             if let Err(e) = &warm {
                 eprintln!("bench: {name}: Kiln warm build failed: {e}");
             }
-            let repeat = timed_build(&mut client, request(false)).await;
-            if let Err(e) = &repeat {
-                eprintln!("bench: {name}: Kiln repeat build failed: {e}");
+            let mut repeats = Vec::new();
+            let mut pinned = Vec::new();
+            for _ in 0..5 {
+                match timed_build(&mut client, request(false)).await {
+                    Ok(t) => repeats.push(t.total.as_secs_f64() * 1000.0),
+                    Err(e) => eprintln!("bench: {name}: Kiln repeat build failed: {e}"),
+                }
+                let mut at_commit = request(false);
+                at_commit.source = git_source_at(&repo.uri(), &reg, Some(&commit));
+                match timed_build(&mut client, at_commit).await {
+                    Ok(t) => pinned.push(t.to_done.as_secs_f64() * 1000.0),
+                    Err(e) => eprintln!("bench: {name}: Kiln pinned repeat failed: {e}"),
+                }
             }
-            (cold.ok(), warm.ok(), repeat.ok())
+            (cold.ok(), warm.ok(), (median(repeats), median(pinned)))
         });
         drop(kiln);
         rows.push(Row {
@@ -153,8 +166,8 @@ fn main() {
             buildah_cold,
             kiln_warm: kiln_warm.map(|t| t.total.as_secs_f64()),
             buildah_warm,
-            repeat_ms: repeat.map(|t| t.total.as_secs_f64() * 1000.0),
-            exists_ms: repeat.map(|t| t.to_done.as_secs_f64() * 1000.0),
+            repeat_ms: repeat.0,
+            exists_ms: repeat.1,
         });
     }
     print_table(&rows);
@@ -277,13 +290,27 @@ async fn timed_build(
         .unwrap_or_else(|_| Err(format!("no end within {BUILD_TIMEOUT:?}")))
 }
 
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 fn git_source(remote_uri: &str, reg: &str) -> Option<BuildSource> {
+    git_source_at(remote_uri, reg, None)
+}
+
+/// The case's git source at the remote HEAD, or pinned to `commit` (`REMOTE_COMMIT`).
+fn git_source_at(remote_uri: &str, reg: &str, commit: Option<&str>) -> Option<BuildSource> {
     Some(BuildSource {
         from: Some(build_source::From::File(BuildSourceDockerfile {
             source: Some(WorkspaceInitializer {
                 spec: Some(workspace_initializer::Spec::Git(GitInitializer {
                     remote_uri: remote_uri.to_owned(),
-                    target_mode: CloneTargetMode::RemoteHead as i32,
+                    target_mode: match commit {
+                        Some(_) => CloneTargetMode::RemoteCommit as i32,
+                        None => CloneTargetMode::RemoteHead as i32,
+                    },
+                    clone_taget: commit.unwrap_or_default().to_owned(),
                     ..Default::default()
                 })),
             }),
@@ -333,6 +360,12 @@ impl GitRepo {
         cmd.arg("-C").arg(self.path()).args(args);
         git_env(&mut cmd);
         run(&mut cmd);
+    }
+
+    /// The commit the repository's HEAD names.
+    fn head(&self) -> String {
+        let out = Command::new("git").arg("-C").arg(self.path()).args(["rev-parse", "HEAD"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     fn checkout(&self) -> PathBuf {
