@@ -20,8 +20,9 @@
 //! Build's first message, streams open, idle RSS (< 30 MB), peak RSS with 200 streams
 //! (< 200 MB), RSS at the end of the warm-up (the first sixth of the run, at least 5 s) vs
 //! at the end and the slope after warm-up (flat), and the open file descriptors after the
-//! load vs idle (back to idle; polled for up to `KILN_LOAD_FD_SETTLE_SECONDS`, default 120,
-//! since pooled registry connections close only when idle long enough).
+//! load vs idle (back to idle; polled for up to `KILN_LOAD_FD_SETTLE_SECONDS`, default 200:
+//! the registry client's pooled connections close only after 90 s idle, found by a reaper
+//! that runs on the same period, so the last ones go between 90 and 180 s after the load).
 //!
 //! Finished builds stay in the build table for `builds.retention`; the run sets it to
 //! `KILN_LOAD_RETENTION` (default `20s`) so that a minute's thousands of builds reach a
@@ -115,7 +116,7 @@ fn fd_kinds(pid: u32) -> BTreeMap<String, usize> {
             .map(|t| t.display().to_string())
             .unwrap_or_default();
         let kind = match target.split_once(':') {
-            Some((k, rest)) if k == "anon_inode" => format!("anon_inode:{rest}"),
+            Some(("anon_inode", rest)) => format!("anon_inode:{rest}"),
             Some((k, _)) => k.to_owned(),
             None => "file".to_owned(),
         };
@@ -285,7 +286,7 @@ async fn build_once(
 
 async fn load() {
     let seconds = env_u64("KILN_LOAD_SECONDS", 60);
-    let settle = env_u64("KILN_LOAD_FD_SETTLE_SECONDS", 120);
+    let settle = env_u64("KILN_LOAD_FD_SETTLE_SECONDS", 200);
     let retention = std::env::var("KILN_LOAD_RETENTION").unwrap_or_else(|_| "20s".into());
     let started = Instant::now();
 

@@ -61,7 +61,9 @@ pub struct BuildRun {
     cancel: CancellationToken,
     /// Secrets of the request, censored from the log.
     secrets: Vec<Secret>,
-    verdict: Mutex<Option<Verdict>>,
+    /// The decided end, and the log offset its line is written at (so that every
+    /// incarnation can (re)write it exactly once).
+    verdict: Mutex<Option<(Verdict, u64)>>,
 }
 
 impl BuildRun {
@@ -89,15 +91,15 @@ impl BuildRun {
         }
     }
 
-    fn verdict(&self) -> Option<Verdict> {
+    fn verdict(&self) -> Option<(Verdict, u64)> {
         self.verdict.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn decide(&self, verdict: Verdict) -> Verdict {
+    fn decide(&self, verdict: Verdict, log_at: u64) -> (Verdict, u64) {
         self.verdict
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(verdict)
+            .get_or_insert((verdict, log_at))
             .clone()
     }
 }
@@ -302,7 +304,18 @@ impl LogWriter {
 /// Runs (or resumes) one build to its end.
 async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, incarnation: u64) {
     let mut log = LogWriter::resume(&run, directory.logs.clone()).await;
-    let verdict = match run.verdict() {
+    // The header goes at offset 0 in one append, from every incarnation: the fan-out
+    // acknowledges it when an earlier incarnation wrote it already.
+    log.offset = 0;
+    log.write(
+        format!(
+            "build {} of {}\nbase image {}\n",
+            run.id, run.plan.refs.workspace, run.plan.refs.base
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (verdict, log_at) = match run.verdict() {
         Some(v) => v,
         None => {
             if incarnation > 1 {
@@ -310,10 +323,6 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
                     "build actor restarted (incarnation {incarnation}); resuming"
                 ))
                 .await;
-            } else {
-                log.line(&format!("build {} of {}", run.id, run.plan.refs.workspace))
-                    .await;
-                log.line(&format!("base image {}", run.plan.refs.base)).await;
             }
             let verdict = tokio::select! {
                 v = work(&run, &deps, &mut log) => v,
@@ -323,11 +332,13 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
                     message: format!("build timed out after {}", humantime::format_duration(run.timeout)),
                 },
             };
-            let verdict = run.decide(verdict);
-            log.line(&verdict.message).await;
-            verdict
+            run.decide(verdict, log.offset)
         }
     };
+    // The verdict's line at the offset recorded with it: written once whichever
+    // incarnation gets here, however often.
+    log.offset = log_at;
+    log.line(&verdict.message).await;
     // The end is reported (and so recorded on disk) before the log is ended: a Kiln killed
     // in between restarts with a finished build whose log it only has to end, never with an
     // unfinished build whose log says it ended.
