@@ -364,7 +364,12 @@ impl GitRepo {
 
     /// The commit the repository's HEAD names.
     fn head(&self) -> String {
-        let out = Command::new("git").arg("-C").arg(self.path()).args(["rev-parse", "HEAD"]).output().unwrap();
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(self.path())
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 

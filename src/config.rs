@@ -476,8 +476,12 @@ impl EngineSettings {
     pub fn compression(&self) -> crate::engine::layers::Compression {
         use crate::engine::layers::Compression;
         match self.compression {
-            LayerCompressionSetting::Gzip => Compression::Gzip { level: self.compression_level.unwrap_or(6) },
-            LayerCompressionSetting::Zstd => Compression::Zstd { level: self.compression_level.unwrap_or(3) as i32 },
+            LayerCompressionSetting::Gzip => Compression::Gzip {
+                level: self.compression_level.unwrap_or(6),
+            },
+            LayerCompressionSetting::Zstd => Compression::Zstd {
+                level: self.compression_level.unwrap_or(3) as i32,
+            },
         }
     }
 }

@@ -171,11 +171,14 @@ pub async fn serve(
     let grpc_listener = bind("gRPC", config.grpc.addr).await?;
     tracing::info!(addr = %config.grpc.addr, data_dir = %config.data_dir.display(), "kiln ready: gRPC listening");
     // Small unary replies must not wait for Nagle's algorithm (tens of ms per call).
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), |s| {
-        s.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+        |s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     let grpc = server
         .layer(RpcMetricsLayer::new(metrics))
         .layer(MessageLimitLayer)

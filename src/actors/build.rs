@@ -71,11 +71,22 @@ impl BuildRun {
         use base64::Engine as _;
         let encode = |user: &str, password: &Secret| {
             let pair = format!("{user}:{}", password.expose());
-            [password.clone(), Secret::new(base64::engine::general_purpose::STANDARD.encode(pair))]
+            [
+                password.clone(),
+                Secret::new(base64::engine::general_purpose::STANDARD.encode(pair)),
+            ]
         };
-        let mut secrets: Vec<Secret> =
-            request.auth.additional.values().flat_map(|c| encode(&c.username, &c.password)).collect();
-        if let BuildSource::Dockerfile(DockerfileSource { context: ContextSource::Git(git), .. }) = &request.source {
+        let mut secrets: Vec<Secret> = request
+            .auth
+            .additional
+            .values()
+            .flat_map(|c| encode(&c.username, &c.password))
+            .collect();
+        if let BuildSource::Dockerfile(DockerfileSource {
+            context: ContextSource::Git(git),
+            ..
+        }) = &request.source
+        {
             if let Some((user, password)) = &git.credentials {
                 secrets.extend(encode(user, password));
             }
@@ -241,7 +252,12 @@ impl LogWriter {
     /// alone: censoring them would mangle ordinary output and protect nothing.
     fn censor(&self, data: &[u8]) -> Vec<u8> {
         let mut out = data.to_vec();
-        for secret in self.secrets.iter().map(|s| s.expose().as_bytes()).filter(|s| s.len() >= 4) {
+        for secret in self
+            .secrets
+            .iter()
+            .map(|s| s.expose().as_bytes())
+            .filter(|s| s.len() >= 4)
+        {
             let mut i = 0;
             while i + secret.len() <= out.len() {
                 if &out[i..i + secret.len()] == secret {

@@ -39,7 +39,13 @@ impl CacheWarmer {
         engine: Engine,
         guard: ChildGuard,
     ) -> Self {
-        Self { refs, interval, resolvers, engine, _guard: guard }
+        Self {
+            refs,
+            interval,
+            resolvers,
+            engine,
+            _guard: guard,
+        }
     }
 
     fn warm(&self) -> impl std::future::Future<Output = usize> + 'static {
@@ -59,7 +65,9 @@ impl CacheWarmer {
                         warmed += 1;
                         match engine.prefetch(&resolved, &AuthPolicy::default()).await {
                             Ok(layers) => tracing::debug!(%image, %resolved, layers, "warmed"),
-                            Err(error) => tracing::warn!(%image, %error, "cache warmer could not pre-fetch layers"),
+                            Err(error) => {
+                                tracing::warn!(%image, %error, "cache warmer could not pre-fetch layers")
+                            }
                         }
                     }
                     Err(error) => tracing::warn!(%image, %error, "cache warmer could not resolve"),

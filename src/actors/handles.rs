@@ -52,11 +52,17 @@ impl ResolverPool {
         let resolvers = &self.directory.resolvers;
         let first = self.directory.next_resolver.fetch_add(1, Ordering::Relaxed);
         // Resolvers the supervisor gave up on are tried last (and fail at once).
-        let mut order: Vec<_> = (0..resolvers.len()).map(|i| &resolvers[(first + i) % resolvers.len()]).collect();
+        let mut order: Vec<_> = (0..resolvers.len())
+            .map(|i| &resolvers[(first + i) % resolvers.len()])
+            .collect();
         order.sort_by_key(|slot| slot.is_abandoned());
         let mut last_error = None;
         for slot in order {
-            let msg = Resolve { image: image.clone(), auth: auth.clone(), refresh };
+            let msg = Resolve {
+                image: image.clone(),
+                auth: auth.clone(),
+                refresh,
+            };
             match slot.call(msg).await {
                 Ok(reply) => return reply.map_err(BuildError::from),
                 Err(unavailable) => last_error = Some(unavailable),
@@ -151,7 +157,11 @@ pub struct KilnHandle {
 
 impl KilnHandle {
     pub(super) fn new(directory: Arc<Directory>, contexts: ContextStore, max_context_bytes: u64) -> Self {
-        Self { directory, contexts, max_context_bytes }
+        Self {
+            directory,
+            contexts,
+            max_context_bytes,
+        }
     }
 
     /// Stores an uploaded context tar; returns its digest and size.
@@ -160,12 +170,20 @@ impl KilnHandle {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let digest = self.contexts.put(chunks, self.max_context_bytes).await.map_err(|e| match e {
-            ContextError::TooLarge { .. } => BuildError::InvalidInput(e.to_string()),
-            ContextError::UploadStream { .. } => BuildError::InvalidInput(e.to_string()),
-            e => BuildError::Internal(format!("storing the context: {e}")),
-        })?;
-        let size = self.contexts.path(&digest).and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+        let digest = self
+            .contexts
+            .put(chunks, self.max_context_bytes)
+            .await
+            .map_err(|e| match e {
+                ContextError::TooLarge { .. } => BuildError::InvalidInput(e.to_string()),
+                ContextError::UploadStream { .. } => BuildError::InvalidInput(e.to_string()),
+                e => BuildError::Internal(format!("storing the context: {e}")),
+            })?;
+        let size = self
+            .contexts
+            .path(&digest)
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
         Ok((digest, size))
     }
 

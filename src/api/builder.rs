@@ -124,9 +124,14 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<tonic::Streaming<pb::UploadContextRequest>>,
     ) -> Result<Response<pb::UploadContextResponse>, Status> {
-        let chunks = request.into_inner().map(|m| m.map(|m| bytes::Bytes::from(m.chunk)));
+        let chunks = request
+            .into_inner()
+            .map(|m| m.map(|m| bytes::Bytes::from(m.chunk)));
         let (digest, size) = self.kiln.upload_context(chunks).await.map_err(from_build_error)?;
-        Ok(Response::new(pb::UploadContextResponse { digest: digest.to_string(), size }))
+        Ok(Response::new(pb::UploadContextResponse {
+            digest: digest.to_string(),
+            size,
+        }))
     }
 
     async fn cancel_build(

@@ -57,11 +57,12 @@ fn dockerfile_source(f: pb::BuildSourceDockerfile) -> Result<BuildSource, BuildE
             let target = GitTarget::from_clone_target(git.target_mode, &git.clone_taget)
                 .map_err(|e| invalid(format!("source.file.source.git: {e}")))?;
             let config = git.config.unwrap_or_default();
-            let credentials = match GitAuthMethod::try_from(config.authentication).unwrap_or(GitAuthMethod::NoAuth) {
-                GitAuthMethod::NoAuth => None,
-                GitAuthMethod::BasicAuth => Some((config.auth_user, Secret::new(config.auth_password))),
-                GitAuthMethod::BasicAuthOts => Some((config.auth_user, Secret::new(config.auth_ots))),
-            };
+            let credentials =
+                match GitAuthMethod::try_from(config.authentication).unwrap_or(GitAuthMethod::NoAuth) {
+                    GitAuthMethod::NoAuth => None,
+                    GitAuthMethod::BasicAuth => Some((config.auth_user, Secret::new(config.auth_password))),
+                    GitAuthMethod::BasicAuthOts => Some((config.auth_user, Secret::new(config.auth_ots))),
+                };
             if git.remote_uri.trim().is_empty() {
                 return Err(invalid("source.file.source.git.remote_uri: missing"));
             }
@@ -74,10 +75,14 @@ fn dockerfile_source(f: pb::BuildSourceDockerfile) -> Result<BuildSource, BuildE
             })
         }
         ("", Some(_)) => {
-            return Err(invalid("source.file.source: only the git initializer can provide a build context"))
+            return Err(invalid(
+                "source.file.source: only the git initializer can provide a build context",
+            ))
         }
         (digest, _) => ContextSource::Uploaded(
-            digest.parse().map_err(|e| invalid(format!("source.file.context_digest: {e}")))?,
+            digest
+                .parse()
+                .map_err(|e| invalid(format!("source.file.context_digest: {e}")))?,
         ),
     };
     let target = Some(f.target.trim().to_owned()).filter(|t| !t.is_empty());

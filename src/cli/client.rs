@@ -331,10 +331,16 @@ pub fn build_source_with(args: &BuildArgs, uploaded: Option<String>) -> Result<B
                 clone_taget: rev.unwrap_or_default().to_owned(),
                 ..Default::default()
             };
-            let init = WorkspaceInitializer { spec: Some(workspace_initializer::Spec::Git(git)) };
+            let init = WorkspaceInitializer {
+                spec: Some(workspace_initializer::Spec::Git(git)),
+            };
             dockerfile_source(Some(init), String::new())?
         }
-        _ => return Err(ClientError::Usage("give exactly one of DIR, --ref and --git".into())),
+        _ => {
+            return Err(ClientError::Usage(
+                "give exactly one of DIR, --ref and --git".into(),
+            ))
+        }
     };
     Ok(BuildSource { from: Some(from) })
 }
@@ -410,9 +416,14 @@ async fn upload_dir(
         println!("uploading {} ({} bytes)", dir.display(), tar.len());
     }
     const CHUNK: usize = 1 << 20;
-    let chunks: Vec<UploadContextRequest> =
-        tar.chunks(CHUNK).map(|c| UploadContextRequest { chunk: c.to_vec() }).collect();
-    let reply = client.upload_context(futures::stream::iter(chunks)).await?.into_inner();
+    let chunks: Vec<UploadContextRequest> = tar
+        .chunks(CHUNK)
+        .map(|c| UploadContextRequest { chunk: c.to_vec() })
+        .collect();
+    let reply = client
+        .upload_context(futures::stream::iter(chunks))
+        .await?
+        .into_inner();
     Ok(reply.digest)
 }
 

@@ -20,7 +20,12 @@ use crate::{
 #[derive(Debug, Clone, Args)]
 pub struct ExecuteArgs {
     /// A local build context directory.
-    #[arg(long, value_name = "DIR", conflicts_with = "git", required_unless_present = "git")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "git",
+        required_unless_present = "git"
+    )]
     pub context: Option<PathBuf>,
     /// A git repository to build (https:// or file://).
     #[arg(long, value_name = "URL")]
@@ -44,7 +49,12 @@ pub struct ExecuteArgs {
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,
     /// Where the engine keeps its layer store and instruction cache.
-    #[arg(long, value_name = "DIR", default_value = "./kiln-data/execute", env = "KILN_EXECUTE_DATA_DIR")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "./kiln-data/execute",
+        env = "KILN_EXECUTE_DATA_DIR"
+    )]
     pub data_dir: PathBuf,
     /// A docker config.json with registry credentials.
     #[arg(long, value_name = "FILE", env = "KILN_PULL_SECRET")]
@@ -81,11 +91,16 @@ pub fn run(args: ExecuteArgs) -> ExitCode {
 }
 
 async fn execute(args: ExecuteArgs) -> Result<(), String> {
-    let destination: ImageRef = args.destination.parse().map_err(|e| format!("--destination: {e}"))?;
+    let destination: ImageRef = args
+        .destination
+        .parse()
+        .map_err(|e| format!("--destination: {e}"))?;
     let platform: Platform = args.platform.parse().map_err(|e| format!("--platform: {e}"))?;
     let mut build_args = BTreeMap::new();
     for a in &args.build_args {
-        let (k, v) = a.split_once('=').ok_or_else(|| format!("--build-arg expects NAME=VALUE, got {a:?}"))?;
+        let (k, v) = a
+            .split_once('=')
+            .ok_or_else(|| format!("--build-arg expects NAME=VALUE, got {a:?}"))?;
         build_args.insert(k.to_owned(), v.to_owned());
     }
     let credentials = match &args.pull_secret {
@@ -98,9 +113,17 @@ async fn execute(args: ExecuteArgs) -> Result<(), String> {
     client_config.credentials = credentials;
     let registry = RegistryClient::new(client_config).map_err(|e| e.to_string())?;
     let settings = EngineSettings {
-        compression: if args.compression == "zstd" { LayerCompressionSetting::Zstd } else { LayerCompressionSetting::Gzip },
+        compression: if args.compression == "zstd" {
+            LayerCompressionSetting::Zstd
+        } else {
+            LayerCompressionSetting::Gzip
+        },
         compression_level: None,
-        network: if args.network == "none" { RunNetwork::None } else { RunNetwork::Host },
+        network: if args.network == "none" {
+            RunNetwork::None
+        } else {
+            RunNetwork::Host
+        },
     };
     let exe = std::env::current_exe().map_err(|e| format!("finding the kiln binary: {e}"))?;
     let engine = Engine::new(
@@ -130,13 +153,21 @@ async fn execute(args: ExecuteArgs) -> Result<(), String> {
                 }
                 Some(rev) => GitTarget::RemoteBranch(rev.to_owned()),
             };
-            let source =
-                GitSource { remote_uri: url.clone(), target, credentials: None, custom_config: Vec::new(), full_clone: false };
+            let source = GitSource {
+                remote_uri: url.clone(),
+                target,
+                credentials: None,
+                custom_config: Vec::new(),
+                full_clone: false,
+            };
             checkout_dir = tempfile::tempdir().map_err(|e| format!("creating a checkout directory: {e}"))?;
-            let checkout =
-                context::checkout(&source, &checkout_dir.path().join("src")).await.map_err(|e| e.to_string())?;
+            let checkout = context::checkout(&source, &checkout_dir.path().join("src"))
+                .await
+                .map_err(|e| e.to_string())?;
             let context = checkout.dir.join(args.context_path.as_deref().unwrap_or("."));
-            let dockerfile = checkout.dir.join(args.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()));
+            let dockerfile = checkout
+                .dir
+                .join(args.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()));
             (context, dockerfile)
         }
         (None, None) => return Err("give --context DIR or --git URL".into()),
@@ -151,7 +182,10 @@ async fn execute(args: ExecuteArgs) -> Result<(), String> {
         build_args,
         target: args.target.clone(),
         destination,
-        auth: AuthPolicy { installation: InstallationCredentialScope::Everywhere, additional: Default::default() },
+        auth: AuthPolicy {
+            installation: InstallationCredentialScope::Everywhere,
+            additional: Default::default(),
+        },
         pinned: BTreeMap::new(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();

@@ -700,9 +700,15 @@ mod tests {
                 ErrorKind::ArgumentConflict
             );
         }
-        assert_eq!(parse_err(&["build", "--rev", "x"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(
+            parse_err(&["build", "--rev", "x"]),
+            ErrorKind::MissingRequiredArgument
+        );
         // A directory is a source of its own, exclusive with the others.
-        assert_eq!(parse_err(&["build", "./app", "--ref", "alpine"]), ErrorKind::ArgumentConflict);
+        assert_eq!(
+            parse_err(&["build", "./app", "--ref", "alpine"]),
+            ErrorKind::ArgumentConflict
+        );
         let a = build_args(&["./app", "--dockerfile", "build/Dockerfile", "--build-arg", "A=1"]);
         assert_eq!(a.dir.as_deref(), Some(std::path::Path::new("./app")));
         assert_eq!(a.build_args, ["A=1"]);

@@ -6,9 +6,9 @@
 //! - `context`: build contexts (git checkouts, uploaded tars) and `.dockerignore`;
 //! - `layers`: unpacking pulled layers safely, packing new ones reproducibly;
 //! - `sandbox`: running RUN steps in Linux namespaces over overlayfs.
+pub mod build;
+pub mod context;
 pub mod dockerfile;
 pub mod image;
 pub mod layers;
-pub mod context;
 pub mod sandbox;
-pub mod build;

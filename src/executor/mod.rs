@@ -23,7 +23,11 @@ use crate::{
 #[derive(Debug, Clone)]
 pub enum Job {
     /// Copy the image `source` (pinned by digest) to `target` (a tag).
-    CopyImage { source: ImageRef, target: ImageRef, auth: AuthPolicy },
+    CopyImage {
+        source: ImageRef,
+        target: ImageRef,
+        auth: AuthPolicy,
+    },
     /// Build a Dockerfile into `input.destination` (the base image), then copy that into
     /// `workspace`.
     Dockerfile {
@@ -47,7 +51,11 @@ pub struct JobOutput {
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
     #[error("copying {from} to {target}: {error}")]
-    Copy { from: ImageRef, target: ImageRef, error: RegistryError },
+    Copy {
+        from: ImageRef,
+        target: ImageRef,
+        error: RegistryError,
+    },
     #[error("{target} does not resolve to {expected} after the push")]
     NotLanded { target: ImageRef, expected: Digest },
     #[error(transparent)]
@@ -89,7 +97,12 @@ impl LocalExecutor {
         let lines = Lines(log);
         match job {
             Job::CopyImage { source, target, auth } => self.copy(source, target, auth, &lines).await,
-            Job::Dockerfile { input, workspace, force, .. } => {
+            Job::Dockerfile {
+                input,
+                workspace,
+                force,
+                ..
+            } => {
                 let base = &input.destination;
                 let existing = match *force {
                     true => None,
@@ -97,13 +110,19 @@ impl LocalExecutor {
                         Ok(pinned) => Some(pinned),
                         Err(e) if e.kind() == crate::registry::RegistryErrorKind::NotFound => None,
                         Err(error) => {
-                            return Err(ExecutorError::Copy { from: base.clone(), target: workspace.clone(), error })
+                            return Err(ExecutorError::Copy {
+                                from: base.clone(),
+                                target: workspace.clone(),
+                                error,
+                            })
                         }
                     },
                 };
                 let built = match existing {
                     Some(pinned) => {
-                        lines.line(format_args!("base image {base} exists; no Dockerfile build needed"));
+                        lines.line(format_args!(
+                            "base image {base} exists; no Dockerfile build needed"
+                        ));
                         pinned
                     }
                     None => self.engine.build(input, log.clone(), cancel).await?.reference,
@@ -120,13 +139,24 @@ impl LocalExecutor {
         auth: &AuthPolicy,
         lines: &Lines<'_>,
     ) -> Result<JobOutput, ExecutorError> {
-        let fail = |error| ExecutorError::Copy { from: source.clone(), target: target.clone(), error };
+        let fail = |error| ExecutorError::Copy {
+            from: source.clone(),
+            target: target.clone(),
+            error,
+        };
         lines.line(format_args!("copying {source} to {target}"));
         let on_event = |event: CopyEvent| lines.line(event);
-        let digest = self.registry.copy(source, target, auth, &on_event).await.map_err(fail)?;
+        let digest = self
+            .registry
+            .copy(source, target, auth, &on_event)
+            .await
+            .map_err(fail)?;
         let landed = self.registry.resolve(target, auth).await.map_err(fail)?;
         if landed.digest() != Some(&digest) {
-            return Err(ExecutorError::NotLanded { target: target.clone(), expected: digest });
+            return Err(ExecutorError::NotLanded {
+                target: target.clone(),
+                expected: digest,
+            });
         }
         lines.line(format_args!("verified {target} resolves to {digest}"));
         Ok(JobOutput { digest })

@@ -12,7 +12,8 @@ mod secret;
 
 pub use auth::{AuthPolicy, AuthPolicyError, BasicCredentials, InstallationCredentialScope};
 pub use build::{
-    BuildId, BuildKey, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource, BUILD_PROCESS_VERSION,
+    BuildId, BuildKey, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource,
+    BUILD_PROCESS_VERSION,
 };
 pub use image_ref::{Digest, ImageRef, ImageRefError};
 pub use secret::Secret;

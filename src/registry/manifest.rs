@@ -34,7 +34,10 @@ pub(crate) fn inspect(reference: &ImageRef, body: &[u8]) -> Result<ManifestKind,
     if body.len() > MAX_MANIFEST_BYTES {
         return Err(RegistryError::InvalidManifest {
             reference: reference.to_string(),
-            reason: format!("{} bytes, more than the {MAX_MANIFEST_BYTES} bytes Kiln reads", body.len()),
+            reason: format!(
+                "{} bytes, more than the {MAX_MANIFEST_BYTES} bytes Kiln reads",
+                body.len()
+            ),
         });
     }
     let doc: serde_json::Value =

@@ -1316,11 +1316,7 @@ fn busybox_base_image_matches_the_testbed_recipe() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "busybox_layout_in_env_cache_dir",
-            "--nocapture",
-        ])
+        .args(["--exact", "busybox_layout_in_env_cache_dir", "--nocapture"])
         .env("KILN_TEST_BASE_IMAGES_DIR", other.path())
         .output()
         .unwrap();

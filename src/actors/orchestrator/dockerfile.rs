@@ -99,7 +99,11 @@ fn inside(root: &Path, rel: &str, what: &str) -> Result<PathBuf, BuildError> {
         match part {
             std::path::Component::Normal(p) => path.push(p),
             std::path::Component::CurDir => {}
-            _ => return Err(invalid(format!("{what}: {rel:?} must stay inside the build context"))),
+            _ => {
+                return Err(invalid(format!(
+                    "{what}: {rel:?} must stay inside the build context"
+                )))
+            }
         }
     }
     Ok(path)
@@ -122,13 +126,11 @@ async fn materialize(
                     "source.file.source.git.remote_uri: file:// remotes are disabled on this Kiln (builds.allow_local_git)",
                 ));
             }
-            let checkout = context::checkout(git, &dest)
-                .await
-                .map_err(|e| match e {
-                    // The remote may answer next time: a retryable error.
-                    context::ContextError::GitTimeout { .. } => BuildError::SourceUnavailable(e.to_string()),
-                    e => invalid(format!("source.file.source.git: {e}")),
-                })?;
+            let checkout = context::checkout(git, &dest).await.map_err(|e| match e {
+                // The remote may answer next time: a retryable error.
+                context::ContextError::GitTimeout { .. } => BuildError::SourceUnavailable(e.to_string()),
+                e => invalid(format!("source.file.source.git: {e}")),
+            })?;
             pinned = checkout.commit;
             checkout.dir
         }
@@ -139,9 +141,9 @@ async fn materialize(
                 .await
                 .map_err(|e| BuildError::Internal(format!("unpacking the context: {e}")))?
                 .map_err(|(digest, e)| match e {
-                    context::ContextError::UnknownContext { .. } => {
-                        BuildError::NotFound(format!("uploaded context {digest}; upload it with UploadContext"))
-                    }
+                    context::ContextError::UnknownContext { .. } => BuildError::NotFound(format!(
+                        "uploaded context {digest}; upload it with UploadContext"
+                    )),
                     e => invalid(format!("source.file.context_digest: {e}")),
                 })?;
             dest
@@ -159,25 +161,41 @@ pub async fn plan(
     let (dir, checkout, pinned_context) = materialize(deps, source).await?;
     let root = inside(&checkout, &source.context_path, "source.file.context_path")?;
     if !root.is_dir() {
-        return Err(invalid(format!("source.file.context_path: {:?} is not a directory", source.context_path)));
+        return Err(invalid(format!(
+            "source.file.context_path: {:?} is not a directory",
+            source.context_path
+        )));
     }
-    let dockerfile_rel = if source.dockerfile_path.is_empty() { "Dockerfile" } else { &source.dockerfile_path };
+    let dockerfile_rel = if source.dockerfile_path.is_empty() {
+        "Dockerfile"
+    } else {
+        &source.dockerfile_path
+    };
     // Gitpod resolves the Dockerfile against the checkout; fall back to the context.
     let dockerfile_path = {
         let from_checkout = inside(&checkout, dockerfile_rel, "source.file.dockerfile_path")?;
-        if from_checkout.is_file() { from_checkout } else { inside(&root, dockerfile_rel, "source.file.dockerfile_path")? }
+        if from_checkout.is_file() {
+            from_checkout
+        } else {
+            inside(&root, dockerfile_rel, "source.file.dockerfile_path")?
+        }
     };
-    let text = std::fs::read_to_string(&dockerfile_path)
-        .map_err(|e| invalid(format!("source.file.dockerfile_path: cannot read {dockerfile_rel:?}: {e}")))?;
+    let text = std::fs::read_to_string(&dockerfile_path).map_err(|e| {
+        invalid(format!(
+            "source.file.dockerfile_path: cannot read {dockerfile_rel:?}: {e}"
+        ))
+    })?;
     let dockerignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap_or_default();
     let parsed = dockerfile::parse(&text).map_err(|e| invalid(e.to_string()))?;
     let pinned = resolve_images(deps, &parsed, &source.build_args, auth).await?;
-    let ignore = DockerIgnore::try_parse(&dockerignore).map_err(|e| invalid(format!(".dockerignore: {e}")))?;
+    let ignore =
+        DockerIgnore::try_parse(&dockerignore).map_err(|e| invalid(format!(".dockerignore: {e}")))?;
     let root_for_digest = root.clone();
-    let context_digest = tokio::task::spawn_blocking(move || context::context_digest(&root_for_digest, &ignore))
-        .await
-        .map_err(|e| BuildError::Internal(format!("hashing the context: {e}")))?
-        .map_err(|e| invalid(format!("build context: {e}")))?;
+    let context_digest =
+        tokio::task::spawn_blocking(move || context::context_digest(&root_for_digest, &ignore))
+            .await
+            .map_err(|e| BuildError::Internal(format!("hashing the context: {e}")))?
+            .map_err(|e| invalid(format!("build context: {e}")))?;
     let key = BuildKey::for_dockerfile(
         &text,
         &context_digest,
@@ -186,9 +204,19 @@ pub async fn plan(
         source.target.as_deref(),
         &deps.platform,
     );
-    let context = PreparedContext { _dir: dir, root, dockerfile: text, dockerignore };
+    let context = PreparedContext {
+        _dir: dir,
+        root,
+        dockerfile: text,
+        dockerignore,
+    };
     let identity = Some(identity(source, &pinned_context, auth));
-    Ok(DockerfilePlan { key, context: Arc::new(context), pinned, identity })
+    Ok(DockerfilePlan {
+        key,
+        context: Arc::new(context),
+        pinned,
+        identity,
+    })
 }
 
 /// Resolves every image the Dockerfile builds FROM (or copies --from), in order.
@@ -201,7 +229,9 @@ async fn resolve_images(
     let mut globals: BTreeMap<String, String> = BTreeMap::new();
     for decl in &parsed.global_args {
         let value = build_args.get(&decl.name).cloned().or_else(|| {
-            decl.default.as_deref().and_then(|d| expand(d, &|n: &str| globals.get(n).cloned(), parsed.escape).ok())
+            decl.default
+                .as_deref()
+                .and_then(|d| expand(d, &|n: &str| globals.get(n).cloned(), parsed.escape).ok())
         });
         if let Some(v) = value {
             globals.insert(decl.name.clone(), v);
@@ -210,8 +240,12 @@ async fn resolve_images(
     let mut aliases: Vec<String> = Vec::new();
     let mut wanted: Vec<(usize, String)> = Vec::new();
     for stage in &parsed.stages {
-        let from = expand(&stage.from.image, &|n: &str| globals.get(n).cloned(), parsed.escape)
-            .map_err(|e| invalid(format!("Dockerfile line {}: FROM: {e}", stage.from.line)))?;
+        let from = expand(
+            &stage.from.image,
+            &|n: &str| globals.get(n).cloned(),
+            parsed.escape,
+        )
+        .map_err(|e| invalid(format!("Dockerfile line {}: FROM: {e}", stage.from.line)))?;
         let is_stage = aliases.iter().any(|a| a.eq_ignore_ascii_case(&from));
         if !is_stage && !from.eq_ignore_ascii_case("scratch") {
             wanted.push((stage.from.line, from));
@@ -219,7 +253,8 @@ async fn resolve_images(
         for instr in &stage.instructions {
             if let Instruction::Copy(spec) | Instruction::Add(spec) = &instr.inner {
                 if let Some(f) = &spec.from {
-                    let named_stage = aliases.iter().any(|a| a.eq_ignore_ascii_case(f)) || f.parse::<usize>().is_ok();
+                    let named_stage =
+                        aliases.iter().any(|a| a.eq_ignore_ascii_case(f)) || f.parse::<usize>().is_ok();
                     if !named_stage && !f.contains('$') {
                         wanted.push((instr.line, f.clone()));
                     }
@@ -236,7 +271,9 @@ async fn resolve_images(
         if pinned.contains_key(&name) {
             continue;
         }
-        let image: ImageRef = name.parse().map_err(|e| invalid(format!("Dockerfile line {line}: {e}")))?;
+        let image: ImageRef = name
+            .parse()
+            .map_err(|e| invalid(format!("Dockerfile line {line}: {e}")))?;
         let resolved = pool.resolve(image, auth.clone(), false).await?;
         pinned.insert(name, resolved);
     }

@@ -24,8 +24,8 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::watch;
 
 pub use dockerfile::PreparedContext;
-pub use plan::{Plan, WorkspacePlan};
 pub use journal::{BuildInputs, Journal};
+pub use plan::{Plan, WorkspacePlan};
 pub use table::{BuildRecord, BuildRefs, BuildSnapshot, BuildTable, Loaded, StatusUpdate};
 
 use super::{
@@ -223,7 +223,9 @@ async fn workspace_exists(
         Entry::Occupied(e) => e.get().clone(),
         Entry::Vacant(v) => {
             let (registry, image, auth) = (deps.registry.clone(), refs.workspace.clone(), auth.clone());
-            let check = async move { registry.exists(&image, &auth).await.map_err(Arc::new) }.boxed().shared();
+            let check = async move { registry.exists(&image, &auth).await.map_err(Arc::new) }
+                .boxed()
+                .shared();
             v.insert(check.clone());
             check
         }
@@ -240,7 +242,11 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
             let running = deps.table.running.get(&key).map(|id| id.clone());
             if let Some(build) = running {
                 deps.metrics.build_joined();
-                return Ok(Submission::Running { build, refs, joined: true });
+                return Ok(Submission::Running {
+                    build,
+                    refs,
+                    joined: true,
+                });
             }
             if workspace_exists(&deps, &key, &refs, &request.auth).await? {
                 return Ok(Submission::Exists { refs });
@@ -299,7 +305,9 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
         }
         deps.table.running.remove_if(&plan.key, |_, id| id == &build);
         // The log may have been opened: end it, so that its readers' streams end.
-        deps.directory.logs.tell(log_fanout::Finish { build: build.clone() });
+        deps.directory
+            .logs
+            .tell(log_fanout::Finish { build: build.clone() });
         return Err(e);
     }
     Ok(Submission::Running {
@@ -352,13 +360,20 @@ pub async fn recover(deps: Arc<OrchestratorDeps>, loaded: Loaded) {
     for id in &loaded.finished {
         if deps.table.records.contains_key(id) {
             // Idempotent; a log that does not exist stays absent.
-            let _ = deps.directory.logs.call(log_fanout::Finish { build: id.clone() }).await;
+            let _ = deps
+                .directory
+                .logs
+                .call(log_fanout::Finish { build: id.clone() })
+                .await;
         }
     }
     if loaded.interrupted.is_empty() {
         return;
     }
-    tracing::info!(builds = loaded.interrupted.len(), "recovering builds interrupted by a restart of Kiln");
+    tracing::info!(
+        builds = loaded.interrupted.len(),
+        "recovering builds interrupted by a restart of Kiln"
+    );
     let each = loaded.interrupted.into_iter().map(|id| {
         let deps = deps.clone();
         async move {
@@ -415,7 +430,9 @@ async fn resume(deps: &Arc<OrchestratorDeps>, record: &BuildRecord) -> Result<()
         start_build(deps, &record.id, plan, &request).await
     };
     if let Err(e) = started.await {
-        deps.table.running.remove_if(&record.key, |_, id| id == &record.id);
+        deps.table
+            .running
+            .remove_if(&record.key, |_, id| id == &record.id);
         return Err(format!("it could not be started again: {e}"));
     }
     deps.metrics.build_started();
@@ -437,8 +454,17 @@ async fn fail_interrupted(deps: &OrchestratorDeps, record: &BuildRecord, reason:
     if let Some((outcome, took)) = record.record(seq, update, Some(BuildOutcome::Failure)) {
         deps.metrics.build_completed(outcome, took);
     }
-    deps.table.running.remove_if(&record.key, |_, id| id == &record.id);
-    if let Err(e) = deps.directory.logs.call(log_fanout::Finish { build: record.id.clone() }).await {
+    deps.table
+        .running
+        .remove_if(&record.key, |_, id| id == &record.id);
+    if let Err(e) = deps
+        .directory
+        .logs
+        .call(log_fanout::Finish {
+            build: record.id.clone(),
+        })
+        .await
+    {
         tracing::error!(build_id = %record.id, error = %e, "cannot end the interrupted build's log");
     }
 }

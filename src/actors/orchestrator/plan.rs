@@ -36,19 +36,35 @@ pub(super) async fn plan(deps: &OrchestratorDeps, request: &BuildRequest) -> Res
             };
             Ok(plan_image(deps, base, request.auth.clone()))
         }
-        BuildSource::Dockerfile(source) => plan_dockerfile(deps, source, &request.auth, request.force_rebuild).await,
+        BuildSource::Dockerfile(source) => {
+            plan_dockerfile(deps, source, &request.auth, request.force_rebuild).await
+        }
     }
 }
 
-async fn resolve(deps: &OrchestratorDeps, image: &ImageRef, auth: &AuthPolicy) -> Result<ImageRef, BuildError> {
-    ResolverPool::new(deps.directory.clone()).resolve(image.clone(), auth.clone(), false).await
+async fn resolve(
+    deps: &OrchestratorDeps,
+    image: &ImageRef,
+    auth: &AuthPolicy,
+) -> Result<ImageRef, BuildError> {
+    ResolverPool::new(deps.directory.clone())
+        .resolve(image.clone(), auth.clone(), false)
+        .await
 }
 
 fn plan_image(deps: &OrchestratorDeps, base: ImageRef, auth: AuthPolicy) -> Plan {
     let key = BuildKey::for_base(&base);
     let workspace = key.workspace_image(&deps.workspace_repository);
-    let job = Job::CopyImage { source: base.clone(), target: workspace.clone(), auth };
-    Plan { key, refs: BuildRefs { workspace, base }, job }
+    let job = Job::CopyImage {
+        source: base.clone(),
+        target: workspace.clone(),
+        auth,
+    };
+    Plan {
+        key,
+        refs: BuildRefs { workspace, base },
+        job,
+    }
 }
 
 async fn plan_dockerfile(
@@ -79,7 +95,11 @@ async fn plan_dockerfile(
         workspace: workspace.clone(),
         force,
     };
-    Ok(Plan { key, refs: BuildRefs { workspace, base }, job })
+    Ok(Plan {
+        key,
+        refs: BuildRefs { workspace, base },
+        job,
+    })
 }
 
 /// The built image goes to the base repository under its content-addressed key; the
@@ -94,7 +114,9 @@ fn dockerfile_refs(deps: &OrchestratorDeps, dockerfile_key: &BuildKey) -> (Build
 /// The key and references of a Dockerfile request planned before, without fetching its
 /// context (the fast path of a repeated request). `None` for other sources or a miss.
 pub(super) async fn cached(deps: &OrchestratorDeps, request: &BuildRequest) -> Option<(BuildKey, BuildRefs)> {
-    let BuildSource::Dockerfile(source) = &request.source else { return None };
+    let BuildSource::Dockerfile(source) = &request.source else {
+        return None;
+    };
     let identity = dockerfile::quick_identity(source, &request.auth).await?;
     deps.plan_cache.get(&identity)
 }
@@ -116,6 +138,10 @@ pub(super) async fn plan_workspace(
         None => plan(deps, &request).await?.refs,
     };
     let exists = deps.registry.exists(&refs.workspace, &auth).await?;
-    let status = if exists { BuildStatus::DoneSuccess } else { BuildStatus::Unknown };
+    let status = if exists {
+        BuildStatus::DoneSuccess
+    } else {
+        BuildStatus::Unknown
+    };
     Ok(WorkspacePlan { refs, status })
 }

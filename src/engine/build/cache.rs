@@ -24,7 +24,11 @@ impl StateKey {
     /// Every key starts from Kiln's build-process version, so a Kiln that builds
     /// differently never reuses what an older one cached.
     pub fn of_image(manifest_digest: &Digest) -> Self {
-        Self::hash(&[BUILD_PROCESS_VERSION.as_bytes(), b"image", manifest_digest.as_str().as_bytes()])
+        Self::hash(&[
+            BUILD_PROCESS_VERSION.as_bytes(),
+            b"image",
+            manifest_digest.as_str().as_bytes(),
+        ])
     }
 
     /// The empty state (`FROM scratch`).
@@ -93,7 +97,10 @@ impl InstructionCache {
 
     /// Records an entry (temp file + rename, so a reader never sees half of one).
     pub fn put(&self, key: &StateKey, entry: &CachedLayer) -> std::io::Result<()> {
-        write_atomic(&self.path(key), &serde_json::to_vec(entry).expect("cache entries serialize"))
+        write_atomic(
+            &self.path(key),
+            &serde_json::to_vec(entry).expect("cache entries serialize"),
+        )
     }
 }
 
@@ -126,7 +133,12 @@ mod tests {
         let key = StateKey::scratch().step(b"RUN true");
         assert_eq!(cache.get(&key), None);
         let d: Digest = format!("sha256:{}", "2".repeat(64)).parse().unwrap();
-        let entry = CachedLayer { diff_id: d.clone(), digest: d, size: 3, media_type: "x".into() };
+        let entry = CachedLayer {
+            diff_id: d.clone(),
+            digest: d,
+            size: 3,
+            media_type: "x".into(),
+        };
         cache.put(&key, &entry).unwrap();
         assert_eq!(cache.get(&key), Some(entry));
     }

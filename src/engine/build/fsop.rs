@@ -55,7 +55,13 @@ pub enum FsAction {
     /// WORKDIR: create `path` and its parents if missing.
     Mkdir { path: String },
     /// COPY <<EOF: write `content` to `dest`.
-    Write { dest: String, name: String, content: Vec<u8>, chown: Option<String>, chmod: Option<u32> },
+    Write {
+        dest: String,
+        name: String,
+        content: Vec<u8>,
+        chown: Option<String>,
+        chmod: Option<u32>,
+    },
 }
 
 /// Everything `kiln __fsop` needs.
@@ -87,17 +93,30 @@ pub async fn apply(exe: &Path, op: &FsOp) -> Result<(), FsOpError> {
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| FsOpError::Spawn { exe: exe.into(), source })?;
+        .map_err(|source| FsOpError::Spawn {
+            exe: exe.into(),
+            source,
+        })?;
     let spec = serde_json::to_vec(op).expect("fs ops serialize");
     let mut stdin = child.stdin.take().expect("piped");
-    stdin.write_all(&spec).await.map_err(|e| FsOpError::Failed(format!("sending the step to the helper: {e}")))?;
+    stdin
+        .write_all(&spec)
+        .await
+        .map_err(|e| FsOpError::Failed(format!("sending the step to the helper: {e}")))?;
     drop(stdin);
-    let out = child.wait_with_output().await.map_err(|e| FsOpError::Failed(format!("waiting for the helper: {e}")))?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| FsOpError::Failed(format!("waiting for the helper: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        Err(FsOpError::Failed(if msg.is_empty() { format!("filesystem helper failed: {}", out.status) } else { msg }))
+        Err(FsOpError::Failed(if msg.is_empty() {
+            format!("filesystem helper failed: {}", out.status)
+        } else {
+            msg
+        }))
     }
 }
 
@@ -121,9 +140,17 @@ pub fn child_main() -> std::process::ExitCode {
 }
 
 fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> String {
-    let lower = lowers.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
+    let lower = lowers
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(":");
     match upper {
-        Some((u, w)) => format!("lowerdir={lower},upperdir={},workdir={}", u.display(), w.display()),
+        Some((u, w)) => format!(
+            "lowerdir={lower},upperdir={},workdir={}",
+            u.display(),
+            w.display()
+        ),
         None => format!("lowerdir={lower}"),
     }
 }
@@ -132,9 +159,19 @@ fn mount_overlay(target: &Path, lowers: &[PathBuf], upper: Option<(&Path, &Path)
     use nix::mount::{mount, MsFlags};
     fs::create_dir_all(target).map_err(|e| format!("creating mount point {}: {e}", target.display()))?;
     let options = overlay_options(lowers, upper);
-    let flags = if upper.is_none() { MsFlags::MS_RDONLY } else { MsFlags::empty() };
-    mount(Some("overlay"), target, Some("overlay"), flags, Some(options.as_str()))
-        .map_err(|e| format!("mounting the image's layers ({} layers): {e}", lowers.len()))
+    let flags = if upper.is_none() {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
+    };
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        flags,
+        Some(options.as_str()),
+    )
+    .map_err(|e| format!("mounting the image's layers ({} layers): {e}", lowers.len()))
 }
 
 /// Applies `op` (in the child, as root, before any other thread exists).
@@ -144,8 +181,14 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
         sched::{unshare, CloneFlags},
     };
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mount namespace: {e}"))?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(|e| format!("making mounts private: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making mounts private: {e}"))?;
     let scratch = &op.scratch;
     let empty = scratch.join("empty");
     fs::create_dir_all(&empty).map_err(|e| e.to_string())?;
@@ -156,7 +199,11 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
         l
     };
     let root = scratch.join("root");
-    mount_overlay(&root, &with_empty(&op.target.lowers), Some((&op.target.upper, &op.target.work)))?;
+    mount_overlay(
+        &root,
+        &with_empty(&op.target.lowers),
+        Some((&op.target.upper, &op.target.work)),
+    )?;
     let source = match &op.source {
         None => None,
         Some(FsSource::Context { dir, ignore }) => Some((dir.clone(), Some(DockerIgnore::parse(ignore)))),
@@ -173,7 +220,13 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
                 let dest = resolve_in_root(&root, path, true).map_err(|e| format!("WORKDIR {path}: {e}"))?;
                 mkdir_parents(&dest, &root, None).map_err(|e| format!("WORKDIR {path}: {e}"))?;
             }
-            FsAction::Write { dest, name, content, chown: owner, chmod } => {
+            FsAction::Write {
+                dest,
+                name,
+                content,
+                chown: owner,
+                chmod,
+            } => {
                 let owner = owner.as_deref().map(|o| ids.resolve(o)).transpose()?;
                 let mut target = dest.clone();
                 if dest.ends_with('/') {
@@ -183,19 +236,32 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
                 if path.is_dir() {
                     return Err(format!("cannot write {name} over the directory {target}"));
                 }
-                mkdir_parents(path.parent().unwrap_or(&root), &root, owner).map_err(|e| format!("{target}: {e}"))?;
+                mkdir_parents(path.parent().unwrap_or(&root), &root, owner)
+                    .map_err(|e| format!("{target}: {e}"))?;
                 fs::write(&path, content).map_err(|e| format!("writing {target}: {e}"))?;
                 fs::set_permissions(&path, fs::Permissions::from_mode(chmod.unwrap_or(0o644)))
                     .map_err(|e| e.to_string())?;
                 let (uid, gid) = owner.unwrap_or((0, 0));
                 chown(&path, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
             }
-            FsAction::Copy { sources, dest, chown: owner, chmod, extract } => {
+            FsAction::Copy {
+                sources,
+                dest,
+                chown: owner,
+                chmod,
+                extract,
+            } => {
                 let Some((src_root, ignore)) = &source else {
                     return Err("COPY has no source".into());
                 };
                 let owner = owner.as_deref().map(|o| ids.resolve(o)).transpose()?;
-                let plan = CopyPlan { root: &root, owner, chmod: *chmod, extract: *extract, keep_ids: ignore.is_none() };
+                let plan = CopyPlan {
+                    root: &root,
+                    owner,
+                    chmod: *chmod,
+                    extract: *extract,
+                    keep_ids: ignore.is_none(),
+                };
                 plan.copy(src_root, ignore.as_ref(), sources, dest)?;
             }
         }
@@ -212,13 +278,19 @@ struct IdMaps {
 impl IdMaps {
     fn load(root: &Path) -> Self {
         let read = |p: &str| {
-            resolve_in_root(root, p, true).ok().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default()
+            resolve_in_root(root, p, true)
+                .ok()
+                .and_then(|p| fs::read_to_string(p).ok())
+                .unwrap_or_default()
         };
         let users = read("/etc/passwd")
             .lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split(':').collect();
-                Some((f.first()?.to_string(), (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))
+                Some((
+                    f.first()?.to_string(),
+                    (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?),
+                ))
             })
             .collect();
         let groups = read("/etc/group")
@@ -239,14 +311,27 @@ impl IdMaps {
             None => (spec, None),
         };
         let (uid, primary) = match user.parse::<u32>() {
-            Ok(uid) => (uid, self.users.values().find(|(u, _)| *u == uid).map(|(_, g)| *g).unwrap_or(uid)),
-            Err(_) => *self.users.get(user).ok_or_else(|| format!("--chown: unknown user {user:?} in the image's /etc/passwd"))?,
+            Ok(uid) => (
+                uid,
+                self.users
+                    .values()
+                    .find(|(u, _)| *u == uid)
+                    .map(|(_, g)| *g)
+                    .unwrap_or(uid),
+            ),
+            Err(_) => *self
+                .users
+                .get(user)
+                .ok_or_else(|| format!("--chown: unknown user {user:?} in the image's /etc/passwd"))?,
         };
         let gid = match group {
             None => primary,
             Some(g) => match g.parse::<u32>() {
                 Ok(gid) => gid,
-                Err(_) => *self.groups.get(g).ok_or_else(|| format!("--chown: unknown group {g:?} in the image's /etc/group"))?,
+                Err(_) => *self
+                    .groups
+                    .get(g)
+                    .ok_or_else(|| format!("--chown: unknown group {g:?} in the image's /etc/group"))?,
             },
         };
         Ok((uid, gid))
@@ -265,7 +350,10 @@ fn mkdir_parents(dir: &Path, root: &Path, owner: Option<(u32, u32)>) -> io::Resu
     }
     match fs::symlink_metadata(dir) {
         Ok(m) if !m.is_dir() => {
-            return Err(io::Error::other(format!("{} exists and is not a directory", dir.display())));
+            return Err(io::Error::other(format!(
+                "{} exists and is not a directory",
+                dir.display()
+            )));
         }
         Ok(_) => return Ok(()),
         Err(_) => {}
@@ -333,7 +421,10 @@ pub fn segment_matches(pattern: &str, name: &str) -> bool {
 
 /// Paths (relative to `root`) matching `pattern`, segment by segment, sorted.
 fn glob(root: &Path, pattern: &str, ignore: Option<&DockerIgnore>) -> Vec<String> {
-    let segments: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
+    let segments: Vec<&str> = pattern
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != ".")
+        .collect();
     let mut found = vec![String::new()];
     for (i, seg) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
@@ -341,19 +432,29 @@ fn glob(root: &Path, pattern: &str, ignore: Option<&DockerIgnore>) -> Vec<String
         for base in &found {
             let dir = root.join(base);
             if !has_glob(seg) {
-                let rel = if base.is_empty() { seg.to_string() } else { format!("{base}/{seg}") };
+                let rel = if base.is_empty() {
+                    seg.to_string()
+                } else {
+                    format!("{base}/{seg}")
+                };
                 if fs::symlink_metadata(root.join(&rel)).is_ok() {
                     next.push(rel);
                 }
                 continue;
             }
             let Ok(entries) = fs::read_dir(&dir) else { continue };
-            let mut names: Vec<String> =
-                entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
             names.sort();
             for name in names {
                 if segment_matches(seg, &name) {
-                    let rel = if base.is_empty() { name } else { format!("{base}/{name}") };
+                    let rel = if base.is_empty() {
+                        name
+                    } else {
+                        format!("{base}/{name}")
+                    };
                     let is_dir = root.join(&rel).is_dir();
                     if last && ignore.is_some_and(|ig| ig.is_excluded(&rel, is_dir)) {
                         continue;
@@ -392,7 +493,13 @@ struct CopyPlan<'a> {
 }
 
 impl CopyPlan<'_> {
-    fn copy(&self, src_root: &Path, ignore: Option<&DockerIgnore>, sources: &[String], dest: &str) -> Result<(), String> {
+    fn copy(
+        &self,
+        src_root: &Path,
+        ignore: Option<&DockerIgnore>,
+        sources: &[String],
+        dest: &str,
+    ) -> Result<(), String> {
         let mut matched: Vec<(String, PathBuf)> = Vec::new();
         for pattern in sources {
             let clean = pattern.trim_start_matches('/');
@@ -406,7 +513,9 @@ impl CopyPlan<'_> {
                 let path = resolve_in_root(src_root, &rel, true).map_err(|e| format!("{pattern}: {e}"))?;
                 let excluded = ignore.is_some_and(|ig| ig.is_excluded(&rel, path.is_dir()));
                 if fs::symlink_metadata(&path).is_err() || excluded {
-                    return Err(format!("{pattern}: not found in the build context (or excluded by .dockerignore)"));
+                    return Err(format!(
+                        "{pattern}: not found in the build context (or excluded by .dockerignore)"
+                    ));
                 }
                 vec![rel]
             };
@@ -419,7 +528,8 @@ impl CopyPlan<'_> {
             }
         }
         let many = matched.len() > 1 || sources.iter().any(|s| has_glob(s));
-        let dest_is_dir_syntax = dest.ends_with('/') || dest.ends_with("/.") || dest == "." || dest.is_empty();
+        let dest_is_dir_syntax =
+            dest.ends_with('/') || dest.ends_with("/.") || dest == "." || dest.is_empty();
         if many && !dest_is_dir_syntax {
             let dest_path = resolve_in_root(self.root, dest, true).map_err(|e| e.to_string())?;
             if !dest_path.is_dir() {
@@ -434,12 +544,16 @@ impl CopyPlan<'_> {
                 self.copy_dir_contents(&path, &dest_path, ignore, &rel, &mut HashMap::new())?;
             } else if self.extract && is_archive(&path) {
                 self.mkdir_dest(&dest_path)?;
-                extract_archive(&path, &dest_path, self.owner).map_err(|e| format!("ADD {rel}: extracting: {e}"))?;
+                extract_archive(&path, &dest_path, self.owner)
+                    .map_err(|e| format!("ADD {rel}: extracting: {e}"))?;
             } else {
                 let into_dir = dest_is_dir_syntax || many || dest_path.is_dir();
                 let target = if into_dir {
                     self.mkdir_dest(&dest_path)?;
-                    let name = Path::new(&rel).file_name().map(|n| n.to_owned()).unwrap_or_default();
+                    let name = Path::new(&rel)
+                        .file_name()
+                        .map(|n| n.to_owned())
+                        .unwrap_or_default();
                     dest_path.join(name)
                 } else {
                     if let Some(parent) = dest_path.parent() {
@@ -447,7 +561,8 @@ impl CopyPlan<'_> {
                     }
                     dest_path
                 };
-                self.copy_entry(&path, &target, &mut HashMap::new()).map_err(|e| format!("{rel}: {e}"))?;
+                self.copy_entry(&path, &target, &mut HashMap::new())
+                    .map_err(|e| format!("{rel}: {e}"))?;
             }
         }
         Ok(())
@@ -481,23 +596,29 @@ impl CopyPlan<'_> {
             let meta = fs::symlink_metadata(&child).map_err(|e| format!("{child_rel}: {e}"))?;
             let excluded = ignore.is_some_and(|ig| ig.is_excluded(&child_rel, meta.is_dir()));
             // An excluded directory may still hold re-included files (`!` patterns).
-            if excluded && (!meta.is_dir() || !ignore.is_some_and(|ig| ig.may_reinclude_beneath(&child_rel))) {
+            if excluded && (!meta.is_dir() || !ignore.is_some_and(|ig| ig.may_reinclude_beneath(&child_rel)))
+            {
                 continue;
             }
             let target = dest.join(&name);
             if meta.is_dir() {
                 let existed = target.is_dir();
-                self.copy_entry(&child, &target, links).map_err(|e| format!("{child_rel}: {e}"))?;
+                self.copy_entry(&child, &target, links)
+                    .map_err(|e| format!("{child_rel}: {e}"))?;
                 self.copy_dir_contents(&child, &target, ignore, &child_rel, links)?;
                 // An excluded directory exists in the image only to hold re-included files.
-                let empty = fs::read_dir(&target).map(|mut d| d.next().is_none()).unwrap_or(false);
+                let empty = fs::read_dir(&target)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
                 if excluded && !existed && empty {
                     fs::remove_dir(&target).map_err(|e| format!("{child_rel}: {e}"))?;
                     continue;
                 }
-                self.finish_dir(&child, &target).map_err(|e| format!("{child_rel}: {e}"))?;
+                self.finish_dir(&child, &target)
+                    .map_err(|e| format!("{child_rel}: {e}"))?;
             } else {
-                self.copy_entry(&child, &target, links).map_err(|e| format!("{child_rel}: {e}"))?;
+                self.copy_entry(&child, &target, links)
+                    .map_err(|e| format!("{child_rel}: {e}"))?;
             }
         }
         Ok(())
@@ -516,7 +637,12 @@ impl CopyPlan<'_> {
     }
 
     /// Copies one entry (a directory only as itself, not its contents).
-    fn copy_entry(&self, src: &Path, dest: &Path, links: &mut HashMap<(u64, u64), PathBuf>) -> io::Result<()> {
+    fn copy_entry(
+        &self,
+        src: &Path,
+        dest: &Path,
+        links: &mut HashMap<(u64, u64), PathBuf>,
+    ) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         let ft = meta.file_type();
         if let Ok(existing) = fs::symlink_metadata(dest) {
@@ -558,8 +684,13 @@ impl CopyPlan<'_> {
             // fifos and device nodes (COPY --from of a system image)
             use nix::sys::stat::{mknod, Mode, SFlag};
             let kind = SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
-            mknod(dest, kind, Mode::from_bits_truncate(meta.mode() & 0o7777), meta.rdev())
-                .map_err(io::Error::from)?;
+            mknod(
+                dest,
+                kind,
+                Mode::from_bits_truncate(meta.mode() & 0o7777),
+                meta.rdev(),
+            )
+            .map_err(io::Error::from)?;
             chown(dest, Some(uid), Some(gid))?;
         }
         Ok(())
@@ -603,7 +734,11 @@ fn tar_checksum_ok(block: &[u8]) -> bool {
     let stored = std::str::from_utf8(&block[148..156])
         .ok()
         .and_then(|s| u32::from_str_radix(s.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok());
-    let sum: u32 = block.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { *b as u32 }).sum();
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| if (148..156).contains(&i) { 32 } else { *b as u32 })
+        .sum();
     stored == Some(sum)
 }
 
@@ -617,7 +752,8 @@ fn open_decompressed(path: &Path) -> io::Result<Box<dyn Read>> {
         [b'B', b'Z', b'h', ..] => Box::new(bzip2::read::MultiBzDecoder::new(io::BufReader::new(f))),
         [0xfd, b'7', b'z', b'X', b'Z', 0] => {
             let mut out = Vec::new();
-            lzma_rs::xz_decompress(&mut io::BufReader::new(f), &mut out).map_err(|e| io::Error::other(e.to_string()))?;
+            lzma_rs::xz_decompress(&mut io::BufReader::new(f), &mut out)
+                .map_err(|e| io::Error::other(e.to_string()))?;
             Box::new(io::Cursor::new(out))
         }
         _ => Box::new(f),

@@ -103,7 +103,12 @@ pub enum EngineError {
     Instruction { line: usize, message: String },
     /// A RUN step exited non-zero.
     #[error("Dockerfile line {line}: RUN {command} exited with code {exit_code}\n{tail}")]
-    RunFailed { line: usize, command: String, exit_code: i32, tail: String },
+    RunFailed {
+        line: usize,
+        command: String,
+        exit_code: i32,
+        tail: String,
+    },
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     #[error("layer store: {0}")]
@@ -121,7 +126,10 @@ impl EngineError {
     }
 
     pub(crate) fn at(line: usize, message: impl Into<String>) -> Self {
-        Self::Instruction { line, message: message.into() }
+        Self::Instruction {
+            line,
+            message: message.into(),
+        }
     }
 }
 
@@ -142,8 +150,10 @@ impl Engine {
     pub fn new(mut config: EngineConfig, registry: RegistryClient) -> Result<Self, EngineError> {
         // Step directories are handed to child processes that change their root and
         // working directory: every path must be absolute.
-        config.data_dir = std::path::absolute(&config.data_dir)
-            .map_err(EngineError::io(format!("resolving {}", config.data_dir.display())))?;
+        config.data_dir = std::path::absolute(&config.data_dir).map_err(EngineError::io(format!(
+            "resolving {}",
+            config.data_dir.display()
+        )))?;
         for dir in ["layers", "blobs", "cache", "cache-mounts", "tmp"] {
             let p = config.data_dir.join(dir);
             std::fs::create_dir_all(&p).map_err(EngineError::io(format!("creating {}", p.display())))?;
@@ -158,7 +168,14 @@ impl Engine {
         let layers = LayerStore::open(config.data_dir.join("layers"))?;
         let cache = InstructionCache::open(config.data_dir.join("cache"))
             .map_err(EngineError::io("opening the instruction cache"))?;
-        Ok(Self { inner: Arc::new(EngineInner { config, registry, layers, cache }) })
+        Ok(Self {
+            inner: Arc::new(EngineInner {
+                config,
+                registry,
+                layers,
+                cache,
+            }),
+        })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -207,7 +224,14 @@ impl Engine {
             .tempdir_in(self.inner.config.data_dir.join("tmp"))
             .map_err(EngineError::io("creating the build's scratch directory"))?;
         let log = BuildLogSink::new(log);
-        let build = stage::StageRunner::new(self, input, &dockerfile, scratch.path(), log.clone(), cancel.clone());
+        let build = stage::StageRunner::new(
+            self,
+            input,
+            &dockerfile,
+            scratch.path(),
+            log.clone(),
+            cancel.clone(),
+        );
         let state = tokio::select! {
             s = build.run() => s?,
             _ = cancel.cancelled() => return Err(EngineError::Cancelled),
@@ -245,6 +269,9 @@ fn adopt_layer(store: &LayerStore, diff_id: &Digest, dir: &Path) -> Result<PathB
             let _ = std::fs::remove_dir_all(dir);
             Ok(target)
         }
-        Err(e) => Err(EngineError::Io { what: format!("storing layer {diff_id}"), source: e }),
+        Err(e) => Err(EngineError::Io {
+            what: format!("storing layer {diff_id}"),
+            source: e,
+        }),
     }
 }

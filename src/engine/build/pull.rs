@@ -33,31 +33,58 @@ pub async fn pull(engine: &Engine, image: &ImageRef, auth: &AuthPolicy) -> Resul
     let repo = Arc::new(fetched.reference.clone());
     let mut layers = Vec::with_capacity(fetched.layers.len());
     // Layers are fetched concurrently; the store unpacks each blob once.
-    let futures = fetched.layers.iter().zip(config.rootfs.diff_ids.iter().map(Some).chain(std::iter::repeat(None))).map(|(l, diff_id)| {
-        let (engine, repo, auth) = (engine.clone(), repo.clone(), auth.clone());
-        let l = l.clone();
-        let blob = LayerBlob { digest: l.digest.clone(), media_type: l.media_type.clone(), diff_id: diff_id.cloned() };
-        async move {
-            let download = engine.config().data_dir.join("tmp").join(format!("pull-{}", uuid::Uuid::new_v4()));
-            let fetch = || async {
-                engine
-                    .registry()
-                    .pull_blob_to_file(&repo, &l.digest, Some(l.size), &download, &auth)
-                    .await
-                    .map(|_| BlobSource::File(download.clone()))
+    let futures = fetched
+        .layers
+        .iter()
+        .zip(
+            config
+                .rootfs
+                .diff_ids
+                .iter()
+                .map(Some)
+                .chain(std::iter::repeat(None)),
+        )
+        .map(|(l, diff_id)| {
+            let (engine, repo, auth) = (engine.clone(), repo.clone(), auth.clone());
+            let l = l.clone();
+            let blob = LayerBlob {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                diff_id: diff_id.cloned(),
             };
-            let stored = engine.layer_store().ensure(&blob, fetch).await;
-            let _ = std::fs::remove_file(&download);
-            let stored = stored?;
-            Ok::<_, EngineError>(Layer {
-                blob: Descriptor { media_type: l.media_type.clone(), digest: l.digest.clone(), size: l.size },
-                dir: stored.dir,
-                origin: LayerOrigin::Registry((*repo).clone()),
-            })
-        }
-    });
+            async move {
+                let download = engine
+                    .config()
+                    .data_dir
+                    .join("tmp")
+                    .join(format!("pull-{}", uuid::Uuid::new_v4()));
+                let fetch = || async {
+                    engine
+                        .registry()
+                        .pull_blob_to_file(&repo, &l.digest, Some(l.size), &download, &auth)
+                        .await
+                        .map(|_| BlobSource::File(download.clone()))
+                };
+                let stored = engine.layer_store().ensure(&blob, fetch).await;
+                let _ = std::fs::remove_file(&download);
+                let stored = stored?;
+                Ok::<_, EngineError>(Layer {
+                    blob: Descriptor {
+                        media_type: l.media_type.clone(),
+                        digest: l.digest.clone(),
+                        size: l.size,
+                    },
+                    dir: stored.dir,
+                    origin: LayerOrigin::Registry((*repo).clone()),
+                })
+            }
+        });
     for layer in futures::future::try_join_all(futures).await? {
         layers.push(layer);
     }
-    Ok(PulledImage { reference: fetched.reference, config, layers })
+    Ok(PulledImage {
+        reference: fetched.reference,
+        config,
+        layers,
+    })
 }

@@ -28,11 +28,15 @@ pub async fn push(
         .try_for_each_concurrent(PUSH_CONCURRENCY, |layer| async move {
             let outcome = match &layer.origin {
                 LayerOrigin::Registry(source) => {
-                    registry.transfer_blob(source, destination, &layer.blob.digest, layer.blob.size, auth).await?
+                    registry
+                        .transfer_blob(source, destination, &layer.blob.digest, layer.blob.size, auth)
+                        .await?
                 }
                 LayerOrigin::Local => {
                     let path = engine.blob_path(&layer.blob.digest);
-                    registry.push_blob_file(destination, &layer.blob.digest, &path, None, auth).await?
+                    registry
+                        .push_blob_file(destination, &layer.blob.digest, &path, None, auth)
+                        .await?
                 }
             };
             log.line(format!("  layer {} {}", layer.blob.digest, outcome));
@@ -42,11 +46,22 @@ pub async fn push(
     let config = state.config.to_bytes();
     let config_digest = Digest::of(&config);
     let config_size = config.len() as u64;
-    registry.push_blob_bytes(destination, &config_digest, config, auth).await?;
+    registry
+        .push_blob_bytes(destination, &config_digest, config, auth)
+        .await?;
     let manifest = Manifest::new(
-        Descriptor { media_type: OCI_CONFIG.into(), digest: config_digest, size: config_size },
+        Descriptor {
+            media_type: OCI_CONFIG.into(),
+            digest: config_digest,
+            size: config_size,
+        },
         state.layers.iter().map(|l| l.blob.clone()).collect(),
     );
-    let digest = registry.push_manifest_bytes(destination, manifest.to_bytes(), OCI_MANIFEST, auth).await?;
-    Ok(BuildOutput { reference: destination.pinned(digest.clone()), digest })
+    let digest = registry
+        .push_manifest_bytes(destination, manifest.to_bytes(), OCI_MANIFEST, auth)
+        .await?;
+    Ok(BuildOutput {
+        reference: destination.pinned(digest.clone()),
+        digest,
+    })
 }

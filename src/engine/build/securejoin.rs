@@ -37,7 +37,9 @@ pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result
             Ok(meta) if meta.file_type().is_symlink() && (follow_last || !is_last) => {
                 links += 1;
                 if links > MAX_SYMLINKS {
-                    return Err(io::Error::other(format!("too many levels of symbolic links resolving {path}")));
+                    return Err(io::Error::other(format!(
+                        "too many levels of symbolic links resolving {path}"
+                    )));
                 }
                 let target = std::fs::read_link(&candidate)?;
                 let target = target.to_string_lossy();
@@ -86,7 +88,10 @@ mod tests {
         symlink("../../../../etc", root.join("up")).unwrap();
         symlink("loop", root.join("loop")).unwrap();
         assert_eq!(resolve_in_root(root, "/abs/x", true).unwrap(), root.join("run/x"));
-        assert_eq!(resolve_in_root(root, "/up/passwd", true).unwrap(), root.join("etc/passwd"));
+        assert_eq!(
+            resolve_in_root(root, "/up/passwd", true).unwrap(),
+            root.join("etc/passwd")
+        );
         assert_eq!(resolve_in_root(root, "../../x", true).unwrap(), root.join("x"));
         assert_eq!(resolve_in_root(root, "/abs", false).unwrap(), root.join("abs"));
         assert!(resolve_in_root(root, "/loop/x", true).is_err());

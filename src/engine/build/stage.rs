@@ -25,7 +25,10 @@ use super::{
 };
 use crate::{
     engine::{
-        dockerfile::{self, expand, expand_heredoc, expand_words, Dockerfile, Instruction, Located, MountType, RunScript, ShellOrExec},
+        dockerfile::{
+            self, expand, expand_heredoc, expand_words, Dockerfile, Instruction, Located, MountType,
+            RunScript, ShellOrExec,
+        },
         image::{self, Descriptor, Healthcheck, HistoryEntry, ImageConfig},
         layers::{pack_layer_async, PackOptions},
         sandbox::{self, BindMount, RunSpec},
@@ -177,7 +180,15 @@ impl<'a> StageRunner<'a> {
         log: BuildLogSink,
         cancel: CancellationToken,
     ) -> Self {
-        Self { engine, input, dockerfile, scratch, log, cancel, last_step_cached: AtomicBool::new(false) }
+        Self {
+            engine,
+            input,
+            dockerfile,
+            scratch,
+            log,
+            cancel,
+            last_step_cached: AtomicBool::new(false),
+        }
     }
 
     fn automatic_args(&self) -> BTreeMap<String, String> {
@@ -194,12 +205,18 @@ impl<'a> StageRunner<'a> {
     }
 
     fn source_date_epoch(&self) -> Option<i64> {
-        self.input.build_args.get("SOURCE_DATE_EPOCH").and_then(|v| v.trim().parse().ok())
+        self.input
+            .build_args
+            .get("SOURCE_DATE_EPOCH")
+            .and_then(|v| v.trim().parse().ok())
     }
 
     fn created(&self) -> String {
         let secs = self.source_date_epoch().unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0)
         });
         image::timestamp(secs)
     }
@@ -220,13 +237,22 @@ impl<'a> StageRunner<'a> {
             None => stages.len() - 1,
             Some(t) => self.stage_index(t, stages.len()).ok_or_else(|| {
                 let names: Vec<_> = stages.iter().filter_map(|s| s.from.alias.clone()).collect();
-                EngineError::at(0, format!("target stage {t:?} not found (stages: {})", names.join(", ")))
+                EngineError::at(
+                    0,
+                    format!("target stage {t:?} not found (stages: {})", names.join(", ")),
+                )
             })?,
         };
         let automatic = self.automatic_args();
         let mut globals: BTreeMap<String, Option<String>> = BTreeMap::new();
         for decl in &self.dockerfile.global_args {
-            let lookup = |n: &str| globals.get(n).cloned().flatten().or_else(|| automatic.get(n).cloned());
+            let lookup = |n: &str| {
+                globals
+                    .get(n)
+                    .cloned()
+                    .flatten()
+                    .or_else(|| automatic.get(n).cloned())
+            };
             let default = decl
                 .default
                 .as_deref()
@@ -243,7 +269,9 @@ impl<'a> StageRunner<'a> {
             if self.cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
             }
-            let state = self.run_stage(*index, n + 1, total, &globals, &automatic, &done).await?;
+            let state = self
+                .run_stage(*index, n + 1, total, &globals, &automatic, &done)
+                .await?;
             done.insert(*index, state);
         }
         Ok(done.remove(&target).expect("the target stage was built"))
@@ -286,7 +314,13 @@ impl<'a> StageRunner<'a> {
         globals: &BTreeMap<String, Option<String>>,
         automatic: &BTreeMap<String, String>,
     ) -> Result<String, EngineError> {
-        let lookup = |n: &str| globals.get(n).cloned().flatten().or_else(|| automatic.get(n).cloned());
+        let lookup = |n: &str| {
+            globals
+                .get(n)
+                .cloned()
+                .flatten()
+                .or_else(|| automatic.get(n).cloned())
+        };
         expand(word, &lookup, self.dockerfile.escape).map_err(|e| EngineError::at(line, format!("FROM: {e}")))
     }
 
@@ -312,11 +346,20 @@ impl<'a> StageRunner<'a> {
                 variant: p.variant.clone(),
                 ..Default::default()
             };
-            return Ok((ImageState { config, layers: Vec::new(), key: StateKey::scratch() }, name));
+            return Ok((
+                ImageState {
+                    config,
+                    layers: Vec::new(),
+                    key: StateKey::scratch(),
+                },
+                name,
+            ));
         }
         let image: ImageRef = match self.input.pinned.get(&name) {
             Some(pinned) => pinned.clone(),
-            None => name.parse().map_err(|e| EngineError::at(from.line, format!("FROM {name}: {e}")))?,
+            None => name
+                .parse()
+                .map_err(|e| EngineError::at(from.line, format!("FROM {name}: {e}")))?,
         };
         let started = Instant::now();
         let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
@@ -326,8 +369,19 @@ impl<'a> StageRunner<'a> {
             pulled.layers.len(),
             started.elapsed().as_secs_f64()
         ));
-        let digest = pulled.reference.digest().cloned().expect("pulled images are pinned");
-        Ok((ImageState { config: pulled.config, layers: pulled.layers, key: StateKey::of_image(&digest) }, name))
+        let digest = pulled
+            .reference
+            .digest()
+            .cloned()
+            .expect("pulled images are pinned");
+        Ok((
+            ImageState {
+                config: pulled.config,
+                layers: pulled.layers,
+                key: StateKey::of_image(&digest),
+            },
+            name,
+        ))
     }
 
     async fn run_stage(
@@ -347,9 +401,17 @@ impl<'a> StageRunner<'a> {
         };
         let started = Instant::now();
         let (mut state, from) = self.base_state(index, globals, automatic, done).await?;
-        self.log.line(format!("[{label} 1/{steps}] FROM {from} ({:.2}s)", started.elapsed().as_secs_f64()));
+        self.log.line(format!(
+            "[{label} 1/{steps}] FROM {from} ({:.2}s)",
+            started.elapsed().as_secs_f64()
+        ));
         let mut ctx = StageCtx {
-            args: Args { build_args: &self.input.build_args, globals, automatic, declared: BTreeMap::new() },
+            args: Args {
+                build_args: &self.input.build_args,
+                globals,
+                automatic,
+                declared: BTreeMap::new(),
+            },
             cmd_set: false,
             done,
             stage_index: index,
@@ -360,7 +422,10 @@ impl<'a> StageRunner<'a> {
             let parsed = dockerfile::parse(&format!("FROM scratch\n{trigger}\n"))
                 .map_err(|e| EngineError::at(stage.from.line, format!("ONBUILD trigger {trigger:?}: {e}")))?;
             for instr in &parsed.stages[0].instructions {
-                let located = Located { line: stage.from.line, inner: instr.inner.clone() };
+                let located = Located {
+                    line: stage.from.line,
+                    inner: instr.inner.clone(),
+                };
                 self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
                 state = self.step(&mut ctx, state, &located).await?;
             }
@@ -378,7 +443,8 @@ impl<'a> StageRunner<'a> {
             } else {
                 format!("{:.2}s", started.elapsed().as_secs_f64())
             };
-            self.log.line(format!("[{label} {}/{steps}] {text} ({note})", n + 2));
+            self.log
+                .line(format!("[{label} {}/{steps}] {text} ({note})", n + 2));
         }
         Ok(state)
     }
@@ -407,7 +473,12 @@ impl<'a> StageRunner<'a> {
             });
         };
         let shell = |state: &ImageState| -> Vec<String> {
-            state.config.config.shell.clone().unwrap_or_else(|| DEFAULT_SHELL.iter().map(|s| s.to_string()).collect())
+            state
+                .config
+                .config
+                .shell
+                .clone()
+                .unwrap_or_else(|| DEFAULT_SHELL.iter().map(|s| s.to_string()).collect())
         };
         match &located.inner {
             Instruction::Env(pairs) => {
@@ -438,7 +509,12 @@ impl<'a> StageRunner<'a> {
                     expanded.push((word(ctx, &state, k)?, word(ctx, &state, v)?));
                 }
                 let shown: Vec<String> = expanded.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                state.config.config.labels.get_or_insert_with(BTreeMap::new).extend(expanded);
+                state
+                    .config
+                    .config
+                    .labels
+                    .get_or_insert_with(BTreeMap::new)
+                    .extend(expanded);
                 meta(&mut state, format!("LABEL {}", shown.join(" ")));
             }
             Instruction::Maintainer(m) => {
@@ -456,10 +532,18 @@ impl<'a> StageRunner<'a> {
                     let words = expand_words(p, &|n: &str| ctx.args.lookup(&state.config, n), escape)
                         .map_err(|e| EngineError::at(line, e.to_string()))?;
                     for p in words.iter().filter(|w| !w.is_empty()) {
-                        shown.push(if p.contains('/') { p.to_ascii_lowercase() } else { format!("{p}/tcp") });
+                        shown.push(if p.contains('/') {
+                            p.to_ascii_lowercase()
+                        } else {
+                            format!("{p}/tcp")
+                        });
                     }
                 }
-                let exposed = state.config.config.exposed_ports.get_or_insert_with(BTreeMap::new);
+                let exposed = state
+                    .config
+                    .config
+                    .exposed_ports
+                    .get_or_insert_with(BTreeMap::new);
                 exposed.extend(shown.iter().map(|p| (p.clone(), Default::default())));
                 meta(&mut state, format!("EXPOSE {}", shown.join(" ")));
             }
@@ -483,7 +567,10 @@ impl<'a> StageRunner<'a> {
             }
             Instruction::Shell(argv) => {
                 state.config.config.shell = Some(argv.clone());
-                meta(&mut state, format!("SHELL {}", serde_json::to_string(argv).unwrap_or_default()));
+                meta(
+                    &mut state,
+                    format!("SHELL {}", serde_json::to_string(argv).unwrap_or_default()),
+                );
             }
             Instruction::Cmd(cmd) => {
                 let argv = match cmd {
@@ -492,7 +579,10 @@ impl<'a> StageRunner<'a> {
                 };
                 state.config.config.cmd = Some(argv.clone());
                 ctx.cmd_set = true;
-                meta(&mut state, format!("CMD {}", serde_json::to_string(&argv).unwrap_or_default()));
+                meta(
+                    &mut state,
+                    format!("CMD {}", serde_json::to_string(&argv).unwrap_or_default()),
+                );
             }
             Instruction::Entrypoint(ep) => {
                 let argv = match ep {
@@ -504,7 +594,10 @@ impl<'a> StageRunner<'a> {
                 if !ctx.cmd_set {
                     state.config.config.cmd = None;
                 }
-                meta(&mut state, format!("ENTRYPOINT {}", serde_json::to_string(&argv).unwrap_or_default()));
+                meta(
+                    &mut state,
+                    format!("ENTRYPOINT {}", serde_json::to_string(&argv).unwrap_or_default()),
+                );
             }
             Instruction::Healthcheck(hc) => {
                 state.config.config.healthcheck = Some(healthcheck(hc));
@@ -512,18 +605,36 @@ impl<'a> StageRunner<'a> {
             }
             Instruction::Onbuild(inner) => {
                 let text = describe(inner);
-                state.config.config.on_build.get_or_insert_with(Vec::new).push(text.clone());
+                state
+                    .config
+                    .config
+                    .on_build
+                    .get_or_insert_with(Vec::new)
+                    .push(text.clone());
                 meta(&mut state, format!("ONBUILD {text}"));
             }
             Instruction::Workdir(dir) => {
                 let dir = word(ctx, &state, dir)?;
-                let cwd = state.config.config.working_dir.clone().unwrap_or_else(|| "/".into());
+                let cwd = state
+                    .config
+                    .config
+                    .working_dir
+                    .clone()
+                    .unwrap_or_else(|| "/".into());
                 let path = join_path(&cwd, &dir);
                 state.config.config.working_dir = Some(path.clone());
                 let created_by = format!("WORKDIR {path}");
                 let step = created_by.clone();
                 state = self
-                    .fs_step(state, line, &step, &created_by, None, vec![FsAction::Mkdir { path }], true)
+                    .fs_step(
+                        state,
+                        line,
+                        &step,
+                        &created_by,
+                        None,
+                        vec![FsAction::Mkdir { path }],
+                        true,
+                    )
                     .await?;
             }
             Instruction::Run(run) => {
@@ -569,7 +680,11 @@ impl<'a> StageRunner<'a> {
             ..Default::default()
         });
         state.layers.push(Layer {
-            blob: Descriptor { media_type: entry.media_type, digest: entry.digest, size: entry.size },
+            blob: Descriptor {
+                media_type: entry.media_type,
+                digest: entry.digest,
+                size: entry.size,
+            },
             dir,
             origin: LayerOrigin::Local,
         });
@@ -584,7 +699,9 @@ impl<'a> StageRunner<'a> {
         created_by: &str,
         skip_if_empty: bool,
     ) -> Result<ImageState, EngineError> {
-        let empty = std::fs::read_dir(upper).map(|mut d| d.next().is_none()).unwrap_or(true);
+        let empty = std::fs::read_dir(upper)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
         if empty && skip_if_empty {
             state.key = state.key.with_meta(created_by.as_bytes());
             state.config.history.push(HistoryEntry {
@@ -613,7 +730,10 @@ impl<'a> StageRunner<'a> {
             media_type: packed.media_type.to_owned(),
         };
         let key = state.key.step(step.as_bytes());
-        self.engine.instruction_cache().put(&key, &entry).map_err(EngineError::io("writing the instruction cache"))?;
+        self.engine
+            .instruction_cache()
+            .put(&key, &entry)
+            .map_err(EngineError::io("writing the instruction cache"))?;
         self.add_layer(&mut state, entry, dir, created_by);
         Ok(state)
     }
@@ -638,13 +758,20 @@ impl<'a> StageRunner<'a> {
             std::fs::create_dir_all(d).map_err(EngineError::io("creating overlay directories"))?;
         }
         let op = FsOp {
-            target: Overlay { lowers: state.lowers(), upper: upper.clone(), work },
+            target: Overlay {
+                lowers: state.lowers(),
+                upper: upper.clone(),
+                work,
+            },
             source,
             actions,
             scratch: dir.join("mnt"),
         };
-        fsop::apply(&self.engine.config().exe, &op).await.map_err(|e| EngineError::at(line, e.to_string()))?;
-        self.commit_layer(state, step, &upper, created_by, skip_if_empty).await
+        fsop::apply(&self.engine.config().exe, &op)
+            .await
+            .map_err(|e| EngineError::at(line, e.to_string()))?;
+        self.commit_layer(state, step, &upper, created_by, skip_if_empty)
+            .await
     }
 
     async fn copy_step(
@@ -657,10 +784,16 @@ impl<'a> StageRunner<'a> {
     ) -> Result<ImageState, EngineError> {
         let escape = self.dockerfile.escape;
         let exp = |w: &str| {
-            expand(w, &|n: &str| ctx.args.lookup(&state.config, n), escape).map_err(|e| EngineError::at(line, e.to_string()))
+            expand(w, &|n: &str| ctx.args.lookup(&state.config, n), escape)
+                .map_err(|e| EngineError::at(line, e.to_string()))
         };
         let keyword = if is_add { "ADD" } else { "COPY" };
-        let cwd = state.config.config.working_dir.clone().unwrap_or_else(|| "/".into());
+        let cwd = state
+            .config
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".into());
         let dest_raw = exp(&spec.dest)?;
         let mut dest = join_path(&cwd, &dest_raw);
         if (dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/.")) && !dest.ends_with('/') {
@@ -670,22 +803,37 @@ impl<'a> StageRunner<'a> {
         let chmod = match spec.chmod.as_deref().map(exp).transpose()? {
             None => None,
             Some(m) => Some(u32::from_str_radix(&m, 8).map_err(|_| {
-                EngineError::at(line, format!("{keyword} --chmod={m}: expected an octal mode such as 0755"))
+                EngineError::at(
+                    line,
+                    format!("{keyword} --chmod={m}: expected an octal mode such as 0755"),
+                )
             })?),
         };
         let sources: Vec<String> = spec.sources.iter().map(|s| exp(s)).collect::<Result<_, _>>()?;
         for s in &sources {
             if s.starts_with("http://") || s.starts_with("https://") {
-                return Err(EngineError::at(line, format!("{keyword} {s}: remote URLs are not supported; download in a RUN step")));
+                return Err(EngineError::at(
+                    line,
+                    format!("{keyword} {s}: remote URLs are not supported; download in a RUN step"),
+                ));
             }
             if !is_add && (s.starts_with("git@") || s.ends_with(".git")) && s.contains("://") {
-                return Err(EngineError::at(line, format!("{keyword} {s}: git sources are not supported")));
+                return Err(EngineError::at(
+                    line,
+                    format!("{keyword} {s}: git sources are not supported"),
+                ));
             }
         }
         let created_by = format!(
             "{keyword}{}{}{} {} {dest}",
-            spec.from.as_deref().map(|f| format!(" --from={f}")).unwrap_or_default(),
-            chown.as_deref().map(|c| format!(" --chown={c}")).unwrap_or_default(),
+            spec.from
+                .as_deref()
+                .map(|f| format!(" --from={f}"))
+                .unwrap_or_default(),
+            chown
+                .as_deref()
+                .map(|c| format!(" --chown={c}"))
+                .unwrap_or_default(),
             chmod.map(|m| format!(" --chmod={m:o}")).unwrap_or_default(),
             sources.join(" "),
         );
@@ -709,11 +857,18 @@ impl<'a> StageRunner<'a> {
             }
             (None, String::new())
         } else {
-            actions.push(FsAction::Copy { sources: sources.clone(), dest: dest.clone(), chown: chown.clone(), chmod, extract: is_add });
+            actions.push(FsAction::Copy {
+                sources: sources.clone(),
+                dest: dest.clone(),
+                chown: chown.clone(),
+                chmod,
+                extract: is_add,
+            });
             match spec.from.as_deref() {
                 None => {
-                    let digest = context_inputs_digest(&self.input.context, &self.input.dockerignore, &sources)
-                        .map_err(|e| EngineError::at(line, format!("{keyword}: {e}")))?;
+                    let digest =
+                        context_inputs_digest(&self.input.context, &self.input.dockerignore, &sources)
+                            .map_err(|e| EngineError::at(line, format!("{keyword}: {e}")))?;
                     (
                         Some(FsSource::Context {
                             dir: self.input.context.clone(),
@@ -731,21 +886,31 @@ impl<'a> StageRunner<'a> {
                         None => {
                             let image: ImageRef = match self.input.pinned.get(&from) {
                                 Some(pinned) => pinned.clone(),
-                                None => from
-                                    .parse()
-                                    .map_err(|e| EngineError::at(line, format!("{keyword} --from={from}: {e}")))?,
+                                None => from.parse().map_err(|e| {
+                                    EngineError::at(line, format!("{keyword} --from={from}: {e}"))
+                                })?,
                             };
                             let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
                             let digest = pulled.reference.digest().cloned().expect("pinned");
-                            ImageState { config: pulled.config, layers: pulled.layers, key: StateKey::of_image(&digest) }
+                            ImageState {
+                                config: pulled.config,
+                                layers: pulled.layers,
+                                key: StateKey::of_image(&digest),
+                            }
                         }
                     };
-                    (Some(FsSource::Layers { lowers: src_state.lowers() }), src_state.key.hex())
+                    (
+                        Some(FsSource::Layers {
+                            lowers: src_state.lowers(),
+                        }),
+                        src_state.key.hex(),
+                    )
                 }
             }
         };
         let step = format!("{created_by}\0{inputs}");
-        self.fs_step(state, line, &step, &created_by, source, actions, false).await
+        self.fs_step(state, line, &step, &created_by, source, actions, false)
+            .await
     }
 
     async fn run_step(
@@ -769,18 +934,31 @@ impl<'a> StageRunner<'a> {
             let passwd = read_merged(&state.lowers(), "etc/passwd").unwrap_or_default();
             env.push(("HOME".into(), home_of(&passwd, user.as_deref().unwrap_or("root"))));
         }
-        let cwd = state.config.config.working_dir.clone().unwrap_or_else(|| "/".into());
+        let cwd = state
+            .config
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".into());
         let network = match run.network.as_deref() {
             None | Some("default") => self.engine.config().network,
             Some("none") => RunNetwork::None,
             Some("host") => RunNetwork::Host,
-            Some(other) => return Err(EngineError::at(line, format!("RUN --network={other}: expected default, none or host"))),
+            Some(other) => {
+                return Err(EngineError::at(
+                    line,
+                    format!("RUN --network={other}: expected default, none or host"),
+                ))
+            }
         };
         let mut mounts = Vec::new();
         let mut mount_keys = Vec::new();
         for m in &run.mounts {
             let m = m
-                .expand(&|n: &str| ctx.args.lookup(&state.config, n), self.dockerfile.escape)
+                .expand(
+                    &|n: &str| ctx.args.lookup(&state.config, n),
+                    self.dockerfile.escape,
+                )
                 .map_err(|e| EngineError::at(line, format!("RUN --mount: {e}")))?;
             match m.kind {
                 MountType::Cache => {
@@ -789,19 +967,34 @@ impl<'a> StageRunner<'a> {
                     let host_dir = self.engine.cache_mount_dir(&id);
                     std::fs::create_dir_all(&host_dir).map_err(EngineError::io("creating a cache mount"))?;
                     mount_keys.push(format!("cache:{id}:{target}:{}", m.read_only));
-                    mounts.push(BindMount { host_dir, target: PathBuf::from(target), read_only: m.read_only });
+                    mounts.push(BindMount {
+                        host_dir,
+                        target: PathBuf::from(target),
+                        read_only: m.read_only,
+                    });
                 }
                 other => {
                     return Err(EngineError::at(
                         line,
-                        format!("RUN --mount=type={} is not supported (only type=cache)", other.as_str()),
+                        format!(
+                            "RUN --mount=type={} is not supported (only type=cache)",
+                            other.as_str()
+                        ),
                     ));
                 }
             }
         }
         // Everything the step's result depends on besides the parent state.
-        let step = serde_json::to_string(&(&argv, &env, &user, &cwd, format!("{network:?}"), &mount_keys, &script_file))
-            .expect("serializable");
+        let step = serde_json::to_string(&(
+            &argv,
+            &env,
+            &user,
+            &cwd,
+            format!("{network:?}"),
+            &mount_keys,
+            &script_file,
+        ))
+        .expect("serializable");
         let created_by = format!("RUN {shown}");
         if let Some(hit) = self.cached(&state, &step, &created_by) {
             return Ok(hit);
@@ -818,7 +1011,11 @@ impl<'a> StageRunner<'a> {
             std::fs::write(&path, content).map_err(EngineError::io("writing the heredoc script"))?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                 .map_err(EngineError::io("writing the heredoc script"))?;
-            mounts.push(BindMount { host_dir: pipes, target: PathBuf::from("/dev/pipes"), read_only: true });
+            mounts.push(BindMount {
+                host_dir: pipes,
+                target: PathBuf::from("/dev/pipes"),
+                read_only: true,
+            });
         }
         let spec = RunSpec {
             lower_dirs: state.lowers(),
@@ -854,7 +1051,12 @@ impl<'a> StageRunner<'a> {
         }
         if outcome.exit_code != 0 {
             let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
-            return Err(EngineError::RunFailed { line, command: shown, exit_code: outcome.exit_code, tail });
+            return Err(EngineError::RunFailed {
+                line,
+                command: shown,
+                exit_code: outcome.exit_code,
+                tail,
+            });
         }
         self.commit_layer(state, &step, &upper, &created_by, false).await
     }
@@ -918,7 +1120,11 @@ fn home_of(passwd: &str, user: &str) -> String {
 
 /// `path` made absolute against `cwd`, cleaned (no `.`/`..`), keeping a trailing `/`.
 pub fn join_path(cwd: &str, path: &str) -> String {
-    let joined = if path.starts_with('/') { path.to_owned() } else { format!("{}/{path}", cwd.trim_end_matches('/')) };
+    let joined = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("{}/{path}", cwd.trim_end_matches('/'))
+    };
     let mut parts: Vec<&str> = Vec::new();
     for part in joined.split('/') {
         match part {
@@ -936,10 +1142,16 @@ pub fn join_path(cwd: &str, path: &str) -> String {
 /// provide at `/dev/pipes/<name>` (BuildKit's place for `RUN <<EOF` scripts with `#!`).
 fn run_argv(run: &dockerfile::RunSpec, shell: &[String]) -> (Vec<String>, String, Option<(String, String)>) {
     match (&run.command, run.script()) {
-        (ShellOrExec::Exec(argv), _) => (argv.clone(), serde_json::to_string(argv).unwrap_or_default(), None),
-        (ShellOrExec::Shell(cmd), Some(RunScript::Executable { name, content })) => {
-            (vec![format!("/dev/pipes/{name}")], cmd.clone(), Some((name, content)))
-        }
+        (ShellOrExec::Exec(argv), _) => (
+            argv.clone(),
+            serde_json::to_string(argv).unwrap_or_default(),
+            None,
+        ),
+        (ShellOrExec::Shell(cmd), Some(RunScript::Executable { name, content })) => (
+            vec![format!("/dev/pipes/{name}")],
+            cmd.clone(),
+            Some((name, content)),
+        ),
         (ShellOrExec::Shell(cmd), script) => {
             let text = match script {
                 Some(RunScript::Shell(text)) => text,
@@ -953,10 +1165,22 @@ fn run_argv(run: &dockerfile::RunSpec, shell: &[String]) -> (Vec<String>, String
 
 fn healthcheck(hc: &dockerfile::Healthcheck) -> Healthcheck {
     match hc {
-        dockerfile::Healthcheck::None => Healthcheck { test: Some(vec!["NONE".into()]), ..Default::default() },
-        dockerfile::Healthcheck::Cmd { test, interval, timeout, start_period, start_interval, retries } => {
+        dockerfile::Healthcheck::None => Healthcheck {
+            test: Some(vec!["NONE".into()]),
+            ..Default::default()
+        },
+        dockerfile::Healthcheck::Cmd {
+            test,
+            interval,
+            timeout,
+            start_period,
+            start_interval,
+            retries,
+        } => {
             let test = match test {
-                ShellOrExec::Exec(v) => std::iter::once("CMD".to_string()).chain(v.iter().cloned()).collect(),
+                ShellOrExec::Exec(v) => std::iter::once("CMD".to_string())
+                    .chain(v.iter().cloned())
+                    .collect(),
                 ShellOrExec::Shell(s) => vec!["CMD-SHELL".to_string(), s.clone()],
             };
             let nanos = |d: &Option<std::time::Duration>| d.map(|d| d.as_nanos() as i64);
@@ -984,9 +1208,17 @@ fn context_inputs_digest(context: &Path, ignore: &str, sources: &[String]) -> Re
         let matches = fsop::glob_sources(context, source, Some(&ignore));
         for rel in matches {
             let root = context.join(&rel);
-            for entry in walkdir::WalkDir::new(&root).sort_by_file_name().follow_links(false) {
+            for entry in walkdir::WalkDir::new(&root)
+                .sort_by_file_name()
+                .follow_links(false)
+            {
                 let entry = entry.map_err(|e| e.to_string())?;
-                let rel_entry = entry.path().strip_prefix(context).unwrap_or(entry.path()).to_string_lossy().into_owned();
+                let rel_entry = entry
+                    .path()
+                    .strip_prefix(context)
+                    .unwrap_or(entry.path())
+                    .to_string_lossy()
+                    .into_owned();
                 let meta = entry.path().symlink_metadata().map_err(|e| e.to_string())?;
                 if entry.depth() > 0 && ignore.is_excluded(&rel_entry, meta.is_dir()) && !meta.is_dir() {
                     continue;
@@ -994,7 +1226,12 @@ fn context_inputs_digest(context: &Path, ignore: &str, sources: &[String]) -> Re
                 h.update(rel_entry.as_bytes());
                 h.update(meta.permissions().mode().to_le_bytes());
                 if meta.file_type().is_symlink() {
-                    h.update(std::fs::read_link(entry.path()).map_err(|e| e.to_string())?.to_string_lossy().as_bytes());
+                    h.update(
+                        std::fs::read_link(entry.path())
+                            .map_err(|e| e.to_string())?
+                            .to_string_lossy()
+                            .as_bytes(),
+                    );
                 } else if meta.is_file() {
                     let mut f = std::fs::File::open(entry.path()).map_err(|e| e.to_string())?;
                     let mut fh = Sha256::new();

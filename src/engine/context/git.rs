@@ -229,8 +229,13 @@ pub async fn remote_commit(source: &GitSource) -> Result<Option<String>, Context
         target.to_string(),
         DEFAULT_TIMEOUT,
     )?;
-    let out = git.run("git ls-remote", &["ls-remote", &remote.clean, &refname]).await?;
-    Ok(out.lines().find_map(|l| l.split_whitespace().next()).map(str::to_owned))
+    let out = git
+        .run("git ls-remote", &["ls-remote", &remote.clean, &refname])
+        .await?;
+    Ok(out
+        .lines()
+        .find_map(|l| l.split_whitespace().next())
+        .map(str::to_owned))
 }
 
 type Prepared = (Remote, GitTarget, Vec<(String, String)>, Scrubber);
