@@ -1,5 +1,5 @@
-//! Tests of the Dockerfile parser as a whole: every acceptance Dockerfile (texts embedded
-//! below, copied from the shared acceptance suite), the must-fail cases, lexing edge cases
+//! Tests of the Dockerfile parser as a whole: every acceptance Dockerfile (the project's own
+//! fixtures under `tests/fixtures/acceptance`), the must-fail cases, lexing edge cases
 //! (continuations, comments, directives, heredocs), instruction forms and errors, and a
 //! never-panics property over thousands of random and mutated inputs.
 
@@ -10,396 +10,59 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 
-/// `acceptance/dockerfiles/add-local-tar/Dockerfile`
-const ADD_LOCAL_TAR: &str = r##"# add-local-tar: ADD of local archives (tar, tar.gz, tar.bz2) extracts them into the
-# destination, keeping the archive's modes, owners, symlinks, hardlinks (and xattrs where
-# the builder supports them); a .gz that is not a tar and a plain file are copied as they
-# are; ADD --chown of a plain file. (ADD --chown of an archive is left out: builders differ on
-# whether it reaches the extracted entries, see NOTES.)
-# The archives come from acceptance/tools/make-add-archives.py.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-ADD archive.tar.gz /add/targz/
-ADD archive.tar /add/tar
-ADD archive.tar.bz2 /add/tarbz2/
-ADD plain.txt /add/plain.txt
-ADD single.txt.gz /add/
-ADD --chown=1234:1234 plain.txt /add/chowned/plain.txt
-RUN test -f /add/targz/top/file.txt && test -L /add/targz/top/link-to-file \
- && test -f /add/tar/top/exec.sh && test -f /add/tarbz2/top/sub/deep.txt \
- && test -f /add/single.txt.gz && test -f /add/plain.txt \
- && test "$(stat -c %u:%g /add/chowned/plain.txt)" = 1234:1234 \
- && test "$(stat -c %u:%g:%a /add/targz/top)" = 1000:1000:750 \
- && test "$(stat -c %a /add/targz/top/setuid)" = 4755 \
- && test "$(stat -c %h /add/targz/top/file.txt)" = 2 \
- && find /add | sort | xargs stat -c '%n %F %u:%g %a %h' > /add.list && cat /add.list
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/add-local-tar/Dockerfile`
+const ADD_LOCAL_TAR: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/add-local-tar/Dockerfile");
 
-/// `acceptance/dockerfiles/apt-jq/Dockerfile`
-const APT_JQ: &str = r##"# apt-jq: RUN must reach the Debian mirror from inside the build.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/debian:bookworm
-RUN apt-get update \
- && apt-get install -y --no-install-recommends jq \
- && rm -rf /var/lib/apt/lists/*
-RUN echo '{"ok": true}' | jq -e .ok
-CMD ["jq", "--version"]
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/apt-jq/Dockerfile`
+const APT_JQ: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/apt-jq/Dockerfile");
 
-/// `acceptance/dockerfiles/busybox-basic/Dockerfile`
-const BUSYBOX_BASIC: &str = r##"# busybox-basic: every common instruction, on the tiny busybox base (no network needed).
-# Base images come only from the local testbed registry (override with --build-arg).
-ARG BASE_REGISTRY=127.0.0.1:5000
+/// `tests/fixtures/acceptance/dockerfiles/busybox-basic/Dockerfile`
+const BUSYBOX_BASIC: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/busybox-basic/Dockerfile");
 
-FROM ${BASE_REGISTRY}/base/busybox:latest AS builder
-ARG GREETING=hello
-RUN mkdir -p /out \
- && echo "${GREETING} from the builder stage" > /out/greeting.txt \
- && printf '#!/bin/sh\necho "tool v1: $*"\n' > /out/tool \
- && chmod 0755 /out/tool
+/// `tests/fixtures/acceptance/dockerfiles/copy-chown-chmod/Dockerfile`
+const COPY_CHOWN_CHMOD: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/copy-chown-chmod/Dockerfile");
 
-FROM ${BASE_REGISTRY}/base/busybox:latest
-ARG APP_VERSION=0.1.0
-LABEL org.opencontainers.image.title="busybox-basic" \
-      org.opencontainers.image.version="${APP_VERSION}"
-ENV APP_HOME=/srv/app \
-    APP_VERSION=${APP_VERSION}
-WORKDIR ${APP_HOME}
-COPY app/ ./
-COPY --from=builder /out/tool /usr/local/bin/tool
-COPY --from=builder /out/greeting.txt /etc/greeting.txt
-# Debian's busybox-static has no adduser/addgroup applets: edit passwd/group directly
-RUN echo 'app:x:1000:1000:app:/home/app:/bin/sh' >> /etc/passwd \
- && echo 'app:x:1000:' >> /etc/group \
- && mkdir -p /home/app && chown app:app /home/app \
- && chown -R app:app "${APP_HOME}" \
- && sh ./check.sh
-USER app
-RUN test "$(id -u)" = 1000 && test "$(pwd)" = /srv/app && tool "$APP_VERSION" && cat /etc/greeting.txt
-CMD ["sh", "-c", "tool $APP_VERSION; cat /etc/greeting.txt"]
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/copy-globs/Dockerfile`
+const COPY_GLOBS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/copy-globs/Dockerfile");
 
-/// `acceptance/dockerfiles/copy-chown-chmod/Dockerfile`
-const COPY_CHOWN_CHMOD: &str = r##"# copy-chown-chmod: COPY --chown by user:group names resolved from the image's own
-# /etc/passwd and /etc/group, by numeric uid:gid (known and unknown ids), --chmod on a file and
-# on a directory copy, both flags together; default ownership 0:0 without --chown.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-RUN echo 'alice:x:1234:2345:alice:/home/alice:/bin/sh' >> /etc/passwd \
- && echo 'team:x:2345:' >> /etc/group \
- && echo 'other:x:3456:' >> /etc/group
-COPY files/ /plain/
-COPY --chown=alice:team files/ /chown/byname/
-COPY --chown=1234:3456 files/a.txt /chown/numeric/a.txt
-COPY --chown=alice:other files/a.txt /chown/user-other-group.txt
-COPY --chown=4321:4321 files/ /chown/unknown-ids/
-COPY --chmod=0640 files/a.txt /chmod/a-0640.txt
-COPY --chmod=755 files/ /chmod/dir-755/
-COPY --chown=alice:team --chmod=0600 files/a.txt /chmod/both.txt
-RUN stat -c '%n %u:%g %a' $(find /plain /chown /chmod | sort) > /chown-chmod.list \
- && cat /chown-chmod.list \
- && test "$(stat -c %u:%g /plain/a.txt)" = 0:0 \
- && test "$(stat -c %u:%g /chown/byname/a.txt)" = 1234:2345 \
- && test "$(stat -c %u:%g /chown/byname/sub/b.txt)" = 1234:2345 \
- && test "$(stat -c %u:%g /chown/numeric/a.txt)" = 1234:3456 \
- && test "$(stat -c %u:%g /chown/user-other-group.txt)" = 1234:3456 \
- && test "$(stat -c %u:%g /chown/unknown-ids/a.txt)" = 4321:4321 \
- && test "$(stat -c %a /chmod/a-0640.txt)" = 640 \
- && test "$(stat -c %a /chmod/dir-755/a.txt)" = 755 \
- && test "$(stat -c %a:%u /chmod/both.txt)" = 600:1234 \
- && test "$(stat -c %a /plain/run.sh)" = 755 && test "$(stat -c %a /plain/a.txt)" = 644
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/dockerignore-patterns/Dockerfile`
+const DOCKERIGNORE_PATTERNS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/dockerignore-patterns/Dockerfile");
 
-/// `acceptance/dockerfiles/copy-globs/Dockerfile`
-const COPY_GLOBS: &str = r##"# copy-globs: wildcard sources (* ? [class], a glob in a middle path component), several
-# sources into one directory, a glob matching a dot-file, JSON form.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-COPY *.txt /globs/txt/
-COPY data?.json /globs/question/
-COPY data[12]*.json /globs/class/
-COPY sub/*/y.txt /globs/middle/
-COPY *.md a.txt /globs/multi/
-COPY ["sub", "/globs/sub-contents/"]
-RUN test -f /globs/txt/a.txt && test -f /globs/txt/b.txt && test ! -e /globs/txt/c.md \
- && test -f /globs/question/data1.json && test ! -e /globs/question/data10.json \
- && test -f /globs/class/data10.json && test -f /globs/multi/c.md \
- && test -f /globs/sub-contents/deep/y.txt && test ! -e /globs/sub-contents/sub \
- && find /globs | sort > /globs.list && cat /globs.list
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/entrypoint-cmd-exec/Dockerfile`
+const ENTRYPOINT_CMD_EXEC: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/entrypoint-cmd-exec/Dockerfile");
 
-/// `acceptance/dockerfiles/dockerignore-patterns/Dockerfile`
-const DOCKERIGNORE_PATTERNS: &str = r##"# dockerignore-patterns: .dockerignore with comments, root-anchored patterns, `*`, `?`,
-# `**`, a trailing slash, a leading slash, and `!` exceptions (also re-including a file
-# inside an excluded directory). COPY . must see exactly the files that survive.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-COPY . /ctx/
-RUN cd /ctx \
- && test ! -e app.log && test -f keep.log && test -f sub/app.log \
- && test ! -e notes.tmp && test ! -e sub/deeper/x.tmp \
- && test ! -e build/out.bin && test -f build/keep-me.txt \
- && test ! -e docs/a.md && test ! -e docs/guide/b.md && test -f docs/README.md \
- && test -f docs/guide/README.md && test -f docs/guide/c.txt \
- && test ! -e rootonly.txt && test -f sub/rootonly.txt \
- && test ! -e secret1.txt && test -f secret10.txt \
- && test ! -e one/nested-ignored.txt && test -f one/two/nested-ignored.txt \
- && test -f kept.txt && test -f Dockerfile && test -f .dockerignore && test ! -e .git \
- && find . -type f | sort > /ctx.list && cat /ctx.list
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/env-expansion/Dockerfile`
+const ENV_EXPANSION: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/env-expansion/Dockerfile");
 
-/// `acceptance/dockerfiles/entrypoint-cmd-exec/Dockerfile`
-const ENTRYPOINT_CMD_EXEC: &str = r##"# entrypoint-cmd-exec: exec-form ENTRYPOINT plus exec-form CMD as default arguments; a CMD
-# set in the same stage before ENTRYPOINT is kept; the last CMD wins.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-CMD ["first-cmd"]
-ENTRYPOINT ["/bin/echo", "entry"]
-CMD ["default", "args with space"]
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/gitpod-workspace/Dockerfile`
+const GITPOD_WORKSPACE: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/gitpod-workspace/Dockerfile");
 
-/// `acceptance/dockerfiles/env-expansion/Dockerfile`
-const ENV_EXPANSION: &str = r##"# env-expansion: the builder's own variable substitution in ENV, WORKDIR, LABEL, COPY, USER,
-# EXPOSE: $a, ${a}, ${a:-default}, ${a:+alternative}, escaped \$, quoting, ENV with several
-# pairs (substitution uses the values from before the instruction), legacy `ENV key value`.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-ENV A=alpha
-ENV B=${A}-b \
-    C=$A \
-    D=${UNSET:-default-d} \
-    E=${A:-not-used} \
-    F=${A:+alt-f} \
-    G=${UNSET:+never}x \
-    H=\$A \
-    I='single $A quoted' \
-    J="double $A quoted" \
-    K=with\ space \
-    L=${A}${A}_$A \
-    M="${A}/\${A}"
-ENV A=changed SAME_LINE=$A
-ENV legacy_form value with  spaces
-ENV PORT=8080 DIR=/env UID_NUM=0
-WORKDIR ${DIR}/$A
-COPY payload.txt ${DIR}/copied-${A}.txt
-LABEL expanded=$A literal=\$A default=${NOPE:-fallback}
-EXPOSE ${PORT}/tcp
-USER ${UID_NUM}
-RUN test "$B" = alpha-b && test "$C" = alpha && test "$D" = default-d && test "$E" = alpha \
- && test "$F" = alt-f && test "$G" = x && test "$H" = '$A' && test "$I" = 'single $A quoted' \
- && test "$J" = 'double alpha quoted' && test "$K" = 'with space' && test "$L" = alphaalpha_alpha \
- && test "$M" = 'alpha/${A}' && test "$A" = changed && test "$SAME_LINE" = alpha \
- && test "$legacy_form" = 'value with  spaces' && test "$(pwd)" = /env/changed \
- && test -f /env/copied-changed.txt \
- && env | grep -E '^([A-M]|SAME_LINE|legacy_form|PORT|DIR)=' | sort > /env/values.txt \
- && cat /env/values.txt
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/multistage-copy-from/Dockerfile`
+const MULTISTAGE_COPY_FROM: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/multistage-copy-from/Dockerfile");
 
-/// `acceptance/dockerfiles/gitpod-workspace/Dockerfile`
-const GITPOD_WORKSPACE: &str = r##"# gitpod-workspace: shaped like gitpod/workspace-base (user gitpod:33333, bash,
-# ~/.bashrc.d), on the debootstrapped Debian base from the local registry.
-ARG BASE_REGISTRY=127.0.0.1:5000
+/// `tests/fixtures/acceptance/dockerfiles/run-shell-exec/Dockerfile`
+const RUN_SHELL_EXEC: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/run-shell-exec/Dockerfile");
 
-FROM ${BASE_REGISTRY}/base/debian:bookworm AS tools
-ARG TOOL_VERSION=1.2.3
-RUN mkdir -p /out/bin \
- && printf '#!/bin/bash\necho "gp-tool %s"\n' "${TOOL_VERSION}" > /out/bin/gp-tool \
- && chmod 0755 /out/bin/gp-tool \
- && echo "${TOOL_VERSION}" > /out/VERSION
+/// `tests/fixtures/acceptance/dockerfiles/scratch-copy-only/Dockerfile`
+const SCRATCH_COPY_ONLY: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/scratch-copy-only/Dockerfile");
 
-FROM ${BASE_REGISTRY}/base/debian:bookworm
-ARG USERNAME=gitpod
-ARG USER_UID=33333
-LABEL dazzle/layer=base \
-      dazzle/test=acceptance \
-      org.opencontainers.image.title="gitpod-style workspace"
-ENV LANG=C.UTF-8 \
-    HOME=/home/${USERNAME} \
-    TRIGGER_REBUILD=1
-RUN useradd -l -u ${USER_UID} -U -md /home/${USERNAME} -s /bin/bash ${USERNAME} \
- && mkdir -p /workspace && chown ${USERNAME}:${USERNAME} /workspace \
- && sed -i 's/^#force_color_prompt=yes/force_color_prompt=yes/' /etc/skel/.bashrc
-COPY --from=tools /out/bin/gp-tool /usr/local/bin/gp-tool
-COPY --from=tools /out/VERSION /opt/gp-tool.VERSION
-COPY --chown=gitpod:gitpod files/bashrc.d/ /home/gitpod/.bashrc.d/
-COPY files/motd /etc/motd
-WORKDIR $HOME
-USER ${USERNAME}
-RUN echo 'for i in $(ls -A $HOME/.bashrc.d/); do source $HOME/.bashrc.d/$i; done' >> /home/gitpod/.bashrc \
- && test "$(id -un)" = gitpod && test "$(id -u)" = 33333 && test "$PWD" = /home/gitpod \
- && test ! -e /home/gitpod/.bashrc.d/ignored.txt \
- && bash -c 'for f in ~/.bashrc.d/*; do . "$f"; done; gp-tool && test -n "$WS_GREETING" && echo "WS_GREETING=$WS_GREETING"' \
- && stat -c '%U %n' /home/gitpod/.bashrc.d/10-greeting
-WORKDIR /workspace
-CMD ["/bin/bash", "-l"]
-"##;
+/// `tests/fixtures/acceptance/dockerfiles/symlinks/Dockerfile`
+const SYMLINKS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/symlinks/Dockerfile");
 
-/// `acceptance/dockerfiles/multistage-copy-from/Dockerfile`
-const MULTISTAGE_COPY_FROM: &str = r##"# multistage-copy-from: COPY --from by stage name and by stage index, a stage built FROM an
-# earlier stage (inherits its files, ENV and WORKDIR), and a stage nothing needs.
-ARG BASE_REGISTRY=127.0.0.1:5000
+/// `tests/fixtures/acceptance/dockerfiles/user-forms/Dockerfile`
+const USER_FORMS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/user-forms/Dockerfile");
 
-# stage 0
-FROM ${BASE_REGISTRY}/base/busybox:latest AS first
-RUN mkdir -p /out/d/e \
- && echo "from stage 0" > /out/zero.txt \
- && echo "nested" > /out/n.txt \
- && echo "deep" > /out/d/e/f.txt
+/// `tests/fixtures/acceptance/dockerfiles/whiteout-delete/Dockerfile`
+const WHITEOUT_DELETE: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/whiteout-delete/Dockerfile");
 
-# stage 1: never referenced by the final stage
-FROM ${BASE_REGISTRY}/base/busybox:latest AS unused
-RUN echo "unused stage" > /unused.txt
+/// `tests/fixtures/acceptance/bad/run-exit-3/Dockerfile`
+const BAD_RUN_EXIT_3: &str = include_str!("../../../tests/fixtures/acceptance/bad/run-exit-3/Dockerfile");
 
-# stage 2: FROM a previous stage
-FROM first AS second
-ENV STAGE_ENV=from-second
-WORKDIR /work2
-RUN test -f /out/zero.txt \
- && test "$(pwd)" = /work2 \
- && echo "from stage second, STAGE_ENV=${STAGE_ENV}" > /out/second.txt
+/// `tests/fixtures/acceptance/bad/unknown-instruction/Dockerfile`
+const BAD_UNKNOWN_INSTRUCTION: &str = include_str!("../../../tests/fixtures/acceptance/bad/unknown-instruction/Dockerfile");
 
-FROM ${BASE_REGISTRY}/base/busybox:latest
-COPY --from=first /out/zero.txt /result/by-name/
-COPY --from=0 /out/n.txt /result/by-index/n.txt
-COPY --from=second /out/ /result/second-contents/
-COPY --from=second /out/d /result/dir-d
-COPY --from=2 /out/second.txt /result/index2.txt
-COPY --from=second /work2 /result/empty-workdir
-RUN test ! -e /unused.txt && test -z "${STAGE_ENV:-}" \
- && test -f /result/second-contents/zero.txt && test -f /result/dir-d/e/f.txt \
- && test -f /result/by-name/zero.txt && test -d /result/empty-workdir \
- && find /result | sort > /result.list && cat /result.list
-CMD ["cat", "/result.list"]
-"##;
-
-/// `acceptance/dockerfiles/run-shell-exec/Dockerfile`
-const RUN_SHELL_EXEC: &str = r##"# run-shell-exec: RUN shell form (through /bin/sh -c, line continuations) and exec form
-# (no shell: no variable expansion, arguments with spaces kept whole); the RUN environment
-# (PATH from the image, HOME, cwd, ENV values).
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-ENV GREETING=hello
-RUN echo "shell form: $GREETING" > /run-shell.txt
-RUN ["/bin/sh", "-c", "echo \"exec via sh: $GREETING\" > /run-exec-sh.txt"]
-RUN ["/bin/mkdir", "-p", "/exec/made by exec form", "/exec/$GREETING"]
-RUN ["sh", "-c", "echo 'found sh through PATH' > /run-path.txt"]
-RUN echo one \
-    two \
-      three > /run-continued.txt
-RUN set -e; x=1; [ "$x" = 1 ]; echo "semicolons ok" > /run-semicolons.txt
-RUN echo "pwd=$(pwd) home=$HOME path=$PATH uid=$(id -u) greeting=$GREETING" > /run-env.txt
-RUN test -d "/exec/made by exec form" && test -d '/exec/$GREETING' \
- && test "$(cat /run-continued.txt)" = "one two three" \
- && cat /run-*.txt
-"##;
-
-/// `acceptance/dockerfiles/scratch-copy-only/Dockerfile`
-const SCRATCH_COPY_ONLY: &str = r##"# scratch-copy-only: FROM scratch with COPY only (no base image, no RUN): a rootfs tree, a
-# file to a new path, --chown by number, and --chown by name resolved from the /etc/passwd
-# and /etc/group that the first COPY put into the image; ENV/WORKDIR/USER/CMD on scratch.
-# No RUN, so no shell is needed. See expect.json for the exact result.
-FROM scratch
-COPY rootfs/ /
-COPY hello.txt /srv/hello.txt
-COPY --chown=7:8 hello.txt /srv/owned-numeric.txt
-COPY --chown=app:apps hello.txt /srv/owned-by-name.txt
-ENV PATH=/bin
-WORKDIR /srv
-USER app
-CMD ["/bin/none"]
-"##;
-
-/// `acceptance/dockerfiles/symlinks/Dockerfile`
-const SYMLINKS: &str = r##"# symlinks: symlinks in the context (relative, absolute, dangling, to a directory, pointing
-# up) are copied as symlinks, never followed; RUN-made symlinks; a COPY whose destination
-# path goes through a symlink in the image lands in the symlink's target directory.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-COPY links/ /links/
-RUN mkdir -p /srv/real && ln -s /srv/real /app-link && ln -s real /srv/rel-link
-COPY through.txt /app-link/through-abs.txt
-COPY through.txt /srv/rel-link/through-rel.txt
-RUN ln -s ../etc/passwd /run-rel && ln -s /nonexistent/path /run-dangling \
- && ln -s /srv/real /run-abs-dir && ln -s run-rel /run-chain \
- && test -L /links/rel-link && test -L /links/abs-link && test -L /links/dangling \
- && test -L /links/dir-link && test -L /links/subdir/up-link && test -L /links/abs-dangling \
- && test "$(readlink /links/abs-link)" = /etc/passwd && test "$(readlink /links/dangling)" = does-not-exist \
- && test -L /app-link && test -L /srv/rel-link \
- && test -f /srv/real/through-abs.txt && test -f /srv/real/through-rel.txt \
- && for l in /links/* /links/subdir/* /app-link /srv/rel-link /run-*; do \
-      if [ -L "$l" ]; then echo "$l -> $(readlink "$l")"; else echo "$l"; fi; done > /symlinks.list \
- && cat /symlinks.list
-"##;
-
-/// `acceptance/dockerfiles/user-forms/Dockerfile`
-const USER_FORMS: &str = r##"# user-forms: USER by name, uid:gid, name:group, a uid with no passwd entry, uid:gid with
-# no entries; files made by RUN get that owner; supplementary groups from /etc/group.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-RUN echo 'svc:x:3000:3001:svc:/home/svc:/bin/sh' >> /etc/passwd \
- && echo 'svcgrp:x:3001:' >> /etc/group \
- && echo 'extra:x:3002:svc' >> /etc/group \
- && mkdir -p /out /home/svc && chmod 1777 /out && chown 3000:3001 /home/svc
-USER svc
-RUN id > /out/1-name.txt && test "$(id -u):$(id -g)" = 3000:3001 && test "$HOME" = /home/svc \
- && touch /out/1-made-by-name
-USER 3000:3002
-RUN id > /out/2-uid-gid.txt && test "$(id -u):$(id -g)" = 3000:3002 && touch /out/2-made-by-uid-gid
-USER svc:extra
-RUN id > /out/3-name-group.txt && test "$(id -u):$(id -g)" = 3000:3002 && touch /out/3-made-by-name-group
-USER 4242
-RUN id > /out/4-unknown-uid.txt && test "$(id -u)" = 4242 && touch /out/4-made-by-unknown
-USER 4242:4343
-RUN id > /out/5-unknown-uid-gid.txt && test "$(id -u):$(id -g)" = 4242:4343 && touch /out/5-made
-USER root
-RUN cat /out/*.txt && stat -c '%n %u:%g' /out/* > /out/owners.list
-USER svc
-"##;
-
-/// `acceptance/dockerfiles/whiteout-delete/Dockerfile`
-const WHITEOUT_DELETE: &str = r##"# whiteout-delete: RUN deletes files, symlinks and whole directories that come from the base
-# image and from earlier layers (the layer must carry whiteouts); deleted paths re-created in
-# later layers must not bring back their old contents.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-RUN mkdir -p /stage/keep /stage/drop/deeper \
- && echo k > /stage/keep/k && echo d > /stage/drop/deeper/d && echo f > /stage/file
-RUN rm -rf /stage/drop /stage/file /bin/vi /usr/sbin /root /etc/group
-RUN echo reborn > /stage/file \
- && mkdir /usr/sbin && echo new > /usr/sbin/only-new \
- && echo 'root:x:0:' > /etc/group
-RUN test ! -e /stage/drop && test "$(cat /stage/file)" = reborn && test ! -e /bin/vi \
- && test ! -e /root && test "$(ls /usr/sbin)" = only-new && test "$(cat /etc/group)" = root:x:0: \
- && find /stage /usr/sbin /etc | sort > /whiteouts.list && cat /whiteouts.list
-"##;
-
-/// `acceptance/bad/run-exit-3/Dockerfile`
-const BAD_RUN_EXIT_3: &str = r##"# bad/run-exit-3: the RUN on line 5 exits with status 3 after printing a line.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-RUN echo "exit3-before-output-$((40+2))"
-RUN echo "failing-step-output-$((1+2))" && exit 3
-RUN echo "unreached-output-$((5*1))d1"
-"##;
-
-/// `acceptance/bad/unknown-instruction/Dockerfile`
-const BAD_UNKNOWN_INSTRUCTION: &str = r##"# bad/unknown-instruction: line 5 is not a Dockerfile instruction.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-RUN echo "valid-step-output-$((40+2))"
-FROBNICATE --all /etc
-RUN echo "unreached-output-$((5*1))d1"
-"##;
-
-/// `acceptance/bad/copy-outside-context/ctx/Dockerfile`
-const BAD_COPY_OUTSIDE_CONTEXT: &str = r##"# bad/copy-outside-context: the context is ctx/; line 6 tries to reach a file beside it.
-ARG BASE_REGISTRY=127.0.0.1:5000
-FROM ${BASE_REGISTRY}/base/busybox:latest
-COPY inside.txt /inside.txt
-RUN echo "before the escape"
-COPY ../secret-outside.txt /leak.txt
-RUN cat /leak.txt
-"##;
+/// `tests/fixtures/acceptance/bad/copy-outside-context/ctx/Dockerfile`
+const BAD_COPY_OUTSIDE_CONTEXT: &str = include_str!("../../../tests/fixtures/acceptance/bad/copy-outside-context/ctx/Dockerfile");
 
 /// Every good acceptance Dockerfile, by case name.
 const ACCEPTANCE: [(&str, &str); 15] = [
