@@ -11,40 +11,50 @@ use rand::{Rng, SeedableRng};
 use super::*;
 
 /// `tests/fixtures/acceptance/dockerfiles/add-local-tar/Dockerfile`
-const ADD_LOCAL_TAR: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/add-local-tar/Dockerfile");
+const ADD_LOCAL_TAR: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/add-local-tar/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/apt-jq/Dockerfile`
 const APT_JQ: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/apt-jq/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/busybox-basic/Dockerfile`
-const BUSYBOX_BASIC: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/busybox-basic/Dockerfile");
+const BUSYBOX_BASIC: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/busybox-basic/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/copy-chown-chmod/Dockerfile`
-const COPY_CHOWN_CHMOD: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/copy-chown-chmod/Dockerfile");
+const COPY_CHOWN_CHMOD: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/copy-chown-chmod/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/copy-globs/Dockerfile`
 const COPY_GLOBS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/copy-globs/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/dockerignore-patterns/Dockerfile`
-const DOCKERIGNORE_PATTERNS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/dockerignore-patterns/Dockerfile");
+const DOCKERIGNORE_PATTERNS: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/dockerignore-patterns/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/entrypoint-cmd-exec/Dockerfile`
-const ENTRYPOINT_CMD_EXEC: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/entrypoint-cmd-exec/Dockerfile");
+const ENTRYPOINT_CMD_EXEC: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/entrypoint-cmd-exec/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/env-expansion/Dockerfile`
-const ENV_EXPANSION: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/env-expansion/Dockerfile");
+const ENV_EXPANSION: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/env-expansion/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/gitpod-workspace/Dockerfile`
-const GITPOD_WORKSPACE: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/gitpod-workspace/Dockerfile");
+const GITPOD_WORKSPACE: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/gitpod-workspace/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/multistage-copy-from/Dockerfile`
-const MULTISTAGE_COPY_FROM: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/multistage-copy-from/Dockerfile");
+const MULTISTAGE_COPY_FROM: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/multistage-copy-from/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/run-shell-exec/Dockerfile`
-const RUN_SHELL_EXEC: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/run-shell-exec/Dockerfile");
+const RUN_SHELL_EXEC: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/run-shell-exec/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/scratch-copy-only/Dockerfile`
-const SCRATCH_COPY_ONLY: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/scratch-copy-only/Dockerfile");
+const SCRATCH_COPY_ONLY: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/scratch-copy-only/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/symlinks/Dockerfile`
 const SYMLINKS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/symlinks/Dockerfile");
@@ -53,16 +63,19 @@ const SYMLINKS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfi
 const USER_FORMS: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/user-forms/Dockerfile");
 
 /// `tests/fixtures/acceptance/dockerfiles/whiteout-delete/Dockerfile`
-const WHITEOUT_DELETE: &str = include_str!("../../../tests/fixtures/acceptance/dockerfiles/whiteout-delete/Dockerfile");
+const WHITEOUT_DELETE: &str =
+    include_str!("../../../tests/fixtures/acceptance/dockerfiles/whiteout-delete/Dockerfile");
 
 /// `tests/fixtures/acceptance/bad/run-exit-3/Dockerfile`
 const BAD_RUN_EXIT_3: &str = include_str!("../../../tests/fixtures/acceptance/bad/run-exit-3/Dockerfile");
 
 /// `tests/fixtures/acceptance/bad/unknown-instruction/Dockerfile`
-const BAD_UNKNOWN_INSTRUCTION: &str = include_str!("../../../tests/fixtures/acceptance/bad/unknown-instruction/Dockerfile");
+const BAD_UNKNOWN_INSTRUCTION: &str =
+    include_str!("../../../tests/fixtures/acceptance/bad/unknown-instruction/Dockerfile");
 
 /// `tests/fixtures/acceptance/bad/copy-outside-context/ctx/Dockerfile`
-const BAD_COPY_OUTSIDE_CONTEXT: &str = include_str!("../../../tests/fixtures/acceptance/bad/copy-outside-context/ctx/Dockerfile");
+const BAD_COPY_OUTSIDE_CONTEXT: &str =
+    include_str!("../../../tests/fixtures/acceptance/bad/copy-outside-context/ctx/Dockerfile");
 
 /// Every good acceptance Dockerfile, by case name.
 const ACCEPTANCE: [(&str, &str); 15] = [
