@@ -32,11 +32,11 @@ use kiln::{
     },
     registry::{BlobPush, ClientConfig, RegistryClient, RetryPolicy},
 };
-use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::Code;
 
 use support::{
     docker_registry::DockerRegistry,
+    embedded_registry::EmbeddedRegistry,
     fault_proxy::{Fault, FaultPlan, FaultProxy},
     images::{image_ref, push_image},
     kiln::{KilnOptions, KilnServer},
@@ -478,43 +478,6 @@ async fn the_proxy_injects_what_it_is_told() {
 
 // ---- resumable uploads -----------------------------------------------------------------------
 
-/// Kiln's embedded registry in this process, on a free port; stopped on drop.
-struct Embedded {
-    addr: String,
-    _root: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Embedded {
-    async fn start() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(kiln::registry::server::serve(
-            listener,
-            root.path().to_path_buf(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Self {
-            addr,
-            _root: root,
-            stop: Some(stop),
-            task,
-        }
-    }
-}
-
-impl Drop for Embedded {
-    fn drop(&mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
-        self.task.abort();
-    }
-}
-
 const CHUNK: u64 = 64 * 1024;
 
 fn anonymous() -> AuthPolicy {
@@ -600,7 +563,7 @@ async fn interrupted_uploads_resume_where_the_registry_has_them() {
 
     // The embedded registry rolls a broken chunk back and keeps the confirmed ones: every
     // interruption resumes, in one session, and no byte that landed is sent again.
-    let embedded = Embedded::start().await;
+    let embedded = EmbeddedRegistry::start().await;
     let log = push_through_faults(&embedded.addr, size, plan.clone()).await;
     let posts = log.iter().filter(|s| s.method == "POST").count();
     let patches: Vec<_> = log.iter().filter(|s| s.method == "PATCH").collect();

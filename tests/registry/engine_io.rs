@@ -24,12 +24,12 @@ use oci_client::{
 use rand::{rngs::StdRng, RngCore, SeedableRng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    sync::oneshot,
     task::JoinHandle,
 };
 
 use crate::support::{
     docker_registry::DockerRegistry,
+    embedded_registry::EmbeddedRegistry,
     images::{image_ref, push_image, push_index, OCI_LAYER_GZIP},
 };
 
@@ -43,13 +43,13 @@ const FIVE_MB: usize = 5 * 1024 * 1024;
 /// A registry under test: the embedded one in this process, or a docker-registry child.
 struct Reg {
     addr: String,
-    _embedded: Option<Embedded>,
+    _embedded: Option<EmbeddedRegistry>,
     _docker: Option<DockerRegistry>,
 }
 
 impl Reg {
     async fn embedded() -> Self {
-        let embedded = Embedded::start().await;
+        let embedded = EmbeddedRegistry::start().await;
         Self {
             addr: embedded.addr.clone(),
             _embedded: Some(embedded),
@@ -68,43 +68,6 @@ impl Reg {
 
     fn image(&self, repo: &str, tag: &str) -> ImageRef {
         image_ref(&self.addr, repo, tag)
-    }
-}
-
-/// `kiln::registry::server::serve` on 127.0.0.1:0 with a temporary root; stopped on drop.
-struct Embedded {
-    addr: String,
-    _root: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Embedded {
-    async fn start() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(kiln::registry::server::serve(
-            listener,
-            root.path().to_path_buf(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Self {
-            addr,
-            _root: root,
-            stop: Some(stop),
-            task,
-        }
-    }
-}
-
-impl Drop for Embedded {
-    fn drop(&mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
-        self.task.abort();
     }
 }
 

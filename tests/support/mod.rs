@@ -6,6 +6,7 @@ pub mod base_images;
 pub mod buildah;
 pub mod compare;
 pub mod docker_registry;
+pub mod embedded_registry;
 pub mod fault_proxy;
 pub mod images;
 pub mod kiln;
