@@ -52,6 +52,7 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub logs: LogsConfig,
     pub engine: EngineSettings,
+    pub kubernetes: KubernetesConfig,
     pub chaos: ChaosConfig,
 }
 
@@ -69,6 +70,7 @@ impl Default for Config {
             supervision: SupervisionConfig::default(),
             logs: LogsConfig::default(),
             engine: EngineSettings::default(),
+            kubernetes: KubernetesConfig::default(),
             chaos: ChaosConfig::default(),
         }
     }
@@ -310,6 +312,8 @@ impl Default for WarmerConfig {
 pub enum ExecutorKind {
     /// In-process, on this machine.
     Local,
+    /// One builder pod per build on a Kubernetes cluster (`[kubernetes]`).
+    Kubernetes,
 }
 
 /// Build limits.
@@ -436,6 +440,60 @@ impl Default for ChaosConfig {
                 .map(|k| k.as_str().to_owned())
                 .collect(),
             interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The Kubernetes executor (`builds.executor = "kubernetes"`): where and how builder pods run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The namespace builder pods and their Secrets live in. Default: the namespace Kiln's
+    /// own pod runs in (its service account's), else the kubeconfig context's, else `default`.
+    pub namespace: Option<String>,
+    /// A kubeconfig file. Default: the in-cluster service account, else `$KUBECONFIG` or
+    /// `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// The image builder pods run; it must contain `kiln` on its `PATH` (it runs
+    /// `kiln execute`). Default: Kiln's own image of this version.
+    pub builder_image: String,
+    /// The builder pods' service account. They need no API access. Default `kiln-builder`.
+    pub service_account: String,
+    /// The build container's resource requests and limits. Default: none.
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Node labels builder pods must match. Default: none.
+    pub node_selector: std::collections::BTreeMap<String, String>,
+    /// Taints builder pods tolerate. Default: none.
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    /// The build container's security context. RUN steps need new namespaces, mounts and
+    /// overlayfs. Default `{ privileged = true }`; the README shows the least that works.
+    pub security_context: Option<k8s_openapi::api::core::v1::SecurityContext>,
+    /// Anything else: a JSON merge patch (RFC 7386, in TOML) applied to every generated
+    /// builder Pod, e.g. `{ spec = { priorityClassName = "builds" } }`. Lists are replaced
+    /// whole. Default: none.
+    pub pod_template: Option<toml::Table>,
+    /// How long finished builder pods (and their Secrets) are kept for inspection.
+    /// Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+/// Kiln's own image, which builder pods run by default.
+pub const KILN_IMAGE: &str = concat!("ghcr.io/kiln-build/kiln:", env!("CARGO_PKG_VERSION"));
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            kubeconfig: None,
+            builder_image: KILN_IMAGE.to_owned(),
+            service_account: "kiln-builder".to_owned(),
+            resources: None,
+            node_selector: Default::default(),
+            tolerations: Vec::new(),
+            security_context: None,
+            pod_template: None,
+            retention: Duration::from_secs(3600),
         }
     }
 }
@@ -590,6 +648,16 @@ impl Config {
         for r in &self.warmer.refs {
             r.parse::<ImageRef>()
                 .map_err(|e| invalid("warmer.refs", e.to_string()))?;
+        }
+        if self.kubernetes.builder_image.trim().is_empty() {
+            return Err(invalid("kubernetes.builder_image", "must name an image"));
+        }
+        if self.kubernetes.retention.is_zero() {
+            return Err(invalid("kubernetes.retention", "must be longer than zero"));
+        }
+        if let Some(template) = &self.kubernetes.pod_template {
+            serde_json::to_value(template)
+                .map_err(|e| invalid("kubernetes.pod_template", e.to_string()))?;
         }
         Ok(())
     }

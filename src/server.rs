@@ -116,7 +116,7 @@ pub async fn serve(
             .context("metrics server")
     });
 
-    let system = actors::start(&config, registry_client(&config)?, metrics.clone())?;
+    let system = actors::start(&config, registry_client(&config)?, metrics.clone()).await?;
     let kiln = system.handle();
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -27,7 +27,7 @@ use super::{
     Directory,
 };
 use crate::{
-    executor::{Job, LocalExecutor},
+    executor::{Executor, Job, Ticket},
     model::{BuildId, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource, Secret},
 };
 
@@ -39,7 +39,7 @@ pub struct CancelRun;
 /// What every build actor shares.
 #[derive(Clone)]
 pub struct BuildDeps {
-    pub executor: LocalExecutor,
+    pub executor: Executor,
     /// Limits builds running at once (`builds.max_concurrent`).
     pub slots: Arc<Semaphore>,
     pub restart_wait: Duration,
@@ -99,6 +99,33 @@ impl BuildRun {
             cancel: CancellationToken::new(),
             secrets,
             verdict: Mutex::new(None),
+        }
+    }
+
+    /// A build found running elsewhere (a builder pod in the cluster) that this Kiln
+    /// follows; `timeout` is what is left of its time.
+    pub fn adopted(id: BuildId, plan: Plan, timeout: Duration) -> Self {
+        Self {
+            id,
+            plan,
+            deadline: Instant::now() + timeout,
+            timeout,
+            cancel: CancellationToken::new(),
+            secrets: Vec::new(),
+            verdict: Mutex::new(None),
+        }
+    }
+
+    pub fn id(&self) -> &BuildId {
+        &self.id
+    }
+
+    fn ticket(&self) -> Ticket<'_> {
+        Ticket {
+            id: &self.id,
+            key: &self.plan.key,
+            workspace: &self.plan.refs.workspace,
+            timeout: self.timeout,
         }
     }
 
@@ -340,14 +367,19 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
                 ))
                 .await;
             }
-            let verdict = tokio::select! {
-                v = work(&run, &deps, &mut log) => v,
-                _ = run.cancel.cancelled() => Verdict { outcome: BuildOutcome::Cancelled, message: "build cancelled".into() },
-                _ = tokio::time::sleep_until(run.deadline.into()) => Verdict {
+            let (verdict, stopped) = tokio::select! {
+                v = work(&run, &deps, &mut log) => (v, false),
+                _ = run.cancel.cancelled() => (Verdict { outcome: BuildOutcome::Cancelled, message: "build cancelled".into() }, true),
+                _ = tokio::time::sleep_until(run.deadline.into()) => (Verdict {
                     outcome: BuildOutcome::Failure,
                     message: format!("build timed out after {}", humantime::format_duration(run.timeout)),
-                },
+                }, true),
             };
+            if stopped {
+                if let Err(error) = deps.executor.abort(&run.ticket(), &run.plan.job).await {
+                    log.line(&format!("stopping the build's work failed: {error}")).await;
+                }
+            }
             run.decide(verdict, log.offset)
         }
     };
@@ -394,7 +426,8 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
     };
     let (output, mut output_rx) = mpsc::unbounded_channel::<Bytes>();
     let job: &Job = &run.plan.job;
-    let execute = deps.executor.run(job, &output, run.cancel.child_token());
+    let ticket = run.ticket();
+    let execute = deps.executor.run(&ticket, job, &output, run.cancel.child_token());
     tokio::pin!(execute);
     let result = loop {
         tokio::select! {

@@ -52,12 +52,12 @@ use self::{
     supervisor::{ChildSpec, RestartMode, ShutDown, StartChild, Supervisor},
 };
 use crate::{
-    config::Config,
+    config::{Config, ExecutorKind},
     engine::{
         build::{Engine, EngineConfig},
         context::ContextStore,
     },
-    executor::LocalExecutor,
+    executor::{Builder, Executor, kubernetes::KubernetesBuilder},
     metrics::Metrics,
     model::BuildId,
     registry::RegistryClient,
@@ -125,7 +125,7 @@ where
 }
 
 /// Starts the actor tree for `config` on its own threads (one per `actors.arbiters`).
-pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> anyhow::Result<ActorSystem> {
+pub async fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> anyhow::Result<ActorSystem> {
     let restart_wait = config.supervision.backoff_max + std::time::Duration::from_secs(5);
     let platform = config.platform()?;
     let engine = Engine::new(
@@ -145,6 +145,16 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
         let _ = std::fs::remove_dir_all(stale.path());
     }
     let handle_contexts = contexts.clone();
+    let builder = match config.builds.executor {
+        ExecutorKind::Local => Builder::Local,
+        ExecutorKind::Kubernetes => {
+            let cluster =
+                KubernetesBuilder::connect(&config.kubernetes, &config.engine, registry.clone(), contexts.clone())
+                    .await?;
+            tracing::info!(namespace = cluster.namespace(), "builds run as pods on Kubernetes");
+            Builder::Kubernetes(cluster)
+        }
+    };
     let config_max_context = config.builds.max_context_bytes;
     // Every build record a previous process left, finished or not; the unfinished ones are
     // resumed (or ended) by `orchestrator::recover` once the actors run.
@@ -236,7 +246,7 @@ pub fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> any
                 .time_to_live(config.resolver.cache_ttl)
                 .build(),
             build: BuildDeps {
-                executor: LocalExecutor::new(registry, engine.clone()),
+                executor: Executor::new(registry, engine.clone(), builder),
                 slots: Arc::new(Semaphore::new(config.builds.max_concurrent)),
                 restart_wait,
             },

@@ -1,8 +1,14 @@
 //! `kiln execute`: the Dockerfile engine without the service, for CI jobs and for Kiln's
 //! own builder pods. Builds one image, streams the log to stdout, and exits 0 only when the
-//! image was pushed.
+//! image was pushed. With `--termination-log` it also writes its outcome in one line to that
+//! file, which is where Kubernetes reads a container's termination message.
 
-use std::{collections::BTreeMap, io::Write as _, path::PathBuf, process::ExitCode};
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::Args;
 
@@ -12,7 +18,7 @@ use crate::{
         build::{BuildInput, Engine, EngineConfig, RunNetwork},
         context::{self, GitSource, GitTarget},
     },
-    model::{AuthPolicy, ImageRef, InstallationCredentialScope},
+    model::{AuthPolicy, ImageRef, InstallationCredentialScope, Secret},
     registry::{ClientConfig, CredentialStore, Platform, RegistryClient},
 };
 
@@ -23,20 +29,31 @@ pub struct ExecuteArgs {
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with = "git",
-        required_unless_present = "git"
+        conflicts_with_all = ["git", "context_blob"],
+        required_unless_present_any = ["git", "context_blob"]
     )]
     pub context: Option<PathBuf>,
     /// A git repository to build (https:// or file://).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "context_blob")]
     pub git: Option<String>,
     /// With --git: a commit (40 hex digits) or a branch. Default: the remote HEAD.
     #[arg(long, value_name = "REV", requires = "git")]
     pub rev: Option<String>,
-    /// With --git: the context directory inside the checkout. [default: .]
-    #[arg(long, value_name = "PATH", requires = "git")]
+    /// With --git: a file holding `user:password` for an https remote.
+    #[arg(long, value_name = "FILE", requires = "git")]
+    pub git_credentials: Option<PathBuf>,
+    /// With --git: a git config entry for the clone, repeatable.
+    #[arg(long = "git-config", value_name = "KEY=VALUE", requires = "git")]
+    pub git_config: Vec<String>,
+    /// A build context as a tar blob in a registry (`REPO@sha256:...`), as `UploadContext`
+    /// stored it; its digest is checked.
+    #[arg(long, value_name = "REF")]
+    pub context_blob: Option<String>,
+    /// With --git or --context-blob: the context directory inside it. [default: .]
+    #[arg(long, value_name = "PATH")]
     pub context_path: Option<String>,
-    /// The Dockerfile (a path; with --git, relative to the checkout). [default: CONTEXT/Dockerfile]
+    /// The Dockerfile (a path; with --git or --context-blob, relative to its root).
+    /// [default: CONTEXT/Dockerfile]
     #[arg(long, value_name = "PATH")]
     pub dockerfile: Option<PathBuf>,
     /// Where to push the image (a tag).
@@ -48,6 +65,13 @@ pub struct ExecuteArgs {
     /// The stage to build. [default: the last one]
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,
+    /// Build an image the Dockerfile names (as written, after ARG expansion) from exactly this
+    /// reference, usually pinned by digest; repeatable.
+    #[arg(long = "pin", value_name = "NAME=REF")]
+    pub pins: Vec<String>,
+    /// A file to write the outcome to in one line (Kubernetes' termination message).
+    #[arg(long, value_name = "FILE")]
+    pub termination_log: Option<PathBuf>,
     /// Where the engine keeps its layer store and instruction cache.
     #[arg(
         long,
@@ -68,6 +92,9 @@ pub struct ExecuteArgs {
     /// Layer compression: gzip or zstd.
     #[arg(long, default_value = "gzip", value_parser = ["gzip", "zstd"])]
     pub compression: String,
+    /// Compression level. [default: 6 for gzip, 3 for zstd]
+    #[arg(long)]
+    pub compression_level: Option<u32>,
     /// RUN's network: host or none.
     #[arg(long, default_value = "host", value_parser = ["host", "none"])]
     pub network: String,
@@ -84,24 +111,60 @@ pub fn run(args: ExecuteArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
-    match runtime.block_on(execute(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let termination_log = args.termination_log.clone();
+    let outcome = runtime.block_on(execute(args));
+    if let Some(path) = termination_log {
+        let line = match &outcome {
+            Ok(pushed) => format!("pushed {pushed}"),
+            Err(message) => message.clone(),
+        };
+        // Kubernetes keeps at most 4 KiB of a termination message.
+        let line = truncate_utf8(&line, 4000);
+        if let Err(e) = std::fs::write(&path, line) {
+            eprintln!("kiln execute: writing {}: {e}", path.display());
+        }
+    }
+    match outcome {
+        Ok(_) => ExitCode::SUCCESS,
         Err(message) => fail(message),
     }
 }
 
-async fn execute(args: ExecuteArgs) -> Result<(), String> {
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Splits `NAME=VALUE` flags.
+fn pairs<'a>(flag: &str, values: &'a [String]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    values
+        .iter()
+        .map(|v| {
+            v.split_once('=')
+                .ok_or_else(|| format!("--{flag} expects NAME=VALUE, got {v:?}"))
+        })
+        .collect()
+}
+
+/// Builds and pushes; returns the pushed reference (`REPO:TAG@DIGEST`).
+async fn execute(args: ExecuteArgs) -> Result<String, String> {
     let destination: ImageRef = args
         .destination
         .parse()
         .map_err(|e| format!("--destination: {e}"))?;
     let platform: Platform = args.platform.parse().map_err(|e| format!("--platform: {e}"))?;
-    let mut build_args = BTreeMap::new();
-    for a in &args.build_args {
-        let (k, v) = a
-            .split_once('=')
-            .ok_or_else(|| format!("--build-arg expects NAME=VALUE, got {a:?}"))?;
-        build_args.insert(k.to_owned(), v.to_owned());
+    let build_args: BTreeMap<String, String> = pairs("build-arg", &args.build_args)?
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let mut pinned = BTreeMap::new();
+    for (name, reference) in pairs("pin", &args.pins)? {
+        let image: ImageRef = reference.parse().map_err(|e| format!("--pin {name}: {e}"))?;
+        pinned.insert(name.to_owned(), image);
     }
     let credentials = match &args.pull_secret {
         Some(p) => CredentialStore::from_docker_config_file(p).map_err(|e| format!("--pull-secret: {e}"))?,
@@ -118,7 +181,7 @@ async fn execute(args: ExecuteArgs) -> Result<(), String> {
         } else {
             LayerCompressionSetting::Gzip
         },
-        compression_level: None,
+        compression_level: args.compression_level,
         network: if args.network == "none" {
             RunNetwork::None
         } else {
@@ -134,43 +197,35 @@ async fn execute(args: ExecuteArgs) -> Result<(), String> {
             network: settings.network,
             platform,
         },
-        registry,
+        registry.clone(),
     )
     .map_err(|e| e.to_string())?;
 
-    // The context: a directory as given, or a fresh checkout that lives as long as the build.
-    let checkout_dir;
-    let (context_dir, dockerfile_path) = match (&args.context, &args.git) {
+    // The context: a directory as given, or a fresh checkout (or unpacked blob) that lives
+    // as long as the build.
+    let fetched = tempfile::tempdir().map_err(|e| format!("creating a context directory: {e}"))?;
+    let root = match (&args.context, &args.git, &args.context_blob) {
+        (Some(_), _, _) => None,
+        (None, Some(url), _) => Some(checkout(&args, url, &fetched.path().join("src")).await?),
+        (None, None, Some(blob)) => {
+            Some(fetch_context_blob(&registry, blob, &fetched.path().join("src")).await?)
+        }
+        (None, None, None) => return Err("give --context DIR, --git URL or --context-blob REF".into()),
+    };
+    let (context_dir, dockerfile_path) = match (&args.context, root) {
         (Some(dir), _) => {
             let dockerfile = args.dockerfile.clone().unwrap_or_else(|| dir.join("Dockerfile"));
             (dir.clone(), dockerfile)
         }
-        (None, Some(url)) => {
-            let target = match args.rev.as_deref() {
-                None | Some("") => GitTarget::RemoteHead,
-                Some(rev) if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                    GitTarget::Commit(rev.to_owned())
-                }
-                Some(rev) => GitTarget::RemoteBranch(rev.to_owned()),
+        (None, Some(root)) => {
+            let context = inside(&root, args.context_path.as_deref().unwrap_or("."), "--context-path")?;
+            let dockerfile = match &args.dockerfile {
+                Some(path) => inside(&root, &path.to_string_lossy(), "--dockerfile")?,
+                None => context.join("Dockerfile"),
             };
-            let source = GitSource {
-                remote_uri: url.clone(),
-                target,
-                credentials: None,
-                custom_config: Vec::new(),
-                full_clone: false,
-            };
-            checkout_dir = tempfile::tempdir().map_err(|e| format!("creating a checkout directory: {e}"))?;
-            let checkout = context::checkout(&source, &checkout_dir.path().join("src"))
-                .await
-                .map_err(|e| e.to_string())?;
-            let context = checkout.dir.join(args.context_path.as_deref().unwrap_or("."));
-            let dockerfile = checkout
-                .dir
-                .join(args.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into()));
             (context, dockerfile)
         }
-        (None, None) => return Err("give --context DIR or --git URL".into()),
+        (None, None) => unreachable!("a context was fetched above"),
     };
     let dockerfile = std::fs::read_to_string(&dockerfile_path)
         .map_err(|e| format!("reading {}: {e}", dockerfile_path.display()))?;
@@ -186,7 +241,7 @@ async fn execute(args: ExecuteArgs) -> Result<(), String> {
             installation: InstallationCredentialScope::Everywhere,
             additional: Default::default(),
         },
-        pinned: BTreeMap::new(),
+        pinned,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
     let printer = tokio::spawn(async move {
@@ -198,13 +253,107 @@ async fn execute(args: ExecuteArgs) -> Result<(), String> {
     });
     let cancel = tokio_util::sync::CancellationToken::new();
     let stop = cancel.clone();
+    // Ctrl-C, or SIGTERM (a deleted pod): stop the build and every process of its RUN step.
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminated => {}
+        }
         stop.cancel();
     });
     let result = engine.build(&input, tx, cancel).await;
     let _ = printer.await;
     let output = result.map_err(|e| e.to_string())?;
+    let pushed = format!("{}@{}", output.reference, output.digest);
     println!("{}", output.reference);
-    Ok(())
+    Ok(pushed)
+}
+
+/// Clones `--git` at `--rev` into `dest`; returns the checkout's root.
+async fn checkout(args: &ExecuteArgs, url: &str, dest: &Path) -> Result<PathBuf, String> {
+    let target = match args.rev.as_deref() {
+        None | Some("") => GitTarget::RemoteHead,
+        Some(rev) if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            GitTarget::Commit(rev.to_owned())
+        }
+        Some(rev) => GitTarget::RemoteBranch(rev.to_owned()),
+    };
+    let credentials = match &args.git_credentials {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--git-credentials {}: {e}", path.display()))?;
+            let (user, password) = text
+                .trim_end_matches(['\r', '\n'])
+                .split_once(':')
+                .ok_or_else(|| format!("--git-credentials {}: expected user:password", path.display()))?;
+            Some((user.to_owned(), Secret::new(password)))
+        }
+    };
+    let custom_config = pairs("git-config", &args.git_config)?
+        .into_iter()
+        .map(|(k, v)| {
+            context::check_config_key(k).map_err(|e| format!("--git-config: {e}"))?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect::<Result<_, String>>()?;
+    let source = GitSource {
+        remote_uri: url.to_owned(),
+        target,
+        credentials,
+        custom_config,
+        full_clone: false,
+    };
+    let checkout = context::checkout(&source, dest)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(checkout.dir)
+}
+
+/// Pulls the context tar `blob` (`REPO@sha256:...`) and unpacks it into `dest`.
+async fn fetch_context_blob(registry: &RegistryClient, blob: &str, dest: &Path) -> Result<PathBuf, String> {
+    let image: ImageRef = blob.parse().map_err(|e| format!("--context-blob: {e}"))?;
+    let digest = image
+        .digest()
+        .cloned()
+        .ok_or_else(|| format!("--context-blob {blob}: name the blob by digest (REPO@sha256:...)"))?;
+    let tar = dest.with_extension("tar");
+    let auth = AuthPolicy {
+        installation: InstallationCredentialScope::Everywhere,
+        additional: Default::default(),
+    };
+    registry
+        .pull_blob_to_file(&image, &digest, None, &tar, &auth)
+        .await
+        .map_err(|e| format!("--context-blob {blob}: {e}"))?;
+    let target = dest.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&tar).map_err(|e| format!("opening {}: {e}", tar.display()))?;
+        context::unpack_tar(std::io::BufReader::new(file), &target).map_err(|e| format!("--context-blob: {e}"))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    Ok(dest.to_owned())
+}
+
+/// `rel` inside `root`, refusing paths that climb out of it.
+fn inside(root: &Path, rel: &str, flag: &str) -> Result<PathBuf, String> {
+    let mut path = root.to_path_buf();
+    for part in Path::new(rel.trim_start_matches('/')).components() {
+        match part {
+            std::path::Component::Normal(p) => path.push(p),
+            std::path::Component::CurDir => {}
+            _ => return Err(format!("{flag} {rel:?} must stay inside the context")),
+        }
+    }
+    Ok(path)
 }

@@ -3,10 +3,16 @@
 //! A build actor owns *when* a job runs (queueing, cancellation, timeouts, retries after a
 //! crash); an executor owns *how*. Jobs are idempotent: running one again after an
 //! interruption redoes only what is missing (blobs already in the target are skipped, cached
-//! Dockerfile steps are not run again), which is what lets a restarted build actor simply
-//! run its job again.
+//! Dockerfile steps are not run again, a builder pod that exists is joined), which is what
+//! lets a restarted build actor simply run its job again.
+//!
+//! Registry work (is the base image there? copy it to the workspace repository) always
+//! runs here; only the Dockerfile build itself runs where `builds.executor` says: in this
+//! process ([`Builder::Local`]) or in a pod ([`Builder::Kubernetes`]).
 
-use std::sync::Arc;
+pub mod kubernetes;
+
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -15,9 +21,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     actors::PreparedContext,
     engine::build::{BuildInput, Engine, EngineError},
-    model::{AuthPolicy, Digest, ImageRef},
+    model::{AuthPolicy, BuildId, BuildKey, Digest, ImageRef},
     registry::{CopyEvent, RegistryClient, RegistryError},
 };
+
+use self::kubernetes::{ClusterError, KubernetesBuilder};
 
 /// One unit of build work.
 #[derive(Debug, Clone)]
@@ -38,6 +46,23 @@ pub enum Job {
         /// Build even when the base image exists.
         force: bool,
     },
+    /// Follow a builder pod found in the cluster to its end, then copy its image (`base`)
+    /// into `workspace`.
+    AttachPod {
+        pod: String,
+        base: ImageRef,
+        workspace: ImageRef,
+        auth: AuthPolicy,
+    },
+}
+
+/// Which build a job is run for.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket<'a> {
+    pub id: &'a BuildId,
+    pub key: &'a BuildKey,
+    pub workspace: &'a ImageRef,
+    pub timeout: Duration,
 }
 
 /// What a job produced.
@@ -60,6 +85,10 @@ pub enum ExecutorError {
     NotLanded { target: ImageRef, expected: Digest },
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("this Kiln runs builds locally; it cannot follow builder pod {0}")]
+    NoCluster(String),
 }
 
 /// A build log channel that takes text lines.
@@ -71,25 +100,48 @@ impl Lines<'_> {
     }
 }
 
-/// Runs jobs in this process.
+/// Where Dockerfile builds run.
 #[derive(Clone)]
-pub struct LocalExecutor {
-    registry: RegistryClient,
-    engine: Engine,
+pub enum Builder {
+    /// In this process, with the engine.
+    Local,
+    /// One pod per build on a Kubernetes cluster.
+    Kubernetes(KubernetesBuilder),
 }
 
-impl LocalExecutor {
-    pub fn new(registry: RegistryClient, engine: Engine) -> Self {
-        Self { registry, engine }
+/// Runs jobs: registry work here, Dockerfile builds through the configured [`Builder`].
+#[derive(Clone)]
+pub struct Executor {
+    registry: RegistryClient,
+    engine: Engine,
+    builder: Builder,
+}
+
+impl Executor {
+    pub fn new(registry: RegistryClient, engine: Engine, builder: Builder) -> Self {
+        Self {
+            registry,
+            engine,
+            builder,
+        }
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
-    /// Runs `job`, sending log output (step lines, RUN output) to `log`.
+    /// The cluster builder, when builds run on Kubernetes.
+    pub fn cluster(&self) -> Option<&KubernetesBuilder> {
+        match &self.builder {
+            Builder::Local => None,
+            Builder::Kubernetes(k) => Some(k),
+        }
+    }
+
+    /// Runs `job` for `ticket`, sending log output (step lines, RUN output) to `log`.
     pub async fn run(
         &self,
+        ticket: &Ticket<'_>,
         job: &Job,
         log: &mpsc::UnboundedSender<Bytes>,
         cancel: CancellationToken,
@@ -99,9 +151,9 @@ impl LocalExecutor {
             Job::CopyImage { source, target, auth } => self.copy(source, target, auth, &lines).await,
             Job::Dockerfile {
                 input,
+                context,
                 workspace,
                 force,
-                ..
             } => {
                 let base = &input.destination;
                 let existing = match *force {
@@ -118,17 +170,43 @@ impl LocalExecutor {
                         }
                     },
                 };
-                let built = match existing {
-                    Some(pinned) => {
+                let built = match (existing, &self.builder) {
+                    (Some(pinned), _) => {
                         lines.line(format_args!(
                             "base image {base} exists; no Dockerfile build needed"
                         ));
                         pinned
                     }
-                    None => self.engine.build(input, log.clone(), cancel).await?.reference,
+                    (None, Builder::Local) => self.engine.build(input, log.clone(), cancel).await?.reference,
+                    (None, Builder::Kubernetes(cluster)) => {
+                        cluster.build(ticket, input, context, log).await?;
+                        base.clone()
+                    }
                 };
                 self.copy(&built, workspace, &input.auth, &lines).await
             }
+            Job::AttachPod {
+                pod,
+                base,
+                workspace,
+                auth,
+            } => {
+                let cluster = self.cluster().ok_or_else(|| ExecutorError::NoCluster(pod.clone()))?;
+                cluster.attach(ticket.id, pod, log).await?;
+                self.copy(base, workspace, auth, &lines).await
+            }
+        }
+    }
+
+    /// Stops what `job` left running elsewhere after its build was cancelled or timed out:
+    /// on Kubernetes, deletes the builder pod and its Secret. (A local build stops when its
+    /// future is dropped.)
+    pub async fn abort(&self, ticket: &Ticket<'_>, job: &Job) -> Result<(), ExecutorError> {
+        match (job, &self.builder) {
+            (Job::Dockerfile { .. } | Job::AttachPod { .. }, Builder::Kubernetes(cluster)) => {
+                Ok(cluster.abort(ticket.id, ticket.key).await?)
+            }
+            _ => Ok(()),
         }
     }
 

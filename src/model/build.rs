@@ -113,6 +113,11 @@ impl BuildKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A key written down earlier (64 lower-case hex digits, as `as_str` gives it).
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then(|| Self(s.to_owned()))
+    }
 }
 
 impl fmt::Display for BuildKey {

@@ -181,6 +181,11 @@ impl RegistryClient {
     }
 
     /// The platform picked from image indexes.
+    /// Registries spoken to over plain HTTP besides loopback ones (`registry.insecure`).
+    pub fn insecure_registries(&self) -> &[String] {
+        &self.inner.insecure_registries
+    }
+
     pub fn platform(&self) -> &Platform {
         &self.inner.platform
     }
@@ -273,6 +278,32 @@ impl RegistryClient {
         let (creds, source) = select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln);
         tracing::debug!(registry = image.registry(), credentials = ?source, "registry credentials chosen");
         self.oci(image, creds.as_ref()).await
+    }
+
+    /// A docker `config.json` with exactly the credentials a build elsewhere (a builder pod)
+    /// needs: the installation's for Kiln's own repositories in `kiln`, and for each of
+    /// `images` what `auth` lets this client use for it. Registries without credentials are
+    /// left out (anonymous).
+    pub fn docker_config(&self, kiln: &[&ImageRef], images: &[&ImageRef], auth: &AuthPolicy) -> Vec<u8> {
+        use base64::Engine as _;
+        let mut auths = serde_json::Map::new();
+        let mut add = |image: &ImageRef, creds: Option<BasicCredentials>| {
+            if let Some(creds) = creds {
+                let pair = format!("{}:{}", creds.username, creds.password.expose());
+                auths
+                    .entry(normalize_registry(image.registry()))
+                    .or_insert_with(|| {
+                        serde_json::json!({ "auth": base64::engine::general_purpose::STANDARD.encode(pair) })
+                    });
+            }
+        };
+        for image in kiln {
+            add(image, self.inner.credentials.get(image.registry()).cloned());
+        }
+        for image in images {
+            add(image, select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln).0);
+        }
+        serde_json::to_vec(&serde_json::json!({ "auths": auths })).expect("JSON values serialize")
     }
 
     /// The oci-client for Kiln's own repositories: the installation's credentials for the

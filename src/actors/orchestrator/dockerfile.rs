@@ -30,6 +30,13 @@ pub struct PreparedContext {
     pub root: PathBuf,
     pub dockerfile: String,
     pub dockerignore: String,
+    /// Where the context came from, pinned (a git source at the checked-out commit, or the
+    /// upload's digest): what an executor that fetches the context elsewhere fetches.
+    pub origin: ContextSource,
+    /// The context directory, relative to the checkout (or upload) root.
+    pub context_path: String,
+    /// The Dockerfile actually read, relative to the checkout (or upload) root.
+    pub dockerfile_path: String,
 }
 
 /// The result of planning a Dockerfile source.
@@ -112,13 +119,14 @@ fn inside(root: &Path, rel: &str, what: &str) -> Result<PathBuf, BuildError> {
 async fn materialize(
     deps: &OrchestratorDeps,
     source: &DockerfileSource,
-) -> Result<(tempfile::TempDir, PathBuf, String), BuildError> {
+) -> Result<(tempfile::TempDir, PathBuf, String, ContextSource), BuildError> {
     let dir = tempfile::Builder::new()
         .prefix("context-")
         .tempdir_in(&deps.contexts_tmp)
         .map_err(|e| BuildError::Internal(format!("cannot create a context directory: {e}")))?;
     let dest = dir.path().join("src");
     let pinned;
+    let origin;
     let root = match &source.context {
         ContextSource::Git(git) => {
             if git.is_local() && !deps.allow_local_git {
@@ -131,11 +139,16 @@ async fn materialize(
                 context::ContextError::GitTimeout { .. } => BuildError::SourceUnavailable(e.to_string()),
                 e => invalid(format!("source.file.source.git: {e}")),
             })?;
-            pinned = checkout.commit;
+            pinned = checkout.commit.clone();
+            origin = ContextSource::Git(context::GitSource {
+                target: context::GitTarget::Commit(checkout.commit),
+                ..git.clone()
+            });
             checkout.dir
         }
         ContextSource::Uploaded(digest) => {
             pinned = digest.to_string();
+            origin = ContextSource::Uploaded(digest.clone());
             let (store, digest, target) = (deps.contexts.clone(), digest.clone(), dest.clone());
             tokio::task::spawn_blocking(move || store.unpack(&digest, &target).map_err(|e| (digest, e)))
                 .await
@@ -149,7 +162,7 @@ async fn materialize(
             dest
         }
     };
-    Ok((dir, root, pinned))
+    Ok((dir, root, pinned, origin))
 }
 
 /// Materializes and plans `source`.
@@ -158,7 +171,7 @@ pub async fn plan(
     source: &DockerfileSource,
     auth: &AuthPolicy,
 ) -> Result<DockerfilePlan, BuildError> {
-    let (dir, checkout, pinned_context) = materialize(deps, source).await?;
+    let (dir, checkout, pinned_context, origin) = materialize(deps, source).await?;
     let root = inside(&checkout, &source.context_path, "source.file.context_path")?;
     if !root.is_dir() {
         return Err(invalid(format!(
@@ -172,12 +185,14 @@ pub async fn plan(
         &source.dockerfile_path
     };
     // Gitpod resolves the Dockerfile against the checkout; fall back to the context.
-    let dockerfile_path = {
+    let (dockerfile_path, dockerfile_from_root) = {
         let from_checkout = inside(&checkout, dockerfile_rel, "source.file.dockerfile_path")?;
         if from_checkout.is_file() {
-            from_checkout
+            (from_checkout, dockerfile_rel.to_owned())
         } else {
-            inside(&root, dockerfile_rel, "source.file.dockerfile_path")?
+            let in_context = inside(&root, dockerfile_rel, "source.file.dockerfile_path")?;
+            let rel = Path::new(&source.context_path).join(dockerfile_rel);
+            (in_context, rel.to_string_lossy().into_owned())
         }
     };
     let text = std::fs::read_to_string(&dockerfile_path).map_err(|e| {
@@ -209,6 +224,9 @@ pub async fn plan(
         root,
         dockerfile: text,
         dockerignore,
+        origin,
+        context_path: source.context_path.clone(),
+        dockerfile_path: dockerfile_from_root,
     };
     let identity = Some(identity(source, &pinned_context, auth));
     Ok(DockerfilePlan {

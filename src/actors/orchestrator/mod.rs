@@ -12,6 +12,7 @@
 //! pushed are not redone) or, when its request cannot be reconstructed (it carried secrets,
 //! or its inputs changed meanwhile), ends `done_failure` saying it was interrupted.
 
+mod adopt;
 mod dockerfile;
 mod journal;
 mod plan;
@@ -323,11 +324,17 @@ async fn start_build(
     plan: Plan,
     request: &BuildRequest,
 ) -> Result<(), BuildError> {
+    let run = BuildRun::new(build.clone(), plan, request, deps.build_timeout);
+    start_run(deps, run).await
+}
+
+/// Opens the build's log and starts its build actor.
+async fn start_run(deps: &OrchestratorDeps, run: BuildRun) -> Result<(), BuildError> {
     deps.directory
         .logs
-        .call(log_fanout::Open { build: build.clone() })
+        .call(log_fanout::Open { build: run.id().clone() })
         .await??;
-    let run = Arc::new(BuildRun::new(build.clone(), plan, request, deps.build_timeout));
+    let run = Arc::new(run);
     let spec = build::child_spec(run, deps.build.clone(), deps.directory.clone());
     deps.directory
         .supervisor
@@ -355,8 +362,10 @@ pub const RESUMED: &str = "resumed after a restart of Kiln";
 /// It runs as a task of its own (not in a handler), so that a crash of the orchestrator
 /// meanwhile cannot leave a build half-recovered; it works on the shared table like
 /// `submit` does.
-pub async fn recover(deps: Arc<OrchestratorDeps>, loaded: Loaded) {
+pub async fn recover(deps: Arc<OrchestratorDeps>, mut loaded: Loaded) {
     prune_expired(&deps);
+    let adopted = adopt::adopt_cluster_builds(&deps).await;
+    loaded.interrupted.retain(|id| !adopted.contains(id));
     for id in &loaded.finished {
         if deps.table.records.contains_key(id) {
             // Idempotent; a log that does not exist stays absent.
@@ -545,10 +554,15 @@ impl Handler<WatchBuild> for Orchestrator {
 }
 
 impl Handler<ListBuilds> for Orchestrator {
-    type Result = MessageResult<ListBuilds>;
+    type Result = ResponseFuture<Vec<BuildSnapshot>>;
 
     fn handle(&mut self, _: ListBuilds, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.deps.table.list())
+        let deps = self.deps.clone();
+        Box::pin(async move {
+            let mut rows = deps.table.list();
+            rows.extend(adopt::cluster_rows(&deps).await);
+            rows
+        })
     }
 }
 

@@ -27,7 +27,9 @@ use crate::model::Digest;
 
 pub use digest::{context_digest, digest_entries, walk_included, EntryKind, IncludedEntry};
 pub use dockerignore::DockerIgnore;
-pub use git::{checkout, checkout_with_timeout, remote_commit, tree_id, Checkout, GitSource, GitTarget};
+pub use git::{
+    check_config_key, checkout, checkout_with_timeout, remote_commit, tree_id, Checkout, GitSource, GitTarget,
+};
 pub use upload::{pack_dir, pack_dir_keeping, unpack_tar, ContextStore, ALWAYS_SENT};
 
 /// Why a build context could not be read, fetched, stored or unpacked.

@@ -1,0 +1,498 @@
+//! The Kubernetes builder: runs a Dockerfile build as one pod on a cluster, the pod running
+//! `kiln execute`, and follows it to its end.
+//!
+//! The cluster is the coordination point between replicas. The pod's name is derived from
+//! the build key, so a create that meets an existing pod (409) joins it: however many
+//! replicas are asked for one image, one pod builds it. Pods carry their build's id, key
+//! and references, so a replica that starts finds the builds running in the namespace and
+//! attaches to them ([`KubernetesBuilder::found_builds`]). Credentials travel in a
+//! per-build Secret owned by the pod (the cluster deletes it with the pod), never in the
+//! pod spec. A git context is cloned again inside the pod; an uploaded context reaches it
+//! through the registry, as a blob named by its digest.
+
+mod logs;
+pub mod pod;
+mod watch;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::{
+    api::{DeleteParams, PostParams, Preconditions},
+    config::{KubeConfigOptions, Kubeconfig},
+    Api, Client,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use pod::{FoundBuild, PodState};
+
+use self::{logs::LogCursor, pod::BuilderPod, watch::PodWatch};
+use super::Ticket;
+use crate::{
+    actors::PreparedContext,
+    config::{EngineSettings, KubernetesConfig, LayerCompressionSetting},
+    engine::{
+        build::{BuildInput, RunNetwork},
+        context::{ContextStore, GitSource, GitTarget},
+    },
+    model::{BuildId, BuildKey, ContextSource},
+    registry::{RegistryClient, RegistryError},
+};
+
+/// Why a build on the cluster failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("cannot reach the Kubernetes cluster: {0}")]
+    Connect(String),
+    #[error("builder pod {pod}: {message}")]
+    PodFailed { pod: String, message: String },
+    #[error("builder pod {pod} was deleted before the build ended")]
+    PodDeleted { pod: String },
+    #[error("the builder pod cannot be made: {0}")]
+    Spec(String),
+    #[error("uploaded context {0} is no longer stored on this Kiln; upload it again")]
+    ContextGone(crate::model::Digest),
+    #[error("handing the uploaded context to the builder pod: {0}")]
+    ContextUpload(#[source] RegistryError),
+}
+
+/// How long a listing waits for the pod watch's first list.
+const LIST_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Runs builds as pods. Cheap to clone.
+#[derive(Clone)]
+pub struct KubernetesBuilder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pods: Api<Pod>,
+    secrets: Api<Secret>,
+    namespace: String,
+    settings: KubernetesConfig,
+    registry: RegistryClient,
+    contexts: ContextStore,
+    engine: EngineSettings,
+    watch: PodWatch,
+    /// This replica's name, recorded on the pods it creates.
+    replica: String,
+    /// Where each running build is in its pod's log, kept across restarts of its actor.
+    cursors: DashMap<BuildId, Arc<std::sync::Mutex<LogCursor>>>,
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl KubernetesBuilder {
+    /// Connects to the cluster `settings` name and starts watching Kiln's pods there. Call
+    /// it on the runtime that should drive the watch (it lives as long as the builder).
+    pub async fn connect(
+        settings: &KubernetesConfig,
+        engine: &EngineSettings,
+        registry: RegistryClient,
+        contexts: ContextStore,
+    ) -> Result<Self, ClusterError> {
+        let connect = |e: &dyn std::fmt::Display| ClusterError::Connect(e.to_string());
+        let config = match &settings.kubeconfig {
+            Some(path) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .map_err(|e| connect(&format!("kubernetes.kubeconfig {}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .map_err(|e| connect(&e))?
+            }
+            None => kube::Config::infer().await.map_err(|e| connect(&e))?,
+        };
+        let namespace = settings
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config).map_err(|e| connect(&e))?;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        let secrets: Api<Secret> = Api::namespaced(client, &namespace);
+        let stop = CancellationToken::new();
+        let watch = PodWatch::start(pods.clone(), stop.clone());
+        let replica = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "kiln".into());
+        let builder = Self {
+            inner: Arc::new(Inner {
+                pods,
+                secrets,
+                namespace,
+                settings: settings.clone(),
+                registry,
+                contexts,
+                engine: engine.clone(),
+                watch,
+                replica,
+                cursors: DashMap::new(),
+                stop: stop.clone(),
+            }),
+        };
+        tokio::spawn(builder.clone().sweep_finished(stop));
+        Ok(builder)
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// Builds `input` in a pod (creating it, or joining the pod of the same key), passing
+    /// its log to `log`. Ok when the image was pushed.
+    pub async fn build(
+        &self,
+        ticket: &Ticket<'_>,
+        input: &BuildInput,
+        context: &PreparedContext,
+        log: &mpsc::UnboundedSender<Bytes>,
+    ) -> Result<(), ClusterError> {
+        let inner = &self.inner;
+        let (args, git_credentials) = self.execute_args(input, context).await?;
+        let spec = BuilderPod {
+            id: ticket.id,
+            key: ticket.key,
+            base: &input.destination,
+            workspace: ticket.workspace,
+            timeout: ticket.timeout,
+            execute_args: args,
+            created_by: &inner.replica,
+        };
+        let wanted = pod::pod(&spec, &inner.settings).map_err(ClusterError::Spec)?;
+        let name = pod::pod_name(ticket.key);
+        let images: Vec<_> = input.pinned.values().collect();
+        let docker_config = inner
+            .registry
+            .docker_config(&[&input.destination], &images, &input.auth);
+        let line = |text: String| {
+            let _ = log.send(Bytes::from(text + "\n"));
+        };
+        let pod = self.create_or_join(&wanted, ticket.id).await?;
+        let created = pod.metadata.labels.as_ref().and_then(|l| l.get("kiln.dev/build-id"))
+            == Some(&ticket.id.to_string());
+        line(match created {
+            true => format!("builder pod {name} in namespace {}", inner.namespace),
+            false => format!(
+                "joined builder pod {name} in namespace {} (it builds the same image)",
+                inner.namespace
+            ),
+        });
+        // Joining replicas write the Secret too: its creator may have died between the two
+        // calls, and a pod without its Secret never starts.
+        let secret = pod::secret(&pod, docker_config, git_credentials);
+        match inner.secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.follow(ticket.id, &name, log).await
+    }
+
+    /// Follows the pod of a build found in the cluster (started by another replica or an
+    /// earlier life of this one) to its end.
+    pub async fn attach(
+        &self,
+        build: &BuildId,
+        pod: &str,
+        log: &mpsc::UnboundedSender<Bytes>,
+    ) -> Result<(), ClusterError> {
+        let _ = log.send(Bytes::from(format!(
+            "attached to builder pod {pod} in namespace {}\n",
+            self.inner.namespace
+        )));
+        self.follow(build, pod, log).await
+    }
+
+    /// Deletes the pod of `key` and its Secret (a cancelled or timed-out build).
+    pub async fn abort(&self, build: &BuildId, key: &BuildKey) -> Result<(), ClusterError> {
+        self.inner.cursors.remove(build);
+        self.delete(&pod::pod_name(key), None).await
+    }
+
+    /// Every Kiln build whose pod is in the namespace, once the first list has been seen
+    /// (or what is known after [`LIST_PATIENCE`] of an unreachable API server).
+    pub async fn found_builds(&self) -> Vec<FoundBuild> {
+        if tokio::time::timeout(LIST_PATIENCE, self.inner.watch.ready())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the builder pod watch has not listed the namespace yet");
+        }
+        self.inner
+            .watch
+            .all()
+            .iter()
+            .filter_map(|p| pod::found_build(p))
+            .collect()
+    }
+
+    async fn delete(&self, name: &str, uid: Option<String>) -> Result<(), ClusterError> {
+        let params = DeleteParams {
+            preconditions: uid.map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::background()
+        };
+        let gone = |r: Result<_, kube::Error>| match r {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(e) => Err(ClusterError::Api(e)),
+        };
+        gone(self.inner.pods.delete(name, &params).await.map(|_| ()))?;
+        // The cluster deletes the Secret with its owner; deleting it here as well makes it
+        // go now rather than whenever the garbage collector runs.
+        gone(
+            self.inner
+                .secrets
+                .delete(name, &DeleteParams::background())
+                .await
+                .map(|_| ()),
+        )
+    }
+
+    /// Creates the pod, or joins the existing pod of the same key. A finished pod of an
+    /// earlier build of the key (a failed one, or one kept after a forced rebuild) is
+    /// replaced, not joined.
+    async fn create_or_join(&self, wanted: &Pod, id: &BuildId) -> Result<Pod, ClusterError> {
+        let pods = &self.inner.pods;
+        let name = wanted.metadata.name.clone().unwrap_or_default();
+        for _ in 0..10 {
+            match pods.create(&PostParams::default(), wanted).await {
+                Ok(pod) => return Ok(pod),
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            let existing = match pods.get_opt(&name).await? {
+                Some(pod) => pod,
+                None => continue,
+            };
+            let ours = existing
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kiln.dev/build-id"))
+                == Some(&id.to_string());
+            let being_deleted = existing.metadata.deletion_timestamp.is_some();
+            if !being_deleted && (ours || !PodState::of(&existing).is_terminal()) {
+                return Ok(existing);
+            }
+            if !being_deleted {
+                self.delete(&name, existing.metadata.uid.clone()).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(ClusterError::Spec(format!(
+            "pod {name} keeps existing: an earlier build's pod is not going away"
+        )))
+    }
+
+    /// Waits for `pod` to end while passing its log on; Ok when its container exited 0.
+    async fn follow(
+        &self,
+        build: &BuildId,
+        pod: &str,
+        log: &mpsc::UnboundedSender<Bytes>,
+    ) -> Result<(), ClusterError> {
+        let inner = &self.inner;
+        let cursor = inner.cursors.entry(build.clone()).or_default().clone();
+        let follow = logs::follow(&inner.pods, pod, &inner.watch, &cursor, log);
+        tokio::pin!(follow);
+        let end = tokio::select! {
+            end = self.wait_for_end(pod) => end,
+            () = &mut follow => self.wait_for_end(pod).await,
+        };
+        // At the end the whole log is on the node; give the follower time to read its last
+        // lines (it stops by itself once it has).
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut follow).await;
+        inner.cursors.remove(build);
+        end
+    }
+
+    /// Waits until `pod` has ended: Ok when its build container exited 0.
+    async fn wait_for_end(&self, pod: &str) -> Result<(), ClusterError> {
+        let watch = &self.inner.watch;
+        let mut changes = watch.changes();
+        let mut seen = false;
+        watch.ready().await;
+        loop {
+            match watch.get(pod).map(|p| PodState::of(&p)) {
+                Some(PodState::Succeeded) => return Ok(()),
+                Some(PodState::Failed { message }) => {
+                    return Err(ClusterError::PodFailed {
+                        pod: pod.into(),
+                        message,
+                    })
+                }
+                Some(PodState::Waiting { problem: Some(message) }) => {
+                    return Err(ClusterError::PodFailed {
+                        pod: pod.into(),
+                        message,
+                    })
+                }
+                Some(_) => seen = true,
+                None if seen => return Err(ClusterError::PodDeleted { pod: pod.into() }),
+                // Created but not in the watch's view yet.
+                None => {}
+            }
+            if changes.changed().await.is_err() {
+                return Err(ClusterError::Connect("the pod watch stopped".into()));
+            }
+        }
+    }
+
+    /// The arguments of `kiln execute` for `input`, and the git credentials for the Secret.
+    async fn execute_args(
+        &self,
+        input: &BuildInput,
+        context: &PreparedContext,
+    ) -> Result<(Vec<String>, Option<String>), ClusterError> {
+        let engine = &self.inner.engine;
+        let mut args: Vec<String> = Vec::new();
+        let mut flag = |name: &str, value: String| {
+            args.push(format!("--{name}"));
+            args.push(value);
+        };
+        flag("destination", input.destination.to_string());
+        flag("platform", self.inner.registry.platform().to_string());
+        flag(
+            "compression",
+            match engine.compression {
+                LayerCompressionSetting::Gzip => "gzip",
+                LayerCompressionSetting::Zstd => "zstd",
+            }
+            .into(),
+        );
+        if let Some(level) = engine.compression_level {
+            flag("compression-level", level.to_string());
+        }
+        flag(
+            "network",
+            match engine.network {
+                RunNetwork::Host => "host",
+                RunNetwork::None => "none",
+            }
+            .into(),
+        );
+        flag(
+            "pull-secret",
+            format!("{}/{}", pod::CREDENTIALS_DIR, pod::DOCKER_CONFIG_KEY),
+        );
+        flag("termination-log", pod::TERMINATION_LOG.into());
+        for host in self.inner.registry.insecure_registries() {
+            flag("insecure-registry", host.clone());
+        }
+        for (name, value) in &input.build_args {
+            flag("build-arg", format!("{name}={value}"));
+        }
+        if let Some(target) = &input.target {
+            flag("target", target.clone());
+        }
+        for (name, image) in &input.pinned {
+            flag("pin", format!("{name}={image}"));
+        }
+        let mut git_credentials = None;
+        match &context.origin {
+            ContextSource::Git(git) => {
+                let GitSource {
+                    remote_uri,
+                    target,
+                    credentials,
+                    custom_config,
+                    ..
+                } = git;
+                flag("git", remote_uri.clone());
+                match target {
+                    GitTarget::Commit(rev) | GitTarget::RemoteBranch(rev) => flag("rev", rev.clone()),
+                    GitTarget::RemoteHead | GitTarget::LocalBranch(_) => {}
+                }
+                for (key, value) in custom_config {
+                    flag("git-config", format!("{key}={value}"));
+                }
+                if let Some((user, password)) = credentials {
+                    git_credentials = Some(format!("{user}:{}", password.expose()));
+                    flag(
+                        "git-credentials",
+                        format!("{}/{}", pod::CREDENTIALS_DIR, pod::GIT_CREDENTIALS_KEY),
+                    );
+                }
+            }
+            ContextSource::Uploaded(digest) => {
+                let path = self
+                    .inner
+                    .contexts
+                    .path(digest)
+                    .ok_or_else(|| ClusterError::ContextGone(digest.clone()))?;
+                let repo = &input.destination;
+                self.inner
+                    .registry
+                    .push_blob_file(repo, digest, &path, None, &input.auth)
+                    .await
+                    .map_err(ClusterError::ContextUpload)?;
+                flag(
+                    "context-blob",
+                    format!("{}/{}@{digest}", repo.registry(), repo.repository()),
+                );
+            }
+        }
+        if !context.context_path.is_empty() {
+            flag("context-path", context.context_path.clone());
+        }
+        flag("dockerfile", context.dockerfile_path.clone());
+        Ok((args, git_credentials))
+    }
+
+    /// Deletes finished builder pods (and their Secrets) older than `kubernetes.retention`,
+    /// until `stop`. Every replica does this; deleting twice is harmless.
+    async fn sweep_finished(self, stop: CancellationToken) {
+        let retention = self.inner.settings.retention;
+        let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            let now = k8s_openapi::jiff::Timestamp::now();
+            for pod in self.inner.watch.all() {
+                let Some(finished) = finished_at(&pod) else {
+                    continue;
+                };
+                let age = now.duration_since(finished);
+                if age.as_secs() < retention.as_secs() as i64 {
+                    continue;
+                }
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                match self.delete(&name, pod.metadata.uid.clone()).await {
+                    Ok(()) => tracing::info!(pod = %name, "finished builder pod removed after its retention"),
+                    Err(error) => tracing::warn!(pod = %name, %error, "cannot remove a finished builder pod"),
+                }
+            }
+        }
+    }
+}
+
+/// When a builder pod's container ended, if it has.
+fn finished_at(pod: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
+    let status = pod.status.as_ref()?;
+    let terminated = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.terminated.as_ref());
+    match terminated {
+        Some(t) => t.finished_at.as_ref().map(|t| t.0),
+        // A pod that failed without its container running (e.g. deadline exceeded).
+        None if PodState::of(pod).is_terminal() => pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        None => None,
+    }
+}
