@@ -7,6 +7,7 @@ pub mod buildah;
 pub mod compare;
 pub mod docker_registry;
 pub mod embedded_registry;
+pub mod fake_kube;
 pub mod fault_proxy;
 pub mod images;
 pub mod kiln;

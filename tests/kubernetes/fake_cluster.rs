@@ -1,0 +1,651 @@
+//! The fake cluster (`support::fake_kube`) itself, through the real `kube` client and the
+//! kubeconfig it writes: the REST shapes Kiln's executor relies on (create/get/409/delete,
+//! list and watch with 410 recovery, logs with timestamps and sinceTime), the kubelet
+//! (exit codes, termination messages, volumes mounted where the pod says, process groups
+//! killed on deletion), secret garbage collection, and RBAC from `deploy/role.yaml`.
+
+use std::{path::PathBuf, time::Duration};
+
+use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
+use k8s_openapi::{
+    api::core::v1::{Pod, Secret},
+    jiff::Timestamp,
+};
+use kube::{
+    api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams},
+    runtime::{watcher, watcher::Event},
+    Api, Client,
+};
+use serde_json::json;
+
+use crate::support::fake_kube::{
+    store::{FieldSelector, LabelSelector},
+    FakeKube,
+};
+
+const MANAGED: &str = "app.kubernetes.io/managed-by=kiln";
+
+/// A pod shaped like Kiln's builder pods, running `sh -c script` in container `build`.
+fn pod(name: &str, script: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": "kiln", "kiln.dev/build-key": "0123456789abcdef0123456789abcdef"},
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": "kiln-builder",
+            "automountServiceAccountToken": false,
+            "containers": [{
+                "name": "build",
+                "image": "ghcr.io/kiln-build/kiln:test",
+                "command": ["sh", "-c", script],
+                "terminationMessagePath": "/var/run/kiln/termination-log",
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "env": [{"name": "KILN_EXECUTE_DATA_DIR", "value": "/var/lib/kiln"}],
+                "volumeMounts": [
+                    {"name": "work", "mountPath": "/var/lib/kiln"},
+                    {"name": "run", "mountPath": "/var/run/kiln"},
+                ],
+            }],
+            "volumes": [{"name": "work", "emptyDir": {}}, {"name": "run", "emptyDir": {}}],
+        },
+    }))
+    .expect("pod")
+}
+
+/// [`pod`] with Kiln's credentials Secret volume (secretName = pod name) and an env var from it.
+fn pod_with_secret(name: &str, script: &str) -> Pod {
+    let mut value = serde_json::to_value(pod(name, script)).unwrap();
+    value["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "credentials", "secret": {"secretName": name, "optional": false}}));
+    let container = &mut value["spec"]["containers"][0];
+    container["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "credentials", "mountPath": "/var/run/kiln/credentials", "readOnly": true}));
+    container["env"].as_array_mut().unwrap().push(json!({
+        "name": "FROM_SECRET",
+        "valueFrom": {"secretKeyRef": {"name": name, "key": "git-credentials"}},
+    }));
+    serde_json::from_value(value).unwrap()
+}
+
+/// Kiln's per-build Secret, owned by the pod.
+fn secret(pod: &Pod) -> Secret {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": pod.metadata.name,
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name,
+                "uid": pod.metadata.uid, "controller": true, "blockOwnerDeletion": true,
+            }],
+        },
+        "type": "Opaque",
+        "stringData": {"config.json": "{\"auths\":{}}", "git-credentials": "https://u:p@example.com"},
+    }))
+    .expect("secret")
+}
+
+async fn pods(kube: &FakeKube) -> Api<Pod> {
+    Api::namespaced(kube.client().await, kube.namespace())
+}
+
+/// Polls the pod until `done` holds (or panics after `timeout`).
+async fn wait_pod(api: &Api<Pod>, name: &str, timeout: Duration, done: impl Fn(&Pod) -> bool) -> Pod {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let pod = api.get(name).await.expect("get pod");
+        if done(&pod) {
+            return pod;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pod {name} never got there: {:?}",
+            pod.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_gone(api: &Api<Pod>, name: &str, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while api.get_opt(name).await.expect("get pod").is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pod {name} was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+fn terminated(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
+    pod.status.as_ref()?.container_statuses.as_ref()?[0]
+        .state
+        .as_ref()?
+        .terminated
+        .clone()
+}
+
+fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> kube::core::Status {
+    match result {
+        Err(kube::Error::Api(status)) => *status,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+#[tokio::test]
+async fn pods_create_get_conflict_and_delete_kill_the_process_group() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let created = api
+        .create(&PostParams::default(), &pod("p1", "sleep 30 & wait"))
+        .await
+        .expect("create");
+    let meta = &created.metadata;
+    assert!(meta.uid.is_some() && meta.resource_version.is_some() && meta.creation_timestamp.is_some());
+    assert_eq!(meta.namespace.as_deref(), Some("kiln"));
+    assert_eq!(phase(&created), "Pending");
+
+    let conflict = api_error(api.create(&PostParams::default(), &pod("p1", "true")).await);
+    assert_eq!((conflict.code, conflict.reason.as_str()), (409, "AlreadyExists"));
+    assert_eq!(conflict.message, "pods \"p1\" already exists");
+
+    let running = wait_pod(&api, "p1", Duration::from_secs(10), |p| phase(p) == "Running").await;
+    let status = running.status.as_ref().unwrap();
+    assert!(status.pod_ip.is_some());
+    let container = &status.container_statuses.as_ref().unwrap()[0];
+    assert!(container.ready && container.state.as_ref().unwrap().running.is_some());
+    let pid = kube.pod_pid("p1").expect("pod process");
+    assert!(process_alive(pid));
+
+    let listed = api
+        .list(&ListParams::default().labels(MANAGED))
+        .await
+        .expect("list");
+    assert_eq!(listed.items.len(), 1);
+    assert!(listed.metadata.resource_version.is_some());
+    let none = api
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by!=kiln"))
+        .await
+        .unwrap();
+    assert!(none.items.is_empty());
+    let by_name = api
+        .list(&ListParams::default().fields("metadata.name=p1"))
+        .await
+        .unwrap();
+    assert_eq!(by_name.items.len(), 1);
+
+    let deleted = api.delete("p1", &DeleteParams::default()).await.expect("delete");
+    let deleted = deleted
+        .left()
+        .expect("a pod being deleted comes back as the object");
+    assert!(deleted.metadata.deletion_timestamp.is_some());
+    wait_gone(&api, "p1", Duration::from_secs(5)).await;
+    assert!(!process_alive(pid), "the pod's process survived its deletion");
+    let missing = api_error(api.get("p1").await);
+    assert_eq!((missing.code, missing.reason.as_str()), (404, "NotFound"));
+    assert_eq!(
+        api_error(api.delete("p1", &DeleteParams::default()).await).code,
+        404
+    );
+
+    // A process that ignores SIGTERM is killed after the grace.
+    api.create(
+        &PostParams::default(),
+        &pod("stubborn", "trap '' TERM; while true; do sleep 0.1; done"),
+    )
+    .await
+    .unwrap();
+    wait_pod(&api, "stubborn", Duration::from_secs(10), |p| {
+        phase(p) == "Running"
+    })
+    .await;
+    let started = std::time::Instant::now();
+    api.delete("stubborn", &DeleteParams::default()).await.unwrap();
+    wait_gone(&api, "stubborn", Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "SIGKILL came before the grace"
+    );
+    assert_eq!(kube.pods_created(), 2);
+    assert_eq!(kube.request_count("create", "pods"), 3);
+
+    // Dropping the handle kills running pods and removes its dirs.
+    api.create(&PostParams::default(), &pod("left-running", "sleep 30"))
+        .await
+        .unwrap();
+    wait_pod(&api, "left-running", Duration::from_secs(10), |p| {
+        phase(p) == "Running"
+    })
+    .await;
+    let pid = kube.pod_pid("left-running").unwrap();
+    let state_dir = kube.state_dir().to_path_buf();
+    drop(kube);
+    assert!(!process_alive(pid), "a pod process outlived the fake");
+    assert!(!state_dir.exists(), "the fake's dirs outlived it");
+}
+
+#[tokio::test]
+async fn failed_pod_reports_exit_code_and_termination_message() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let script = "echo hi; echo msg > /var/run/kiln/termination-log; exit 3";
+    api.create(&PostParams::default(), &pod("fails", script))
+        .await
+        .unwrap();
+    // Without a message file, FallbackToLogsOnError takes the log's tail.
+    api.create(
+        &PostParams::default(),
+        &pod("fallback", "echo first; echo last >&2; exit 2"),
+    )
+    .await
+    .unwrap();
+    api.create(&PostParams::default(), &pod("succeeds", "echo fine"))
+        .await
+        .unwrap();
+    api.create(&PostParams::default(), &pod("no-such-binary", "true"))
+        .await
+        .unwrap();
+
+    let failed = wait_pod(&api, "fails", Duration::from_secs(10), |p| phase(p) == "Failed").await;
+    let t = terminated(&failed).expect("terminated state");
+    assert_eq!((t.exit_code, t.reason.as_deref()), (3, Some("Error")));
+    assert_eq!(t.message.as_deref(), Some("msg\n"));
+    assert!(t.started_at.is_some() && t.finished_at.is_some());
+
+    let fallback = wait_pod(&api, "fallback", Duration::from_secs(10), |p| {
+        phase(p) == "Failed"
+    })
+    .await;
+    let t = terminated(&fallback).unwrap();
+    assert_eq!(t.exit_code, 2);
+    let message = t.message.unwrap();
+    assert!(
+        message.contains("first\n") && message.contains("last\n"),
+        "{message:?}"
+    );
+
+    let succeeded = wait_pod(&api, "succeeds", Duration::from_secs(10), |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
+    let t = terminated(&succeeded).unwrap();
+    assert_eq!(
+        (t.exit_code, t.reason.as_deref(), t.message),
+        (0, Some("Completed"), None)
+    );
+    assert_eq!(
+        api.logs("succeeds", &LogParams::default()).await.unwrap(),
+        "fine\n"
+    );
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_fails_the_pod() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let mut p = pod("nope", "");
+    p.spec.as_mut().unwrap().containers[0].command = Some(vec!["no-such-binary-xyz".into()]);
+    api.create(&PostParams::default(), &p).await.unwrap();
+    let failed = wait_pod(&api, "nope", Duration::from_secs(10), |p| phase(p) == "Failed").await;
+    let t = terminated(&failed).unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (128, Some("StartError")));
+}
+
+#[tokio::test]
+async fn secret_volume_env_and_mounts_are_what_the_process_sees() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let secrets: Api<Secret> = Api::namespaced(kube.client().await, kube.namespace());
+    let script = "echo data > /var/lib/kiln/out; cat /var/run/kiln/credentials/config.json; echo; \
+                  (touch /var/run/kiln/credentials/x 2>/dev/null && echo writable) || echo read-only; \
+                  echo \"$KILN_EXECUTE_DATA_DIR $FROM_SECRET\"; stat -c %a /var/run/kiln/credentials/config.json";
+    let created = api
+        .create(&PostParams::default(), &pod_with_secret("mounts", script))
+        .await
+        .unwrap();
+    // The kubelet waits for the secret, as a real one waits to mount it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(phase(&api.get("mounts").await.unwrap()), "Pending");
+    let waiting = api_error(api.logs("mounts", &LogParams::default()).await);
+    assert_eq!(waiting.code, 400);
+    assert_eq!(
+        waiting.message,
+        "container \"build\" in pod \"mounts\" is waiting to start: ContainerCreating"
+    );
+    let stored = secrets
+        .create(&PostParams::default(), &secret(&created))
+        .await
+        .unwrap();
+    assert!(stored.string_data.is_none(), "stringData is folded into data");
+    assert_eq!(stored.type_.as_deref(), Some("Opaque"));
+
+    wait_pod(&api, "mounts", Duration::from_secs(10), |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
+    let log = api.logs("mounts", &LogParams::default()).await.unwrap();
+    assert_eq!(
+        log,
+        "{\"auths\":{}}\nread-only\n/var/lib/kiln https://u:p@example.com\n644\n"
+    );
+    let work = kube.volume_dir("mounts", "work").expect("work volume");
+    assert_eq!(std::fs::read_to_string(work.join("out")).unwrap(), "data\n");
+    assert!(
+        !PathBuf::from("/var/lib/kiln/out").exists(),
+        "the bind mount leaked into the host's namespace"
+    );
+}
+
+#[tokio::test]
+async fn secrets_are_collected_with_their_owner_pod() {
+    let kube = FakeKube::start();
+    let client = kube.client().await;
+    let api: Api<Pod> = Api::namespaced(client.clone(), kube.namespace());
+    let secrets: Api<Secret> = Api::namespaced(client, kube.namespace());
+    let created = api
+        .create(&PostParams::default(), &pod_with_secret("owner", "sleep 30"))
+        .await
+        .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret(&created))
+        .await
+        .unwrap();
+    let conflict = api_error(secrets.create(&PostParams::default(), &secret(&created)).await);
+    assert_eq!(conflict.code, 409);
+    let fetched = secrets.get("owner").await.unwrap();
+    assert!(fetched.data.unwrap().contains_key("config.json"));
+    wait_pod(&api, "owner", Duration::from_secs(10), |p| phase(p) == "Running").await;
+    assert_eq!(kube.secrets(), vec!["owner".to_owned()]);
+
+    api.delete("owner", &DeleteParams::default()).await.unwrap();
+    wait_gone(&api, "owner", Duration::from_secs(5)).await;
+    assert!(kube.secrets().is_empty(), "the owned secret survived its pod");
+    assert!(secrets.get_opt("owner").await.unwrap().is_none());
+
+    // A secret whose owner is already gone is collected too.
+    let mut orphan = secret(&created);
+    orphan.metadata.name = Some("orphan".into());
+    secrets.create(&PostParams::default(), &orphan).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !kube.secrets().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "orphan secret never collected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Secrets' DELETE answers a Status.
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("plain".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(secrets
+        .delete("plain", &DeleteParams::default())
+        .await
+        .unwrap()
+        .is_right());
+}
+
+#[tokio::test]
+async fn logs_follow_with_timestamps_and_resume_since_time() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let script = "echo line1; sleep 1.2; echo line2; sleep 1.2; echo line3";
+    api.create(&PostParams::default(), &pod("logs", script))
+        .await
+        .unwrap();
+    wait_pod(&api, "logs", Duration::from_secs(10), |p| phase(p) == "Running").await;
+    let params = LogParams {
+        container: Some("build".into()),
+        follow: true,
+        timestamps: true,
+        ..Default::default()
+    };
+    let mut lines = api.log_stream("logs", &params).await.unwrap().lines();
+    let mut seen: Vec<(Timestamp, String)> = Vec::new();
+    for _ in 0..2 {
+        let line = lines.try_next().await.unwrap().expect("a log line");
+        let (at, text) = line.split_once(' ').expect("timestamped line");
+        seen.push((at.parse().expect("RFC 3339 timestamp"), text.to_owned()));
+    }
+    assert_eq!(seen[0].1, "line1");
+    assert_eq!(seen[1].1, "line2");
+    // The stream breaks; resume from the last line's second, as Kiln does.
+    kube.drop_log_streams();
+    assert!(
+        lines.try_next().await.unwrap_or(None).is_none(),
+        "the stream went on"
+    );
+    let since = seen[1].0.round(k8s_openapi::jiff::Unit::Second).unwrap();
+    let since = if since > seen[1].0 {
+        since - k8s_openapi::jiff::SignedDuration::from_secs(1)
+    } else {
+        since
+    };
+    let resumed = LogParams {
+        since_time: Some(since),
+        ..params.clone()
+    };
+    let rest: Vec<String> = api
+        .log_stream("logs", &resumed)
+        .await
+        .unwrap()
+        .lines()
+        .try_collect()
+        .await
+        .unwrap();
+    // Follow ends when the container terminates.
+    let texts: Vec<&str> = rest.iter().map(|l| l.split_once(' ').unwrap().1).collect();
+    assert_eq!(texts, ["line2", "line3"], "{rest:?}");
+    assert_eq!(phase(&api.get("logs").await.unwrap()), "Succeeded");
+    // Plain, tail and limits.
+    assert_eq!(
+        api.logs("logs", &LogParams::default()).await.unwrap(),
+        "line1\nline2\nline3\n"
+    );
+    let tail = LogParams {
+        tail_lines: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(api.logs("logs", &tail).await.unwrap(), "line3\n");
+    let wrong = LogParams {
+        container: Some("other".into()),
+        ..Default::default()
+    };
+    assert_eq!(api_error(api.logs("logs", &wrong).await).code, 400);
+    assert_eq!(kube.request_count("get", "pods/log"), 5);
+}
+
+#[tokio::test]
+async fn watcher_resumes_after_dropped_watches_and_relists_after_410() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let config = watcher::Config::default().labels(MANAGED);
+    let mut events = watcher(api.clone(), config).boxed();
+    let mut next = async || -> Result<Event<Pod>, watcher::Error> {
+        tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("a watch event in time")
+            .expect("the watcher does not end")
+    };
+    assert!(matches!(next().await, Ok(Event::Init)));
+    assert!(matches!(next().await, Ok(Event::InitDone)));
+    let name = |e: &Event<Pod>| match e {
+        Event::Apply(p) | Event::Delete(p) | Event::InitApply(p) => p.metadata.name.clone().unwrap(),
+        other => panic!("unexpected {other:?}"),
+    };
+
+    api.create(&PostParams::default(), &pod("w1", "sleep 30"))
+        .await
+        .unwrap();
+    let mut unlabelled = pod("other", "sleep 30");
+    unlabelled.metadata.labels = None;
+    api.create(&PostParams::default(), &unlabelled).await.unwrap();
+    let e = next().await.unwrap();
+    assert!(matches!(e, Event::Apply(_)) && name(&e) == "w1");
+    // Until w1 runs: Pending (scheduled), Running.
+    loop {
+        let e = next().await.unwrap();
+        assert_eq!(name(&e), "w1", "the unlabelled pod leaked through the selector");
+        if let Event::Apply(p) = &e {
+            if phase(p) == "Running" {
+                break;
+            }
+        }
+    }
+
+    // A dropped watch resumes from the last resourceVersion: no re-list.
+    let lists = kube.request_count("list", "pods");
+    kube.drop_watches();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.create(&PostParams::default(), &pod("w2", "sleep 30"))
+        .await
+        .unwrap();
+    let e = next().await.unwrap();
+    assert!(matches!(e, Event::Apply(_)) && name(&e) == "w2");
+    assert_eq!(kube.request_count("list", "pods"), lists);
+    assert!(kube.request_count("watch", "pods") >= 2);
+
+    // Expired history: the watch gets 410 and the watcher lists again.
+    kube.expire_history();
+    let mut relisted = Vec::new();
+    let mut saw_410 = false;
+    loop {
+        match next().await {
+            Err(watcher::Error::WatchError(status)) => {
+                assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+                saw_410 = true;
+            }
+            Err(other) => panic!("unexpected watcher error {other:?}"),
+            Ok(Event::Init) => {}
+            Ok(Event::InitApply(p)) => relisted.push(p.metadata.name.unwrap()),
+            Ok(Event::InitDone) => break,
+            Ok(_) => {}
+        }
+    }
+    assert!(saw_410);
+    relisted.sort();
+    assert_eq!(relisted, ["w1", "w2"]);
+    assert_eq!(kube.request_count("list", "pods"), lists + 1);
+
+    // And goes on watching from the new list.
+    api.delete("w1", &DeleteParams::default()).await.unwrap();
+    loop {
+        let e = next().await.unwrap();
+        if let Event::Delete(p) = e {
+            assert_eq!(p.metadata.name.as_deref(), Some("w1"));
+            break;
+        }
+    }
+    // A watch from an old version after expiry (here: a fresh client) also gets the 410.
+    kube.expire_history();
+    let old = api
+        .watch(&kube::api::WatchParams::default(), "1")
+        .await
+        .unwrap()
+        .boxed()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(old, kube::api::WatchEvent::Error(s) if s.code == 410));
+}
+
+#[tokio::test]
+async fn rbac_follows_the_role_and_tokens_are_required() {
+    let kube = FakeKube::start();
+    let client = kube.client().await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), kube.namespace());
+    let forbidden = api_error(secrets.list(&ListParams::default()).await);
+    assert_eq!((forbidden.code, forbidden.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        forbidden.message,
+        "secrets is forbidden: User \"system:serviceaccount:kiln:kiln\" cannot list resource \"secrets\" in API group \"\" in the namespace \"kiln\""
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), kube.namespace());
+    let patch = Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}}));
+    let forbidden = api_error(pods.patch("x", &PatchParams::default(), &patch).await);
+    assert_eq!(forbidden.code, 403);
+    assert_eq!(
+        forbidden.message,
+        "pods \"x\" is forbidden: User \"system:serviceaccount:kiln:kiln\" cannot patch resource \"pods\" in API group \"\" in the namespace \"kiln\""
+    );
+    let elsewhere: Api<Pod> = Api::namespaced(client.clone(), "default");
+    assert_eq!(api_error(elsewhere.list(&ListParams::default()).await).code, 403);
+    let everywhere: Api<Pod> = Api::all(client);
+    let cluster = api_error(everywhere.list(&ListParams::default()).await);
+    assert!(
+        cluster.message.ends_with("at the cluster scope"),
+        "{}",
+        cluster.message
+    );
+    assert_eq!(kube.forbidden_count(), 4);
+    assert_eq!(kube.request_count("list", "secrets"), 1);
+
+    let anonymous = Client::try_from(kube::Config::new(kube.url().parse().unwrap())).unwrap();
+    let unauthorized = api_error(
+        Api::<Pod>::namespaced(anonymous, "kiln")
+            .list(&ListParams::default())
+            .await,
+    );
+    assert_eq!(
+        (unauthorized.code, unauthorized.reason.as_str()),
+        (401, "Unauthorized")
+    );
+}
+
+#[tokio::test]
+async fn invalid_objects_are_rejected() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let mut p = pod("bad", "true");
+    p.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("kiln.dev/build-key".into(), "a".repeat(64));
+    let invalid = api_error(api.create(&PostParams::default(), &p).await);
+    assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
+    let p = pod("Upper_Case", "true");
+    assert_eq!(api_error(api.create(&PostParams::default(), &p).await).code, 422);
+    assert_eq!(kube.pods_created(), 0);
+}
+
+#[test]
+fn selectors_parse_like_the_api_server() {
+    let object =
+        json!({"metadata": {"name": "n", "labels": {"a": "b", "c": "d"}}, "status": {"phase": "Running"}});
+    let labels = |s: &str| LabelSelector::parse(s).unwrap().matches(&object);
+    assert!(labels(""));
+    assert!(labels("a=b") && labels("a==b,c") && labels("x!=y") && labels("!x"));
+    assert!(!labels("a!=b") && !labels("z"));
+    assert!(labels("a in (x,b)") && !labels("a notin (x,b),c"));
+    let fields = |s: &str| FieldSelector::parse(s).unwrap().matches(&object);
+    assert!(fields("metadata.name=n,status.phase!=Failed"));
+    assert!(!fields("metadata.name=m"));
+}

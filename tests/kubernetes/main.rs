@@ -1,0 +1,7 @@
+//! Kiln on Kubernetes: the deployment in `deploy/` and the Kubernetes executor against a fake
+//! API server.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod fake_cluster;

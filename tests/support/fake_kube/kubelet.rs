@@ -1,0 +1,934 @@
+//! The fake kubelet: one task per pod that waits for the pod's secrets (as a real kubelet
+//! waits to mount a secret volume), prepares its volumes as per-pod host dirs, runs the
+//! first container's command as a local process — own process group, own mount namespace
+//! with each volume bind-mounted at its mountPath — captures stdout and stderr as
+//! timestamped log lines, reports Pending → Running → Succeeded/Failed with the termination
+//! message, and on deletion kills the process group (SIGTERM, then SIGKILL after the
+//! grace) before the pod object goes away with its owned secrets.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    ffi::{CStr, CString},
+    os::unix::{ffi::OsStrExt, fs::PermissionsExt},
+    path::{Component, Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
+
+use axum::body::Bytes;
+use futures::Stream;
+use k8s_openapi::jiff::Timestamp;
+use nix::{
+    mount::{mount, MsFlags},
+    sched::{unshare, CloneFlags},
+    sys::signal::{killpg, Signal},
+    unistd::Pid,
+};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    sync::watch,
+};
+
+use super::{acquire_mount_point, api::now_seconds, Shared};
+
+/// The kubelet's limits for the termination message (file, and the log fallback).
+const MAX_MESSAGE_BYTES: usize = 4096;
+const FALLBACK_LOG_LINES: usize = 80;
+const FALLBACK_LOG_BYTES: usize = 2048;
+
+/// What the kubelet knows about one pod beyond its API object.
+pub(crate) struct PodRuntime {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    /// Set to the kill grace once the pod is deleted.
+    delete: watch::Sender<Option<Duration>>,
+    logs: Mutex<Logs>,
+    log_changes: watch::Sender<u64>,
+    pgid: Mutex<Option<i32>>,
+}
+
+#[derive(Default)]
+struct Logs {
+    lines: Vec<LogLine>,
+    /// The container was started (or failed to): its log can be read.
+    started: bool,
+    /// The container terminated and every line is in: followers end.
+    done: bool,
+}
+
+struct LogLine {
+    at: Timestamp,
+    text: Vec<u8>,
+}
+
+impl PodRuntime {
+    pub fn pid(&self) -> Option<u32> {
+        self.pgid.lock().unwrap().map(|p| p as u32)
+    }
+
+    pub fn has_started(&self) -> bool {
+        self.logs.lock().unwrap().started
+    }
+
+    fn update_logs(&self, f: impl FnOnce(&mut Logs)) {
+        f(&mut self.logs.lock().unwrap());
+        self.log_changes.send_modify(|n| *n += 1);
+    }
+}
+
+/// pods/log query parameters.
+pub(crate) struct LogOptions {
+    pub follow: bool,
+    pub timestamps: bool,
+    pub since: Option<Timestamp>,
+    pub tail_lines: Option<usize>,
+    pub limit_bytes: Option<usize>,
+}
+
+/// The defaults the API server fills in on create, and the initial Pending status.
+pub(crate) fn default_pod(pod: &mut Value) {
+    let spec = &mut pod["spec"];
+    for (field, value) in [
+        ("restartPolicy", json!("Always")),
+        ("dnsPolicy", json!("ClusterFirst")),
+        ("schedulerName", json!("default-scheduler")),
+        ("terminationGracePeriodSeconds", json!(30)),
+        ("serviceAccountName", json!("default")),
+        ("securityContext", json!({})),
+    ] {
+        if spec[field].is_null() {
+            spec[field] = value;
+        }
+    }
+    if let Some(containers) = spec["containers"].as_array_mut() {
+        for c in containers {
+            for (field, value) in [
+                ("terminationMessagePath", "/dev/termination-log"),
+                ("terminationMessagePolicy", "File"),
+                ("imagePullPolicy", "IfNotPresent"),
+            ] {
+                if c[field].is_null() {
+                    c[field] = json!(value);
+                }
+            }
+        }
+    }
+    if let Some(volumes) = spec["volumes"].as_array_mut() {
+        for v in volumes {
+            if v["secret"].is_object() && v["secret"]["defaultMode"].is_null() {
+                v["secret"]["defaultMode"] = json!(0o644);
+            }
+        }
+    }
+    pod["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+}
+
+/// Registers the pod with the kubelet and starts its task.
+pub(crate) fn start(shared: Arc<Shared>, pod: &Value) {
+    let runtime = Arc::new(PodRuntime {
+        uid: pod["metadata"]["uid"].as_str().unwrap_or("").to_owned(),
+        name: pod["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+        namespace: pod["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+        delete: watch::channel(None).0,
+        logs: Mutex::new(Logs::default()),
+        log_changes: watch::channel(0).0,
+        pgid: Mutex::new(None),
+    });
+    shared
+        .runtimes
+        .lock()
+        .unwrap()
+        .insert(runtime.uid.clone(), runtime.clone());
+    shared.live_kubelets.fetch_add(1, Ordering::SeqCst);
+    let pod = pod.clone();
+    tokio::spawn(async move {
+        let _live = LiveGuard(shared.clone());
+        run(shared, runtime, pod).await;
+    });
+}
+
+/// Decrements the live kubelet count however the task ends.
+struct LiveGuard(Arc<Shared>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live_kubelets.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Marks the pod deleted (deletionTimestamp, grace) and tells its kubelet; the object goes
+/// away once the process is dead. Returns the pod as the DELETE response shows it.
+pub(crate) fn delete(shared: &Shared, namespace: &str, name: &str, grace: Option<i64>) -> Option<Value> {
+    let pod = shared.mutate(|store| {
+        let current = store.get("pods", namespace, name)?.clone();
+        if current["metadata"]["deletionTimestamp"].is_string() {
+            return Some(current);
+        }
+        let grace = grace
+            .or_else(|| current["spec"]["terminationGracePeriodSeconds"].as_i64())
+            .unwrap_or(30)
+            .max(0);
+        let at = Timestamp::now()
+            .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+            .unwrap_or_else(|_| Timestamp::now());
+        store.update("pods", namespace, name, |p| {
+            p["metadata"]["deletionTimestamp"] =
+                json!(k8s_openapi::jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", at).expect("time"));
+            p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+        })
+    })?;
+    let grace = Duration::from_secs(
+        pod["metadata"]["deletionGracePeriodSeconds"]
+            .as_u64()
+            .unwrap_or(0),
+    )
+    .min(shared.options.kill_grace);
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or("");
+    let runtime = shared.runtimes.lock().unwrap().get(uid).cloned();
+    match runtime {
+        Some(runtime) => {
+            runtime.delete.send_if_modified(|d| {
+                let first = d.is_none();
+                if first {
+                    *d = Some(grace);
+                }
+                first
+            });
+        }
+        None => {
+            shared.mutate(|store| store.remove("pods", namespace, name));
+        }
+    }
+    Some(pod)
+}
+
+/// SIGKILL to every pod's process group (the handle is being dropped).
+pub(crate) fn kill_all(shared: &Shared) {
+    for runtime in shared.runtimes.lock().unwrap().values() {
+        if let Some(pgid) = *runtime.pgid.lock().unwrap() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Where volume `volume` of the pod with `uid` lives on the host.
+pub(crate) fn volume_dir(shared: &Shared, uid: &str, volume: &str) -> PathBuf {
+    shared.pods_dir.join(uid).join("volumes").join(volume)
+}
+
+/// Deletes secrets owned only by pods that no longer exist, as the garbage collector does
+/// (also secrets created with an owner that is already gone).
+pub(crate) fn collect_garbage(shared: &Shared) {
+    shared.mutate(|store| {
+        let mut doomed = Vec::new();
+        let namespaces: Vec<String> = {
+            let mut ns: Vec<String> = Vec::new();
+            for secret in store.list_all("secrets") {
+                let n = secret["metadata"]["namespace"].as_str().unwrap_or("").to_owned();
+                if !ns.contains(&n) {
+                    ns.push(n);
+                }
+            }
+            ns
+        };
+        for namespace in namespaces {
+            let live: Vec<String> = store
+                .list("pods", &namespace)
+                .into_iter()
+                .filter_map(|p| p["metadata"]["uid"].as_str().map(str::to_owned))
+                .collect();
+            for secret in store.list("secrets", &namespace) {
+                let owners = secret["metadata"]["ownerReferences"].as_array();
+                let Some(owners) = owners.filter(|o| !o.is_empty()) else {
+                    continue;
+                };
+                let all_gone = owners.iter().all(|o| {
+                    o["kind"] == json!("Pod")
+                        && !live.iter().any(|uid| o["uid"].as_str() == Some(uid.as_str()))
+                });
+                if all_gone {
+                    let name = secret["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                    doomed.push((namespace.clone(), name));
+                }
+            }
+        }
+        for (namespace, name) in doomed {
+            store.remove("secrets", &namespace, &name);
+        }
+    });
+}
+
+/// Periodic garbage collection, until shutdown.
+pub(crate) async fn garbage_collector(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => collect_garbage(&shared),
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// How a wait in the pod's life ended.
+enum Interrupt {
+    Deleted(Duration),
+    Shutdown,
+}
+
+async fn interrupted(
+    deleted: &mut watch::Receiver<Option<Duration>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Interrupt {
+    tokio::select! {
+        grace = deleted.wait_for(Option::is_some) => match grace {
+            Ok(grace) => Interrupt::Deleted(grace.unwrap_or_default()),
+            Err(_) => Interrupt::Shutdown,
+        },
+        _ = shutdown.wait_for(|s| *s) => Interrupt::Shutdown,
+    }
+}
+
+async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
+    let mut deleted = runtime.delete.subscribe();
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut changes = shared.changes.subscribe();
+    let container = pod["spec"]["containers"][0].clone();
+
+    // Scheduled on the node, ContainerCreating until every secret it needs exists.
+    tokio::select! {
+        _ = tokio::time::sleep(shared.options.pending_delay) => {}
+        interrupt = interrupted(&mut deleted, &mut shutdown) => {
+            return finish(&shared, &runtime, interrupt);
+        }
+    }
+    let ip = format!(
+        "10.244.0.{}",
+        shared.next_ip.fetch_add(1, Ordering::SeqCst) % 250 + 2
+    );
+    set_status(&shared, &runtime, |p| {
+        p["spec"]["nodeName"] = json!("fake-node");
+        p["status"] = json!({
+            "phase": "Pending",
+            "qosClass": "BestEffort",
+            "hostIP": "127.0.0.1",
+            "startTime": now_seconds(),
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_seconds()},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now_seconds()},
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": now_seconds()},
+            ],
+            "containerStatuses": [container_status(&container, json!({"waiting": {"reason": "ContainerCreating"}}), false)],
+        });
+    });
+    loop {
+        changes.borrow_and_update();
+        if missing_secret(&shared, &runtime.namespace, &pod, &container).is_none() {
+            break;
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            interrupt = interrupted(&mut deleted, &mut shutdown) => {
+                return finish(&shared, &runtime, interrupt);
+            }
+        }
+    }
+
+    let started_at = now_seconds();
+    let prepared = prepare(&shared, &runtime, &pod, &container);
+    let (mut child, mounts) = match prepared.and_then(|p| spawn(&shared, &runtime, &container, p)) {
+        Ok(spawned) => spawned,
+        Err(Failure::Config(message)) => {
+            // Like a missing ConfigMap key: the pod stays Pending with the reason.
+            set_status(&shared, &runtime, |p| {
+                p["status"]["containerStatuses"] = json!([container_status(
+                    &container,
+                    json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}}),
+                    false
+                )]);
+            });
+            let interrupt = interrupted(&mut deleted, &mut shutdown).await;
+            return finish(&shared, &runtime, interrupt);
+        }
+        Err(Failure::Start(message)) => {
+            runtime.update_logs(|l| {
+                l.started = true;
+                l.done = true;
+            });
+            let now = now_seconds();
+            set_status(&shared, &runtime, |p| {
+                p["status"]["phase"] = json!("Failed");
+                p["status"]["containerStatuses"] = json!([container_status(
+                    &container,
+                    json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": message,
+                                          "startedAt": "1970-01-01T00:00:00Z", "finishedAt": now}}),
+                    false
+                )]);
+            });
+            let interrupt = interrupted(&mut deleted, &mut shutdown).await;
+            return finish(&shared, &runtime, interrupt);
+        }
+    };
+    let pgid = child.id().map(|id| id as i32);
+    *runtime.pgid.lock().unwrap() = pgid;
+    runtime.update_logs(|l| l.started = true);
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|o| tokio::spawn(capture(runtime.clone(), o))),
+        child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(capture(runtime.clone(), e))),
+    ];
+    set_status(&shared, &runtime, |p| {
+        p["status"]["phase"] = json!("Running");
+        p["status"]["podIP"] = json!(ip);
+        p["status"]["podIPs"] = json!([{"ip": ip}]);
+        p["status"]["conditions"] = conditions(true);
+        p["status"]["containerStatuses"] = json!([container_status(
+            &container,
+            json!({"running": {"startedAt": started_at}}),
+            true
+        )]);
+    });
+
+    let signal = |sig| {
+        if let Some(pgid) = pgid {
+            let _ = killpg(Pid::from_raw(pgid), sig);
+        }
+    };
+    let exit: std::io::Result<ExitStatus> = tokio::select! {
+        status = child.wait() => status,
+        interrupt = interrupted(&mut deleted, &mut shutdown) => match interrupt {
+            Interrupt::Deleted(grace) => {
+                signal(Signal::SIGTERM);
+                match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        signal(Signal::SIGKILL);
+                        child.wait().await
+                    }
+                }
+            }
+            Interrupt::Shutdown => {
+                signal(Signal::SIGKILL);
+                let _ = child.wait().await;
+                return;
+            }
+        },
+    };
+    // The container is its process group: whatever the main process left behind dies
+    // with it, as with a container's cgroup.
+    signal(Signal::SIGKILL);
+    for reader in readers.into_iter().flatten() {
+        // A descendant that left the process group could hold the pipe open forever.
+        let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    }
+    *runtime.pgid.lock().unwrap() = None;
+    runtime.update_logs(|l| l.done = true);
+
+    let code = match &exit {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(9))
+        }
+        Err(_) => 128,
+    };
+    let message = termination_message(&runtime, &container, &mounts, code);
+    let finished_at = now_seconds();
+    set_status(&shared, &runtime, |p| {
+        p["status"]["phase"] = json!(if code == 0 { "Succeeded" } else { "Failed" });
+        p["status"]["conditions"] = conditions(false);
+        let mut terminated = json!({
+            "exitCode": code,
+            "reason": if code == 0 { "Completed" } else { "Error" },
+            "startedAt": started_at,
+            "finishedAt": finished_at,
+            "containerID": format!("containerd://{}", runtime.uid.replace('-', "")),
+        });
+        if !message.is_empty() {
+            terminated["message"] = json!(message);
+        }
+        p["status"]["containerStatuses"] = json!([container_status(
+            &container,
+            json!({"terminated": terminated}),
+            false
+        )]);
+    });
+    let interrupt = interrupted(&mut deleted, &mut shutdown).await;
+    finish(&shared, &runtime, interrupt);
+}
+
+/// After deletion (its process dead): the object goes, its secrets are collected, its
+/// volumes removed. On shutdown nothing is updated: the handle removes everything.
+fn finish(shared: &Shared, runtime: &PodRuntime, interrupt: Interrupt) {
+    if let Interrupt::Shutdown = interrupt {
+        return;
+    }
+    shared.mutate(|store| store.remove("pods", &runtime.namespace, &runtime.name));
+    collect_garbage(shared);
+    shared.runtimes.lock().unwrap().remove(&runtime.uid);
+    let _ = std::fs::remove_dir_all(shared.pods_dir.join(&runtime.uid));
+}
+
+fn set_status(shared: &Shared, runtime: &PodRuntime, change: impl FnOnce(&mut Value)) {
+    shared.mutate(|store| store.update("pods", &runtime.namespace, &runtime.name, change));
+}
+
+fn conditions(ready: bool) -> Value {
+    let now = now_seconds();
+    let (status, reason) = if ready {
+        ("True", None)
+    } else {
+        ("False", Some("PodCompleted"))
+    };
+    let mut list = vec![
+        json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": now}),
+        json!({"type": "Initialized", "status": "True", "lastTransitionTime": now}),
+        json!({"type": "ContainersReady", "status": status, "lastTransitionTime": now}),
+        json!({"type": "Ready", "status": status, "lastTransitionTime": now}),
+    ];
+    if let Some(reason) = reason {
+        list[2]["reason"] = json!(reason);
+        list[3]["reason"] = json!(reason);
+    }
+    Value::Array(list)
+}
+
+fn container_status(container: &Value, state: Value, running: bool) -> Value {
+    let image = container["image"].as_str().unwrap_or("");
+    json!({
+        "name": container["name"],
+        "state": state,
+        "lastState": {},
+        "ready": running,
+        "started": running,
+        "restartCount": 0,
+        "image": image,
+        "imageID": format!("{image}@sha256:{}", "0".repeat(64)),
+    })
+}
+
+/// The name of a secret the container needs (volume or env) that does not exist yet.
+fn missing_secret(shared: &Shared, namespace: &str, pod: &Value, container: &Value) -> Option<String> {
+    let store = shared.store.lock().unwrap();
+    let volume_secrets = pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["secret"].is_object() && v["secret"]["optional"] != json!(true))
+        .filter_map(|v| v["secret"]["secretName"].as_str());
+    let env_secrets = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| &e["valueFrom"]["secretKeyRef"])
+        .filter(|r| r.is_object() && r["optional"] != json!(true))
+        .filter_map(|r| r["name"].as_str());
+    volume_secrets
+        .chain(env_secrets)
+        .find(|name| store.get("secrets", namespace, name).is_none())
+        .map(str::to_owned)
+}
+
+enum Failure {
+    /// The container cannot be configured (stays Pending).
+    Config(String),
+    /// The process could not be started (terminated, exit 128).
+    Start(String),
+}
+
+/// A bind mount in the container's namespace.
+struct Mount {
+    source: PathBuf,
+    target: PathBuf,
+    read_only: bool,
+}
+
+struct Prepared {
+    mounts: Vec<Mount>,
+    env: Vec<(String, String)>,
+}
+
+fn decode(data: &Value) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine as _;
+    data.as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap_or(""))
+                .unwrap_or_default();
+            (k.clone(), bytes)
+        })
+        .collect()
+}
+
+fn prepare(
+    shared: &Shared,
+    runtime: &PodRuntime,
+    pod: &Value,
+    container: &Value,
+) -> Result<Prepared, Failure> {
+    let config = |e: String| Failure::Config(e);
+    let secret = |name: &str| -> Option<Value> {
+        shared
+            .store
+            .lock()
+            .unwrap()
+            .get("secrets", &runtime.namespace, name)
+            .cloned()
+    };
+    // Volumes.
+    let mut sources: HashMap<String, (PathBuf, bool)> = HashMap::new();
+    for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+        let name = volume["name"].as_str().unwrap_or("").to_owned();
+        let dir = volume_dir(shared, &runtime.uid, &name);
+        if volume["emptyDir"].is_object() {
+            std::fs::create_dir_all(&dir).map_err(|e| config(format!("emptyDir {name}: {e}")))?;
+            sources.insert(name, (dir, false));
+        } else if volume["secret"].is_object() {
+            std::fs::create_dir_all(&dir).map_err(|e| config(format!("secret volume {name}: {e}")))?;
+            let spec = &volume["secret"];
+            let default_mode = spec["defaultMode"].as_u64().unwrap_or(0o644) as u32;
+            let data = spec["secretName"]
+                .as_str()
+                .and_then(secret)
+                .map(|s| decode(&s["data"]))
+                .unwrap_or_default();
+            let items = spec["items"].as_array();
+            for (key, bytes) in data {
+                let (path, mode) = match items {
+                    None => (key.clone(), default_mode),
+                    Some(items) => match items.iter().find(|i| i["key"].as_str() == Some(key.as_str())) {
+                        Some(item) => (
+                            item["path"].as_str().unwrap_or(&key).to_owned(),
+                            item["mode"].as_u64().map_or(default_mode, |m| m as u32),
+                        ),
+                        None => continue,
+                    },
+                };
+                let file = dir.join(&path);
+                if let Some(parent) = file.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                std::fs::write(&file, &bytes)
+                    .and_then(|()| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)))
+                    .map_err(|e| config(format!("secret volume {name}: {}: {e}", file.display())))?;
+            }
+            sources.insert(name, (dir, true));
+        } else if let Some(path) = volume["hostPath"]["path"].as_str() {
+            sources.insert(name, (PathBuf::from(path), false));
+        } else {
+            return Err(config(format!(
+                "volume {name}: only emptyDir, secret and hostPath volumes are supported by the fake kubelet"
+            )));
+        }
+    }
+    // Mounts, parents before children: a mount point inside another volume is made in that
+    // volume's dir (as runc makes it in the rootfs), only top-level ones on the host.
+    let mut wanted: Vec<&Value> = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    wanted.sort_by_key(|m| {
+        Path::new(m["mountPath"].as_str().unwrap_or(""))
+            .components()
+            .count()
+    });
+    let mut mounts: Vec<Mount> = Vec::new();
+    for m in wanted {
+        let name = m["name"].as_str().unwrap_or("");
+        let (dir, secret_volume) = sources
+            .get(name)
+            .ok_or_else(|| config(format!("volume mount {name}: no such volume")))?;
+        let mut source = dir.clone();
+        if let Some(sub) = m["subPath"].as_str().filter(|s| !s.is_empty()) {
+            if Path::new(sub)
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_)))
+            {
+                return Err(config(format!(
+                    "subPath {sub:?} must be a relative path without '..'"
+                )));
+            }
+            source = source.join(sub);
+            std::fs::create_dir_all(&source).map_err(|e| config(format!("subPath {sub}: {e}")))?;
+        }
+        let target = PathBuf::from(m["mountPath"].as_str().unwrap_or(""));
+        let parent = mounts
+            .iter()
+            .filter(|p| target.starts_with(&p.target) && target != p.target)
+            .max_by_key(|p| p.target.components().count());
+        match parent {
+            Some(parent) => {
+                let point = parent
+                    .source
+                    .join(target.strip_prefix(&parent.target).expect("prefix"));
+                std::fs::create_dir_all(&point)
+                    .map_err(|e| config(format!("mount point {}: {e}", point.display())))?;
+            }
+            None => acquire_mount_point(shared, &target)
+                .map_err(|e| config(format!("mount point {}: {e}", target.display())))?,
+        }
+        mounts.push(Mount {
+            source,
+            target,
+            read_only: *secret_volume || m["readOnly"] == json!(true),
+        });
+    }
+    // Environment.
+    let mut env = Vec::new();
+    for e in container["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap_or("").to_owned();
+        let value_from = &e["valueFrom"];
+        let value = if let Some(v) = e["value"].as_str() {
+            v.to_owned()
+        } else if value_from["secretKeyRef"].is_object() {
+            let r = &value_from["secretKeyRef"];
+            let (secret_name, key) = (r["name"].as_str().unwrap_or(""), r["key"].as_str().unwrap_or(""));
+            let found = secret(secret_name)
+                .and_then(|s| decode(&s["data"]).into_iter().find(|(k, _)| k == key))
+                .map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
+            match found {
+                Some(v) => v,
+                None if r["optional"] == json!(true) => continue,
+                None => {
+                    return Err(config(format!(
+                        "couldn't find key {key} in Secret {}/{secret_name}",
+                        runtime.namespace
+                    )))
+                }
+            }
+        } else if let Some(path) = value_from["fieldRef"]["fieldPath"].as_str() {
+            let store = shared.store.lock().unwrap();
+            let current = store
+                .get("pods", &runtime.namespace, &runtime.name)
+                .cloned()
+                .unwrap_or(Value::Null);
+            path.split('.')
+                .try_fold(&current, |v, part| v.get(part))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        } else if value_from.is_object() {
+            return Err(config(format!(
+                "env {name}: only value, secretKeyRef and fieldRef are supported by the fake kubelet"
+            )));
+        } else {
+            String::new()
+        };
+        env.push((name, value));
+    }
+    Ok(Prepared { mounts, env })
+}
+
+fn cstring(path: &Path) -> Result<CString, Failure> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|e| Failure::Config(e.to_string()))
+}
+
+fn spawn(
+    shared: &Shared,
+    runtime: &PodRuntime,
+    container: &Value,
+    prepared: Prepared,
+) -> Result<(tokio::process::Child, Vec<Mount>), Failure> {
+    let argv: Vec<String> = ["command", "args"]
+        .iter()
+        .flat_map(|f| container[*f].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    let Some((program, args)) = argv.split_first() else {
+        return Err(Failure::Start(
+            "the fake kubelet has no image entrypoint: the container needs a command".into(),
+        ));
+    };
+    let workdir = cstring(Path::new(
+        container["workingDir"]
+            .as_str()
+            .filter(|w| !w.is_empty())
+            .unwrap_or("/"),
+    ))?;
+    // Everything the child needs is allocated here: after fork only async-signal-safe
+    // calls are allowed, and mount/unshare/chdir on prepared C strings are just syscalls.
+    let mut binds: Vec<(CString, CString, bool)> = Vec::new();
+    for m in &prepared.mounts {
+        binds.push((cstring(&m.source)?, cstring(&m.target)?, m.read_only));
+    }
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", &shared.options.container_path)
+        .env("HOME", "/root")
+        .env("HOSTNAME", &runtime.name)
+        .envs(shared.options.container_env.iter().cloned())
+        .envs(prepared.env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: the closure only makes syscalls on data prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            unshare(CloneFlags::CLONE_NEWNS)?;
+            // Our mounts must not propagate back to the host's namespace.
+            mount(
+                None::<&CStr>,
+                c"/",
+                None::<&CStr>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&CStr>,
+            )?;
+            for (source, target, read_only) in &binds {
+                mount(
+                    Some(source.as_c_str()),
+                    target.as_c_str(),
+                    None::<&CStr>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&CStr>,
+                )?;
+                if *read_only {
+                    mount(
+                        None::<&CStr>,
+                        target.as_c_str(),
+                        None::<&CStr>,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                        None::<&CStr>,
+                    )?;
+                }
+            }
+            nix::unistd::chdir(workdir.as_c_str())?;
+            Ok(())
+        });
+    }
+    match command.spawn() {
+        Ok(child) => Ok((child, prepared.mounts)),
+        Err(e) => Err(Failure::Start(format!(
+            "failed to create containerd task: failed to start {program:?}: {e}"
+        ))),
+    }
+}
+
+async fn capture(runtime: Arc<PodRuntime>, output: impl AsyncRead + Unpin) {
+    let mut reader = BufReader::new(output);
+    loop {
+        let mut text = Vec::new();
+        match reader.read_until(b'\n', &mut text).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => runtime.update_logs(|l| {
+                l.lines.push(LogLine {
+                    at: Timestamp::now(),
+                    text,
+                })
+            }),
+        }
+    }
+}
+
+/// terminationMessagePath's content (it lies in a volume), else with
+/// FallbackToLogsOnError and a failure the log's tail.
+fn termination_message(runtime: &PodRuntime, container: &Value, mounts: &[Mount], code: i32) -> String {
+    let path = PathBuf::from(
+        container["terminationMessagePath"]
+            .as_str()
+            .unwrap_or("/dev/termination-log"),
+    );
+    let host = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.target))
+        .max_by_key(|m| m.target.components().count())
+        .map(|m| m.source.join(path.strip_prefix(&m.target).expect("prefix")));
+    let mut message = host
+        .and_then(|h| std::fs::read(h).ok())
+        .map(|mut bytes| {
+            bytes.truncate(MAX_MESSAGE_BYTES);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .unwrap_or_default();
+    if message.is_empty()
+        && code != 0
+        && container["terminationMessagePolicy"].as_str() == Some("FallbackToLogsOnError")
+    {
+        let logs = runtime.logs.lock().unwrap();
+        let start = logs.lines.len().saturating_sub(FALLBACK_LOG_LINES);
+        let tail: Vec<u8> = logs.lines[start..]
+            .iter()
+            .flat_map(|l| l.text.iter().copied())
+            .collect();
+        let from = tail.len().saturating_sub(FALLBACK_LOG_BYTES);
+        message = String::from_utf8_lossy(&tail[from..]).into_owned();
+    }
+    message
+}
+
+/// The container log as pods/log serves it: lines at or after `since`, the last
+/// `tail_lines`, each prefixed with its RFC 3339 nano timestamp if asked, following new
+/// lines until the container terminates (or [`super::FakeKube::drop_log_streams`]).
+pub(crate) fn log_stream(
+    shared: Arc<Shared>,
+    runtime: Arc<PodRuntime>,
+    options: LogOptions,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    async_stream::stream! {
+        let mut changes = runtime.log_changes.subscribe();
+        let mut drops = shared.log_drops.subscribe();
+        let mut shutdown = shared.shutdown.subscribe();
+        let mut next = 0usize;
+        let mut first = true;
+        let mut budget = options.limit_bytes.unwrap_or(usize::MAX);
+        loop {
+            changes.borrow_and_update();
+            let (chunks, done) = {
+                let logs = runtime.logs.lock().unwrap();
+                let mut lines: Vec<&LogLine> = logs.lines[next..]
+                    .iter()
+                    .filter(|l| options.since.is_none_or(|s| l.at >= s))
+                    .collect();
+                next = logs.lines.len();
+                if std::mem::take(&mut first) {
+                    if let Some(tail) = options.tail_lines {
+                        lines.drain(..lines.len().saturating_sub(tail));
+                    }
+                }
+                let chunks: Vec<Vec<u8>> = lines
+                    .into_iter()
+                    .map(|l| {
+                        let mut out = Vec::with_capacity(l.text.len() + 32);
+                        if options.timestamps {
+                            out.extend_from_slice(format!("{} ", l.at).as_bytes());
+                        }
+                        out.extend_from_slice(&l.text);
+                        out
+                    })
+                    .collect();
+                (chunks, logs.done)
+            };
+            for mut chunk in chunks {
+                if budget == 0 {
+                    return;
+                }
+                chunk.truncate(budget);
+                budget -= chunk.len();
+                yield Ok(Bytes::from(chunk));
+            }
+            if !options.follow || done {
+                return;
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = drops.changed() => return,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}

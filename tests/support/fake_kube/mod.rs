@@ -1,0 +1,432 @@
+//! A fake Kubernetes cluster for Kiln's Kubernetes executor tests: an API server speaking
+//! the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, RBAC from
+//! `deploy/role.yaml`, owner-reference GC), and a kubelet that runs each pod's container
+//! command as a local process in its own mount namespace, volumes bind-mounted in place.
+//!
+//! [`FakeKube`] owns everything it starts: its server thread and runtime, every pod process
+//! (killed by process group), the per-pod volume dirs and the mount points it had to create
+//! on the host. Dropping it removes all of that.
+//!
+//! Layout: [`store`] (objects, resourceVersions, event history, selectors), [`rbac`] (the
+//! Role), [`api`] (HTTP routes), [`kubelet`] (pod lifecycle and processes).
+
+pub mod api;
+pub mod kubelet;
+pub mod rbac;
+pub mod store;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    ffi::OsString,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::{oneshot, watch};
+
+/// How the fake cluster behaves; [`FakeKubeOptions::default`] suits most tests.
+#[derive(Clone, Debug)]
+pub struct FakeKubeOptions {
+    /// The namespace Kiln's ServiceAccount `kiln` lives in (and the kubeconfig's context).
+    pub namespace: String,
+    /// The Role whose rules the ServiceAccount is granted. Default
+    /// `<CARGO_MANIFEST_DIR>/deploy/role.yaml`.
+    pub role_path: PathBuf,
+    /// The bearer token in the kubeconfig; any other token (or none) gets 401.
+    pub token: String,
+    /// `PATH` of container processes. Default: the directory of the `kiln` test binary,
+    /// then the usual system directories, so `kiln execute …` runs the binary under test.
+    pub container_path: OsString,
+    /// Extra environment for every container process (before the pod's own `env`).
+    pub container_env: Vec<(String, String)>,
+    /// How long a pod stays Pending (ContainerCreating) at least before its process starts.
+    pub pending_delay: Duration,
+    /// Time between SIGTERM and SIGKILL when a pod is deleted (capped by the pod's own
+    /// grace period).
+    pub kill_grace: Duration,
+    /// Interval of BOOKMARK events on watches that asked for them.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for FakeKubeOptions {
+    fn default() -> Self {
+        let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
+        let mut path = OsString::from(kiln.parent().expect("kiln binary directory"));
+        path.push(":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        Self {
+            namespace: "kiln".to_owned(),
+            role_path: Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/role.yaml"),
+            token: format!("fake-kube-token-{}", uuid::Uuid::new_v4().simple()),
+            container_path: path,
+            container_env: Vec::new(),
+            pending_delay: Duration::from_millis(50),
+            kill_grace: Duration::from_secs(2),
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// State shared by the routes, the kubelet and the handle.
+pub(crate) struct Shared {
+    pub options: FakeKubeOptions,
+    pub rbac: rbac::Rbac,
+    pub store: Mutex<store::Store>,
+    /// The latest resourceVersion, for watch streams and the kubelet to wake on changes.
+    pub changes: watch::Sender<u64>,
+    /// Bumped by [`FakeKube::drop_watches`]: every open watch stream ends.
+    pub watch_drops: watch::Sender<u64>,
+    /// Bumped by [`FakeKube::drop_log_streams`]: every open log stream ends.
+    pub log_drops: watch::Sender<u64>,
+    /// Set when the handle is dropped: kubelets kill their processes and stop.
+    pub shutdown: watch::Sender<bool>,
+    pub requests: Mutex<HashMap<(String, String), u64>>,
+    pub forbidden: AtomicU64,
+    /// Kubelet state per pod uid.
+    pub runtimes: Mutex<HashMap<String, Arc<kubelet::PodRuntime>>>,
+    /// Running kubelet tasks, so that drop can wait for every process to be reaped.
+    pub live_kubelets: AtomicUsize,
+    /// Where per-pod volume dirs go.
+    pub pods_dir: PathBuf,
+    /// Host mount points this fake holds (see [`acquire_mount_point`]).
+    pub mount_points: Mutex<BTreeSet<PathBuf>>,
+    pub next_ip: AtomicU32,
+}
+
+impl Shared {
+    /// Runs `f` on the store and wakes watchers and kubelets if it changed anything.
+    pub fn mutate<T>(&self, f: impl FnOnce(&mut store::Store) -> T) -> T {
+        let (result, rv) = {
+            let mut store = self.store.lock().unwrap();
+            let result = f(&mut store);
+            (result, store.rv())
+        };
+        self.changes.send_if_modified(|current| {
+            let changed = *current != rv;
+            *current = rv;
+            changed
+        });
+        result
+    }
+}
+
+/// A running fake cluster. See the module documentation.
+pub struct FakeKube {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    kubeconfig: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    // Declared last: removed after everything that writes into it has stopped.
+    root: tempfile::TempDir,
+}
+
+impl FakeKube {
+    /// A fake cluster with [`FakeKubeOptions::default`].
+    pub fn start() -> Self {
+        Self::start_with(FakeKubeOptions::default())
+    }
+
+    /// A fake cluster serving on `127.0.0.1:<free port>` from its own thread and runtime
+    /// (so it works under any test runtime, or none), its kubeconfig written.
+    pub fn start_with(options: FakeKubeOptions) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("kiln-fake-kube-")
+            .tempdir()
+            .expect("fake kube temp dir");
+        let pods_dir = root.path().join("pods");
+        std::fs::create_dir_all(&pods_dir).expect("pods dir");
+        let user = format!("system:serviceaccount:{}:kiln", options.namespace);
+        let rbac = rbac::Rbac::load(&options.role_path, &options.namespace, &user)
+            .unwrap_or_else(|e| panic!("fake kube: {e}"));
+        let shared = Arc::new(Shared {
+            options: options.clone(),
+            rbac,
+            store: Mutex::new(store::Store::default()),
+            changes: watch::channel(0).0,
+            watch_drops: watch::channel(0).0,
+            log_drops: watch::channel(0).0,
+            shutdown: watch::channel(false).0,
+            requests: Mutex::new(HashMap::new()),
+            forbidden: AtomicU64::new(0),
+            runtimes: Mutex::new(HashMap::new()),
+            live_kubelets: AtomicUsize::new(0),
+            pods_dir,
+            mount_points: Mutex::new(BTreeSet::new()),
+            next_ip: AtomicU32::new(0),
+        });
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding fake kube");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let addr = listener.local_addr().expect("fake kube address");
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("fake-kube-{}", addr.port()))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("fake kube runtime");
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                    tokio::spawn(kubelet::garbage_collector(server_shared.clone()));
+                    let app = api::router(server_shared);
+                    let server = axum::serve(listener, app);
+                    tokio::select! {
+                        result = server => {
+                            if let Err(e) = result {
+                                tracing::warn!("fake kube server failed: {e}");
+                            }
+                        }
+                        _ = stop_rx => {}
+                    }
+                });
+                // Open watch and log streams would keep a graceful shutdown waiting forever.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .expect("fake kube thread");
+
+        let kubeconfig = root.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(addr, &options)).expect("writing kubeconfig");
+        Self {
+            shared,
+            addr,
+            kubeconfig,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            root,
+        }
+    }
+
+    /// The kubeconfig file pointing at this cluster: server `http://127.0.0.1:PORT`, the
+    /// bearer token, and a current context with the namespace.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.shared.options.namespace
+    }
+
+    pub fn token(&self) -> &str {
+        &self.shared.options.token
+    }
+
+    /// A `kube::Client` configured from [`FakeKube::kubeconfig_path`], as Kiln would load it.
+    pub async fn client(&self) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("reading kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("kube config");
+        kube::Client::try_from(config).expect("kube client")
+    }
+
+    /// How many pods were ever created (successfully).
+    pub fn pods_created(&self) -> u64 {
+        self.shared.store.lock().unwrap().pods_created
+    }
+
+    /// The pods that exist now (including those being deleted), in name order.
+    pub fn pods(&self) -> Vec<Pod> {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .list("pods", self.namespace())
+            .into_iter()
+            .map(|v| serde_json::from_value(v.clone()).expect("stored pod"))
+            .collect()
+    }
+
+    /// One pod by name, if it exists.
+    pub fn pod(&self, name: &str) -> Option<Pod> {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .get("pods", self.namespace(), name)
+            .map(|v| serde_json::from_value(v.clone()).expect("stored pod"))
+    }
+
+    /// Names of the secrets that exist now.
+    pub fn secrets(&self) -> Vec<String> {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .list("secrets", self.namespace())
+            .into_iter()
+            .filter_map(|v| v["metadata"]["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The host directory behind volume `volume` of pod `pod` while the pod exists (an
+    /// emptyDir's content, or the files of a secret volume).
+    pub fn volume_dir(&self, pod: &str, volume: &str) -> Option<PathBuf> {
+        let uid = {
+            let store = self.shared.store.lock().unwrap();
+            store.get("pods", self.namespace(), pod)?["metadata"]["uid"]
+                .as_str()?
+                .to_owned()
+        };
+        let dir = kubelet::volume_dir(&self.shared, &uid, volume);
+        dir.exists().then_some(dir)
+    }
+
+    /// The process id (= process group id) of the pod's running container process.
+    pub fn pod_pid(&self, pod: &str) -> Option<u32> {
+        let uid = {
+            let store = self.shared.store.lock().unwrap();
+            store.get("pods", self.namespace(), pod)?["metadata"]["uid"]
+                .as_str()?
+                .to_owned()
+        };
+        let runtime = self.shared.runtimes.lock().unwrap().get(&uid).cloned()?;
+        runtime.pid()
+    }
+
+    /// The temp dir holding the kubeconfig and every pod's volumes (gone after drop).
+    pub fn state_dir(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Ends every open watch stream (as an API server restart or a load balancer would);
+    /// clients re-watch from their last resourceVersion.
+    pub fn drop_watches(&self) {
+        self.shared.watch_drops.send_modify(|g| *g += 1);
+    }
+
+    /// Forgets the whole event history: every watch from a resourceVersion a client holds
+    /// now gets an ERROR event with a 410 Expired Status, open ones included.
+    pub fn expire_history(&self) {
+        self.shared.mutate(|store| store.expire());
+    }
+
+    /// Ends every open log stream (followers see the stream end before the container does).
+    pub fn drop_log_streams(&self) {
+        self.shared.log_drops.send_modify(|g| *g += 1);
+    }
+
+    /// Authenticated requests so far with this verb (`get`, `list`, `watch`, `create`,
+    /// `update`, `patch`, `delete`, `deletecollection`) on this resource (`pods`,
+    /// `pods/log`, `secrets`), whether or not they were allowed.
+    pub fn request_count(&self, verb: &str, resource: &str) -> u64 {
+        let requests = self.shared.requests.lock().unwrap();
+        requests
+            .get(&(verb.to_owned(), resource.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every authenticated request so far, by (verb, resource).
+    pub fn request_counts(&self) -> BTreeMap<(String, String), u64> {
+        let requests = self.shared.requests.lock().unwrap();
+        requests.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Requests answered 403 Forbidden so far.
+    pub fn forbidden_count(&self) -> u64 {
+        self.shared.forbidden.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        self.shared.shutdown.send_replace(true);
+        // Kill from here too, in case the runtime is too busy to do it promptly.
+        kubelet::kill_all(&self.shared);
+        // Kubelets reap their processes before exiting; wait for that so that no pod
+        // process outlives the handle.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.shared.live_kubelets.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let held = std::mem::take(&mut *self.shared.mount_points.lock().unwrap());
+        for path in held {
+            release_mount_point(&path);
+        }
+        // `root` (kubeconfig and pod dirs) is removed when the field drops.
+    }
+}
+
+fn kubeconfig_yaml(addr: SocketAddr, options: &FakeKubeOptions) -> String {
+    format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: fake\n  cluster:\n    server: http://{addr}\n\
+         users:\n\
+         - name: kiln\n  user:\n    token: {token}\n\
+         contexts:\n\
+         - name: fake\n  context:\n    cluster: fake\n    user: kiln\n    namespace: {ns}\n\
+         current-context: fake\n",
+        token = options.token,
+        ns = options.namespace,
+    )
+}
+
+/// Host mount points, shared by every fake in this process: (holders, dirs created for it,
+/// deepest last). Concurrent tests mount at the same paths (`/var/lib/kiln`), so the dirs
+/// one fake created must stay until the last fake using them is dropped.
+fn mount_point_registry() -> &'static Mutex<HashMap<PathBuf, (usize, Vec<PathBuf>)>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, (usize, Vec<PathBuf>)>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// Makes sure directory `path` exists on the host as a mount point, creating it and any
+/// missing ancestors if needed; they are removed again when the last holder releases it.
+pub(crate) fn acquire_mount_point(shared: &Shared, path: &Path) -> std::io::Result<()> {
+    let mut held = shared.mount_points.lock().unwrap();
+    if held.contains(path) {
+        // Another test process (not covered by the registry) may have removed it since.
+        return std::fs::create_dir_all(path);
+    }
+    let mut registry = mount_point_registry().lock().unwrap();
+    if let Some((holders, _)) = registry.get_mut(path) {
+        *holders += 1;
+    } else {
+        let mut missing = Vec::new();
+        let mut cursor = Some(path);
+        while let Some(p) = cursor {
+            if p.exists() {
+                break;
+            }
+            missing.push(p.to_path_buf());
+            cursor = p.parent();
+        }
+        missing.reverse();
+        std::fs::create_dir_all(path)?;
+        registry.insert(path.to_path_buf(), (1, missing));
+    }
+    held.insert(path.to_path_buf());
+    Ok(())
+}
+
+fn release_mount_point(path: &Path) {
+    let mut registry = mount_point_registry().lock().unwrap();
+    let Some((holders, _)) = registry.get_mut(path) else {
+        return;
+    };
+    *holders -= 1;
+    if *holders == 0 {
+        let (_, created) = registry.remove(path).expect("registered");
+        // Only empty dirs: the mounts lived in the pods' own namespaces, so the host side
+        // is empty unless someone else put something there, which is not ours to delete.
+        for dir in created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
