@@ -208,6 +208,10 @@ pub async fn checkout_with_timeout(
 
 /// The commit the target names on the remote right now, without fetching any objects
 /// (`git ls-remote`). `None` when only a fetch can tell (an abbreviated sha).
+///
+/// A `file://` remote without credentials or `custom_config` is first read directly from
+/// the repository's files ([`super::local_refs`]), which answers only when it is sure to
+/// agree with git; otherwise, as for every other remote, git is asked.
 pub async fn remote_commit(source: &GitSource) -> Result<Option<String>, ContextError> {
     let (remote, target, config, scrub) = prepare(source)?;
     let refname = match &target {
@@ -216,6 +220,39 @@ pub async fn remote_commit(source: &GitSource) -> Result<Option<String>, Context
         GitTarget::RemoteHead | GitTarget::LocalBranch(_) => "HEAD".to_owned(),
         GitTarget::RemoteBranch(branch) => format!("refs/heads/{branch}"),
     };
+    if let Some(path) = config
+        .is_empty()
+        .then(|| super::local_refs::file_url_path(&remote.clean))
+        .flatten()
+    {
+        let pattern = refname.clone();
+        let read = tokio::task::spawn_blocking(move || super::local_refs::resolve(&path, &pattern));
+        if let Ok(Some(commit)) = read.await {
+            return Ok(Some(commit));
+        }
+    }
+    ls_remote(remote, target, config, scrub, &refname).await
+}
+
+/// [`remote_commit`] always through `git ls-remote` (what the direct read must agree with).
+#[cfg(test)]
+pub(super) async fn remote_commit_by_git(source: &GitSource) -> Result<Option<String>, ContextError> {
+    let (remote, target, config, scrub) = prepare(source)?;
+    let refname = match &target {
+        GitTarget::Commit(_) => unreachable!("tests ask for refs only"),
+        GitTarget::RemoteHead | GitTarget::LocalBranch(_) => "HEAD".to_owned(),
+        GitTarget::RemoteBranch(branch) => format!("refs/heads/{branch}"),
+    };
+    ls_remote(remote, target, config, scrub, &refname).await
+}
+
+async fn ls_remote(
+    remote: Remote,
+    target: GitTarget,
+    config: Vec<(String, String)>,
+    scrub: Scrubber,
+    refname: &str,
+) -> Result<Option<String>, ContextError> {
     let scratch = tempfile::Builder::new()
         .prefix("kiln-ls-remote-")
         .tempdir()
@@ -230,7 +267,7 @@ pub async fn remote_commit(source: &GitSource) -> Result<Option<String>, Context
         DEFAULT_TIMEOUT,
     )?;
     let out = git
-        .run("git ls-remote", &["ls-remote", &remote.clean, &refname])
+        .run("git ls-remote", &["ls-remote", &remote.clean, refname])
         .await?;
     Ok(out
         .lines()

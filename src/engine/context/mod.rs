@@ -18,6 +18,7 @@
 pub mod digest;
 pub mod dockerignore;
 pub mod git;
+mod local_refs;
 pub mod upload;
 
 use std::path::PathBuf;
