@@ -219,7 +219,7 @@ fn discovery(segments: &[&str]) -> Response {
 fn list(shared: &Shared, resource: &str, kind: &str, namespace: &str, params: &Params) -> Response {
     let (labels, fields) = match selectors(params) {
         Ok(s) => s,
-        Err(response) => return response,
+        Err(e) => return bad_request(&e),
     };
     let store = shared.store.lock().unwrap();
     let items: Vec<Value> = store
@@ -248,17 +248,16 @@ fn list(shared: &Shared, resource: &str, kind: &str, namespace: &str, params: &P
     )
 }
 
-fn selectors(params: &Params) -> Result<(LabelSelector, FieldSelector), Response> {
-    let bad = |e: String| status(StatusCode::BAD_REQUEST, "BadRequest", &e, None);
-    let labels = LabelSelector::parse(params.get("labelSelector").map_or("", String::as_str)).map_err(bad)?;
-    let fields = FieldSelector::parse(params.get("fieldSelector").map_or("", String::as_str)).map_err(bad)?;
+fn selectors(params: &Params) -> Result<(LabelSelector, FieldSelector), String> {
+    let labels = LabelSelector::parse(params.get("labelSelector").map_or("", String::as_str))?;
+    let fields = FieldSelector::parse(params.get("fieldSelector").map_or("", String::as_str))?;
     Ok((labels, fields))
 }
 
 fn watch(shared: Arc<Shared>, resource: &str, namespace: &str, params: &Params) -> Response {
     let (labels, fields) = match selectors(params) {
         Ok(s) => s,
-        Err(response) => return response,
+        Err(e) => return bad_request(&e),
     };
     let bookmarks = params.get("allowWatchBookmarks").is_some_and(|b| b == "true");
     let initial_events = params.get("sendInitialEvents").is_some_and(|b| b == "true");
@@ -690,8 +689,11 @@ fn logs(shared: Arc<Shared>, namespace: &str, name: &str, params: &Params) -> Re
     let uid = pod["metadata"]["uid"].as_str().unwrap_or("");
     let runtime = shared.runtimes.lock().unwrap().get(uid).cloned();
     let Some(runtime) = runtime.filter(|r| r.has_started()) else {
+        let reason = pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+            .as_str()
+            .unwrap_or("ContainerCreating");
         return bad_request(&format!(
-            "container {container:?} in pod {name:?} is waiting to start: ContainerCreating"
+            "container {container:?} in pod {name:?} is waiting to start: {reason}"
         ));
     };
     let since = match params.get("sinceTime").map(|t| t.parse::<Timestamp>()) {

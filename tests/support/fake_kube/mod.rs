@@ -381,8 +381,10 @@ fn kubeconfig_yaml(addr: SocketAddr, options: &FakeKubeOptions) -> String {
 /// Host mount points, shared by every fake in this process: (holders, dirs created for it,
 /// deepest last). Concurrent tests mount at the same paths (`/var/lib/kiln`), so the dirs
 /// one fake created must stay until the last fake using them is dropped.
-fn mount_point_registry() -> &'static Mutex<HashMap<PathBuf, (usize, Vec<PathBuf>)>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, (usize, Vec<PathBuf>)>>> = OnceLock::new();
+type MountPointRegistry = Mutex<HashMap<PathBuf, (usize, Vec<PathBuf>)>>;
+
+fn mount_point_registry() -> &'static MountPointRegistry {
+    static REGISTRY: OnceLock<MountPointRegistry> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)
 }
 
