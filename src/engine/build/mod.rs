@@ -165,6 +165,9 @@ impl Engine {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+        // Build scratch directories (RUN upper directories among them) are created and
+        // deleted all the time: spread them over the disk as the layer store's are.
+        crate::engine::layers::store::spread_new_directories(&tmp);
         let layers = LayerStore::open(config.data_dir.join("layers"))?;
         let cache = InstructionCache::open(config.data_dir.join("cache"))
             .map_err(EngineError::io("opening the instruction cache"))?;

@@ -27,6 +27,7 @@ use std::{
     io::{self, Read, Write},
     path::{Path, PathBuf},
     sync::Arc,
+    time::Instant,
 };
 
 use dashmap::DashMap;
@@ -124,6 +125,7 @@ impl LayerStore {
             Err(e) => return Err(LayerError::io("removing", &tmp)(e)),
         }
         fs::create_dir(&tmp).map_err(LayerError::io("creating", &tmp))?;
+        spread_new_directories(&tmp);
         Ok(Self {
             root,
             inflight: DashMap::new(),
@@ -269,8 +271,10 @@ impl Publish {
     }
 
     fn unpack_and_publish(&self, reader: impl Read) -> Result<StoredLayer, LayerError> {
+        let started = Instant::now();
         let mut hashing = HashingReader::new(reader);
         let stats = unpack_layer(&mut hashing, &self.blob.media_type, &self.tmp)?;
+        let unpacked = started.elapsed();
         let (digest, _) = hashing
             .drain()
             .map_err(|source| LayerError::ReadArchive { source })?;
@@ -294,6 +298,14 @@ impl Publish {
         let tmp_dir = File::open(&self.tmp).map_err(LayerError::io("opening", &self.tmp))?;
         nix::unistd::syncfs(&tmp_dir).map_err(|e| LayerError::io("syncing", &self.tmp)(e.into()))?;
         drop(tmp_dir);
+        tracing::info!(
+            digest = %self.blob.digest,
+            entries = stats.entries,
+            tar_bytes = stats.tar_bytes,
+            unpack_s = format_args!("{:.2}", unpacked.as_secs_f64()),
+            sync_s = format_args!("{:.2}", (started.elapsed() - unpacked).as_secs_f64()),
+            "layer unpacked"
+        );
         let layers = self.root.join(BY_DIFF_ID);
         let dir = layers.join(stats.diff_id.hex());
         match fs::rename(&self.tmp, &dir) {
@@ -320,6 +332,34 @@ impl Publish {
             dir,
             unpacked: Some(stats),
         })
+    }
+}
+
+/// Asks ext2/3/4 to place every directory created directly in `dir` in a block group of
+/// its own choosing (`FS_TOPDIR_FL`, `chattr +T`: the Orlov allocator spreads such
+/// directories over the disk) instead of next to `dir`. Without it each unpack lands where
+/// the previous ones were deleted, and ext4 without a journal skips inodes freed in the
+/// last ~30 s one by one on every allocation: unpacking a Debian base layer (6,600
+/// entries) took seconds of kernel CPU instead of under one. Only a placement hint, so
+/// failures (other file systems) are ignored.
+pub(crate) fn spread_new_directories(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+    let Ok(file) = File::open(dir) else {
+        return;
+    };
+    let fd = file.as_raw_fd();
+    let mut flags: libc::c_int = 0;
+    // SAFETY: both ioctls read or write one int through a valid pointer on an open fd.
+    let set = unsafe {
+        libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags as *mut libc::c_int) == 0
+            && (flags & FS_TOPDIR_FL != 0 || {
+                flags |= FS_TOPDIR_FL;
+                libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &flags as *const libc::c_int) == 0
+            })
+    };
+    if !set {
+        tracing::debug!(dir = %dir.display(), error = %io::Error::last_os_error(), "cannot set FS_TOPDIR_FL");
     }
 }
 
@@ -480,6 +520,30 @@ mod tests {
         }
         let _store = LayerStore::open(root.clone()).unwrap();
         assert_eq!(fs::read_dir(root.join(TMP)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn new_directories_are_spread_on_ext4() {
+        const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+        let tmp = tempfile::tempdir().unwrap();
+        let _store = LayerStore::open(tmp.path().to_owned()).unwrap();
+        let on_ext4 = nix::sys::statfs::statfs(tmp.path())
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
+        if !on_ext4 {
+            return; // a hint other file systems may ignore
+        }
+        let dir = File::open(tmp.path().join(TMP)).unwrap();
+        let mut flags: libc::c_int = 0;
+        // SAFETY: reads one int through a valid pointer on an open fd.
+        let got = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                libc::FS_IOC_GETFLAGS,
+                &mut flags as *mut libc::c_int,
+            )
+        };
+        assert_eq!(got, 0, "{}", io::Error::last_os_error());
+        assert_ne!(flags & FS_TOPDIR_FL, 0, "tmp/ should carry FS_TOPDIR_FL");
     }
 
     #[test]
