@@ -273,9 +273,8 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
     let result = engine.build(&input, tx, cancel).await;
     let _ = printer.await;
     let output = result.map_err(|e| e.to_string())?;
-    let pushed = format!("{}@{}", output.reference, output.digest);
     println!("{}", output.reference);
-    Ok(pushed)
+    Ok(output.reference.to_string())
 }
 
 /// Clones `--git` at `--rev` into `dest`; returns the checkout's root.

@@ -180,7 +180,7 @@ impl Executor {
                     (None, Builder::Local) => self.engine.build(input, log.clone(), cancel).await?.reference,
                     (None, Builder::Kubernetes(cluster)) => {
                         cluster.build(ticket, input, context, log).await?;
-                        base.clone()
+                        self.pushed(base, workspace, &input.auth).await?
                     }
                 };
                 self.copy(&built, workspace, &input.auth, &lines).await
@@ -193,7 +193,8 @@ impl Executor {
             } => {
                 let cluster = self.cluster().ok_or_else(|| ExecutorError::NoCluster(pod.clone()))?;
                 cluster.attach(ticket.id, pod, log).await?;
-                self.copy(base, workspace, auth, &lines).await
+                let built = self.pushed(base, workspace, auth).await?;
+                self.copy(&built, workspace, auth, &lines).await
             }
         }
     }
@@ -208,6 +209,18 @@ impl Executor {
             }
             _ => Ok(()),
         }
+    }
+
+    /// `base` pinned to the digest a builder elsewhere pushed there.
+    async fn pushed(&self, base: &ImageRef, workspace: &ImageRef, auth: &AuthPolicy) -> Result<ImageRef, ExecutorError> {
+        self.registry
+            .resolve(base, auth)
+            .await
+            .map_err(|error| ExecutorError::Copy {
+                from: base.clone(),
+                target: workspace.clone(),
+                error,
+            })
     }
 
     async fn copy(

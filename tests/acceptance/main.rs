@@ -1436,6 +1436,90 @@ fn kiln_build_from_uploaded_context_matches_buildah() {
     report.finish("Kiln (Build RPC, uploaded context) vs buildah");
 }
 
+/// Every case built through the Kubernetes executor (builder pods on the fake cluster, each
+/// running `kiln execute`) gives the same image digest as the local executor, from a git
+/// source and, for the first case, from an uploaded context: builds are reproducible, so the
+/// executor must not matter. Two Kilns with their own repositories, so neither finds the
+/// other's images.
+#[test]
+fn kubernetes_executor_builds_the_same_digests_as_the_local_one() {
+    let base = baseline();
+    let reg = base.reg().to_owned();
+    let cluster = support::fake_kube::FakeKube::start();
+    let repositories = |name: &str| {
+        format!(
+            "base_repository = \"{reg}/{name}/base\"\nworkspace_repository = \"{reg}/{name}/workspace\"\n"
+        )
+    };
+    let local = KilnServer::start(KilnOptions {
+        registry_toml: repositories("digests-local"),
+        ..KilnOptions::external(&reg)
+    });
+    let kube = KilnServer::start(
+        KilnOptions {
+            registry_toml: repositories("digests-kube"),
+            ..KilnOptions::external(&reg)
+        }
+        .with_toml(&format!(
+            "[builds]\nexecutor = \"kubernetes\"\n[kubernetes]\nkubeconfig = \"{}\"\nnamespace = \"{}\"\n",
+            cluster.kubeconfig_path().display(),
+            cluster.namespace()
+        )),
+    );
+    let args = || build_args(&reg, &[("SOURCE_DATE_EPOCH", "1700000000")]);
+    let mut report = Report::default();
+    let mut uploaded = false;
+    block_on(async {
+        let (mut on_local, mut on_kube) = (local.builder().await, kube.builder().await);
+        for case in cases() {
+            if let Some(skip) = base.skip_reason(&case) {
+                eprintln!("acceptance: {}: {skip}", case.name);
+                continue;
+            }
+            let repo = CaseRepo::new(&case.dir);
+            let source = || git_source(&repo.uri(), "Dockerfile", ".", args());
+            let local_build = run_build(&mut on_local, build_request(source(), true)).await;
+            let kube_build = run_build(&mut on_kube, build_request(source(), true)).await;
+            report.add(&case.name, "kube-git", same_digest(&local_build, &kube_build));
+            if !uploaded {
+                uploaded = true;
+                let tar = tar_of_dir(&repo.checkout("kube-upload-checkout"));
+                let outcome = async {
+                    let on_local_digest = upload_context(&mut on_local, tar.clone()).await?;
+                    let on_kube_digest = upload_context(&mut on_kube, tar).await?;
+                    let l = run_build(&mut on_local, build_request(uploaded_source(&on_local_digest, args()), true)).await;
+                    let k = run_build(&mut on_kube, build_request(uploaded_source(&on_kube_digest, args()), true)).await;
+                    same_digest(&l, &k)
+                };
+                report.add(&case.name, "kube-upload", outcome.await);
+            }
+        }
+    });
+    let pods = cluster.pods_created();
+    drop((local, kube, cluster));
+    eprintln!("acceptance: builder pods created: {pods}");
+    report.finish("Kiln's Kubernetes executor vs its local executor (image digests)");
+}
+
+/// Both builds succeeded and pushed images with one manifest digest.
+fn same_digest(local: &KilnBuild, kube: &KilnBuild) -> Result<String, String> {
+    for (what, build) in [("local", local), ("kubernetes", kube)] {
+        if !build.succeeded() || build.base_ref.is_empty() {
+            return Err(format!("the {what} executor's build failed: {}", build.describe()));
+        }
+    }
+    let (l, k) = (manifest_digest(&local.base_ref)?, manifest_digest(&kube.base_ref)?);
+    if l != k {
+        return Err(format!(
+            "digests differ: local {} is {l}, kubernetes {} is {k}\nkubernetes log (tail):\n{}",
+            local.base_ref,
+            kube.base_ref,
+            tail(&kube.log, 30)
+        ));
+    }
+    Ok(format!("{l} (local {:.1} s, kubernetes {:.1} s)", local.elapsed.as_secs_f64(), kube.elapsed.as_secs_f64()))
+}
+
 /// A Kiln build must have succeeded and its image (`base_ref`) must pass [`judge`].
 fn judge_kiln_build(base: &Baseline, case: &Case, build: &KilnBuild) -> Result<String, String> {
     if !build.succeeded() {

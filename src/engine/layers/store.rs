@@ -39,7 +39,7 @@ use tokio::{
 
 use super::{
     compress::{HashingReader, LayerCompression},
-    unpack::{unpack_layer, UnpackStats},
+    unpack::{unpack_tar, UnpackStats},
     LayerError,
 };
 use crate::model::Digest;
@@ -262,7 +262,7 @@ struct Publish {
 }
 
 impl Publish {
-    fn run(self, reader: impl Read) -> Result<StoredLayer, LayerError> {
+    fn run(self, reader: impl Read + Send) -> Result<StoredLayer, LayerError> {
         let result = self.unpack_and_publish(reader);
         if result.is_err() {
             let _ = fs::remove_dir_all(&self.tmp);
@@ -270,14 +270,24 @@ impl Publish {
         result
     }
 
-    fn unpack_and_publish(&self, reader: impl Read) -> Result<StoredLayer, LayerError> {
+    fn unpack_and_publish(&self, reader: impl Read + Send) -> Result<StoredLayer, LayerError> {
         let started = Instant::now();
-        let mut hashing = HashingReader::new(reader);
-        let stats = unpack_layer(&mut hashing, &self.blob.media_type, &self.tmp)?;
+        let compression = LayerCompression::from_media_type(&self.blob.media_type)?;
+        // Reading, hashing and decompressing run on a thread of their own, overlapped with
+        // creating the files (each takes about half of a large layer's unpack time).
+        let (stats, digest) = std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
+            let producer = scope.spawn(move || decompress_into(reader, compression, tx));
+            let stats = unpack_tar(SyncChannelReader::new(rx), &self.tmp);
+            (stats, producer.join())
+        });
+        // The unpacker's error first: when it stops early the producer only sees a hang-up.
+        let stats = stats?;
+        let digest = match digest {
+            Ok(digest) => digest?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         let unpacked = started.elapsed();
-        let (digest, _) = hashing
-            .drain()
-            .map_err(|source| LayerError::ReadArchive { source })?;
         if digest != self.blob.digest {
             return Err(LayerError::DigestMismatch {
                 what: "compressed digest",
@@ -332,6 +342,85 @@ impl Publish {
             dir,
             unpacked: Some(stats),
         })
+    }
+}
+
+/// Uncompressed chunks in flight between [`decompress_into`] and the unpacker.
+const READ_AHEAD_CHUNKS: usize = 8;
+const READ_AHEAD_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Reads the compressed blob from `reader` (hashing it), decompresses it and sends the tar
+/// stream in chunks to `tx`; a read or decompression error is sent too. Returns the
+/// compressed digest (of the whole blob, trailing bytes included, as before).
+fn decompress_into(
+    reader: impl Read,
+    compression: LayerCompression,
+    tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+) -> Result<Digest, LayerError> {
+    let mut hashing = HashingReader::new(reader);
+    let hung_up = || LayerError::ReadArchive {
+        source: io::Error::other("the unpacker stopped reading"),
+    };
+    {
+        let mut tar = compression.decoder(&mut hashing)?;
+        loop {
+            let mut chunk = vec![0u8; READ_AHEAD_CHUNK_BYTES];
+            match tar.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    tx.send(Ok(chunk)).map_err(|_| hung_up())?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let message = e.to_string();
+                    tx.send(Err(e)).map_err(|_| hung_up())?;
+                    return Err(LayerError::ReadArchive {
+                        source: io::Error::other(message),
+                    });
+                }
+            }
+        }
+    }
+    drop(tx);
+    let (digest, _) = hashing
+        .drain()
+        .map_err(|source| LayerError::ReadArchive { source })?;
+    Ok(digest)
+}
+
+/// The receiving end of [`decompress_into`], read by the unpacker.
+struct SyncChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl SyncChannelReader {
+    fn new(rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>) -> Self {
+        Self {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for SyncChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk?;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -520,6 +609,41 @@ mod tests {
         }
         let _store = LayerStore::open(root.clone()).unwrap();
         assert_eq!(fs::read_dir(root.join(TMP)).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn broken_blobs_fail_and_store_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LayerStore::open(tmp.path().to_owned()).unwrap();
+        // Large enough to span several read-ahead chunks.
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..40 {
+            let data: Vec<u8> = (0..100_000u32)
+                .map(|n| (n.wrapping_mul(2654435761) >> (i % 24)) as u8)
+                .collect();
+            let mut h = tar::Header::new_ustar();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, format!("f{i}"), &data[..]).unwrap();
+        }
+        let blob = gzip(&b.into_inner().unwrap());
+        let truncated = blob[..blob.len() / 2].to_vec();
+        let mut corrupted = blob.clone();
+        let middle = corrupted.len() / 2;
+        corrupted[middle..middle + 64].fill(0xff);
+        for bytes in [truncated, corrupted] {
+            let desc = LayerBlob {
+                digest: Digest::of(&bytes),
+                media_type: MEDIA_TYPE_TAR_GZIP.into(),
+                diff_id: None,
+            };
+            let fetch =
+                || async { Ok::<_, io::Error>(BlobSource::Reader(Box::new(io::Cursor::new(bytes.clone())))) };
+            let err = store.ensure(&desc, fetch).await.unwrap_err();
+            assert!(matches!(err, LayerError::ReadArchive { .. }), "{err}");
+        }
+        assert_eq!(fs::read_dir(tmp.path().join(BY_DIFF_ID)).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(tmp.path().join(TMP)).unwrap().count(), 0);
     }
 
     #[test]

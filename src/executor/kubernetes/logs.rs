@@ -156,7 +156,7 @@ mod tests {
     use super::*;
 
     fn feed(cursor: &mut LogCursor, lines: &[&str]) -> Vec<String> {
-        let mut replay = Replay::new(&cursor());
+        let mut replay = Replay::new(cursor);
         lines
             .iter()
             .filter_map(|l| replay.accept(cursor, l).map(str::to_owned))

@@ -120,7 +120,7 @@ impl KubernetesBuilder {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
         let secrets: Api<Secret> = Api::namespaced(client, &namespace);
         let stop = CancellationToken::new();
-        let watch = PodWatch::start(pods.clone(), stop.clone());
+        let watch = PodWatch::start(pods.clone(), &namespace, stop.clone());
         let replica = nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())

@@ -23,13 +23,14 @@ use super::pod::MANAGED_SELECTOR;
 /// The replica's view of its builder pods.
 #[derive(Clone)]
 pub struct PodWatch {
+    namespace: String,
     store: Store<Pod>,
     changes: watch::Receiver<u64>,
 }
 
 impl PodWatch {
     /// Starts watching on the current tokio runtime; the watch lives until `stop` fires.
-    pub fn start(api: Api<Pod>, stop: tokio_util::sync::CancellationToken) -> Self {
+    pub fn start(api: Api<Pod>, namespace: &str, stop: tokio_util::sync::CancellationToken) -> Self {
         let (reader, writer) = reflector::store();
         let (tick, changes) = watch::channel(0u64);
         let config = watcher::Config::default().labels(MANAGED_SELECTOR);
@@ -50,7 +51,11 @@ impl PodWatch {
                 }
             }
         });
-        Self { store: reader, changes }
+        Self {
+            namespace: namespace.to_owned(),
+            store: reader,
+            changes,
+        }
     }
 
     /// Waits until the first list has been seen.
@@ -60,7 +65,7 @@ impl PodWatch {
 
     /// The pod named `name`, as last seen.
     pub fn get(&self, name: &str) -> Option<Arc<Pod>> {
-        self.store.get(&ObjectRef::new(name))
+        self.store.get(&ObjectRef::new(name).within(&self.namespace))
     }
 
     /// Every builder pod, as last seen.

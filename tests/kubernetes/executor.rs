@@ -1,0 +1,469 @@
+//! Kiln with `builds.executor = "kubernetes"` against the fake cluster: real `kiln serve`
+//! replicas point their kube client at the fake API server through a kubeconfig, the fake
+//! kubelet runs each builder pod's `kiln execute` as a local process, and the images land in
+//! a real docker-registry.
+//!
+//! Every build here runs a RUN step that prints numbered lines slowly, so that a test can
+//! act while the pod runs and then check that the build's log holds every line exactly once.
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use kiln::proto::{
+    builder::{
+        build_registry_auth, build_source, image_builder_client::ImageBuilderClient, BuildRegistryAuth,
+        BuildRegistryAuthTotal, BuildRequest, BuildResponse, BuildSource, BuildSourceDockerfile, BuildStatus,
+        BuildStatusRequest, CancelBuildRequest, ListBuildsRequest, LogsRequest,
+    },
+    contentservice::{workspace_initializer, CloneTargetMode, GitInitializer, WorkspaceInitializer},
+};
+use tonic::transport::Channel;
+
+use crate::support::{
+    base_images,
+    docker_registry::DockerRegistry,
+    fake_kube::FakeKube,
+    kiln::{KilnOptions, KilnServer},
+};
+
+type Client = ImageBuilderClient<Channel>;
+
+/// How long any one build may take here before the test calls it hung.
+const BUILD_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A registry with the busybox base image, the fake cluster, and a scratch directory.
+struct Cluster {
+    // Drop order: the cluster (its pods) before the registry they push to.
+    kube: FakeKube,
+    registry: DockerRegistry,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let registry = DockerRegistry::start();
+        base_images::ensure_base_images(registry.addr(), false);
+        Self {
+            kube: FakeKube::start(),
+            registry,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn reg(&self) -> &str {
+        self.registry.addr()
+    }
+
+    /// The options of one Kiln replica on this cluster; `extra` is added to `[kubernetes]`.
+    fn replica_options(&self, builds_toml: &str, kubernetes_toml: &str) -> KilnOptions {
+        KilnOptions::external(self.reg()).with_toml(&format!(
+            "[builds]\nexecutor = \"kubernetes\"\n{builds_toml}\n\
+             [kubernetes]\nkubeconfig = \"{}\"\nnamespace = \"{}\"\n{kubernetes_toml}\n",
+            self.kube.kubeconfig_path().display(),
+            self.kube.namespace()
+        ))
+    }
+
+    /// A `file://` git repository whose Dockerfile prints `lines` numbered lines, one every
+    /// `pause` seconds; `marker` makes its image (and build key) unique to the test.
+    fn repository(&self, marker: &str, lines: u32, pause: &str) -> String {
+        let repo = self.dir.path().join(marker);
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::write(
+            repo.join("Dockerfile"),
+            format!(
+                "ARG BASE_REGISTRY\n\
+                 FROM ${{BASE_REGISTRY}}/base/busybox:latest\n\
+                 COPY hello.txt /hello.txt\n\
+                 RUN i=1; while [ $i -le {lines} ]; do echo \"{marker} line-$i\"; i=$((i+1)); sleep {pause}; done\n\
+                 CMD [\"cat\", \"/hello.txt\"]\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(repo.join("hello.txt"), format!("hello from {marker}\n")).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-q", "-m", marker]);
+        format!("file://{}", repo.display())
+    }
+
+    /// Waits until `pred` holds for the cluster's builder pods.
+    async fn wait_pods(&self, what: &str, pred: impl Fn(&FakeKube) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !pred(&self.kube) {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "Kiln Test")
+        .env("GIT_AUTHOR_EMAIL", "test@kiln.invalid")
+        .env("GIT_COMMITTER_NAME", "Kiln Test")
+        .env("GIT_COMMITTER_EMAIL", "test@kiln.invalid")
+        .env("GIT_AUTHOR_DATE", "2024-01-01T00:00:00+0000")
+        .env("GIT_COMMITTER_DATE", "2024-01-01T00:00:00+0000")
+        .output()
+        .expect("running git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn request(remote_uri: &str, reg: &str) -> BuildRequest {
+    BuildRequest {
+        source: Some(BuildSource {
+            from: Some(build_source::From::File(BuildSourceDockerfile {
+                source: Some(WorkspaceInitializer {
+                    spec: Some(workspace_initializer::Spec::Git(GitInitializer {
+                        remote_uri: remote_uri.to_owned(),
+                        target_mode: CloneTargetMode::RemoteHead as i32,
+                        ..Default::default()
+                    })),
+                }),
+                dockerfile_path: "Dockerfile".into(),
+                context_path: ".".into(),
+                build_args: [
+                    ("BASE_REGISTRY".to_owned(), reg.to_owned()),
+                    ("SOURCE_DATE_EPOCH".to_owned(), "1700000000".to_owned()),
+                ]
+                .into(),
+                ..Default::default()
+            })),
+        }),
+        auth: Some(BuildRegistryAuth {
+            mode: Some(build_registry_auth::Mode::Total(BuildRegistryAuthTotal { allow_all: true })),
+            ..Default::default()
+        }),
+        triggered_by: "kiln-kubernetes-test".into(),
+        ..Default::default()
+    }
+}
+
+/// One Build call followed to its end.
+#[derive(Debug, Clone)]
+struct Outcome {
+    build_id: String,
+    status: BuildStatus,
+    message: String,
+    workspace_ref: String,
+    statuses: Vec<BuildStatus>,
+}
+
+async fn build(client: &mut Client, request: BuildRequest) -> Outcome {
+    let mut stream = client.build(request).await.expect("Build accepted").into_inner();
+    let mut out = Outcome {
+        build_id: String::new(),
+        status: BuildStatus::Unknown,
+        message: String::new(),
+        workspace_ref: String::new(),
+        statuses: Vec::new(),
+    };
+    let body = async {
+        while let Some(response) = stream.message().await.expect("Build stream") {
+            absorb(&mut out, &response);
+        }
+    };
+    tokio::time::timeout(BUILD_DEADLINE, body)
+        .await
+        .unwrap_or_else(|_| panic!("build did not end: {out:?}"));
+    out
+}
+
+fn absorb(out: &mut Outcome, response: &BuildResponse) {
+    let status = BuildStatus::try_from(response.status).unwrap_or(BuildStatus::Unknown);
+    out.status = status;
+    out.statuses.push(status);
+    if !response.message.is_empty() {
+        out.message = response.message.clone();
+    }
+    if !response.r#ref.is_empty() {
+        out.workspace_ref = response.r#ref.clone();
+    }
+    if let Some(info) = &response.info {
+        if !info.build_id.is_empty() {
+            out.build_id = info.build_id.clone();
+        }
+    }
+}
+
+/// A build's whole log, once it has ended.
+async fn log_of(client: &mut Client, build_id: &str) -> String {
+    let request = LogsRequest {
+        build_id: build_id.to_owned(),
+        ..Default::default()
+    };
+    let mut stream = client.logs(request).await.expect("Logs").into_inner();
+    let mut log = Vec::new();
+    let body = async {
+        while let Some(chunk) = stream.message().await.expect("Logs stream") {
+            log.extend_from_slice(&chunk.content);
+        }
+    };
+    tokio::time::timeout(BUILD_DEADLINE, body).await.expect("log ended");
+    String::from_utf8_lossy(&log).into_owned()
+}
+
+/// Asserts that `log` holds each of `marker`'s `lines` numbered lines exactly once, in order.
+fn assert_complete(log: &str, marker: &str, lines: u32) {
+    let seen: Vec<u32> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{marker} line-")))
+        .map(|n| n.trim().parse().expect("a line number"))
+        .collect();
+    let expected: Vec<u32> = (1..=lines).collect();
+    assert_eq!(seen, expected, "the log's numbered lines (log:\n{log})");
+}
+
+/// Waits until `client`'s Kiln reports build `id` in `status`.
+async fn wait_status(client: &mut Client, id: &str, wanted: &[BuildStatus]) -> BuildResponse {
+    let deadline = Instant::now() + BUILD_DEADLINE;
+    loop {
+        let request = BuildStatusRequest {
+            build_id: id.to_owned(),
+            ..Default::default()
+        };
+        if let Ok(response) = client.build_status(request).await {
+            let response = response.into_inner();
+            let status = BuildStatus::try_from(response.status).unwrap_or(BuildStatus::Unknown);
+            if wanted.contains(&status) {
+                return response;
+            }
+        }
+        assert!(Instant::now() < deadline, "build {id} never reached {wanted:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn pod_names(kube: &FakeKube) -> BTreeSet<String> {
+    kube.pods()
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect()
+}
+
+/// Two replicas, twenty identical Builds (ten to each): one pod builds the image, every
+/// caller sees it succeed, and both replicas' logs hold the pod's whole output.
+#[test]
+fn twenty_identical_builds_on_two_replicas_make_one_pod() {
+    let cluster = Cluster::start();
+    let a = KilnServer::start(cluster.replica_options("", ""));
+    let b = KilnServer::start(cluster.replica_options("", ""));
+    let uri = cluster.repository("dedup", 20, "0.1");
+    runtime().block_on(async {
+        let mut calls = Vec::new();
+        for i in 0..20 {
+            let mut client = if i % 2 == 0 { a.builder().await } else { b.builder().await };
+            let request = request(&uri, cluster.reg());
+            calls.push(tokio::spawn(async move { (i % 2, build(&mut client, request).await) }));
+        }
+        let mut outcomes = Vec::new();
+        for call in calls {
+            outcomes.push(call.await.unwrap());
+        }
+        for (_, o) in &outcomes {
+            assert_eq!(o.status, BuildStatus::DoneSuccess, "{o:?}");
+        }
+        let refs: BTreeSet<_> = outcomes.iter().map(|(_, o)| o.workspace_ref.clone()).collect();
+        assert_eq!(refs.len(), 1, "one workspace image: {refs:?}");
+        let pods = cluster.kube.pods_created();
+        eprintln!("kubernetes: pods created for 20 identical builds on 2 replicas: {pods}");
+        assert_eq!(pods, 1, "pods created: {:?}", pod_names(&cluster.kube));
+        for (replica, server) in [(0, &a), (1, &b)] {
+            let (_, outcome) = outcomes.iter().find(|(r, _)| *r == replica).unwrap();
+            let log = log_of(&mut server.builder().await, &outcome.build_id).await;
+            assert_complete(&log, "dedup", 20);
+        }
+        assert_eq!(cluster.kube.forbidden_count(), 0, "Kiln stays inside its Role");
+    });
+}
+
+/// A replica killed mid-build: a replacement (fresh data directory, as a new pod of the
+/// Deployment gets) finds the builder pod by its labels, attaches, and the build ends with
+/// its whole log under its original id. Meanwhile the other replica lists the build.
+#[test]
+fn a_killed_replica_is_replaced_and_its_build_adopted() {
+    let cluster = Cluster::start();
+    let mut a = KilnServer::start(cluster.replica_options("", ""));
+    let other = KilnServer::start(cluster.replica_options("", ""));
+    let uri = cluster.repository("adopt", 40, "0.1");
+    runtime().block_on(async {
+        let mut client = a.builder().await;
+        let mut stream = client
+            .build(request(&uri, cluster.reg()))
+            .await
+            .expect("Build accepted")
+            .into_inner();
+        let first = stream.message().await.unwrap().expect("a first response");
+        let id = first.info.as_ref().map(|i| i.build_id.clone()).unwrap_or_default();
+        assert!(!id.is_empty(), "the first response names the build: {first:?}");
+        // Let the pod get going, then kill the replica that created it.
+        let kube = &cluster.kube;
+        cluster
+            .wait_pods("the builder pod has printed a few lines", |k| {
+                k.pods().iter().any(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.phase.as_deref())
+                        == Some("Running")
+                })
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        a.kill();
+        drop(stream);
+
+        // The other replica lists it, from the cluster.
+        let listed = other
+            .builder()
+            .await
+            .list_builds(ListBuildsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            listed.builds.iter().any(|b| b.build_id == id),
+            "the other replica lists build {id}: {listed:?}"
+        );
+
+        let restarted = Instant::now();
+        let replacement = KilnServer::start(cluster.replica_options("", ""));
+        let mut client = replacement.builder().await;
+        wait_status(&mut client, &id, &[BuildStatus::Running, BuildStatus::DoneSuccess]).await;
+        let readopted = restarted.elapsed();
+        eprintln!(
+            "kubernetes: build re-adopted by a replacement replica {:.2} s after it was started",
+            readopted.as_secs_f64()
+        );
+        let done = wait_status(&mut client, &id, &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure]).await;
+        assert_eq!(
+            BuildStatus::try_from(done.status).unwrap(),
+            BuildStatus::DoneSuccess,
+            "{done:?}"
+        );
+        let log = log_of(&mut client, &id).await;
+        assert_complete(&log, "adopt", 40);
+        assert!(log.contains("pushed "), "the log ends with what was pushed:\n{log}");
+        assert_eq!(kube.pods_created(), 1);
+        assert_eq!(kube.forbidden_count(), 0, "Kiln stays inside its Role");
+    });
+}
+
+/// CancelBuild and the build timeout delete the builder pod and its Secret, and end the
+/// build `done_failure` saying why.
+#[test]
+fn cancel_and_timeout_delete_the_pod_and_its_secret() {
+    let cluster = Cluster::start();
+    let kiln = KilnServer::start(cluster.replica_options("", ""));
+    let short = KilnServer::start(cluster.replica_options("timeout = \"6s\"", ""));
+    let cancelled_uri = cluster.repository("cancelled", 600, "0.1");
+    let timed_out_uri = cluster.repository("timedout", 600, "0.1");
+    runtime().block_on(async {
+        for (server, uri, marker) in [(&kiln, &cancelled_uri, "cancelled"), (&short, &timed_out_uri, "timedout")] {
+            let mut client = server.builder().await;
+            let mut stream = client
+                .build(request(uri, cluster.reg()))
+                .await
+                .expect("Build accepted")
+                .into_inner();
+            let mut outcome = Outcome {
+                build_id: String::new(),
+                status: BuildStatus::Unknown,
+                message: String::new(),
+                workspace_ref: String::new(),
+                statuses: Vec::new(),
+            };
+            absorb(&mut outcome, &stream.message().await.unwrap().unwrap());
+            cluster
+                .wait_pods("the builder pod and its Secret exist", |k| {
+                    k.pods().iter().any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                        && !k.secrets().is_empty()
+                })
+                .await;
+            let pod = pod_names(&cluster.kube).into_iter().next().unwrap();
+            if marker == "cancelled" {
+                client
+                    .cancel_build(CancelBuildRequest {
+                        build_id: outcome.build_id.clone(),
+                    })
+                    .await
+                    .expect("CancelBuild");
+            }
+            tokio::time::timeout(BUILD_DEADLINE, async {
+                while let Some(response) = stream.message().await.expect("Build stream") {
+                    absorb(&mut outcome, &response);
+                }
+            })
+            .await
+            .expect("the build ended");
+            assert_eq!(outcome.status, BuildStatus::DoneFailure, "{outcome:?}");
+            let why = if marker == "cancelled" { "cancelled" } else { "timed out" };
+            assert!(outcome.message.contains(why), "{outcome:?}");
+            cluster
+                .wait_pods("the pod and its Secret are gone", |k| {
+                    !pod_names(k).contains(&pod) && !k.secrets().contains(&pod)
+                })
+                .await;
+            eprintln!("kubernetes: {marker} build: pod {pod} and its Secret deleted");
+        }
+        assert_eq!(cluster.kube.forbidden_count(), 0, "Kiln stays inside its Role");
+    });
+}
+
+/// Dropped watches, a 410 Gone and dropped log streams while the pod runs: the build still
+/// ends `done_success`, its log holds every line exactly once, and the finished pod and its
+/// Secret go after `kubernetes.retention`.
+#[test]
+fn dropped_watches_gone_and_dropped_logs_are_survived() {
+    let cluster = Cluster::start();
+    let kiln = KilnServer::start(cluster.replica_options("", "retention = \"2s\""));
+    let uri = cluster.repository("disrupted", 40, "0.1");
+    runtime().block_on(async {
+        let mut client = kiln.builder().await;
+        let call = tokio::spawn({
+            let (mut client, request) = (client.clone(), request(&uri, cluster.reg()));
+            async move { build(&mut client, request).await }
+        });
+        cluster
+            .wait_pods("the builder pod runs", |k| {
+                k.pods().iter().any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            })
+            .await;
+        for round in 0..6 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            match round % 3 {
+                0 => cluster.kube.drop_watches(),
+                1 => {
+                    cluster.kube.expire_history();
+                    cluster.kube.drop_watches();
+                }
+                _ => cluster.kube.drop_log_streams(),
+            }
+        }
+        let outcome = call.await.unwrap();
+        assert_eq!(outcome.status, BuildStatus::DoneSuccess, "{outcome:?}");
+        assert_complete(&log_of(&mut client, &outcome.build_id).await, "disrupted", 40);
+        cluster
+            .wait_pods("the finished pod and its Secret are removed after retention", |k| {
+                k.pods().is_empty() && k.secrets().is_empty()
+            })
+            .await;
+        assert_eq!(cluster.kube.forbidden_count(), 0, "Kiln stays inside its Role");
+    });
+}
