@@ -238,7 +238,7 @@ pub fn found_build(pod: &Pod) -> Option<FoundBuild> {
     let created = meta
         .creation_timestamp
         .as_ref()
-        .and_then(|t| std::time::SystemTime::try_from(t.0).ok());
+        .map(|t| std::time::SystemTime::from(t.0));
     Some(FoundBuild {
         pod: meta.name.clone()?,
         id: BuildId::parse(labels.get(LABEL_ID)?)?,
