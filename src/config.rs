@@ -656,8 +656,7 @@ impl Config {
             return Err(invalid("kubernetes.retention", "must be longer than zero"));
         }
         if let Some(template) = &self.kubernetes.pod_template {
-            serde_json::to_value(template)
-                .map_err(|e| invalid("kubernetes.pod_template", e.to_string()))?;
+            serde_json::to_value(template).map_err(|e| invalid("kubernetes.pod_template", e.to_string()))?;
         }
         Ok(())
     }

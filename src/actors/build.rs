@@ -377,7 +377,8 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
             };
             if stopped {
                 if let Err(error) = deps.executor.abort(&run.ticket(), &run.plan.job).await {
-                    log.line(&format!("stopping the build's work failed: {error}")).await;
+                    log.line(&format!("stopping the build's work failed: {error}"))
+                        .await;
                 }
             }
             run.decide(verdict, log.offset)

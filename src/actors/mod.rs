@@ -57,7 +57,7 @@ use crate::{
         build::{Engine, EngineConfig},
         context::ContextStore,
     },
-    executor::{Builder, Executor, kubernetes::KubernetesBuilder},
+    executor::{kubernetes::KubernetesBuilder, Builder, Executor},
     metrics::Metrics,
     model::BuildId,
     registry::RegistryClient,
@@ -125,7 +125,11 @@ where
 }
 
 /// Starts the actor tree for `config` on its own threads (one per `actors.arbiters`).
-pub async fn start(config: &Config, registry: RegistryClient, metrics: Metrics) -> anyhow::Result<ActorSystem> {
+pub async fn start(
+    config: &Config,
+    registry: RegistryClient,
+    metrics: Metrics,
+) -> anyhow::Result<ActorSystem> {
     let restart_wait = config.supervision.backoff_max + std::time::Duration::from_secs(5);
     let platform = config.platform()?;
     let engine = Engine::new(
@@ -148,10 +152,17 @@ pub async fn start(config: &Config, registry: RegistryClient, metrics: Metrics) 
     let builder = match config.builds.executor {
         ExecutorKind::Local => Builder::Local,
         ExecutorKind::Kubernetes => {
-            let cluster =
-                KubernetesBuilder::connect(&config.kubernetes, &config.engine, registry.clone(), contexts.clone())
-                    .await?;
-            tracing::info!(namespace = cluster.namespace(), "builds run as pods on Kubernetes");
+            let cluster = KubernetesBuilder::connect(
+                &config.kubernetes,
+                &config.engine,
+                registry.clone(),
+                contexts.clone(),
+            )
+            .await?;
+            tracing::info!(
+                namespace = cluster.namespace(),
+                "builds run as pods on Kubernetes"
+            );
             Builder::Kubernetes(cluster)
         }
     };

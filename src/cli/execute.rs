@@ -218,7 +218,11 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
             (dir.clone(), dockerfile)
         }
         (None, Some(root)) => {
-            let context = inside(&root, args.context_path.as_deref().unwrap_or("."), "--context-path")?;
+            let context = inside(
+                &root,
+                args.context_path.as_deref().unwrap_or("."),
+                "--context-path",
+            )?;
             let dockerfile = match &args.dockerfile {
                 Some(path) => inside(&root, &path.to_string_lossy(), "--dockerfile")?,
                 None => context.join("Dockerfile"),
@@ -337,7 +341,8 @@ async fn fetch_context_blob(registry: &RegistryClient, blob: &str, dest: &Path) 
     let target = dest.to_owned();
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&tar).map_err(|e| format!("opening {}: {e}", tar.display()))?;
-        context::unpack_tar(std::io::BufReader::new(file), &target).map_err(|e| format!("--context-blob: {e}"))
+        context::unpack_tar(std::io::BufReader::new(file), &target)
+            .map_err(|e| format!("--context-blob: {e}"))
     })
     .await
     .map_err(|e| e.to_string())??;

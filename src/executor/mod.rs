@@ -191,7 +191,9 @@ impl Executor {
                 workspace,
                 auth,
             } => {
-                let cluster = self.cluster().ok_or_else(|| ExecutorError::NoCluster(pod.clone()))?;
+                let cluster = self
+                    .cluster()
+                    .ok_or_else(|| ExecutorError::NoCluster(pod.clone()))?;
                 cluster.attach(ticket.id, pod, log).await?;
                 let built = self.pushed(base, workspace, auth).await?;
                 self.copy(&built, workspace, auth, &lines).await
@@ -212,7 +214,12 @@ impl Executor {
     }
 
     /// `base` pinned to the digest a builder elsewhere pushed there.
-    async fn pushed(&self, base: &ImageRef, workspace: &ImageRef, auth: &AuthPolicy) -> Result<ImageRef, ExecutorError> {
+    async fn pushed(
+        &self,
+        base: &ImageRef,
+        workspace: &ImageRef,
+        auth: &AuthPolicy,
+    ) -> Result<ImageRef, ExecutorError> {
         self.registry
             .resolve(base, auth)
             .await

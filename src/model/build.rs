@@ -116,7 +116,8 @@ impl BuildKey {
 
     /// A key written down earlier (64 lower-case hex digits, as `as_str` gives it).
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then(|| Self(s.to_owned()))
+        (s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Self(s.to_owned()))
     }
 }
 

@@ -290,18 +290,19 @@ impl RegistryClient {
         let mut add = |image: &ImageRef, creds: Option<BasicCredentials>| {
             if let Some(creds) = creds {
                 let pair = format!("{}:{}", creds.username, creds.password.expose());
-                auths
-                    .entry(normalize_registry(image.registry()))
-                    .or_insert_with(|| {
-                        serde_json::json!({ "auth": base64::engine::general_purpose::STANDARD.encode(pair) })
-                    });
+                auths.entry(normalize_registry(image.registry())).or_insert_with(
+                    || serde_json::json!({ "auth": base64::engine::general_purpose::STANDARD.encode(pair) }),
+                );
             }
         };
         for image in kiln {
             add(image, self.inner.credentials.get(image.registry()).cloned());
         }
         for image in images {
-            add(image, select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln).0);
+            add(
+                image,
+                select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln).0,
+            );
         }
         serde_json::to_vec(&serde_json::json!({ "auths": auths })).expect("JSON values serialize")
     }

@@ -115,7 +115,11 @@ fn git(dir: &Path, args: &[&str]) {
         .env("GIT_COMMITTER_DATE", "2024-01-01T00:00:00+0000")
         .output()
         .expect("running git");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn request(remote_uri: &str, reg: &str) -> BuildRequest {
@@ -140,7 +144,9 @@ fn request(remote_uri: &str, reg: &str) -> BuildRequest {
             })),
         }),
         auth: Some(BuildRegistryAuth {
-            mode: Some(build_registry_auth::Mode::Total(BuildRegistryAuthTotal { allow_all: true })),
+            mode: Some(build_registry_auth::Mode::Total(BuildRegistryAuthTotal {
+                allow_all: true,
+            })),
             ..Default::default()
         }),
         triggered_by: "kiln-kubernetes-test".into(),
@@ -208,7 +214,9 @@ async fn log_of(client: &mut Client, build_id: &str) -> String {
             log.extend_from_slice(&chunk.content);
         }
     };
-    tokio::time::timeout(BUILD_DEADLINE, body).await.expect("log ended");
+    tokio::time::timeout(BUILD_DEADLINE, body)
+        .await
+        .expect("log ended");
     String::from_utf8_lossy(&log).into_owned()
 }
 
@@ -252,10 +260,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn pod_names(kube: &FakeKube) -> BTreeSet<String> {
-    kube.pods()
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect()
+    kube.pods().into_iter().filter_map(|p| p.metadata.name).collect()
 }
 
 /// Two replicas, twenty identical Builds (ten to each): one pod builds the image, every
@@ -269,9 +274,15 @@ fn twenty_identical_builds_on_two_replicas_make_one_pod() {
     runtime().block_on(async {
         let mut calls = Vec::new();
         for i in 0..20 {
-            let mut client = if i % 2 == 0 { a.builder().await } else { b.builder().await };
+            let mut client = if i % 2 == 0 {
+                a.builder().await
+            } else {
+                b.builder().await
+            };
             let request = request(&uri, cluster.reg());
-            calls.push(tokio::spawn(async move { (i % 2, build(&mut client, request).await) }));
+            calls.push(tokio::spawn(
+                async move { (i % 2, build(&mut client, request).await) },
+            ));
         }
         let mut outcomes = Vec::new();
         for call in calls {
@@ -311,18 +322,19 @@ fn a_killed_replica_is_replaced_and_its_build_adopted() {
             .expect("Build accepted")
             .into_inner();
         let first = stream.message().await.unwrap().expect("a first response");
-        let id = first.info.as_ref().map(|i| i.build_id.clone()).unwrap_or_default();
+        let id = first
+            .info
+            .as_ref()
+            .map(|i| i.build_id.clone())
+            .unwrap_or_default();
         assert!(!id.is_empty(), "the first response names the build: {first:?}");
         // Let the pod get going, then kill the replica that created it.
         let kube = &cluster.kube;
         cluster
             .wait_pods("the builder pod has printed a few lines", |k| {
-                k.pods().iter().any(|p| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.phase.as_deref())
-                        == Some("Running")
-                })
+                k.pods()
+                    .iter()
+                    .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
             })
             .await;
         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -345,13 +357,23 @@ fn a_killed_replica_is_replaced_and_its_build_adopted() {
         let restarted = Instant::now();
         let replacement = KilnServer::start(cluster.replica_options("", ""));
         let mut client = replacement.builder().await;
-        wait_status(&mut client, &id, &[BuildStatus::Running, BuildStatus::DoneSuccess]).await;
+        wait_status(
+            &mut client,
+            &id,
+            &[BuildStatus::Running, BuildStatus::DoneSuccess],
+        )
+        .await;
         let readopted = restarted.elapsed();
         eprintln!(
             "kubernetes: build re-adopted by a replacement replica {:.2} s after it was started",
             readopted.as_secs_f64()
         );
-        let done = wait_status(&mut client, &id, &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure]).await;
+        let done = wait_status(
+            &mut client,
+            &id,
+            &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure],
+        )
+        .await;
         assert_eq!(
             BuildStatus::try_from(done.status).unwrap(),
             BuildStatus::DoneSuccess,
@@ -359,7 +381,10 @@ fn a_killed_replica_is_replaced_and_its_build_adopted() {
         );
         let log = log_of(&mut client, &id).await;
         assert_complete(&log, "adopt", 40);
-        assert!(log.contains("pushed "), "the log ends with what was pushed:\n{log}");
+        assert!(
+            log.contains("pushed "),
+            "the log ends with what was pushed:\n{log}"
+        );
         assert_eq!(kube.pods_created(), 1);
         assert_eq!(kube.forbidden_count(), 0, "Kiln stays inside its Role");
     });
@@ -375,7 +400,10 @@ fn cancel_and_timeout_delete_the_pod_and_its_secret() {
     let cancelled_uri = cluster.repository("cancelled", 600, "0.1");
     let timed_out_uri = cluster.repository("timedout", 600, "0.1");
     runtime().block_on(async {
-        for (server, uri, marker) in [(&kiln, &cancelled_uri, "cancelled"), (&short, &timed_out_uri, "timedout")] {
+        for (server, uri, marker) in [
+            (&kiln, &cancelled_uri, "cancelled"),
+            (&short, &timed_out_uri, "timedout"),
+        ] {
             let mut client = server.builder().await;
             let mut stream = client
                 .build(request(uri, cluster.reg()))
@@ -392,7 +420,9 @@ fn cancel_and_timeout_delete_the_pod_and_its_secret() {
             absorb(&mut outcome, &stream.message().await.unwrap().unwrap());
             cluster
                 .wait_pods("the builder pod and its Secret exist", |k| {
-                    k.pods().iter().any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                    k.pods()
+                        .iter()
+                        .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
                         && !k.secrets().is_empty()
                 })
                 .await;
@@ -413,7 +443,11 @@ fn cancel_and_timeout_delete_the_pod_and_its_secret() {
             .await
             .expect("the build ended");
             assert_eq!(outcome.status, BuildStatus::DoneFailure, "{outcome:?}");
-            let why = if marker == "cancelled" { "cancelled" } else { "timed out" };
+            let why = if marker == "cancelled" {
+                "cancelled"
+            } else {
+                "timed out"
+            };
             assert!(outcome.message.contains(why), "{outcome:?}");
             cluster
                 .wait_pods("the pod and its Secret are gone", |k| {
@@ -442,7 +476,9 @@ fn dropped_watches_gone_and_dropped_logs_are_survived() {
         });
         cluster
             .wait_pods("the builder pod runs", |k| {
-                k.pods().iter().any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                k.pods()
+                    .iter()
+                    .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
             })
             .await;
         for round in 0..6 {
@@ -460,9 +496,10 @@ fn dropped_watches_gone_and_dropped_logs_are_survived() {
         assert_eq!(outcome.status, BuildStatus::DoneSuccess, "{outcome:?}");
         assert_complete(&log_of(&mut client, &outcome.build_id).await, "disrupted", 40);
         cluster
-            .wait_pods("the finished pod and its Secret are removed after retention", |k| {
-                k.pods().is_empty() && k.secrets().is_empty()
-            })
+            .wait_pods(
+                "the finished pod and its Secret are removed after retention",
+                |k| k.pods().is_empty() && k.secrets().is_empty(),
+            )
             .await;
         assert_eq!(cluster.kube.forbidden_count(), 0, "Kiln stays inside its Role");
     });

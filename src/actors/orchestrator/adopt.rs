@@ -48,7 +48,9 @@ pub async fn adopt_cluster_builds(deps: &Arc<OrchestratorDeps>) -> HashSet<Build
                 tracing::info!(build_id = %found.id, pod = %found.pod, workspace = %found.workspace, "adopted a build running in the cluster");
                 adopted.insert(found.id);
             }
-            Err(reason) => tracing::warn!(build_id = %found.id, pod = %found.pod, %reason, "builder pod not adopted"),
+            Err(reason) => {
+                tracing::warn!(build_id = %found.id, pod = %found.pod, %reason, "builder pod not adopted")
+            }
         }
     }
     adopted
@@ -77,8 +79,12 @@ async fn adopt(
             status: BuildStatus::Running,
             message: format!("building {} (in builder pod {})", refs.workspace, found.pod),
         };
-        deps.table
-            .insert(BuildRecord::new(found.id.clone(), found.key.clone(), refs.clone(), first));
+        deps.table.insert(BuildRecord::new(
+            found.id.clone(),
+            found.key.clone(),
+            refs.clone(),
+            first,
+        ));
     }
     let elapsed = found
         .created
@@ -102,9 +108,7 @@ async fn adopt(
     };
     let run = BuildRun::adopted(found.id.clone(), plan, left);
     if let Err(e) = start_run(deps, run).await {
-        deps.table
-            .running
-            .remove_if(&found.key, |_, id| id == &found.id);
+        deps.table.running.remove_if(&found.key, |_, id| id == &found.id);
         return Err(e.to_string());
     }
     deps.metrics.build_started();

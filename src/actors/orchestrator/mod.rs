@@ -332,7 +332,9 @@ async fn start_build(
 async fn start_run(deps: &OrchestratorDeps, run: BuildRun) -> Result<(), BuildError> {
     deps.directory
         .logs
-        .call(log_fanout::Open { build: run.id().clone() })
+        .call(log_fanout::Open {
+            build: run.id().clone(),
+        })
         .await??;
     let run = Arc::new(run);
     let spec = build::child_spec(run, deps.build.clone(), deps.directory.clone());

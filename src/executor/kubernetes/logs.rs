@@ -31,8 +31,7 @@ impl LogCursor {
     /// `sinceTime` for the next request: the last line's second, rounded down (the API
     /// server reads whole seconds, and kube rounds to the nearest one).
     fn since(&self) -> Option<Timestamp> {
-        self.last
-            .and_then(|t| Timestamp::from_second(t.as_second()).ok())
+        self.last.and_then(|t| Timestamp::from_second(t.as_second()).ok())
     }
 
     /// Takes one new line as the API server sends it with `timestamps=true`, and returns

@@ -178,7 +178,11 @@ impl KubernetesBuilder {
             let _ = log.send(Bytes::from(text + "\n"));
         };
         let pod = self.create_or_join(&wanted, ticket.id).await?;
-        let created = pod.metadata.labels.as_ref().and_then(|l| l.get("kiln.dev/build-id"))
+        let created = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kiln.dev/build-id"))
             == Some(&ticket.id.to_string());
         line(match created {
             true => format!("builder pod {name} in namespace {}", inner.namespace),
@@ -334,7 +338,9 @@ impl KubernetesBuilder {
                         message,
                     })
                 }
-                Some(PodState::Waiting { problem: Some(message) }) => {
+                Some(PodState::Waiting {
+                    problem: Some(message),
+                }) => {
                     return Err(ClusterError::PodFailed {
                         pod: pod.into(),
                         message,

@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::{
-        Container, EmptyDirVolumeSource, EnvVar, Pod, PodSpec, Secret, SecretVolumeSource,
-        SecurityContext, Volume, VolumeMount,
+        Container, EmptyDirVolumeSource, EnvVar, Pod, PodSpec, Secret, SecretVolumeSource, SecurityContext,
+        Volume, VolumeMount,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
     ByteString,
@@ -255,12 +255,16 @@ pub fn found_build(pod: &Pod) -> Option<FoundBuild> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodState {
     /// Not running yet; `problem` is set when it cannot start (e.g. its image cannot be pulled).
-    Waiting { problem: Option<String> },
+    Waiting {
+        problem: Option<String>,
+    },
     Running,
     /// The build container exited 0.
     Succeeded,
     /// The build container (or the pod) failed; the message says why.
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 /// Waiting reasons that do not resolve on their own.
@@ -362,13 +366,22 @@ mod tests {
         let base: ImageRef = "registry.example/kiln/base:x".parse().unwrap();
         let ws: ImageRef = "registry.example/kiln/ws:y".parse().unwrap();
         let pod = pod(&build(&id, &key, &base, &ws), &KubernetesConfig::default()).unwrap();
-        assert_eq!(pod.metadata.name.as_deref(), Some(&*format!("kiln-build-{}", "ab".repeat(16))));
+        assert_eq!(
+            pod.metadata.name.as_deref(),
+            Some(&*format!("kiln-build-{}", "ab".repeat(16)))
+        );
         let found = found_build(&pod).unwrap();
-        assert_eq!((found.id, found.key, found.base, found.workspace), (id, key, base, ws));
+        assert_eq!(
+            (found.id, found.key, found.base, found.workspace),
+            (id, key, base, ws)
+        );
         assert_eq!(found.state, PodState::Waiting { problem: None });
         let container = &pod.spec.as_ref().unwrap().containers[0];
         assert_eq!(container.command.as_ref().unwrap()[..2], ["kiln", "execute"]);
-        assert_eq!(container.security_context.as_ref().unwrap().privileged, Some(true));
+        assert_eq!(
+            container.security_context.as_ref().unwrap().privileged,
+            Some(true)
+        );
     }
 
     #[test]
