@@ -16,6 +16,7 @@
 //!
 //! Targets (printed with the table): cold ratio <= 0.5, repeat < 10 ms, exists < 5 ms.
 //! A Kiln build that fails is reported as FAIL (with its message on stderr), not measured.
+//! `KILN_BENCH_SHOW_LOG=1` prints each case's `kiln serve` log (per-layer and per-step times).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -159,6 +160,9 @@ fn main() {
             }
             (cold.ok(), warm.ok(), (median(repeats), median(pinned)))
         });
+        if std::env::var_os("KILN_BENCH_SHOW_LOG").is_some() {
+            eprintln!("bench: {name}: kiln serve log:\n{}", kiln.log());
+        }
         drop(kiln);
         rows.push(Row {
             name,

@@ -117,6 +117,12 @@ pub(super) async fn cached(deps: &OrchestratorDeps, request: &BuildRequest) -> O
     let BuildSource::Dockerfile(source) = &request.source else {
         return None;
     };
+    if let crate::model::ContextSource::Git(git) = &source.context {
+        // Planning refuses such a request; do not read the repository's refs for it either.
+        if git.is_local() && !deps.allow_local_git {
+            return None;
+        }
+    }
     let identity = dockerfile::quick_identity(source, &request.auth).await?;
     deps.plan_cache.get(&identity)
 }
