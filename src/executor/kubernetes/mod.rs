@@ -51,6 +51,8 @@ pub enum ClusterError {
     Connect(String),
     #[error("builder pod {pod}: {message}")]
     PodFailed { pod: String, message: String },
+    #[error("builder pod {pod} cannot start ({message}); it was deleted")]
+    PodStuck { pod: String, message: String },
     #[error("builder pod {pod} was deleted before the build ended")]
     PodDeleted { pod: String },
     #[error("the builder pod cannot be made: {0}")]

@@ -327,7 +327,7 @@ impl PodState {
             .filter(|w| w.reason.as_deref().is_some_and(|r| STUCK_REASONS.contains(&r)))
             .map(|w| {
                 format!(
-                    "builder pod cannot start: {}: {}",
+                    "{}: {}",
                     w.reason.as_deref().unwrap_or_default(),
                     w.message.as_deref().unwrap_or_default()
                 )
@@ -418,5 +418,47 @@ mod tests {
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "u-1"));
         assert_eq!(secret.metadata.name, pod.metadata.name);
         assert!(secret.data.unwrap().contains_key(GIT_CREDENTIALS_KEY));
+    }
+
+    #[test]
+    fn pod_states_follow_the_build_container() {
+        let pod = |status: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({ "metadata": { "name": "p" }, "status": status }))
+                .unwrap()
+        };
+        let waiting = pod(serde_json::json!({ "phase": "Pending", "containerStatuses": [
+            { "name": "build", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+              "state": { "waiting": { "reason": "ContainerCreating" } } }] }));
+        assert_eq!(PodState::of(&waiting), PodState::Waiting { problem: None });
+        let stuck = pod(serde_json::json!({ "phase": "Pending", "containerStatuses": [
+            { "name": "build", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+              "state": { "waiting": { "reason": "ImagePullBackOff", "message": "no such image" } } }] }));
+        assert_eq!(
+            PodState::of(&stuck),
+            PodState::Waiting {
+                problem: Some("ImagePullBackOff: no such image".into())
+            }
+        );
+        let failed = pod(serde_json::json!({ "phase": "Failed", "containerStatuses": [
+            { "name": "build", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+              "state": { "terminated": { "exitCode": 1, "reason": "Error",
+                                          "message": "Dockerfile line 3: RUN false exited with code 1\n" } } }] }));
+        assert_eq!(
+            PodState::of(&failed),
+            PodState::Failed {
+                message: "Dockerfile line 3: RUN false exited with code 1".into()
+            }
+        );
+        let deadline = pod(
+            serde_json::json!({ "phase": "Failed", "reason": "DeadlineExceeded",
+                                                "message": "Pod was active on the node longer than the specified deadline" }),
+        );
+        assert!(
+            matches!(PodState::of(&deadline), PodState::Failed { message } if message.contains("DeadlineExceeded"))
+        );
+        let done = pod(serde_json::json!({ "phase": "Succeeded", "containerStatuses": [
+            { "name": "build", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+              "state": { "terminated": { "exitCode": 0 } } }] }));
+        assert_eq!(PodState::of(&done), PodState::Succeeded);
     }
 }
