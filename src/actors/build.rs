@@ -31,6 +31,9 @@ use crate::{
     model::{BuildId, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource, Secret},
 };
 
+/// How the log line a restarted build actor writes begins.
+pub const RESTART_NOTICE: &str = "build actor restarted";
+
 /// Asks a build to stop; it ends `done_failure` ("cancelled").
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
@@ -362,10 +365,8 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
         Some(v) => v,
         None => {
             if incarnation > 1 {
-                log.line(&format!(
-                    "build actor restarted (incarnation {incarnation}); resuming"
-                ))
-                .await;
+                log.line(&format!("{RESTART_NOTICE} (incarnation {incarnation}); resuming"))
+                    .await;
             }
             let (verdict, stopped) = tokio::select! {
                 v = work(&run, &deps, &mut log) => (v, false),

@@ -30,6 +30,7 @@ use actix::prelude::*;
 use dashmap::DashMap;
 use tokio::sync::Semaphore;
 
+pub use build::RESTART_NOTICE;
 pub use chaos::{parse_kinds, ChaosError, ChaosSettings};
 pub use error::BuildError;
 pub use handles::{KilnHandle, LogsHandle, ResolverPool};

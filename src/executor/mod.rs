@@ -53,6 +53,8 @@ pub enum Job {
         base: ImageRef,
         workspace: ImageRef,
         auth: AuthPolicy,
+        /// Lines of the pod's log the build's log already holds.
+        logged_lines: usize,
     },
 }
 
@@ -190,11 +192,12 @@ impl Executor {
                 base,
                 workspace,
                 auth,
+                logged_lines,
             } => {
                 let cluster = self
                     .cluster()
                     .ok_or_else(|| ExecutorError::NoCluster(pod.clone()))?;
-                cluster.attach(ticket.id, pod, log).await?;
+                cluster.attach(ticket.id, pod, *logged_lines, log).await?;
                 let built = self.pushed(base, workspace, auth).await?;
                 self.copy(&built, workspace, auth, &lines).await
             }

@@ -390,6 +390,56 @@ fn a_killed_replica_is_replaced_and_its_build_adopted() {
     });
 }
 
+/// A replica killed mid-build and started again on its own data directory picks the build
+/// up from its records and the pod: the log goes on where it stopped, each line once.
+#[test]
+fn a_replica_restarted_on_its_data_continues_its_build_log() {
+    let cluster = Cluster::start();
+    let options = cluster.replica_options("", "");
+    let mut kiln = KilnServer::start(options.clone());
+    let uri = cluster.repository("restart", 40, "0.1");
+    runtime().block_on(async {
+        let mut client = kiln.builder().await;
+        let mut stream = client
+            .build(request(&uri, cluster.reg()))
+            .await
+            .expect("Build accepted")
+            .into_inner();
+        let first = stream.message().await.unwrap().expect("a first response");
+        let id = first
+            .info
+            .as_ref()
+            .map(|i| i.build_id.clone())
+            .unwrap_or_default();
+        cluster
+            .wait_pods("the builder pod runs", |k| {
+                k.pods()
+                    .iter()
+                    .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        drop(stream);
+        kiln.restart(&options);
+        let mut client = kiln.builder().await;
+        let done = wait_status(
+            &mut client,
+            &id,
+            &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure],
+        )
+        .await;
+        assert_eq!(
+            BuildStatus::try_from(done.status).unwrap(),
+            BuildStatus::DoneSuccess,
+            "{done:?}"
+        );
+        let log = log_of(&mut client, &id).await;
+        assert_complete(&log, "restart", 40);
+        assert!(log.contains("attached to builder pod"), "{log}");
+        assert_eq!(cluster.kube.pods_created(), 1);
+    });
+}
+
 /// CancelBuild and the build timeout delete the builder pod and its Secret, and end the
 /// build `done_failure` saying why.
 #[test]

@@ -9,9 +9,9 @@ use dashmap::mapref::entry::Entry;
 
 use super::{start_run, BuildRecord, BuildRefs, BuildSnapshot, OrchestratorDeps, Plan, StatusUpdate};
 use crate::{
-    actors::build::BuildRun,
+    actors::{build::BuildRun, log_fanout},
     executor::{
-        kubernetes::{FoundBuild, PodState},
+        kubernetes::{self, FoundBuild, PodState},
         Job,
     },
     model::{AuthPolicy, BuildId, BuildStatus},
@@ -74,6 +74,12 @@ async fn adopt(
             v.insert(found.id.clone());
         }
     }
+    // A record of our own (a killed process's, same data directory) comes with its log:
+    // the pod's lines already in it are not written again.
+    let logged_lines = match &known {
+        Some(_) => pod_lines_logged(deps, &found.id).await,
+        None => 0,
+    };
     if known.is_none() {
         let first = StatusUpdate {
             status: BuildStatus::Running,
@@ -104,6 +110,7 @@ async fn adopt(
             // Kiln's own repositories, with the installation's credentials: what the
             // creating replica's copy would have used.
             auth: AuthPolicy::default(),
+            logged_lines,
         },
     };
     let run = BuildRun::adopted(found.id.clone(), plan, left);
@@ -113,6 +120,23 @@ async fn adopt(
     }
     deps.metrics.build_started();
     Ok(())
+}
+
+/// How many lines of its pod's log the build's log on disk holds.
+async fn pod_lines_logged(deps: &OrchestratorDeps, build: &BuildId) -> usize {
+    let logs = &deps.directory.logs;
+    let mut text = Vec::new();
+    loop {
+        let read = log_fanout::Read {
+            build: build.clone(),
+            offset: text.len() as u64,
+        };
+        match logs.call(read).await {
+            Ok(Ok(chunk)) if !chunk.data.is_empty() => text.extend_from_slice(&chunk.data),
+            _ => break,
+        }
+    }
+    kubernetes::pod_lines_in(&String::from_utf8_lossy(&text))
 }
 
 /// The builds in the cluster this Kiln has no record of, as `ListBuilds` rows.

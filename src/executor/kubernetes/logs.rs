@@ -25,9 +25,21 @@ pub struct LogCursor {
     last: Option<Timestamp>,
     /// Lines passed on whose timestamp is `last`.
     seen_at_last: usize,
+    /// Lines at the start of the container log that the build's log already holds (written
+    /// by an earlier life of this Kiln): read, but not passed on again.
+    already_logged: usize,
 }
 
 impl LogCursor {
+    /// A cursor for a build whose log already holds the first `lines` lines of the
+    /// container log.
+    pub fn after_lines(lines: usize) -> Self {
+        Self {
+            already_logged: lines,
+            ..Self::default()
+        }
+    }
+
     /// `sinceTime` for the next request: the last line's second, rounded down (the API
     /// server reads whole seconds, and kube rounds to the nearest one).
     fn since(&self) -> Option<Timestamp> {
@@ -50,6 +62,10 @@ impl LogCursor {
                 self.last = Some(stamp);
                 self.seen_at_last = 1;
             }
+        }
+        if self.already_logged > 0 {
+            self.already_logged -= 1;
+            return None;
         }
         Some(text)
     }
@@ -188,6 +204,18 @@ mod tests {
             ],
         );
         assert_eq!(second, ["d", "e"]);
+    }
+
+    #[test]
+    fn lines_already_in_the_build_log_are_not_passed_on_again() {
+        let mut cursor = LogCursor::after_lines(2);
+        let lines = [
+            "2026-11-30T10:00:00.1Z a",
+            "2026-11-30T10:00:00.2Z b",
+            "2026-11-30T10:00:00.3Z c",
+        ];
+        assert_eq!(feed(&mut cursor, &lines), ["c"]);
+        assert_eq!(feed(&mut cursor, &lines), Vec::<String>::new());
     }
 
     #[test]

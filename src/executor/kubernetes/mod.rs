@@ -63,6 +63,28 @@ pub enum ClusterError {
     ContextUpload(#[source] RegistryError),
 }
 
+/// How a build's log says which pod's log follows: each of these starts a line, after which
+/// the build log holds the pod's log line for line.
+pub const CREATED: &str = "builder pod";
+pub const JOINED: &str = "joined builder pod";
+pub const ATTACHED: &str = "attached to builder pod";
+
+/// How many lines of a pod's log the build log `text` holds: the lines after the last line
+/// that names the pod being followed (Kiln's own restart notices excepted).
+pub fn pod_lines_in(text: &str) -> usize {
+    let lines: Vec<&str> = text.split_inclusive('\n').filter(|l| l.ends_with('\n')).collect();
+    let Some(start) = lines
+        .iter()
+        .rposition(|l| [CREATED, JOINED, ATTACHED].iter().any(|m| l.starts_with(m)))
+    else {
+        return 0;
+    };
+    lines[start + 1..]
+        .iter()
+        .filter(|l| !l.starts_with(crate::actors::RESTART_NOTICE))
+        .count()
+}
+
 /// How long a listing waits for the pod watch's first list.
 const LIST_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -187,9 +209,9 @@ impl KubernetesBuilder {
             .and_then(|l| l.get("kiln.dev/build-id"))
             == Some(&ticket.id.to_string());
         line(match created {
-            true => format!("builder pod {name} in namespace {}", inner.namespace),
+            true => format!("{CREATED} {name} in namespace {}", inner.namespace),
             false => format!(
-                "joined builder pod {name} in namespace {} (it builds the same image)",
+                "{JOINED} {name} in namespace {} (it builds the same image)",
                 inner.namespace
             ),
         });
@@ -205,17 +227,25 @@ impl KubernetesBuilder {
     }
 
     /// Follows the pod of a build found in the cluster (started by another replica or an
-    /// earlier life of this one) to its end.
+    /// earlier life of this one) to its end. The build's log already holds the first
+    /// `logged_lines` lines of the pod's log (from that earlier life); they are not repeated.
     pub async fn attach(
         &self,
         build: &BuildId,
         pod: &str,
+        logged_lines: usize,
         log: &mpsc::UnboundedSender<Bytes>,
     ) -> Result<(), ClusterError> {
-        let _ = log.send(Bytes::from(format!(
-            "attached to builder pod {pod} in namespace {}\n",
-            self.inner.namespace
-        )));
+        if !self.inner.cursors.contains_key(build) {
+            let _ = log.send(Bytes::from(format!(
+                "{ATTACHED} {pod} in namespace {}\n",
+                self.inner.namespace
+            )));
+            self.inner.cursors.insert(
+                build.clone(),
+                Arc::new(std::sync::Mutex::new(LogCursor::after_lines(logged_lines))),
+            );
+        }
         self.follow(build, pod, log).await
     }
 
@@ -502,5 +532,20 @@ fn finished_at(pod: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
         // A pod that failed without its container running (e.g. deadline exceeded).
         None if PodState::of(pod).is_terminal() => pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
         None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_lines_of_a_build_log_are_counted_after_the_last_pod_line() {
+        let log = "build 1 of r\nbase image b\nbuilder pod p in namespace kiln\none\ntwo\n\
+                   build actor restarted (incarnation 2); resuming\nthree\npartial";
+        assert_eq!(pod_lines_in(log), 3);
+        assert_eq!(pod_lines_in("build 1 of r\nbase image b\n"), 0);
+        let again = format!("{log}\n{ATTACHED} p in namespace kiln\none\n");
+        assert_eq!(pod_lines_in(&again), 1);
     }
 }
