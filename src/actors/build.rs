@@ -95,13 +95,8 @@ impl BuildRun {
             }
         }
         Self {
-            id,
-            plan,
-            deadline: Instant::now() + timeout,
-            timeout,
-            cancel: CancellationToken::new(),
             secrets,
-            verdict: Mutex::new(None),
+            ..Self::adopted(id, plan, timeout)
         }
     }
 

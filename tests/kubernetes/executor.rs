@@ -21,7 +21,7 @@ use kiln::proto::{
     },
     contentservice::{workspace_initializer, CloneTargetMode, GitInitializer, WorkspaceInitializer},
 };
-use tonic::transport::Channel;
+use tonic::{transport::Channel, Streaming};
 
 use crate::support::{
     base_images,
@@ -201,6 +201,26 @@ fn absorb(out: &mut Outcome, response: &BuildResponse) {
     }
 }
 
+/// Sends a Build; returns its stream and the id of the build its first response names.
+async fn begin(client: &mut Client, request: BuildRequest) -> (Streaming<BuildResponse>, String) {
+    let mut stream = client.build(request).await.expect("Build accepted").into_inner();
+    let first = stream.message().await.unwrap().expect("a first response");
+    let id = first
+        .info
+        .as_ref()
+        .map(|i| i.build_id.clone())
+        .unwrap_or_default();
+    assert!(!id.is_empty(), "the first response names the build: {first:?}");
+    (stream, id)
+}
+
+/// Whether one of the cluster's builder pods is running.
+fn a_pod_runs(kube: &FakeKube) -> bool {
+    kube.pods()
+        .iter()
+        .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+}
+
 /// A build's whole log, once it has ended.
 async fn log_of(client: &mut Client, build_id: &str) -> String {
     let request = LogsRequest {
@@ -315,27 +335,11 @@ fn a_killed_replica_is_replaced_and_its_build_adopted() {
     let other = KilnServer::start(cluster.replica_options("", ""));
     let uri = cluster.repository("adopt", 40, "0.1");
     runtime().block_on(async {
-        let mut client = a.builder().await;
-        let mut stream = client
-            .build(request(&uri, cluster.reg()))
-            .await
-            .expect("Build accepted")
-            .into_inner();
-        let first = stream.message().await.unwrap().expect("a first response");
-        let id = first
-            .info
-            .as_ref()
-            .map(|i| i.build_id.clone())
-            .unwrap_or_default();
-        assert!(!id.is_empty(), "the first response names the build: {first:?}");
+        let (stream, id) = begin(&mut a.builder().await, request(&uri, cluster.reg())).await;
         // Let the pod get going, then kill the replica that created it.
         let kube = &cluster.kube;
         cluster
-            .wait_pods("the builder pod has printed a few lines", |k| {
-                k.pods()
-                    .iter()
-                    .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            })
+            .wait_pods("the builder pod has printed a few lines", a_pod_runs)
             .await;
         tokio::time::sleep(Duration::from_millis(800)).await;
         a.kill();
@@ -399,25 +403,8 @@ fn a_replica_restarted_on_its_data_continues_its_build_log() {
     let mut kiln = KilnServer::start(options.clone());
     let uri = cluster.repository("restart", 40, "0.1");
     runtime().block_on(async {
-        let mut client = kiln.builder().await;
-        let mut stream = client
-            .build(request(&uri, cluster.reg()))
-            .await
-            .expect("Build accepted")
-            .into_inner();
-        let first = stream.message().await.unwrap().expect("a first response");
-        let id = first
-            .info
-            .as_ref()
-            .map(|i| i.build_id.clone())
-            .unwrap_or_default();
-        cluster
-            .wait_pods("the builder pod runs", |k| {
-                k.pods()
-                    .iter()
-                    .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            })
-            .await;
+        let (stream, id) = begin(&mut kiln.builder().await, request(&uri, cluster.reg())).await;
+        cluster.wait_pods("the builder pod runs", a_pod_runs).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
         drop(stream);
         kiln.restart(&options);
@@ -470,10 +457,7 @@ fn cancel_and_timeout_delete_the_pod_and_its_secret() {
             absorb(&mut outcome, &stream.message().await.unwrap().unwrap());
             cluster
                 .wait_pods("the builder pod and its Secret exist", |k| {
-                    k.pods()
-                        .iter()
-                        .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                        && !k.secrets().is_empty()
+                    a_pod_runs(k) && !k.secrets().is_empty()
                 })
                 .await;
             let pod = pod_names(&cluster.kube).into_iter().next().unwrap();
@@ -524,13 +508,7 @@ fn dropped_watches_gone_and_dropped_logs_are_survived() {
             let (mut client, request) = (client.clone(), request(&uri, cluster.reg()));
             async move { build(&mut client, request).await }
         });
-        cluster
-            .wait_pods("the builder pod runs", |k| {
-                k.pods()
-                    .iter()
-                    .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            })
-            .await;
+        cluster.wait_pods("the builder pod runs", a_pod_runs).await;
         for round in 0..6 {
             tokio::time::sleep(Duration::from_millis(400)).await;
             match round % 3 {
