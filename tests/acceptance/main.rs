@@ -1480,15 +1480,27 @@ fn kubernetes_executor_builds_the_same_digests_as_the_local_one() {
             let source = || git_source(&repo.uri(), "Dockerfile", ".", args());
             let local_build = run_build(&mut on_local, build_request(source(), true)).await;
             let kube_build = run_build(&mut on_kube, build_request(source(), true)).await;
-            report.add(&case.name, "kube-git", same_digest(&case, &local_build, &kube_build));
+            report.add(
+                &case.name,
+                "kube-git",
+                same_digest(&case, &local_build, &kube_build),
+            );
             if !uploaded {
                 uploaded = true;
                 let tar = tar_of_dir(&repo.checkout("kube-upload-checkout"));
                 let outcome = async {
                     let on_local_digest = upload_context(&mut on_local, tar.clone()).await?;
                     let on_kube_digest = upload_context(&mut on_kube, tar).await?;
-                    let l = run_build(&mut on_local, build_request(uploaded_source(&on_local_digest, args()), true)).await;
-                    let k = run_build(&mut on_kube, build_request(uploaded_source(&on_kube_digest, args()), true)).await;
+                    let l = run_build(
+                        &mut on_local,
+                        build_request(uploaded_source(&on_local_digest, args()), true),
+                    )
+                    .await;
+                    let k = run_build(
+                        &mut on_kube,
+                        build_request(uploaded_source(&on_kube_digest, args()), true),
+                    )
+                    .await;
                     same_digest(&case, &l, &k)
                 };
                 report.add(&case.name, "kube-upload", outcome.await);
@@ -1507,10 +1519,16 @@ fn kubernetes_executor_builds_the_same_digests_as_the_local_one() {
 fn same_digest(case: &Case, local: &KilnBuild, kube: &KilnBuild) -> Result<String, String> {
     for (what, build) in [("local", local), ("kubernetes", kube)] {
         if !build.succeeded() || build.base_ref.is_empty() {
-            return Err(format!("the {what} executor's build failed: {}", build.describe()));
+            return Err(format!(
+                "the {what} executor's build failed: {}",
+                build.describe()
+            ));
         }
     }
-    let (l, k) = (manifest_digest(&local.base_ref)?, manifest_digest(&kube.base_ref)?);
+    let (l, k) = (
+        manifest_digest(&local.base_ref)?,
+        manifest_digest(&kube.base_ref)?,
+    );
     let volatile = compare::read_compare_args(&case.dir);
     if l != k && !volatile.is_empty() {
         let comparison = compare::compare_images(&local.base_ref, &kube.base_ref, &volatile)?;
@@ -1531,7 +1549,11 @@ fn same_digest(case: &Case, local: &KilnBuild, kube: &KilnBuild) -> Result<Strin
             tail(&kube.log, 30)
         ));
     }
-    Ok(format!("{l} (local {:.1} s, kubernetes {:.1} s)", local.elapsed.as_secs_f64(), kube.elapsed.as_secs_f64()))
+    Ok(format!(
+        "{l} (local {:.1} s, kubernetes {:.1} s)",
+        local.elapsed.as_secs_f64(),
+        kube.elapsed.as_secs_f64()
+    ))
 }
 
 /// A Kiln build must have succeeded and its image (`base_ref`) must pass [`judge`].
