@@ -141,14 +141,6 @@ impl RegistryClient {
             target: &target,
             same_registry,
         };
-        futures::stream::iter(blobs.iter().map(|d| job.copy_blob(d)))
-            .buffer_unordered(MAX_CONCURRENT_BLOBS)
-            .try_for_each(|event| {
-                on_event(event);
-                futures::future::ready(Ok(()))
-            })
-            .await?;
-
         let content_type: reqwest::header::HeaderValue =
             media_type
                 .parse()
@@ -157,18 +149,36 @@ impl RegistryClient {
                     media_type: media_type.clone(),
                 })?;
         let target_reference = target.to_oci();
-        self.retry_policy()
-            .run(target.registry(), "push manifest", || async {
-                dst.client
-                    .push_manifest_raw(&target_reference, body.clone(), content_type.clone())
-                    .await
-                    .map_err(|e| RegistryError::PushManifest {
-                        reference: target.to_string(),
-                        digest: digest.clone(),
-                        source: Arc::new(e),
-                    })
-            })
-            .await?;
+        for attempt in 1.. {
+            futures::stream::iter(blobs.iter().map(|d| job.copy_blob(d)))
+                .buffer_unordered(MAX_CONCURRENT_BLOBS)
+                .try_for_each(|event| {
+                    on_event(event);
+                    futures::future::ready(Ok(()))
+                })
+                .await?;
+            let pushed = self
+                .retry_policy()
+                .run(target.registry(), "push manifest", || async {
+                    dst.client
+                        .push_manifest_raw(&target_reference, body.clone(), content_type.clone())
+                        .await
+                        .map_err(|e| RegistryError::PushManifest {
+                            reference: target.to_string(),
+                            digest: digest.clone(),
+                            source: Arc::new(e),
+                        })
+                })
+                .await;
+            match pushed {
+                Ok(_) => break,
+                // Blobs checked (and mounted or uploaded) again, then the manifest once more.
+                Err(e) if attempt < 3 && e.is_manifest_blob_unknown() => {
+                    tracing::warn!(%target, error = %e, attempt, "registry does not see the blobs of the manifest yet; pushing them again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         on_event(CopyEvent::ManifestPushed {
             digest: digest.clone(),
         });

@@ -217,6 +217,27 @@ impl fmt::Display for RegistryErrorKind {
 }
 
 impl RegistryError {
+    /// Whether a manifest push was refused because the registry does not (yet) see one of
+    /// its blobs in the target repository (`MANIFEST_BLOB_UNKNOWN`, or a bare 400 from a
+    /// registry that sends no error body). Pushing the blobs again and then the manifest
+    /// can succeed: registries have been seen losing a race between a cross-repository
+    /// mount and the manifest that needs it.
+    pub fn is_manifest_blob_unknown(&self) -> bool {
+        let Self::PushManifest { source, .. } = self else {
+            return false;
+        };
+        match &**source {
+            OciDistributionError::RegistryError { envelope, .. } => envelope
+                .errors
+                .iter()
+                .any(|e| e.code == OciErrorCode::ManifestBlobUnknown),
+            OciDistributionError::ServerError { code, message, .. } => {
+                *code == 400 && (message.is_empty() || message.contains("BLOB_UNKNOWN"))
+            }
+            _ => false,
+        }
+    }
+
     /// The kind of failure, for status codes and retry decisions.
     pub fn kind(&self) -> RegistryErrorKind {
         use RegistryErrorKind as K;
@@ -440,7 +461,21 @@ pub(crate) fn describe(err: &OciDistributionError) -> String {
             .collect::<Vec<_>>()
             .join("; "),
         E::RegistryError { .. } => "registry answered an empty error list".into(),
-        E::ServerError { code, .. } => format!("registry answered http {code}"),
+        E::ServerError { code, message, .. } => {
+            // A registry's error body names the reason (e.g. MANIFEST_BLOB_UNKNOWN); keep a
+            // short, single-line excerpt of it.
+            let excerpt: String = message
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .chars()
+                .take(200)
+                .collect();
+            match excerpt.is_empty() {
+                true => format!("registry answered http {code}"),
+                false => format!("registry answered http {code}: {excerpt}"),
+            }
+        }
         E::UnauthorizedError { .. } => "registry answered http 401 (credentials missing or refused)".into(),
         E::AuthenticationFailure(_) => "the registry's token service refused the credentials".into(),
         E::RequestError(e) => match e.status() {
@@ -491,6 +526,27 @@ mod tests {
             url: "http://r.example/v2/".into(),
             message: "<html>oops</html>".into(),
         }
+    }
+
+    #[test]
+    fn a_manifest_refused_for_unknown_blobs_is_recognised() {
+        let push = |source| RegistryError::PushManifest {
+            reference: "r.example/x:y".into(),
+            digest: Digest::of(b"m"),
+            source: Arc::new(source),
+        };
+        assert!(push(envelope(&["MANIFEST_BLOB_UNKNOWN"])).is_manifest_blob_unknown());
+        assert!(!push(envelope(&["MANIFEST_INVALID"])).is_manifest_blob_unknown());
+        assert!(!push(server(500)).is_manifest_blob_unknown());
+        let bare = OciDistributionError::ServerError {
+            code: 400,
+            url: "http://r.example/v2/x/manifests/y".into(),
+            message: r#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#
+                .into(),
+        };
+        let refused = push(bare);
+        assert!(refused.is_manifest_blob_unknown());
+        assert!(refused.to_string().contains("MANIFEST_BLOB_UNKNOWN"), "{refused}");
     }
 
     #[test]
