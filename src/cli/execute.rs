@@ -351,13 +351,5 @@ async fn fetch_context_blob(registry: &RegistryClient, blob: &str, dest: &Path) 
 
 /// `rel` inside `root`, refusing paths that climb out of it.
 fn inside(root: &Path, rel: &str, flag: &str) -> Result<PathBuf, String> {
-    let mut path = root.to_path_buf();
-    for part in Path::new(rel.trim_start_matches('/')).components() {
-        match part {
-            std::path::Component::Normal(p) => path.push(p),
-            std::path::Component::CurDir => {}
-            _ => return Err(format!("{flag} {rel:?} must stay inside the context")),
-        }
-    }
-    Ok(path)
+    context::join_inside(root, rel).ok_or_else(|| format!("{flag} {rel:?} must stay inside the context"))
 }

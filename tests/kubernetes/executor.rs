@@ -221,6 +221,17 @@ fn a_pod_runs(kube: &FakeKube) -> bool {
         .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
 }
 
+/// Waits for build `id` to end, asserts that it succeeded, and returns its whole log.
+async fn succeeded_log(client: &mut Client, id: &str) -> String {
+    let done = wait_status(client, id, &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure]).await;
+    assert_eq!(
+        BuildStatus::try_from(done.status).unwrap(),
+        BuildStatus::DoneSuccess,
+        "{done:?}"
+    );
+    log_of(client, id).await
+}
+
 /// A build's whole log, once it has ended.
 async fn log_of(client: &mut Client, build_id: &str) -> String {
     let request = LogsRequest {
@@ -372,18 +383,7 @@ fn a_killed_replica_is_replaced_and_its_build_adopted() {
             "kubernetes: build re-adopted by a replacement replica {:.2} s after it was started",
             readopted.as_secs_f64()
         );
-        let done = wait_status(
-            &mut client,
-            &id,
-            &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure],
-        )
-        .await;
-        assert_eq!(
-            BuildStatus::try_from(done.status).unwrap(),
-            BuildStatus::DoneSuccess,
-            "{done:?}"
-        );
-        let log = log_of(&mut client, &id).await;
+        let log = succeeded_log(&mut client, &id).await;
         assert_complete(&log, "adopt", 40);
         assert!(
             log.contains("pushed "),
@@ -409,18 +409,7 @@ fn a_replica_restarted_on_its_data_continues_its_build_log() {
         drop(stream);
         kiln.restart(&options);
         let mut client = kiln.builder().await;
-        let done = wait_status(
-            &mut client,
-            &id,
-            &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure],
-        )
-        .await;
-        assert_eq!(
-            BuildStatus::try_from(done.status).unwrap(),
-            BuildStatus::DoneSuccess,
-            "{done:?}"
-        );
-        let log = log_of(&mut client, &id).await;
+        let log = succeeded_log(&mut client, &id).await;
         assert_complete(&log, "restart", 40);
         assert!(log.contains("attached to builder pod"), "{log}");
         assert_eq!(cluster.kube.pods_created(), 1);

@@ -101,19 +101,8 @@ fn invalid(message: impl Into<String>) -> BuildError {
 
 /// A relative path inside the checkout, refusing anything that climbs out of it.
 fn inside(root: &Path, rel: &str, what: &str) -> Result<PathBuf, BuildError> {
-    let mut path = root.to_path_buf();
-    for part in Path::new(rel.trim_start_matches('/')).components() {
-        match part {
-            std::path::Component::Normal(p) => path.push(p),
-            std::path::Component::CurDir => {}
-            _ => {
-                return Err(invalid(format!(
-                    "{what}: {rel:?} must stay inside the build context"
-                )))
-            }
-        }
-    }
-    Ok(path)
+    context::join_inside(root, rel)
+        .ok_or_else(|| invalid(format!("{what}: {rel:?} must stay inside the build context")))
 }
 
 async fn materialize(

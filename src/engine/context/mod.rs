@@ -127,3 +127,18 @@ impl ContextError {
         }
     }
 }
+
+/// `rel` (a path a caller names inside a context or checkout; a leading `/` means its root)
+/// joined to `root`, or `None` when it would climb out (`..`). Lexical only: symlinks are
+/// the business of whoever opens the path.
+pub fn join_inside(root: &std::path::Path, rel: &str) -> Option<PathBuf> {
+    let mut path = root.to_path_buf();
+    for part in std::path::Path::new(rel.trim_start_matches('/')).components() {
+        match part {
+            std::path::Component::Normal(p) => path.push(p),
+            std::path::Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some(path)
+}
