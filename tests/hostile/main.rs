@@ -21,6 +21,11 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod files;
+mod limits;
+mod sandbox;
+mod surfaces;
+
 use std::{
     collections::HashMap,
     future::Future,
