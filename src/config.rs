@@ -515,9 +515,21 @@ pub struct EngineSettings {
     pub compression: LayerCompressionSetting,
     /// Compression level; default 6 for gzip (1-9), 3 for zstd (1-19).
     pub compression_level: Option<u32>,
-    /// RUN's network: `host` (shares the host's; package installs work) or `none`.
-    /// Default `host`.
+    /// RUN's network: `sandbox` (a namespace of its own with user-mode egress through
+    /// slirp4netns; package installs work, the host's loopback does not), `none`, or `host`
+    /// (only with `allow_host_network`). Default `sandbox`.
     pub network: crate::engine::build::RunNetwork,
+    /// Whether RUN may use the host's network (`network = "host"`, `RUN --network=host`).
+    /// Default false: a RUN on the host's network reaches everything on its loopback.
+    pub allow_host_network: bool,
+    /// The slirp4netns binary (Debian package `slirp4netns`). Default `slirp4netns` on PATH.
+    pub slirp4netns: PathBuf,
+    /// The host ids RUN's ids stand for: `"auto"` (the `/etc/subuid` range of Kiln's user,
+    /// else 2147352576:65536) or `"FIRST:COUNT"`.
+    pub id_range: String,
+    /// Set `no_new_privs` on RUN commands (setuid binaries such as `sudo` then fail).
+    /// Default false: inside the user namespace they gain only the sandbox's own root.
+    pub no_new_privileges: bool,
 }
 
 impl Default for EngineSettings {
@@ -525,12 +537,60 @@ impl Default for EngineSettings {
         Self {
             compression: LayerCompressionSetting::Gzip,
             compression_level: None,
-            network: crate::engine::build::RunNetwork::Host,
+            network: crate::engine::build::RunNetwork::Sandbox,
+            allow_host_network: false,
+            slirp4netns: PathBuf::from("slirp4netns"),
+            id_range: "auto".into(),
+            no_new_privileges: false,
         }
     }
 }
 
 impl EngineSettings {
+    /// How RUN is confined; `id_range = "auto"` is resolved here.
+    pub fn isolation(&self) -> Result<crate::engine::build::Isolation, ConfigError> {
+        use crate::engine::{build::RunNetwork, sandbox::IdRange};
+        if self.network == RunNetwork::Host && !self.allow_host_network {
+            return Err(invalid(
+                "engine.network",
+                "\"host\" needs engine.allow_host_network = true (a RUN on the host's network reaches Kiln's own ports)",
+            ));
+        }
+        let ids = match self.id_range.as_str() {
+            "auto" => {
+                let uid = nix::unistd::getuid();
+                let name = nix::unistd::User::from_uid(uid)
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+                    .unwrap_or_default();
+                std::fs::read_to_string("/etc/subuid")
+                    .ok()
+                    .and_then(|text| IdRange::from_subid_file(&text, &name, uid.as_raw()))
+                    .unwrap_or(IdRange::DEFAULT)
+            }
+            text => {
+                let parsed = text.split_once(':').and_then(|(first, count)| {
+                    Some(IdRange {
+                        first: first.trim().parse().ok()?,
+                        count: count.trim().parse().ok()?,
+                    })
+                });
+                let range = parsed
+                    .ok_or_else(|| invalid("engine.id_range", "expected \"auto\" or \"FIRST:COUNT\""))?;
+                range.check().map_err(|e| invalid("engine.id_range", e))?;
+                range
+            }
+        };
+        Ok(crate::engine::build::Isolation {
+            network: self.network,
+            allow_host_network: self.allow_host_network,
+            slirp4netns: self.slirp4netns.clone(),
+            ids,
+            no_new_privileges: self.no_new_privileges,
+        })
+    }
+
     pub fn compression(&self) -> crate::engine::layers::Compression {
         use crate::engine::layers::Compression;
         match self.compression {
@@ -571,6 +631,7 @@ impl Config {
 
     /// Checks what types cannot: ranges and the values that must parse.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.engine.isolation()?;
         if self.resolver.pool_size == 0 {
             return Err(invalid("resolver.pool_size", "must be at least 1"));
         }

@@ -138,7 +138,7 @@ pub async fn start(
             data_dir: config.data_dir.join("engine"),
             exe: std::env::current_exe()?,
             compression: config.engine.compression(),
-            network: config.engine.network,
+            isolation: config.engine.isolation()?,
             platform: platform.clone(),
         },
         registry.clone(),

@@ -95,9 +95,20 @@ pub struct ExecuteArgs {
     /// Compression level. [default: 6 for gzip, 3 for zstd]
     #[arg(long)]
     pub compression_level: Option<u32>,
-    /// RUN's network: host or none.
-    #[arg(long, default_value = "host", value_parser = ["host", "none"])]
+    /// RUN's network: sandbox (its own namespace with user-mode egress through
+    /// slirp4netns), none, or host (needs --allow-host-network).
+    #[arg(long, default_value = "sandbox", value_parser = ["sandbox", "host", "none"])]
     pub network: String,
+    /// Allow RUN on the host's network (`--network host`, `RUN --network=host`).
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = false)]
+    pub allow_host_network: bool,
+    /// The host ids RUN's ids stand for: auto (the /etc/subuid range of this user, else
+    /// 2147352576:65536) or FIRST:COUNT.
+    #[arg(long, default_value = "auto")]
+    pub id_range: String,
+    /// Set no_new_privs on RUN commands (setuid binaries such as sudo then fail).
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = false)]
+    pub no_new_privileges: bool,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -182,19 +193,24 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
             LayerCompressionSetting::Gzip
         },
         compression_level: args.compression_level,
-        network: if args.network == "none" {
-            RunNetwork::None
-        } else {
-            RunNetwork::Host
+        network: match args.network.as_str() {
+            "none" => RunNetwork::None,
+            "host" => RunNetwork::Host,
+            _ => RunNetwork::Sandbox,
         },
+        allow_host_network: args.allow_host_network,
+        id_range: args.id_range.clone(),
+        no_new_privileges: args.no_new_privileges,
+        ..EngineSettings::default()
     };
+    let isolation = settings.isolation().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| format!("finding the kiln binary: {e}"))?;
     let engine = Engine::new(
         EngineConfig {
             data_dir: args.data_dir.clone(),
             exe,
             compression: settings.compression(),
-            network: settings.network,
+            isolation,
             platform,
         },
         registry.clone(),

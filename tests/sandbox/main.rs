@@ -20,7 +20,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use kiln::engine::sandbox::{self, BindMount, Network, RunOutcome, RunSpec, SandboxError};
+use kiln::engine::sandbox::{self, BindMount, IdRange, Network, RunOutcome, RunSpec, SandboxError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -138,6 +138,8 @@ impl Fixture {
             network: Network::Host,
             cache_mounts: Vec::new(),
             resolv_conf: None,
+            ids: IdRange::DEFAULT,
+            cgroup_procs: Vec::new(),
         }
     }
 
@@ -602,24 +604,34 @@ async fn a_missing_executable_or_working_directory_is_a_clear_error() {
 }
 
 #[tokio::test]
-async fn root_in_a_step_keeps_docker_s_capabilities_only() {
+async fn root_in_a_step_is_namespaced_with_docker_s_capabilities_but_net_raw() {
     if !is_root() {
         return;
     }
     let fx = Fixture::new();
     let output = run_ok(&fx.spec(
-        "grep CapBnd /proc/self/status; mkdir /m; mount -t tmpfs none /m 2>/dev/null || echo no-mount; \
-         mknod /node c 1 3 && (cat /node 2>/dev/null || echo no-device)",
+        "cat /proc/self/uid_map /proc/self/gid_map; id -u; grep CapBnd /proc/self/status; mkdir /m; \
+         mount -t tmpfs none /m 2>/dev/null || echo no-mount; \
+         mknod /node c 1 3 2>/dev/null || echo no-mknod; chown 1000:2000 /data/keep && echo chowned",
     ))
     .await;
-    // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE NET_RAW
-    // SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP
-    assert!(output.starts_with("CapBnd:\t00000000a80425fb\n"), "{output}");
+    let range = IdRange::DEFAULT;
+    let map = format!("0 {} {}", range.first, range.count);
+    let maps: Vec<String> = output
+        .lines()
+        .take(2)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(maps, [map.clone(), map], "{output}");
+    // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE
+    // SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP: Docker's set without NET_RAW.
+    assert!(output.contains("\n0\nCapBnd:\t00000000a80405fb\n"), "{output}");
     assert!(output.contains("no-mount\n"), "{output}");
-    assert!(
-        output.contains("no-device\n"),
-        "device nodes are unusable (nodev): {output}"
-    );
+    assert!(output.contains("no-mknod\n"), "{output}");
+    // Root of the namespace owns the image's files: the chown lands on disk unshifted.
+    assert!(output.ends_with("chowned\n"), "{output}");
+    let meta = fs::metadata(fx.upper.join("data/keep")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1000, 2000));
 }
 
 #[tokio::test]

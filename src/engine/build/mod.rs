@@ -43,15 +43,57 @@ use crate::{
     registry::{Platform, RegistryClient, RegistryError},
 };
 
-/// How RUN steps reach the network.
+/// How RUN steps reach the network (see [`crate::engine::sandbox::network`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunNetwork {
-    /// Share the host's network (the default; `apt-get` works).
+    /// A network namespace of the step's own with user-mode egress (`slirp4netns`): package
+    /// installs work, the host's loopback and interfaces are out of reach. The default.
     #[default]
-    Host,
+    Sandbox,
     /// A new network namespace with only loopback.
     None,
+    /// The host's network: only with [`Isolation::allow_host_network`].
+    Host,
+}
+
+impl RunNetwork {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sandbox => "sandbox",
+            Self::None => "none",
+            Self::Host => "host",
+        }
+    }
+}
+
+/// How RUN steps are confined, beyond what is always done (namespaces, seccomp, capabilities;
+/// see [`crate::engine::sandbox`]).
+#[derive(Debug, Clone)]
+pub struct Isolation {
+    /// The network of a RUN without `--network`.
+    pub network: RunNetwork,
+    /// Whether `--network=host` (or `network = Host`) may be used at all.
+    pub allow_host_network: bool,
+    /// The `slirp4netns` binary.
+    pub slirp4netns: PathBuf,
+    /// The host ids the sandbox's ids stand for.
+    pub ids: crate::engine::sandbox::IdRange,
+    /// Sets `no_new_privs` on RUN commands: setuid binaries of the image (`sudo`) stop
+    /// working.
+    pub no_new_privileges: bool,
+}
+
+impl Default for Isolation {
+    fn default() -> Self {
+        Self {
+            network: RunNetwork::Sandbox,
+            allow_host_network: false,
+            slirp4netns: PathBuf::from("slirp4netns"),
+            ids: crate::engine::sandbox::IdRange::DEFAULT,
+            no_new_privileges: false,
+        }
+    }
 }
 
 /// Engine-wide settings.
@@ -62,7 +104,7 @@ pub struct EngineConfig {
     /// The `kiln` binary, re-executed for RUN (`__sandbox`) and filesystem steps (`__fsop`).
     pub exe: PathBuf,
     pub compression: Compression,
-    pub network: RunNetwork,
+    pub isolation: Isolation,
     pub platform: Platform,
 }
 

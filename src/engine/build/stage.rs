@@ -940,10 +940,18 @@ impl<'a> StageRunner<'a> {
             .working_dir
             .clone()
             .unwrap_or_else(|| "/".into());
+        let isolation = &self.engine.config().isolation;
         let network = match run.network.as_deref() {
-            None | Some("default") => self.engine.config().network,
+            None | Some("default") => isolation.network,
             Some("none") => RunNetwork::None,
-            Some("host") => RunNetwork::Host,
+            Some("host") if isolation.allow_host_network => RunNetwork::Host,
+            Some("host") => {
+                return Err(EngineError::at(
+                    line,
+                    "RUN --network=host: host networking is not allowed on this Kiln \
+                     (the operator can set engine.allow_host_network = true)",
+                ))
+            }
             Some(other) => {
                 return Err(EngineError::at(
                     line,
@@ -1027,11 +1035,23 @@ impl<'a> StageRunner<'a> {
             user,
             hostname: "kiln".into(),
             network: match network {
+                RunNetwork::Sandbox => sandbox::Network::Sandbox {
+                    slirp4netns: isolation.slirp4netns.clone(),
+                },
                 RunNetwork::Host => sandbox::Network::Host,
                 RunNetwork::None => sandbox::Network::None,
             },
             cache_mounts: mounts,
-            resolv_conf: Some(PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists()),
+            resolv_conf: match network {
+                // The host's resolver may sit on its loopback, out of the sandbox's reach:
+                // slirp4netns forwards DNS for the step.
+                RunNetwork::Sandbox => Some(write_sandbox_resolv_conf(&dir)?),
+                RunNetwork::Host | RunNetwork::None => {
+                    Some(PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists())
+                }
+            },
+            ids: isolation.ids,
+            cgroup_procs: Vec::new(),
         };
         let (tx, mut rx) = mpsc::channel::<Bytes>(64);
         let log = self.log.clone();
@@ -1248,4 +1268,20 @@ fn context_inputs_digest(context: &Path, ignore: &str, sources: &[String]) -> Re
 /// A canonical, human-readable form of an instruction (logs, history, ONBUILD triggers).
 pub fn describe(instr: &Instruction) -> String {
     dockerfile::display_instruction(instr)
+}
+
+/// A `resolv.conf` for a step on the sandbox network: slirp4netns' DNS forwarder, with the
+/// host's `search` and `options` lines.
+fn write_sandbox_resolv_conf(step_dir: &Path) -> Result<PathBuf, EngineError> {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut text = format!("nameserver {}\n", sandbox::network::SLIRP_DNS);
+    for line in host.lines() {
+        if line.starts_with("search ") || line.starts_with("options ") {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    let path = step_dir.join("resolv.conf");
+    std::fs::write(&path, text).map_err(EngineError::io("writing the step's resolv.conf"))?;
+    Ok(path)
 }

@@ -42,8 +42,10 @@ use nix::{
 };
 
 use super::{
-    spec::{FailureKind, LaunchRequest, Report},
+    network,
+    spec::{FailureKind, LaunchRequest, Network, Report},
     user::UserError,
+    userns,
 };
 
 /// The exit code of the launcher when the sandbox could not be set up (Docker's 125).
@@ -73,6 +75,18 @@ pub(crate) enum ChildError {
     },
     #[error("bringing up the loopback interface")]
     Loopback(#[source] io::Error),
+    #[error("{message}")]
+    Egress { message: String },
+    #[error("moving the sandbox into its cgroup {path:?}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("entering the sandbox's user namespace")]
+    EnterUserNamespace(#[source] Errno),
+    #[error("installing the seccomp filter: {0}")]
+    Seccomp(String),
     #[error("setting the host name to {hostname:?}")]
     Hostname {
         hostname: String,
@@ -294,6 +308,28 @@ fn launch(channel: &ReportChannel) -> Result<i32, ChildError> {
     if threads != 1 {
         return Err(ChildError::NotSingleThreaded(threads));
     }
+    let spec = &request.spec;
+    let namespaces = UserNamespaces {
+        command: userns::create(&spec.ids.command_map())?,
+        mounts: userns::create(&spec.ids.mount_map())?,
+    };
+    // Before the cgroup: slirp4netns serves the step but must not count against its
+    // limits (an out-of-memory step would take its network down first).
+    let _egress = match &spec.network {
+        Network::Sandbox { slirp4netns } => Some(network::isolate_with_egress(slirp4netns)?),
+        Network::None => {
+            network::isolate()?;
+            None
+        }
+        Network::Host => None,
+    };
+    for procs in &spec.cgroup_procs {
+        // "0" is the writer itself; the init and everything it starts inherit the cgroup.
+        std::fs::write(procs, "0").map_err(|source| ChildError::Cgroup {
+            path: procs.clone(),
+            source,
+        })?;
+    }
     unshare(CloneFlags::CLONE_NEWPID).map_err(|source| ChildError::Namespace {
         what: "PID namespace",
         source,
@@ -311,7 +347,7 @@ fn launch(channel: &ReportChannel) -> Result<i32, ChildError> {
     })? {
         ForkResult::Child => {
             drop(lifeline_write);
-            super::init::main(request, channel, lifeline_read)
+            super::init::main(request, channel, lifeline_read, namespaces)
         }
         ForkResult::Parent { child } => {
             drop(lifeline_read);
@@ -320,6 +356,15 @@ fn launch(channel: &ReportChannel) -> Result<i32, ChildError> {
             code
         }
     }
+}
+
+/// The sandbox's two user namespaces (see [`userns`]).
+#[derive(Debug)]
+pub(crate) struct UserNamespaces {
+    /// The command's: exactly the id range.
+    pub command: OwnedFd,
+    /// The idmapped mounts': the range plus host root for overlayfs' own files.
+    pub mounts: OwnedFd,
 }
 
 /// Waits for the init; kills it when the parent closes the report channel.

@@ -5,9 +5,11 @@
 //! - signal dispositions back to their defaults and no blocked signals (the launcher is a
 //!   Rust program, which ignores `SIGPIPE`; ignored signals survive `execve`, and `yes | head`
 //!   would print errors instead of ending quietly), umask 022, stdin `/dev/null`;
-//! - the capability bounding set cut to Docker's default set, so that root in a RUN can
-//!   `chown` and `mknod` (into `nodev` mounts) but not mount, load modules or change the
-//!   clock;
+//! - the command's user namespace entered (see [`super::userns`]): from here on the
+//!   process is host root no more, and its capabilities are the namespace's only;
+//! - the capability bounding set cut to Docker's default set without `CAP_NET_RAW`, so that
+//!   root in a RUN can `chown` but not mount, load modules, change the clock or open raw
+//!   sockets;
 //! - supplementary groups, gid, uid (in that order), so a non-root user loses every
 //!   capability;
 //! - the working directory, which must exist;
@@ -20,7 +22,10 @@
 
 use std::{
     ffi::CString,
-    os::unix::fs::PermissionsExt as _,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::fs::PermissionsExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -46,8 +51,9 @@ const EXIT_EXEC_FAILED: i32 = 127;
 /// Docker's `PATH` for an image that sets none.
 pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Docker's default capabilities; every other one leaves the bounding set.
-const KEPT_CAPABILITIES: [u32; 14] = [
+/// Docker's default capabilities without `CAP_NET_RAW` (raw sockets serve ping and packet
+/// capture, nothing a build needs); every other one leaves the bounding set.
+const KEPT_CAPABILITIES: [u32; 13] = [
     0,  // CAP_CHOWN
     1,  // CAP_DAC_OVERRIDE
     3,  // CAP_FOWNER
@@ -57,7 +63,6 @@ const KEPT_CAPABILITIES: [u32; 14] = [
     7,  // CAP_SETUID
     8,  // CAP_SETPCAP
     10, // CAP_NET_BIND_SERVICE
-    13, // CAP_NET_RAW
     18, // CAP_SYS_CHROOT
     27, // CAP_MKNOD
     29, // CAP_AUDIT_WRITE
@@ -65,16 +70,16 @@ const KEPT_CAPABILITIES: [u32; 14] = [
 ];
 
 /// Becomes the command; never returns.
-pub(crate) fn main(spec: &RunSpec, user: &ExecUser, channel: &ReportChannel) -> ! {
-    let error = run(spec, user);
+pub(crate) fn main(spec: &RunSpec, user: &ExecUser, channel: &ReportChannel, userns: &OwnedFd) -> ! {
+    let error = run(spec, user, userns);
     channel.fail(&error);
     // SAFETY: `_exit` ends this forked copy without running exit handlers.
     unsafe { libc::_exit(EXIT_EXEC_FAILED) }
 }
 
 /// Everything up to `execve`; returns only on failure.
-fn run(spec: &RunSpec, user: &ExecUser) -> ChildError {
-    match prepare(spec, user) {
+fn run(spec: &RunSpec, user: &ExecUser, userns: &OwnedFd) -> ChildError {
+    match prepare(spec, user, userns) {
         Ok(()) => {}
         Err(e) => return e,
     }
@@ -85,7 +90,7 @@ fn run(spec: &RunSpec, user: &ExecUser) -> ChildError {
     exec(&path, spec)
 }
 
-fn prepare(spec: &RunSpec, user: &ExecUser) -> Result<(), ChildError> {
+fn prepare(spec: &RunSpec, user: &ExecUser, userns: &OwnedFd) -> Result<(), ChildError> {
     for sig in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
         // SAFETY: installing the default disposition runs no code in this process.
         let _ = unsafe { signal(sig, SigHandler::SigDfl) };
@@ -95,6 +100,9 @@ fn prepare(spec: &RunSpec, user: &ExecUser) -> Result<(), ChildError> {
     if let Ok(null) = open("/dev/null", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()) {
         let _ = dup2_stdin(&null);
     }
+    // SAFETY: a plain system call on a descriptor this process owns.
+    let entered = unsafe { libc::setns(userns.as_raw_fd(), libc::CLONE_NEWUSER) };
+    Errno::result(entered).map_err(ChildError::EnterUserNamespace)?;
     drop_capabilities()?;
 
     let credentials = |what: &'static str| {

@@ -6,18 +6,20 @@
 //! 1. asks for `SIGKILL` when the launcher dies, and checks the lifeline pipe in case the
 //!    launcher died before that; makes itself non-dumpable, so that the command cannot
 //!    ptrace it (the init keeps every capability);
-//! 2. unshares the mount, UTS and IPC namespaces (and the network namespace for
-//!    [`Network::None`], bringing `lo` up), makes every mount private so nothing propagates
+//! 2. unshares the mount, UTS and IPC namespaces (the launcher already gave it its network
+//!    namespace, see [`super::network`]), makes every mount private so nothing propagates
 //!    to the host, and sets the host name. The launcher stays in the host's mount namespace,
 //!    untouched by `pivot_root`;
-//! 3. opens the host objects it needs ([`HostFds`]) and mounts the overlay (`nodev`) on the
-//!    directory the parent prepared;
+//! 3. opens the host objects it needs ([`HostFds`]: the layers, the upper directory and the
+//!    cache mounts as idmapped trees, see [`super::userns`]) and mounts the overlay
+//!    (`nodev`) on the directory the parent prepared;
 //! 4. `pivot_root`s into it and detaches the old root, so no host path is reachable (a
 //!    `chroot` after moving the overlay onto `/` is the documented fallback for hosts where
 //!    `pivot_root` is refused, such as an initramfs root);
 //! 5. mounts `/proc`, `/dev`, `/sys`, resolv.conf and the cache mounts inside ([`Mounts`]),
 //!    and resolves the step's user with the image's `/etc/passwd` and `/etc/group`;
-//! 6. forks the command (see [`super::exec`]) and acts as a minimal init: it reaps every
+//! 6. forks the command (see [`super::exec`]), which enters the command's user namespace,
+//!    and acts as a minimal init: it reaps every
 //!    process that ends up as its child until the command itself exits, then kills whatever
 //!    is left in the namespace (as when a container's PID 1 exits), reaps it, removes the
 //!    mount stubs so they are not part of the diff, and exits with the command's code.
@@ -26,8 +28,8 @@
 //! it, so nothing is ever left mounted on the host.
 
 use std::{
-    io, mem,
-    os::fd::{AsFd, FromRawFd, OwnedFd},
+    io,
+    os::fd::{AsFd, OwnedFd},
     path::Path,
 };
 
@@ -46,16 +48,21 @@ use nix::{
 };
 
 use super::{
-    child::{poll, pollfd, ChildError, ReportChannel, EXIT_SETUP_FAILED},
+    child::{poll, pollfd, ChildError, ReportChannel, UserNamespaces, EXIT_SETUP_FAILED},
     exec,
     mounts::{plan, HostFds, Mounts},
-    spec::{LaunchRequest, Network, Report, RunSpec},
+    spec::{LaunchRequest, Report, RunSpec},
     user::{self, ExecUser},
 };
 
 /// Runs the sandbox's init; never returns.
-pub(crate) fn main(request: LaunchRequest, channel: &ReportChannel, lifeline: OwnedFd) -> ! {
-    let code = match run(&request, channel, lifeline) {
+pub(crate) fn main(
+    request: LaunchRequest,
+    channel: &ReportChannel,
+    lifeline: OwnedFd,
+    namespaces: UserNamespaces,
+) -> ! {
+    let code = match run(&request, channel, lifeline, namespaces) {
         Ok(code) => code,
         Err(e) => {
             channel.fail(&e);
@@ -66,7 +73,12 @@ pub(crate) fn main(request: LaunchRequest, channel: &ReportChannel, lifeline: Ow
     unsafe { libc::_exit(code) }
 }
 
-fn run(request: &LaunchRequest, channel: &ReportChannel, lifeline: OwnedFd) -> Result<i32, ChildError> {
+fn run(
+    request: &LaunchRequest,
+    channel: &ReportChannel,
+    lifeline: OwnedFd,
+    namespaces: UserNamespaces,
+) -> Result<i32, ChildError> {
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(|source| ChildError::Process {
         what: "asking for a parent-death signal",
         source,
@@ -89,14 +101,12 @@ fn run(request: &LaunchRequest, channel: &ReportChannel, lifeline: OwnedFd) -> R
     umask(Mode::from_bits_truncate(0o022));
 
     let spec = &request.spec;
-    let mut namespaces = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
-    if spec.network == Network::None {
-        namespaces |= CloneFlags::CLONE_NEWNET;
-    }
-    unshare(namespaces).map_err(|source| ChildError::Namespace {
-        what: "mount, UTS, IPC (and network) namespaces",
-        source,
-    })?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC).map_err(
+        |source| ChildError::Namespace {
+            what: "mount, UTS and IPC namespaces",
+            source,
+        },
+    )?;
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(|source| {
         ChildError::Mount {
@@ -105,20 +115,22 @@ fn run(request: &LaunchRequest, channel: &ReportChannel, lifeline: OwnedFd) -> R
             source,
         }
     })?;
-    if spec.network == Network::None {
-        loopback_up().map_err(ChildError::Loopback)?;
-    }
     sethostname(&spec.hostname).map_err(|source| ChildError::Hostname {
         hostname: spec.hostname.clone(),
         source,
     })?;
 
-    let host = HostFds::open(request)?;
+    let UserNamespaces {
+        command: command_ns,
+        mounts: mounts_ns,
+    } = namespaces;
+    let host = HostFds::open(request, &mounts_ns)?;
+    drop(mounts_ns);
     mount_overlay(&request.rootfs, &host)?;
     enter_root(&request.rootfs)?;
 
-    let mut mounts = Mounts::default();
-    let result = prepare_and_run(spec, host, &mut mounts, channel);
+    let mut mounts = Mounts::new(spec.ids);
+    let result = prepare_and_run(spec, host, &mut mounts, channel, &command_ns);
     let cleaned = mounts.clean_up();
     if cleaned.is_ok() {
         let dirs = mounts.take_copied_up();
@@ -137,6 +149,7 @@ fn prepare_and_run(
     host: HostFds,
     mounts: &mut Mounts,
     channel: &ReportChannel,
+    command_ns: &OwnedFd,
 ) -> Result<i32, ChildError> {
     mounts.apply(&plan(spec), &host)?;
     drop(host);
@@ -146,35 +159,9 @@ fn prepare_and_run(
         what: "forking the command",
         source,
     })? {
-        ForkResult::Child => exec::main(spec, &user, channel),
+        ForkResult::Child => exec::main(spec, &user, channel, command_ns),
         ForkResult::Parent { child } => Ok(reap(child)),
     }
-}
-
-/// Brings up `lo` in a new network namespace (`SIOCSIFFLAGS`, as `ip link set lo up`).
-fn loopback_up() -> io::Result<()> {
-    // SAFETY: plain system calls on a socket this function owns and a zeroed `ifreq` whose
-    // name is NUL-terminated.
-    unsafe {
-        let raw = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let socket = OwnedFd::from_raw_fd(raw);
-        let mut request: libc::ifreq = mem::zeroed();
-        for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
-        }
-        if libc::ioctl(raw, libc::SIOCGIFFLAGS as _, &mut request) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(raw, libc::SIOCSIFFLAGS as _, &request) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        drop(socket);
-    }
-    Ok(())
 }
 
 /// Mounts the overlay on `rootfs`, with the current directory at `/proc/self/fd` so that
@@ -191,6 +178,8 @@ fn mount_overlay(rootfs: &Path, host: &HostFds) -> Result<(), ChildError> {
         Some("overlay"),
         rootfs,
         Some("overlay"),
+        // Not `nosuid`: a setuid binary of the image (sudo) gains only the sandbox's own
+        // unprivileged root, as in rootless BuildKit; `engine.no_new_privileges` forbids even that.
         MsFlags::MS_NODEV,
         Some(data.as_str()),
     );

@@ -11,12 +11,15 @@
 //! engine (tokio, many threads)          run(): spawns `kiln __sandbox`, streams its output,
 //!   │  fd 0: report channel (socket)    reads the reports, cancels by closing the channel
 //!   │  fd 1+2: one output pipe
-//!   └─ launcher  `kiln __sandbox`       child.rs: single-threaded; unshares a PID namespace,
-//!        │                              forks, waits; kills the namespace when the parent
-//!        │                              goes away
-//!        └─ init (PID 1)                init.rs: mount/UTS/IPC(/net) namespaces, overlay,
-//!             │                         pivot_root, /proc /dev /sys, reaps, cleans up
-//!             └─ command (PID 2)        exec.rs: capabilities, user, cwd, execve
+//!   └─ launcher  `kiln __sandbox`       child.rs: single-threaded; creates the user
+//!        │                              namespaces (userns.rs) and the network namespace
+//!        │                              (network.rs, with slirp4netns beside it), joins the
+//!        │                              build's cgroup, unshares a PID namespace, forks,
+//!        │                              waits; kills the namespace when the parent goes away
+//!        └─ init (PID 1)                init.rs: mount/UTS/IPC namespaces, idmapped layers,
+//!             │                         overlay, pivot_root, /proc /dev /sys, reaps, cleans up
+//!             └─ command (PID 2)        exec.rs: user namespace, capabilities, user, cwd,
+//!                                       seccomp, execve
 //! ```
 //!
 //! Why a re-executed binary: forking a multi-threaded tokio process and then unsharing and
@@ -27,6 +30,10 @@
 //!
 //! # Guarantees
 //!
+//! - The command is never host root: it runs in a user namespace mapped to an unprivileged
+//!   id range, with Docker's capabilities minus `CAP_NET_RAW` (all of them namespaced),
+//!   Docker's default seccomp profile, in its own network namespace (no host loopback) and
+//!   in the build's cgroup. The threat model is in `docs/config.md`.
 //! - Nothing is mounted on the host: every mount lives in the init's mount namespace, which
 //!   dies with the last process in it.
 //! - No process outlives the step: when the command exits, the init kills the rest of the
@@ -48,8 +55,10 @@ mod child;
 mod exec;
 mod init;
 mod mounts;
+pub mod network;
 pub mod spec;
 mod user;
+pub mod userns;
 
 use std::{
     io,
@@ -70,6 +79,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use child::child_main;
 pub use spec::{BindMount, Network, RunSpec, SpecError};
+pub use userns::IdRange;
 
 use spec::{CopiedUpDir, FailureKind, LaunchRequest, Report};
 

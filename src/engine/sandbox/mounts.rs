@@ -26,8 +26,9 @@
 //!   empty, not opaque and as they were (BuildKit leaves them in).
 //!
 //! Device safety without a device cgroup: the overlay root, `/dev` itself, `/dev/shm` and the
-//! cache mounts are `nodev`, so a device node that comes in a layer or that a RUN creates
-//! (`CAP_MKNOD` is kept, as in Docker) cannot be opened. The usable nodes in `/dev` are bind
+//! cache mounts are `nodev`, so a device node that comes in a layer cannot be opened (and
+//! the command's root, namespaced, cannot create one). Everything but the overlay root is
+//! also `nosuid`. The usable nodes in `/dev` are bind
 //! mounts of the host's `null`, `zero`, `full`, `random`, `urandom` and `tty`, whose mounts
 //! keep the host's flags.
 
@@ -54,6 +55,7 @@ use nix::{
 use super::{
     child::ChildError,
     spec::{CopiedUpDir, LaunchRequest, RunSpec},
+    userns::{idmapped_tree, IdRange},
 };
 
 /// The kernel copies at most one page of mount data, including the final NUL.
@@ -96,14 +98,15 @@ const DEV_SYMLINKS: [(&str, &str); 5] = [
     ("/dev/ptmx", "pts/ptmx"),
 ];
 
-/// The overlay mount data for layers and directories named by descriptor numbers, top layer
-/// first. The mount must be made with the current directory at `/proc/self/fd`.
+/// The overlay mount data for layers named by descriptor numbers, top layer first, and the
+/// upper and work directories named relative to a descriptor (`8/upper`). The mount must be
+/// made with the current directory at `/proc/self/fd`.
 ///
 /// `index`, `redirect_dir` and `metacopy` are off whatever the kernel's defaults: with
 /// `metacopy` a metadata change would copy up only metadata (the upper directory would not be
 /// a complete diff), and with `redirect_dir` renaming a lower directory would record a
 /// redirect xattr instead of a new directory plus a whiteout.
-pub(crate) fn overlay_options(lower: &[RawFd], upper: RawFd, work: RawFd) -> Result<String, ChildError> {
+pub(crate) fn overlay_options(lower: &[RawFd], upper: &str, work: &str) -> Result<String, ChildError> {
     let lower: Vec<String> = lower.iter().map(RawFd::to_string).collect();
     let data = format!(
         "lowerdir={},upperdir={upper},workdir={work},index=off,redirect_dir=off,metacopy=off",
@@ -234,7 +237,7 @@ pub(crate) fn plan(spec: &RunSpec) -> Vec<Step> {
         });
     }
     for (i, cache) in spec.cache_mounts.iter().enumerate() {
-        let mut flags = MsFlags::MS_NODEV;
+        let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
         if cache.read_only {
             flags |= MsFlags::MS_RDONLY;
         }
@@ -309,32 +312,54 @@ fn move_mount(tree: &OwnedFd, target: &Path) -> Result<(), Errno> {
 }
 
 /// Every host file and directory the sandbox needs, opened while the host is still visible:
-/// the overlay's directories as `O_PATH` descriptors, what is bind-mounted as detached
-/// mount trees.
+/// the overlay's layers and the cache directories as idmapped detached trees (see
+/// [`super::userns`]), the other bind-mounted objects as plain detached trees.
 #[derive(Debug)]
 pub(crate) struct HostFds {
     lowers: Vec<OwnedFd>,
+    /// The idmapped tree of the directory holding the upper and work directories.
+    overlay_dirs: OwnedFd,
+    upper_name: String,
+    work_name: String,
+    /// The upper directory itself, unmapped, to record what overlayfs copies up with the
+    /// ids on disk.
     upper: OwnedFd,
-    work: OwnedFd,
     caches: Vec<OwnedFd>,
     resolv_conf: Option<OwnedFd>,
     devices: Vec<(&'static str, OwnedFd)>,
 }
 
 impl HostFds {
-    /// Must run inside the sandbox's (private) mount namespace, before `pivot_root`.
-    pub(crate) fn open(request: &LaunchRequest) -> Result<Self, ChildError> {
+    /// Must run inside the sandbox's (private) mount namespace, before `pivot_root`;
+    /// `userns` is the namespace whose mapping the idmapped trees get.
+    pub(crate) fn open(request: &LaunchRequest, userns: &OwnedFd) -> Result<Self, ChildError> {
         let spec = &request.spec;
         let lowers = request
             .lower_dirs()
             .into_iter()
-            .map(|dir| open_path("lower layer directory", dir))
+            .map(|dir| idmapped_tree("lower layer directory", dir, userns))
             .collect::<Result<_, _>>()?;
         let caches = spec
             .cache_mounts
             .iter()
-            .map(|m| open_tree("cache directory", &m.host_dir, true))
+            .map(|m| idmapped_tree("cache directory", &m.host_dir, userns))
             .collect::<Result<_, _>>()?;
+        let name = |what: &'static str, path: &Path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| !n.contains([',', ':', '\\']))
+                .map(str::to_owned)
+                .ok_or_else(|| ChildError::OpenHost {
+                    what,
+                    path: path.to_owned(),
+                    source: Errno::EINVAL,
+                })
+        };
+        let upper_name = name("upper directory", &spec.upper_dir)?;
+        let work_name = name("work directory", &spec.work_dir)?;
+        // `RunSpec::validate` made them siblings.
+        let parent = spec.upper_dir.parent().unwrap_or(Path::new("/"));
+        let overlay_dirs = idmapped_tree("overlay directory", parent, userns)?;
         let resolv_conf = match &spec.resolv_conf {
             Some(path) => Some(open_tree("resolv.conf file", path, false)?),
             None => None,
@@ -349,8 +374,10 @@ impl HostFds {
             .collect();
         Ok(Self {
             lowers,
+            overlay_dirs,
+            upper_name,
+            work_name,
             upper: open_path("upper directory", &spec.upper_dir)?,
-            work: open_path("work directory", &spec.work_dir)?,
             caches,
             resolv_conf,
             devices,
@@ -360,7 +387,12 @@ impl HostFds {
     /// The overlay mount data for these descriptors (see [`overlay_options`]).
     pub(crate) fn overlay_options(&self) -> Result<String, ChildError> {
         let lowers: Vec<RawFd> = self.lowers.iter().map(AsRawFd::as_raw_fd).collect();
-        overlay_options(&lowers, self.upper.as_raw_fd(), self.work.as_raw_fd())
+        let dirs = self.overlay_dirs.as_raw_fd();
+        overlay_options(
+            &lowers,
+            &format!("{dirs}/{}", self.upper_name),
+            &format!("{dirs}/{}", self.work_name),
+        )
     }
 
     /// The upper directory, to tell what overlayfs copies up.
@@ -393,8 +425,10 @@ struct Stub {
 }
 
 /// The mounts made inside the sandbox and the stubs created for them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Mounts {
+    /// To turn the ids the init sees through the idmapped layers back into those on disk.
+    ids: IdRange,
     mounted: Vec<PathBuf>,
     stubs: Vec<Stub>,
     /// Directories of the image that creating a stub copied up (see [`CopiedUpDir`]).
@@ -411,6 +445,15 @@ fn mount_err(what: impl Into<String>, target: &Path) -> impl FnOnce(Errno) -> Ch
 }
 
 impl Mounts {
+    pub(crate) fn new(ids: IdRange) -> Self {
+        Self {
+            ids,
+            mounted: Vec::new(),
+            stubs: Vec::new(),
+            copied_up: Vec::new(),
+        }
+    }
+
     /// Carries out `steps`, in the sandbox's root.
     pub(crate) fn apply(&mut self, steps: &[Step], host: &HostFds) -> Result<(), ChildError> {
         for step in steps {
@@ -616,8 +659,8 @@ impl Mounts {
             self.copied_up.push(CopiedUpDir {
                 path: ancestor.to_owned(),
                 mode: meta.mode(),
-                uid: meta.uid(),
-                gid: meta.gid(),
+                uid: self.ids.to_disk(meta.uid()),
+                gid: self.ids.to_disk(meta.gid()),
                 mtime: meta.mtime(),
                 mtime_nsec: meta.mtime_nsec(),
             });
@@ -705,18 +748,18 @@ mod tests {
     #[test]
     fn overlay_options_name_layers_by_descriptor_top_first_with_copy_up_features_off() {
         assert_eq!(
-            overlay_options(&[7, 5, 6], 8, 9).unwrap(),
-            "lowerdir=7:5:6,upperdir=8,workdir=9,index=off,redirect_dir=off,metacopy=off"
+            overlay_options(&[7, 5, 6], "8/upper", "8/work").unwrap(),
+            "lowerdir=7:5:6,upperdir=8/upper,workdir=8/work,index=off,redirect_dir=off,metacopy=off"
         );
     }
 
     #[test]
     fn overlay_options_fit_in_a_page_for_the_most_layers_overlayfs_takes() {
         let fds: Vec<RawFd> = (1000..1500).collect();
-        assert!(overlay_options(&fds, 1500, 1501).unwrap().len() <= MOUNT_DATA_MAX);
+        assert!(overlay_options(&fds, "1500/upper", "1500/work").unwrap().len() <= MOUNT_DATA_MAX);
         let too_many: Vec<RawFd> = (100_000..101_000).collect();
         assert!(matches!(
-            overlay_options(&too_many, 1, 2),
+            overlay_options(&too_many, "1/upper", "1/work"),
             Err(ChildError::OverlayOptionsTooLong { .. })
         ));
     }
@@ -800,7 +843,7 @@ mod tests {
             Step::Mount {
                 target: "/root/.cache/go-build".into(),
                 source: Source::Host(HostRef::Cache(0)),
-                flags: MsFlags::MS_NODEV,
+                flags: MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
                 create: Create::Dir,
             }
         );
@@ -808,7 +851,10 @@ mod tests {
             unreachable!()
         };
         assert_eq!(*source, Source::Host(HostRef::Cache(1)));
-        assert_eq!(*flags, MsFlags::MS_NODEV | MsFlags::MS_RDONLY);
+        assert_eq!(
+            *flags,
+            MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_RDONLY
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::userns::IdRange;
+
 /// Everything the sandbox needs to run one RUN step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {
@@ -25,7 +27,8 @@ pub struct RunSpec {
     /// overlayfs writes it (whiteouts as 0:0 character devices, opaque directories marked
     /// with the `trusted.overlay.opaque=y` xattr).
     pub upper_dir: PathBuf,
-    /// The overlay's work directory: empty, on the same file system as `upper_dir`.
+    /// The overlay's work directory: empty, a sibling of `upper_dir` (the two are mounted
+    /// as one idmapped tree, and overlayfs wants them on one mount).
     pub work_dir: PathBuf,
     /// The command, already decided by the engine (shell form is `["/bin/sh", "-c", cmd]`).
     /// `argv[0]` is looked up in the `PATH` of `env` when it has no `/`.
@@ -42,6 +45,11 @@ pub struct RunSpec {
     pub hostname: String,
     /// Which network the command gets.
     pub network: Network,
+    /// The host ids the sandbox's ids stand for (its root is `ids.first` on the host).
+    pub ids: IdRange,
+    /// `cgroup.procs` files the launcher moves itself into before anything else starts, so
+    /// that every process of the step counts against the build's limits.
+    pub cgroup_procs: Vec<PathBuf>,
     /// `RUN --mount=type=cache` directories: bind-mounted, never part of the diff.
     pub cache_mounts: Vec<BindMount>,
     /// A host file bind-mounted read-only over `/etc/resolv.conf` (usually the host's own).
@@ -49,11 +57,15 @@ pub struct RunSpec {
     pub resolv_conf: Option<PathBuf>,
 }
 
-/// The network of a RUN step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The network of a RUN step (see [`super::network`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
-    /// The host's network namespace (Docker's `--network=host`, the default of builds).
+    /// A network namespace of its own, with user-mode egress through `slirp4netns` (the
+    /// binary named here) and no access to the host's loopback.
+    Sandbox { slirp4netns: PathBuf },
+    /// The host's network namespace (Docker's `--network=host`); only when the operator
+    /// allows it.
     Host,
     /// A new, empty network namespace with only the loopback interface, up.
     None,
@@ -96,6 +108,10 @@ pub enum SpecError {
     RelativeHostPath { what: &'static str, path: PathBuf },
     #[error("too many lower layers: {count} (overlayfs stacks at most {max})")]
     TooManyLayers { count: usize, max: usize },
+    #[error("the upper directory {upper:?} and the work directory {work:?} are not siblings")]
+    OverlayDirsApart { upper: PathBuf, work: PathBuf },
+    #[error("the sandbox's id range is unusable: {0}")]
+    BadIdRange(String),
 }
 
 /// The most lower layers overlayfs accepts (the kernel's `OVL_MAX_STACK`).
@@ -152,7 +168,12 @@ impl RunSpec {
                     .iter()
                     .map(|m| ("cache directory", m.host_dir.as_path())),
             )
-            .chain(self.resolv_conf.iter().map(|p| ("resolv.conf file", p.as_path())));
+            .chain(self.resolv_conf.iter().map(|p| ("resolv.conf file", p.as_path())))
+            .chain(
+                self.cgroup_procs
+                    .iter()
+                    .map(|p| ("cgroup.procs file", p.as_path())),
+            );
         for (what, path) in host_paths {
             if !path.is_absolute() {
                 return Err(SpecError::RelativeHostPath {
@@ -161,6 +182,13 @@ impl RunSpec {
                 });
             }
         }
+        if self.upper_dir.parent() != self.work_dir.parent() || self.upper_dir == self.work_dir {
+            return Err(SpecError::OverlayDirsApart {
+                upper: self.upper_dir.clone(),
+                work: self.work_dir.clone(),
+            });
+        }
+        self.ids.check().map_err(SpecError::BadIdRange)?;
         for mount in &self.cache_mounts {
             if !mount.target.is_absolute() {
                 return Err(SpecError::RelativeCacheTarget {
@@ -276,6 +304,8 @@ pub(crate) mod tests {
                 read_only: false,
             }],
             resolv_conf: Some("/etc/resolv.conf".into()),
+            ids: IdRange::DEFAULT,
+            cgroup_procs: Vec::new(),
         }
     }
 
@@ -334,6 +364,13 @@ pub(crate) mod tests {
             SpecError::RelativeHostPath {
                 what: "upper directory",
                 path: "upper".into(),
+            },
+        );
+        check(
+            |s| s.work_dir = "/elsewhere/work".into(),
+            SpecError::OverlayDirsApart {
+                upper: "/steps/1/upper".into(),
+                work: "/elsewhere/work".into(),
             },
         );
         check(

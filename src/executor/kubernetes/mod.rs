@@ -35,7 +35,7 @@ use crate::{
     actors::PreparedContext,
     config::{EngineSettings, KubernetesConfig, LayerCompressionSetting},
     engine::{
-        build::{BuildInput, RunNetwork},
+        build::BuildInput,
         context::{ContextStore, GitSource, GitTarget},
     },
     model::{BuildId, BuildKey, ContextSource},
@@ -414,14 +414,10 @@ impl KubernetesBuilder {
         if let Some(level) = engine.compression_level {
             flag("compression-level", level.to_string());
         }
-        flag(
-            "network",
-            match engine.network {
-                RunNetwork::Host => "host",
-                RunNetwork::None => "none",
-            }
-            .into(),
-        );
+        flag("network", engine.network.as_str().into());
+        flag("id-range", engine.id_range.clone());
+        flag("allow-host-network", engine.allow_host_network.to_string());
+        flag("no-new-privileges", engine.no_new_privileges.to_string());
         flag(
             "pull-secret",
             format!("{}/{}", pod::CREDENTIALS_DIR, pod::DOCKER_CONFIG_KEY),
