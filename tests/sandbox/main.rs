@@ -831,3 +831,62 @@ async fn a_read_only_bind_inside_dev_can_hold_an_executable_script() {
     assert_eq!(run_ok(&spec).await, "from-heredoc arg\n");
     assert_eq!(fx.upper_entries(), set(&[]));
 }
+
+/// The host's address on its default route (not loopback): what a step's egress reaches.
+fn host_address() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    // No packet is sent: connecting a UDP socket only picks the route and source address.
+    probe
+        .connect("192.0.2.1:9")
+        .expect("the sandbox network test needs a non-loopback IPv4 route");
+    probe.local_addr().unwrap().ip()
+}
+
+#[tokio::test]
+async fn the_sandbox_network_has_egress_but_not_the_host_s_loopback() {
+    if !is_root() {
+        return;
+    }
+    let fx = Fixture::new();
+    let on_loopback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    on_loopback.set_nonblocking(true).unwrap();
+    let on_host = std::net::TcpListener::bind((host_address(), 0)).unwrap();
+    let (lo_port, host) = (
+        on_loopback.local_addr().unwrap().port(),
+        on_host.local_addr().unwrap(),
+    );
+    let accept = std::thread::spawn(move || on_host.accept().map(|_| ()).is_ok());
+    let script = format!(
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ' '; echo; \
+         for a in 127.0.0.1 10.0.2.2 {lo}; do nc -w 3 $a {lo_port} </dev/null && echo reached $a || echo refused $a; done; \
+         echo | nc -w 3 {ip} {port} && echo egress",
+        lo = host_address(),
+        ip = host.ip(),
+        port = host.port(),
+    );
+    let mut spec = fx.spec(&script);
+    spec.network = Network::Sandbox {
+        slirp4netns: "slirp4netns".into(),
+    };
+    let output = run_ok(&spec).await;
+    assert!(output.starts_with("lo tap0 \n"), "only lo and slirp4netns' tap0: {output}");
+    for address in ["127.0.0.1".to_string(), "10.0.2.2".into(), host_address().to_string()] {
+        assert!(
+            output.contains(&format!("refused {address}\n")),
+            "the host's loopback port must not be reachable through {address}: {output}"
+        );
+    }
+    assert!(output.ends_with("egress\n"), "{output}");
+    assert!(accept.join().unwrap(), "the host listener saw the step's connection");
+    assert!(
+        on_loopback.accept().is_err(),
+        "nothing may have connected to the host's loopback"
+    );
+    // slirp4netns ends with the step (no other test of this binary starts one).
+    let slirps: Vec<u32> = fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"slirp4netns\0")))
+        .collect();
+    assert!(slirps.is_empty(), "slirp4netns outlived its step: {slirps:?}");
+}
