@@ -140,6 +140,7 @@ impl Fixture {
             resolv_conf: None,
             ids: IdRange::DEFAULT,
             cgroup_procs: Vec::new(),
+            no_new_privileges: false,
         }
     }
 

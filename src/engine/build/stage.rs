@@ -1052,6 +1052,7 @@ impl<'a> StageRunner<'a> {
             },
             ids: isolation.ids,
             cgroup_procs: Vec::new(),
+            no_new_privileges: isolation.no_new_privileges,
         };
         let (tx, mut rx) = mpsc::channel::<Bytes>(64);
         let log = self.log.clone();

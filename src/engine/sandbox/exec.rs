@@ -124,6 +124,14 @@ fn prepare(spec: &RunSpec, user: &ExecUser, userns: &OwnedFd) -> Result<(), Chil
     setgroups(&groups).map_err(credentials("setgroups"))?;
     setgid(Gid::from_raw(user.gid)).map_err(credentials("setgid"))?;
     setuid(Uid::from_raw(user.uid)).map_err(credentials("setuid"))?;
+    if spec.no_new_privileges {
+        // SAFETY: a plain prctl on integers.
+        let res = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        Errno::result(res).map_err(|source| ChildError::Process {
+            what: "setting no_new_privs",
+            source,
+        })?;
+    }
 
     chdir(spec.cwd.as_str()).map_err(|source| match source {
         Errno::ENOENT => ChildError::CwdMissing {

@@ -306,6 +306,7 @@ pub(crate) mod tests {
             resolv_conf: Some("/etc/resolv.conf".into()),
             ids: IdRange::DEFAULT,
             cgroup_procs: Vec::new(),
+            no_new_privileges: false,
         }
     }
 
