@@ -48,6 +48,7 @@ mod child;
 mod exec;
 mod init;
 mod mounts;
+pub mod seccomp;
 pub mod spec;
 mod user;
 
