@@ -44,6 +44,7 @@
 //! `init.rs` (PID 1), `mounts.rs` (the overlay and the mounts inside), `user.rs` (USER
 //! resolution), `exec.rs` (the command process).
 
+pub mod cgroup;
 mod child;
 mod exec;
 mod init;
