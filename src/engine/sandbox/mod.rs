@@ -51,11 +51,13 @@
 //! `init.rs` (PID 1), `mounts.rs` (the overlay and the mounts inside), `user.rs` (USER
 //! resolution), `exec.rs` (the command process).
 
+pub mod cgroup;
 mod child;
 mod exec;
 mod init;
 mod mounts;
 pub mod network;
+pub mod seccomp;
 pub mod spec;
 mod user;
 pub mod userns;
