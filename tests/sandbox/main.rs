@@ -611,7 +611,8 @@ async fn root_in_a_step_is_namespaced_with_docker_s_capabilities_but_net_raw() {
     }
     let fx = Fixture::new();
     let output = run_ok(&fx.spec(
-        "cat /proc/self/uid_map /proc/self/gid_map; id -u; grep CapBnd /proc/self/status; mkdir /m; \
+        "cat /proc/self/uid_map /proc/self/gid_map; id -u; grep CapBnd /proc/self/status; \
+         grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; mkdir /m; \
          mount -t tmpfs none /m 2>/dev/null || echo no-mount; \
          mknod /node c 1 3 2>/dev/null || echo no-mknod; chown 1000:2000 /data/keep && echo chowned",
     ))
@@ -627,6 +628,7 @@ async fn root_in_a_step_is_namespaced_with_docker_s_capabilities_but_net_raw() {
     // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE
     // SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP: Docker's set without NET_RAW.
     assert!(output.contains("\n0\nCapBnd:\t00000000a80405fb\n"), "{output}");
+    assert!(output.contains("\nNoNewPrivs:\t0\nSeccomp:\t2\n"), "{output}");
     assert!(output.contains("no-mount\n"), "{output}");
     assert!(output.contains("no-mknod\n"), "{output}");
     // Root of the namespace owns the image's files: the chown lands on disk unshifted.

@@ -85,8 +85,8 @@ pub(crate) enum ChildError {
     },
     #[error("entering the sandbox's user namespace")]
     EnterUserNamespace(#[source] Errno),
-    #[error("installing the seccomp filter: {0}")]
-    Seccomp(String),
+    #[error("the seccomp filter")]
+    Seccomp(#[from] super::seccomp::SeccompError),
     #[error("setting the host name to {hostname:?}")]
     Hostname {
         hostname: String,

@@ -10,6 +10,8 @@
 //! - the capability bounding set cut to Docker's default set without `CAP_NET_RAW`, so that
 //!   root in a RUN can `chown` but not mount, load modules, change the clock or open raw
 //!   sockets;
+//! - Docker's default seccomp profile ([`super::seccomp`]), and `no_new_privs` when the
+//!   operator asks for it (`engine.no_new_privileges`);
 //! - supplementary groups, gid, uid (in that order), so a non-root user loses every
 //!   capability;
 //! - the working directory, which must exist;
@@ -41,6 +43,7 @@ use nix::{
 
 use super::{
     child::{ChildError, ReportChannel},
+    seccomp,
     spec::RunSpec,
     user::ExecUser,
 };
@@ -104,6 +107,19 @@ fn prepare(spec: &RunSpec, user: &ExecUser, userns: &OwnedFd) -> Result<(), Chil
     let entered = unsafe { libc::setns(userns.as_raw_fd(), libc::CLONE_NEWUSER) };
     Errno::result(entered).map_err(ChildError::EnterUserNamespace)?;
     drop_capabilities()?;
+    let profile = seccomp::docker_default()?;
+    if spec.no_new_privileges {
+        // SAFETY: a plain prctl on integers.
+        let res = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        Errno::result(res).map_err(|source| ChildError::Process {
+            what: "setting no_new_privs",
+            source,
+        })?;
+    }
+    // While the process still has CAP_SYS_ADMIN in its namespace: without `no_new_privs`
+    // the kernel takes a filter only from a privileged thread. Everything after this point
+    // (credentials, chdir, the PATH lookup, execve) is in the profile.
+    seccomp::install_keeping_privileges(&profile)?;
 
     let credentials = |what: &'static str| {
         move |source| ChildError::Credentials {
@@ -124,14 +140,6 @@ fn prepare(spec: &RunSpec, user: &ExecUser, userns: &OwnedFd) -> Result<(), Chil
     setgroups(&groups).map_err(credentials("setgroups"))?;
     setgid(Gid::from_raw(user.gid)).map_err(credentials("setgid"))?;
     setuid(Uid::from_raw(user.uid)).map_err(credentials("setuid"))?;
-    if spec.no_new_privileges {
-        // SAFETY: a plain prctl on integers.
-        let res = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-        Errno::result(res).map_err(|source| ChildError::Process {
-            what: "setting no_new_privs",
-            source,
-        })?;
-    }
 
     chdir(spec.cwd.as_str()).map_err(|source| match source {
         Errno::ENOENT => ChildError::CwdMissing {

@@ -50,6 +50,8 @@ pub struct RunSpec {
     /// `cgroup.procs` files the launcher moves itself into before anything else starts, so
     /// that every process of the step counts against the build's limits.
     pub cgroup_procs: Vec<PathBuf>,
+    /// Sets `no_new_privs` before `execve`: setuid binaries of the image stop working.
+    pub no_new_privileges: bool,
     /// `RUN --mount=type=cache` directories: bind-mounted, never part of the diff.
     pub cache_mounts: Vec<BindMount>,
     /// A host file bind-mounted read-only over `/etc/resolv.conf` (usually the host's own).
