@@ -530,6 +530,8 @@ pub struct EngineSettings {
     /// Set `no_new_privs` on RUN commands (setuid binaries such as `sudo` then fail).
     /// Default false: inside the user namespace they gain only the sandbox's own root.
     pub no_new_privileges: bool,
+    /// Memory, process and CPU limits of each build's RUN steps (`[engine.limits]`).
+    pub limits: crate::engine::sandbox::cgroup::RunLimits,
 }
 
 impl Default for EngineSettings {
@@ -542,6 +544,7 @@ impl Default for EngineSettings {
             slirp4netns: PathBuf::from("slirp4netns"),
             id_range: "auto".into(),
             no_new_privileges: false,
+            limits: crate::engine::sandbox::cgroup::RunLimits::default(),
         }
     }
 }
@@ -588,6 +591,7 @@ impl EngineSettings {
             slirp4netns: self.slirp4netns.clone(),
             ids,
             no_new_privileges: self.no_new_privileges,
+            limits: self.limits.clone(),
         })
     }
 

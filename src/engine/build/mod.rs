@@ -37,6 +37,7 @@ pub use stage::BuildLogSink;
 use super::{
     dockerfile::{self, ParseError},
     layers::{Compression, LayerStore},
+    sandbox::cgroup::{BuildCgroup, CgroupError, CgroupRoot},
 };
 use crate::{
     model::{AuthPolicy, Digest, ImageRef},
@@ -82,6 +83,8 @@ pub struct Isolation {
     /// Sets `no_new_privs` on RUN commands: setuid binaries of the image (`sudo`) stop
     /// working.
     pub no_new_privileges: bool,
+    /// Memory, process and CPU limits of each build's RUN steps (one cgroup per build).
+    pub limits: crate::engine::sandbox::cgroup::RunLimits,
 }
 
 impl Default for Isolation {
@@ -92,6 +95,7 @@ impl Default for Isolation {
             slirp4netns: PathBuf::from("slirp4netns"),
             ids: crate::engine::sandbox::IdRange::DEFAULT,
             no_new_privileges: false,
+            limits: crate::engine::sandbox::cgroup::RunLimits::default(),
         }
     }
 }
@@ -155,8 +159,17 @@ pub enum EngineError {
     Registry(#[from] RegistryError),
     #[error("layer store: {0}")]
     Layer(#[from] super::layers::LayerError),
+    /// A RUN step hit one of the build's limits (`engine.limits`).
+    #[error("Dockerfile line {line}: RUN {command}: {hit}")]
+    LimitReached {
+        line: usize,
+        command: String,
+        hit: crate::engine::sandbox::cgroup::LimitHit,
+    },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    #[error("the build's cgroup: {0}")]
+    Cgroup(#[source] CgroupError),
     #[error("build cancelled")]
     Cancelled,
 }
@@ -186,6 +199,16 @@ struct EngineInner {
     registry: RegistryClient,
     layers: LayerStore,
     cache: InstructionCache,
+    /// Where builds' cgroups go; `None` when this host gives Kiln no cgroup to manage.
+    cgroups: Option<CgroupRoot>,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        if let Some(root) = &self.cgroups {
+            root.remove_own_group();
+        }
+    }
 }
 
 impl Engine {
@@ -213,12 +236,23 @@ impl Engine {
         let layers = LayerStore::open(config.data_dir.join("layers"))?;
         let cache = InstructionCache::open(config.data_dir.join("cache"))
             .map_err(EngineError::io("opening the instruction cache"))?;
+        let cgroups = match CgroupRoot::detect() {
+            Ok(root) => Some(root),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "RUN limits (engine.limits) cannot be enforced: no cgroup is writable for Kiln"
+                );
+                None
+            }
+        };
         Ok(Self {
             inner: Arc::new(EngineInner {
                 config,
                 registry,
                 layers,
                 cache,
+                cgroups,
             }),
         })
     }
@@ -269,11 +303,22 @@ impl Engine {
             .tempdir_in(self.inner.config.data_dir.join("tmp"))
             .map_err(EngineError::io("creating the build's scratch directory"))?;
         let log = BuildLogSink::new(log);
+        // One cgroup per build, named like its scratch directory; dropping it (the build
+        // ended, failed or was cancelled) kills what is left in it and removes it.
+        let cgroup = match &self.inner.cgroups {
+            Some(root) => {
+                let name = scratch.path().file_name().and_then(|n| n.to_str()).unwrap_or("build");
+                let limits = &self.inner.config.isolation.limits;
+                Some(BuildCgroup::create(root, name, limits).map_err(EngineError::Cgroup)?)
+            }
+            None => None,
+        };
         let build = stage::StageRunner::new(
             self,
             input,
             &dockerfile,
             scratch.path(),
+            cgroup.as_ref(),
             log.clone(),
             cancel.clone(),
         );

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    super::sandbox::cgroup::BuildCgroup,
     cache::{CachedLayer, StateKey},
     fsop::{self, FsAction, FsOp, FsSource, Overlay},
     pull, BuildInput, Engine, EngineError, RunNetwork,
@@ -165,6 +166,8 @@ pub struct StageRunner<'a> {
     input: &'a BuildInput,
     dockerfile: &'a Dockerfile,
     scratch: &'a Path,
+    /// The build's cgroup, which every RUN joins; `None` where Kiln has none to manage.
+    cgroup: Option<&'a BuildCgroup>,
     log: BuildLogSink,
     cancel: CancellationToken,
     /// Set when the last step was answered from the instruction cache.
@@ -177,10 +180,12 @@ impl<'a> StageRunner<'a> {
         input: &'a BuildInput,
         dockerfile: &'a Dockerfile,
         scratch: &'a Path,
+        cgroup: Option<&'a BuildCgroup>,
         log: BuildLogSink,
         cancel: CancellationToken,
     ) -> Self {
         Self {
+            cgroup,
             engine,
             input,
             dockerfile,
@@ -1051,7 +1056,7 @@ impl<'a> StageRunner<'a> {
                 }
             },
             ids: isolation.ids,
-            cgroup_procs: Vec::new(),
+            cgroup_procs: self.cgroup.map(BuildCgroup::procs_files).unwrap_or_default(),
             no_new_privileges: isolation.no_new_privileges,
         };
         let (tx, mut rx) = mpsc::channel::<Bytes>(64);
@@ -1064,12 +1069,24 @@ impl<'a> StageRunner<'a> {
                 log.bytes(chunk);
             }
         });
+        let counters = self.cgroup.map(BuildCgroup::counters);
         let outcome = sandbox::run(&self.engine.config().exe, &spec, tx, self.cancel.clone()).await;
         let _ = forward.await;
-        let outcome = outcome.map_err(|e| EngineError::at(line, format!("RUN {shown}: {e}")))?;
         if self.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
+        let failed = outcome.as_ref().map_or(true, |o| o.exit_code != 0);
+        if let (true, Some(cgroup), Some(before)) = (failed, self.cgroup, counters) {
+            // Whatever the command made of it (a kill, a failed fork), the limit is the cause.
+            if let Some(hit) = cgroup.check_since(&before) {
+                return Err(EngineError::LimitReached {
+                    line,
+                    command: shown,
+                    hit,
+                });
+            }
+        }
+        let outcome = outcome.map_err(|e| EngineError::at(line, format!("RUN {shown}: {e}")))?;
         if outcome.exit_code != 0 {
             let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
             return Err(EngineError::RunFailed {
