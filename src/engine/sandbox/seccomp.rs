@@ -601,7 +601,6 @@ for spec in sys.argv[1:]:
             SYS_bpf,
             SYS_perf_event_open,
             SYS_kexec_load,
-            SYS_kexec_file_load,
             SYS_init_module,
             SYS_finit_module,
             SYS_delete_module,
