@@ -58,8 +58,14 @@ async fn run_is_namespaced_unprivileged_and_cannot_reach_the_host_s_loopback() {
     within(300, async {
         let mut client = kiln.builder().await;
         let outcome = build_dockerfile(&mut client, &dockerfile).await;
-        assert_eq!(outcome.last_status(), Some(BuildStatus::DoneSuccess), "{}", outcome.text());
-        let log = String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{}",
+            outcome.text()
+        );
+        let log =
+            String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
 
         let uid_map: Vec<Vec<&str>> = tagged(&log, "UIDMAP:")
             .iter()
@@ -83,16 +89,26 @@ async fn run_is_namespaced_unprivileged_and_cannot_reach_the_host_s_loopback() {
             assert_eq!(bits & (1 << 13), 0, "{caps} holds CAP_NET_RAW: {log}");
             assert_eq!(bits & (1 << 21), 0, "{caps} holds CAP_SYS_ADMIN: {log}");
         }
-        assert_eq!(tagged(&log, "IFACES:"), ["lo tap0 "], "no host interface to sniff: {log}");
+        assert_eq!(
+            tagged(&log, "IFACES:"),
+            ["lo tap0 "],
+            "no host interface to sniff: {log}"
+        );
         assert_eq!(tagged(&log, "NESTED:"), ["refused"], "{log}");
         let pids: usize = tagged(&log, "PIDS:")[0].parse().unwrap();
         assert!(pids <= 8, "the step sees host processes ({pids} pids): {log}");
         let reached: Vec<&str> = tagged(&log, "PORT:reached:");
-        assert!(reached.is_empty(), "host loopback ports reached from RUN: {reached:?}");
+        assert!(
+            reached.is_empty(),
+            "host loopback ports reached from RUN: {reached:?}"
+        );
         assert_eq!(tagged(&log, "PORT:refused:").len(), ports.len() * 3, "{log}");
     })
     .await;
-    assert!(canary.accept().is_err(), "something connected to the host's loopback");
+    assert!(
+        canary.accept().is_err(),
+        "something connected to the host's loopback"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,34 +123,59 @@ async fn host_networking_needs_the_operator_s_consent() {
             &format!("FROM {base}\nRUN --network=host echo escaped\n"),
         )
         .await;
-        assert_eq!(outcome.last_status(), Some(BuildStatus::DoneFailure), "{}", outcome.text());
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneFailure),
+            "{}",
+            outcome.text()
+        );
         let text = outcome.text();
-        assert!(text.contains("line 2") && text.contains("engine.allow_host_network"), "{text}");
+        assert!(
+            text.contains("line 2") && text.contains("engine.allow_host_network"),
+            "{text}"
+        );
         // `none` is honoured: only lo.
         let outcome = build_dockerfile(
             &mut client,
-            &format!("FROM {base}\nRUN tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sed 's/^/IF:/'\n"),
+            &format!(
+                "FROM {base}\nRUN tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sed 's/^/IF:/'\n"
+            ),
         )
         .await;
-        assert_eq!(outcome.last_status(), Some(BuildStatus::DoneSuccess), "{}", outcome.text());
-        let log = String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{}",
+            outcome.text()
+        );
+        let log =
+            String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
         assert_eq!(tagged(&log, "IF:"), ["lo"], "{log}");
     })
     .await;
     assert!(kiln.is_running());
 
     // The operator's consent: host networking works.
-    let mut kiln = KilnServer::start(KilnOptions::embedded().with_toml("[engine]\nallow_host_network = true\n"));
+    let mut kiln =
+        KilnServer::start(KilnOptions::embedded().with_toml("[engine]\nallow_host_network = true\n"));
     let base = busybox_in(&kiln);
     within(300, async {
         let mut client = kiln.builder().await;
         let outcome = build_dockerfile(
             &mut client,
-            &format!("FROM {base}\nRUN --network=host tail -n +3 /proc/net/dev | grep -c . | sed 's/^/N:/'\n"),
+            &format!(
+                "FROM {base}\nRUN --network=host tail -n +3 /proc/net/dev | grep -c . | sed 's/^/N:/'\n"
+            ),
         )
         .await;
-        assert_eq!(outcome.last_status(), Some(BuildStatus::DoneSuccess), "{}", outcome.text());
-        let log = String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{}",
+            outcome.text()
+        );
+        let log =
+            String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
         let host_ifaces = std::fs::read_to_string("/proc/net/dev").unwrap().lines().count() - 2;
         assert_eq!(tagged(&log, "N:"), [host_ifaces.to_string().as_str()], "{log}");
     })
@@ -168,5 +209,67 @@ async fn host_networking_needs_the_operator_s_consent() {
     assert!(!status.success());
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(stderr.contains("engine.network") && stderr.contains("allow_host_network"), "{stderr}");
+    assert!(
+        stderr.contains("engine.network") && stderr.contains("allow_host_network"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_past_the_memory_or_pids_limit_fails_its_build_only_naming_the_limit() {
+    let mut kiln = KilnServer::start(
+        KilnOptions::embedded().with_toml("[engine.limits]\nmemory = \"64MiB\"\npids = 32\n"),
+    );
+    let base = busybox_in(&kiln);
+    within(300, async {
+        let mut client = kiln.builder().await;
+        // dd touches its whole 200 MiB buffer: the kernel's OOM killer ends it.
+        let outcome = build_dockerfile(
+            &mut client,
+            &format!("FROM {base}\nRUN echo start\nRUN dd if=/dev/zero of=/dev/null bs=200M count=1\n"),
+        )
+        .await;
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneFailure),
+            "{}",
+            outcome.text()
+        );
+        let text = outcome.text();
+        assert!(
+            text.contains("line 3") && text.contains("memory limit of 64 MiB (engine.limits.memory)"),
+            "{text}"
+        );
+        // A fork bomb in miniature: the shell cannot fork past 32 processes.
+        let outcome = build_dockerfile(
+            &mut client,
+            &format!("FROM {base}\nRUN for i in $(seq 64); do sleep 3 & done; wait\n"),
+        )
+        .await;
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneFailure),
+            "{}",
+            outcome.text()
+        );
+        let text = outcome.text();
+        assert!(
+            text.contains("line 2") && text.contains("limit of 32 processes (engine.limits.pids)"),
+            "{text}"
+        );
+        // Other builds go on: one within the limits succeeds on the same service.
+        let outcome = build_dockerfile(
+            &mut client,
+            &format!("FROM {base}\nRUN dd if=/dev/zero of=/dev/null bs=8M count=1 && sleep 0.1 & wait\n"),
+        )
+        .await;
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{}",
+            outcome.text()
+        );
+    })
+    .await;
+    assert!(kiln.is_running(), "the service died with its build");
 }

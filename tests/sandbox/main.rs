@@ -872,15 +872,25 @@ async fn the_sandbox_network_has_egress_but_not_the_host_s_loopback() {
         slirp4netns: "slirp4netns".into(),
     };
     let output = run_ok(&spec).await;
-    assert!(output.starts_with("lo tap0 \n"), "only lo and slirp4netns' tap0: {output}");
-    for address in ["127.0.0.1".to_string(), "10.0.2.2".into(), host_address().to_string()] {
+    assert!(
+        output.starts_with("lo tap0 \n"),
+        "only lo and slirp4netns' tap0: {output}"
+    );
+    for address in [
+        "127.0.0.1".to_string(),
+        "10.0.2.2".into(),
+        host_address().to_string(),
+    ] {
         assert!(
             output.contains(&format!("refused {address}\n")),
             "the host's loopback port must not be reachable through {address}: {output}"
         );
     }
     assert!(output.ends_with("egress\n"), "{output}");
-    assert!(accept.join().unwrap(), "the host listener saw the step's connection");
+    assert!(
+        accept.join().unwrap(),
+        "the host listener saw the step's connection"
+    );
     assert!(
         on_loopback.accept().is_err(),
         "nothing may have connected to the host's loopback"

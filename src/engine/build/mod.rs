@@ -188,6 +188,25 @@ impl EngineError {
     }
 }
 
+/// Removes a build's cgroup when the build is over, however it ended, on a blocking
+/// thread: removal kills and waits for what is left in it.
+struct CgroupGuard(Option<BuildCgroup>);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let Some(cgroup) = self.0.take() else { return };
+        let remove = move || {
+            if let Err(e) = cgroup.remove() {
+                tracing::warn!(error = %e, "removing a build's cgroup");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+    }
+}
+
 /// The Dockerfile engine. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Engine {
@@ -307,18 +326,23 @@ impl Engine {
         // ended, failed or was cancelled) kills what is left in it and removes it.
         let cgroup = match &self.inner.cgroups {
             Some(root) => {
-                let name = scratch.path().file_name().and_then(|n| n.to_str()).unwrap_or("build");
+                let name = scratch
+                    .path()
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("build");
                 let limits = &self.inner.config.isolation.limits;
                 Some(BuildCgroup::create(root, name, limits).map_err(EngineError::Cgroup)?)
             }
             None => None,
         };
+        let cgroup = CgroupGuard(cgroup);
         let build = stage::StageRunner::new(
             self,
             input,
             &dockerfile,
             scratch.path(),
-            cgroup.as_ref(),
+            cgroup.0.as_ref(),
             log.clone(),
             cancel.clone(),
         );
