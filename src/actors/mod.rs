@@ -136,7 +136,9 @@ pub async fn start(
     let engine = Engine::new(
         EngineConfig {
             data_dir: config.data_dir.join("engine"),
-            exe: std::env::current_exe()?,
+            // This process's own image even after the file was replaced (an upgrade in
+            // place): the sandbox protocol is between two copies of the same binary.
+            exe: "/proc/self/exe".into(),
             compression: config.engine.compression(),
             isolation: config.engine.isolation()?,
             platform: platform.clone(),

@@ -204,7 +204,8 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
         ..EngineSettings::default()
     };
     let isolation = settings.isolation().map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| format!("finding the kiln binary: {e}"))?;
+    // This process's own image even if the file is replaced meanwhile.
+    let exe = std::path::PathBuf::from("/proc/self/exe");
     let engine = Engine::new(
         EngineConfig {
             data_dir: args.data_dir.clone(),
