@@ -188,6 +188,18 @@ impl EngineError {
     }
 }
 
+/// Whether `program` names an executable file, directly or through `PATH`.
+fn on_path(program: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable =
+        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.components().count() > 1 {
+        return executable(program);
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
+}
+
 /// Removes a build's cgroup when the build is over, however it ended, on a blocking
 /// thread: removal kills and waits for what is left in it.
 struct CgroupGuard(Option<BuildCgroup>);
@@ -255,6 +267,14 @@ impl Engine {
         let layers = LayerStore::open(config.data_dir.join("layers"))?;
         let cache = InstructionCache::open(config.data_dir.join("cache"))
             .map_err(EngineError::io("opening the instruction cache"))?;
+        let isolation = &config.isolation;
+        if isolation.network == RunNetwork::Sandbox && !on_path(&isolation.slirp4netns) {
+            tracing::warn!(
+                slirp4netns = %isolation.slirp4netns.display(),
+                "RUN steps will fail: slirp4netns is not installed (apt-get install slirp4netns), \
+                 or set engine.network = \"none\""
+            );
+        }
         let cgroups = match CgroupRoot::detect() {
             Ok(root) => Some(root),
             Err(e) => {
