@@ -273,3 +273,44 @@ async fn a_run_past_the_memory_or_pids_limit_fails_its_build_only_naming_the_lim
     .await;
     assert!(kiln.is_running(), "the service died with its build");
 }
+
+/// `(keyctl, add_key, unshare)` system call numbers of this architecture.
+#[cfg(target_arch = "x86_64")]
+const SYSCALLS: (u32, u32, u32) = (250, 248, 272);
+#[cfg(target_arch = "aarch64")]
+const SYSCALLS: (u32, u32, u32) = (219, 217, 97);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_s_keyring_packet_sockets_and_nested_namespaces_are_refused() {
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    super::base_images::ensure_base_images(kiln.registry_addr(), true);
+    let base = super::base_images::debian_ref(kiln.registry_addr());
+    let (keyctl, add_key, unshare) = SYSCALLS;
+    // Perl (in every Debian image) makes the raw system calls; each prints its errno text.
+    let perl = format!(
+        "$r = syscall({keyctl}, 0, -3, 0); print \"KEYCTL:$r:$!\\n\"; \
+         my ($type, $desc, $payload) = (\"user\", \"kiln\", \"x\"); \
+         $r = syscall({add_key}, $type, $desc, $payload, 1, -3); print \"ADDKEY:$r:$!\\n\"; \
+         $r = syscall({unshare}, 0x10000000); print \"UNSHARE:$r:$!\\n\"; \
+         use Socket; socket(my $s, 17, SOCK_RAW, 0x0300) ? print \"PACKET:open\\n\" : print \"PACKET:$!\\n\";"
+    );
+    let dockerfile = format!("FROM {base}\nRUN perl -e '{perl}'; wc -c < /proc/keys | sed 's/^/KEYS:/'\n");
+    within(600, async {
+        let mut client = kiln.builder().await;
+        let outcome = build_dockerfile(&mut client, &dockerfile).await;
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{}",
+            outcome.text()
+        );
+        let log =
+            String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
+        for call in ["KEYCTL:", "ADDKEY:", "UNSHARE:"] {
+            assert_eq!(tagged(&log, call), ["-1:Operation not permitted"], "{call} {log}");
+        }
+        assert_eq!(tagged(&log, "PACKET:"), ["Operation not permitted"], "{log}");
+        assert_eq!(tagged(&log, "KEYS:"), ["0"], "/proc/keys is masked: {log}");
+    })
+    .await;
+}
