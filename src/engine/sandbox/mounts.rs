@@ -659,8 +659,8 @@ impl Mounts {
             self.copied_up.push(CopiedUpDir {
                 path: ancestor.to_owned(),
                 mode: meta.mode(),
-                uid: self.ids.to_disk(meta.uid()),
-                gid: self.ids.to_disk(meta.gid()),
+                uid: self.ids.disk_id(meta.uid()),
+                gid: self.ids.disk_id(meta.gid()),
                 mtime: meta.mtime(),
                 mtime_nsec: meta.mtime_nsec(),
             });

@@ -89,7 +89,7 @@ impl IdRange {
     }
 
     /// The id on disk of a file that the mount mapping shows with the host id `host`.
-    pub(crate) fn to_disk(&self, host: u32) -> u32 {
+    pub(crate) fn disk_id(self, host: u32) -> u32 {
         match host.checked_sub(self.first) {
             Some(n) if n < self.count => n,
             _ if host == 0 => self.count,
@@ -258,9 +258,9 @@ mod tests {
         };
         assert_eq!(range.command_map(), "0 100000 65536\n");
         assert_eq!(range.mount_map(), "0 100000 65536\n65536 0 1\n");
-        assert_eq!(range.to_disk(100000), 0);
-        assert_eq!(range.to_disk(101000), 1000);
-        assert_eq!(range.to_disk(0), 65536);
+        assert_eq!(range.disk_id(100000), 0);
+        assert_eq!(range.disk_id(101000), 1000);
+        assert_eq!(range.disk_id(0), 65536);
         assert!(IdRange { first: 0, count: 10 }.check().is_err());
         assert!(IdRange {
             first: u32::MAX - 5,
