@@ -57,6 +57,10 @@ pub enum ClusterError {
     PodDeleted { pod: String },
     #[error("the builder pod cannot be made: {0}")]
     Spec(String),
+    /// The API server (validation or an admission plugin such as Pod Security) refused the
+    /// pod; `hint` says which Kiln setting is involved, when Kiln can tell.
+    #[error("the API server refused builder pod {pod}: {message}{hint}")]
+    PodRefused { pod: String, message: String, hint: &'static str },
     #[error("uploaded context {0} is no longer stored on this Kiln; upload it again")]
     ContextGone(crate::model::Digest),
     #[error("handing the uploaded context to the builder pod: {0}")]
@@ -307,6 +311,13 @@ impl KubernetesBuilder {
             match pods.create(&PostParams::default(), wanted).await {
                 Ok(pod) => return Ok(pod),
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(kube::Error::Api(s)) if s.code == 422 || (s.code == 403 && s.message.contains("PodSecurity")) => {
+                    return Err(ClusterError::PodRefused {
+                        pod: name,
+                        hint: refusal_hint(&s.message),
+                        message: s.message,
+                    })
+                }
                 Err(e) => return Err(e.into()),
             }
             let existing = match pods.get_opt(&name).await? {
@@ -519,6 +530,26 @@ impl KubernetesBuilder {
     }
 }
 
+/// What to do about a refused builder pod, from the API server's message.
+fn refusal_hint(message: &str) -> &'static str {
+    if message.contains("PodSecurity") {
+        // Builder pods add SYS_ADMIN, unconfined AppArmor and an unmasked /proc: only the
+        // `privileged` Pod Security level admits them (README.md, "Deploying on Kubernetes").
+        " (builder pods need the namespace's Pod Security level to be privileged: label it \
+         pod-security.kubernetes.io/enforce=privileged)"
+    } else if ["hostUsers", "procMount", "Unmasked", "appArmorProfile"]
+        .iter()
+        .any(|field| message.contains(field))
+    {
+        // A cluster without user namespaces for pods (before Kubernetes 1.33 the feature gate
+        // is off and the API server drops hostUsers, then refuses procMount: Unmasked).
+        " (builder pods run in their own user namespace, hostUsers: false, which needs \
+         Kubernetes 1.33 or later; on older clusters set kubernetes.privileged = true)"
+    } else {
+        ""
+    }
+}
+
 /// When a builder pod's container ended, if it has.
 fn finished_at(pod: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
     let status = pod.status.as_ref()?;
@@ -547,5 +578,16 @@ mod tests {
         assert_eq!(pod_lines_in("build 1 of r\nbase image b\n"), 0);
         let again = format!("{log}\n{ATTACHED} p in namespace kiln\none\n");
         assert_eq!(pod_lines_in(&again), 1);
+    }
+
+    #[test]
+    fn a_refused_pod_names_the_setting_to_change() {
+        let psa = "pods \"kiln-build-x\" is forbidden: violates PodSecurity \"baseline:latest\": \
+                   non-default capabilities (container \"build\" must not include \"SYS_ADMIN\")";
+        assert!(refusal_hint(psa).contains("pod-security.kubernetes.io/enforce=privileged"));
+        let old_cluster = "Pod \"kiln-build-x\" is invalid: spec.containers[0].securityContext.procMount: \
+                           Invalid value: \"Unmasked\": `hostUsers` must be false to use `Unmasked`";
+        assert!(refusal_hint(old_cluster).contains("kubernetes.privileged = true"));
+        assert_eq!(refusal_hint("Pod \"x\" is invalid: spec.containers[0].image: Required value"), "");
     }
 }
