@@ -61,6 +61,13 @@ pub enum ClusterError {
     /// pod; `hint` says which Kiln setting is involved, when Kiln can tell.
     #[error("the API server refused builder pod {pod}: {message}{hint}")]
     PodRefused { pod: String, message: String, hint: &'static str },
+    #[error(
+        "the cluster dropped hostUsers: false from builder pod {pod}, so it would have run with \
+         SYS_ADMIN in the node's own user namespace; it was deleted. Pods in their own user \
+         namespace need Kubernetes 1.33 or later (or the UserNamespacesSupport feature gate); \
+         on a cluster without them set kubernetes.privileged = true"
+    )]
+    NoUserNamespaces { pod: String },
     #[error("uploaded context {0} is no longer stored on this Kiln; upload it again")]
     ContextGone(crate::model::Digest),
     #[error("handing the uploaded context to the builder pod: {0}")]
@@ -309,7 +316,7 @@ impl KubernetesBuilder {
         let name = wanted.metadata.name.clone().unwrap_or_default();
         for _ in 0..10 {
             match pods.create(&PostParams::default(), wanted).await {
-                Ok(pod) => return Ok(pod),
+                Ok(pod) => return self.in_own_user_namespace(wanted, pod).await,
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(kube::Error::Api(s)) if s.code == 422 || (s.code == 403 && s.message.contains("PodSecurity")) => {
                     return Err(ClusterError::PodRefused {
@@ -332,7 +339,7 @@ impl KubernetesBuilder {
                 == Some(&id.to_string());
             let being_deleted = existing.metadata.deletion_timestamp.is_some();
             if !being_deleted && (ours || !PodState::of(&existing).is_terminal()) {
-                return Ok(existing);
+                return self.in_own_user_namespace(wanted, existing).await;
             }
             if !being_deleted {
                 self.delete(&name, existing.metadata.uid.clone()).await?;
@@ -342,6 +349,21 @@ impl KubernetesBuilder {
         Err(ClusterError::Spec(format!(
             "pod {name} keeps existing: an earlier build's pod is not going away"
         )))
+    }
+
+    /// `pod` as created (or found) when it has the user namespace `wanted` asks for. An API
+    /// server with user namespaces off drops `hostUsers: false` without an error; such a pod
+    /// would get the default capabilities (`SYS_ADMIN` among them) in the node's user
+    /// namespace, so it is deleted before its container can start (it waits for its Secret,
+    /// which is written only after this).
+    async fn in_own_user_namespace(&self, wanted: &Pod, pod: Pod) -> Result<Pod, ClusterError> {
+        let host_users = |p: &Pod| p.spec.as_ref().and_then(|s| s.host_users);
+        if host_users(wanted) != Some(false) || host_users(&pod) == Some(false) {
+            return Ok(pod);
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        self.delete(&name, pod.metadata.uid.clone()).await?;
+        Err(ClusterError::NoUserNamespaces { pod: name })
     }
 
     /// Waits for `pod` to end while passing its log on; Ok when its container exited 0.

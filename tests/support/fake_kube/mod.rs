@@ -53,6 +53,11 @@ pub struct FakeKubeOptions {
     pub kill_grace: Duration,
     /// Interval of BOOKMARK events on watches that asked for them.
     pub bookmark_interval: Duration,
+    /// Whether the API server knows pods in their own user namespace. `false` is a cluster
+    /// with the `UserNamespacesSupport` and `ProcMountType` feature gates off (both were off
+    /// by default before Kubernetes 1.33): it drops `hostUsers` from new pods and forces
+    /// `procMount` to `Default`, without a word. Default `true`.
+    pub user_namespaces: bool,
 }
 
 impl Default for FakeKubeOptions {
@@ -69,6 +74,7 @@ impl Default for FakeKubeOptions {
             pending_delay: Duration::from_millis(50),
             kill_grace: Duration::from_secs(2),
             bookmark_interval: Duration::from_secs(1),
+            user_namespaces: true,
         }
     }
 }
