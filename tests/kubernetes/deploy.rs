@@ -719,10 +719,12 @@ fn readme_builder_security_matches_the_pod_kiln_makes() {
                 other => format!("`{other}`"),
             };
             if field == "capabilities" {
-                for cap in kiln::executor::kubernetes::pod::CAPABILITIES.iter().skip(14) {
+                for cap in ["SYS_ADMIN", "NET_ADMIN"] {
+                    assert!(kiln::executor::kubernetes::pod::CAPABILITIES.contains(&cap));
                     assert!(value.contains(&format!("`{cap}`")), "README capabilities row lacks {cap}");
                 }
-                assert!(value.contains("drop `ALL`"));
+                assert!(!kiln::executor::kubernetes::pod::CAPABILITIES.contains(&"NET_RAW"));
+                assert!(value.contains("drop `ALL`") && value.contains("but `NET_RAW`"));
             } else {
                 assert_eq!(value, &shown, "README's value of {field}");
             }

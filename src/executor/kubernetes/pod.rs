@@ -56,27 +56,31 @@ const TMP_DIR: &str = "/var/tmp/kiln";
 
 /// The build container's capabilities: all dropped, then these added back.
 ///
-/// The first fourteen are the set Docker (and containerd's CRI default) gives a container,
+/// The first thirteen are the set Docker (and containerd's CRI default) gives a container,
 /// which the sandbox hands on to root in a RUN step as Docker does (`CHOWN` and `FOWNER` for
-/// `apt`, `SETUID`/`SETGID` for `USER`, `MKNOD`, `SETFCAP` for `setcap`, `NET_RAW` for
-/// `ping`, ...); `SETPCAP` also lets the sandbox cut the bounding set of RUN processes and
-/// `KILL` lets its init kill whatever a step leaves behind. Named here rather than inherited
-/// from the runtime, because runtimes differ (CRI-O drops `MKNOD`, `NET_RAW`, `SYS_CHROOT`
-/// and `AUDIT_WRITE` by default).
+/// `apt`, `SETUID`/`SETGID` for `USER`, `MKNOD`, `SETFCAP` for `setcap`, ...); `SETPCAP`
+/// also lets the sandbox cut the bounding set of RUN processes and `KILL` lets its init kill
+/// whatever a step leaves behind. Named here rather than inherited from the runtime, because
+/// runtimes differ (CRI-O drops `MKNOD`, `NET_RAW`, `SYS_CHROOT` and `AUDIT_WRITE` by
+/// default). Docker's `NET_RAW` is left out: a RUN step shares the pod's network (with
+/// `engine.network = "host"`), and raw sockets there forge packets on the cluster network
+/// (ARP, DNS spoofing), which is why the baseline Pod Security level refuses it; `ping` in a
+/// RUN step fails without it.
 ///
 /// Then what the sandbox itself needs: `SYS_ADMIN` for `unshare` (mount, PID, UTS, IPC,
 /// network namespaces), `mount` (overlayfs, `/proc`, `/dev`, `/sys`, bind mounts),
 /// `open_tree`/`move_mount` and `sethostname`; `NET_ADMIN` to bring `lo` up in the new
-/// network namespace of `engine.network = "none"`. With `hostUsers: false` every one of them
-/// is a capability in the pod's user namespace only: "`CAP_SYS_ADMIN` is limited to the pod's
-/// user namespace and invalid outside of it"
+/// network namespace of `engine.network = "none"`. Neither reaches a RUN step: the sandbox
+/// cuts the bounding set of RUN processes to Docker's set (`engine/sandbox/exec.rs`). With
+/// `hostUsers: false` every one of them is a capability in the pod's user namespace only:
+/// "`CAP_SYS_ADMIN` is limited to the pod's user namespace and invalid outside of it"
 /// (<https://kubernetes.io/docs/concepts/workloads/pods/user-namespaces/>).
 ///
 /// The runtime's default seccomp profile keys on these too: containerd's allows `mount`,
 /// `umount2`, `unshare`, `setns`, `sethostname`, `open_tree`, `move_mount` and
 /// `mount_setattr` only when the bounding set holds `CAP_SYS_ADMIN`, and `chroot` only with
 /// `CAP_SYS_CHROOT` (containerd `contrib/seccomp/seccomp_default.go`).
-pub const CAPABILITIES: [&str; 16] = [
+pub const CAPABILITIES: [&str; 15] = [
     "AUDIT_WRITE",
     "CHOWN",
     "DAC_OVERRIDE",
@@ -85,7 +89,6 @@ pub const CAPABILITIES: [&str; 16] = [
     "KILL",
     "MKNOD",
     "NET_BIND_SERVICE",
-    "NET_RAW",
     "SETFCAP",
     "SETGID",
     "SETPCAP",
@@ -587,7 +590,7 @@ mod tests {
                             "drop": ["ALL"],
                             "add": [
                                 "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
-                                "MKNOD", "NET_BIND_SERVICE", "NET_RAW", "SETFCAP", "SETGID",
+                                "MKNOD", "NET_BIND_SERVICE", "SETFCAP", "SETGID",
                                 "SETPCAP", "SETUID", "SYS_CHROOT", "SYS_ADMIN", "NET_ADMIN",
                             ],
                         },
