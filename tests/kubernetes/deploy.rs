@@ -714,14 +714,19 @@ fn readme_builder_security_matches_the_pod_kiln_makes() {
             documented.insert(field.to_owned());
             let actual = &context[field];
             let shown = match actual {
-                serde_json::Value::Object(o) if o.contains_key("type") => format!("`{}`", o["type"].as_str().unwrap()),
+                serde_json::Value::Object(o) if o.contains_key("type") => {
+                    format!("`{}`", o["type"].as_str().unwrap())
+                }
                 serde_json::Value::String(s) => format!("`{s}`"),
                 other => format!("`{other}`"),
             };
             if field == "capabilities" {
                 for cap in ["SYS_ADMIN", "NET_ADMIN"] {
                     assert!(kiln::executor::kubernetes::pod::CAPABILITIES.contains(&cap));
-                    assert!(value.contains(&format!("`{cap}`")), "README capabilities row lacks {cap}");
+                    assert!(
+                        value.contains(&format!("`{cap}`")),
+                        "README capabilities row lacks {cap}"
+                    );
                 }
                 assert!(!kiln::executor::kubernetes::pod::CAPABILITIES.contains(&"NET_RAW"));
                 assert!(value.contains("drop `ALL`") && value.contains("but `NET_RAW`"));
@@ -783,7 +788,11 @@ fn pod_security_violations(pod: &k8s_openapi::api::core::v1::Pod) -> (Vec<String
         if !caps.drop.iter().flatten().any(|c| c == "ALL") {
             restricted.push("capabilities.drop ALL".into());
         }
-        if sc.app_armor_profile.as_ref().is_some_and(|p| !["RuntimeDefault", "Localhost"].contains(&p.type_.as_str())) {
+        if sc
+            .app_armor_profile
+            .as_ref()
+            .is_some_and(|p| !["RuntimeDefault", "Localhost"].contains(&p.type_.as_str()))
+        {
             baseline.push("appArmorProfile".into());
         }
         if sc.proc_mount.as_deref().is_some_and(|m| m != "Default") {
@@ -837,12 +846,19 @@ fn the_namespace_enforces_the_strictest_level_builder_pods_pass() {
     // What keeps builder pods out of `baseline`, and nothing else.
     assert_eq!(
         baseline,
-        ["capability SYS_ADMIN", "capability NET_ADMIN", "appArmorProfile", "procMount"],
+        [
+            "capability SYS_ADMIN",
+            "capability NET_ADMIN",
+            "appArmorProfile",
+            "procMount"
+        ],
         "builder pods fail baseline for a new reason"
     );
     let labels = rendered.namespaces[0].metadata.labels.clone().unwrap_or_default();
     assert_eq!(
-        labels.get("pod-security.kubernetes.io/enforce").map(String::as_str),
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
         Some(strictest)
     );
     assert_eq!(
@@ -858,7 +874,10 @@ fn the_namespace_enforces_the_strictest_level_builder_pods_pass() {
     let mut replicas = replicas;
     let spec = replicas.spec.as_mut().unwrap();
     let non_root = spec.security_context.as_ref().and_then(|s| s.run_as_non_root);
-    let seccomp = spec.security_context.as_ref().and_then(|s| s.seccomp_profile.clone());
+    let seccomp = spec
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.clone());
     for c in &mut spec.containers {
         let sc = c.security_context.get_or_insert_with(Default::default);
         sc.run_as_non_root = sc.run_as_non_root.or(non_root);

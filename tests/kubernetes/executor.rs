@@ -545,7 +545,11 @@ fn builder_pods_are_unprivileged_and_never_silently_lose_their_user_namespace() 
         assert_eq!(spec.host_users, Some(false));
         let context = spec.containers[0].security_context.as_ref().unwrap();
         assert_eq!(
-            (context.privileged, context.allow_privilege_escalation, context.read_only_root_filesystem),
+            (
+                context.privileged,
+                context.allow_privilege_escalation,
+                context.read_only_root_filesystem
+            ),
             (Some(false), Some(false), Some(true))
         );
     });
@@ -567,7 +571,11 @@ fn builder_pods_are_unprivileged_and_never_silently_lose_their_user_namespace() 
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         while !cluster_is_empty(&old.kube) {
-            assert!(Instant::now() < deadline, "the pod was not deleted: {:?}", pod_names(&old.kube));
+            assert!(
+                Instant::now() < deadline,
+                "the pod was not deleted: {:?}",
+                pod_names(&old.kube)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
@@ -580,7 +588,10 @@ fn builder_pods_are_unprivileged_and_never_silently_lose_their_user_namespace() 
         let pods = old.kube.pods();
         let spec = pods[0].spec.as_ref().unwrap();
         assert_eq!(spec.host_users, None);
-        assert_eq!(spec.containers[0].security_context.as_ref().unwrap().privileged, Some(true));
+        assert_eq!(
+            spec.containers[0].security_context.as_ref().unwrap().privileged,
+            Some(true)
+        );
     });
 }
 

@@ -710,7 +710,9 @@ async fn user_namespace_and_escalation_rules_are_the_api_servers() {
             "cannot set `allowPrivilegeEscalation` to false and `privileged` to true",
         ),
         (
-            security(json!({ "allowPrivilegeEscalation": false, "capabilities": { "add": ["CAP_SYS_ADMIN"] } })),
+            security(
+                json!({ "allowPrivilegeEscalation": false, "capabilities": { "add": ["CAP_SYS_ADMIN"] } }),
+            ),
             "cannot set `allowPrivilegeEscalation` to false and `capabilities.Add` CAP_SYS_ADMIN",
         ),
         (
@@ -724,8 +726,11 @@ async fn user_namespace_and_escalation_rules_are_the_api_servers() {
     ];
     for (i, (patch, message)) in refused.iter().enumerate() {
         let status = api_error(
-            api.create(&PostParams::default(), &pod_with(&format!("refused-{i}"), "true", patch.clone()))
-                .await,
+            api.create(
+                &PostParams::default(),
+                &pod_with(&format!("refused-{i}"), "true", patch.clone()),
+            )
+            .await,
         );
         assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"), "{patch}");
         assert!(status.message.contains(message), "{patch}: {}", status.message);
@@ -749,7 +754,10 @@ async fn user_namespace_and_escalation_rules_are_the_api_servers() {
     ];
     for (i, patch) in accepted.iter().enumerate() {
         let created = api
-            .create(&PostParams::default(), &pod_with(&format!("accepted-{i}"), "true", patch.clone()))
+            .create(
+                &PostParams::default(),
+                &pod_with(&format!("accepted-{i}"), "true", patch.clone()),
+            )
             .await
             .unwrap_or_else(|e| panic!("{patch}: {e}"));
         assert_eq!(
@@ -778,7 +786,12 @@ async fn a_cluster_without_user_namespaces_drops_the_fields_silently() {
     let spec = created.spec.unwrap();
     assert_eq!(spec.host_users, None);
     assert_eq!(
-        spec.containers[0].security_context.as_ref().unwrap().proc_mount.as_deref(),
+        spec.containers[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .proc_mount
+            .as_deref(),
         Some("Default")
     );
 }
@@ -863,6 +876,9 @@ async fn the_kubelet_applies_capabilities_no_new_privs_and_a_read_only_root() {
             .is_some_and(|r| r == "CreateContainerConfigError")
     })
     .await;
-    let state = waiting.status.unwrap().container_statuses.unwrap()[0].clone().state.unwrap();
+    let state = waiting.status.unwrap().container_statuses.unwrap()[0]
+        .clone()
+        .state
+        .unwrap();
     assert!(state.waiting.unwrap().message.unwrap().contains("runAsNonRoot"));
 }

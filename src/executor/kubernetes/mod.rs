@@ -60,7 +60,11 @@ pub enum ClusterError {
     /// The API server (validation or an admission plugin such as Pod Security) refused the
     /// pod; `hint` says which Kiln setting is involved, when Kiln can tell.
     #[error("the API server refused builder pod {pod}: {message}{hint}")]
-    PodRefused { pod: String, message: String, hint: &'static str },
+    PodRefused {
+        pod: String,
+        message: String,
+        hint: &'static str,
+    },
     #[error(
         "the cluster dropped hostUsers: false from builder pod {pod}, so it would have run with \
          SYS_ADMIN in the node's own user namespace; it was deleted. Pods in their own user \
@@ -318,7 +322,9 @@ impl KubernetesBuilder {
             match pods.create(&PostParams::default(), wanted).await {
                 Ok(pod) => return self.in_own_user_namespace(wanted, pod).await,
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(kube::Error::Api(s)) if s.code == 422 || (s.code == 403 && s.message.contains("PodSecurity")) => {
+                Err(kube::Error::Api(s))
+                    if s.code == 422 || (s.code == 403 && s.message.contains("PodSecurity")) =>
+                {
                     return Err(ClusterError::PodRefused {
                         pod: name,
                         hint: refusal_hint(&s.message),
@@ -610,6 +616,9 @@ mod tests {
         let old_cluster = "Pod \"kiln-build-x\" is invalid: spec.containers[0].securityContext.procMount: \
                            Invalid value: \"Unmasked\": `hostUsers` must be false to use `Unmasked`";
         assert!(refusal_hint(old_cluster).contains("kubernetes.privileged = true"));
-        assert_eq!(refusal_hint("Pod \"x\" is invalid: spec.containers[0].image: Required value"), "");
+        assert_eq!(
+            refusal_hint("Pod \"x\" is invalid: spec.containers[0].image: Required value"),
+            ""
+        );
     }
 }

@@ -649,7 +649,12 @@ mod tests {
             Some("me:secret-git-password".into()),
         );
         let text = serde_json::to_string(&pod).unwrap();
-        for leak in ["secret-git-password", "c2VjcmV0LXB1c2gtdG9rZW4=", "secret-push-token", "auths"] {
+        for leak in [
+            "secret-git-password",
+            "c2VjcmV0LXB1c2gtdG9rZW4=",
+            "secret-push-token",
+            "auths",
+        ] {
             assert!(!text.contains(leak), "{leak} is in the pod spec: {text}");
         }
         // ... and all of them are in the Secret the pod mounts.
@@ -658,10 +663,7 @@ mod tests {
         assert!(String::from_utf8_lossy(&data[DOCKER_CONFIG_KEY].0).contains("c2VjcmV0LXB1c2gtdG9rZW4="));
         let volumes = pod.spec.unwrap().volumes.unwrap();
         let mounted = volumes.iter().find(|v| v.name == "credentials").unwrap();
-        assert_eq!(
-            mounted.secret.as_ref().unwrap().secret_name,
-            secret.metadata.name
-        );
+        assert_eq!(mounted.secret.as_ref().unwrap().secret_name, secret.metadata.name);
     }
 
     #[test]
@@ -674,7 +676,10 @@ mod tests {
         };
         let pod_of = |settings: &KubernetesConfig| pod(&build(&id, &key, &base, &base), settings).unwrap();
         let spec = pod_of(&privileged).spec.unwrap();
-        assert_eq!(spec.host_users, None, "privileged pods use the node's user namespace");
+        assert_eq!(
+            spec.host_users, None,
+            "privileged pods use the node's user namespace"
+        );
         assert_eq!(
             spec.containers[0].security_context,
             Some(SecurityContext {
@@ -691,7 +696,11 @@ mod tests {
         };
         let spec = pod_of(&replaced).spec.unwrap();
         assert_eq!(spec.host_users, Some(false));
-        assert_eq!(spec.containers[0].security_context, Some(own), "replaced whole, not merged");
+        assert_eq!(
+            spec.containers[0].security_context,
+            Some(own),
+            "replaced whole, not merged"
+        );
 
         // The template has the last word, hostUsers included.
         let template = KubernetesConfig {
@@ -718,7 +727,10 @@ mod tests {
         let PodState::Failed { message } = PodState::of(&pod(Some(false), waiting.clone())) else {
             panic!("not failed")
         };
-        assert!(message.contains("DeadlineExceeded") && message.ends_with(NEVER_STARTED_HINT), "{message}");
+        assert!(
+            message.contains("DeadlineExceeded") && message.ends_with(NEVER_STARTED_HINT),
+            "{message}"
+        );
         // Not for a pod without a user namespace, nor for one whose container ran.
         let PodState::Failed { message } = PodState::of(&pod(None, waiting)) else {
             panic!("not failed")

@@ -614,8 +614,16 @@ fn validate_security(object: &Value, causes: &mut Vec<Value>) {
             )),
         }
     };
-    profile(&spec["securityContext"]["seccompProfile"], "spec.securityContext.seccompProfile", causes);
-    profile(&spec["securityContext"]["appArmorProfile"], "spec.securityContext.appArmorProfile", causes);
+    profile(
+        &spec["securityContext"]["seccompProfile"],
+        "spec.securityContext.seccompProfile",
+        causes,
+    );
+    profile(
+        &spec["securityContext"]["appArmorProfile"],
+        "spec.securityContext.appArmorProfile",
+        causes,
+    );
     for (i, c) in spec["containers"].as_array().into_iter().flatten().enumerate() {
         let sc = &c["securityContext"];
         let path = format!("spec.containers[{i}].securityContext");

@@ -886,7 +886,11 @@ fn prepare(
         env.push((name, value));
     }
     let security = security(pod, container).map_err(config)?;
-    Ok(Prepared { mounts, env, security })
+    Ok(Prepared {
+        mounts,
+        env,
+        security,
+    })
 }
 
 fn cstring(path: &Path) -> Result<CString, Failure> {
