@@ -9,6 +9,11 @@
 //! per-build Secret owned by the pod (the cluster deletes it with the pod), never in the
 //! pod spec. A git context is cloned again inside the pod; an uploaded context reaches it
 //! through the registry, as a blob named by its digest.
+//!
+//! Builder pods are unprivileged, in their own user namespace ([`pod`] says why field by
+//! field). A pod the API server refuses, or one it created without its user namespace (a
+//! cluster with user namespaces off drops `hostUsers` silently), fails the build with the
+//! setting to change; the latter is deleted before it starts.
 
 mod logs;
 pub mod pod;
@@ -344,8 +349,10 @@ impl KubernetesBuilder {
                 .and_then(|l| l.get("kiln.dev/build-id"))
                 == Some(&id.to_string());
             let being_deleted = existing.metadata.deletion_timestamp.is_some();
+            // Joined as it is: a pod of another replica (during a rolling upgrade, one made
+            // with other settings) is that replica's build; deleting it would fail both.
             if !being_deleted && (ours || !PodState::of(&existing).is_terminal()) {
-                return self.in_own_user_namespace(wanted, existing).await;
+                return Ok(existing);
             }
             if !being_deleted {
                 self.delete(&name, existing.metadata.uid.clone()).await?;
@@ -357,7 +364,7 @@ impl KubernetesBuilder {
         )))
     }
 
-    /// `pod` as created (or found) when it has the user namespace `wanted` asks for. An API
+    /// `pod` as just created when it has the user namespace `wanted` asks for. An API
     /// server with user namespaces off drops `hostUsers: false` without an error; such a pod
     /// would get the default capabilities (`SYS_ADMIN` among them) in the node's user
     /// namespace, so it is deleted before its container can start (it waits for its Secret,

@@ -2,7 +2,8 @@
 //! Role), and the REST shapes of core/v1 pods, pods/log and secrets as `kube` clients expect
 //! them — objects with `kind`/`apiVersion`/`uid`/`resourceVersion`, lists with a
 //! resourceVersion, newline-delimited watch events with bookmarks and 410 expiry, plain-text
-//! logs, and errors as `metav1.Status`.
+//! logs, and errors as `metav1.Status` (422 with causes for invalid pods, including the rules
+//! for `hostUsers: false`, `procMount` and `allowPrivilegeEscalation`).
 //!
 //! One fallback handler parses the path itself: that keeps the authorizer in charge of every
 //! request, including paths no route exists for (another namespace, the cluster scope).

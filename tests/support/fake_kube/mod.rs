@@ -1,7 +1,11 @@
 //! A fake Kubernetes cluster for Kiln's Kubernetes executor tests: an API server speaking
 //! the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, RBAC from
-//! `deploy/role.yaml`, owner-reference GC), and a kubelet that runs each pod's container
-//! command as a local process in its own mount namespace, volumes bind-mounted in place.
+//! `deploy/role.yaml`, owner-reference GC, the API server's validation of user-namespace and
+//! privilege-escalation fields), and a kubelet that runs each pod's container command as a
+//! local process in its own mount namespace, volumes bind-mounted in place, with as much of
+//! its security context as a process can be given (capabilities, no_new_privs, read-only
+//! root, user). A pod's own user namespace, seccomp and AppArmor profiles and `/proc` masking
+//! are validated but not applied: the process runs with the host's.
 //!
 //! [`FakeKube`] owns everything it starts: its server thread and runtime, every pod process
 //! (killed by process group), the per-pod volume dirs and the mount points it had to create
