@@ -997,10 +997,8 @@ fn spawn(
                     }
                 }
             }
-            if security.no_new_privs {
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if security.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
             // Last: the bounding set and mounts above need this process's capabilities.
             if let Some(gid) = security.gid {
