@@ -528,14 +528,15 @@ fn dropped_watches_gone_and_dropped_logs_are_survived() {
 
 /// Builder pods run unprivileged in their own user namespace by default; the fake kubelet
 /// applies their capability set, no_new_privs and read-only root, so a successful build
-/// shows the sandbox works with exactly those. On a cluster whose API server drops
-/// `hostUsers` (user namespaces off) Kiln deletes the pod, which would have had SYS_ADMIN in
-/// the node's user namespace, and fails the build saying what to do; with
-/// `kubernetes.privileged = true` the same build runs there, privileged.
+/// shows the sandbox works with exactly those (with `engine.network = "none"`, whose `lo`
+/// needs `NET_ADMIN`). On a cluster whose API server drops `hostUsers` (user namespaces off)
+/// Kiln deletes the pod, which would have had SYS_ADMIN in the node's user namespace, and
+/// fails the build saying what to do; with `kubernetes.privileged = true` the same build runs
+/// there, privileged.
 #[test]
 fn builder_pods_are_unprivileged_and_never_silently_lose_their_user_namespace() {
     let cluster = Cluster::start();
-    let kiln = KilnServer::start(cluster.replica_options("", ""));
+    let kiln = KilnServer::start(cluster.replica_options("[engine]\nnetwork = \"none\"", ""));
     let uri = cluster.repository("unprivileged", 2, "0");
     runtime().block_on(async {
         let outcome = build(&mut kiln.builder().await, request(&uri, cluster.reg())).await;
@@ -543,6 +544,11 @@ fn builder_pods_are_unprivileged_and_never_silently_lose_their_user_namespace() 
         let pods = cluster.kube.pods();
         let spec = pods[0].spec.as_ref().unwrap();
         assert_eq!(spec.host_users, Some(false));
+        let command = spec.containers[0].command.clone().unwrap();
+        assert!(
+            command.windows(2).any(|w| w == ["--network", "none"]),
+            "{command:?}"
+        );
         let context = spec.containers[0].security_context.as_ref().unwrap();
         assert_eq!(
             (
