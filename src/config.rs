@@ -465,8 +465,14 @@ pub struct KubernetesConfig {
     pub node_selector: std::collections::BTreeMap<String, String>,
     /// Taints builder pods tolerate. Default: none.
     pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
-    /// The build container's security context. RUN steps need new namespaces, mounts and
-    /// overlayfs. Default `{ privileged = true }`; the README shows the least that works.
+    /// Run builder pods the old way: `privileged: true` in the node's own user namespace (no
+    /// `hostUsers: false`), for clusters whose nodes cannot run pods in user namespaces.
+    /// Cannot be combined with `security_context`. Default `false`: unprivileged pods in their
+    /// own user namespace (`src/executor/kubernetes/pod.rs` says field by field why).
+    pub privileged: bool,
+    /// Replaces the build container's default security context as a whole (field names as
+    /// in the Kubernetes API; nothing of the default is kept). The pod keeps
+    /// `hostUsers: false` unless `pod_template` says otherwise. Default: none.
     pub security_context: Option<k8s_openapi::api::core::v1::SecurityContext>,
     /// Anything else: a JSON merge patch (RFC 7386, in TOML) applied to every generated
     /// builder Pod, e.g. `{ spec = { priorityClassName = "builds" } }`. Lists are replaced
@@ -491,10 +497,90 @@ impl Default for KubernetesConfig {
             resources: None,
             node_selector: Default::default(),
             tolerations: Vec::new(),
+            privileged: false,
             security_context: None,
             pod_template: None,
             retention: Duration::from_secs(3600),
         }
+    }
+}
+
+impl KubernetesConfig {
+    /// What the API server (or the kubelet) would refuse for every builder pod, refused at
+    /// start-up instead, naming the key: the same rules as Kubernetes' pod validation for the
+    /// fields Kiln sets (<https://kubernetes.io/docs/concepts/workloads/pods/user-namespaces/>).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.builder_image.trim().is_empty() {
+            return Err(invalid("kubernetes.builder_image", "must name an image"));
+        }
+        if self.retention.is_zero() {
+            return Err(invalid("kubernetes.retention", "must be longer than zero"));
+        }
+        let spec = match &self.pod_template {
+            Some(template) => {
+                let value = serde_json::to_value(template)
+                    .map_err(|e| invalid("kubernetes.pod_template", e.to_string()))?;
+                value.get("spec").cloned().unwrap_or_default()
+            }
+            None => serde_json::Value::Null,
+        };
+        if self.privileged && self.security_context.is_some() {
+            return Err(invalid(
+                "kubernetes.privileged",
+                "kubernetes.privileged = true and kubernetes.security_context both set the build \
+                 container's security context: keep one (security_context = { privileged = true } \
+                 is what privileged = true means)",
+            ));
+        }
+        // The template may set hostUsers itself; otherwise Kiln's default decides.
+        let host_users = match spec.get("hostUsers") {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::Null) | None => self.privileged,
+            Some(other) => {
+                return Err(invalid(
+                    "kubernetes.pod_template",
+                    format!("spec.hostUsers must be true or false, not {other}"),
+                ))
+            }
+        };
+        if !host_users {
+            for field in ["hostNetwork", "hostPID", "hostIPC"] {
+                if spec.get(field) == Some(&serde_json::Value::Bool(true)) {
+                    return Err(invalid(
+                        "kubernetes.pod_template",
+                        format!(
+                            "spec.{field} = true is forbidden while builder pods have their own user \
+                             namespace (spec.hostUsers = false, the default)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(context) = &self.security_context {
+            if context.proc_mount.as_deref() == Some("Unmasked") && host_users {
+                return Err(invalid(
+                    "kubernetes.security_context",
+                    "procMount = \"Unmasked\" needs the pod's own user namespace \
+                     (spec.hostUsers = false), which kubernetes.pod_template turns off",
+                ));
+            }
+            if context.allow_privilege_escalation == Some(false) {
+                if context.privileged == Some(true) {
+                    return Err(invalid(
+                        "kubernetes.security_context",
+                        "allowPrivilegeEscalation = false cannot be combined with privileged = true",
+                    ));
+                }
+                let adds = context.capabilities.as_ref().and_then(|c| c.add.as_deref());
+                if adds.unwrap_or_default().iter().any(|c| c == "CAP_SYS_ADMIN") {
+                    return Err(invalid(
+                        "kubernetes.security_context",
+                        "allowPrivilegeEscalation = false cannot be combined with adding CAP_SYS_ADMIN",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -714,15 +800,7 @@ impl Config {
             r.parse::<ImageRef>()
                 .map_err(|e| invalid("warmer.refs", e.to_string()))?;
         }
-        if self.kubernetes.builder_image.trim().is_empty() {
-            return Err(invalid("kubernetes.builder_image", "must name an image"));
-        }
-        if self.kubernetes.retention.is_zero() {
-            return Err(invalid("kubernetes.retention", "must be longer than zero"));
-        }
-        if let Some(template) = &self.kubernetes.pod_template {
-            serde_json::to_value(template).map_err(|e| invalid("kubernetes.pod_template", e.to_string()))?;
-        }
+        self.kubernetes.validate()?;
         Ok(())
     }
 
@@ -904,5 +982,58 @@ mod tests {
         let c = Config::parse("[resolver]\ncache_ttl = \"90s\"\n[builds]\ntimeout = \"2h\"\n").unwrap();
         assert_eq!(c.resolver.cache_ttl, Duration::from_secs(90));
         assert_eq!(c.builds.timeout, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn kubernetes_security_settings_that_the_api_server_would_refuse_are_named() {
+        let refused = |toml: &str, key: &str, words: &str| {
+            let c = Config::parse(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+            let err = c.validate().expect_err(toml).to_string();
+            assert!(err.contains(key) && err.contains(words), "{toml}: {err}");
+        };
+        refused(
+            "[kubernetes]\nprivileged = true\nsecurity_context = { privileged = true }\n",
+            "kubernetes.privileged",
+            "keep one",
+        );
+        refused(
+            "[kubernetes]\npod_template = { spec = { hostPID = true } }\n",
+            "kubernetes.pod_template",
+            "spec.hostPID",
+        );
+        refused(
+            "[kubernetes]\npod_template = { spec = { hostUsers = \"no\" } }\n",
+            "kubernetes.pod_template",
+            "true or false",
+        );
+        refused(
+            "[kubernetes]\nsecurity_context = { procMount = \"Unmasked\" }\n\
+             pod_template = { spec = { hostUsers = true } }\n",
+            "kubernetes.security_context",
+            "Unmasked",
+        );
+        refused(
+            "[kubernetes]\nsecurity_context = { privileged = true, allowPrivilegeEscalation = false }\n",
+            "kubernetes.security_context",
+            "privileged",
+        );
+        refused(
+            "[kubernetes]\nsecurity_context = { allowPrivilegeEscalation = false, \
+             capabilities = { add = [\"CAP_SYS_ADMIN\"] } }\n",
+            "kubernetes.security_context",
+            "CAP_SYS_ADMIN",
+        );
+        for ok in [
+            "[kubernetes]\nprivileged = true\n",
+            // Host namespaces are fine without a user namespace (the old way).
+            "[kubernetes]\nprivileged = true\npod_template = { spec = { hostNetwork = true } }\n",
+            // BuildKit's "userns" examples: privileged inside the pod's own user namespace.
+            "[kubernetes]\nprivileged = true\npod_template = { spec = { hostUsers = false } }\n",
+            "[kubernetes]\nsecurity_context = { procMount = \"Unmasked\" }\n",
+        ] {
+            let c = Config::parse(ok).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        assert!(!Config::default().kubernetes.privileged);
     }
 }

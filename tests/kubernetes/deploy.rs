@@ -681,10 +681,10 @@ fn config_map_is_a_kiln_config_for_kubernetes() {
         .starts_with("registry.example.com/kiln/workspace"));
 }
 
-/// The least-privilege builder settings README.md documents are a valid Kiln config, and the
-/// security context is a Kubernetes `SecurityContext` with no misspelled field.
+/// README.md's Kubernetes section shows valid `[kubernetes]` settings, and its table of the
+/// builder container's security context is the one Kiln makes (every field, every value).
 #[test]
-fn readme_least_privilege_builder_settings_are_valid() {
+fn readme_builder_security_matches_the_pod_kiln_makes() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let section = readme
         .split("\n## Deploying on Kubernetes\n")
@@ -696,31 +696,192 @@ fn readme_least_privilege_builder_settings_are_valid() {
         .nth(1)
         .and_then(|rest| rest.split("```").next())
         .expect("the section shows the [kubernetes] settings in a toml block");
-
-    kiln::config::Config::parse(block)
+    let config = kiln::config::Config::parse(block)
         .unwrap_or_else(|e| panic!("README's [kubernetes] example is not a valid Kiln config: {e}"));
-    let table: toml::Table = block.parse().unwrap();
-    let kubernetes = &table["kubernetes"];
-    let security = serde_json::to_value(&kubernetes["security_context"]).unwrap();
-    let yaml: serde_yaml_ng::Value = serde_yaml_ng::to_value(&security).unwrap();
-    let context: k8s_openapi::api::core::v1::SecurityContext = typed(&yaml);
-    assert_eq!(context.privileged, None);
+    config.validate().unwrap();
+    assert!(config.kubernetes.privileged);
+
+    let context = serde_json::to_value(kiln::executor::kubernetes::pod::default_security_context()).unwrap();
+    let rows: BTreeMap<&str, &str> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once("` | "))
+        .map(|(field, rest)| (field, rest.split(" | ").next().unwrap()))
+        .collect();
+    let mut documented = BTreeSet::new();
+    for (field, value) in &rows {
+        for field in field.split("`/`") {
+            documented.insert(field.to_owned());
+            let actual = &context[field];
+            let shown = match actual {
+                serde_json::Value::Object(o) if o.contains_key("type") => {
+                    format!("`{}`", o["type"].as_str().unwrap())
+                }
+                serde_json::Value::String(s) => format!("`{s}`"),
+                other => format!("`{other}`"),
+            };
+            if field == "capabilities" {
+                for cap in ["SYS_ADMIN", "NET_ADMIN"] {
+                    assert!(kiln::executor::kubernetes::pod::CAPABILITIES.contains(&cap));
+                    assert!(
+                        value.contains(&format!("`{cap}`")),
+                        "README capabilities row lacks {cap}"
+                    );
+                }
+                assert!(!kiln::executor::kubernetes::pod::CAPABILITIES.contains(&"NET_RAW"));
+                assert!(value.contains("drop `ALL`") && value.contains("but `NET_RAW`"));
+            } else {
+                assert_eq!(value, &shown, "README's value of {field}");
+            }
+        }
+    }
+    let set: BTreeSet<String> = context.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(documented, set, "README's table lists every field of the default");
+}
+
+/// Pod Security Standards as far as builder pods touch them
+/// (<https://kubernetes.io/docs/concepts/security/pod-security-standards/>): what `baseline`
+/// and `restricted` refuse in `pod`, with the relaxation for pods in their own user
+/// namespace (runAsNonRoot and runAsUser are not checked).
+fn pod_security_violations(pod: &k8s_openapi::api::core::v1::Pod) -> (Vec<String>, Vec<String>) {
+    const BASELINE_CAPABILITIES: [&str; 13] = [
+        "AUDIT_WRITE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "NET_BIND_SERVICE",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYS_CHROOT",
+    ];
+    let spec = pod.spec.as_ref().unwrap();
+    let (mut baseline, mut restricted) = (Vec::new(), Vec::new());
+    for (field, on) in [
+        ("hostNetwork", spec.host_network),
+        ("hostPID", spec.host_pid),
+        ("hostIPC", spec.host_ipc),
+    ] {
+        if on == Some(true) {
+            baseline.push(field.to_owned());
+        }
+    }
+    let own_user_namespace = spec.host_users == Some(false);
+    for c in &spec.containers {
+        let sc = c.security_context.clone().unwrap_or_default();
+        if sc.privileged == Some(true) {
+            baseline.push("privileged".into());
+        }
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        for cap in caps.add.iter().flatten() {
+            if !BASELINE_CAPABILITIES.contains(&cap.trim_start_matches("CAP_")) {
+                baseline.push(format!("capability {cap}"));
+            }
+            if cap != "NET_BIND_SERVICE" {
+                restricted.push(format!("capability {cap}"));
+            }
+        }
+        if !caps.drop.iter().flatten().any(|c| c == "ALL") {
+            restricted.push("capabilities.drop ALL".into());
+        }
+        if sc
+            .app_armor_profile
+            .as_ref()
+            .is_some_and(|p| !["RuntimeDefault", "Localhost"].contains(&p.type_.as_str()))
+        {
+            baseline.push("appArmorProfile".into());
+        }
+        if sc.proc_mount.as_deref().is_some_and(|m| m != "Default") {
+            baseline.push("procMount".into());
+        }
+        match sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()) {
+            Some("Unconfined") => baseline.push("seccompProfile".into()),
+            Some("RuntimeDefault" | "Localhost") => {}
+            _ => restricted.push("seccompProfile".into()),
+        }
+        if sc.allow_privilege_escalation != Some(false) {
+            restricted.push("allowPrivilegeEscalation".into());
+        }
+        if !own_user_namespace && sc.run_as_non_root != Some(true) {
+            restricted.push("runAsNonRoot".into());
+        }
+    }
+    restricted.extend(baseline.iter().cloned());
+    (baseline, restricted)
+}
+
+/// The namespace enforces the strictest Pod Security level that Kiln's builder pods (as Kiln
+/// makes them from `deploy/kiln-kubernetes.toml`) pass, and Kiln's replicas pass
+/// `restricted`.
+#[test]
+fn the_namespace_enforces_the_strictest_level_builder_pods_pass() {
+    use kiln::{
+        executor::kubernetes::pod,
+        model::{BuildId, BuildKey, ImageRef},
+    };
+    let rendered = rendered();
+    let config = kiln::config::Config::parse(rendered.kiln_toml()).unwrap();
+    let (id, key) = (BuildId::random(), BuildKey::parse(&"ab".repeat(32)).unwrap());
+    let image: ImageRef = "registry.example.com/kiln/base:x".parse().unwrap();
+    let build = pod::BuilderPod {
+        id: &id,
+        key: &key,
+        base: &image,
+        workspace: &image,
+        timeout: std::time::Duration::from_secs(600),
+        execute_args: Vec::new(),
+        created_by: "test",
+    };
+    let builder = pod::pod(&build, &config.kubernetes).unwrap();
+    let (baseline, restricted) = pod_security_violations(&builder);
+    let strictest = match (baseline.is_empty(), restricted.is_empty()) {
+        (_, true) => "restricted",
+        (true, false) => "baseline",
+        (false, false) => "privileged",
+    };
+    // What keeps builder pods out of `baseline`, and nothing else.
     assert_eq!(
-        context.capabilities.and_then(|c| c.add),
-        Some(vec!["SYS_ADMIN".to_owned()])
+        baseline,
+        [
+            "capability SYS_ADMIN",
+            "capability NET_ADMIN",
+            "appArmorProfile",
+            "procMount"
+        ],
+        "builder pods fail baseline for a new reason"
+    );
+    let labels = rendered.namespaces[0].metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some(strictest)
     );
     assert_eq!(
-        context.seccomp_profile.map(|p| p.type_).as_deref(),
-        Some("Unconfined")
+        labels.get("pod-security.kubernetes.io/audit").map(String::as_str),
+        Some("restricted")
     );
-    assert_eq!(
-        context.app_armor_profile.map(|p| p.type_).as_deref(),
-        Some("Unconfined")
-    );
-    assert_eq!(context.proc_mount.as_deref(), Some("Unmasked"));
-    assert_eq!(
-        kubernetes["pod_template"]["spec"]["hostUsers"].as_bool(),
-        Some(false),
-        "procMount Unmasked needs a user namespace"
-    );
+
+    let replicas = k8s_openapi::api::core::v1::Pod {
+        spec: rendered.deployment().spec.as_ref().unwrap().template.spec.clone(),
+        ..Default::default()
+    };
+    // The replicas set runAsNonRoot at pod level; the checker reads the container's.
+    let mut replicas = replicas;
+    let spec = replicas.spec.as_mut().unwrap();
+    let non_root = spec.security_context.as_ref().and_then(|s| s.run_as_non_root);
+    let seccomp = spec
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.clone());
+    for c in &mut spec.containers {
+        let sc = c.security_context.get_or_insert_with(Default::default);
+        sc.run_as_non_root = sc.run_as_non_root.or(non_root);
+        sc.seccomp_profile = sc.seccomp_profile.clone().or(seccomp.clone());
+    }
+    assert_eq!(pod_security_violations(&replicas).1, Vec::<String>::new());
 }

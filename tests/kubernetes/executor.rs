@@ -26,7 +26,7 @@ use tonic::{transport::Channel, Streaming};
 use crate::support::{
     base_images,
     docker_registry::DockerRegistry,
-    fake_kube::FakeKube,
+    fake_kube::{FakeKube, FakeKubeOptions},
     kiln::{KilnOptions, KilnServer},
 };
 
@@ -45,10 +45,14 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(FakeKubeOptions::default())
+    }
+
+    fn start_with(options: FakeKubeOptions) -> Self {
         let registry = DockerRegistry::start();
         base_images::ensure_base_images(registry.addr(), false);
         Self {
-            kube: FakeKube::start(),
+            kube: FakeKube::start_with(options),
             registry,
             dir: tempfile::tempdir().unwrap(),
         }
@@ -520,4 +524,83 @@ fn dropped_watches_gone_and_dropped_logs_are_survived() {
             .await;
         assert_eq!(cluster.kube.forbidden_count(), 0, "Kiln stays inside its Role");
     });
+}
+
+/// Builder pods run unprivileged in their own user namespace by default; the fake kubelet
+/// applies their capability set, no_new_privs and read-only root, so a successful build
+/// shows the sandbox works with exactly those (with `engine.network = "none"`, whose `lo`
+/// needs `NET_ADMIN`). On a cluster whose API server drops `hostUsers` (user namespaces off)
+/// Kiln deletes the pod, which would have had SYS_ADMIN in the node's user namespace, and
+/// fails the build saying what to do; with `kubernetes.privileged = true` the same build runs
+/// there, privileged.
+#[test]
+fn builder_pods_are_unprivileged_and_never_silently_lose_their_user_namespace() {
+    let cluster = Cluster::start();
+    let kiln = KilnServer::start(cluster.replica_options("[engine]\nnetwork = \"none\"", ""));
+    let uri = cluster.repository("unprivileged", 2, "0");
+    runtime().block_on(async {
+        let outcome = build(&mut kiln.builder().await, request(&uri, cluster.reg())).await;
+        assert_eq!(outcome.status, BuildStatus::DoneSuccess, "{outcome:?}");
+        let pods = cluster.kube.pods();
+        let spec = pods[0].spec.as_ref().unwrap();
+        assert_eq!(spec.host_users, Some(false));
+        let command = spec.containers[0].command.clone().unwrap();
+        assert!(
+            command.windows(2).any(|w| w == ["--network", "none"]),
+            "{command:?}"
+        );
+        let context = spec.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(
+            (
+                context.privileged,
+                context.allow_privilege_escalation,
+                context.read_only_root_filesystem
+            ),
+            (Some(false), Some(false), Some(true))
+        );
+    });
+    drop(kiln);
+
+    let old = Cluster::start_with(FakeKubeOptions {
+        user_namespaces: false,
+        ..Default::default()
+    });
+    let kiln = KilnServer::start(old.replica_options("", ""));
+    let uri = old.repository("no-userns", 2, "0");
+    runtime().block_on(async {
+        let outcome = build(&mut kiln.builder().await, request(&uri, old.reg())).await;
+        assert_eq!(outcome.status, BuildStatus::DoneFailure, "{outcome:?}");
+        assert!(
+            outcome.message.contains("dropped hostUsers: false")
+                && outcome.message.contains("kubernetes.privileged = true"),
+            "{outcome:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cluster_is_empty(&old.kube) {
+            assert!(
+                Instant::now() < deadline,
+                "the pod was not deleted: {:?}",
+                pod_names(&old.kube)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    drop(kiln);
+
+    let kiln = KilnServer::start(old.replica_options("", "privileged = true"));
+    runtime().block_on(async {
+        let outcome = build(&mut kiln.builder().await, request(&uri, old.reg())).await;
+        assert_eq!(outcome.status, BuildStatus::DoneSuccess, "{outcome:?}");
+        let pods = old.kube.pods();
+        let spec = pods[0].spec.as_ref().unwrap();
+        assert_eq!(spec.host_users, None);
+        assert_eq!(
+            spec.containers[0].security_context.as_ref().unwrap().privileged,
+            Some(true)
+        );
+    });
+}
+
+fn cluster_is_empty(kube: &FakeKube) -> bool {
+    kube.pods().is_empty() && kube.secrets().is_empty()
 }

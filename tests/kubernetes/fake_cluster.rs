@@ -2,9 +2,14 @@
 //! kubeconfig it writes: the REST shapes Kiln's executor relies on (create/get/409/delete,
 //! list and watch with 410 recovery, logs with timestamps and sinceTime), the kubelet
 //! (exit codes, termination messages, volumes mounted where the pod says, process groups
-//! killed on deletion), secret garbage collection, and RBAC from `deploy/role.yaml`.
+//! killed on deletion), secret garbage collection, RBAC from `deploy/role.yaml`, the API
+//! server's rules for user namespaces and privilege escalation, and the part of a security
+//! context the kubelet applies (capabilities, no_new_privs, read-only root, runAsNonRoot).
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
 use k8s_openapi::{
@@ -20,7 +25,7 @@ use serde_json::json;
 
 use crate::support::fake_kube::{
     store::{FieldSelector, LabelSelector},
-    FakeKube,
+    FakeKube, FakeKubeOptions,
 };
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=kiln";
@@ -648,4 +653,232 @@ fn selectors_parse_like_the_api_server() {
     let fields = |s: &str| FieldSelector::parse(s).unwrap().matches(&object);
     assert!(fields("metadata.name=n,status.phase!=Failed"));
     assert!(!fields("metadata.name=m"));
+}
+
+/// [`pod`] with `patch` merged into its spec (objects key by key, as a JSON merge patch).
+fn pod_with(name: &str, script: &str, patch: serde_json::Value) -> Pod {
+    fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        match (target, patch) {
+            (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (t, p) => *t = p.clone(),
+        }
+    }
+    let mut value = serde_json::to_value(pod(name, script)).unwrap();
+    merge(&mut value, &json!({ "spec": patch }));
+    serde_json::from_value(value).unwrap()
+}
+
+/// A container securityContext patch for [`pod_with`].
+fn security(context: serde_json::Value) -> serde_json::Value {
+    json!({ "containers": [{
+        "name": "build",
+        "image": "ghcr.io/kiln-build/kiln:test",
+        "command": ["sh", "-c", "true"],
+        "securityContext": context,
+    }] })
+}
+
+/// What the API server refuses around user namespaces and privilege escalation, with the
+/// field it names; and what it accepts, privileged pods in their own user namespace included.
+#[tokio::test]
+async fn user_namespace_and_escalation_rules_are_the_api_servers() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let refused = [
+        (
+            json!({ "hostUsers": false, "hostPID": true }),
+            "spec.hostPID: Forbidden: when `hostUsers` is false",
+        ),
+        (
+            json!({ "hostUsers": false, "hostNetwork": true }),
+            "spec.hostNetwork: Forbidden: when `hostUsers` is false",
+        ),
+        (
+            json!({ "hostUsers": false, "hostIPC": true }),
+            "spec.hostIPC: Forbidden: when `hostUsers` is false",
+        ),
+        (
+            security(json!({ "procMount": "Unmasked" })),
+            "`hostUsers` must be false to use `Unmasked`",
+        ),
+        (
+            security(json!({ "allowPrivilegeEscalation": false, "privileged": true })),
+            "cannot set `allowPrivilegeEscalation` to false and `privileged` to true",
+        ),
+        (
+            security(
+                json!({ "allowPrivilegeEscalation": false, "capabilities": { "add": ["CAP_SYS_ADMIN"] } }),
+            ),
+            "cannot set `allowPrivilegeEscalation` to false and `capabilities.Add` CAP_SYS_ADMIN",
+        ),
+        (
+            security(json!({ "seccompProfile": { "type": "Lax" } })),
+            "spec.containers[0].securityContext.seccompProfile.type: Unsupported value",
+        ),
+        (
+            security(json!({ "appArmorProfile": { "type": "Localhost" } })),
+            "appArmorProfile.localhostProfile: Required value",
+        ),
+    ];
+    for (i, (patch, message)) in refused.iter().enumerate() {
+        let status = api_error(
+            api.create(
+                &PostParams::default(),
+                &pod_with(&format!("refused-{i}"), "true", patch.clone()),
+            )
+            .await,
+        );
+        assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"), "{patch}");
+        assert!(status.message.contains(message), "{patch}: {}", status.message);
+    }
+    assert_eq!(kube.pods_created(), 0);
+
+    let mut kiln_like = security(json!({
+        "privileged": false,
+        "allowPrivilegeEscalation": false,
+        "capabilities": { "drop": ["ALL"], "add": ["SYS_ADMIN"] },
+        "procMount": "Unmasked",
+        "seccompProfile": { "type": "RuntimeDefault" },
+        "appArmorProfile": { "type": "Unconfined" },
+    }));
+    kiln_like["hostUsers"] = json!(false);
+    let accepted = [
+        kiln_like,
+        json!({ "hostUsers": false, "containers": [{ "name": "build", "image": "i",
+                "command": ["sh", "-c", "true"], "securityContext": { "privileged": true } }] }),
+        json!({ "hostNetwork": true }),
+    ];
+    for (i, patch) in accepted.iter().enumerate() {
+        let created = api
+            .create(
+                &PostParams::default(),
+                &pod_with(&format!("accepted-{i}"), "true", patch.clone()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{patch}: {e}"));
+        assert_eq!(
+            created.spec.unwrap().host_users,
+            patch["hostUsers"].as_bool(),
+            "hostUsers is kept as given"
+        );
+    }
+}
+
+/// A cluster with user namespaces off drops `hostUsers` and forces `procMount` to Default
+/// without an error, as the real API server does with the feature gates off.
+#[tokio::test]
+async fn a_cluster_without_user_namespaces_drops_the_fields_silently() {
+    let kube = FakeKube::start_with(FakeKubeOptions {
+        user_namespaces: false,
+        ..Default::default()
+    });
+    let api = pods(&kube).await;
+    let mut patch = security(json!({ "procMount": "Unmasked" }));
+    patch["hostUsers"] = json!(false);
+    let created = api
+        .create(&PostParams::default(), &pod_with("dropped", "true", patch))
+        .await
+        .expect("accepted, fields dropped");
+    let spec = created.spec.unwrap();
+    assert_eq!(spec.host_users, None);
+    assert_eq!(
+        spec.containers[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .proc_mount
+            .as_deref(),
+        Some("Default")
+    );
+}
+
+/// The kubelet gives the process what the security context says it can: the capability
+/// bounding set (runtime default, drop/add, or all when privileged), no_new_privs, a
+/// read-only root with writable volumes, and it refuses runAsNonRoot for root.
+#[tokio::test]
+async fn the_kubelet_applies_capabilities_no_new_privs_and_a_read_only_root() {
+    let kube = FakeKube::start();
+    let api = pods(&kube).await;
+    let marker = format!("/kiln-fake-kube-ro-{}", std::process::id());
+    let script = format!(
+        "grep -E '^(CapBnd|NoNewPrivs):' /proc/self/status | tr -d '\\t'; \
+         (touch {marker} 2>/dev/null && rm -f {marker} && echo root-writable) || echo root-read-only; \
+         (touch /var/lib/kiln/ok && echo volume-writable) || echo volume-read-only"
+    );
+    // The fake can only take capabilities away from its own.
+    let own = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    let mask = |caps: &[u32]| format!("{:016x}", own & caps.iter().fold(0u64, |m, c| m | (1 << c)));
+    let all: Vec<u32> = (0..64).collect();
+    // CHOWN 0, DAC_OVERRIDE 1, FOWNER 3, FSETID 4, KILL 5, SETGID 6, SETUID 7, SETPCAP 8,
+    // NET_BIND_SERVICE 10, NET_RAW 13, SYS_CHROOT 18, MKNOD 27, AUDIT_WRITE 29, SETFCAP 31.
+    let runtime_default = [0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31];
+    let cases = [
+        (json!({}), mask(&runtime_default), 0, "root-writable"),
+        (json!({ "privileged": true }), mask(&all), 0, "root-writable"),
+        (
+            json!({
+                "capabilities": { "drop": ["ALL"], "add": ["SYS_ADMIN", "CAP_CHOWN"] },
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+            }),
+            mask(&[0, 21]),
+            1,
+            "root-read-only",
+        ),
+        (
+            json!({ "capabilities": { "drop": ["NET_RAW", "MKNOD"], "add": ["NET_ADMIN"] } }),
+            mask(&[0, 1, 3, 4, 5, 6, 7, 8, 10, 12, 18, 29, 31]),
+            0,
+            "root-writable",
+        ),
+    ];
+    for (i, (context, bounding, nnp, root)) in cases.iter().enumerate() {
+        let name = format!("caps-{i}");
+        let mut patch = security(context.clone());
+        patch["containers"][0]["command"] = json!(["sh", "-c", script]);
+        patch["containers"][0]["volumeMounts"] = json!([{ "name": "work", "mountPath": "/var/lib/kiln" }]);
+        api.create(&PostParams::default(), &pod_with(&name, &script, patch))
+            .await
+            .unwrap();
+        let done = wait_pod(&api, &name, Duration::from_secs(10), |p| {
+            matches!(phase(p), "Succeeded" | "Failed")
+        })
+        .await;
+        let log = api.logs(&name, &LogParams::default()).await.unwrap();
+        assert_eq!(phase(&done), "Succeeded", "{context}: {log}");
+        assert_eq!(
+            log,
+            format!("CapBnd:{bounding}\nNoNewPrivs:{nnp}\n{root}\nvolume-writable\n"),
+            "{context}"
+        );
+    }
+    assert!(!Path::new(&marker).exists());
+
+    let mut non_root = security(json!({ "runAsNonRoot": true, "runAsUser": 0 }));
+    non_root["containers"][0]["command"] = json!(["true"]);
+    api.create(&PostParams::default(), &pod_with("non-root", "true", non_root))
+        .await
+        .unwrap();
+    let waiting = wait_pod(&api, "non-root", Duration::from_secs(10), |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c[0].state.as_ref()?.waiting.as_ref()?.reason.clone())
+            .is_some_and(|r| r == "CreateContainerConfigError")
+    })
+    .await;
+    let state = waiting.status.unwrap().container_statuses.unwrap()[0]
+        .clone()
+        .state
+        .unwrap();
+    assert!(state.waiting.unwrap().message.unwrap().contains("runAsNonRoot"));
 }

@@ -9,6 +9,11 @@
 //! per-build Secret owned by the pod (the cluster deletes it with the pod), never in the
 //! pod spec. A git context is cloned again inside the pod; an uploaded context reaches it
 //! through the registry, as a blob named by its digest.
+//!
+//! Builder pods are unprivileged, in their own user namespace ([`pod`] says why field by
+//! field). A pod the API server refuses, or one it created without its user namespace (a
+//! cluster with user namespaces off drops `hostUsers` silently), fails the build with the
+//! setting to change; the latter is deleted before it starts.
 
 mod logs;
 pub mod pod;
@@ -57,6 +62,21 @@ pub enum ClusterError {
     PodDeleted { pod: String },
     #[error("the builder pod cannot be made: {0}")]
     Spec(String),
+    /// The API server (validation or an admission plugin such as Pod Security) refused the
+    /// pod; `hint` says which Kiln setting is involved, when Kiln can tell.
+    #[error("the API server refused builder pod {pod}: {message}{hint}")]
+    PodRefused {
+        pod: String,
+        message: String,
+        hint: &'static str,
+    },
+    #[error(
+        "the cluster dropped hostUsers: false from builder pod {pod}, so it would have run with \
+         SYS_ADMIN in the node's own user namespace; it was deleted. Pods in their own user \
+         namespace need Kubernetes 1.33 or later (or the UserNamespacesSupport feature gate); \
+         on a cluster without them set kubernetes.privileged = true"
+    )]
+    NoUserNamespaces { pod: String },
     #[error("uploaded context {0} is no longer stored on this Kiln; upload it again")]
     ContextGone(crate::model::Digest),
     #[error("handing the uploaded context to the builder pod: {0}")]
@@ -305,8 +325,17 @@ impl KubernetesBuilder {
         let name = wanted.metadata.name.clone().unwrap_or_default();
         for _ in 0..10 {
             match pods.create(&PostParams::default(), wanted).await {
-                Ok(pod) => return Ok(pod),
+                Ok(pod) => return self.in_own_user_namespace(wanted, pod).await,
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(kube::Error::Api(s))
+                    if s.code == 422 || (s.code == 403 && s.message.contains("PodSecurity")) =>
+                {
+                    return Err(ClusterError::PodRefused {
+                        pod: name,
+                        hint: refusal_hint(&s.message),
+                        message: s.message,
+                    })
+                }
                 Err(e) => return Err(e.into()),
             }
             let existing = match pods.get_opt(&name).await? {
@@ -320,6 +349,8 @@ impl KubernetesBuilder {
                 .and_then(|l| l.get("kiln.dev/build-id"))
                 == Some(&id.to_string());
             let being_deleted = existing.metadata.deletion_timestamp.is_some();
+            // Joined as it is: a pod of another replica (during a rolling upgrade, one made
+            // with other settings) is that replica's build; deleting it would fail both.
             if !being_deleted && (ours || !PodState::of(&existing).is_terminal()) {
                 return Ok(existing);
             }
@@ -331,6 +362,21 @@ impl KubernetesBuilder {
         Err(ClusterError::Spec(format!(
             "pod {name} keeps existing: an earlier build's pod is not going away"
         )))
+    }
+
+    /// `pod` as just created when it has the user namespace `wanted` asks for. An API
+    /// server with user namespaces off drops `hostUsers: false` without an error; such a pod
+    /// would get the default capabilities (`SYS_ADMIN` among them) in the node's user
+    /// namespace, so it is deleted before its container can start (it waits for its Secret,
+    /// which is written only after this).
+    async fn in_own_user_namespace(&self, wanted: &Pod, pod: Pod) -> Result<Pod, ClusterError> {
+        let host_users = |p: &Pod| p.spec.as_ref().and_then(|s| s.host_users);
+        if host_users(wanted) != Some(false) || host_users(&pod) == Some(false) {
+            return Ok(pod);
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        self.delete(&name, pod.metadata.uid.clone()).await?;
+        Err(ClusterError::NoUserNamespaces { pod: name })
     }
 
     /// Waits for `pod` to end while passing its log on; Ok when its container exited 0.
@@ -515,6 +561,26 @@ impl KubernetesBuilder {
     }
 }
 
+/// What to do about a refused builder pod, from the API server's message.
+fn refusal_hint(message: &str) -> &'static str {
+    if message.contains("PodSecurity") {
+        // Builder pods add SYS_ADMIN, unconfined AppArmor and an unmasked /proc: only the
+        // `privileged` Pod Security level admits them (README.md, "Deploying on Kubernetes").
+        " (builder pods need the namespace's Pod Security level to be privileged: label it \
+         pod-security.kubernetes.io/enforce=privileged)"
+    } else if ["hostUsers", "procMount", "Unmasked", "appArmorProfile"]
+        .iter()
+        .any(|field| message.contains(field))
+    {
+        // A cluster without user namespaces for pods (before Kubernetes 1.33 the feature gate
+        // is off and the API server drops hostUsers, then refuses procMount: Unmasked).
+        " (builder pods run in their own user namespace, hostUsers: false, which needs \
+         Kubernetes 1.33 or later; on older clusters set kubernetes.privileged = true)"
+    } else {
+        ""
+    }
+}
+
 /// When a builder pod's container ended, if it has.
 fn finished_at(pod: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
     let status = pod.status.as_ref()?;
@@ -543,5 +609,19 @@ mod tests {
         assert_eq!(pod_lines_in("build 1 of r\nbase image b\n"), 0);
         let again = format!("{log}\n{ATTACHED} p in namespace kiln\none\n");
         assert_eq!(pod_lines_in(&again), 1);
+    }
+
+    #[test]
+    fn a_refused_pod_names_the_setting_to_change() {
+        let psa = "pods \"kiln-build-x\" is forbidden: violates PodSecurity \"baseline:latest\": \
+                   non-default capabilities (container \"build\" must not include \"SYS_ADMIN\")";
+        assert!(refusal_hint(psa).contains("pod-security.kubernetes.io/enforce=privileged"));
+        let old_cluster = "Pod \"kiln-build-x\" is invalid: spec.containers[0].securityContext.procMount: \
+                           Invalid value: \"Unmasked\": `hostUsers` must be false to use `Unmasked`";
+        assert!(refusal_hint(old_cluster).contains("kubernetes.privileged = true"));
+        assert_eq!(
+            refusal_hint("Pod \"x\" is invalid: spec.containers[0].image: Required value"),
+            ""
+        );
     }
 }

@@ -4,13 +4,18 @@
 //!
 //! The pod name is derived from the build key, so every replica that is asked for the same
 //! image asks for the same pod, and the API server's 409 is the cross-replica de-duplication.
+//!
+//! Every Dockerfile is hostile, so builder pods are unprivileged by default: their own user
+//! namespace (`hostUsers: false`) and the build container's security context of
+//! [`default_security_context`], which says field by field why. `kubernetes.privileged`
+//! brings back the old privileged pod in the node's user namespace.
 
 use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::{
-        Container, EmptyDirVolumeSource, EnvVar, Pod, PodSpec, Secret, SecretVolumeSource, SecurityContext,
-        Volume, VolumeMount,
+        AppArmorProfile, Capabilities, Container, EmptyDirVolumeSource, EnvVar, Pod, PodSpec, SeccompProfile,
+        Secret, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
     ByteString,
@@ -45,6 +50,128 @@ pub const GIT_CREDENTIALS_KEY: &str = "git-credentials";
 pub const TERMINATION_LOG: &str = "/var/run/kiln/termination-log";
 /// The engine's data directory in the pod (an emptyDir).
 const DATA_DIR: &str = "/var/lib/kiln";
+/// `TMPDIR` of `kiln execute` (an emptyDir): the root file system is read-only, and `/tmp`
+/// itself is left alone so that nothing of the image's `/tmp` is hidden.
+const TMP_DIR: &str = "/var/tmp/kiln";
+
+/// The build container's capabilities: all dropped, then these added back.
+///
+/// The first thirteen are the set Docker (and containerd's CRI default) gives a container,
+/// which the sandbox hands on to root in a RUN step as Docker does (`CHOWN` and `FOWNER` for
+/// `apt`, `SETUID`/`SETGID` for `USER`, `MKNOD`, `SETFCAP` for `setcap`, ...); `SETPCAP`
+/// also lets the sandbox cut the bounding set of RUN processes and `KILL` lets its init kill
+/// whatever a step leaves behind. Named here rather than inherited from the runtime, because
+/// runtimes differ (CRI-O drops `MKNOD`, `NET_RAW`, `SYS_CHROOT` and `AUDIT_WRITE` by
+/// default). Docker's `NET_RAW` is left out: a RUN step shares the pod's network (with
+/// `engine.network = "host"`), and raw sockets there forge packets on the cluster network
+/// (ARP, DNS spoofing), which is why the baseline Pod Security level refuses it; `ping` in a
+/// RUN step fails without it.
+///
+/// Then what the sandbox itself needs: `SYS_ADMIN` for `unshare` (mount, PID, UTS, IPC,
+/// network namespaces), `mount` (overlayfs, `/proc`, `/dev`, `/sys`, bind mounts),
+/// `open_tree`/`move_mount` and `sethostname`; `NET_ADMIN` to bring `lo` up in the new
+/// network namespace of `engine.network = "none"`. Neither reaches a RUN step: the sandbox
+/// cuts the bounding set of RUN processes to Docker's set (`engine/sandbox/exec.rs`). With
+/// `hostUsers: false` every one of them is a capability in the pod's user namespace only:
+/// "`CAP_SYS_ADMIN` is limited to the pod's user namespace and invalid outside of it"
+/// (<https://kubernetes.io/docs/concepts/workloads/pods/user-namespaces/>).
+///
+/// The runtime's default seccomp profile keys on these too: containerd's allows `mount`,
+/// `umount2`, `unshare`, `setns`, `sethostname`, `open_tree`, `move_mount` and
+/// `mount_setattr` only when the bounding set holds `CAP_SYS_ADMIN`, and `chroot` only with
+/// `CAP_SYS_CHROOT` (containerd `contrib/seccomp/seccomp_default.go`).
+pub const CAPABILITIES: [&str; 15] = [
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+    // What the sandbox needs beyond a plain container.
+    "SYS_ADMIN",
+    "NET_ADMIN",
+];
+
+/// The build container's security context by default: the least that lets `kiln execute`
+/// run its sandbox (namespaces, overlayfs, a fresh `/proc`) inside a pod that has its own
+/// user namespace (`hostUsers: false`, set by [`pod`]).
+///
+/// - `privileged: false`: a privileged container gets every capability, every device and
+///   no LSM profile; the sandbox needs none of that beyond [`CAPABILITIES`].
+/// - `capabilities`: `drop: [ALL]`, `add:` [`CAPABILITIES`] (see there).
+/// - `allowPrivilegeEscalation: false`: the kubelet sets `no_new_privs`, which every RUN
+///   process inherits, so a setuid or file-capability program cannot raise a step's
+///   privileges (as in the restricted Pod Security level; a RUN step of a non-root `USER`
+///   that calls `sudo` or `su` fails, unlike in `docker build`). Kiln needs no setuid
+///   helper such as `newuidmap`: in its user namespace `kiln execute` is root with
+///   `SETUID`/`SETGID` and switches users itself. Kubernetes documents that this flag "is
+///   true always when the container ... has CAP_SYS_ADMIN" and refuses `false` with an added
+///   `CAP_SYS_ADMIN`, which is why [`CAPABILITIES`] spells it `SYS_ADMIN` (the runtime adds
+///   the prefix): `no_new_privs` is no boundary for `kiln execute` itself, which holds
+///   `SYS_ADMIN`, but it is for the commands of RUN steps below it.
+///   (<https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/#security-context-1>)
+/// - `seccompProfile: RuntimeDefault`: the runtime's filter stays on for RUN steps
+///   (`io_uring`, `keyctl`, `userfaultfd`, `bpf`, ... refused). It allows what the sandbox
+///   needs because the bounding set holds `SYS_ADMIN`, with one exception: containerd's
+///   profile does not allow `pivot_root`, so the sandbox enters the step's root with its
+///   documented fallback (move the overlay onto `/`, then `chroot`).
+/// - `appArmorProfile: Unconfined`: the runtimes' default AppArmor profile has
+///   `deny mount,` (containerd `contrib/apparmor/template.go`), which would refuse every
+///   mount of the sandbox on AppArmor nodes; rootless BuildKit's Kubernetes examples set
+///   the same for the same reason (`examples/kubernetes/*.rootless.yaml`). Kubernetes ≥ 1.30.
+/// - `procMount: Unmasked`: the sandbox mounts a fresh `/proc` for each step's PID
+///   namespace, which the kernel refuses inside a user namespace while the container's
+///   `/proc` has masked paths over it; Kubernetes accepts `Unmasked` only together with
+///   `hostUsers: false` ("`hostUsers` must be false to use `Unmasked`"), and it unmasks the
+///   pod's own `/proc` only, which its user namespace cannot use against the host. BuildKit's
+///   `docs/rootless.md` explains the same need (`systempaths=unconfined`).
+/// - `readOnlyRootFilesystem: true`: `kiln execute` writes only to its emptyDirs (the data
+///   directory, `TMPDIR`, the termination log); RUN steps write to their overlay.
+/// - `runAsUser: 0`, `runAsGroup: 0`, and no `runAsNonRoot`: the sandbox needs root in the
+///   pod's user namespace, which is an unprivileged user on the node (the kubelet maps it
+///   to a UID range above 65535 of its own); `runAsNonRoot: true` would make the kubelet
+///   refuse to start it. Pod Security Admission waives these two checks for pods with
+///   `hostUsers: false` (user namespaces page, "Integration with Pod security admission
+///   checks").
+pub fn default_security_context() -> SecurityContext {
+    SecurityContext {
+        privileged: Some(false),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        app_armor_profile: Some(AppArmorProfile {
+            type_: "Unconfined".into(),
+            localhost_profile: None,
+        }),
+        proc_mount: Some("Unmasked".into()),
+        read_only_root_filesystem: Some(true),
+        run_as_user: Some(0),
+        run_as_group: Some(0),
+        ..Default::default()
+    }
+}
+
+/// The build container's security context with `kubernetes.privileged = true`: what Kiln
+/// used before builder pods had user namespaces.
+fn privileged_security_context() -> SecurityContext {
+    SecurityContext {
+        privileged: Some(true),
+        ..Default::default()
+    }
+}
 
 /// The name of the pod (and of its Secret) that builds `key`.
 pub fn pod_name(key: &BuildKey) -> String {
@@ -103,20 +230,31 @@ pub fn pod(build: &BuilderPod<'_>, settings: &KubernetesConfig) -> Result<Pod, S
         name: CONTAINER.into(),
         image: Some(settings.builder_image.clone()),
         command: Some(command),
-        env: Some(vec![EnvVar {
-            name: "KILN_EXECUTE_DATA_DIR".into(),
-            value: Some(DATA_DIR.into()),
-            ..Default::default()
-        }]),
+        env: Some(vec![
+            EnvVar {
+                name: "KILN_EXECUTE_DATA_DIR".into(),
+                value: Some(DATA_DIR.into()),
+                ..Default::default()
+            },
+            EnvVar {
+                name: "TMPDIR".into(),
+                value: Some(TMP_DIR.into()),
+                ..Default::default()
+            },
+        ]),
         resources: settings.resources.clone(),
-        security_context: Some(settings.security_context.clone().unwrap_or(SecurityContext {
-            privileged: Some(true),
-            ..Default::default()
-        })),
+        // An explicit security context replaces the default whole: merging field by field
+        // would leave an operator unsure what the container really gets.
+        security_context: Some(match (&settings.security_context, settings.privileged) {
+            (Some(context), _) => context.clone(),
+            (None, true) => privileged_security_context(),
+            (None, false) => default_security_context(),
+        }),
         termination_message_path: Some(TERMINATION_LOG.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(vec![
             mount("work", DATA_DIR, false),
+            mount("tmp", TMP_DIR, false),
             mount("run", "/var/run/kiln", false),
             mount("credentials", CREDENTIALS_DIR, true),
         ]),
@@ -124,6 +262,12 @@ pub fn pod(build: &BuilderPod<'_>, settings: &KubernetesConfig) -> Result<Pod, S
     };
     let spec = PodSpec {
         containers: vec![container],
+        // Root in the pod is then an unprivileged user of the node, and every capability
+        // above is valid in the pod's user namespace only. Needs Kubernetes ≥ 1.33 (beta, on
+        // by default; stable in 1.36), Linux ≥ 6.3 and containerd ≥ 2.0 or CRI-O ≥ 1.25 with
+        // runc ≥ 1.2 or crun ≥ 1.9 (<https://kubernetes.io/docs/concepts/workloads/pods/user-namespaces/>).
+        // Its volumes are emptyDirs and a Secret, which user namespaces have always allowed.
+        host_users: (!settings.privileged).then_some(false),
         restart_policy: Some("Never".into()),
         service_account_name: Some(settings.service_account.clone()),
         automount_service_account_token: Some(false),
@@ -133,6 +277,7 @@ pub fn pod(build: &BuilderPod<'_>, settings: &KubernetesConfig) -> Result<Pod, S
         tolerations: (!settings.tolerations.is_empty()).then(|| settings.tolerations.clone()),
         volumes: Some(vec![
             empty_dir("work"),
+            empty_dir("tmp"),
             empty_dir("run"),
             Volume {
                 name: "credentials".into(),
@@ -267,6 +412,13 @@ pub enum PodState {
     },
 }
 
+/// Appended to the failure of a builder pod with `hostUsers: false` whose container never
+/// started.
+pub const NEVER_STARTED_HINT: &str = "; its container never started: `kubectl describe pod` \
+     shows why; if the node cannot run pods in their own user namespace (hostUsers: false \
+     needs Kubernetes 1.33 or later, Linux 6.3, containerd 2.0 or CRI-O 1.25), build on nodes \
+     that can (kubernetes.node_selector) or set kubernetes.privileged = true";
+
 /// Waiting reasons that do not resolve on their own.
 const STUCK_REASONS: &[&str] = &[
     "ErrImagePull",
@@ -309,12 +461,19 @@ impl PodState {
         match status.phase.as_deref() {
             Some("Succeeded") => return Self::Succeeded,
             Some("Failed") => {
-                let message = match (&status.reason, &status.message) {
+                let mut message = match (&status.reason, &status.message) {
                     (Some(r), Some(m)) => format!("builder pod failed: {r}: {m}"),
                     (Some(r), None) => format!("builder pod failed: {r}"),
                     (None, Some(m)) => format!("builder pod failed: {m}"),
                     (None, None) => "builder pod failed".to_owned(),
                 };
+                // A node that cannot give the pod its user namespace leaves it Pending, with
+                // the reason only in the pod's events, until the deadline ends it.
+                let never_started = state.is_none_or(|s| s.running.is_none() && s.terminated.is_none());
+                let own_user_namespace = pod.spec.as_ref().and_then(|s| s.host_users) == Some(false);
+                if never_started && own_user_namespace {
+                    message.push_str(NEVER_STARTED_HINT);
+                }
                 return Self::Failed { message };
             }
             _ => {}
@@ -378,10 +537,210 @@ mod tests {
         assert_eq!(found.state, PodState::Waiting { problem: None });
         let container = &pod.spec.as_ref().unwrap().containers[0];
         assert_eq!(container.command.as_ref().unwrap()[..2], ["kiln", "execute"]);
+    }
+
+    /// The whole default pod for a sample build, field for field: removing or changing any
+    /// setting (above all the security ones) must be a visible decision.
+    #[test]
+    fn the_default_pod_is_pinned() {
+        let id = BuildId::parse("0b6c1a57-3f3e-4c56-9a51-1d1e2b3c4d5e").unwrap();
+        let key = key();
+        let base: ImageRef = "registry.example/kiln/base:x".parse().unwrap();
+        let ws: ImageRef = "registry.example/kiln/ws:y".parse().unwrap();
+        let pod = pod(&build(&id, &key, &base, &ws), &KubernetesConfig::default()).unwrap();
+        let short = "ab".repeat(16);
+        let name = format!("kiln-build-{short}");
+        let expected = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "app.kubernetes.io/managed-by": "kiln",
+                    "app.kubernetes.io/name": "kiln-builder",
+                    "kiln.dev/build-id": "0b6c1a57-3f3e-4c56-9a51-1d1e2b3c4d5e",
+                    "kiln.dev/build-key": short,
+                },
+                "annotations": {
+                    "kiln.dev/base-ref": "registry.example/kiln/base:x",
+                    "kiln.dev/build-key": "ab".repeat(32),
+                    "kiln.dev/created-by": "replica-0",
+                    "kiln.dev/timeout-seconds": "600",
+                    "kiln.dev/workspace-ref": "registry.example/kiln/ws:y",
+                },
+            },
+            "spec": {
+                "hostUsers": false,
+                "restartPolicy": "Never",
+                "activeDeadlineSeconds": 600,
+                "serviceAccountName": "kiln-builder",
+                "automountServiceAccountToken": false,
+                "containers": [{
+                    "name": "build",
+                    "image": crate::config::KILN_IMAGE,
+                    "command": ["kiln", "execute", "--destination", "registry.example/kiln/base:x"],
+                    "env": [
+                        { "name": "KILN_EXECUTE_DATA_DIR", "value": "/var/lib/kiln" },
+                        { "name": "TMPDIR", "value": "/var/tmp/kiln" },
+                    ],
+                    "securityContext": {
+                        "privileged": false,
+                        "allowPrivilegeEscalation": false,
+                        "capabilities": {
+                            "drop": ["ALL"],
+                            "add": [
+                                "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
+                                "MKNOD", "NET_BIND_SERVICE", "SETFCAP", "SETGID",
+                                "SETPCAP", "SETUID", "SYS_CHROOT", "SYS_ADMIN", "NET_ADMIN",
+                            ],
+                        },
+                        "seccompProfile": { "type": "RuntimeDefault" },
+                        "appArmorProfile": { "type": "Unconfined" },
+                        "procMount": "Unmasked",
+                        "readOnlyRootFilesystem": true,
+                        "runAsUser": 0,
+                        "runAsGroup": 0,
+                    },
+                    "terminationMessagePath": "/var/run/kiln/termination-log",
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                    "volumeMounts": [
+                        { "name": "work", "mountPath": "/var/lib/kiln" },
+                        { "name": "tmp", "mountPath": "/var/tmp/kiln" },
+                        { "name": "run", "mountPath": "/var/run/kiln" },
+                        { "name": "credentials", "mountPath": "/var/run/kiln/credentials", "readOnly": true },
+                    ],
+                }],
+                "volumes": [
+                    { "name": "work", "emptyDir": {} },
+                    { "name": "tmp", "emptyDir": {} },
+                    { "name": "run", "emptyDir": {} },
+                    { "name": "credentials", "secret": {
+                        "secretName": name, "defaultMode": 0o400, "optional": false } },
+                ],
+            },
+        });
+        let actual = serde_json::to_value(&pod).unwrap();
         assert_eq!(
-            container.security_context.as_ref().unwrap().privileged,
-            Some(true)
+            actual,
+            expected,
+            "the default builder pod changed:\n{}",
+            serde_json::to_string_pretty(&actual).unwrap()
         );
+    }
+
+    /// Credentials reach the pod only through its Secret: nothing of them is in the spec,
+    /// whatever the build is given.
+    #[test]
+    fn no_credential_is_in_the_pod_spec() {
+        let (id, key) = (BuildId::random(), key());
+        let base: ImageRef = "r.example/b:x".parse().unwrap();
+        let mut spec = build(&id, &key, &base, &base);
+        spec.execute_args.extend([
+            "--git-credentials".to_owned(),
+            format!("{CREDENTIALS_DIR}/{GIT_CREDENTIALS_KEY}"),
+            "--pull-secret".to_owned(),
+            format!("{CREDENTIALS_DIR}/{DOCKER_CONFIG_KEY}"),
+        ]);
+        let mut pod = pod(&spec, &KubernetesConfig::default()).unwrap();
+        pod.metadata.uid = Some("u-1".into());
+        let secret = secret(
+            &pod,
+            br#"{"auths":{"r.example":{"auth":"c2VjcmV0LXB1c2gtdG9rZW4="}}}"#.to_vec(),
+            Some("me:secret-git-password".into()),
+        );
+        let text = serde_json::to_string(&pod).unwrap();
+        for leak in [
+            "secret-git-password",
+            "c2VjcmV0LXB1c2gtdG9rZW4=",
+            "secret-push-token",
+            "auths",
+        ] {
+            assert!(!text.contains(leak), "{leak} is in the pod spec: {text}");
+        }
+        // ... and all of them are in the Secret the pod mounts.
+        let data = secret.data.unwrap();
+        assert_eq!(data[GIT_CREDENTIALS_KEY].0, b"me:secret-git-password");
+        assert!(String::from_utf8_lossy(&data[DOCKER_CONFIG_KEY].0).contains("c2VjcmV0LXB1c2gtdG9rZW4="));
+        let volumes = pod.spec.unwrap().volumes.unwrap();
+        let mounted = volumes.iter().find(|v| v.name == "credentials").unwrap();
+        assert_eq!(mounted.secret.as_ref().unwrap().secret_name, secret.metadata.name);
+    }
+
+    #[test]
+    fn privileged_brings_back_the_old_pod_and_a_security_context_replaces_the_default() {
+        let (id, key) = (BuildId::random(), key());
+        let base: ImageRef = "r.example/b:x".parse().unwrap();
+        let privileged = KubernetesConfig {
+            privileged: true,
+            ..Default::default()
+        };
+        let pod_of = |settings: &KubernetesConfig| pod(&build(&id, &key, &base, &base), settings).unwrap();
+        let spec = pod_of(&privileged).spec.unwrap();
+        assert_eq!(
+            spec.host_users, None,
+            "privileged pods use the node's user namespace"
+        );
+        assert_eq!(
+            spec.containers[0].security_context,
+            Some(SecurityContext {
+                privileged: Some(true),
+                ..Default::default()
+            })
+        );
+
+        let own: SecurityContext =
+            serde_json::from_value(serde_json::json!({ "capabilities": { "add": ["SYS_ADMIN"] } })).unwrap();
+        let replaced = KubernetesConfig {
+            security_context: Some(own.clone()),
+            ..Default::default()
+        };
+        let spec = pod_of(&replaced).spec.unwrap();
+        assert_eq!(spec.host_users, Some(false));
+        assert_eq!(
+            spec.containers[0].security_context,
+            Some(own),
+            "replaced whole, not merged"
+        );
+
+        // The template has the last word, hostUsers included.
+        let template = KubernetesConfig {
+            pod_template: Some(toml::from_str("spec = { hostUsers = true }").unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(pod_of(&template).spec.unwrap().host_users, Some(true));
+    }
+
+    #[test]
+    fn a_pod_in_its_own_user_namespace_that_never_started_says_what_to_check() {
+        let pod = |host_users: Option<bool>, state: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "p" },
+                "spec": { "hostUsers": host_users, "containers": [{ "name": "build" }] },
+                "status": { "phase": "Failed", "reason": "DeadlineExceeded",
+                            "message": "Pod was active on the node longer than the specified deadline",
+                            "containerStatuses": [{ "name": "build", "image": "i", "imageID": "",
+                                                    "ready": false, "restartCount": 0, "state": state }] },
+            }))
+            .unwrap()
+        };
+        let waiting = serde_json::json!({ "waiting": { "reason": "ContainerCreating" } });
+        let PodState::Failed { message } = PodState::of(&pod(Some(false), waiting.clone())) else {
+            panic!("not failed")
+        };
+        assert!(
+            message.contains("DeadlineExceeded") && message.ends_with(NEVER_STARTED_HINT),
+            "{message}"
+        );
+        // Not for a pod without a user namespace, nor for one whose container ran.
+        let PodState::Failed { message } = PodState::of(&pod(None, waiting)) else {
+            panic!("not failed")
+        };
+        assert!(!message.contains("never started"), "{message}");
+        let ran = serde_json::json!({ "running": { "startedAt": "2026-01-01T00:00:00Z" } });
+        let PodState::Failed { message } = PodState::of(&pod(Some(false), ran)) else {
+            panic!("not failed")
+        };
+        assert!(!message.contains("never started"), "{message}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! Role), and the REST shapes of core/v1 pods, pods/log and secrets as `kube` clients expect
 //! them — objects with `kind`/`apiVersion`/`uid`/`resourceVersion`, lists with a
 //! resourceVersion, newline-delimited watch events with bookmarks and 410 expiry, plain-text
-//! logs, and errors as `metav1.Status`.
+//! logs, and errors as `metav1.Status` (422 with causes for invalid pods, including the rules
+//! for `hostUsers: false`, `procMount` and `allowPrivilegeEscalation`).
 //!
 //! One fallback handler parses the path itself: that keeps the authorizer in charge of every
 //! request, including paths no route exists for (another namespace, the cluster scope).
@@ -404,6 +405,9 @@ fn create(shared: &Arc<Shared>, resource: &str, kind: &str, namespace: &str, bod
         }
     }
     let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+    if resource == "pods" && !shared.options.user_namespaces {
+        drop_user_namespace_fields(&mut object);
+    }
     let mut causes = Vec::new();
     validate_meta(&object, &name, &mut causes);
     match resource {
@@ -559,6 +563,7 @@ fn validate_pod(object: &Value, causes: &mut Vec<Value>) {
             }
         }
     }
+    validate_security(object, causes);
     let policy = object["spec"]["restartPolicy"].as_str().unwrap_or("Always");
     if !["Always", "OnFailure", "Never"].contains(&policy) {
         causes.push(cause(
@@ -566,6 +571,110 @@ fn validate_pod(object: &Value, causes: &mut Vec<Value>) {
             "spec.restartPolicy",
             &format!("Unsupported value: {policy:?}"),
         ));
+    }
+}
+
+/// The API server's rules for the security fields Kiln sets (`ValidatePodSpec` and
+/// `ValidateSecurityContext` in `pkg/apis/core/validation`): a pod in its own user namespace
+/// shares no host namespace and only such a pod may have an unmasked `/proc`
+/// (<https://kubernetes.io/docs/concepts/workloads/pods/user-namespaces/#limitations>);
+/// `allowPrivilegeEscalation: false` goes neither with `privileged` nor with an added
+/// `CAP_SYS_ADMIN` (spelled so: the check compares the string); profile types are known.
+/// `privileged: true` with `hostUsers: false` is accepted, as by the real server (BuildKit's
+/// `examples/kubernetes/*.userns.yaml` run so).
+fn validate_security(object: &Value, causes: &mut Vec<Value>) {
+    let spec = &object["spec"];
+    let own_user_namespace = spec["hostUsers"] == json!(false);
+    if own_user_namespace {
+        for field in ["hostNetwork", "hostPID", "hostIPC"] {
+            if spec[field] == json!(true) {
+                causes.push(cause(
+                    "FieldValueForbidden",
+                    &format!("spec.{field}"),
+                    "Forbidden: when `hostUsers` is false",
+                ));
+            }
+        }
+    }
+    let profile = |value: &Value, path: &str, causes: &mut Vec<Value>| {
+        if value.is_null() {
+            return;
+        }
+        match value["type"].as_str().unwrap_or("") {
+            "RuntimeDefault" | "Unconfined" => {}
+            "Localhost" if value["localhostProfile"].as_str().is_some_and(|p| !p.is_empty()) => {}
+            "Localhost" => causes.push(cause(
+                "FieldValueRequired",
+                &format!("{path}.localhostProfile"),
+                "Required value: must be set when seccomp type is Localhost",
+            )),
+            other => causes.push(cause(
+                "FieldValueNotSupported",
+                &format!("{path}.type"),
+                &format!("Unsupported value: {other:?}: supported values: \"Localhost\", \"RuntimeDefault\", \"Unconfined\""),
+            )),
+        }
+    };
+    profile(
+        &spec["securityContext"]["seccompProfile"],
+        "spec.securityContext.seccompProfile",
+        causes,
+    );
+    profile(
+        &spec["securityContext"]["appArmorProfile"],
+        "spec.securityContext.appArmorProfile",
+        causes,
+    );
+    for (i, c) in spec["containers"].as_array().into_iter().flatten().enumerate() {
+        let sc = &c["securityContext"];
+        let path = format!("spec.containers[{i}].securityContext");
+        profile(&sc["seccompProfile"], &format!("{path}.seccompProfile"), causes);
+        profile(&sc["appArmorProfile"], &format!("{path}.appArmorProfile"), causes);
+        match sc["procMount"].as_str() {
+            None | Some("Default") => {}
+            Some("Unmasked") if own_user_namespace => {}
+            Some("Unmasked") => causes.push(cause(
+                "FieldValueInvalid",
+                &format!("{path}.procMount"),
+                "Invalid value: \"Unmasked\": `hostUsers` must be false to use `Unmasked`",
+            )),
+            Some(other) => causes.push(cause(
+                "FieldValueNotSupported",
+                &format!("{path}.procMount"),
+                &format!("Unsupported value: {other:?}: supported values: \"Default\", \"Unmasked\""),
+            )),
+        }
+        if sc["allowPrivilegeEscalation"] == json!(false) {
+            if sc["privileged"] == json!(true) {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    &path,
+                    "Invalid value: cannot set `allowPrivilegeEscalation` to false and `privileged` to true",
+                ));
+            }
+            let adds = sc["capabilities"]["add"].as_array().into_iter().flatten();
+            if adds.filter_map(Value::as_str).any(|c| c == "CAP_SYS_ADMIN") {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    &path,
+                    "Invalid value: cannot set `allowPrivilegeEscalation` to false and `capabilities.Add` CAP_SYS_ADMIN",
+                ));
+            }
+        }
+    }
+}
+
+/// What an API server with the `UserNamespacesSupport` and `ProcMountType` feature gates
+/// off does to a new pod before validating it (`dropDisabledFields` in `pkg/api/pod`):
+/// `hostUsers` is dropped and a `procMount` forced to `Default`, silently.
+fn drop_user_namespace_fields(object: &mut Value) {
+    if let Some(spec) = object["spec"].as_object_mut() {
+        spec.remove("hostUsers");
+    }
+    for c in object["spec"]["containers"].as_array_mut().into_iter().flatten() {
+        if c["securityContext"]["procMount"].is_string() {
+            c["securityContext"]["procMount"] = json!("Default");
+        }
     }
 }
 

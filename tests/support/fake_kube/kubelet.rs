@@ -5,6 +5,15 @@
 //! timestamped log lines, reports Pending → Running → Succeeded/Failed with the termination
 //! message, and on deletion kills the process group (SIGTERM, then SIGKILL after the
 //! grace) before the pod object goes away with its owned secrets.
+//!
+//! Of the container's security context it applies what a process can be given without a
+//! container runtime ([`Security`]): the capability set (the runtime's default set, then
+//! `drop` and `add`, or every capability when `privileged`) as the bounding set,
+//! `allowPrivilegeEscalation: false` as `no_new_privs`, `readOnlyRootFilesystem` as a
+//! read-only `/` under the volume mounts, `runAsUser`/`runAsGroup`, and the kubelet's
+//! `runAsNonRoot` check. It cannot give a pod its own user namespace (`hostUsers: false`),
+//! a seccomp or AppArmor profile, or a masked `/proc`: the API server validates those
+//! fields ([`super::api`]) and the process runs with the host's.
 
 use std::{
     collections::HashMap,
@@ -555,6 +564,154 @@ struct Mount {
 struct Prepared {
     mounts: Vec<Mount>,
     env: Vec<(String, String)>,
+    security: Security,
+}
+
+/// Capability numbers by name (`linux/capability.h`), without the `CAP_` prefix.
+const CAPABILITY_NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// What containerd (and Docker) give a container that asks for nothing.
+const RUNTIME_DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// The part of the container's security context the fake kubelet applies to the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Security {
+    /// The bounding set, as capability numbers; `None` keeps every capability (privileged).
+    pub capabilities: Option<Vec<u32>>,
+    pub no_new_privs: bool,
+    pub read_only_root: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+fn capability_number(name: &str) -> Option<u32> {
+    let name = name.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("CAP_").unwrap_or(&name);
+    CAPABILITY_NAMES.iter().position(|n| *n == name).map(|n| n as u32)
+}
+
+/// The container's security context (over the pod's, for the fields both have) as the
+/// runtime and kubelet would apply it; an error is what the kubelet reports as
+/// CreateContainerConfigError (or the runtime as CreateContainerError).
+pub(crate) fn security(pod: &Value, container: &Value) -> Result<Security, String> {
+    let sc = &container["securityContext"];
+    let pod_sc = &pod["spec"]["securityContext"];
+    let id = |field: &str| -> Option<u32> {
+        sc[field]
+            .as_u64()
+            .or_else(|| pod_sc[field].as_u64())
+            .map(|v| v as u32)
+    };
+    let capabilities = if sc["privileged"] == json!(true) {
+        None
+    } else {
+        let mut set: Vec<u32> = RUNTIME_DEFAULT_CAPABILITIES
+            .iter()
+            .filter_map(|n| capability_number(n))
+            .collect();
+        let names = |field: &str| -> Vec<String> {
+            sc["capabilities"][field]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        };
+        for name in names("drop") {
+            if name.eq_ignore_ascii_case("ALL") {
+                set.clear();
+                continue;
+            }
+            let number = capability_number(&name).ok_or_else(|| format!("unknown capability {name:?}"))?;
+            set.retain(|c| *c != number);
+        }
+        for name in names("add") {
+            if name.eq_ignore_ascii_case("ALL") {
+                set = (0..CAPABILITY_NAMES.len() as u32).collect();
+                continue;
+            }
+            let number = capability_number(&name).ok_or_else(|| format!("unknown capability {name:?}"))?;
+            if !set.contains(&number) {
+                set.push(number);
+            }
+        }
+        set.sort_unstable();
+        Some(set)
+    };
+    let uid = id("runAsUser");
+    let run_as_non_root = sc["runAsNonRoot"]
+        .as_bool()
+        .or_else(|| pod_sc["runAsNonRoot"].as_bool())
+        .unwrap_or(false);
+    // The image's user is the fake's own: whoever runs the tests.
+    let effective_uid = uid.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+    if run_as_non_root && effective_uid == 0 {
+        return Err("container has runAsNonRoot and image will run as root".into());
+    }
+    Ok(Security {
+        capabilities,
+        no_new_privs: sc["allowPrivilegeEscalation"] == json!(false),
+        read_only_root: sc["readOnlyRootFilesystem"] == json!(true),
+        uid,
+        gid: id("runAsGroup"),
+    })
 }
 
 fn decode(data: &Value) -> Vec<(String, Vec<u8>)> {
@@ -728,7 +885,12 @@ fn prepare(
         };
         env.push((name, value));
     }
-    Ok(Prepared { mounts, env })
+    let security = security(pod, container).map_err(config)?;
+    Ok(Prepared {
+        mounts,
+        env,
+        security,
+    })
 }
 
 fn cstring(path: &Path) -> Result<CString, Failure> {
@@ -763,6 +925,11 @@ fn spawn(
     for m in &prepared.mounts {
         binds.push((cstring(&m.source)?, cstring(&m.target)?, m.read_only));
     }
+    let security = prepared.security.clone();
+    let last_capability: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
     let mut command = tokio::process::Command::new(program);
     command
         .args(args)
@@ -777,7 +944,8 @@ fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    // SAFETY: the closure only makes syscalls on data prepared before the fork.
+    // SAFETY: the closure only makes syscalls (mount, chdir, prctl, set*id) on data prepared
+    // before the fork.
     unsafe {
         command.pre_exec(move || {
             unshare(CloneFlags::CLONE_NEWNS)?;
@@ -807,7 +975,39 @@ fn spawn(
                     )?;
                 }
             }
+            if security.read_only_root {
+                // Only the root mount: the volumes bound above stay writable, as in a
+                // container whose root file system is read-only.
+                mount(
+                    None::<&CStr>,
+                    c"/",
+                    None::<&CStr>,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None::<&CStr>,
+                )?;
+            }
             nix::unistd::chdir(workdir.as_c_str())?;
+            if let Some(kept) = &security.capabilities {
+                // Root's capabilities after execve are its bounding set; nothing inherited or
+                // ambient may add to it.
+                libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+                for cap in (0..=last_capability).filter(|c| !kept.contains(c)) {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            if security.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Last: the bounding set and mounts above need this process's capabilities.
+            if let Some(gid) = security.gid {
+                nix::unistd::setgroups(&[])?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
+            }
+            if let Some(uid) = security.uid {
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+            }
             Ok(())
         });
     }

@@ -1,7 +1,11 @@
 //! A fake Kubernetes cluster for Kiln's Kubernetes executor tests: an API server speaking
 //! the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, RBAC from
-//! `deploy/role.yaml`, owner-reference GC), and a kubelet that runs each pod's container
-//! command as a local process in its own mount namespace, volumes bind-mounted in place.
+//! `deploy/role.yaml`, owner-reference GC, the API server's validation of user-namespace and
+//! privilege-escalation fields), and a kubelet that runs each pod's container command as a
+//! local process in its own mount namespace, volumes bind-mounted in place, with as much of
+//! its security context as a process can be given (capabilities, no_new_privs, read-only
+//! root, user). A pod's own user namespace, seccomp and AppArmor profiles and `/proc` masking
+//! are validated but not applied: the process runs with the host's.
 //!
 //! [`FakeKube`] owns everything it starts: its server thread and runtime, every pod process
 //! (killed by process group), the per-pod volume dirs and the mount points it had to create
@@ -53,6 +57,11 @@ pub struct FakeKubeOptions {
     pub kill_grace: Duration,
     /// Interval of BOOKMARK events on watches that asked for them.
     pub bookmark_interval: Duration,
+    /// Whether the API server knows pods in their own user namespace. `false` is a cluster
+    /// with the `UserNamespacesSupport` and `ProcMountType` feature gates off (both were off
+    /// by default before Kubernetes 1.33): it drops `hostUsers` from new pods and forces
+    /// `procMount` to `Default`, without a word. Default `true`.
+    pub user_namespaces: bool,
 }
 
 impl Default for FakeKubeOptions {
@@ -69,6 +78,7 @@ impl Default for FakeKubeOptions {
             pending_delay: Duration::from_millis(50),
             kill_grace: Duration::from_secs(2),
             bookmark_interval: Duration::from_secs(1),
+            user_namespaces: true,
         }
     }
 }
