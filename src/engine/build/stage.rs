@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     cache::{CachedLayer, StateKey},
     fsop::{self, FsAction, FsOp, FsSource, Overlay},
-    pull, BuildInput, Engine, EngineError, RunNetwork,
+    pull, securejoin, BuildInput, Engine, EngineError, RunNetwork,
 };
 use crate::{
     engine::{
@@ -866,9 +866,23 @@ impl<'a> StageRunner<'a> {
             });
             match spec.from.as_deref() {
                 None => {
-                    let digest =
-                        context_inputs_digest(&self.input.context, &self.input.dockerignore, &sources)
-                            .map_err(|e| EngineError::at(line, format!("{keyword}: {e}")))?;
+                    // Hashing reads whole files: off the async threads, and bounded.
+                    let (context, ignore, names) = (
+                        self.input.context.clone(),
+                        self.input.dockerignore.clone(),
+                        sources.clone(),
+                    );
+                    let digest = tokio::task::spawn_blocking(move || {
+                        context_inputs_digest(
+                            &context,
+                            &ignore,
+                            &names,
+                            crate::engine::context::MAX_CONTEXT_HASH_BYTES,
+                        )
+                    })
+                    .await
+                    .map_err(|e| EngineError::at(line, format!("{keyword}: hashing its sources: {e}")))?
+                    .map_err(|e| EngineError::at(line, format!("{keyword}: {e}")))?;
                     (
                         Some(FsSource::Context {
                             dir: self.input.context.clone(),
@@ -927,6 +941,18 @@ impl<'a> StageRunner<'a> {
             .clone()
             .unwrap_or_else(|| DEFAULT_SHELL.iter().map(|s| s.to_string()).collect());
         let (argv, shown, script_file) = run_argv(run, &shell);
+        if let Some((name, _)) = &script_file {
+            // The script lands in the step's private pipes directory under this name: one
+            // plain file name, never a path (BuildKit's Mkfile of such a name fails too).
+            securejoin::check_name(name).map_err(|why| {
+                EngineError::at(
+                    line,
+                    format!(
+                        "RUN <<{name:?}: invalid heredoc name: {why}; a heredoc script name is a file name"
+                    ),
+                )
+            })?;
+        }
         let mut env = ctx.args.run_env(&state.config);
         let user = state.config.config.user.clone().filter(|u| !u.is_empty());
         if !env.iter().any(|(k, _)| k == "HOME") {
@@ -1006,11 +1032,9 @@ impl<'a> StageRunner<'a> {
         }
         if let Some((name, content)) = &script_file {
             let pipes = dir.join("pipes");
-            std::fs::create_dir_all(&pipes).map_err(EngineError::io("creating the heredoc script dir"))?;
-            let path = pipes.join(name);
-            std::fs::write(&path, content).map_err(EngineError::io("writing the heredoc script"))?;
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .map_err(EngineError::io("writing the heredoc script"))?;
+            std::fs::create_dir(&pipes).map_err(EngineError::io("creating the heredoc script dir"))?;
+            write_script(&pipes, name, content.as_bytes())
+                .map_err(EngineError::io(format!("writing the heredoc script {name:?}")))?;
             mounts.push(BindMount {
                 host_dir: pipes,
                 target: PathBuf::from("/dev/pipes"),
@@ -1060,6 +1084,23 @@ impl<'a> StageRunner<'a> {
         }
         self.commit_layer(state, &step, &upper, &created_by, false).await
     }
+}
+
+/// Writes a heredoc script into the fresh, private `pipes` directory. `name` passed
+/// [`securejoin::check_name`]; `O_EXCL | O_NOFOLLOW` would refuse anything already there.
+fn write_script(pipes: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
+    use std::{
+        io::Write,
+        os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(pipes.join(name))?;
+    file.write_all(content)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o755))
 }
 
 /// The last lines of a step's output, for its error message.
@@ -1198,28 +1239,52 @@ fn healthcheck(hc: &dockerfile::Healthcheck) -> Healthcheck {
 
 /// A digest of the context files the sources of one COPY/ADD name (after `.dockerignore`):
 /// paths, types, modes and contents. A changed file changes it; an unrelated one does not.
-fn context_inputs_digest(context: &Path, ignore: &str, sources: &[String]) -> Result<String, String> {
+///
+/// Sources resolve inside the context exactly as the copy itself resolves them (a symlink
+/// to `/etc` means `<context>/etc`), and the walk below them never follows a symlink: no
+/// host file outside the context is ever read, listed or hashed. More than `limit` bytes of
+/// file content fail the step. Errors name paths inside the context. Blocking.
+fn context_inputs_digest(
+    context: &Path,
+    ignore: &str,
+    sources: &[String],
+    limit: u64,
+) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let ignore = crate::engine::context::DockerIgnore::parse(ignore);
+    let shown = |path: &Path| {
+        path.strip_prefix(context)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    let mut budget = limit;
     let mut h = Sha256::new();
     for source in sources {
         h.update(source.as_bytes());
         h.update([0]);
         let matches = fsop::glob_sources(context, source, Some(&ignore));
         for rel in matches {
-            let root = context.join(&rel);
+            let root = securejoin::resolve_in_root(context, &rel, true).map_err(|e| format!("{rel}: {e}"))?;
+            if std::fs::symlink_metadata(&root).is_err() {
+                return Err(format!(
+                    "{source}: not found in the build context (or excluded by .dockerignore)"
+                ));
+            }
             for entry in walkdir::WalkDir::new(&root)
                 .sort_by_file_name()
                 .follow_links(false)
+                .follow_root_links(false)
             {
-                let entry = entry.map_err(|e| e.to_string())?;
-                let rel_entry = entry
+                let entry = entry.map_err(|e| {
+                    let at = e.path().map(&shown).unwrap_or_else(|| rel.clone());
+                    let cause = e.io_error().map(|io| io.kind().to_string()).unwrap_or_default();
+                    format!("{at}: {cause}")
+                })?;
+                let rel_entry = shown(entry.path());
+                let meta = entry
                     .path()
-                    .strip_prefix(context)
-                    .unwrap_or(entry.path())
-                    .to_string_lossy()
-                    .into_owned();
-                let meta = entry.path().symlink_metadata().map_err(|e| e.to_string())?;
+                    .symlink_metadata()
+                    .map_err(|e| format!("{rel_entry}: {}", e.kind()))?;
                 if entry.depth() > 0 && ignore.is_excluded(&rel_entry, meta.is_dir()) && !meta.is_dir() {
                     continue;
                 }
@@ -1228,14 +1293,20 @@ fn context_inputs_digest(context: &Path, ignore: &str, sources: &[String]) -> Re
                 if meta.file_type().is_symlink() {
                     h.update(
                         std::fs::read_link(entry.path())
-                            .map_err(|e| e.to_string())?
+                            .map_err(|e| format!("{rel_entry}: {}", e.kind()))?
                             .to_string_lossy()
                             .as_bytes(),
                     );
                 } else if meta.is_file() {
-                    let mut f = std::fs::File::open(entry.path()).map_err(|e| e.to_string())?;
+                    budget = budget.checked_sub(meta.len()).ok_or_else(|| {
+                        format!("{source}: the files it copies exceed the limit of {limit} bytes")
+                    })?;
+                    let file = std::fs::File::open(entry.path())
+                        .map_err(|e| format!("{rel_entry}: {}", e.kind()))?;
                     let mut fh = Sha256::new();
-                    std::io::copy(&mut f, &mut fh).map_err(|e| e.to_string())?;
+                    // A file that grows while it is read still stops at its measured size.
+                    std::io::copy(&mut std::io::Read::take(file, meta.len()), &mut fh)
+                        .map_err(|e| format!("{rel_entry}: {}", e.kind()))?;
                     h.update(fh.finalize());
                 }
                 h.update([0xff]);
