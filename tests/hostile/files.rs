@@ -150,7 +150,10 @@ impl HostDir {
         let me = Self { dir, tag };
         me.write("secret", me.secret().as_bytes());
         me.write(&me.hidden_name(), b"hidden\n");
-        me.write("dockerfile-host", format!("{} is the first word\n", me.host_word()).as_bytes());
+        me.write(
+            "dockerfile-host",
+            format!("{} is the first word\n", me.host_word()).as_bytes(),
+        );
         me.write("ignore", b"*\n");
         let big = std::fs::File::create(me.path("big")).unwrap();
         big.set_len(200 << 30).unwrap();
@@ -216,20 +219,36 @@ impl HostDir {
             "secret".to_owned(),
         ];
         expected.sort();
-        assert_eq!(names, expected, "{case}: something was written into {}", self.abs());
-        assert_eq!(std::fs::read_to_string(self.path("secret")).unwrap(), self.secret());
+        assert_eq!(
+            names,
+            expected,
+            "{case}: something was written into {}",
+            self.abs()
+        );
+        assert_eq!(
+            std::fs::read_to_string(self.path("secret")).unwrap(),
+            self.secret()
+        );
     }
 }
 
 /// A Dockerfile source from an uploaded context, with a context path, a Dockerfile path and
 /// build arguments.
-fn uploaded_at(digest: &str, context_path: &str, dockerfile_path: &str, args: &[(&str, &str)]) -> Option<BuildSource> {
+fn uploaded_at(
+    digest: &str,
+    context_path: &str,
+    dockerfile_path: &str,
+    args: &[(&str, &str)],
+) -> Option<BuildSource> {
     Some(BuildSource {
         from: Some(build_source::From::File(BuildSourceDockerfile {
             context_digest: digest.to_owned(),
             dockerfile_path: dockerfile_path.to_owned(),
             context_path: context_path.to_owned(),
-            build_args: args.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            build_args: args
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             ..Default::default()
         })),
     })
@@ -276,7 +295,13 @@ async fn succeeded(client: &mut Client, case: &str, outcome: &Outcome) -> String
 
 /// Asserts the build failed as a build (not a refused request) and that what the caller
 /// sees names every one of `names` and no host path of the server's.
-async fn build_failed(client: &mut Client, kiln: &KilnServer, case: &str, outcome: &Outcome, names: &[&str]) -> String {
+async fn build_failed(
+    client: &mut Client,
+    kiln: &KilnServer,
+    case: &str,
+    outcome: &Outcome,
+    names: &[&str],
+) -> String {
     let text = everything(client, outcome).await;
     if let Some(status) = &outcome.error {
         assert_not_unknown(status);
@@ -286,7 +311,10 @@ async fn build_failed(client: &mut Client, kiln: &KilnServer, case: &str, outcom
         "{case}: the build did not fail:\n{text}"
     );
     for name in names {
-        assert!(text.contains(name), "{case}: what the caller sees does not name {name:?}:\n{text}");
+        assert!(
+            text.contains(name),
+            "{case}: what the caller sees does not name {name:?}:\n{text}"
+        );
     }
     assert_no_server_paths(kiln, case, &text);
     text
@@ -318,7 +346,10 @@ fn refused(kiln: &KilnServer, case: &str, outcome: &Outcome, field: &str) -> Str
 fn assert_no_server_paths(kiln: &KilnServer, case: &str, text: &str) {
     for dir in [kiln.data_dir(), server_dir(kiln)] {
         let dir = dir.to_string_lossy().into_owned();
-        assert!(!text.contains(&dir), "{case}: the server's path {dir} reached the caller:\n{text}");
+        assert!(
+            !text.contains(&dir),
+            "{case}: the server's path {dir} reached the caller:\n{text}"
+        );
     }
 }
 
@@ -410,7 +441,12 @@ fn symlinked_context(host: &HostDir, base: &str) -> Vec<u8> {
              echo \"SUBCONTEXT-$((6*7))\"\n"
     );
     let big_dockerfile = format!("FROM {base}\nCOPY big /big\n");
-    let (d0, d1, d2, d3) = (in_context("secret"), in_context("listed"), in_context("Dockerfile.sub"), rel.clone());
+    let (d0, d1, d2, d3) = (
+        in_context("secret"),
+        in_context("listed"),
+        in_context("Dockerfile.sub"),
+        rel.clone(),
+    );
     raw_tar(&[
         Entry::File("Dockerfile", dockerfile.as_bytes()),
         Entry::File("Dockerfile.big", big_dockerfile.as_bytes()),
@@ -464,12 +500,21 @@ async fn uploaded_context_symlinks_resolve_inside_the_context() {
         )
         .await;
         let log = succeeded(&mut client, "cache oracle", &outcome).await;
-        for step in ["COPY hostfile", "COPY link/secret", "COPY hop3/secret", "COPY up/secret", "COPY link/*"] {
+        for step in [
+            "COPY hostfile",
+            "COPY link/secret",
+            "COPY hop3/secret",
+            "COPY up/secret",
+            "COPY link/*",
+        ] {
             let line = log
                 .lines()
                 .find(|l| l.contains(step) && l.starts_with('['))
                 .unwrap_or_else(|| panic!("no {step:?} step in the log:\n{log}"));
-            assert!(line.ends_with("(cached)"), "cache oracle: {step} was not cached: {line}");
+            assert!(
+                line.ends_with("(cached)"),
+                "cache oracle: {step} was not cached: {line}"
+            );
         }
         std::fs::write(hostdir.path("secret"), hostdir.secret()).unwrap();
         hostdir.assert_not_leaked("cache oracle", &log);
@@ -477,8 +522,19 @@ async fn uploaded_context_symlinks_resolve_inside_the_context() {
         // Point 9: a 200 GB sparse host file behind a symlink is neither hashed nor copied:
         // the COPY fails at once, naming its line.
         let started = Instant::now();
-        let outcome = run_build(&mut client, request(uploaded_at(&digest, ".", "Dockerfile.big", &[]))).await;
-        build_failed(&mut client, &kiln, "sparse host file", &outcome, &["line 2", "big"]).await;
+        let outcome = run_build(
+            &mut client,
+            request(uploaded_at(&digest, ".", "Dockerfile.big", &[])),
+        )
+        .await;
+        build_failed(
+            &mut client,
+            &kiln,
+            "sparse host file",
+            &outcome,
+            &["line 2", "big"],
+        )
+        .await;
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "a COPY of a symlink to a 200 GB host file took {:?}",
@@ -496,11 +552,19 @@ async fn uploaded_context_symlinks_resolve_inside_the_context() {
         assert!(log.contains("SUBCONTEXT-42"), "{log}");
         hostdir.assert_not_leaked("context_path symlink", &log);
         // … and one whose target is not in the upload is refused.
-        let outcome = run_build(&mut client, request(uploaded_at(&digest, "rootdir", "Dockerfile", &[]))).await;
+        let outcome = run_build(
+            &mut client,
+            request(uploaded_at(&digest, "rootdir", "Dockerfile", &[])),
+        )
+        .await;
         refused(&kiln, "context_path symlink out", &outcome, "context_path");
 
         // Point 3: a Dockerfile that is a symlink to a host file is not read.
-        let outcome = run_build(&mut client, request(uploaded_at(&digest, ".", "Dockerfile.host", &[]))).await;
+        let outcome = run_build(
+            &mut client,
+            request(uploaded_at(&digest, ".", "Dockerfile.host", &[])),
+        )
+        .await;
         let message = refused(&kiln, "Dockerfile symlink", &outcome, "dockerfile_path");
         hostdir.assert_not_leaked("Dockerfile symlink", &message);
 
@@ -541,7 +605,10 @@ async fn git_context_symlinks_resolve_inside_the_checkout() {
     let mut host = HostSentinels::new(&kiln);
     let hostdir = HostDir::new();
     host.watch(&hostdir.path("secret"));
-    let repo_dir = tempfile::Builder::new().prefix("kiln-hostile-git-").tempdir().unwrap();
+    let repo_dir = tempfile::Builder::new()
+        .prefix("kiln-hostile-git-")
+        .tempdir()
+        .unwrap();
     let repo = repo_dir.path().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
     std::os::unix::fs::symlink(hostdir.abs(), repo.join("sub")).unwrap();
@@ -562,7 +629,12 @@ async fn git_context_symlinks_resolve_inside_the_checkout() {
         hostdir.assert_not_leaked("git Dockerfile symlink", &message);
 
         let outcome = run_build(&mut client, request(git_at(&uri, ".", "sub/secret"))).await;
-        let message = refused(&kiln, "git Dockerfile through a symlinked dir", &outcome, "dockerfile_path");
+        let message = refused(
+            &kiln,
+            "git Dockerfile through a symlinked dir",
+            &outcome,
+            "dockerfile_path",
+        );
         hostdir.assert_not_leaked("git Dockerfile through a symlinked dir", &message);
 
         hostdir.assert_untouched("git");
@@ -640,7 +712,11 @@ async fn add_archives_stay_inside_the_image() {
         }
     })
     .await;
-    assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0, "the victim was chowned");
+    assert_eq!(
+        std::fs::metadata(&victim).unwrap().uid(),
+        0,
+        "the victim was chowned"
+    );
 }
 
 // =======================================================================================
@@ -730,9 +806,13 @@ fn allocated_bytes(root: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
-            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
             total += meta.blocks() * 512;
             if meta.is_dir() {
                 stack.push(entry.path());

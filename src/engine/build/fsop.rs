@@ -111,13 +111,42 @@ pub async fn apply(exe: &Path, op: &FsOp) -> Result<(), FsOpError> {
     if out.status.success() {
         Ok(())
     } else {
-        let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let msg = without_host_paths(String::from_utf8_lossy(&out.stderr).trim(), op);
         Err(FsOpError::Failed(if msg.is_empty() {
             format!("filesystem helper failed: {}", out.status)
         } else {
             msg
         }))
     }
+}
+
+/// `message` with the helper's host paths replaced by what they are to the build: paths in
+/// the image's root become image paths, the context's become context paths, and any other
+/// scratch path is elided. Messages are built to name image paths already; this is the
+/// backstop for an error text (a mount failure, say) that still carries a host path.
+fn without_host_paths(message: &str, op: &FsOp) -> String {
+    let mut message = message.to_owned();
+    let root = op.scratch.join("root");
+    let mut replace = |from: &Path, to: &str| {
+        let from = from.to_string_lossy();
+        if !from.is_empty() {
+            message = message.replace(&*from, to);
+        }
+    };
+    replace(&root, "");
+    if let Some(FsSource::Context { dir, .. }) = &op.source {
+        replace(dir, "<context>");
+    }
+    replace(&op.target.upper, "<layer>");
+    replace(&op.target.work, "<scratch>");
+    replace(&op.scratch, "<scratch>");
+    for lower in op.target.lowers.iter().chain(match &op.source {
+        Some(FsSource::Layers { lowers }) => lowers.iter(),
+        _ => [].iter(),
+    }) {
+        replace(lower, "<layer>");
+    }
+    message
 }
 
 /// The `kiln __fsop` entry point: reads an [`FsOp`] from stdin and applies it.
@@ -280,7 +309,7 @@ impl IdMaps {
         let read = |p: &str| {
             resolve_in_root(root, p, true)
                 .ok()
-                .and_then(|p| fs::read_to_string(p).ok())
+                .and_then(|p| read_small_file(&p, 4 << 20))
                 .unwrap_or_default()
         };
         let users = read("/etc/passwd")
@@ -336,6 +365,25 @@ impl IdMaps {
         };
         Ok((uid, gid))
     }
+}
+
+/// The text of the regular file at `path` (no symlink followed at its name), if it has at
+/// most `limit` bytes. A FIFO or device an image put there is not opened for reading (it
+/// could block the step forever).
+fn read_small_file(path: &Path, limit: u64) -> Option<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > limit {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(limit).read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 /// Creates `dir` and missing parents (0755, owned by `owner` or root), like `mkdir -p`.
@@ -560,7 +608,7 @@ impl CopyPlan<'_> {
             if meta.is_dir() {
                 self.mkdir_dest(&dest_path)?;
                 self.copy_dir_contents(&path, &dest_path, ignore, &rel, &mut HashMap::new())?;
-            } else if self.extract && is_archive(&path) {
+            } else if self.extract && meta.is_file() && is_archive(&path) {
                 self.mkdir_dest(&dest_path)?;
                 extract_archive(&path, self.root, dest, self.owner)
                     .map_err(|e| format!("ADD {rel}: extracting: {e}"))?;
@@ -1050,6 +1098,28 @@ mod tests {
         fs::write(&archive_path, builder.into_inner().unwrap()).unwrap();
         let err = extract_archive(&archive_path, &root, "/t/", None).unwrap_err();
         assert!(err.contains("../../up") && err.contains("climbs out"), "{err}");
+    }
+
+    #[test]
+    fn helper_messages_name_image_paths() {
+        let op = FsOp {
+            target: Overlay {
+                lowers: vec![PathBuf::from("/data/engine/layers/by-diff-id/aa")],
+                upper: PathBuf::from("/data/engine/tmp/build-1/fs-2/upper"),
+                work: PathBuf::from("/data/engine/tmp/build-1/fs-2/work"),
+            },
+            source: Some(FsSource::Context {
+                dir: PathBuf::from("/data/contexts/work/context-3/src"),
+                ignore: String::new(),
+            }),
+            actions: Vec::new(),
+            scratch: PathBuf::from("/data/engine/tmp/build-1/fs-2/mnt"),
+        };
+        let shown = without_host_paths(
+            "/data/engine/tmp/build-1/fs-2/mnt/root/etc/x: /data/contexts/work/context-3/src/a",
+            &op,
+        );
+        assert_eq!(shown, "/etc/x: <context>/a");
     }
 
     #[test]

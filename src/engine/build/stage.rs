@@ -1133,13 +1133,54 @@ struct StageCtx<'a> {
 }
 
 /// The text of `rel` in the union of `lowers` (top first), honouring overlay whiteouts.
+/// Every component is looked up with `lstat` in the layer that provides it: a symlink on
+/// the way (which would resolve against the host, not the image) or anything but a
+/// regular file at the end gives `None`, as does a file larger than 1 MiB.
 fn read_merged(lowers: &[PathBuf], rel: &str) -> Option<String> {
-    use std::os::unix::fs::FileTypeExt;
-    for dir in lowers {
-        let path = dir.join(rel);
+    use std::{
+        io::Read,
+        os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    };
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    let (last, parents) = parts.split_last()?;
+    // The layers that still may provide the path, narrowed component by component: a
+    // directory merges with the same directory below it unless it is opaque.
+    let mut layers: Vec<PathBuf> = lowers.to_vec();
+    for part in parents {
+        let mut next = Vec::new();
+        for dir in &layers {
+            let path = dir.join(part);
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => {
+                    let opaque = xattr::get(&path, "trusted.overlay.opaque").ok().flatten();
+                    next.push(path);
+                    if opaque.as_deref() == Some(b"y") {
+                        break;
+                    }
+                }
+                Ok(_) => break, // a whiteout, a symlink or a file hides everything below
+                Err(_) => continue,
+            }
+        }
+        if next.is_empty() {
+            return None;
+        }
+        layers = next;
+    }
+    for dir in layers {
+        let path = dir.join(last);
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_char_device() => return None, // a whiteout
-            Ok(m) if m.is_file() => return std::fs::read_to_string(&path).ok(),
+            Ok(m) if m.is_file() && m.len() <= 1 << 20 => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
+                    .ok()?;
+                let mut text = String::new();
+                file.take(1 << 20).read_to_string(&mut text).ok()?;
+                return Some(text);
+            }
             Ok(_) => return None,
             Err(_) => continue,
         }
@@ -1319,4 +1360,52 @@ fn context_inputs_digest(
 /// A canonical, human-readable form of an instruction (logs, history, ONBUILD triggers).
 pub fn describe(instr: &Instruction) -> String {
     dockerfile::display_instruction(instr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_reads_never_follow_an_image_symlink_to_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("passwd"), "root:x:0:0::/host-home:/bin/sh\n").unwrap();
+        let (top, bottom) = (dir.path().join("top"), dir.path().join("bottom"));
+        std::fs::create_dir_all(&top).unwrap();
+        std::fs::create_dir_all(bottom.join("etc")).unwrap();
+        std::fs::write(bottom.join("etc/passwd"), "root:x:0:0::/image-home:/bin/sh\n").unwrap();
+        assert!(read_merged(&[top.clone(), bottom.clone()], "etc/passwd")
+            .unwrap()
+            .contains("/image-home"));
+        // The top layer makes /etc a symlink to a host directory: nothing is read.
+        std::os::unix::fs::symlink(&host, top.join("etc")).unwrap();
+        assert_eq!(read_merged(&[top, bottom], "etc/passwd"), None);
+    }
+
+    #[test]
+    fn context_hashing_stays_in_the_context_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(host.join("secret"), "one").unwrap();
+        std::os::unix::fs::symlink(&host, ctx.join("link")).unwrap();
+        // The symlink resolves to `<ctx>/<host path>`, which does not exist.
+        let err = context_inputs_digest(&ctx, "", &["link/secret".into()], 1 << 20).unwrap_err();
+        assert!(err.contains("not found"), "{err}");
+        assert!(!err.contains(&*host.to_string_lossy()), "{err}");
+        let inside = ctx.join(host.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::write(inside.join("secret"), "context").unwrap();
+        let first = context_inputs_digest(&ctx, "", &["link/secret".into()], 1 << 20).unwrap();
+        std::fs::write(host.join("secret"), "two").unwrap();
+        let second = context_inputs_digest(&ctx, "", &["link/secret".into()], 1 << 20).unwrap();
+        assert_eq!(first, second, "host content changed the digest");
+        assert!(context_inputs_digest(&ctx, "", &["link/secret".into()], 3)
+            .unwrap_err()
+            .contains("limit"));
+    }
 }
