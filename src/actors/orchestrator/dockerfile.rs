@@ -206,11 +206,15 @@ async fn materialize(
                     "source.file.source.git.remote_uri: file:// remotes are disabled on this Kiln (builds.allow_local_git)",
                 ));
             }
-            let checkout = context::checkout(git, &dest).await.map_err(|e| match e {
-                // The remote may answer next time: a retryable error.
-                context::ContextError::GitTimeout { .. } => BuildError::SourceUnavailable(e.to_string()),
-                e => invalid(format!("source.file.source.git: {e}")),
-            })?;
+            let checkout = context::checkout(git, &dest)
+                .await
+                .map_err(|e| match e.relative_to(&dest) {
+                    // The remote may answer next time: a retryable error.
+                    e @ context::ContextError::GitTimeout { .. } => {
+                        BuildError::SourceUnavailable(e.to_string())
+                    }
+                    e => invalid(format!("source.file.source.git: {e}")),
+                })?;
             pinned = checkout.commit.clone();
             origin = ContextSource::Git(context::GitSource {
                 target: context::GitTarget::Commit(checkout.commit),
