@@ -606,7 +606,7 @@ async fn git_context_symlinks_resolve_inside_the_checkout() {
     let hostdir = HostDir::new();
     host.watch(&hostdir.path("secret"));
     let repo_dir = tempfile::Builder::new()
-        .prefix("kiln-hostile-git-")
+        .prefix("kh-git-")
         .tempdir()
         .unwrap();
     let repo = repo_dir.path().join("repo");
