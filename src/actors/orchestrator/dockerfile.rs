@@ -16,6 +16,7 @@ use super::OrchestratorDeps;
 use crate::{
     actors::{error::BuildError, handles::ResolverPool},
     engine::{
+        build::securejoin,
         context::{self, DockerIgnore},
         dockerfile::{self, expand, Instruction},
     },
@@ -105,6 +106,88 @@ fn inside(root: &Path, rel: &str, what: &str) -> Result<PathBuf, BuildError> {
         .ok_or_else(|| invalid(format!("{what}: {rel:?} must stay inside the build context")))
 }
 
+/// The largest Dockerfile and `.dockerignore` read.
+const MAX_DOCKERFILE_BYTES: u64 = 4 << 20;
+
+/// The context directory and the files read from it before the build.
+struct OpenedContext {
+    /// The context root on the host: symlinks resolved inside the checkout, none left.
+    root: PathBuf,
+    text: String,
+    dockerfile_from_root: String,
+    dockerignore: String,
+}
+
+/// Finds the context directory and reads the Dockerfile and `.dockerignore`, every path
+/// resolved by the kernel inside the checkout (`openat2(RESOLVE_IN_ROOT)`): a symlink in the
+/// checkout pointing to `/etc` means `<checkout>/etc`, as Docker treats a context's
+/// symlinks; nothing outside the checkout is ever opened. Messages name the paths the
+/// request gave, never the server's directories. Blocking.
+fn open_context(checkout: &Path, source: &DockerfileSource) -> Result<OpenedContext, BuildError> {
+    // `..` in a request field is refused outright (rather than clamped at the root).
+    inside(checkout, &source.context_path, "source.file.context_path")?;
+    let root = securejoin::dir_in_root(checkout, &source.context_path).map_err(|e| {
+        invalid(format!(
+            "source.file.context_path: {:?} is not a directory inside the checkout: {}",
+            source.context_path,
+            plain(&e)
+        ))
+    })?;
+    let dockerfile_rel = if source.dockerfile_path.is_empty() {
+        "Dockerfile"
+    } else {
+        &source.dockerfile_path
+    };
+    inside(checkout, dockerfile_rel, "source.file.dockerfile_path")?;
+    // Gitpod resolves the Dockerfile against the checkout; fall back to the context.
+    let (bytes, dockerfile_from_root) =
+        match securejoin::read_in_root(checkout, dockerfile_rel, MAX_DOCKERFILE_BYTES) {
+            Ok(bytes) => (bytes, dockerfile_rel.to_owned()),
+            Err(first) => {
+                let rel = Path::new(&source.context_path).join(dockerfile_rel);
+                let bytes =
+                    securejoin::read_in_root(&root, dockerfile_rel, MAX_DOCKERFILE_BYTES).map_err(|e| {
+                        // The checkout's answer is the more telling one unless it was absent.
+                        let e = if first.kind() == std::io::ErrorKind::NotFound {
+                            e
+                        } else {
+                            first
+                        };
+                        invalid(format!(
+                            "source.file.dockerfile_path: cannot read {dockerfile_rel:?}: {}",
+                            plain(&e)
+                        ))
+                    })?;
+                (bytes, rel.to_string_lossy().into_owned())
+            }
+        };
+    let text = String::from_utf8(bytes).map_err(|_| {
+        invalid(format!(
+            "source.file.dockerfile_path: {dockerfile_rel:?} is not UTF-8 text"
+        ))
+    })?;
+    let dockerignore = match securejoin::read_in_root(&root, ".dockerignore", MAX_DOCKERFILE_BYTES) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|_| invalid(".dockerignore: not UTF-8 text"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(invalid(format!(".dockerignore: cannot read it: {}", plain(&e)))),
+    };
+    Ok(OpenedContext {
+        root,
+        text,
+        dockerfile_from_root,
+        dockerignore,
+    })
+}
+
+/// An I/O error's text without any path (the errors here carry none, but say so).
+fn plain(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => "too many levels of symbolic links".into(),
+        Some(libc::EXDEV) => "it resolves outside the build context".into(),
+        _ => e.to_string(),
+    }
+}
+
 async fn materialize(
     deps: &OrchestratorDeps,
     source: &DockerfileSource,
@@ -123,11 +206,15 @@ async fn materialize(
                     "source.file.source.git.remote_uri: file:// remotes are disabled on this Kiln (builds.allow_local_git)",
                 ));
             }
-            let checkout = context::checkout(git, &dest).await.map_err(|e| match e {
-                // The remote may answer next time: a retryable error.
-                context::ContextError::GitTimeout { .. } => BuildError::SourceUnavailable(e.to_string()),
-                e => invalid(format!("source.file.source.git: {e}")),
-            })?;
+            let checkout = context::checkout(git, &dest)
+                .await
+                .map_err(|e| match e.relative_to(&dest) {
+                    // The remote may answer next time: a retryable error.
+                    e @ context::ContextError::GitTimeout { .. } => {
+                        BuildError::SourceUnavailable(e.to_string())
+                    }
+                    e => invalid(format!("source.file.source.git: {e}")),
+                })?;
             pinned = checkout.commit.clone();
             origin = ContextSource::Git(context::GitSource {
                 target: context::GitTarget::Commit(checkout.commit),
@@ -161,35 +248,18 @@ pub async fn plan(
     auth: &AuthPolicy,
 ) -> Result<DockerfilePlan, BuildError> {
     let (dir, checkout, pinned_context, origin) = materialize(deps, source).await?;
-    let root = inside(&checkout, &source.context_path, "source.file.context_path")?;
-    if !root.is_dir() {
-        return Err(invalid(format!(
-            "source.file.context_path: {:?} is not a directory",
-            source.context_path
-        )));
-    }
-    let dockerfile_rel = if source.dockerfile_path.is_empty() {
-        "Dockerfile"
-    } else {
-        &source.dockerfile_path
+    let opened = {
+        let (checkout, source) = (checkout.clone(), source.clone());
+        tokio::task::spawn_blocking(move || open_context(&checkout, &source))
+            .await
+            .map_err(|e| BuildError::Internal(format!("reading the context: {e}")))??
     };
-    // Gitpod resolves the Dockerfile against the checkout; fall back to the context.
-    let (dockerfile_path, dockerfile_from_root) = {
-        let from_checkout = inside(&checkout, dockerfile_rel, "source.file.dockerfile_path")?;
-        if from_checkout.is_file() {
-            (from_checkout, dockerfile_rel.to_owned())
-        } else {
-            let in_context = inside(&root, dockerfile_rel, "source.file.dockerfile_path")?;
-            let rel = Path::new(&source.context_path).join(dockerfile_rel);
-            (in_context, rel.to_string_lossy().into_owned())
-        }
-    };
-    let text = std::fs::read_to_string(&dockerfile_path).map_err(|e| {
-        invalid(format!(
-            "source.file.dockerfile_path: cannot read {dockerfile_rel:?}: {e}"
-        ))
-    })?;
-    let dockerignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap_or_default();
+    let OpenedContext {
+        root,
+        text,
+        dockerfile_from_root,
+        dockerignore,
+    } = opened;
     let parsed = dockerfile::parse(&text).map_err(|e| invalid(e.to_string()))?;
     let pinned = resolve_images(deps, &parsed, &source.build_args, auth).await?;
     let ignore =

@@ -111,13 +111,42 @@ pub async fn apply(exe: &Path, op: &FsOp) -> Result<(), FsOpError> {
     if out.status.success() {
         Ok(())
     } else {
-        let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let msg = without_host_paths(String::from_utf8_lossy(&out.stderr).trim(), op);
         Err(FsOpError::Failed(if msg.is_empty() {
             format!("filesystem helper failed: {}", out.status)
         } else {
             msg
         }))
     }
+}
+
+/// `message` with the helper's host paths replaced by what they are to the build: paths in
+/// the image's root become image paths, the context's become context paths, and any other
+/// scratch path is elided. Messages are built to name image paths already; this is the
+/// backstop for an error text (a mount failure, say) that still carries a host path.
+fn without_host_paths(message: &str, op: &FsOp) -> String {
+    let mut message = message.to_owned();
+    let root = op.scratch.join("root");
+    let mut replace = |from: &Path, to: &str| {
+        let from = from.to_string_lossy();
+        if !from.is_empty() {
+            message = message.replace(&*from, to);
+        }
+    };
+    replace(&root, "");
+    if let Some(FsSource::Context { dir, .. }) = &op.source {
+        replace(dir, "<context>");
+    }
+    replace(&op.target.upper, "<layer>");
+    replace(&op.target.work, "<scratch>");
+    replace(&op.scratch, "<scratch>");
+    for lower in op.target.lowers.iter().chain(match &op.source {
+        Some(FsSource::Layers { lowers }) => lowers.iter(),
+        _ => [].iter(),
+    }) {
+        replace(lower, "<layer>");
+    }
+    message
 }
 
 /// The `kiln __fsop` entry point: reads an [`FsOp`] from stdin and applies it.
@@ -280,7 +309,7 @@ impl IdMaps {
         let read = |p: &str| {
             resolve_in_root(root, p, true)
                 .ok()
-                .and_then(|p| fs::read_to_string(p).ok())
+                .and_then(|p| read_small_file(&p, 4 << 20))
                 .unwrap_or_default()
         };
         let users = read("/etc/passwd")
@@ -338,6 +367,25 @@ impl IdMaps {
     }
 }
 
+/// The text of the regular file at `path` (no symlink followed at its name), if it has at
+/// most `limit` bytes. A FIFO or device an image put there is not opened for reading (it
+/// could block the step forever).
+fn read_small_file(path: &Path, limit: u64) -> Option<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > limit {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(limit).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
 /// Creates `dir` and missing parents (0755, owned by `owner` or root), like `mkdir -p`.
 fn mkdir_parents(dir: &Path, root: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
     if dir.is_dir() {
@@ -352,7 +400,7 @@ fn mkdir_parents(dir: &Path, root: &Path, owner: Option<(u32, u32)>) -> io::Resu
         Ok(m) if !m.is_dir() => {
             return Err(io::Error::other(format!(
                 "{} exists and is not a directory",
-                dir.display()
+                inside(root, dir)
             )));
         }
         Ok(_) => return Ok(()),
@@ -362,6 +410,18 @@ fn mkdir_parents(dir: &Path, root: &Path, owner: Option<(u32, u32)>) -> io::Resu
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
     let (uid, gid) = owner.unwrap_or((0, 0));
     chown(dir, Some(uid), Some(gid))
+}
+
+/// How `path` (under `root`) is shown in messages: as the path inside the image or
+/// context, never the host path of Kiln's scratch directories.
+fn inside(root: &Path, path: &Path) -> String {
+    match path.strip_prefix(root) {
+        Ok(rel) => format!("/{}", rel.display()),
+        Err(_) => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
 }
 
 fn has_glob(s: &str) -> bool {
@@ -430,14 +490,20 @@ fn glob(root: &Path, pattern: &str, ignore: Option<&DockerIgnore>) -> Vec<String
         let last = i + 1 == segments.len();
         let mut next = Vec::new();
         for base in &found {
-            let dir = root.join(base);
+            // A symlinked directory on the way is followed inside the root, never out of it.
+            let Ok(dir) = resolve_in_root(root, base, true) else {
+                continue;
+            };
             if !has_glob(seg) {
                 let rel = if base.is_empty() {
                     seg.to_string()
                 } else {
                     format!("{base}/{seg}")
                 };
-                if fs::symlink_metadata(root.join(&rel)).is_ok() {
+                let exists = resolve_in_root(root, &rel, false)
+                    .map(|p| fs::symlink_metadata(p).is_ok())
+                    .unwrap_or(false);
+                if exists {
                     next.push(rel);
                 }
                 continue;
@@ -455,7 +521,7 @@ fn glob(root: &Path, pattern: &str, ignore: Option<&DockerIgnore>) -> Vec<String
                     } else {
                         format!("{base}/{name}")
                     };
-                    let is_dir = root.join(&rel).is_dir();
+                    let is_dir = resolve_in_root(root, &rel, true).is_ok_and(|p| p.is_dir());
                     if last && ignore.is_some_and(|ig| ig.is_excluded(&rel, is_dir)) {
                         continue;
                     }
@@ -542,9 +608,9 @@ impl CopyPlan<'_> {
             if meta.is_dir() {
                 self.mkdir_dest(&dest_path)?;
                 self.copy_dir_contents(&path, &dest_path, ignore, &rel, &mut HashMap::new())?;
-            } else if self.extract && is_archive(&path) {
+            } else if self.extract && meta.is_file() && is_archive(&path) {
                 self.mkdir_dest(&dest_path)?;
-                extract_archive(&path, &dest_path, self.owner)
+                extract_archive(&path, self.root, dest, self.owner)
                     .map_err(|e| format!("ADD {rel}: extracting: {e}"))?;
             } else {
                 let into_dir = dest_is_dir_syntax || many || dest_path.is_dir();
@@ -569,7 +635,7 @@ impl CopyPlan<'_> {
     }
 
     fn mkdir_dest(&self, dir: &Path) -> Result<(), String> {
-        mkdir_parents(dir, self.root, self.owner).map_err(|e| format!("{}: {e}", dir.display()))
+        mkdir_parents(dir, self.root, self.owner).map_err(|e| format!("{}: {e}", inside(self.root, dir)))
     }
 
     fn copy_dir_contents(
@@ -760,22 +826,201 @@ fn open_decompressed(path: &Path) -> io::Result<Box<dyn Read>> {
     })
 }
 
-fn extract_archive(path: &Path, dest: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
-    let mut archive = tar::Archive::new(open_decompressed(path)?);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(owner.is_none());
-    archive.set_preserve_mtime(true);
-    archive.set_unpack_xattrs(true);
-    archive.set_overwrite(true);
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let unpacked = entry.unpack_in(dest)?;
-        if let (true, Some((uid, gid))) = (unpacked, owner) {
-            let p = dest.join(entry.path()?);
-            lchown(&p, Some(uid), Some(gid))?;
+/// Unpacks the tar at `path` into `dest` (a directory inside the image at `root`) the way
+/// Docker's ADD does, confined to the image: an entry's name is cleaned and taken relative
+/// to `dest` (a leading `/` too), a name that climbs out of `dest` with `..` is refused,
+/// and every parent is resolved inside `root` (the image's own symlinks are followed, but
+/// never out of it). The entry itself is created without following anything at its name
+/// (an existing file or symlink there is replaced), hard-link targets must name an
+/// existing non-directory inside the image, and ownership, modes, mtimes and xattrs are
+/// applied with calls that do not follow symlinks. `owner` (ADD --chown) replaces the
+/// entries' own ids.
+fn extract_archive(path: &Path, root: &Path, dest: &str, owner: Option<(u32, u32)>) -> Result<(), String> {
+    let mut archive = tar::Archive::new(open_decompressed(path).map_err(|e| e.to_string())?);
+    let mut dir_times: Vec<(PathBuf, filetime::FileTime)> = Vec::new();
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("reading the archive: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("reading the archive: {e}"))?;
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let fail = |what: &str| format!("entry {name:?}: {what}");
+        let kind = entry.header().entry_type();
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        ) {
+            continue;
+        }
+        let parts = clean_entry_name(&name).ok_or_else(|| fail("climbs out of the destination"))?;
+        let Some((last, parents)) = parts.split_last() else {
+            // `./`: the destination itself.
+            continue;
+        };
+        let parent_in_image = join_in_image(dest, parents);
+        let parent = resolve_in_root(root, &parent_in_image, true).map_err(|e| fail(&e.to_string()))?;
+        mkdir_parents(&parent, root, None).map_err(|e| fail(&e.to_string()))?;
+        // `last` is one cleaned component: neither empty, `.`, `..` nor containing `/`.
+        let target = parent.join(last);
+        let xattrs = pax_xattrs(&mut entry);
+        let header = entry.header();
+        let device = (
+            header.device_major().ok().flatten().unwrap_or(0),
+            header.device_minor().ok().flatten().unwrap_or(0),
+        );
+        let mode = header.mode().map_err(|e| fail(&e.to_string()))? & 0o7777;
+        let (uid, gid) = match owner {
+            Some(ids) => ids,
+            None => (
+                header.uid().map_err(|e| fail(&e.to_string()))? as u32,
+                header.gid().map_err(|e| fail(&e.to_string()))? as u32,
+            ),
+        };
+        let mtime = filetime::FileTime::from_unix_time(header.mtime().unwrap_or(0) as i64, 0);
+        let existing = fs::symlink_metadata(&target).ok();
+        if kind != tar::EntryType::Directory || existing.as_ref().is_some_and(|m| !m.is_dir()) {
+            match &existing {
+                Some(m) if m.is_dir() => fs::remove_dir_all(&target),
+                Some(_) => fs::remove_file(&target),
+                None => Ok(()),
+            }
+            .map_err(|e| fail(&format!("replacing what is there: {e}")))?;
+        }
+        let io_fail = |e: io::Error| fail(&e.to_string());
+        match kind {
+            tar::EntryType::Directory => {
+                if !target.is_dir() {
+                    fs::create_dir(&target).map_err(io_fail)?;
+                }
+                lchown(&target, Some(uid), Some(gid)).map_err(io_fail)?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_fail)?;
+                dir_times.push((target.clone(), mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&target)
+                    .map_err(io_fail)?;
+                io::copy(&mut entry, &mut file).map_err(io_fail)?;
+                std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io_fail)?;
+                file.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(io_fail)?;
+                filetime::set_file_handle_times(&file, Some(mtime), Some(mtime)).map_err(io_fail)?;
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name()
+                    .map_err(io_fail)?
+                    .ok_or_else(|| fail("a symlink without a target"))?;
+                symlink(&*link, &target).map_err(io_fail)?;
+                lchown(&target, Some(uid), Some(gid)).map_err(io_fail)?;
+                filetime::set_symlink_file_times(&target, mtime, mtime).map_err(io_fail)?;
+            }
+            tar::EntryType::Link => {
+                let link = entry
+                    .link_name_bytes()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .ok_or_else(|| fail("a hard link without a target"))?;
+                let link_parts = clean_entry_name(&link)
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| fail("its hard link target climbs out of the destination"))?;
+                let source =
+                    resolve_in_root(root, &join_in_image(dest, &link_parts), false).map_err(io_fail)?;
+                match fs::symlink_metadata(&source) {
+                    Ok(m) if !m.is_dir() => {}
+                    _ => return Err(fail("its hard link target is not an earlier file of the archive")),
+                }
+                fs::hard_link(&source, &target).map_err(io_fail)?;
+                if owner.is_some() {
+                    lchown(&target, Some(uid), Some(gid)).map_err(io_fail)?;
+                }
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+                let (flag, dev) = match kind {
+                    tar::EntryType::Fifo => (SFlag::S_IFIFO, 0),
+                    _ => {
+                        let (major, minor) = device;
+                        let flag = if kind == tar::EntryType::Char {
+                            SFlag::S_IFCHR
+                        } else {
+                            SFlag::S_IFBLK
+                        };
+                        (flag, makedev(major.into(), minor.into()))
+                    }
+                };
+                mknod(&target, flag, Mode::from_bits_truncate(mode), dev)
+                    .map_err(|e| fail(&e.to_string()))?;
+                lchown(&target, Some(uid), Some(gid)).map_err(io_fail)?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_fail)?;
+            }
+            other => return Err(fail(&format!("unsupported entry type {other:?}"))),
+        }
+        for (key, value) in xattrs {
+            // Overlay's own attributes would steer the mount; filesystems may refuse others.
+            if key.starts_with("trusted.overlay.") || key.starts_with("user.overlay.") {
+                continue;
+            }
+            let _ = xattr::set(&target, &key, &value);
         }
     }
+    // Children change their directory's mtime: directories last, deepest first.
+    dir_times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+    for (dir, mtime) in dir_times {
+        filetime::set_symlink_file_times(&dir, mtime, mtime).map_err(|e| e.to_string())?;
+    }
     Ok(())
+}
+
+/// An archive entry's name cleaned as Go's `filepath.Clean` would, relative to the
+/// extraction directory (a leading `/` is dropped): its components, or `None` when `..`
+/// climbs above the directory.
+fn clean_entry_name(name: &str) -> Option<Vec<String>> {
+    let mut parts: Vec<String> = Vec::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            p => parts.push(p.to_owned()),
+        }
+    }
+    Some(parts)
+}
+
+/// `dest` (an absolute path inside the image) with `parts` appended.
+fn join_in_image(dest: &str, parts: &[String]) -> String {
+    let mut path = dest.trim_end_matches('/').to_owned();
+    for part in parts {
+        path.push('/');
+        path.push_str(part);
+    }
+    if path.is_empty() {
+        path.push('/');
+    }
+    path
+}
+
+/// The `SCHILY.xattr.*` PAX records of an entry.
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(String, Vec<u8>)> {
+    let Ok(Some(extensions)) = entry.pax_extensions() else {
+        return Vec::new();
+    };
+    extensions
+        .flatten()
+        .filter_map(|ext| {
+            let key = ext.key().ok()?.strip_prefix("SCHILY.xattr.")?.to_owned();
+            Some((key, ext.value_bytes().to_vec()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -792,6 +1037,89 @@ mod tests {
         assert!(!segment_matches("[^a-c].txt", "b.txt"));
         assert!(segment_matches("*", ".hidden.txt"));
         assert!(segment_matches("\\*", "*"));
+    }
+
+    #[test]
+    fn archive_names_stay_under_the_destination() {
+        assert_eq!(clean_entry_name("/abs/path").unwrap(), ["abs", "path"]);
+        assert_eq!(clean_entry_name("./a/../b/").unwrap(), ["b"]);
+        assert!(clean_entry_name("../x").is_none());
+        assert!(clean_entry_name("a/../../x").is_none());
+        assert_eq!(join_in_image("/t/", &["a".into()]), "/t/a");
+        assert_eq!(join_in_image("/", &[]), "/");
+    }
+
+    #[test]
+    fn extraction_is_confined_to_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(root.join("t")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        symlink(&outside, root.join("t/escape")).unwrap();
+        let victim = outside.join("victim");
+        fs::write(&victim, "v").unwrap();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, kind: tar::EntryType, link: &str, data: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            header.set_entry_type(kind);
+            header.set_mode(0o644);
+            header.set_size(data.len() as u64);
+            header.set_cksum();
+            builder.append(&header, data).unwrap();
+        };
+        let abs = format!("{}/abs", outside.display());
+        add(&abs, tar::EntryType::Regular, "", b"inside");
+        add("escape/through", tar::EntryType::Regular, "", b"inside");
+        let archive_path = dir.path().join("x.tar");
+        fs::write(&archive_path, builder.into_inner().unwrap()).unwrap();
+        extract_archive(&archive_path, &root, "/t/", Some((4242, 4242))).unwrap();
+        let inside_abs = root.join("t").join(abs.trim_start_matches('/'));
+        assert_eq!(fs::read(&inside_abs).unwrap(), b"inside");
+        assert_eq!(fs::symlink_metadata(&inside_abs).unwrap().uid(), 4242);
+        // `escape` points at a host directory: resolved inside the image instead.
+        assert_eq!(
+            fs::read(root.join(outside.strip_prefix("/").unwrap()).join("through")).unwrap(),
+            b"inside"
+        );
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+        assert_eq!(fs::symlink_metadata(&victim).unwrap().uid(), 0);
+
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        let name = "../../up";
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(0);
+        header.set_cksum();
+        builder.append(&header, &b""[..]).unwrap();
+        fs::write(&archive_path, builder.into_inner().unwrap()).unwrap();
+        let err = extract_archive(&archive_path, &root, "/t/", None).unwrap_err();
+        assert!(err.contains("../../up") && err.contains("climbs out"), "{err}");
+    }
+
+    #[test]
+    fn helper_messages_name_image_paths() {
+        let op = FsOp {
+            target: Overlay {
+                lowers: vec![PathBuf::from("/data/engine/layers/by-diff-id/aa")],
+                upper: PathBuf::from("/data/engine/tmp/build-1/fs-2/upper"),
+                work: PathBuf::from("/data/engine/tmp/build-1/fs-2/work"),
+            },
+            source: Some(FsSource::Context {
+                dir: PathBuf::from("/data/contexts/work/context-3/src"),
+                ignore: String::new(),
+            }),
+            actions: Vec::new(),
+            scratch: PathBuf::from("/data/engine/tmp/build-1/fs-2/mnt"),
+        };
+        let shown = without_host_paths(
+            "/data/engine/tmp/build-1/fs-2/mnt/root/etc/x: /data/contexts/work/context-3/src/a",
+            &op,
+        );
+        assert_eq!(shown, "/etc/x: <context>/a");
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod cache;
 pub mod fsop;
 mod pull;
 mod push;
-mod securejoin;
+pub(crate) mod securejoin;
 mod stage;
 
 use std::{

@@ -22,7 +22,7 @@ use super::{
     super::sandbox::cgroup::BuildCgroup,
     cache::{CachedLayer, StateKey},
     fsop::{self, FsAction, FsOp, FsSource, Overlay},
-    pull, BuildInput, Engine, EngineError, RunNetwork,
+    pull, securejoin, BuildInput, Engine, EngineError, RunNetwork,
 };
 use crate::{
     engine::{
@@ -871,9 +871,23 @@ impl<'a> StageRunner<'a> {
             });
             match spec.from.as_deref() {
                 None => {
-                    let digest =
-                        context_inputs_digest(&self.input.context, &self.input.dockerignore, &sources)
-                            .map_err(|e| EngineError::at(line, format!("{keyword}: {e}")))?;
+                    // Hashing reads whole files: off the async threads, and bounded.
+                    let (context, ignore, names) = (
+                        self.input.context.clone(),
+                        self.input.dockerignore.clone(),
+                        sources.clone(),
+                    );
+                    let digest = tokio::task::spawn_blocking(move || {
+                        context_inputs_digest(
+                            &context,
+                            &ignore,
+                            &names,
+                            crate::engine::context::MAX_CONTEXT_HASH_BYTES,
+                        )
+                    })
+                    .await
+                    .map_err(|e| EngineError::at(line, format!("{keyword}: hashing its sources: {e}")))?
+                    .map_err(|e| EngineError::at(line, format!("{keyword}: {e}")))?;
                     (
                         Some(FsSource::Context {
                             dir: self.input.context.clone(),
@@ -932,6 +946,18 @@ impl<'a> StageRunner<'a> {
             .clone()
             .unwrap_or_else(|| DEFAULT_SHELL.iter().map(|s| s.to_string()).collect());
         let (argv, shown, script_file) = run_argv(run, &shell);
+        if let Some((name, _)) = &script_file {
+            // The script lands in the step's private pipes directory under this name: one
+            // plain file name, never a path (BuildKit's Mkfile of such a name fails too).
+            securejoin::check_name(name).map_err(|why| {
+                EngineError::at(
+                    line,
+                    format!(
+                        "RUN <<{name:?}: invalid heredoc name: {why}; a heredoc script name is a file name"
+                    ),
+                )
+            })?;
+        }
         let mut env = ctx.args.run_env(&state.config);
         let user = state.config.config.user.clone().filter(|u| !u.is_empty());
         if !env.iter().any(|(k, _)| k == "HOME") {
@@ -1019,11 +1045,9 @@ impl<'a> StageRunner<'a> {
         }
         if let Some((name, content)) = &script_file {
             let pipes = dir.join("pipes");
-            std::fs::create_dir_all(&pipes).map_err(EngineError::io("creating the heredoc script dir"))?;
-            let path = pipes.join(name);
-            std::fs::write(&path, content).map_err(EngineError::io("writing the heredoc script"))?;
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .map_err(EngineError::io("writing the heredoc script"))?;
+            std::fs::create_dir(&pipes).map_err(EngineError::io("creating the heredoc script dir"))?;
+            write_script(&pipes, name, content.as_bytes())
+                .map_err(EngineError::io(format!("writing the heredoc script {name:?}")))?;
             mounts.push(BindMount {
                 host_dir: pipes,
                 target: PathBuf::from("/dev/pipes"),
@@ -1100,6 +1124,23 @@ impl<'a> StageRunner<'a> {
     }
 }
 
+/// Writes a heredoc script into the fresh, private `pipes` directory. `name` passed
+/// [`securejoin::check_name`]; `O_EXCL | O_NOFOLLOW` would refuse anything already there.
+fn write_script(pipes: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
+    use std::{
+        io::Write,
+        os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(pipes.join(name))?;
+    file.write_all(content)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o755))
+}
+
 /// The last lines of a step's output, for its error message.
 #[derive(Default)]
 struct Tail(Vec<u8>);
@@ -1130,13 +1171,54 @@ struct StageCtx<'a> {
 }
 
 /// The text of `rel` in the union of `lowers` (top first), honouring overlay whiteouts.
+/// Every component is looked up with `lstat` in the layer that provides it: a symlink on
+/// the way (which would resolve against the host, not the image) or anything but a
+/// regular file at the end gives `None`, as does a file larger than 1 MiB.
 fn read_merged(lowers: &[PathBuf], rel: &str) -> Option<String> {
-    use std::os::unix::fs::FileTypeExt;
-    for dir in lowers {
-        let path = dir.join(rel);
+    use std::{
+        io::Read,
+        os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    };
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    let (last, parents) = parts.split_last()?;
+    // The layers that still may provide the path, narrowed component by component: a
+    // directory merges with the same directory below it unless it is opaque.
+    let mut layers: Vec<PathBuf> = lowers.to_vec();
+    for part in parents {
+        let mut next = Vec::new();
+        for dir in &layers {
+            let path = dir.join(part);
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => {
+                    let opaque = xattr::get(&path, "trusted.overlay.opaque").ok().flatten();
+                    next.push(path);
+                    if opaque.as_deref() == Some(b"y") {
+                        break;
+                    }
+                }
+                Ok(_) => break, // a whiteout, a symlink or a file hides everything below
+                Err(_) => continue,
+            }
+        }
+        if next.is_empty() {
+            return None;
+        }
+        layers = next;
+    }
+    for dir in layers {
+        let path = dir.join(last);
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_char_device() => return None, // a whiteout
-            Ok(m) if m.is_file() => return std::fs::read_to_string(&path).ok(),
+            Ok(m) if m.is_file() && m.len() <= 1 << 20 => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
+                    .ok()?;
+                let mut text = String::new();
+                file.take(1 << 20).read_to_string(&mut text).ok()?;
+                return Some(text);
+            }
             Ok(_) => return None,
             Err(_) => continue,
         }
@@ -1236,28 +1318,52 @@ fn healthcheck(hc: &dockerfile::Healthcheck) -> Healthcheck {
 
 /// A digest of the context files the sources of one COPY/ADD name (after `.dockerignore`):
 /// paths, types, modes and contents. A changed file changes it; an unrelated one does not.
-fn context_inputs_digest(context: &Path, ignore: &str, sources: &[String]) -> Result<String, String> {
+///
+/// Sources resolve inside the context exactly as the copy itself resolves them (a symlink
+/// to `/etc` means `<context>/etc`), and the walk below them never follows a symlink: no
+/// host file outside the context is ever read, listed or hashed. More than `limit` bytes of
+/// file content fail the step. Errors name paths inside the context. Blocking.
+fn context_inputs_digest(
+    context: &Path,
+    ignore: &str,
+    sources: &[String],
+    limit: u64,
+) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let ignore = crate::engine::context::DockerIgnore::parse(ignore);
+    let shown = |path: &Path| {
+        path.strip_prefix(context)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    let mut budget = limit;
     let mut h = Sha256::new();
     for source in sources {
         h.update(source.as_bytes());
         h.update([0]);
         let matches = fsop::glob_sources(context, source, Some(&ignore));
         for rel in matches {
-            let root = context.join(&rel);
+            let root = securejoin::resolve_in_root(context, &rel, true).map_err(|e| format!("{rel}: {e}"))?;
+            if std::fs::symlink_metadata(&root).is_err() {
+                return Err(format!(
+                    "{source}: not found in the build context (or excluded by .dockerignore)"
+                ));
+            }
             for entry in walkdir::WalkDir::new(&root)
                 .sort_by_file_name()
                 .follow_links(false)
+                .follow_root_links(false)
             {
-                let entry = entry.map_err(|e| e.to_string())?;
-                let rel_entry = entry
+                let entry = entry.map_err(|e| {
+                    let at = e.path().map(&shown).unwrap_or_else(|| rel.clone());
+                    let cause = e.io_error().map(|io| io.kind().to_string()).unwrap_or_default();
+                    format!("{at}: {cause}")
+                })?;
+                let rel_entry = shown(entry.path());
+                let meta = entry
                     .path()
-                    .strip_prefix(context)
-                    .unwrap_or(entry.path())
-                    .to_string_lossy()
-                    .into_owned();
-                let meta = entry.path().symlink_metadata().map_err(|e| e.to_string())?;
+                    .symlink_metadata()
+                    .map_err(|e| format!("{rel_entry}: {}", e.kind()))?;
                 if entry.depth() > 0 && ignore.is_excluded(&rel_entry, meta.is_dir()) && !meta.is_dir() {
                     continue;
                 }
@@ -1266,14 +1372,20 @@ fn context_inputs_digest(context: &Path, ignore: &str, sources: &[String]) -> Re
                 if meta.file_type().is_symlink() {
                     h.update(
                         std::fs::read_link(entry.path())
-                            .map_err(|e| e.to_string())?
+                            .map_err(|e| format!("{rel_entry}: {}", e.kind()))?
                             .to_string_lossy()
                             .as_bytes(),
                     );
                 } else if meta.is_file() {
-                    let mut f = std::fs::File::open(entry.path()).map_err(|e| e.to_string())?;
+                    budget = budget.checked_sub(meta.len()).ok_or_else(|| {
+                        format!("{source}: the files it copies exceed the limit of {limit} bytes")
+                    })?;
+                    let file = std::fs::File::open(entry.path())
+                        .map_err(|e| format!("{rel_entry}: {}", e.kind()))?;
                     let mut fh = Sha256::new();
-                    std::io::copy(&mut f, &mut fh).map_err(|e| e.to_string())?;
+                    // A file that grows while it is read still stops at its measured size.
+                    std::io::copy(&mut std::io::Read::take(file, meta.len()), &mut fh)
+                        .map_err(|e| format!("{rel_entry}: {}", e.kind()))?;
                     h.update(fh.finalize());
                 }
                 h.update([0xff]);
@@ -1302,4 +1414,52 @@ fn write_sandbox_resolv_conf(step_dir: &Path) -> Result<PathBuf, EngineError> {
     let path = step_dir.join("resolv.conf");
     std::fs::write(&path, text).map_err(EngineError::io("writing the step's resolv.conf"))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_reads_never_follow_an_image_symlink_to_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("passwd"), "root:x:0:0::/host-home:/bin/sh\n").unwrap();
+        let (top, bottom) = (dir.path().join("top"), dir.path().join("bottom"));
+        std::fs::create_dir_all(&top).unwrap();
+        std::fs::create_dir_all(bottom.join("etc")).unwrap();
+        std::fs::write(bottom.join("etc/passwd"), "root:x:0:0::/image-home:/bin/sh\n").unwrap();
+        assert!(read_merged(&[top.clone(), bottom.clone()], "etc/passwd")
+            .unwrap()
+            .contains("/image-home"));
+        // The top layer makes /etc a symlink to a host directory: nothing is read.
+        std::os::unix::fs::symlink(&host, top.join("etc")).unwrap();
+        assert_eq!(read_merged(&[top, bottom], "etc/passwd"), None);
+    }
+
+    #[test]
+    fn context_hashing_stays_in_the_context_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(host.join("secret"), "one").unwrap();
+        std::os::unix::fs::symlink(&host, ctx.join("link")).unwrap();
+        // The symlink resolves to `<ctx>/<host path>`, which does not exist.
+        let err = context_inputs_digest(&ctx, "", &["link/secret".into()], 1 << 20).unwrap_err();
+        assert!(err.contains("not found"), "{err}");
+        assert!(!err.contains(&*host.to_string_lossy()), "{err}");
+        let inside = ctx.join(host.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::write(inside.join("secret"), "context").unwrap();
+        let first = context_inputs_digest(&ctx, "", &["link/secret".into()], 1 << 20).unwrap();
+        std::fs::write(host.join("secret"), "two").unwrap();
+        let second = context_inputs_digest(&ctx, "", &["link/secret".into()], 1 << 20).unwrap();
+        assert_eq!(first, second, "host content changed the digest");
+        assert!(context_inputs_digest(&ctx, "", &["link/secret".into()], 3)
+            .unwrap_err()
+            .contains("limit"));
+    }
 }

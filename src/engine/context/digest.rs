@@ -25,7 +25,10 @@
 //! hashed as a file) or the root directory's own mode. The same content therefore has the
 //! same digest whether it came from a git checkout, an upload or a local directory.
 //!
-//! Both functions do blocking I/O; call them from `tokio::task::spawn_blocking`.
+//! Both functions do blocking I/O; call them from `tokio::task::spawn_blocking`. Neither
+//! follows a symlink (the root itself must be a real directory, see
+//! `securejoin::dir_in_root`), hashing is bounded ([`context_digest_limited`]), and errors
+//! name paths relative to the context root, never the server's own directories.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -61,7 +64,7 @@ pub enum EntryKind {
 
 /// The included entries under `root`, sorted by relative path. See the module doc.
 pub fn walk_included(root: &Path, ignore: &DockerIgnore) -> Result<Vec<IncludedEntry>, ContextError> {
-    walk(root, ignore, &[])
+    walk(root, ignore, &[]).map_err(|e| e.relative_to(root))
 }
 
 /// [`walk_included`], treating the relative paths in `force` (and their parent
@@ -169,7 +172,27 @@ pub(crate) fn walk(
 /// The digest of the context at `root` under `ignore`. See the module doc for exactly
 /// what it covers.
 pub fn context_digest(root: &Path, ignore: &DockerIgnore) -> Result<Digest, ContextError> {
-    digest_entries(&walk_included(root, ignore)?)
+    context_digest_limited(root, ignore, super::MAX_CONTEXT_HASH_BYTES)
+}
+
+/// [`context_digest`], refusing a context whose included files hold more than `limit`
+/// bytes before reading any of them. Errors name paths relative to `root`.
+pub fn context_digest_limited(
+    root: &Path,
+    ignore: &DockerIgnore,
+    limit: u64,
+) -> Result<Digest, ContextError> {
+    let entries = walk_included(root, ignore)?;
+    let mut total: u64 = 0;
+    for entry in &entries {
+        if let EntryKind::File { size } = entry.kind {
+            total = total.saturating_add(size);
+            if total > limit {
+                return Err(ContextError::ContextTooLarge { limit });
+            }
+        }
+    }
+    digest_entries(&entries).map_err(|e| e.relative_to(root))
 }
 
 /// The digest of already-walked entries (file contents are read from `abs_path`).
@@ -187,8 +210,8 @@ pub fn digest_entries(entries: &[IncludedEntry]) -> Result<Digest, ContextError>
         hasher.update(path);
         match &entry.kind {
             EntryKind::Dir => hasher.update(format!(" {:o}\n", entry.mode).as_bytes()),
-            EntryKind::File { .. } => {
-                let (size, content) = hash_file(&entry.abs_path)?;
+            EntryKind::File { size } => {
+                let (size, content) = hash_file(&entry.abs_path, *size)?;
                 hasher.update(format!(" {:o} {size} {content}\n", entry.mode).as_bytes());
             }
             EntryKind::Symlink { target } => {
@@ -205,9 +228,17 @@ pub fn digest_entries(entries: &[IncludedEntry]) -> Result<Digest, ContextError>
         .expect("a sha256 hex digest is a valid digest"))
 }
 
-/// (size, sha256 hex) of a file's content.
-fn hash_file(path: &Path) -> Result<(u64, String), ContextError> {
-    let mut file = fs::File::open(path).map_err(|e| ContextError::io("opening", path, e))?;
+/// (size, sha256 hex) of a file's content, read up to the `measured` size the walk saw
+/// (a file growing meanwhile is not read without end). `O_NOFOLLOW`: the walk saw a
+/// regular file here; if a symlink replaced it since, it is not followed.
+fn hash_file(path: &Path, measured: u64) -> Result<(u64, String), ContextError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| ContextError::io("opening", path, e))?;
+    let mut file = file.take(measured);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut size = 0u64;
@@ -280,6 +311,22 @@ mod tests {
         let ignore = DockerIgnore::parse("skip\na");
         let entries = walk(dir.path(), &ignore, &["skip/drop.txt".into()]).unwrap();
         assert_eq!(paths(&entries), ["a.b", "link", "skip", "skip/drop.txt"]);
+    }
+
+    #[test]
+    fn hashing_is_bounded_and_errors_name_relative_paths() {
+        let dir = tree();
+        let ignore = DockerIgnore::parse("");
+        assert!(matches!(
+            context_digest_limited(dir.path(), &ignore, 5),
+            Err(ContextError::ContextTooLarge { limit: 5 })
+        ));
+        assert!(context_digest_limited(dir.path(), &ignore, 1 << 20).is_ok());
+        fs::create_dir(dir.path().join("closed")).unwrap();
+        let err = ContextError::io("listing", dir.path().join("closed"), std::io::Error::other("x"))
+            .relative_to(dir.path())
+            .to_string();
+        assert_eq!(err, "listing closed: x");
     }
 
     #[test]

@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use crate::model::Digest;
 
-pub use digest::{context_digest, digest_entries, walk_included, EntryKind, IncludedEntry};
+pub use digest::{
+    context_digest, context_digest_limited, digest_entries, walk_included, EntryKind, IncludedEntry,
+};
 pub use dockerignore::DockerIgnore;
 pub use git::{
     check_config_key, checkout, checkout_with_timeout, remote_commit, tree_id, Checkout, GitSource, GitTarget,
@@ -115,9 +117,37 @@ pub enum ContextError {
 
     #[error("{} changed while it was being read", path.display())]
     Changed { path: PathBuf },
+
+    #[error("the build context holds more than {limit} bytes of files")]
+    ContextTooLarge { limit: u64 },
 }
 
+/// Most bytes of file content hashed for one build context (and for one COPY's sources):
+/// past it the build fails instead of keeping a blocking thread and the disk busy for as
+/// long as a hostile context wants. Far above any workspace image's context.
+pub const MAX_CONTEXT_HASH_BYTES: u64 = 16 << 30;
+
 impl ContextError {
+    /// The same error with host paths under `root` shown relative to it, so that a caller
+    /// sees the path inside its context, never where the server keeps it.
+    pub(crate) fn relative_to(self, root: &std::path::Path) -> Self {
+        let strip = |path: PathBuf| match path.strip_prefix(root) {
+            Ok(rel) if rel.as_os_str().is_empty() => PathBuf::from("."),
+            Ok(rel) => rel.to_path_buf(),
+            Err(_) => path,
+        };
+        match self {
+            Self::Io { action, path, source } => Self::Io {
+                action,
+                path: strip(path),
+                source,
+            },
+            Self::Changed { path } => Self::Changed { path: strip(path) },
+            Self::DestinationNotEmpty { path } => Self::DestinationNotEmpty { path: strip(path) },
+            other => other,
+        }
+    }
+
     /// An I/O failure of `action` ("reading", "creating", ...) on `path`.
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
@@ -129,16 +159,15 @@ impl ContextError {
 }
 
 /// `rel` (a path a caller names inside a context or checkout; a leading `/` means its root)
-/// joined to `root`, or `None` when it would climb out (`..`). Lexical only: symlinks are
-/// the business of whoever opens the path.
+/// joined to `root`, or `None` when it would climb out (`..`) or loops through symlinks.
+/// Symlinks on the way are resolved inside `root` (one pointing to `/etc` means
+/// `<root>/etc`), so the result never leads out of it while nobody else changes the tree.
 pub fn join_inside(root: &std::path::Path, rel: &str) -> Option<PathBuf> {
-    let mut path = root.to_path_buf();
     for part in std::path::Path::new(rel.trim_start_matches('/')).components() {
         match part {
-            std::path::Component::Normal(p) => path.push(p),
-            std::path::Component::CurDir => {}
+            std::path::Component::Normal(_) | std::path::Component::CurDir => {}
             _ => return None,
         }
     }
-    Some(path)
+    crate::engine::build::securejoin::resolve_in_root(root, rel, true).ok()
 }

@@ -15,7 +15,12 @@
 //!   point at a regular file inside the destination, and sparse files, devices and FIFOs
 //!   are refused. Modes are restored (`& 0o7777`); ownership and mtimes are not (they are
 //!   not part of a context's identity, see [`super::digest`]). Directory modes are applied
-//!   last so that a read-only directory does not block its own children.
+//!   last so that a read-only directory does not block its own children. Errors name the
+//!   entry or the path inside the context, never the server's directories.
+//! - Expiry: an upload whose stream sends nothing for the store's idle expiry (default
+//!   [`DEFAULT_IDLE_EXPIRY`]) is dropped with its temporary file, and a stored context that
+//!   nobody has uploaded or used for that long is deleted ([`ContextStore::expire`], run on
+//!   every upload). Using a context (`path`, `unpack`) renews it.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -23,6 +28,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -37,10 +43,15 @@ use crate::model::Digest;
 /// `.dockerignore` excludes them (`COPY .` still honours the patterns for them).
 pub const ALWAYS_SENT: [&str; 2] = ["Dockerfile", ".dockerignore"];
 
+/// How long an upload stream may send nothing, and a stored context stay unused, before
+/// it is dropped.
+pub const DEFAULT_IDLE_EXPIRY: Duration = Duration::from_secs(3600);
+
 /// A content-addressed store of uploaded context tars under one directory.
 #[derive(Debug, Clone)]
 pub struct ContextStore {
     root: PathBuf,
+    idle_expiry: Duration,
 }
 
 impl ContextStore {
@@ -60,7 +71,46 @@ impl ContextStore {
         for entry in stale.flatten() {
             let _ = fs::remove_file(entry.path());
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            idle_expiry: DEFAULT_IDLE_EXPIRY,
+        })
+    }
+
+    /// The same store with another idle expiry (see the module doc).
+    pub fn with_idle_expiry(mut self, idle_expiry: Duration) -> Self {
+        self.idle_expiry = idle_expiry;
+        self
+    }
+
+    pub fn idle_expiry(&self) -> Duration {
+        self.idle_expiry
+    }
+
+    /// Deletes stored contexts not uploaded or used within the idle expiry, and temporary
+    /// files as old (an upload that died without cleaning up). Returns how many went.
+    /// Blocking.
+    pub fn expire(&self) -> usize {
+        let Some(cutoff) = std::time::SystemTime::now().checked_sub(self.idle_expiry) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for dir in [self.root.join("sha256"), self.root.join("tmp")] {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|modified| modified < cutoff);
+                if stale && fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "expired idle uploaded build contexts");
+        }
+        removed
     }
 
     /// Stores the tar bytes of `stream`, refusing more than `max_bytes`, and returns their
@@ -78,10 +128,23 @@ impl ContextStore {
         let mut file = tokio::fs::File::create(&tmp.0)
             .await
             .map_err(|e| ContextError::io("creating", &tmp.0, e))?;
+        let store = self.clone();
+        // Best effort, off the async threads: a failed sweep only delays the next one.
+        drop(tokio::task::spawn_blocking(move || store.expire()));
         let mut hasher = Sha256::new();
         let mut total: u64 = 0;
         let mut stream = std::pin::pin!(stream);
-        while let Some(chunk) = stream.next().await {
+        loop {
+            let next = tokio::time::timeout(self.idle_expiry, stream.next())
+                .await
+                .map_err(|_| ContextError::UploadStream {
+                    source: format!(
+                        "no data for {}; the upload expired",
+                        humantime::format_duration(self.idle_expiry)
+                    )
+                    .into(),
+                })?;
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| ContextError::UploadStream { source: e.into() })?;
             total += chunk.len() as u64;
             if total > max_bytes {
@@ -107,6 +170,8 @@ impl ContextStore {
         tokio::fs::rename(&tmp.0, &path)
             .await
             .map_err(|e| ContextError::io("storing", &path, e))?;
+        // The same bytes uploaded again renew the stored copy.
+        let _ = filetime::set_file_mtime(&path, filetime::FileTime::now());
         tracing::info!(digest = %digest, bytes = total, "stored an uploaded build context");
         Ok(digest)
     }
@@ -114,6 +179,8 @@ impl ContextStore {
     /// Where the tar with `digest` is, if it is stored.
     pub fn path(&self, digest: &Digest) -> Option<PathBuf> {
         let path = self.blob_path(digest);
+        // Being used renews it (see [`ContextStore::expire`]).
+        filetime::set_file_mtime(&path, filetime::FileTime::now()).ok()?;
         path.is_file().then_some(path)
     }
 
@@ -123,7 +190,9 @@ impl ContextStore {
         let path = self.path(digest).ok_or_else(|| ContextError::UnknownContext {
             digest: digest.clone(),
         })?;
-        let file = fs::File::open(&path).map_err(|e| ContextError::io("opening", &path, e))?;
+        let file = fs::File::open(&path).map_err(|_| ContextError::UnknownContext {
+            digest: digest.clone(),
+        })?;
         unpack_tar(io::BufReader::new(file), dest)
     }
 
@@ -232,6 +301,10 @@ impl Read for ExactReader<'_> {
 /// Extracts a tar into `dest` (created if absent) without ever writing outside it. See the
 /// module doc for the rules. Blocking.
 pub fn unpack_tar(reader: impl Read, dest: &Path) -> Result<(), ContextError> {
+    unpack_tar_in(reader, dest).map_err(|e| e.relative_to(dest))
+}
+
+fn unpack_tar_in(reader: impl Read, dest: &Path) -> Result<(), ContextError> {
     fs::create_dir_all(dest).map_err(|e| ContextError::io("creating", dest, e))?;
     let reading = |e: io::Error| ContextError::io("reading the context tar into", dest, e);
     let mut archive = tar::Archive::new(reader);
@@ -465,6 +538,45 @@ mod tests {
             assert!(err.starts_with("refusing tar entry \"c.txt\""), "{err}");
         }
         assert!(!dest.join("c.txt").exists());
+    }
+
+    #[test]
+    fn errors_name_paths_inside_the_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("dest");
+        let tar = raw_tar(&[
+            ("d", tar::EntryType::Regular, "", b"file"),
+            ("d/x", tar::EntryType::Regular, "", b"x"),
+        ]);
+        let err = unpack_tar(&tar[..], &dest).unwrap_err().to_string();
+        assert!(!err.contains(&*dir.path().to_string_lossy()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn idle_uploads_and_unused_contexts_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(dir.path())
+            .unwrap()
+            .with_idle_expiry(Duration::from_millis(200));
+        // A stream that sends one chunk and then nothing.
+        let stalled = futures::stream::iter([Ok::<_, io::Error>(Bytes::from_static(b"abc"))])
+            .chain(futures::stream::pending());
+        let err = store.put(stalled, 1 << 20).await.unwrap_err().to_string();
+        assert!(err.contains("expired"), "{err}");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+
+        let digest = store
+            .put(
+                futures::stream::iter([Ok::<_, io::Error>(Bytes::from_static(b"abc"))]),
+                1 << 20,
+            )
+            .await
+            .unwrap();
+        assert!(store.path(&digest).is_some());
+        assert_eq!(store.expire(), 0);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(store.expire(), 1);
+        assert!(store.path(&digest).is_none());
     }
 
     #[test]

@@ -36,12 +36,21 @@
 //!
 //! Device nodes are created as the tar says: the sandbox that mounts lower directories must
 //! mount them `nodev` (or inside a user namespace) if images are untrusted.
+//!
+//! # Size
+//! A few kilobytes of tar can describe gigabytes of file (an old-GNU sparse entry is a map
+//! of holes; a compressed run of zeros is a bomb). [`UnpackLimits`] caps the bytes one
+//! entry and one layer unpack to. The size counted is what the entry really expands to (its
+//! validated sparse map, then the bytes actually read out of it), not the `size` field of
+//! its header (for a sparse entry, only the data stored); it is checked before anything is
+//! written, and again while writing. The holes of a sparse entry stay holes on disk.
+//! Errors from here name the entry and paths inside the layer, never the host directory.
 
 use std::{
     collections::HashSet,
     ffi::{OsStr, OsString},
     fs::{self, OpenOptions, Permissions},
-    io::{self, Read, Write},
+    io::{self, Read, Seek, Write},
     os::unix::{
         ffi::OsStrExt,
         fs::{OpenOptionsExt, PermissionsExt},
@@ -89,11 +98,64 @@ pub fn unpack_layer(reader: impl Read, media_type: &str, dest: &Path) -> Result<
     unpack_tar(tar, dest)
 }
 
-/// Unpacks an uncompressed tar stream into `dest` (see [`unpack_layer`]).
+/// How many bytes one layer may unpack to (see the module doc, "Size").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Regular-file bytes of the whole layer.
+    pub max_layer_bytes: u64,
+    /// Bytes of one regular file (a sparse one counted with its holes).
+    pub max_entry_bytes: u64,
+}
+
+impl Default for UnpackLimits {
+    /// 64 GiB a layer, 32 GiB a file: far above a workspace image's, far below a bomb's.
+    fn default() -> Self {
+        Self {
+            max_layer_bytes: 64 << 30,
+            max_entry_bytes: 32 << 30,
+        }
+    }
+}
+
+/// Unpacks an uncompressed tar stream into `dest` (see [`unpack_layer`]) within the
+/// default [`UnpackLimits`].
 pub fn unpack_tar(tar: impl Read, dest: &Path) -> Result<UnpackStats, LayerError> {
+    unpack_tar_limited(tar, dest, UnpackLimits::default())
+}
+
+/// [`unpack_tar`] within `limits`.
+pub fn unpack_tar_limited(
+    tar: impl Read,
+    dest: &Path,
+    limits: UnpackLimits,
+) -> Result<UnpackStats, LayerError> {
+    unpack_tar_in(tar, dest, limits).map_err(|e| inside_layer(e, dest))
+}
+
+/// `e` with host paths under `dest` shown as paths inside the layer.
+fn inside_layer(e: LayerError, dest: &Path) -> LayerError {
+    let strip = |path: PathBuf| match path.strip_prefix(dest) {
+        Ok(rel) => Path::new("/").join(rel),
+        Err(_) => path,
+    };
+    match e {
+        LayerError::Io { op, path, source } => LayerError::Io {
+            op,
+            path: strip(path),
+            source,
+        },
+        LayerError::OverlayFeature { path, xattr } => LayerError::OverlayFeature {
+            path: strip(path),
+            xattr,
+        },
+        other => other,
+    }
+}
+
+fn unpack_tar_in(tar: impl Read, dest: &Path, limits: UnpackLimits) -> Result<UnpackStats, LayerError> {
     fs::create_dir_all(dest).map_err(LayerError::io("creating", dest))?;
     let mut archive = tar::Archive::new(HashingReader::new(tar));
-    let mut unpacker = Unpacker::new(dest);
+    let mut unpacker = Unpacker::new(dest, limits);
     {
         let entries = archive.entries().map_err(read_error)?;
         for entry in entries {
@@ -177,6 +239,7 @@ enum Existing {
 
 struct Unpacker<'a> {
     dest: &'a Path,
+    limits: UnpackLimits,
     /// Relative paths known to be real directories (not symlinks) in `dest`.
     verified: HashSet<PathBuf>,
     /// Directory mtimes, applied after every entry (children change their parent's mtime).
@@ -186,9 +249,10 @@ struct Unpacker<'a> {
 }
 
 impl<'a> Unpacker<'a> {
-    fn new(dest: &'a Path) -> Self {
+    fn new(dest: &'a Path, limits: UnpackLimits) -> Self {
         Self {
             dest,
+            limits,
             verified: HashSet::new(),
             dir_times: Vec::new(),
             buf: vec![0; 256 * 1024],
@@ -284,8 +348,12 @@ impl<'a> Unpacker<'a> {
                 self.dir_times.push((path, meta.mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                // For a sparse entry the tar reader has checked its map against the size it
+                // declares: this is the size the file expands to. Refused before a byte is
+                // written; the write counts again.
+                self.check_size(entry.size(), &name)?;
                 self.clear(&rel_path, &path, false)?;
-                self.write_file(entry, &path, &meta, &name)?;
+                self.write_file(entry, &path, &meta, &name, kind == EntryType::GNUSparse)?;
             }
             EntryType::Symlink => {
                 let target = entry
@@ -439,6 +507,7 @@ impl<'a> Unpacker<'a> {
         path: &Path,
         meta: &EntryMeta,
         name: &str,
+        sparse: bool,
     ) -> Result<(), LayerError> {
         let mut file = OpenOptions::new()
             .write(true)
@@ -447,6 +516,8 @@ impl<'a> Unpacker<'a> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(LayerError::io("creating", path))?;
+        let mut written: u64 = 0;
+        let mut hole_at_end = false;
         loop {
             let n = match entry.read(&mut self.buf) {
                 Ok(0) => break,
@@ -454,9 +525,26 @@ impl<'a> Unpacker<'a> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(LayerError::ReadArchive { source }),
             };
+            written += n as u64;
+            if written > self.limits.max_entry_bytes
+                || self.stats.file_bytes + n as u64 > self.limits.max_layer_bytes
+            {
+                return Err(self.too_large(written.max(self.stats.file_bytes + n as u64), name));
+            }
+            self.stats.file_bytes += n as u64;
+            // A sparse entry's holes read as zeros: skipped, so that they stay holes.
+            if sparse && self.buf[..n].iter().all(|&b| b == 0) {
+                file.seek(io::SeekFrom::Current(n as i64))
+                    .map_err(LayerError::io("writing", path))?;
+                hole_at_end = true;
+                continue;
+            }
+            hole_at_end = false;
             file.write_all(&self.buf[..n])
                 .map_err(LayerError::io("writing", path))?;
-            self.stats.file_bytes += n as u64;
+        }
+        if hole_at_end {
+            file.set_len(written).map_err(LayerError::io("writing", path))?;
         }
         std::os::unix::fs::fchown(&file, Some(meta.uid), Some(meta.gid))
             .map_err(LayerError::io("changing owner of", path))?;
@@ -468,6 +556,34 @@ impl<'a> Unpacker<'a> {
         }
         filetime::set_file_handle_times(&file, Some(meta.mtime), Some(meta.mtime))
             .map_err(LayerError::io("setting times of", path))
+    }
+
+    /// Refuses a file of `size` bytes that would pass the entry or the layer limit.
+    fn check_size(&self, size: u64, name: &str) -> Result<(), LayerError> {
+        if size > self.limits.max_entry_bytes
+            || self.stats.file_bytes.saturating_add(size) > self.limits.max_layer_bytes
+        {
+            return Err(self.too_large(self.stats.file_bytes.saturating_add(size), name));
+        }
+        Ok(())
+    }
+
+    fn too_large(&self, bytes: u64, name: &str) -> LayerError {
+        let reason = if bytes > self.limits.max_layer_bytes {
+            format!(
+                "the layer unpacks to more than its limit of {} bytes",
+                self.limits.max_layer_bytes
+            )
+        } else {
+            format!(
+                "the file unpacks to more than the limit of {} bytes for one file of a layer",
+                self.limits.max_entry_bytes
+            )
+        };
+        LayerError::UnsafeEntry {
+            entry: name.to_owned(),
+            reason,
+        }
     }
 
     /// Owner first, then mode: `chown` clears setuid/setgid.
@@ -645,6 +761,58 @@ mod tests {
             b.append(&h, *data).unwrap();
         }
         b.into_inner().unwrap()
+    }
+
+    /// An old-GNU sparse entry: 512 bytes of data at offset 0, then holes up to `apparent`.
+    fn sparse_tar(name: &str, apparent: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(512);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+        gnu.sparse[0].set_offset(0);
+        gnu.sparse[0].set_length(512);
+        gnu.sparse[1].set_offset(apparent);
+        gnu.sparse[1].set_length(0);
+        gnu.set_real_size(apparent);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &[b'x'; 512][..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn sparse_entries_are_capped_and_stay_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = UnpackLimits {
+            max_layer_bytes: 96 << 20,
+            max_entry_bytes: 80 << 20,
+        };
+        // 3 GiB from a 1.5 KB tar: refused before anything is written.
+        let bomb = sparse_tar("bomb", 3 << 30);
+        assert!(bomb.len() <= 2048);
+        let err = unpack_tar_limited(&bomb[..], &dir.path().join("a"), limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"bomb\"") && err.contains("limit"), "{err}");
+        assert!(!dir.path().join("a/bomb").exists());
+        // Within the limits: the holes stay holes.
+        let dest = dir.path().join("b");
+        unpack_tar_limited(&sparse_tar("ok", 64 << 20)[..], &dest, limits).unwrap();
+        let meta = fs::metadata(dest.join("ok")).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(meta.blocks() * 512 < 8 << 20, "{} blocks", meta.blocks());
+        assert_eq!(&fs::read(dest.join("ok")).unwrap()[..512], &[b'x'; 512][..]);
+        // The layer's limit counts every file.
+        let mut two = sparse_tar("one", 60 << 20);
+        two.truncate(two.len() - 1024);
+        two.extend(sparse_tar("two", 60 << 20));
+        let err = unpack_tar_limited(&two[..], &dir.path().join("c"), limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"two\"") && err.contains("layer"), "{err}");
+        assert!(!err.contains(&*dir.path().to_string_lossy()), "{err}");
     }
 
     #[test]
