@@ -74,6 +74,25 @@ impl GitSource {
             .get(..7)
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("file://"))
     }
+
+    /// What "the same repository" means for sharing build caches: the remote URL without
+    /// credentials, its scheme and host lower-cased, without a trailing `/` or `.git`. The
+    /// branch, commit and credentials do not matter: every build of one repository shares.
+    pub fn source_identity(&self) -> String {
+        let clean = Remote::parse(&self.remote_uri)
+            .map(|r| r.clean)
+            .unwrap_or_else(|_| display_remote(self.remote_uri.trim()));
+        let (scheme, rest) = clean.split_once("://").unwrap_or(("", &clean));
+        let end = rest.find('/').unwrap_or(rest.len());
+        let (host, path) = rest.split_at(end);
+        let path = path.trim_end_matches('/');
+        let path = path.strip_suffix(".git").unwrap_or(path).trim_end_matches('/');
+        format!(
+            "{}://{}{path}",
+            scheme.to_ascii_lowercase(),
+            host.to_ascii_lowercase()
+        )
+    }
 }
 
 impl fmt::Debug for GitSource {
@@ -993,6 +1012,29 @@ mod tests {
         assert!(src(" FILE:///srv/repo").is_local());
         assert!(!src("https://example.com/r").is_local());
         assert!(!src("fi").is_local());
+    }
+
+    #[test]
+    fn source_identity_ignores_credentials_case_and_suffixes() {
+        let id = |uri: &str| {
+            GitSource {
+                remote_uri: uri.into(),
+                target: GitTarget::RemoteHead,
+                credentials: None,
+                custom_config: Vec::new(),
+                full_clone: false,
+            }
+            .source_identity()
+        };
+        let plain = id("https://github.com/gitpod-io/gitpod");
+        assert_eq!(plain, "https://github.com/gitpod-io/gitpod");
+        assert_eq!(
+            id("https://user:t0ken-canary@GitHub.com/gitpod-io/gitpod.git"),
+            plain
+        );
+        assert_eq!(id("HTTPS://github.com/gitpod-io/gitpod/"), plain);
+        assert_ne!(id("https://github.com/gitpod-io/other"), plain);
+        assert!(!id("https://user:t0ken-canary@h.example/r").contains("canary"));
     }
 
     #[test]
