@@ -117,7 +117,11 @@ fn assert_unauthorized(what: &str, (status, headers, body): &(StatusCode, header
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_registry_writes_need_kilns_credentials() {
-    let kiln = KilnServer::start(KilnOptions::embedded());
+    // At debug level too, nothing Kiln logs may carry the generated password.
+    let kiln = KilnServer::start(KilnOptions {
+        rust_log: "debug".into(),
+        ..KilnOptions::embedded()
+    });
     // The support helpers pushed busybox with the credentials from the auth file.
     let base = busybox_in(&kiln);
     let addr = kiln.registry_addr().to_owned();
@@ -339,6 +343,7 @@ async fn embedded_registry_writes_need_kilns_credentials() {
             ("the metrics", metrics),
             ("the service log", kiln.log()),
         ] {
+            assert!(!text.is_empty(), "nothing to search in {place}");
             assert!(
                 !text.contains(&password) && !text.contains(&basic_value),
                 "the registry password shows in {place}"

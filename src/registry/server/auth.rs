@@ -43,6 +43,14 @@ impl std::fmt::Debug for Access {
     }
 }
 
+/// A request let through, and whether its response carries the challenge anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    Plain,
+    /// The anonymous ping under anonymous pulls: 200, plus `WWW-Authenticate`.
+    WithChallenge,
+}
+
 /// What the request presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Presented {
@@ -99,21 +107,20 @@ impl Access {
         }
     }
 
-    /// Checks one request. `base` is the `/v2/` ping. `Ok(challenge)` lets it through; with
-    /// `challenge` the response should still carry `WWW-Authenticate` (see the module doc).
-    pub fn check(&self, method: &Method, base: bool, headers: &HeaderMap) -> Result<bool, RegistryError> {
+    /// Checks one request; `base` is the `/v2/` ping (see the module doc).
+    pub fn check(&self, method: &Method, base: bool, headers: &HeaderMap) -> Result<Admitted, RegistryError> {
         if self.is_open() {
-            return Ok(false);
+            return Ok(Admitted::Plain);
         }
         let presented = self.presented(headers);
         let read = matches!(*method, Method::GET | Method::HEAD);
         match (presented, base, read) {
-            (Presented::Valid, _, _) => Ok(false),
+            (Presented::Valid, _, _) => Ok(Admitted::Plain),
             // The ping: anonymous clients are welcome when pulls are, but learn the scheme.
-            (Presented::Nothing, true, true) if self.anonymous_pull => Ok(true),
+            (Presented::Nothing, true, true) if self.anonymous_pull => Ok(Admitted::WithChallenge),
             // Clients that answer a Basic challenge without credentials send empty ones;
             // pulls do not look at them.
-            (_, false, true) if self.anonymous_pull => Ok(false),
+            (_, false, true) if self.anonymous_pull => Ok(Admitted::Plain),
             (_, _, read) => Err(unauthorized(read)),
         }
     }
@@ -180,7 +187,7 @@ mod tests {
                     access
                         .check(&method, false, &basic("kiln", "s3cret-canary"))
                         .unwrap(),
-                    false
+                    Admitted::Plain
                 );
             }
         }
@@ -191,15 +198,15 @@ mod tests {
         let open_reads = Access::with_credentials(&creds(), true);
         assert_eq!(
             open_reads.check(&Method::GET, false, &HeaderMap::new()).unwrap(),
-            false
+            Admitted::Plain
         );
         assert_eq!(
             open_reads.check(&Method::HEAD, false, &basic("", "")).unwrap(),
-            false
+            Admitted::Plain
         );
         assert_eq!(
             open_reads.check(&Method::GET, true, &HeaderMap::new()).unwrap(),
-            true
+            Admitted::WithChallenge
         );
         assert!(open_reads
             .check(&Method::GET, true, &basic("kiln", "wrong"))
@@ -212,7 +219,7 @@ mod tests {
             closed
                 .check(&Method::GET, false, &basic("kiln", "s3cret-canary"))
                 .unwrap(),
-            false
+            Admitted::Plain
         );
         let mut garbage = HeaderMap::new();
         garbage.insert(header::AUTHORIZATION, "Bearer x".parse().unwrap());
@@ -222,7 +229,7 @@ mod tests {
             Access::open()
                 .check(&Method::PUT, false, &HeaderMap::new())
                 .unwrap(),
-            false
+            Admitted::Plain
         );
         assert!(!format!("{closed:?}").contains("canary"));
     }

@@ -307,7 +307,7 @@ async fn dispatch(registry: &Registry, request: Request) -> Result<Response> {
         (Route::Base, Method::GET | Method::HEAD) => {
             let mut response =
                 (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response();
-            if challenge {
+            if challenge == auth::Admitted::WithChallenge {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, auth::challenge());
