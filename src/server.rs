@@ -175,6 +175,13 @@ pub async fn serve(
                 )
             })?;
         let anonymous_pull = config.registry.embedded_anonymous_pull();
+        if anonymous_pull && !config.registry.embedded_addr.ip().is_loopback() {
+            tracing::warn!(
+                addr = %config.registry.embedded_addr,
+                "the embedded registry listens beyond loopback and serves anonymous pulls \
+                 (registry.anonymous_pull = true): anyone who reaches it can read every image"
+            );
+        }
         let access = registry::server::Access::with_credentials(&credentials, anonymous_pull);
         embedded = Some(EmbeddedCredentials {
             registry: registry_addr,

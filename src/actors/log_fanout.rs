@@ -390,3 +390,108 @@ impl Handler<Crash> for LogFanout {
         std::panic::panic_any(INJECTED_CRASH);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::supervision::ChildDied;
+
+    /// Takes the fan-out's death notice (the tests have no supervisor).
+    struct NoSupervisor;
+
+    impl Actor for NoSupervisor {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ChildDied> for NoSupervisor {
+        type Result = ();
+
+        fn handle(&mut self, _: ChildDied, _: &mut Self::Context) {}
+    }
+
+    /// Runs `body` against a fan-out over `dir` capped at `cap` bytes, inside an actix system.
+    fn with_fanout(dir: &std::path::Path, cap: u64, body: impl FnOnce(&mut LogFanout) + 'static) {
+        let dir = dir.to_owned();
+        actix::System::new().block_on(async move {
+            let guard = ChildGuard::new("log_fanout".into(), 1, NoSupervisor.start().recipient());
+            let mut fanout = LogFanout::new(dir, 8, cap, Metrics::new(), guard);
+            body(&mut fanout);
+        });
+    }
+
+    fn whole(fanout: &mut LogFanout, build: &BuildId) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let chunk = fanout.read(build, out.len() as u64).unwrap();
+            if chunk.data.is_empty() {
+                return out;
+            }
+            out.extend_from_slice(&chunk.data);
+        }
+    }
+
+    #[test]
+    fn the_cap_cuts_output_once_and_keeps_kilns_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        let build = BuildId::random();
+        let id = build.clone();
+        with_fanout(&logs, 100, move |f| {
+            f.open(&id).unwrap();
+            assert_eq!(f.append(&id, 0, &[b'a'; 60], false).unwrap(), 60);
+            // Crossing the cap: cut at 100, then a newline and the marker.
+            let len = f.append(&id, 60, &[b'b'; 60], false).unwrap();
+            let marker = truncation_marker(100);
+            assert_eq!(len, 100 + 1 + marker.len() as u64);
+            // A resend of the same append and any later output are acknowledged, not stored.
+            assert_eq!(f.append(&id, 60, &[b'b'; 60], false).unwrap(), len);
+            assert_eq!(f.append(&id, len, b"more output\n", false).unwrap(), len);
+            // Kiln's own line still goes in.
+            let end = f.append(&id, len, b"pushed x\n", true).unwrap();
+            assert_eq!(end, len + 9);
+            f.finish(&id).unwrap();
+            let log = whole(f, &id);
+            let expected = [
+                &[b'a'; 60][..],
+                &[b'b'; 40],
+                b"\n",
+                marker.as_bytes(),
+                b"pushed x\n",
+            ]
+            .concat();
+            assert_eq!(log, expected);
+        });
+        let path = logs.join(format!("{build}.log"));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "log file mode {mode:o}");
+        let stored = fs::read(&path).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&stored)
+                .matches("log truncated at 100 bytes")
+                .count(),
+            1
+        );
+
+        // A restarted fan-out knows the log was cut: output stays dropped, no second marker.
+        let id = build.clone();
+        with_fanout(&logs, 100, move |f| {
+            let len = f.load(&id).unwrap().progress().len;
+            assert_eq!(len, stored.len() as u64);
+        });
+        let unfinished = BuildId::random();
+        let id = unfinished.clone();
+        with_fanout(&logs, 100, move |f| {
+            f.open(&id).unwrap();
+            f.append(&id, 0, &[b'c'; 150], false).unwrap();
+        });
+        let id = unfinished.clone();
+        with_fanout(&logs, 100, move |f| {
+            let len = f.load(&id).unwrap().progress().len;
+            assert_eq!(f.append(&id, len, b"late output\n", false).unwrap(), len);
+            let log = whole(f, &id);
+            assert_eq!(String::from_utf8_lossy(&log).matches("log truncated").count(), 1);
+            assert!(log.starts_with(&[b'c'; 100]) && !log.windows(4).any(|w| w == b"late"));
+        });
+    }
+}
