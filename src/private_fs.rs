@@ -60,19 +60,31 @@ pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     fs::rename(&temp, path)
 }
 
-/// Makes an existing data directory private: the directory and every directory below it
-/// `0700`, every file `0600` (an executable bit for the owner is kept), except below the
-/// directories in `content_trees` (relative to `root`), which are made `0700` themselves but
-/// not walked: their contents are image files whose modes matter. Symbolic links are not
-/// followed; entries that vanish during the walk (a running Kiln renames and deletes files)
-/// are skipped. Returns how many entries were changed.
-pub fn fix_up_data_dir(root: &Path, content_trees: &[&str]) -> io::Result<u64> {
+/// Makes an existing data directory private: `root` itself `0700`, and below it only
+/// Kiln's own entries (`own`, names in `root`; whatever else an operator keeps there is left
+/// alone): every directory `0700`, every file `0600` (an executable bit for the owner is
+/// kept), except below the directories in `content_trees` (relative to `root`), which are
+/// made `0700` themselves but not walked: their contents are image files whose modes matter.
+/// Symbolic links are not followed; entries that vanish during the walk (a running Kiln
+/// renames and deletes files) are skipped. Returns how many entries were changed.
+pub fn fix_up_data_dir(root: &Path, own: &[&str], content_trees: &[&str]) -> io::Result<u64> {
     let gone = |r: io::Result<bool>| match r {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         r => r,
     };
-    let mut changed = 0;
-    let mut stack = vec![root.to_path_buf()];
+    let mut changed = u64::from(restrict(root, DIR_MODE)?);
+    let mut stack = Vec::new();
+    for name in own {
+        let path = root.join(name);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => stack.push(path),
+            Ok(meta) if meta.is_file() => {
+                let mode = FILE_MODE | (meta.permissions().mode() & 0o100);
+                changed += u64::from(gone(restrict(&path, mode))?);
+            }
+            _ => {}
+        }
+    }
     while let Some(dir) = stack.pop() {
         changed += u64::from(gone(restrict(&dir, DIR_MODE))?);
         let skip = content_trees.iter().any(|t| root.join(t) == dir);
@@ -135,10 +147,11 @@ mod tests {
     fn fix_up_restricts_state_and_leaves_content_trees_alone() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for d in ["logs", "engine/layers/x", "engine/blobs"] {
+        for d in ["logs", "engine/layers/x", "engine/blobs", "operator"] {
             fs::create_dir_all(root.join(d)).unwrap();
         }
         fs::write(root.join("logs/b.log"), "x").unwrap();
+        fs::write(root.join("operator/notes"), "x").unwrap();
         fs::write(root.join("engine/blobs/run"), "x").unwrap();
         fs::write(root.join("engine/layers/x/bin"), "x").unwrap();
         fs::set_permissions(root.join("engine/blobs/run"), fs::Permissions::from_mode(0o755)).unwrap();
@@ -150,7 +163,10 @@ mod tests {
         fs::set_permissions(root.join("logs"), fs::Permissions::from_mode(0o777)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("logs/link")).unwrap();
 
-        assert!(fix_up_data_dir(root, &["engine/layers"]).unwrap() > 0);
+        fs::set_permissions(root.join("operator"), fs::Permissions::from_mode(0o751)).unwrap();
+        let notes_mode = mode(&root.join("operator/notes"));
+        let own = ["logs", "engine", "missing"];
+        assert!(fix_up_data_dir(root, &own, &["engine/layers"]).unwrap() > 0);
         assert_eq!(mode(root), 0o700);
         assert_eq!(mode(&root.join("logs")), 0o700);
         assert_eq!(mode(&root.join("logs/b.log")), 0o600);
@@ -166,6 +182,12 @@ mod tests {
             0,
             "links are not followed"
         );
-        assert_eq!(fix_up_data_dir(root, &["engine/layers"]).unwrap(), 0);
+        assert_eq!(
+            mode(&root.join("operator/notes")),
+            notes_mode,
+            "not Kiln's: left alone"
+        );
+        assert_eq!(mode(&root.join("operator")), 0o751, "not Kiln's: left alone");
+        assert_eq!(fix_up_data_dir(root, &own, &["engine/layers"]).unwrap(), 0);
     }
 }

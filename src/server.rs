@@ -31,6 +31,17 @@ use crate::{
 /// The user name of the embedded registry's generated credentials.
 pub const EMBEDDED_REGISTRY_USER: &str = "kiln";
 
+/// Kiln's own entries in the data directory, which the start-up fix-up makes private (what
+/// else an operator keeps there is left alone).
+const OWN_ENTRIES: &[&str] = &[
+    "logs",
+    "builds",
+    "registry",
+    "contexts",
+    "engine",
+    "registry-auth.json",
+];
+
 /// Directories under the data directory whose contents are image files (unpacked layers,
 /// build scratch, cache mounts, extracted contexts): made 0700 but not walked by the start-up
 /// fix-up, since their modes are what builds see.
@@ -72,7 +83,7 @@ fn prepare_data_dir(data_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn fix_up_data_dir(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    let changed = private_fs::fix_up_data_dir(data_dir, CONTENT_TREES)
+    let changed = private_fs::fix_up_data_dir(data_dir, OWN_ENTRIES, CONTENT_TREES)
         .with_context(|| format!("data_dir: cannot make {} private", data_dir.display()))?;
     if changed > 0 {
         tracing::info!(data_dir = %data_dir.display(), changed, "data directory made private (0700/0600)");
