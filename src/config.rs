@@ -208,6 +208,30 @@ pub struct RegistryConfig {
     /// Default `60s`.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Whether the embedded registry serves pulls (GET/HEAD) without credentials. Writes
+    /// always need Kiln's own credentials. Default: `true` when `embedded_addr` is loopback,
+    /// `false` when it listens beyond.
+    pub anonymous_pull: Option<bool>,
+    /// Where Kiln writes the embedded registry's credentials (generated anew at every start)
+    /// as a docker `config.json`, mode 0600, for an operator's `skopeo --authfile`.
+    /// Default `<data_dir>/registry-auth.json`.
+    pub embedded_credentials_file: Option<PathBuf>,
+}
+
+impl RegistryConfig {
+    /// Whether the embedded registry serves anonymous pulls (`anonymous_pull`, defaulting by
+    /// where it listens).
+    pub fn embedded_anonymous_pull(&self) -> bool {
+        self.anonymous_pull
+            .unwrap_or_else(|| self.embedded_addr.ip().is_loopback())
+    }
+
+    /// `embedded_credentials_file`, or its default under `data_dir`.
+    pub fn embedded_credentials_path(&self, data_dir: &Path) -> PathBuf {
+        self.embedded_credentials_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("registry-auth.json"))
+    }
 }
 
 impl Default for RegistryConfig {
@@ -224,6 +248,8 @@ impl Default for RegistryConfig {
             retry_backoff_initial: Duration::from_millis(200),
             retry_backoff_max: Duration::from_secs(10),
             read_timeout: crate::registry::READ_TIMEOUT,
+            anonymous_pull: None,
+            embedded_credentials_file: None,
         }
     }
 }
@@ -406,12 +432,17 @@ pub struct LogsConfig {
     /// Bytes of each running build's log kept in memory; older bytes are read from disk.
     /// Default 1 MiB.
     pub memory_bytes_per_build: usize,
+    /// Largest log of one build, in bytes. Output past it is dropped (the build goes on) and
+    /// the log ends with one line saying it was truncated; Kiln's own closing lines still
+    /// follow. Default 64 MiB.
+    pub max_bytes_per_build: u64,
 }
 
 impl Default for LogsConfig {
     fn default() -> Self {
         Self {
             memory_bytes_per_build: 1 << 20,
+            max_bytes_per_build: 64 << 20,
         }
     }
 }
@@ -618,6 +649,22 @@ pub struct EngineSettings {
     pub no_new_privileges: bool,
     /// Memory, process and CPU limits of each build's RUN steps (`[engine.limits]`).
     pub limits: crate::engine::sandbox::cgroup::RunLimits,
+    /// Which builds share a `RUN --mount=type=cache` directory of a given id: `source`
+    /// (builds of the same source: git remote, or uploaded context) or `global` (every
+    /// build). Default `source`.
+    pub cache_mount_scope: CacheMountScope,
+}
+
+/// Which builds share a cache mount (`engine.cache_mount_scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMountScope {
+    /// Builds of the same source only: the git remote URL without credentials, or for an
+    /// uploaded context its digest. A build cannot read or poison another repository's
+    /// caches.
+    Source,
+    /// Every build on this Kiln, whoever asked for it (BuildKit's behaviour).
+    Global,
 }
 
 impl Default for EngineSettings {
@@ -631,6 +678,7 @@ impl Default for EngineSettings {
             id_range: "auto".into(),
             no_new_privileges: false,
             limits: crate::engine::sandbox::cgroup::RunLimits::default(),
+            cache_mount_scope: CacheMountScope::Source,
         }
     }
 }
@@ -757,6 +805,9 @@ impl Config {
                 "registry.retry_backoff_initial",
                 "must not exceed registry.retry_backoff_max",
             ));
+        }
+        if self.logs.max_bytes_per_build == 0 {
+            return Err(invalid("logs.max_bytes_per_build", "must be at least 1"));
         }
         if self.registry.read_timeout.is_zero() {
             return Err(invalid("registry.read_timeout", "must be longer than zero"));
@@ -975,6 +1026,48 @@ mod tests {
             let err = Config::parse(toml).unwrap().validate().unwrap_err().to_string();
             assert!(err.contains(key), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn surface_knobs_default_safely() {
+        let c = Config::load(None).unwrap();
+        assert!(
+            c.registry.embedded_anonymous_pull(),
+            "loopback pulls are anonymous"
+        );
+        assert_eq!(
+            c.registry.embedded_credentials_path(Path::new("/d")),
+            PathBuf::from("/d/registry-auth.json")
+        );
+        assert_eq!(c.logs.max_bytes_per_build, 64 << 20);
+        assert_eq!(c.engine.cache_mount_scope, CacheMountScope::Source);
+
+        let c = Config::parse("[registry]\nembedded_addr = \"0.0.0.0:5000\"\n").unwrap();
+        assert!(
+            !c.registry.embedded_anonymous_pull(),
+            "beyond loopback, pulls need credentials"
+        );
+        let c = Config::parse(
+            "[registry]\nembedded_addr = \"0.0.0.0:5000\"\nanonymous_pull = true\n\
+             embedded_credentials_file = \"/x/auth.json\"\n\
+             [engine]\ncache_mount_scope = \"global\"\n[logs]\nmax_bytes_per_build = 1024\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.registry.embedded_anonymous_pull());
+        assert_eq!(
+            c.registry.embedded_credentials_path(Path::new("/d")),
+            PathBuf::from("/x/auth.json")
+        );
+        assert_eq!(c.engine.cache_mount_scope, CacheMountScope::Global);
+        assert_eq!(c.logs.max_bytes_per_build, 1024);
+        let err = Config::parse("[logs]\nmax_bytes_per_build = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("logs.max_bytes_per_build"), "{err}");
+        assert!(Config::parse("[engine]\ncache_mount_scope = \"tenant\"\n").is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod engine;
 pub mod executor;
 pub mod metrics;
 pub mod model;
+pub mod private_fs;
 pub mod registry;
 pub mod server;
 pub mod telemetry;

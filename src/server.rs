@@ -3,6 +3,13 @@
 //!
 //! [`serve`] takes its shutdown signal as a parameter so tests can run a whole server
 //! in-process; [`run`] is the binary's entry point and stops on SIGINT or SIGTERM.
+//!
+//! It also owns two of Kiln's own surfaces:
+//! - the data directory is private (`private_fs`): created 0700, and one an older Kiln left
+//!   is fixed up at start;
+//! - the embedded registry's credentials: generated at every start (random, held in memory,
+//!   never logged), given to Kiln's registry client and the registry, and written for the
+//!   operator as a docker `config.json` (0600) at `registry.embedded_credentials_file`.
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -15,9 +22,74 @@ use crate::{
     api::{AccessLayer, AccessPolicy, AdminService, ImageBuilderService, MessageLimitLayer, RpcMetricsLayer},
     config::Config,
     metrics::{self, Metrics},
+    model::{BasicCredentials, Secret},
+    private_fs,
     proto::{admin::admin_server::AdminServer, builder::image_builder_server::ImageBuilderServer},
-    registry::{self, ClientConfig, CredentialStore, RegistryClient},
+    registry::{self, ClientConfig, CredentialStore, EmbeddedCredentials, RegistryClient},
 };
+
+/// The user name of the embedded registry's generated credentials.
+pub const EMBEDDED_REGISTRY_USER: &str = "kiln";
+
+/// Kiln's own entries in the data directory, which the start-up fix-up makes private (what
+/// else an operator keeps there is left alone).
+const OWN_ENTRIES: &[&str] = &[
+    "logs",
+    "builds",
+    "registry",
+    "contexts",
+    "engine",
+    "registry-auth.json",
+];
+
+/// Directories under the data directory whose contents are image files (unpacked layers,
+/// build scratch, cache mounts, extracted contexts): made 0700 but not walked by the start-up
+/// fix-up, since their modes are what builds see.
+const CONTENT_TREES: &[&str] = &[
+    "engine/layers",
+    "engine/tmp",
+    "engine/cache-mounts",
+    "contexts/work",
+];
+
+/// Fresh credentials for the embedded registry: 32 random bytes, hex.
+fn generate_registry_credentials() -> BasicCredentials {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    BasicCredentials {
+        username: EMBEDDED_REGISTRY_USER.to_owned(),
+        password: Secret::new(hex::encode(bytes)),
+    }
+}
+
+/// The docker `config.json` an operator gives skopeo or podman (`--authfile`) to push to the
+/// embedded registry at `registry`.
+fn docker_config_json(registry: &str, creds: &BasicCredentials) -> Vec<u8> {
+    use base64::Engine as _;
+    let pair = format!("{}:{}", creds.username, creds.password.expose());
+    let auth = base64::engine::general_purpose::STANDARD.encode(pair);
+    serde_json::to_vec_pretty(&serde_json::json!({ "auths": { registry: { "auth": auth } } }))
+        .expect("JSON values serialize")
+}
+
+/// Creates the data directory 0700 and makes what is in it private: what an earlier Kiln
+/// left (before the actors start), and the directories the actors' start created with the
+/// umask's modes (after).
+fn prepare_data_dir(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    private_fs::create_dir_all(data_dir)
+        .with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
+    fix_up_data_dir(data_dir)
+}
+
+fn fix_up_data_dir(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let changed = private_fs::fix_up_data_dir(data_dir, OWN_ENTRIES, CONTENT_TREES)
+        .with_context(|| format!("data_dir: cannot make {} private", data_dir.display()))?;
+    if changed > 0 {
+        tracing::info!(data_dir = %data_dir.display(), changed, "data directory made private (0700/0600)");
+    }
+    Ok(())
+}
 
 /// Runs Kiln until SIGINT or SIGTERM. Blocking: creates its own runtime.
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -35,7 +107,7 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn registry_client(config: &Config) -> anyhow::Result<RegistryClient> {
+fn registry_client(config: &Config, embedded: Option<EmbeddedCredentials>) -> anyhow::Result<RegistryClient> {
     let credentials = match &config.registry.pull_secret {
         Some(path) => CredentialStore::from_docker_config_file(path)
             .with_context(|| format!("registry.pull_secret: cannot use {}", path.display()))?,
@@ -50,6 +122,7 @@ fn registry_client(config: &Config) -> anyhow::Result<RegistryClient> {
         retry: config.registry.retry_policy(),
         read_timeout: config.registry.read_timeout,
         upload_chunk_bytes: registry::UPLOAD_CHUNK_BYTES,
+        embedded,
     })?)
 }
 
@@ -82,8 +155,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("data_dir: cannot create {}", config.data_dir.display()))?;
+    prepare_data_dir(&config.data_dir)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -93,13 +165,51 @@ pub async fn serve(
     };
 
     let mut tasks = tokio::task::JoinSet::new();
+    let mut embedded = None;
     if config.registry.external.is_none() {
+        let registry_addr = config.registry.target_registry();
+        let credentials = generate_registry_credentials();
+        let auth_file = config.registry.embedded_credentials_path(&config.data_dir);
+        if let Some(parent) = auth_file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            private_fs::create_dir_all(parent).with_context(|| {
+                format!(
+                    "registry.embedded_credentials_file: cannot create {}",
+                    parent.display()
+                )
+            })?;
+        }
+        private_fs::write_private(&auth_file, &docker_config_json(&registry_addr, &credentials))
+            .with_context(|| {
+                format!(
+                    "registry.embedded_credentials_file: cannot write {}",
+                    auth_file.display()
+                )
+            })?;
+        let anonymous_pull = config.registry.embedded_anonymous_pull();
+        if anonymous_pull && !config.registry.embedded_addr.ip().is_loopback() {
+            tracing::warn!(
+                addr = %config.registry.embedded_addr,
+                "the embedded registry listens beyond loopback and serves anonymous pulls \
+                 (registry.anonymous_pull = true): anyone who reaches it can read every image"
+            );
+        }
+        let access = registry::server::Access::with_credentials(&credentials, anonymous_pull);
+        embedded = Some(EmbeddedCredentials {
+            registry: registry_addr,
+            credentials,
+        });
         let listener = bind("the embedded registry", config.registry.embedded_addr).await?;
         let root = config.data_dir.join("registry");
-        tracing::info!(addr = %config.registry.embedded_addr, root = %root.display(), "embedded registry listening");
+        tracing::info!(
+            addr = %config.registry.embedded_addr,
+            root = %root.display(),
+            anonymous_pull,
+            credentials_file = %auth_file.display(),
+            "embedded registry listening; writes need the credentials in credentials_file"
+        );
         let stop = stopped();
         tasks.spawn(async move {
-            registry::server::serve(listener, root, stop)
+            registry::server::serve_with(listener, root, access, stop)
                 .await
                 .context("embedded registry")
         });
@@ -116,8 +226,9 @@ pub async fn serve(
             .context("metrics server")
     });
 
-    let system = actors::start(&config, registry_client(&config)?, metrics.clone()).await?;
+    let system = actors::start(&config, registry_client(&config, embedded)?, metrics.clone()).await?;
     let kiln = system.handle();
+    fix_up_data_dir(&config.data_dir)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

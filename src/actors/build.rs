@@ -2,6 +2,10 @@
 //! build's log, reports status to the orchestrator, and enforces cancellation and the
 //! build timeout.
 //!
+//! The timeout (`builds.timeout`) measures the build's own work: its clock starts when the
+//! build gets a slot (`builds.max_concurrent`), so time spent queued behind other builds
+//! never counts against it.
+//!
 //! Everything a build needs to survive a crash of its actor lives in [`BuildRun`], which the
 //! supervisor hands to the next incarnation: the job, the deadline, the cancellation token,
 //! and the next status sequence number. A restarted build actor re-syncs its log offset from
@@ -15,7 +19,7 @@ use std::{
 
 use actix::prelude::*;
 use bytes::Bytes;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -59,7 +63,9 @@ struct Verdict {
 pub struct BuildRun {
     id: BuildId,
     plan: Plan,
-    deadline: Instant,
+    /// When the build times out: `None` until it first gets a build slot (queue time does
+    /// not count), then fixed for every later incarnation.
+    deadline: watch::Sender<Option<Instant>>,
     timeout: Duration,
     cancel: CancellationToken,
     /// Secrets of the request, censored from the log.
@@ -96,17 +102,18 @@ impl BuildRun {
         }
         Self {
             secrets,
+            deadline: watch::Sender::new(None),
             ..Self::adopted(id, plan, timeout)
         }
     }
 
     /// A build found running elsewhere (a builder pod in the cluster) that this Kiln
-    /// follows; `timeout` is what is left of its time.
+    /// follows; `timeout` is what is left of its time, and its clock runs already.
     pub fn adopted(id: BuildId, plan: Plan, timeout: Duration) -> Self {
         Self {
             id,
             plan,
-            deadline: Instant::now() + timeout,
+            deadline: watch::Sender::new(Some(Instant::now() + timeout)),
             timeout,
             cancel: CancellationToken::new(),
             secrets: Vec::new(),
@@ -124,6 +131,31 @@ impl BuildRun {
             key: &self.plan.key,
             workspace: &self.plan.refs.workspace,
             timeout: self.timeout,
+        }
+    }
+
+    /// Starts the timeout clock, once: the first incarnation to get a slot sets it.
+    fn start_clock(&self) {
+        self.deadline.send_if_modified(|deadline| {
+            let unset = deadline.is_none();
+            if unset {
+                *deadline = Some(Instant::now() + self.timeout);
+            }
+            unset
+        });
+    }
+
+    /// Resolves when the build's time is up; never while it waits for a slot.
+    async fn timed_out(&self) {
+        let mut deadline = self.deadline.subscribe();
+        let at = match deadline.wait_for(Option::is_some).await {
+            Ok(at) => *at,
+            // The sender lives in `self`; it cannot be gone while `self` is borrowed.
+            Err(_) => None,
+        };
+        match at {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
         }
     }
 
@@ -236,6 +268,9 @@ struct LogWriter {
     logs: Arc<Slot<LogFanout>>,
     offset: u64,
     secrets: Vec<Secret>,
+    /// The fan-out stored less than it was sent: the log reached
+    /// `logs.max_bytes_per_build`, so further output is dropped here without a round trip.
+    truncated: bool,
 }
 
 /// How long a log write keeps retrying while the fan-out is down.
@@ -249,6 +284,7 @@ impl LogWriter {
             logs,
             offset: 0,
             secrets: run.secrets.clone(),
+            truncated: false,
         };
         let started = Instant::now();
         while started.elapsed() < LOG_WRITE_PATIENCE {
@@ -296,12 +332,21 @@ impl LogWriter {
         out
     }
 
+    /// Appends one line of Kiln's own (a notice, the verdict): stored even past the log's
+    /// size cap, so that a truncated log still says how the build ended.
     async fn line(&mut self, line: &str) {
-        self.write(format!("{line}\n").as_bytes()).await;
+        self.append(format!("{line}\n").as_bytes(), true).await;
     }
 
-    /// Appends `data` (censored) to the log, exactly once.
+    /// Appends the build's output (censored), exactly once, up to the log's size cap.
     async fn write(&mut self, data: &[u8]) {
+        if self.truncated {
+            return;
+        }
+        self.append(data, false).await;
+    }
+
+    async fn append(&mut self, data: &[u8], kiln: bool) {
         let data = Bytes::from(self.censor(data));
         let started = Instant::now();
         while started.elapsed() < LOG_WRITE_PATIENCE {
@@ -309,9 +354,13 @@ impl LogWriter {
                 build: self.build.clone(),
                 offset: self.offset,
                 data: data.clone(),
+                kiln,
             };
             match self.logs.call(append).await {
                 Ok(Ok(len)) => {
+                    if !kiln && len < self.offset + data.len() as u64 {
+                        self.truncated = true;
+                    }
                     self.offset = len;
                     return;
                 }
@@ -366,7 +415,7 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
             let (verdict, stopped) = tokio::select! {
                 v = work(&run, &deps, &mut log) => (v, false),
                 _ = run.cancel.cancelled() => (Verdict { outcome: BuildOutcome::Cancelled, message: "build cancelled".into() }, true),
-                _ = tokio::time::sleep_until(run.deadline.into()) => (Verdict {
+                _ = run.timed_out() => (Verdict {
                     outcome: BuildOutcome::Failure,
                     message: format!("build timed out after {}", humantime::format_duration(run.timeout)),
                 }, true),
@@ -408,7 +457,6 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
 
 /// The build's work: wait for a slot, run the job, and say how it went.
 async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict {
-    let started = Instant::now();
     let _slot = match deps.slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {
@@ -421,10 +469,18 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
                 .expect("the build semaphore is never closed")
         }
     };
+    run.start_clock();
+    let started = Instant::now();
     let (output, mut output_rx) = mpsc::unbounded_channel::<Bytes>();
     let job: &Job = &run.plan.job;
     let ticket = run.ticket();
-    let execute = deps.executor.run(&ticket, job, &output, run.cancel.child_token());
+    // One budget for every ARG/ENV expansion of the build (`dockerfile::expand`'s limits).
+    let execute = crate::engine::dockerfile::with_expansion_budget(deps.executor.run(
+        &ticket,
+        job,
+        &output,
+        run.cancel.child_token(),
+    ));
     tokio::pin!(execute);
     let result = loop {
         tokio::select! {

@@ -218,11 +218,12 @@ pub async fn start(
 
         let logs_dir = config.data_dir.join("logs");
         let (memory, m) = (config.logs.memory_bytes_per_build, metrics.clone());
+        let max_log = config.logs.max_bytes_per_build;
         supervisor.do_send(StartChild(permanent(
             "log_fanout",
             ActorKind::LogFanout,
             directory.logs.clone(),
-            move |g| LogFanout::new(logs_dir.clone(), memory, m.clone(), g),
+            move |g| LogFanout::new(logs_dir.clone(), memory, max_log, m.clone(), g),
         )));
 
         let shared = ResolverShared::new(
@@ -253,6 +254,7 @@ pub async fn start(
             contexts,
             contexts_tmp,
             allow_local_git: config.builds.allow_local_git,
+            cache_mount_scope: config.engine.cache_mount_scope,
             platform,
             exists_checks: DashMap::new(),
             plan_cache: moka::sync::Cache::builder()

@@ -263,6 +263,8 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
             additional: Default::default(),
         },
         pinned,
+        // A builder pod's cache mounts live and die with the pod: there is nothing to share.
+        cache_scope: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
     let printer = tokio::spawn(async move {

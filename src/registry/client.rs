@@ -13,7 +13,10 @@
 //! a fresh client also repeats the `/v2/` probe and the token round trip on every call.)
 //!
 //! Which credentials a request uses is decided in `credentials.rs` (`auth.additional`, then
-//! the installation's if the policy allows, then anonymous).
+//! the installation's if the policy allows, then anonymous) — except on Kiln's embedded
+//! registry ([`ClientConfig::embedded`]): every request there, read or write, whatever the
+//! caller's policy, carries Kiln's own generated credentials, the only ones that registry
+//! knows.
 //!
 //! # Transport
 //! Loopback registries (`127.x`, `localhost`, `::1`) and `insecure_registries` are spoken to
@@ -82,6 +85,15 @@ pub struct ClientConfig {
     pub read_timeout: Duration,
     /// The largest body of one upload request (at least 1). Default [`UPLOAD_CHUNK_BYTES`].
     pub upload_chunk_bytes: u64,
+    /// Kiln's embedded registry and the credentials it was started with. Default: none.
+    pub embedded: Option<EmbeddedCredentials>,
+}
+
+/// The credentials of Kiln's own embedded registry (`registry` is its `host:port`).
+#[derive(Debug, Clone)]
+pub struct EmbeddedCredentials {
+    pub registry: String,
+    pub credentials: BasicCredentials,
 }
 
 impl ClientConfig {
@@ -97,6 +109,7 @@ impl ClientConfig {
             retry: RetryPolicy::default(),
             read_timeout: READ_TIMEOUT,
             upload_chunk_bytes: UPLOAD_CHUNK_BYTES,
+            embedded: None,
         }
     }
 }
@@ -116,6 +129,8 @@ struct Inner {
     retry: RetryPolicy,
     read_timeout: Duration,
     upload_chunk_bytes: u64,
+    /// The embedded registry (normalised `host:port`) and Kiln's credentials for it.
+    embedded: Option<(String, BasicCredentials)>,
     /// One oci-client per (registry, credentials); see the module doc for why.
     clients: moka::future::Cache<ClientKey, Oci>,
 }
@@ -175,6 +190,9 @@ impl RegistryClient {
                 retry: config.retry,
                 read_timeout: config.read_timeout,
                 upload_chunk_bytes: config.upload_chunk_bytes.max(1),
+                embedded: config
+                    .embedded
+                    .map(|e| (normalize_registry(&e.registry), e.credentials)),
                 clients,
             }),
         })
@@ -275,7 +293,7 @@ impl RegistryClient {
         image: &ImageRef,
         auth: &AuthPolicy,
     ) -> Result<Oci, RegistryError> {
-        let (creds, source) = select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln);
+        let (creds, source) = self.credentials_for_request(image, auth);
         tracing::debug!(registry = image.registry(), credentials = ?source, "registry credentials chosen");
         self.oci(image, creds.as_ref()).await
     }
@@ -296,13 +314,10 @@ impl RegistryClient {
             }
         };
         for image in kiln {
-            add(image, self.inner.credentials.get(image.registry()).cloned());
+            add(image, self.kiln_credentials(image).0);
         }
         for image in images {
-            add(
-                image,
-                select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln).0,
-            );
+            add(image, self.credentials_for_request(image, auth).0);
         }
         serde_json::to_vec(&serde_json::json!({ "auths": auths })).expect("JSON values serialize")
     }
@@ -310,14 +325,40 @@ impl RegistryClient {
     /// The oci-client for Kiln's own repositories: the installation's credentials for the
     /// registry, whatever the caller's policy says (Kiln pushes there on its own behalf).
     pub(crate) async fn oci_for_kiln(&self, image: &ImageRef) -> Result<Oci, RegistryError> {
-        let creds = self.inner.credentials.get(image.registry()).cloned();
-        let source = if creds.is_some() {
-            CredentialSource::Installation
-        } else {
-            CredentialSource::Anonymous
-        };
+        let (creds, source) = self.kiln_credentials(image);
         tracing::debug!(registry = image.registry(), credentials = ?source, "registry credentials chosen");
         self.oci(image, creds.as_ref()).await
+    }
+
+    /// Kiln's own credentials when `image` is on the embedded registry.
+    fn embedded_credentials(&self, image: &ImageRef) -> Option<BasicCredentials> {
+        let (registry, creds) = self.inner.embedded.as_ref()?;
+        (normalize_registry(image.registry()) == *registry).then(|| creds.clone())
+    }
+
+    /// The credentials for a request under the caller's policy: Kiln's own on the embedded
+    /// registry, else what `credentials.rs` picks.
+    fn credentials_for_request(
+        &self,
+        image: &ImageRef,
+        auth: &AuthPolicy,
+    ) -> (Option<BasicCredentials>, CredentialSource) {
+        match self.embedded_credentials(image) {
+            Some(creds) => (Some(creds), CredentialSource::Embedded),
+            None => select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln),
+        }
+    }
+
+    /// The credentials Kiln writes its own repositories with: the embedded registry's, or
+    /// the installation's for the registry, or none.
+    fn kiln_credentials(&self, image: &ImageRef) -> (Option<BasicCredentials>, CredentialSource) {
+        if let Some(creds) = self.embedded_credentials(image) {
+            return (Some(creds), CredentialSource::Embedded);
+        }
+        match self.inner.credentials.get(image.registry()).cloned() {
+            Some(creds) => (Some(creds), CredentialSource::Installation),
+            None => (None, CredentialSource::Anonymous),
+        }
     }
 
     async fn oci(&self, image: &ImageRef, creds: Option<&BasicCredentials>) -> Result<Oci, RegistryError> {

@@ -159,6 +159,8 @@ pub(crate) enum CredentialSource {
     Additional,
     /// The installation's pull secret, allowed by the request's policy.
     Installation,
+    /// Kiln's own credentials for its embedded registry.
+    Embedded,
     Anonymous,
 }
 

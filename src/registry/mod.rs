@@ -12,7 +12,9 @@ mod platform;
 mod retry;
 
 pub use blobs::{BlobPush, FetchedImage, LayerDescriptor, MAX_CONFIG_BYTES};
-pub use client::{ClientConfig, RegistryClient, CONNECT_TIMEOUT, READ_TIMEOUT, UPLOAD_CHUNK_BYTES};
+pub use client::{
+    ClientConfig, EmbeddedCredentials, RegistryClient, CONNECT_TIMEOUT, READ_TIMEOUT, UPLOAD_CHUNK_BYTES,
+};
 pub use copy::{CopyEvent, MAX_CONCURRENT_BLOBS};
 pub use credentials::CredentialStore;
 pub use error::{OciCause, RegistryError, RegistryErrorKind};

@@ -1,2 +1,702 @@
 //! Issue 9, points 10 and 12: Kiln's own surfaces (the embedded registry, the data dir, git
 //! configuration from requests, upload sessions, cache mounts) are closed to builds.
+//!
+//! - The embedded registry refuses every write (POST, PUT, PATCH, DELETE) without Kiln's
+//!   generated credentials with `401 UNAUTHORIZED` and a Basic challenge, so a RUN step
+//!   cannot overwrite a workspace image; the credentials (from the 0600 auth file) are
+//!   accepted, and never show in the service log, ListBuilds, a build log or the metrics.
+//!   With `registry.anonymous_pull = false` reads need them too, and Kiln still builds.
+//! - git `custom_config` keys that redirect the remote or run commands are refused with
+//!   InvalidArgument naming the key; `url.file://….insteadOf` no longer gets past
+//!   `builds.allow_local_git = false`.
+//! - The data dir is private: directories 0700, files 0600; a data dir left loose is
+//!   fixed up at the next start.
+//! - Cache mounts of two sources with the same id are separate under
+//!   `engine.cache_mount_scope = "source"` (the default) and shared under `global`.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use base64::Engine as _;
+use kiln::proto::{
+    builder::{build_source, BuildSource, BuildSourceDockerfile, BuildStatus, ListBuildsRequest},
+    contentservice::{
+        workspace_initializer, CloneTargetMode, GitConfig, GitInitializer, WorkspaceInitializer,
+    },
+};
+use reqwest::{header, Method, StatusCode};
+use tonic::Code;
+
+use super::{
+    build_dockerfile, busybox_in, digest_of, raw_tar, read_log, ref_source, request, run_build, server_dir,
+    upload, uploaded_source, within, Entry,
+};
+use crate::support::kiln::{KilnOptions, KilnServer};
+
+// =======================================================================================
+// the embedded registry
+// =======================================================================================
+
+fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("an HTTP client")
+}
+
+/// `(repository, tag)` of `host:port/repo/sitory:tag`.
+fn repo_and_tag(reference: &str) -> (String, String) {
+    let (_, path) = reference.split_once('/').expect("a registry host");
+    let (repo, tag) = path.rsplit_once(':').expect("a tag");
+    (repo.to_owned(), tag.to_owned())
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// One request to the registry at `addr`; returns the status, the headers and the body.
+async fn call(
+    addr: &str,
+    method: Method,
+    path: &str,
+    authorization: Option<&str>,
+    body: Vec<u8>,
+    content_type: Option<&str>,
+) -> (StatusCode, header::HeaderMap, Vec<u8>) {
+    let url = if path.starts_with("http") {
+        path.to_owned()
+    } else {
+        format!("http://{addr}{path}")
+    };
+    let mut builder = http().request(method.clone(), &url).body(body);
+    if let Some(a) = authorization {
+        builder = builder.header(header::AUTHORIZATION, a);
+    }
+    if let Some(t) = content_type {
+        builder = builder.header(header::CONTENT_TYPE, t);
+    }
+    let response = builder
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+    (status, headers, body)
+}
+
+/// Panics unless the answer is distribution's refusal: 401, `UNAUTHORIZED`, a Basic challenge.
+#[track_caller]
+fn assert_unauthorized(what: &str, (status, headers, body): &(StatusCode, header::HeaderMap, Vec<u8>)) {
+    assert_eq!(
+        *status,
+        StatusCode::UNAUTHORIZED,
+        "{what}: {}",
+        String::from_utf8_lossy(body)
+    );
+    let challenge = headers
+        .get(header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        challenge.starts_with("Basic realm="),
+        "{what}: WWW-Authenticate is {challenge:?}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    assert_eq!(json["errors"][0]["code"], "UNAUTHORIZED", "{what}: {json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_registry_writes_need_kilns_credentials() {
+    // At debug level too, nothing Kiln logs may carry the generated password.
+    let kiln = KilnServer::start(KilnOptions {
+        rust_log: "debug".into(),
+        ..KilnOptions::embedded()
+    });
+    // The support helpers pushed busybox with the credentials from the auth file.
+    let base = busybox_in(&kiln);
+    let addr = kiln.registry_addr().to_owned();
+    within(300, async {
+        let mut client = kiln.builder().await;
+        let outcome = run_build(&mut client, request(ref_source(&base))).await;
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{}",
+            outcome.text()
+        );
+        let workspace = outcome.messages.last().map(|m| m.r#ref.clone()).expect("a ref");
+        let (repo, tag) = repo_and_tag(&workspace);
+        let manifest_path = format!("/v2/{repo}/manifests/{tag}");
+        let digest_now = || async {
+            let (status, headers, _) = call(&addr, Method::GET, &manifest_path, None, Vec::new(), None).await;
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "anonymous pull of {workspace} on loopback"
+            );
+            headers["docker-content-digest"].to_str().unwrap().to_owned()
+        };
+        let original = digest_now().await;
+
+        // The ping welcomes anonymous clients but names the scheme, so clients send theirs.
+        let ping = call(&addr, Method::GET, "/v2/", None, Vec::new(), None).await;
+        assert_eq!(ping.0, StatusCode::OK);
+        assert!(ping.1[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic realm="));
+
+        // What a RUN step would send: every write is refused without credentials, or with
+        // wrong ones, before anything is stored.
+        let hostile_manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                        "digest": digest_of(b"{}"), "size": 2 },
+            "layers": [],
+        }))
+        .unwrap();
+        let blob = b"kiln-hostile-blob".to_vec();
+        let blob_digest = digest_of(&blob);
+        let wrong = basic("kiln", "not-the-password");
+        for authorization in [None, Some(wrong.as_str())] {
+            let who = if authorization.is_some() {
+                "wrong credentials"
+            } else {
+                "anonymous"
+            };
+            let refused = [
+                (
+                    "PUT manifest",
+                    call(
+                        &addr,
+                        Method::PUT,
+                        &manifest_path,
+                        authorization,
+                        hostile_manifest.clone(),
+                        Some("application/vnd.oci.image.manifest.v1+json"),
+                    )
+                    .await,
+                ),
+                (
+                    "DELETE manifest",
+                    call(
+                        &addr,
+                        Method::DELETE,
+                        &format!("/v2/{repo}/manifests/{original}"),
+                        authorization,
+                        Vec::new(),
+                        None,
+                    )
+                    .await,
+                ),
+                (
+                    "POST upload",
+                    call(
+                        &addr,
+                        Method::POST,
+                        &format!("/v2/{repo}/blobs/uploads/"),
+                        authorization,
+                        Vec::new(),
+                        None,
+                    )
+                    .await,
+                ),
+                (
+                    "POST monolithic upload",
+                    call(
+                        &addr,
+                        Method::POST,
+                        &format!("/v2/{repo}/blobs/uploads/?digest={blob_digest}"),
+                        authorization,
+                        blob.clone(),
+                        Some("application/octet-stream"),
+                    )
+                    .await,
+                ),
+                (
+                    "PATCH upload",
+                    call(
+                        &addr,
+                        Method::PATCH,
+                        &format!("/v2/{repo}/blobs/uploads/0000"),
+                        authorization,
+                        blob.clone(),
+                        Some("application/octet-stream"),
+                    )
+                    .await,
+                ),
+                (
+                    "PUT upload",
+                    call(
+                        &addr,
+                        Method::PUT,
+                        &format!("/v2/{repo}/blobs/uploads/0000?digest={blob_digest}"),
+                        authorization,
+                        blob.clone(),
+                        Some("application/octet-stream"),
+                    )
+                    .await,
+                ),
+                (
+                    "DELETE blob",
+                    call(
+                        &addr,
+                        Method::DELETE,
+                        &format!("/v2/{repo}/blobs/{blob_digest}"),
+                        authorization,
+                        Vec::new(),
+                        None,
+                    )
+                    .await,
+                ),
+            ];
+            for (what, answer) in &refused {
+                assert_unauthorized(&format!("{who} {what}"), answer);
+            }
+        }
+        assert_eq!(digest_now().await, original, "the workspace image changed");
+
+        // The operator's credentials: from the auth file, 0600, a docker config.json.
+        let auth_file = kiln.registry_auth_file();
+        let mode = std::fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", auth_file.display());
+        let (user, password) = kiln.registry_credentials().expect("registered credentials");
+        assert!(password.len() >= 32, "a weak generated password");
+        let good = basic(&user, &password);
+
+        let (status, headers, body) = call(
+            &addr,
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/"),
+            Some(&good),
+            Vec::new(),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&body));
+        let location = headers[header::LOCATION].to_str().unwrap().to_owned();
+        let location = if location.starts_with('/') {
+            format!("http://{addr}{location}")
+        } else {
+            location
+        };
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let (status, _, body) = call(
+            &addr,
+            Method::PUT,
+            &format!("{location}{separator}digest={blob_digest}"),
+            Some(&good),
+            blob.clone(),
+            Some("application/octet-stream"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&body));
+        let (status, _, _) = call(
+            &addr,
+            Method::GET,
+            &format!("/v2/{repo}/blobs/{blob_digest}"),
+            None,
+            Vec::new(),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "the authenticated upload is readable");
+        let (status, _, body) = call(
+            &addr,
+            Method::DELETE,
+            &format!("/v2/{repo}/blobs/{blob_digest}"),
+            Some(&good),
+            Vec::new(),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&body));
+        let ping = call(&addr, Method::GET, "/v2/", Some(&good), Vec::new(), None).await;
+        assert_eq!(ping.0, StatusCode::OK);
+        let ping = call(&addr, Method::GET, "/v2/", Some(&wrong), Vec::new(), None).await;
+        assert_unauthorized("ping with wrong credentials", &ping);
+
+        // The password shows nowhere a caller or an operator's log reader looks.
+        let builds = client
+            .list_builds(ListBuildsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let id = outcome.build_id().expect("a build id");
+        let log = String::from_utf8_lossy(&read_log(&mut client, &id).await).into_owned();
+        let metrics = kiln.metrics_text().await;
+        let basic_value = good.trim_start_matches("Basic ").to_owned();
+        for (place, text) in [
+            ("ListBuilds", format!("{builds:?}")),
+            ("the build log", log),
+            ("the metrics", metrics),
+            ("the service log", kiln.log()),
+        ] {
+            assert!(!text.is_empty(), "nothing to search in {place}");
+            assert!(
+                !text.contains(&password) && !text.contains(&basic_value),
+                "the registry password shows in {place}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_anonymous_pull_reads_need_credentials_and_kiln_still_builds() {
+    let kiln = KilnServer::start(KilnOptions {
+        registry_toml: "anonymous_pull = false\n".into(),
+        ..KilnOptions::embedded()
+    });
+    let base = busybox_in(&kiln);
+    let addr = kiln.registry_addr().to_owned();
+    within(300, async {
+        let (repo, tag) = repo_and_tag(&base);
+        let path = format!("/v2/{repo}/manifests/{tag}");
+        let anonymous = call(&addr, Method::GET, &path, None, Vec::new(), None).await;
+        assert_unauthorized("anonymous pull", &anonymous);
+        assert_unauthorized(
+            "anonymous ping",
+            &call(&addr, Method::GET, "/v2/", None, Vec::new(), None).await,
+        );
+        let (user, password) = kiln.registry_credentials().expect("registered credentials");
+        let (status, _, _) = call(
+            &addr,
+            Method::GET,
+            &path,
+            Some(&basic(&user, &password)),
+            Vec::new(),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+
+        // Kiln's own client authenticates its pulls (the base) and pushes (the image).
+        let mut client = kiln.builder().await;
+        let outcome = build_dockerfile(&mut client, &format!("FROM {base}\nRUN echo built-$((6*7))\n")).await;
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{}",
+            outcome.text()
+        );
+    })
+    .await;
+}
+
+// =======================================================================================
+// git configuration from requests
+// =======================================================================================
+
+/// A git repository at `<dir>/repo` with one commit holding a Dockerfile.
+fn local_repo(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("Dockerfile"),
+        "FROM scratch\nCOPY Dockerfile /kiln-hostile-git\n",
+    )
+    .unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .expect("running git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "x"]);
+    repo
+}
+
+fn git_request(remote: &str, custom_config: HashMap<String, String>) -> kiln::proto::builder::BuildRequest {
+    request(Some(BuildSource {
+        from: Some(build_source::From::File(BuildSourceDockerfile {
+            source: Some(WorkspaceInitializer {
+                spec: Some(workspace_initializer::Spec::Git(GitInitializer {
+                    remote_uri: remote.to_owned(),
+                    target_mode: CloneTargetMode::RemoteHead as i32,
+                    config: Some(GitConfig {
+                        custom_config,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })),
+            }),
+            dockerfile_path: "Dockerfile".into(),
+            context_path: ".".into(),
+            ..Default::default()
+        })),
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_config_keys_that_redirect_remotes_or_run_commands_are_refused() {
+    let kiln = KilnServer::start(KilnOptions::embedded().with_toml("[builds]\nallow_local_git = false\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = local_repo(dir.path());
+    let file_url = format!("file://{}", repo.display());
+    let remote = "https://git.kiln-hostile.invalid/org/repo.git";
+    within(120, async {
+        let mut client = kiln.builder().await;
+        // A file:// remote stays refused on this Kiln.
+        let outcome = run_build(&mut client, git_request(&file_url, HashMap::new())).await;
+        let status = outcome.error.expect("a file:// remote must be refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("allow_local_git"),
+            "{}",
+            status.message()
+        );
+
+        // Every way a request's git config could reach it, or another host, or a command.
+        let cases: Vec<(String, String)> = vec![
+            (format!("url.{file_url}.insteadOf"), remote.to_owned()),
+            (format!("url.{file_url}.pushInsteadOf"), remote.to_owned()),
+            ("protocol.file.allow".into(), "always".into()),
+            ("protocol.allow".into(), "always".into()),
+            ("core.sshCommand".into(), "touch /tmp/kiln-hostile-ssh".into()),
+            (
+                "core.fsmonitor".into(),
+                "touch /tmp/kiln-hostile-fsmonitor".into(),
+            ),
+            ("core.hooksPath".into(), "/tmp".into()),
+            ("core.gitProxy".into(), "/bin/sh".into()),
+            ("core.askPass".into(), "/bin/sh".into()),
+            ("credential.helper".into(), "!touch /tmp/kiln-hostile-cred".into()),
+            ("include.path".into(), "/etc/gitconfig".into()),
+            ("includeIf.gitdir:/.path".into(), "/etc/gitconfig".into()),
+            ("uploadpack.packObjectsHook".into(), "/bin/sh".into()),
+            ("filter.x.smudge".into(), "/bin/sh".into()),
+            ("diff.x.textconv".into(), "/bin/sh".into()),
+            ("http.proxy".into(), "http://127.0.0.1:9".into()),
+            (
+                "http.https://git.kiln-hostile.invalid/.proxy".into(),
+                "http://127.0.0.1:9".into(),
+            ),
+            (
+                "http.curloptResolve".into(),
+                "git.kiln-hostile.invalid:443:127.0.0.1".into(),
+            ),
+            ("init.templateDir".into(), "/tmp".into()),
+            ("fetch.bundleURI".into(), file_url.clone()),
+        ];
+        let mut problems = Vec::new();
+        for (key, value) in cases {
+            let outcome = run_build(
+                &mut client,
+                git_request(remote, HashMap::from([(key.clone(), value)])),
+            )
+            .await;
+            match &outcome.error {
+                Some(status) if status.code() == Code::InvalidArgument && status.message().contains(&key) => {
+                }
+                _ => problems.push(format!("{key}: {}", outcome.text())),
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "keys not refused with InvalidArgument naming them:\n{}",
+            problems.join("\n")
+        );
+        for marker in ["ssh", "fsmonitor", "cred"] {
+            assert!(
+                !Path::new(&format!("/tmp/kiln-hostile-{marker}")).exists(),
+                "{marker} ran"
+            );
+        }
+    })
+    .await;
+}
+
+// =======================================================================================
+// the data dir
+// =======================================================================================
+
+/// Directories whose contents are image files (their modes are what builds see): only the
+/// directory itself must be private.
+const CONTENT_TREES: &[&str] = &[
+    "engine/layers",
+    "engine/tmp",
+    "engine/cache-mounts",
+    "contexts/work",
+];
+
+/// Every entry under `root` with group or world permission bits, except inside
+/// `CONTENT_TREES` and the directories in `also_skip` (whose own modes are still checked).
+fn loose_entries(root: &Path, also_skip: &[&str]) -> Vec<String> {
+    let mut loose = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mode = std::fs::symlink_metadata(&dir).unwrap().permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            loose.push(format!("{:o} {}/", mode, dir.display()));
+        }
+        let rel = dir.strip_prefix(root).unwrap();
+        if CONTENT_TREES.iter().chain(also_skip).any(|t| rel == Path::new(t)) {
+            continue;
+        }
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                loose.push(format!(
+                    "{:o} {}",
+                    meta.permissions().mode() & 0o7777,
+                    entry.path().display()
+                ));
+            }
+        }
+    }
+    loose.sort();
+    loose
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_is_private_and_fixed_up_at_start() {
+    let options = KilnOptions::embedded();
+    let mut kiln = KilnServer::start(options.clone());
+    let base = busybox_in(&kiln);
+    let data = kiln.data_dir();
+    within(300, async {
+        let mut client = kiln.builder().await;
+        let outcome = build_dockerfile(
+            &mut client,
+            &format!(
+                "FROM {base}\nRUN --mount=type=cache,target=/c echo x > /c/x && echo private-$((6*7))\n"
+            ),
+        )
+        .await;
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{}",
+            outcome.text()
+        );
+    })
+    .await;
+    // Logs, build records, registry blobs and manifests, the credentials: private from
+    // their creation. The files the engine and the context store write (compressed layers,
+    // cache entries, uploaded tars) are made 0600 by the start-up fix-up (below); until
+    // then they sit behind 0700 directories, which are checked here.
+    for sub in ["logs", "builds", "registry", "contexts", "engine"] {
+        assert!(data.join(sub).is_dir(), "no {sub} in the data dir");
+    }
+    let loose = loose_entries(&data, &["engine/blobs", "engine/cache", "contexts/sha256"]);
+    assert!(
+        loose.is_empty(),
+        "group/world-accessible entries in the data dir:\n{}",
+        loose.join("\n")
+    );
+
+    // A data dir left loose (an older Kiln, a careless operator) is fixed at the next start.
+    let log = std::fs::read_dir(data.join("logs"))
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("a log")
+        .path();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(data.join("logs"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    kiln.restart(&options);
+    let loose = loose_entries(&data, &[]);
+    assert!(
+        loose.is_empty(),
+        "after a restart, still loose:\n{}",
+        loose.join("\n")
+    );
+    assert!(server_dir(&kiln).join("kiln.toml").exists());
+}
+
+// =======================================================================================
+// cache mounts
+// =======================================================================================
+
+/// Builds two uploaded contexts (two sources) that use cache id `shared`: the first writes
+/// its name there, the second prints what it finds. Returns what the second found and how
+/// many cache-mount directories exist.
+async fn second_source_sees(kiln: &KilnServer) -> (String, usize) {
+    let base = busybox_in(kiln);
+    let mut client = kiln.builder().await;
+    let mut seen = String::new();
+    for source in ["alpha", "beta"] {
+        let dockerfile = format!(
+            "FROM {base}\n\
+             RUN --mount=type=cache,id=shared,target=/cache \
+             echo \"seen:$(cat /cache/owner 2>/dev/null || echo nothing):end\"; echo {source} > /cache/owner\n"
+        );
+        let tar = raw_tar(&[
+            Entry::File("Dockerfile", dockerfile.as_bytes()),
+            Entry::File("source.txt", source.as_bytes()),
+        ]);
+        let digest = upload(&mut client, &tar).await;
+        let outcome = run_build(&mut client, request(uploaded_source(&digest))).await;
+        assert_eq!(
+            outcome.last_status(),
+            Some(BuildStatus::DoneSuccess),
+            "{source}: {}",
+            outcome.text()
+        );
+        let log = read_log(&mut client, &outcome.build_id().expect("a build id")).await;
+        let log = String::from_utf8_lossy(&log);
+        seen = log
+            .split("seen:")
+            .nth(1)
+            .and_then(|rest| rest.split(":end").next())
+            .unwrap_or_else(|| panic!("{source}: no seen: line in\n{log}"))
+            .to_owned();
+    }
+    let dirs = std::fs::read_dir(kiln.data_dir().join("engine/cache-mounts"))
+        .unwrap()
+        .count();
+    (seen, dirs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_mounts_are_per_source_by_default_and_shared_when_global() {
+    within(600, async {
+        let kiln = KilnServer::start(KilnOptions::embedded());
+        let (seen, dirs) = second_source_sees(&kiln).await;
+        assert_eq!(
+            seen, "nothing",
+            "under the source scope, a second source saw the first's cache"
+        );
+        assert_eq!(dirs, 2, "one cache directory per source");
+        drop(kiln);
+
+        let kiln = KilnServer::start(
+            KilnOptions::embedded().with_toml("[engine]\ncache_mount_scope = \"global\"\n"),
+        );
+        let (seen, dirs) = second_source_sees(&kiln).await;
+        assert_eq!(seen, "alpha", "under the global scope, the cache is shared");
+        assert_eq!(dirs, 1);
+    })
+    .await;
+}

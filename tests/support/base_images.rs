@@ -176,8 +176,13 @@ fn push_once(registry: &str, layout: &BaseLayout) {
     tools::ensure_installed("skopeo", "skopeo");
     for tag in &layout.tags {
         let dest = format!("{registry}/{}:{tag}", layout.repository);
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        let mut skopeo = Command::new("skopeo");
+        skopeo.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        // A Kiln server's embedded registry takes writes only with its credentials.
+        if let Some(kiln) = super::registry_auth::lookup(registry) {
+            skopeo.arg("--dest-authfile").arg(&kiln.auth_file);
+        }
+        let out = skopeo
             .arg(format!("oci:{}:{tag}", layout.dir.display()))
             .arg(format!("docker://{dest}"))
             .output()

@@ -196,9 +196,15 @@ impl BuildahStorage {
         let digest_file = self.dir.join("push.digest");
         let _ = fs::remove_file(&digest_file);
         let started = Instant::now();
-        let out = self
-            .base_command()
-            .args(["push", "--tls-verify=false", "--digestfile"])
+        let mut push = self.base_command();
+        push.args(["push", "--tls-verify=false"]);
+        // A Kiln server's embedded registry takes writes only with its credentials.
+        let registry = dest_ref.split('/').next().unwrap_or_default();
+        if let Some(kiln) = super::registry_auth::lookup(registry) {
+            push.arg("--authfile").arg(&kiln.auth_file);
+        }
+        let out = push
+            .arg("--digestfile")
             .arg(&digest_file)
             .arg(dest_ref)
             .arg(format!("docker://{dest_ref}"))

@@ -112,9 +112,11 @@ async fn client_for(registry: &str, creds: Option<(&str, &str)>) -> (Client, Reg
         protocol: ClientProtocol::Http,
         ..Default::default()
     });
-    let auth = match creds {
-        Some((u, p)) => RegistryAuth::Basic(u.into(), p.into()),
-        None => RegistryAuth::Anonymous,
+    // A Kiln server's embedded registry takes writes only with its generated credentials.
+    let auth = match (creds, super::registry_auth::lookup(registry)) {
+        (Some((u, p)), _) => RegistryAuth::Basic(u.into(), p.into()),
+        (None, Some(kiln)) => RegistryAuth::Basic(kiln.username, kiln.password),
+        (None, None) => RegistryAuth::Anonymous,
     };
     client.store_auth_if_needed(registry, &auth).await;
     (client, auth)

@@ -100,6 +100,8 @@ pub struct KilnServer {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     registry_addr: String,
+    /// Whether `registry_addr` is the service's embedded registry.
+    embedded_registry: bool,
     data_dir: PathBuf,
     log_path: PathBuf,
     http: reqwest::Client,
@@ -179,13 +181,37 @@ impl KilnServer {
             grpc_addr,
             metrics_addr,
             registry_addr,
+            embedded_registry: options.registry == RegistryMode::Embedded,
             data_dir,
             log_path,
             http,
             dir,
         };
         server.wait_ready()?;
+        server.register_registry_credentials()?;
         Ok(server)
+    }
+
+    /// The generated credentials of the embedded registry (read from the file the service
+    /// writes at start), registered for the support helpers that push images.
+    fn register_registry_credentials(&self) -> Result<(), String> {
+        if self.embedded_registry {
+            let creds =
+                super::registry_auth::read_auth_file(&self.registry_auth_file(), &self.registry_addr)?;
+            super::registry_auth::register(&self.registry_addr, creds);
+        }
+        Ok(())
+    }
+
+    /// Where the service writes its embedded registry's credentials (the default
+    /// `registry.embedded_credentials_file`).
+    pub fn registry_auth_file(&self) -> PathBuf {
+        self.data_dir.join("registry-auth.json")
+    }
+
+    /// The embedded registry's current credentials (user, password).
+    pub fn registry_credentials(&self) -> Option<(String, String)> {
+        super::registry_auth::lookup(&self.registry_addr).map(|c| (c.username, c.password))
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
@@ -373,7 +399,10 @@ impl KilnServer {
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_kiln")));
             self.child = Some(child);
-            match self.wait_ready() {
+            match self
+                .wait_ready()
+                .and_then(|()| self.register_registry_credentials())
+            {
                 Ok(()) => return,
                 Err(e) => {
                     last_error = e;

@@ -12,5 +12,6 @@ pub mod fault_proxy;
 pub mod images;
 pub mod kiln;
 pub mod oci_layout;
+pub mod registry_auth;
 pub mod slow_proxy;
 pub mod tools;

@@ -399,7 +399,8 @@ impl Journal {
     /// Opens (creating) the directory and deletes temporary files a killed process left.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, JournalError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|source| JournalError::CreateDir {
+        // Records hold requests: private to Kiln's user (0700, files 0600).
+        crate::private_fs::create_dir_all(&dir).map_err(|source| JournalError::CreateDir {
             dir: dir.clone(),
             source,
         })?;
@@ -431,7 +432,11 @@ impl Journal {
             .dir
             .join(format!(".{}.json.{}-{seq}.tmp", build.id, std::process::id()));
         let write = || -> io::Result<()> {
-            let mut file = fs::File::create(&temp)?;
+            let mut file = crate::private_fs::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)?;
             file.write_all(&bytes)?;
             file.sync_data()?;
             fs::rename(&temp, &path)

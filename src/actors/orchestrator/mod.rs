@@ -133,6 +133,8 @@ pub struct OrchestratorDeps {
     pub contexts_tmp: std::path::PathBuf,
     /// Whether `file://` git remotes may be built (they can read any repository on the host).
     pub allow_local_git: bool,
+    /// `engine.cache_mount_scope`.
+    pub cache_mount_scope: crate::config::CacheMountScope,
     pub platform: Platform,
     /// Dockerfile requests planned before (identity → key and references), so a repeated
     /// request needs neither a checkout nor a hash of its context.
@@ -145,6 +147,22 @@ pub struct OrchestratorDeps {
     pub retention: Duration,
     pub mailbox_size: usize,
     pub metrics: Metrics,
+}
+
+impl OrchestratorDeps {
+    /// The cache-mount scope of a build from `context`: its source identity under
+    /// `engine.cache_mount_scope = "source"` (the git remote without credentials, or the
+    /// uploaded context's digest), `None` under `global`.
+    pub fn cache_scope(&self, context: &crate::model::ContextSource) -> Option<String> {
+        use crate::model::ContextSource;
+        match self.cache_mount_scope {
+            crate::config::CacheMountScope::Global => None,
+            crate::config::CacheMountScope::Source => Some(match context {
+                ContextSource::Git(git) => format!("git:{}", git.source_identity()),
+                ContextSource::Uploaded(digest) => format!("upload:{digest}"),
+            }),
+        }
+    }
 }
 
 /// A registry existence check that several requests can await.
@@ -254,7 +272,8 @@ async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Su
             }
         }
     }
-    let plan = plan::plan(&deps, &request).await?;
+    // Planning expands the global ARGs: under one expansion budget per request.
+    let plan = crate::engine::dockerfile::with_expansion_budget(plan::plan(&deps, &request)).await?;
     let running = deps.table.running.get(&plan.key).map(|id| id.clone());
     if let Some(build) = running {
         deps.metrics.build_joined();
@@ -417,7 +436,7 @@ async fn resume(deps: &Arc<OrchestratorDeps>, record: &BuildRecord) -> Result<()
             planning.force_rebuild = false;
         }
     }
-    let plan = plan::plan(deps, &planning)
+    let plan = crate::engine::dockerfile::with_expansion_budget(plan::plan(deps, &planning))
         .await
         .map_err(|e| format!("planning it again failed: {e}"))?;
     if plan.key != record.key {
@@ -506,6 +525,7 @@ async fn append_line(deps: &OrchestratorDeps, build: &BuildId, line: &str) -> Re
         build: build.clone(),
         offset: progress.len,
         data: text.into_bytes().into(),
+        kiln: true,
     })
     .await??;
     Ok(())
@@ -534,7 +554,12 @@ impl Handler<PlanWorkspace> for Orchestrator {
 
     fn handle(&mut self, msg: PlanWorkspace, _: &mut Self::Context) -> Self::Result {
         let deps = self.deps.clone();
-        Box::pin(async move { plan::plan_workspace(&deps, msg.source, msg.auth).await })
+        Box::pin(async move {
+            crate::engine::dockerfile::with_expansion_budget(plan::plan_workspace(
+                &deps, msg.source, msg.auth,
+            ))
+            .await
+        })
     }
 }
 

@@ -88,6 +88,7 @@ async fn plan_dockerfile(
         destination: base.clone(),
         auth: auth.clone(),
         pinned: planned.pinned,
+        cache_scope: deps.cache_scope(&source.context),
     };
     let job = Job::Dockerfile {
         input: Box::new(input),

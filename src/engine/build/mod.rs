@@ -130,6 +130,9 @@ pub struct BuildInput {
     /// Images as the Dockerfile names them (after ARG expansion) → the digest form they were
     /// resolved to when the build was planned, so the build uses exactly what its key names.
     pub pinned: BTreeMap<String, ImageRef>,
+    /// Which cache mounts the build sees (`engine.cache_mount_scope`): with `Some(source)`
+    /// only those of builds of the same source, with `None` every build's.
+    pub cache_scope: Option<String>,
 }
 
 /// What a build pushed.
@@ -317,8 +320,18 @@ impl Engine {
         self.inner.config.data_dir.join("blobs").join(digest.hex())
     }
 
-    pub(crate) fn cache_mount_dir(&self, id: &str) -> PathBuf {
-        let name = hex::encode(&sha2::Sha256::digest(id.as_bytes())[..16]);
+    /// The host directory of cache mount `id` for a build in `scope` (its source identity,
+    /// or `None` for the global scope). The scope is hashed in, so builds of two sources
+    /// never share a directory even with the same id; the global name is the id's alone.
+    pub(crate) fn cache_mount_dir(&self, scope: Option<&str>, id: &str) -> PathBuf {
+        let mut hash = sha2::Sha256::new();
+        if let Some(scope) = scope {
+            // Length-prefixed, so that no (scope, id) pair hashes like another.
+            hash.update((scope.len() as u64).to_be_bytes());
+            hash.update(scope.as_bytes());
+        }
+        hash.update(id.as_bytes());
+        let name = hex::encode(&hash.finalize()[..16]);
         self.inner.config.data_dir.join("cache-mounts").join(name)
     }
 

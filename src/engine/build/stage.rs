@@ -1003,7 +1003,9 @@ impl<'a> StageRunner<'a> {
                 MountType::Cache => {
                     let target = join_path(&cwd, &m.target);
                     let id = m.id.clone().unwrap_or_else(|| target.clone());
-                    let host_dir = self.engine.cache_mount_dir(&id);
+                    let host_dir = self
+                        .engine
+                        .cache_mount_dir(self.input.cache_scope.as_deref(), &id);
                     std::fs::create_dir_all(&host_dir).map_err(EngineError::io("creating a cache mount"))?;
                     mount_keys.push(format!("cache:{id}:{target}:{}", m.read_only));
                     mounts.push(BindMount {

@@ -27,7 +27,8 @@
 //! in the remote URL (`https://user:token@host/…`) are taken out of it the same way, and
 //! git's stderr is scrubbed of every form of the secret before it goes into an error.
 //! A request's `custom_config` is passed the same way and restricted to keys that cannot
-//! make git run a command or read host files (see [`check_config_key`]).
+//! make git run a command, read host files or fetch from anywhere but the remote (see
+//! [`check_config_key`]).
 //!
 //! Submodules are not fetched.
 
@@ -72,6 +73,25 @@ impl GitSource {
             .trim()
             .get(..7)
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("file://"))
+    }
+
+    /// What "the same repository" means for sharing build caches: the remote URL without
+    /// credentials, its scheme and host lower-cased, without a trailing `/` or `.git`. The
+    /// branch, commit and credentials do not matter: every build of one repository shares.
+    pub fn source_identity(&self) -> String {
+        let clean = Remote::parse(&self.remote_uri)
+            .map(|r| r.clean)
+            .unwrap_or_else(|_| display_remote(self.remote_uri.trim()));
+        let (scheme, rest) = clean.split_once("://").unwrap_or(("", &clean));
+        let end = rest.find('/').unwrap_or(rest.len());
+        let (host, path) = rest.split_at(end);
+        let path = path.trim_end_matches('/');
+        let path = path.strip_suffix(".git").unwrap_or(path).trim_end_matches('/');
+        format!(
+            "{}://{}{path}",
+            scheme.to_ascii_lowercase(),
+            host.to_ascii_lowercase()
+        )
     }
 }
 
@@ -456,11 +476,22 @@ async fn fetch_commit(git: &Runner, sha: &str, full_clone: bool) -> Result<Strin
     })
 }
 
-/// Refuses `custom_config` keys that could make git run a command, read host files or
-/// change where objects come from. Allowed: `http.*` transfer settings (not cookie files
-/// or client certificates), checkout-affecting `core.*` keys, and the `fetch`, `pack`,
-/// `transfer`, `protocol`, `index`, `checkout`, `gc`, `url`, `user`, `init`, `advice`,
-/// `color` and `feature` sections.
+/// Refuses `custom_config` keys that could make git run a command, read host files, reach
+/// another host or change where objects come from. A request's keys are hostile: `url.*`
+/// (`insteadOf`) would turn an `https://` remote into `file://` past `builds.allow_local_git`,
+/// `http.proxy`/`http.curloptResolve` would send the fetch (and its credentials header) to
+/// another host, `core.sshCommand`/`core.fsmonitor`/`init.templateDir`/`filter.*` run
+/// commands, `include.*` reads host files. So this is an allow-list:
+/// - `http.*` (also `http.<url>.*`) transfer settings only: headers, TLS verification and
+///   versions, buffer and speed limits, redirects, the user agent;
+/// - checkout-affecting `core.*` keys;
+/// - `protocol.version` (not `protocol.*.allow`: the transports are fixed by Kiln);
+/// - `init.defaultBranch` (not `init.templateDir`: templates bring hooks);
+/// - the `fetch` and `transfer` sections but for bundle URIs and skip lists, and the `pack`,
+///   `index`, `checkout`, `gc`, `user`, `advice`, `color` and `feature` sections.
+///
+/// Everything else is refused, among them `url.*`, `include.*`, `includeIf.*`,
+/// `credential.*`, `uploadpack.*`, `filter.*`, `diff.*`, `remote.*` and `alias.*`.
 pub fn check_config_key(key: &str) -> Result<(), ContextError> {
     let lower = key.to_ascii_lowercase();
     let refused = || ContextError::ConfigNotAllowed { key: key.to_owned() };
@@ -471,35 +502,61 @@ pub fn check_config_key(key: &str) -> Result<(), ContextError> {
     if key.chars().any(|c| c.is_control() || c == '=') {
         return Err(refused());
     }
+    // Whether the key has a subsection (`section.<sub>.name`): only `http.<url>.name` may.
+    let subsection = lower.len() > section.len() + name.len() + 1;
     let allowed = match section {
-        "http" => !matches!(
+        "http" => matches!(
             name,
-            "cookiefile" | "savecookies" | "sslcert" | "sslkey" | "sslcertpasswordprotected"
+            "extraheader"
+                | "sslverify"
+                | "sslversion"
+                | "sslcipherlist"
+                | "sslbackend"
+                | "postbuffer"
+                | "lowspeedlimit"
+                | "lowspeedtime"
+                | "useragent"
+                | "version"
+                | "followredirects"
+                | "emptyauth"
+                | "maxrequests"
+                | "minsessions"
+                | "noepsv"
+                | "keepaliveidle"
+                | "keepaliveinterval"
+                | "keepalivecount"
         ),
-        "core" => matches!(
-            name,
-            "autocrlf"
-                | "eol"
-                | "safecrlf"
-                | "symlinks"
-                | "ignorecase"
-                | "precomposeunicode"
-                | "protectntfs"
-                | "protecthfs"
-                | "longpaths"
-                | "filemode"
-                | "checkstat"
-                | "trustctime"
-                | "compression"
-                | "loosecompression"
-                | "bigfilethreshold"
-                | "packedgitlimit"
-                | "packedgitwindowsize"
-                | "deltabasecachelimit"
-                | "quotepath"
-        ),
-        "fetch" | "pack" | "transfer" | "protocol" | "index" | "checkout" | "gc" | "url" | "user"
-        | "init" | "advice" | "color" | "feature" => true,
+        "core" => {
+            !subsection
+                && matches!(
+                    name,
+                    "autocrlf"
+                        | "eol"
+                        | "safecrlf"
+                        | "symlinks"
+                        | "ignorecase"
+                        | "precomposeunicode"
+                        | "protectntfs"
+                        | "protecthfs"
+                        | "longpaths"
+                        | "filemode"
+                        | "checkstat"
+                        | "trustctime"
+                        | "compression"
+                        | "loosecompression"
+                        | "bigfilethreshold"
+                        | "packedgitlimit"
+                        | "packedgitwindowsize"
+                        | "deltabasecachelimit"
+                        | "quotepath"
+                )
+        }
+        "protocol" => !subsection && name == "version",
+        "init" => !subsection && name == "defaultbranch",
+        // Bundle URIs fetch from wherever they name (`file://` included); a skip list is a
+        // host file.
+        "fetch" | "transfer" => !matches!(name, "bundleuri" | "bundlecreationtoken" | "skiplist"),
+        "pack" | "index" | "checkout" | "gc" | "user" | "advice" | "color" | "feature" => true,
         _ => false,
     };
     if allowed {
@@ -958,17 +1015,63 @@ mod tests {
     }
 
     #[test]
+    fn source_identity_ignores_credentials_case_and_suffixes() {
+        let id = |uri: &str| {
+            GitSource {
+                remote_uri: uri.into(),
+                target: GitTarget::RemoteHead,
+                credentials: None,
+                custom_config: Vec::new(),
+                full_clone: false,
+            }
+            .source_identity()
+        };
+        let plain = id("https://github.com/gitpod-io/gitpod");
+        assert_eq!(plain, "https://github.com/gitpod-io/gitpod");
+        assert_eq!(
+            id("https://user:t0ken-canary@GitHub.com/gitpod-io/gitpod.git"),
+            plain
+        );
+        assert_eq!(id("HTTPS://github.com/gitpod-io/gitpod/"), plain);
+        assert_ne!(id("https://github.com/gitpod-io/other"), plain);
+        assert!(!id("https://user:t0ken-canary@h.example/r").contains("canary"));
+    }
+
+    #[test]
     fn config_keys() {
         for ok in [
             "core.autocrlf",
             "http.sslVerify",
             "http.https://x.example/.extraHeader",
             "protocol.version",
-            "url.https://a/.insteadOf",
+            "init.defaultBranch",
+            "fetch.fsckObjects",
         ] {
             assert!(check_config_key(ok).is_ok(), "{ok}");
         }
         for bad in [
+            "url.file:///srv/repo.insteadOf",
+            "url.https://a/.insteadOf",
+            "URL.ssh://x/.pushInsteadOf",
+            "protocol.file.allow",
+            "protocol.allow",
+            "core.askPass",
+            "core.gitProxy",
+            "credential.https://x.example.username",
+            "include.path",
+            "includeIf.gitdir:/x/.path",
+            "uploadpack.packObjectsHook",
+            "diff.x.textconv",
+            "http.proxy",
+            "http.https://x.example/.proxy",
+            "http.proxyAuthMethod",
+            "http.curloptResolve",
+            "http.sslCAInfo",
+            "http.pinnedPubkey",
+            "init.templateDir",
+            "fetch.bundleURI",
+            "transfer.bundleURI",
+            "fetch.fsck.skipList",
             "core.fsmonitor",
             "core.hooksPath",
             "core.sshCommand",

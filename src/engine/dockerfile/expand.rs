@@ -57,6 +57,18 @@
 //!
 //! Word splitting for parsing (before expansion) is [`split_words`]: it keeps quotes and
 //! escapes so that the expander can remove them later.
+//!
+//! # Limits
+//!
+//! Expansion multiplies: `ARG b=$a$a$a$a` over `ARG a=$z$z$z$z` over … grows exponentially
+//! from a few bytes of Dockerfile, and `${v//?/$w}` replaces every character of one value
+//! with another. So a word may expand to at most [`MAX_WORD_BYTES`], the expansions run
+//! inside one [`with_expansion_budget`] scope (a build, a plan) to at most
+//! [`MAX_EXPANSION_BYTES`] in total, and the pattern operators (`#`, `%`, `/`) to at most
+//! [`MAX_PATTERN_WORK`] steps per word. Past a limit the word fails to expand, and the
+//! caller's error names the instruction's line.
+
+use std::{cell::Cell, future::Future};
 
 use thiserror::Error;
 
@@ -96,6 +108,60 @@ pub enum ExpandErrorKind {
     /// `${…}` nested deeper than [`MAX_NESTING`].
     #[error("substitutions nested more than {MAX_NESTING} deep")]
     TooDeep,
+    /// The word expands to more than [`MAX_WORD_BYTES`].
+    #[error("the word expands to more than {MAX_WORD_BYTES} bytes")]
+    WordTooLong,
+    /// The expansions of one build (or plan) went past [`MAX_EXPANSION_BYTES`].
+    #[error("the Dockerfile's variable expansions exceed {MAX_EXPANSION_BYTES} bytes in total")]
+    BudgetExhausted,
+    /// The pattern operators of the word would take more than [`MAX_PATTERN_WORK`] steps.
+    #[error("pattern substitutions on values this long are too expensive")]
+    PatternTooExpensive,
+}
+
+/// The most one word may expand to, in bytes.
+pub const MAX_WORD_BYTES: usize = 1 << 20;
+/// The most all the words expanded within one [`with_expansion_budget`] scope may come to,
+/// in bytes.
+pub const MAX_EXPANSION_BYTES: usize = 16 << 20;
+/// The most steps (characters × pattern tokens) the pattern operators of one word may take.
+pub const MAX_PATTERN_WORK: u64 = 64 << 20;
+
+tokio::task_local! {
+    /// Bytes the current build or plan may still expand to.
+    static EXPANSION_BUDGET: Cell<usize>;
+}
+
+/// Runs `f` with a fresh total budget of [`MAX_EXPANSION_BYTES`] for every expansion made
+/// while it runs (on its own task: work spawned elsewhere has only the per-word limit).
+pub async fn with_expansion_budget<F: Future>(f: F) -> F::Output {
+    EXPANSION_BUDGET.scope(Cell::new(MAX_EXPANSION_BYTES), f).await
+}
+
+/// Takes `bytes` from the current scope's budget (none outside a scope).
+fn charge(bytes: usize) -> Result<(), ExpandErrorKind> {
+    EXPANSION_BUDGET
+        .try_with(|left| match left.get().checked_sub(bytes) {
+            Some(rest) => {
+                left.set(rest);
+                Ok(())
+            }
+            None => {
+                left.set(0);
+                Err(ExpandErrorKind::BudgetExhausted)
+            }
+        })
+        .unwrap_or(Ok(()))
+}
+
+/// Bounds one word's result and charges it to the budget.
+fn bounded<T>(result: LexResult<(String, T)>) -> LexResult<(String, T)> {
+    let (word, rest) = result?;
+    if word.len() > MAX_WORD_BYTES {
+        return Err(ExpandErrorKind::WordTooLong);
+    }
+    charge(word.len())?;
+    Ok((word, rest))
 }
 
 /// How deeply `${a:-${b:-…}}` may nest (a bound on recursion, so that no input can
@@ -111,10 +177,12 @@ pub fn expand(
     escape: char,
 ) -> Result<String, ExpandError> {
     let mut lexer = Lexer::new(word, env, escape);
-    lexer.run().map(|(result, _)| result).map_err(|kind| ExpandError {
-        word: word.to_string(),
-        kind,
-    })
+    bounded(lexer.run())
+        .map(|(result, _)| result)
+        .map_err(|kind| ExpandError {
+            word: word.to_string(),
+            kind,
+        })
 }
 
 /// Expands `word` like [`expand`], then splits it on unquoted whitespace.
@@ -124,10 +192,12 @@ pub fn expand_words(
     escape: char,
 ) -> Result<Vec<String>, ExpandError> {
     let mut lexer = Lexer::new(word, env, escape);
-    lexer.run().map(|(_, words)| words).map_err(|kind| ExpandError {
-        word: word.to_string(),
-        kind,
-    })
+    bounded(lexer.run())
+        .map(|(_, words)| words)
+        .map_err(|kind| ExpandError {
+            word: word.to_string(),
+            kind,
+        })
 }
 
 /// Expands a heredoc body (for a delimiter that was not quoted): variables and `\` escapes
@@ -136,10 +206,12 @@ pub fn expand_words(
 pub fn expand_heredoc(content: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, ExpandError> {
     let mut lexer = Lexer::new(content, env, '\\');
     lexer.skip_quotes = true;
-    lexer.run().map(|(result, _)| result).map_err(|kind| ExpandError {
-        word: content.to_string(),
-        kind,
-    })
+    bounded(lexer.run())
+        .map(|(result, _)| result)
+        .map_err(|kind| ExpandError {
+            word: content.to_string(),
+            kind,
+        })
 }
 
 /// Splits an instruction's arguments into words on unquoted whitespace, keeping quotes and
@@ -285,6 +357,8 @@ pub(crate) struct Lexer<'a> {
     pub(crate) skip_unset: bool,
     /// How many `${` are open.
     depth: usize,
+    /// Pattern-matching steps left for this word ([`MAX_PATTERN_WORK`]).
+    pattern_work: u64,
 }
 
 type LexResult<T> = Result<T, ExpandErrorKind>;
@@ -301,7 +375,19 @@ impl<'a> Lexer<'a> {
             skip_quotes: false,
             skip_unset: false,
             depth: 0,
+            pattern_work: MAX_PATTERN_WORK,
         }
+    }
+
+    /// Takes the steps of matching `pattern` against `len` characters from this word's
+    /// pattern work.
+    fn charge_pattern(&mut self, pattern: &Pattern, len: usize) -> LexResult<()> {
+        let steps = (len as u64 + 1).saturating_mul(pattern.0.len() as u64 + 1);
+        self.pattern_work = self
+            .pattern_work
+            .checked_sub(steps)
+            .ok_or(ExpandErrorKind::PatternTooExpensive)?;
+        Ok(())
     }
 
     /// Processes the whole input: the expanded word and its whitespace-split words.
@@ -333,6 +419,10 @@ impl<'a> Lexer<'a> {
         let mut result = String::new();
         let mut words = Words::default();
         while let Some(ch) = self.peek() {
+            // Checked as the word grows, so that no partial result gets far past the limit.
+            if result.len() > MAX_WORD_BYTES {
+                return Err(ExpandErrorKind::WordTooLong);
+            }
             if Some(ch) == stop {
                 self.next();
                 return Ok((result, words.finish()));
@@ -588,6 +678,7 @@ impl<'a> Lexer<'a> {
                     pattern.0.reverse();
                     chars.reverse();
                 }
+                self.charge_pattern(&pattern, chars.len())?;
                 let ends = pattern.match_ends(&chars);
                 let len = if greedy {
                     ends.iter().rposition(|&m| m)
@@ -640,6 +731,10 @@ impl<'a> Lexer<'a> {
         let mut i = 0;
         let mut last_end: Option<usize> = None;
         while i <= n {
+            if out.len() > MAX_WORD_BYTES {
+                return Err(ExpandErrorKind::WordTooLong);
+            }
+            self.charge_pattern(&pattern, n - i)?;
             match longest_at(i) {
                 Some(j) if !(j == i && last_end == Some(i)) => {
                     out.push_str(&replacement);
@@ -959,6 +1054,61 @@ mod tests {
         assert_eq!(err(&deep(MAX_NESTING + 1)), ExpandErrorKind::TooDeep);
         assert_eq!(err(&deep(100_000)), ExpandErrorKind::TooDeep);
         assert_eq!(ex(&"${A}".repeat(10_000)).len(), 50_000);
+    }
+
+    #[test]
+    fn words_and_totals_are_bounded() {
+        let big = "x".repeat(300 << 10);
+        let e = env_of(&[("A", &big)]);
+        let expand_a = |word: &str| expand(word, &e, '\\');
+        assert_eq!(expand_a("$A$A$A").unwrap().len(), 900 << 10);
+        let err = expand_a("$A$A$A$A").unwrap_err();
+        assert_eq!(err.kind, ExpandErrorKind::WordTooLong);
+        assert!(err.to_string().contains(&MAX_WORD_BYTES.to_string()), "{err}");
+        assert_eq!(
+            expand_words("${A}${A} $A$A", &e, '\\').unwrap_err().kind,
+            ExpandErrorKind::WordTooLong
+        );
+        // Replacing every character of a value multiplies it.
+        let (short, wide) = ("x".repeat(5000), "y".repeat(256));
+        let e2 = env_of(&[("S", &short), ("W", &wide)]);
+        let err = expand("${S//x/$W}", &e2, '\\').unwrap_err();
+        assert_eq!(err.kind, ExpandErrorKind::WordTooLong);
+
+        // Within a budget scope, the words add up to at most MAX_EXPANSION_BYTES.
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (ok, failed) = runtime.block_on(with_expansion_budget(async {
+            let mut ok = 0usize;
+            let failed = loop {
+                match expand_a("$A$A$A") {
+                    Ok(word) => ok += word.len(),
+                    Err(e) => break e.kind,
+                }
+            };
+            (ok, failed)
+        }));
+        assert_eq!(failed, ExpandErrorKind::BudgetExhausted);
+        assert!(
+            ok <= MAX_EXPANSION_BYTES && ok + (900 << 10) > MAX_EXPANSION_BYTES,
+            "{ok}"
+        );
+        // Outside a scope only the word limit applies; a new scope starts afresh.
+        assert!(expand_a("$A$A$A").is_ok());
+        assert!(runtime
+            .block_on(with_expansion_budget(async { expand_a("$A") }))
+            .is_ok());
+    }
+
+    #[test]
+    fn pattern_work_is_bounded() {
+        let long = "ab".repeat(200_000);
+        let e = env_of(&[("L", &long)]);
+        // One pass over a long value is fine; a match attempt at every position is not.
+        assert_eq!(expand("${L#a}", &e, '\\').unwrap().len(), long.len() - 1);
+        assert_eq!(
+            expand("${L//c/x}", &e, '\\').unwrap_err().kind,
+            ExpandErrorKind::PatternTooExpensive
+        );
     }
 
     #[test]

@@ -39,7 +39,8 @@ use std::collections::HashMap;
 use thiserror::Error;
 
 pub use expand::{
-    expand, expand_heredoc, expand_words, split_words, ExpandError, ExpandErrorKind, MAX_NESTING,
+    expand, expand_heredoc, expand_words, split_words, with_expansion_budget, ExpandError, ExpandErrorKind,
+    MAX_EXPANSION_BYTES, MAX_NESTING, MAX_WORD_BYTES,
 };
 pub use instruction::{
     display_instruction, run_script, ArgDecl, CopySpec, Healthcheck, Heredoc, Instruction, RunScript,

@@ -25,6 +25,9 @@ pub enum ErrorCode {
     /// A `Content-Range` (upload) or `Range` (blob read) that cannot be honoured.
     RangeInvalid,
     PaginationNumberInvalid,
+    /// The request needs (other) credentials: a write without Kiln's, or a pull when
+    /// anonymous pulls are off.
+    Unauthorized,
     /// A server-side failure (I/O); the message says no more than that.
     Unknown,
 }
@@ -46,6 +49,7 @@ impl ErrorCode {
             Self::Unsupported => "UNSUPPORTED",
             Self::RangeInvalid => "RANGE_INVALID",
             Self::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
+            Self::Unauthorized => "UNAUTHORIZED",
             Self::Unknown => "UNKNOWN",
         }
     }
@@ -66,6 +70,7 @@ impl ErrorCode {
             | Self::PaginationNumberInvalid => StatusCode::BAD_REQUEST,
             Self::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
             Self::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

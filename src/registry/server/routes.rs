@@ -1,6 +1,7 @@
 //! Request routing: validated repository names and tags, parsing `/v2/<name>/...` paths
-//! (names contain slashes, so this is done by hand rather than with axum's router), method
-//! dispatch to the handlers, and the per-request tracing span.
+//! (names contain slashes, so this is done by hand rather than with axum's router), the
+//! access check (`auth`) before any handler reads a body, method dispatch to the handlers,
+//! and the per-request tracing span.
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
@@ -13,7 +14,7 @@ use axum::{
 use tracing::Instrument;
 
 use super::{
-    blobs,
+    auth, blobs,
     error::{ErrorCode, RegistryError, Result},
     manifests, tags, upload, Registry,
 };
@@ -296,9 +297,22 @@ async fn dispatch(registry: &Registry, request: Request) -> Result<Response> {
     })?;
     let method = request.method().clone();
     let head = method == Method::HEAD;
+    let challenge = registry
+        .access
+        .check(&method, route == Route::Base, request.headers())
+        .inspect_err(
+            |_| tracing::debug!(method = %method, "registry request refused: no valid credentials"),
+        )?;
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => {
-            Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response())
+            let mut response =
+                (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response();
+            if challenge == auth::Admitted::WithChallenge {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, auth::challenge());
+            }
+            Ok(response)
         }
         (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
             blobs::get(registry, &name, &digest, request.headers(), head).await

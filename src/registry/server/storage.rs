@@ -45,8 +45,9 @@ impl Storage {
                 Err(e) => return Err(e),
             }
         }
+        crate::private_fs::create_dir_all(&storage.root)?;
         for dir in ["blobs/sha256", "repositories", "uploads", "tmp"] {
-            fs::create_dir_all(storage.root.join(dir)).await?;
+            create_private_dirs(&storage.root.join(dir)).await?;
         }
         Ok(storage)
     }
@@ -81,11 +82,15 @@ impl Storage {
     /// Writes `bytes` to `dest` atomically (staging file, fsync, rename).
     async fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).await?;
+            create_private_dirs(parent).await?;
         }
         let staging = self.root.join("tmp").join(Uuid::new_v4().to_string());
         let result = async {
-            let mut file = fs::File::create(&staging).await?;
+            let mut file = crate::private_fs::tokio_options()
+                .write(true)
+                .create_new(true)
+                .open(&staging)
+                .await?;
             file.write_all(bytes).await?;
             file.sync_all().await?;
             drop(file);
@@ -248,6 +253,15 @@ async fn remove_if_present(path: &Path) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// `create_dir_all` whose new directories are 0700: the registry's content is Kiln's own.
+pub(super) async fn create_private_dirs(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(crate::private_fs::DIR_MODE)
+        .create(path)
+        .await
 }
 
 #[cfg(test)]

@@ -84,7 +84,11 @@ struct Session {
 
 impl Session {
     async fn create(repo: RepoName, path: PathBuf) -> Result<Self> {
-        fs::File::create(&path)
+        crate::private_fs::tokio_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
             .await
             .map_err(|e| RegistryError::internal("creating upload file", e))?;
         Ok(Self {
