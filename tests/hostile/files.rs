@@ -605,10 +605,7 @@ async fn git_context_symlinks_resolve_inside_the_checkout() {
     let mut host = HostSentinels::new(&kiln);
     let hostdir = HostDir::new();
     host.watch(&hostdir.path("secret"));
-    let repo_dir = tempfile::Builder::new()
-        .prefix("kh-git-")
-        .tempdir()
-        .unwrap();
+    let repo_dir = tempfile::Builder::new().prefix("kh-git-").tempdir().unwrap();
     let repo = repo_dir.path().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
     std::os::unix::fs::symlink(hostdir.abs(), repo.join("sub")).unwrap();
