@@ -362,6 +362,11 @@ pub struct BuildsConfig {
     pub allow_local_git: bool,
     /// Largest uploaded build context, in bytes. Default 1 GiB.
     pub max_context_bytes: u64,
+    /// An UploadContext stream that sends nothing for this long fails and its partial file
+    /// is deleted; an uploaded context nobody uploaded again or built from for this long is
+    /// deleted. Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub upload_expiry: Duration,
 }
 
 impl Default for BuildsConfig {
@@ -373,6 +378,7 @@ impl Default for BuildsConfig {
             executor: ExecutorKind::Local,
             allow_local_git: true,
             max_context_bytes: 1 << 30,
+            upload_expiry: Duration::from_secs(3600),
         }
     }
 }
@@ -781,6 +787,9 @@ impl Config {
         }
         if self.builds.timeout.is_zero() {
             return Err(invalid("builds.timeout", "must be longer than zero"));
+        }
+        if self.builds.upload_expiry.is_zero() {
+            return Err(invalid("builds.upload_expiry", "must be longer than zero"));
         }
         if self.actors.arbiters == 0 {
             return Err(invalid("actors.arbiters", "must be at least 1"));

@@ -145,7 +145,8 @@ pub async fn start(
         },
         registry.clone(),
     )?;
-    let contexts = ContextStore::open(config.data_dir.join("contexts"))?;
+    let contexts =
+        ContextStore::open(config.data_dir.join("contexts"))?.with_idle_expiry(config.builds.upload_expiry);
     let contexts_tmp = config.data_dir.join("contexts").join("work");
     std::fs::create_dir_all(&contexts_tmp)?;
     for stale in std::fs::read_dir(&contexts_tmp)?.flatten() {

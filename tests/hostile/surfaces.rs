@@ -11,6 +11,8 @@
 //!   `builds.allow_local_git = false`.
 //! - The data dir is private: directories 0700, files 0600; a data dir left loose is
 //!   fixed up at the next start.
+//! - An upload stream that stalls fails after `builds.upload_expiry` and leaves no partial
+//!   file; an uploaded context unused that long is deleted.
 //! - Cache mounts of two sources with the same id are separate under
 //!   `engine.cache_mount_scope = "source"` (the default) and shared under `global`.
 
@@ -697,6 +699,99 @@ async fn cache_mounts_are_per_source_by_default_and_shared_when_global() {
         let (seen, dirs) = second_source_sees(&kiln).await;
         assert_eq!(seen, "alpha", "under the global scope, the cache is shared");
         assert_eq!(dirs, 1);
+    })
+    .await;
+}
+
+// =======================================================================================
+// upload sessions
+// =======================================================================================
+
+/// Regular files (no directories) under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Point 12: an upload stream that stops sending fails after `builds.upload_expiry` and its
+/// partial file goes; a stored context nobody uses for that long is deleted, and a build
+/// naming it afterwards fails clearly instead of building stale bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_uploads_and_unused_contexts_expire() {
+    let options = KilnOptions {
+        extra_toml: "[builds]\nupload_expiry = \"2s\"\n".into(),
+        ..KilnOptions::embedded()
+    };
+    let kiln = KilnServer::start(options);
+    let base = busybox_in(&kiln);
+    let contexts = kiln.data_dir().join("contexts");
+    within(120, async {
+        let mut client = kiln.builder().await;
+        let dockerfile = format!("FROM {base}\nRUN true\n");
+        let context = raw_tar(&[Entry::File("Dockerfile", dockerfile.as_bytes())]);
+        let digest = upload(&mut client, &context).await;
+        let stored = files_under(&contexts.join("sha256"));
+        assert_eq!(stored.len(), 1, "one stored context: {stored:?}");
+
+        // A stream that sends half the tar, then nothing while staying open.
+        let (send, receive) = tokio::sync::mpsc::channel(1);
+        send.send(kiln::proto::builder::UploadContextRequest {
+            chunk: context[..context.len() / 2].to_vec(),
+        })
+        .await
+        .unwrap();
+        let stalled = client
+            .upload_context(tokio_stream::wrappers::ReceiverStream::new(receive))
+            .await
+            .expect_err("a stalled upload must fail");
+        assert_ne!(stalled.code(), Code::Unknown, "{stalled:?}");
+        assert_ne!(stalled.code(), Code::Ok, "{stalled:?}");
+        assert!(
+            stalled.message().contains("expired"),
+            "the error says the upload expired: {}",
+            stalled.message()
+        );
+        drop(send);
+        let partial: Vec<_> = files_under(&contexts)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "part"))
+            .collect();
+        assert!(partial.is_empty(), "partial uploads left behind: {partial:?}");
+
+        // The stall outlasted the expiry: the next upload's sweep deletes the stored context
+        // (the sweep runs beside the upload, so wait for it).
+        let other = raw_tar(&[Entry::File("Dockerfile", b"FROM scratch\n")]);
+        upload(&mut client, &other).await;
+        let expired = stored[0].clone();
+        for _ in 0..100 {
+            if !expired.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(!expired.exists(), "an unused context outlived upload_expiry");
+        let status = client
+            .build(request(uploaded_source(&digest)))
+            .await
+            .map(|_| ())
+            .expect_err("building from an expired upload must fail");
+        assert_ne!(status.code(), Code::Unknown, "{status:?}");
+        assert!(
+            status.message().contains(&digest) || status.message().contains("upload"),
+            "the error names the context: {}",
+            status.message()
+        );
     })
     .await;
 }

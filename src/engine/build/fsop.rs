@@ -203,6 +203,63 @@ fn mount_overlay(target: &Path, lowers: &[PathBuf], upper: Option<(&Path, &Path)
     .map_err(|e| format!("mounting the image's layers ({} layers): {e}", lowers.len()))
 }
 
+/// Capabilities the helper keeps once its overlays are mounted: those that copying files
+/// with their owners, modes, device nodes and file capabilities needs, nothing else.
+const FILE_CAPABILITIES: [u32; 7] = [
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    2,  // CAP_DAC_READ_SEARCH
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    27, // CAP_MKNOD
+    31, // CAP_SETFCAP
+];
+
+/// Once the overlays are mounted the helper only reads its sources and writes the new
+/// layer, all of it hostile input: shed what a bug in that code could misuse. Only the
+/// [`FILE_CAPABILITIES`] stay, and Docker's seccomp profile (no `mount`, `unshare`,
+/// `setns`, `keyctl`, `ptrace`, `bpf`, …) with `no_new_privs` applies, as for RUN.
+fn confine_after_mounts() -> Result<(), String> {
+    /// `struct __user_cap_header_struct` of `<linux/capability.h>`.
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: libc::c_int,
+    }
+    /// `struct __user_cap_data_struct`: one per 32 capabilities.
+    #[repr(C)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mask = FILE_CAPABILITIES.iter().fold(0u64, |m, cap| m | 1 << cap);
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: mask as u32,
+            permitted: mask as u32,
+            inheritable: 0,
+        },
+        CapData {
+            effective: (mask >> 32) as u32,
+            permitted: (mask >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset reads one header and two data structs, both alive for the call.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(format!("dropping capabilities: {}", io::Error::last_os_error()));
+    }
+    let profile = crate::engine::sandbox::seccomp::docker_default().map_err(|e| e.to_string())?;
+    crate::engine::sandbox::seccomp::install(&profile)
+        .map_err(|e| format!("installing the seccomp profile: {e}"))
+}
+
 /// Applies `op` (in the child, as root, before any other thread exists).
 pub fn run_child(op: &FsOp) -> Result<(), String> {
     use nix::{
@@ -242,6 +299,7 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
             Some((src, None))
         }
     };
+    confine_after_mounts()?;
     let ids = IdMaps::load(&root);
     for action in &op.actions {
         match action {
