@@ -234,11 +234,29 @@ fn confine_after_mounts() -> Result<(), String> {
         inheritable: u32,
     }
     const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mask = FILE_CAPABILITIES.iter().fold(0u64, |m, cap| m | 1 << cap);
     let header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
+    let mut current = [
+        CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+        CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capget writes one header's worth of data structs (two for version 3).
+    if unsafe { libc::syscall(libc::SYS_capget, &header, current.as_mut_ptr()) } != 0 {
+        return Err(format!("reading capabilities: {}", io::Error::last_os_error()));
+    }
+    // Only ever fewer: a builder pod may have started without some of them.
+    let permitted = u64::from(current[0].permitted) | u64::from(current[1].permitted) << 32;
+    let mask = FILE_CAPABILITIES.iter().fold(0u64, |m, cap| m | 1 << cap) & permitted;
     let data = [
         CapData {
             effective: mask as u32,
