@@ -17,6 +17,10 @@
 //! Targets (printed with the table): cold ratio <= 0.5, repeat < 10 ms, exists < 5 ms.
 //! A Kiln build that fails is reported as FAIL (with its message on stderr), not measured.
 //! `KILN_BENCH_SHOW_LOG=1` prints each case's `kiln serve` log (per-layer and per-step times).
+//!
+//! Run by `cargo test --benches` (no `--bench` argument) it is a correctness check: one small
+//! case (`busybox-basic`) unless cases are named, one repeat, and it exits non-zero when any
+//! build of Kiln or buildah failed. `cargo bench` exits non-zero on a failed build too.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -47,8 +51,13 @@ const TARGET_REPEAT_MS: f64 = 10.0;
 const TARGET_EXISTS_MS: f64 = 5.0;
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// The case the short mode builds when none is named.
+const SHORT_MODE_CASE: &str = "busybox-basic";
+
 fn main() {
-    let wanted: Vec<String> = std::env::args()
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not.
+    let short = !std::env::args().any(|a| a == "--bench");
+    let mut wanted: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .chain(
@@ -59,6 +68,10 @@ fn main() {
                 .map(str::to_owned),
         )
         .collect();
+    if short && wanted.is_empty() {
+        wanted.push(SHORT_MODE_CASE.to_owned());
+    }
+    let rounds = if short { 1 } else { 5 };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/acceptance/dockerfiles");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("tests/fixtures/acceptance/dockerfiles")
@@ -146,7 +159,7 @@ fn main() {
             }
             let mut repeats = Vec::new();
             let mut pinned = Vec::new();
-            for _ in 0..5 {
+            for _ in 0..rounds {
                 match timed_build(&mut client, request(false)).await {
                     Ok(t) => repeats.push(t.total.as_secs_f64() * 1000.0),
                     Err(e) => eprintln!("bench: {name}: Kiln repeat build failed: {e}"),
@@ -176,6 +189,27 @@ fn main() {
     }
     print_table(&rows);
     drop(registry);
+    assert!(!rows.is_empty(), "no case ran (cases named: {wanted:?})");
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|r| {
+            [
+                r.kiln_cold,
+                r.buildah_cold,
+                r.kiln_warm,
+                r.buildah_warm,
+                r.repeat_ms,
+                r.exists_ms,
+            ]
+            .iter()
+            .any(Option::is_none)
+        })
+        .map(|r| r.name.as_str())
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("bench: builds failed in {failed:?} (see above)");
+        std::process::exit(1);
+    }
 }
 
 struct Row {

@@ -8,6 +8,8 @@
 //!     builds started, and the total compared with one build of an equivalent image.
 //!
 //! Prints one `bench key=value …` line per measurement. Run: `cargo bench --bench service`.
+//! Run by `cargo test --benches` (no `--bench` argument) it is a correctness check with 5 tags,
+//! 2 cached rounds and 100 callers: every assertion holds, no figure is judged.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -27,14 +29,31 @@ use support::{
 };
 use tonic::transport::Channel;
 
-/// Distinct tags resolved.
-const TAGS: usize = 50;
-/// Rounds of cached resolutions over all tags.
-const CACHED_ROUNDS: usize = 20;
-/// Rounds of registry HEADs over all tags.
-const REGISTRY_ROUNDS: usize = 5;
-/// Concurrent identical Build calls.
-const CALLERS: usize = 1000;
+/// How much each part of the benchmark does.
+#[derive(Clone, Copy)]
+struct Sizes {
+    /// Distinct tags resolved.
+    tags: usize,
+    /// Rounds of cached resolutions over all tags.
+    cached_rounds: usize,
+    /// Rounds of registry HEADs over all tags.
+    registry_rounds: usize,
+    /// Concurrent identical Build calls.
+    callers: usize,
+}
+
+const FULL: Sizes = Sizes {
+    tags: 50,
+    cached_rounds: 20,
+    registry_rounds: 5,
+    callers: 1000,
+};
+const SHORT: Sizes = Sizes {
+    tags: 5,
+    cached_rounds: 2,
+    registry_rounds: 1,
+    callers: 100,
+};
 /// gRPC channels the callers are spread over (HTTP/2 stream limits stay out of the way).
 const CHANNELS: usize = 20;
 /// Per 16 KiB chunk through the proxy: a build of a test image takes about a second.
@@ -47,6 +66,12 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
 
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not.
+    let sizes = if std::env::args().any(|a| a == "--bench") {
+        FULL
+    } else {
+        SHORT
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,8 +83,8 @@ fn main() {
             rust_log: "warn".into(),
             ..KilnOptions::external(registry.addr())
         });
-        resolve_bench(&kiln, &registry).await;
-        join_bench(&kiln, &registry).await;
+        resolve_bench(&kiln, &registry, sizes).await;
+        join_bench(&kiln, &registry, sizes).await;
         println!("bench total_wall_s={:.1}", started.elapsed().as_secs_f64());
     });
 }
@@ -99,15 +124,21 @@ async fn resolve_once(client: &mut ImageBuilderClient<Channel>, image: &str) -> 
     took
 }
 
-async fn resolve_bench(kiln: &KilnServer, registry: &DockerRegistry) {
+async fn resolve_bench(kiln: &KilnServer, registry: &DockerRegistry, sizes: Sizes) {
+    let Sizes {
+        tags,
+        cached_rounds,
+        registry_rounds,
+        ..
+    } = sizes;
     let addr = registry.addr();
-    for i in 0..=TAGS {
+    for i in 0..=tags {
         push_image(addr, "bench/app", &format!("t{i}"), 1, 0xbe7c_0000 + i as u64).await;
     }
-    let images: Vec<String> = (0..TAGS).map(|i| format!("{addr}/bench/app:t{i}")).collect();
+    let images: Vec<String> = (0..tags).map(|i| format!("{addr}/bench/app:t{i}")).collect();
     let mut client = kiln.builder().await;
     // Warm the connections (client → Kiln → registry) on a tag that is not measured.
-    resolve_once(&mut client, &format!("{addr}/bench/app:t{TAGS}")).await;
+    resolve_once(&mut client, &format!("{addr}/bench/app:t{tags}")).await;
 
     let misses_before = kiln.metric("kiln_resolve_requests_total{result=\"miss\"}").await;
     let mut uncached = Vec::new();
@@ -115,25 +146,25 @@ async fn resolve_bench(kiln: &KilnServer, registry: &DockerRegistry) {
         uncached.push(resolve_once(&mut client, image).await);
     }
     let misses = kiln.metric("kiln_resolve_requests_total{result=\"miss\"}").await - misses_before;
-    assert_eq!(misses, TAGS as f64, "every first resolution is a cache miss");
+    assert_eq!(misses, tags as f64, "every first resolution is a cache miss");
 
     let hits_before = kiln.metric("kiln_resolve_requests_total{result=\"hit\"}").await;
     let mut cached = Vec::new();
-    for _ in 0..CACHED_ROUNDS {
+    for _ in 0..cached_rounds {
         for image in &images {
             cached.push(resolve_once(&mut client, image).await);
         }
     }
     let hits = kiln.metric("kiln_resolve_requests_total{result=\"hit\"}").await - hits_before;
-    assert_eq!(hits, (TAGS * CACHED_ROUNDS) as f64, "every repeat is a cache hit");
+    assert_eq!(hits, (tags * cached_rounds) as f64, "every repeat is a cache hit");
 
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()
         .expect("http client");
     let mut head = Vec::new();
-    for _ in 0..REGISTRY_ROUNDS {
-        for i in 0..TAGS {
+    for _ in 0..registry_rounds {
+        for i in 0..tags {
             let url = format!("http://{addr}/v2/bench/app/manifests/t{i}");
             let t = Instant::now();
             let resp = http
@@ -155,7 +186,7 @@ async fn resolve_bench(kiln: &KilnServer, registry: &DockerRegistry) {
     );
     println!(
         "bench resolve_uncached_p50_us={:.0} resolve_uncached_mean_us={:.0} resolve_cached_p50_us={:.0} \
-         resolve_cached_mean_us={:.0} ratio_uncached_cached_p50={:.2} tags={TAGS} cached_samples={}",
+         resolve_cached_mean_us={:.0} ratio_uncached_cached_p50={:.2} tags={tags} cached_samples={}",
         micros(u50),
         micros(mean(&uncached)),
         micros(c50),
@@ -209,7 +240,8 @@ async fn build_call(
     (first.expect("at least one message"), statuses, id)
 }
 
-async fn join_bench(kiln: &KilnServer, registry: &DockerRegistry) {
+async fn join_bench(kiln: &KilnServer, registry: &DockerRegistry, sizes: Sizes) {
+    let callers = sizes.callers;
     let proxy = SlowProxy::start(registry.addr(), PROXY_DELAY);
     // Two equivalent images: same layer sizes, different content.
     push_image(registry.addr(), "bench/join", "single", 2, 0xbe7c_1001).await;
@@ -232,7 +264,7 @@ async fn join_bench(kiln: &KilnServer, registry: &DockerRegistry) {
     let shared_image = format!("{}/bench/join:shared", proxy.addr());
     let manifest_requests_before = workspace_manifest_requests(registry);
     let start = Instant::now();
-    let calls = (0..CALLERS).map(|i| {
+    let calls = (0..callers).map(|i| {
         tokio::spawn(build_call(
             channels[i % CHANNELS].clone(),
             shared_image.clone(),
@@ -257,7 +289,7 @@ async fn join_bench(kiln: &KilnServer, registry: &DockerRegistry) {
         .iter()
         .all(|r| r.1 == [BuildStatus::Running, BuildStatus::DoneSuccess]);
     println!(
-        "bench join_callers={CALLERS} first_message_p50_ms={:.1} first_message_p99_ms={:.1} total_ms={:.0} \
+        "bench join_callers={callers} first_message_p50_ms={:.1} first_message_p99_ms={:.1} total_ms={:.0} \
          builds_started={builds_started} joins={joins} build_ids={} all_saw_running_then_success={all_joined} \
          registry_workspace_manifest_requests={manifest_requests} single_build_ms={:.0} ratio_joined_single={:.2}",
         millis(quantile(&firsts, 0.5)),
@@ -269,8 +301,10 @@ async fn join_bench(kiln: &KilnServer, registry: &DockerRegistry) {
     );
     assert_eq!(
         builds_started, 1.0,
-        "1,000 identical calls must start exactly one build"
+        "{callers} identical calls must start exactly one build"
     );
+    assert!(all_joined, "every caller sees running, then done_success");
+    assert_eq!(ids.len(), 1, "every caller names the same build");
 }
 
 /// HEAD and GET requests for manifests of `kiln/workspace-images` in the registry's access log.

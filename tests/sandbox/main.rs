@@ -9,6 +9,9 @@
 //!
 //! The tests need root (namespaces, overlayfs); as another user they say so and pass.
 
+#[path = "../support/skip.rs"]
+mod skip;
+
 use std::{
     collections::BTreeSet,
     fs,
@@ -29,11 +32,13 @@ const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 /// No step here should take long; a hang fails instead of blocking the suite.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Whether the test can run: the sandbox needs root. Not root fails the test unless
+/// `KILN_TEST_ALLOW_SKIP=sandbox`.
 fn is_root() -> bool {
-    // SAFETY: getuid has no preconditions.
+    // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("skipped: the sandbox tests need root");
+        skip::allow_or_fail("sandbox", "the sandbox tests need root");
     }
     root
 }

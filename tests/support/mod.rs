@@ -13,5 +13,6 @@ pub mod images;
 pub mod kiln;
 pub mod oci_layout;
 pub mod registry_auth;
+pub mod skip;
 pub mod slow_proxy;
 pub mod tools;
