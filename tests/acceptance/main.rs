@@ -1843,12 +1843,19 @@ async fn registry_images(reg: &str) -> BTreeSet<String> {
     let get = |url: String| {
         let http = http.clone();
         async move {
-            match http.get(url).send().await {
-                Ok(r) => {
-                    serde_json::from_str::<Value>(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null)
-                }
-                Err(_) => Value::Null,
-            }
+            // An unreadable catalog must fail, not read as "no image pushed".
+            let response = http
+                .get(&url)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            assert!(response.status().is_success(), "GET {url}: {}", response.status());
+            let text = response
+                .text()
+                .await
+                .unwrap_or_else(|e| panic!("reading {url}: {e}"));
+            serde_json::from_str::<Value>(&text)
+                .unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {text}"))
         }
     };
     let catalog = get(format!("http://{reg}/v2/_catalog?n=10000")).await;

@@ -315,7 +315,8 @@ impl KilnServer {
     }
 
     /// The value of one sample, named with its labels exactly as exposed, e.g.
-    /// `kiln_builds_completed_total{outcome="cancelled"}`. A sample not exposed (yet) is 0.
+    /// `kiln_builds_completed_total{outcome="cancelled"}`. A sample of a declared metric not
+    /// exposed yet is 0; a metric not declared at all fails the test.
     pub async fn metric(&self, name_with_labels: &str) -> f64 {
         sample(&self.metrics_text().await, name_with_labels)
     }
@@ -438,6 +439,20 @@ impl Drop for KilnServer {
 
 /// The value of `name_with_labels` in Prometheus/OpenMetrics text; 0 when absent.
 pub fn sample(text: &str, name_with_labels: &str) -> f64 {
+    let family = name_with_labels.split('{').next().unwrap_or(name_with_labels);
+    // A counter's family is declared without its `_total` suffix (OpenMetrics).
+    let declared = |name: &str| {
+        text.lines().any(|l| {
+            l.strip_prefix("# TYPE ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .is_some_and(|declared| declared == name)
+        })
+    };
+    assert!(
+        declared(family) || family.strip_suffix("_total").is_some_and(declared),
+        "the metric {family} is not exposed at all (renamed or never registered?)"
+    );
+    // A labelled sample of a declared family appears with its first observation: 0 before.
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|line| {
