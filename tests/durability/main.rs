@@ -500,6 +500,7 @@ async fn builds_in_flight_survive_repeated_kill_9() {
         };
         let mut known: BTreeMap<String, Known> = BTreeMap::new();
         let (mut total_resumed, mut total_failed, mut total_before) = (0, 0, 0);
+        let mut rounds_with_live_sandboxes = 0;
         for iteration in 0..ITERATIONS {
             // New sources every round, so that every build really runs.
             let round_started = Instant::now();
@@ -644,6 +645,15 @@ async fn builds_in_flight_survive_repeated_kill_9() {
                  checked {:.1?}",
                 round_started.elapsed()
             );
+            // Every request here is credential-free, so every build the kill interrupted can
+            // be resumed: none may end "interrupted".
+            assert_eq!(
+                failed, 0,
+                "round {iteration}: {failed} credential-free builds ended interrupted instead of resumed"
+            );
+            if helpers > 0 {
+                rounds_with_live_sandboxes += 1;
+            }
             total_resumed += resumed;
             total_failed += failed;
             total_before += finished_before;
@@ -657,6 +667,10 @@ async fn builds_in_flight_survive_repeated_kill_9() {
             known.len()
         );
         assert!(total_resumed > 0, "no build was ever resumed");
+        assert!(
+            rounds_with_live_sandboxes > 0,
+            "no kill ever caught a sandbox or fs-op helper alive: the resume of running steps was never tried"
+        );
     })
     .await;
 }
