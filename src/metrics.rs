@@ -19,6 +19,12 @@ use prometheus_client::{
 
 use crate::{actors::ActorKind, model::BuildOutcome};
 
+/// image-builder-mk3's label: `"true"` or `"false"`, as Go's `strconv.FormatBool`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SuccessLabel {
+    success: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
@@ -64,6 +70,8 @@ struct Inner {
     builds_started: Counter,
     builds_completed: Family<OutcomeLabel, Counter>,
     build_joins: Counter,
+    mk3_builds_started: Counter,
+    mk3_builds_done: Family<SuccessLabel, Counter>,
     build_duration: Histogram,
     resolve_requests: Family<ResultLabel, Counter>,
     actor_restarts: Family<KindLabel, Counter>,
@@ -96,6 +104,20 @@ impl Metrics {
             "kiln_builds_completed",
             "Builds finished, by outcome",
             builds_completed.clone(),
+        );
+        // image-builder-mk3's two metrics, counted as mk3 counts them (per Build call, not
+        // per build), so that an installation's dashboards keep working.
+        let mk3_builds_started = Counter::default();
+        registry.register(
+            "gitpod_image_builder_builds_started",
+            "Build calls that found no image and started or joined a build (image-builder-mk3)",
+            mk3_builds_started.clone(),
+        );
+        let mk3_builds_done = Family::<SuccessLabel, Counter>::default();
+        registry.register(
+            "gitpod_image_builder_builds_done",
+            "Build calls whose stream delivered done_success or done_failure (image-builder-mk3)",
+            mk3_builds_done.clone(),
         );
         let build_joins = Counter::default();
         registry.register(
@@ -135,11 +157,33 @@ impl Metrics {
             "gRPC request latency (to the response headers), by method",
             rpc_duration.clone(),
         );
+        // Every labelled series exists from the start at 0, so that a dashboard's rate() and a
+        // test's "before" reading see it before its first event.
+        for outcome in [
+            BuildOutcome::Success,
+            BuildOutcome::Failure,
+            BuildOutcome::Cancelled,
+        ] {
+            let _ = builds_completed.get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            });
+        }
+        for result in ["hit", "miss", "error"] {
+            let _ = resolve_requests.get_or_create(&ResultLabel { result });
+        }
+        for kind in ActorKind::ALL {
+            let _ = actor_restarts.get_or_create(&KindLabel { kind: kind.as_str() });
+        }
+        for success in ["true", "false"] {
+            let _ = mk3_builds_done.get_or_create(&SuccessLabel { success });
+        }
         Self(Arc::new(Inner {
             registry,
             builds_started,
             builds_completed,
             build_joins,
+            mk3_builds_started,
+            mk3_builds_done,
             build_duration,
             resolve_requests,
             actor_restarts,
@@ -155,6 +199,20 @@ impl Metrics {
 
     pub fn build_joined(&self) {
         self.0.build_joins.inc();
+    }
+
+    /// A Build call found no image and follows a build (mk3's `builds_started_total`).
+    pub fn mk3_build_started(&self) {
+        self.0.mk3_builds_started.inc();
+    }
+
+    /// A Build call's stream delivered a terminal status (mk3's `builds_done_total`).
+    pub fn mk3_build_done(&self, success: bool) {
+        let success = if success { "true" } else { "false" };
+        self.0
+            .mk3_builds_done
+            .get_or_create(&SuccessLabel { success })
+            .inc();
     }
 
     pub fn build_completed(&self, outcome: BuildOutcome, took: Duration) {

@@ -257,8 +257,8 @@ pub async fn serve(
         .build_v1()?;
 
     let max = config.grpc.max_message_bytes;
-    let builder_service =
-        ImageBuilderServer::new(ImageBuilderService::new(kiln.clone())).max_decoding_message_size(max);
+    let builder_service = ImageBuilderServer::new(ImageBuilderService::new(kiln.clone(), metrics.clone()))
+        .max_decoding_message_size(max);
     let admin_service = AdminServer::new(AdminService::new(kiln)).max_decoding_message_size(max);
     let mut server = Server::builder();
     let tls = tls(&config)?;

@@ -9,6 +9,8 @@ use tonic::{Request, Response, Status};
 use super::{convert, status::from_build_error};
 use crate::{
     actors::{BuildSelector, KilnHandle, Submission},
+    metrics::Metrics,
+    model::BuildStatus,
     proto::builder::{self as pb, image_builder_server::ImageBuilder},
 };
 
@@ -17,11 +19,13 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + '
 /// The Gitpod-compatible image builder service.
 pub struct ImageBuilderService {
     kiln: KilnHandle,
+    /// For image-builder-mk3's per-call metrics, which only the RPC edge can count.
+    metrics: Metrics,
 }
 
 impl ImageBuilderService {
-    pub fn new(kiln: KilnHandle) -> Self {
-        Self { kiln }
+    pub fn new(kiln: KilnHandle, metrics: Metrics) -> Self {
+        Self { kiln, metrics }
     }
 }
 
@@ -73,7 +77,16 @@ impl ImageBuilder for ImageBuilderService {
             })),
             Submission::Running { build, .. } => {
                 let (snapshot, updates) = self.kiln.watch(build).await.map_err(from_build_error)?;
-                Box::pin(updates.map(move |u| Ok(convert::build_response(&snapshot, u.status, u.message))))
+                self.metrics.mk3_build_started();
+                let metrics = self.metrics.clone();
+                Box::pin(updates.map(move |u| {
+                    match u.status {
+                        BuildStatus::DoneSuccess => metrics.mk3_build_done(true),
+                        BuildStatus::DoneFailure => metrics.mk3_build_done(false),
+                        _ => {}
+                    }
+                    Ok(convert::build_response(&snapshot, u.status, u.message))
+                }))
             }
         };
         Ok(Response::new(stream))

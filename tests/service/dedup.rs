@@ -17,6 +17,11 @@ async fn dedup_suite(mode: Mode) {
     let image = format!("{}/src/shared:1", proxy.addr());
     let started_before = env.kiln.metric("kiln_builds_started_total").await;
     let joins_before = env.kiln.metric("kiln_build_joins_total").await;
+    let mk3_started_before = env.kiln.metric("gitpod_image_builder_builds_started_total").await;
+    let mk3_done_before = env
+        .kiln
+        .metric("gitpod_image_builder_builds_done_total{success=\"true\"}")
+        .await;
 
     // A few channels, so that no HTTP/2 stream limit serialises the callers.
     let mut clients = Vec::new();
@@ -69,6 +74,29 @@ async fn dedup_suite(mode: Mode) {
             .metric_eventually("kiln_builds_completed_total{outcome=\"success\"}", 1.0)
             .await,
         1.0
+    );
+    // image-builder-mk3's metrics count per Build call, as mk3 does (its orchestrator counts
+    // a start for every call that found no image and a done for every stream that ended).
+    assert_eq!(
+        env.kiln.metric("gitpod_image_builder_builds_started_total").await - mk3_started_before,
+        CALLERS as f64,
+        "mk3's builds_started_total counts every call that did not find the image"
+    );
+    assert_eq!(
+        env.kiln
+            .metric("gitpod_image_builder_builds_done_total{success=\"true\"}")
+            .await
+            - mk3_done_before,
+        CALLERS as f64,
+        "mk3's builds_done_total{{success=\"true\"}} counts every stream that saw done_success"
+    );
+    // An image that exists is answered at once: mk3 counts no start for it.
+    let mut client = env.builder().await;
+    let again = build(&mut client, &image).await;
+    assert_eq!(statuses(&again), [BuildStatus::DoneSuccess]);
+    assert_eq!(
+        env.kiln.metric("gitpod_image_builder_builds_started_total").await - mk3_started_before,
+        CALLERS as f64
     );
 }
 
