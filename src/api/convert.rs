@@ -86,13 +86,50 @@ fn dockerfile_source(f: pb::BuildSourceDockerfile) -> Result<BuildSource, BuildE
         ),
     };
     let target = Some(f.target.trim().to_owned()).filter(|t| !t.is_empty());
+    let (dockerfile_path, context_path) = gitpod_paths(&f.dockerfile_path, &f.context_path);
     Ok(BuildSource::Dockerfile(DockerfileSource {
         context,
-        dockerfile_path: f.dockerfile_path,
-        context_path: f.context_path,
+        dockerfile_path,
+        context_path,
         build_args: f.build_args.into_iter().collect(),
         target,
     }))
+}
+
+/// The Dockerfile and context paths as image-builder-mk3 reads them (its orchestrator's
+/// `Build`): both are relative to the checkout, which mk3 mounts at `/workspace`; a context
+/// path that starts with `/workspace` has that prefix stripped, and an empty one means the
+/// Dockerfile's directory. Kiln strips `/workspace/` from the Dockerfile path too (mk3 would
+/// look for `/workspace/workspace/…`). Returns relative paths, `.` for the root.
+fn gitpod_paths(dockerfile_path: &str, context_path: &str) -> (String, String) {
+    fn relative(path: &str) -> String {
+        let path = path.trim_start_matches('/');
+        if path.is_empty() {
+            ".".into()
+        } else {
+            path.to_owned()
+        }
+    }
+    let dockerfile = dockerfile_path
+        .strip_prefix("/workspace/")
+        .unwrap_or(dockerfile_path);
+    let dockerfile = if dockerfile.trim_start_matches('/').is_empty() {
+        "Dockerfile".to_owned()
+    } else {
+        relative(dockerfile)
+    };
+    let context = if context_path.is_empty() {
+        std::path::Path::new(&dockerfile)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        context_path
+            .strip_prefix("/workspace")
+            .unwrap_or(context_path)
+            .to_owned()
+    };
+    (dockerfile, relative(&context))
 }
 
 /// A request's registry auth policy. No auth at all means Kiln's own repositories only.
@@ -198,6 +235,34 @@ pub fn exists_response(refs: &BuildRefs) -> pb::BuildResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_read_as_mk3_reads_them() {
+        let paths = |d: &str, c: &str| {
+            let (d, c) = gitpod_paths(d, c);
+            (d.to_owned(), c.to_owned())
+        };
+        let owned = |d: &str, c: &str| (d.to_owned(), c.to_owned());
+        // Empty context: the Dockerfile's directory.
+        assert_eq!(paths(".gitpod.Dockerfile", ""), owned(".gitpod.Dockerfile", "."));
+        assert_eq!(
+            paths("docker/Dockerfile", ""),
+            owned("docker/Dockerfile", "docker")
+        );
+        assert_eq!(paths("", ""), owned("Dockerfile", "."));
+        // A leading /workspace is the checkout.
+        assert_eq!(paths("Dockerfile", "/workspace"), owned("Dockerfile", "."));
+        assert_eq!(paths("Dockerfile", "/workspace/sub"), owned("Dockerfile", "sub"));
+        assert_eq!(
+            paths("/workspace/docker/Dockerfile", ""),
+            owned("docker/Dockerfile", "docker")
+        );
+        // Plain relative paths are unchanged.
+        assert_eq!(paths("a/Dockerfile", "b"), owned("a/Dockerfile", "b"));
+        assert_eq!(paths("Dockerfile", "."), owned("Dockerfile", "."));
+        // Escapes stay visible to the checks that refuse them.
+        assert_eq!(paths("Dockerfile", "../x"), owned("Dockerfile", "../x"));
+    }
 
     #[test]
     fn missing_source_says_what_to_set() {
