@@ -27,6 +27,7 @@ use crate::support::{
     base_images,
     docker_registry::DockerRegistry,
     fake_kube::{FakeKube, FakeKubeOptions},
+    images,
     kiln::{KilnOptions, KilnServer},
 };
 
@@ -48,9 +49,18 @@ impl Cluster {
         Self::start_with(FakeKubeOptions::default())
     }
 
-    fn start_with(options: FakeKubeOptions) -> Self {
+    /// The cluster's node mirrors `ghcr.io` from the test registry, where Kiln's default
+    /// builder image (`kiln::config::KILN_IMAGE`) is pushed: the fake kubelet checks that it
+    /// exists there before it starts a builder pod (see `fake_kube::images`).
+    fn start_with(mut options: FakeKubeOptions) -> Self {
         let registry = DockerRegistry::start();
         base_images::ensure_base_images(registry.addr(), false);
+        let (host, rest) = kiln::config::KILN_IMAGE.split_once('/').unwrap();
+        let (repository, tag) = rest.rsplit_once(':').unwrap();
+        runtime().block_on(images::push_image(registry.addr(), repository, tag, 1, 11));
+        options
+            .registry_mirrors
+            .insert(host.to_owned(), registry.addr().to_owned());
         Self {
             kube: FakeKube::start_with(options),
             registry,

@@ -23,12 +23,35 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::fake_kube::{
-    store::{FieldSelector, LabelSelector},
-    FakeKube, FakeKubeOptions,
+use crate::support::{
+    docker_registry::DockerRegistry,
+    fake_kube::{
+        store::{FieldSelector, LabelSelector},
+        FakeKube, FakeKubeOptions,
+    },
+    images,
 };
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=kiln";
+
+/// The image of [`pod`]: served to the fake node from a real registry, through the node's
+/// mirror of `ghcr.io`.
+const IMAGE: &str = "ghcr.io/kiln-build/kiln:test";
+
+/// A fake cluster whose node pulls `ghcr.io` images from a real registry holding [`IMAGE`]
+/// (returned too, to outlive the cluster).
+async fn start_with(mut options: FakeKubeOptions) -> (FakeKube, DockerRegistry) {
+    let registry = DockerRegistry::start();
+    images::push_image(registry.addr(), "kiln-build/kiln", "test", 1, 7).await;
+    options
+        .registry_mirrors
+        .insert("ghcr.io".into(), registry.addr().to_owned());
+    (FakeKube::start_with(options), registry)
+}
+
+async fn start() -> (FakeKube, DockerRegistry) {
+    start_with(FakeKubeOptions::default()).await
+}
 
 /// A pod shaped like Kiln's builder pods, running `sh -c script` in container `build`.
 fn pod(name: &str, script: &str) -> Pod {
@@ -45,7 +68,7 @@ fn pod(name: &str, script: &str) -> Pod {
             "automountServiceAccountToken": false,
             "containers": [{
                 "name": "build",
-                "image": "ghcr.io/kiln-build/kiln:test",
+                "image": IMAGE,
                 "command": ["sh", "-c", script],
                 "terminationMessagePath": "/var/run/kiln/termination-log",
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -155,7 +178,7 @@ fn process_alive(pid: u32) -> bool {
 
 #[tokio::test]
 async fn pods_create_get_conflict_and_delete_kill_the_process_group() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let created = api
         .create(&PostParams::default(), &pod("p1", "sleep 30 & wait"))
@@ -247,7 +270,7 @@ async fn pods_create_get_conflict_and_delete_kill_the_process_group() {
 
 #[tokio::test]
 async fn failed_pod_reports_exit_code_and_termination_message() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let script = "echo hi; echo msg > /var/run/kiln/termination-log; exit 3";
     api.create(&PostParams::default(), &pod("fails", script))
@@ -302,7 +325,7 @@ async fn failed_pod_reports_exit_code_and_termination_message() {
 
 #[tokio::test]
 async fn a_command_that_cannot_start_fails_the_pod() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let mut p = pod("nope", "");
     p.spec.as_mut().unwrap().containers[0].command = Some(vec!["no-such-binary-xyz".into()]);
@@ -314,7 +337,7 @@ async fn a_command_that_cannot_start_fails_the_pod() {
 
 #[tokio::test]
 async fn secret_volume_env_and_mounts_are_what_the_process_sees() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let secrets: Api<Secret> = Api::namespaced(kube.client().await, kube.namespace());
     let script = "echo data > /var/lib/kiln/out; cat /var/run/kiln/credentials/config.json; echo; \
@@ -359,7 +382,7 @@ async fn secret_volume_env_and_mounts_are_what_the_process_sees() {
 
 #[tokio::test]
 async fn secrets_are_collected_with_their_owner_pod() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let client = kube.client().await;
     let api: Api<Pod> = Api::namespaced(client.clone(), kube.namespace());
     let secrets: Api<Secret> = Api::namespaced(client, kube.namespace());
@@ -418,7 +441,7 @@ async fn secrets_are_collected_with_their_owner_pod() {
 
 #[tokio::test]
 async fn logs_follow_with_timestamps_and_resume_since_time() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let script = "echo line1; sleep 1.2; echo line2; sleep 1.2; echo line3";
     api.create(&PostParams::default(), &pod("logs", script))
@@ -488,7 +511,7 @@ async fn logs_follow_with_timestamps_and_resume_since_time() {
 
 #[tokio::test]
 async fn watcher_resumes_after_dropped_watches_and_relists_after_410() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let config = watcher::Config::default().labels(MANAGED);
     let mut events = watcher(api.clone(), config).boxed();
@@ -583,7 +606,7 @@ async fn watcher_resumes_after_dropped_watches_and_relists_after_410() {
 
 #[tokio::test]
 async fn rbac_follows_the_role_and_tokens_are_required() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let client = kube.client().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), kube.namespace());
     let forbidden = api_error(secrets.list(&ListParams::default()).await);
@@ -626,7 +649,7 @@ async fn rbac_follows_the_role_and_tokens_are_required() {
 
 #[tokio::test]
 async fn invalid_objects_are_rejected() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let mut p = pod("bad", "true");
     p.metadata
@@ -676,7 +699,7 @@ fn pod_with(name: &str, script: &str, patch: serde_json::Value) -> Pod {
 fn security(context: serde_json::Value) -> serde_json::Value {
     json!({ "containers": [{
         "name": "build",
-        "image": "ghcr.io/kiln-build/kiln:test",
+        "image": IMAGE,
         "command": ["sh", "-c", "true"],
         "securityContext": context,
     }] })
@@ -686,7 +709,7 @@ fn security(context: serde_json::Value) -> serde_json::Value {
 /// field it names; and what it accepts, privileged pods in their own user namespace included.
 #[tokio::test]
 async fn user_namespace_and_escalation_rules_are_the_api_servers() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let refused = [
         (
@@ -772,10 +795,11 @@ async fn user_namespace_and_escalation_rules_are_the_api_servers() {
 /// without an error, as the real API server does with the feature gates off.
 #[tokio::test]
 async fn a_cluster_without_user_namespaces_drops_the_fields_silently() {
-    let kube = FakeKube::start_with(FakeKubeOptions {
+    let (kube, _registry) = start_with(FakeKubeOptions {
         user_namespaces: false,
         ..Default::default()
-    });
+    })
+    .await;
     let api = pods(&kube).await;
     let mut patch = security(json!({ "procMount": "Unmasked" }));
     patch["hostUsers"] = json!(false);
@@ -801,7 +825,7 @@ async fn a_cluster_without_user_namespaces_drops_the_fields_silently() {
 /// read-only root with writable volumes, and it refuses runAsNonRoot for root.
 #[tokio::test]
 async fn the_kubelet_applies_capabilities_no_new_privs_and_a_read_only_root() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let marker = format!("/kiln-fake-kube-ro-{}", std::process::id());
     let script = format!(
