@@ -36,11 +36,11 @@ const MANAGED: &str = "app.kubernetes.io/managed-by=kiln";
 
 /// The image of [`pod`]: served to the fake node from a real registry, through the node's
 /// mirror of `ghcr.io`.
-const IMAGE: &str = "ghcr.io/kiln-build/kiln:test";
+pub(crate) const IMAGE: &str = "ghcr.io/kiln-build/kiln:test";
 
 /// A fake cluster whose node pulls `ghcr.io` images from a real registry holding [`IMAGE`]
 /// (returned too, to outlive the cluster).
-async fn start_with(mut options: FakeKubeOptions) -> (FakeKube, DockerRegistry) {
+pub(crate) async fn start_with(mut options: FakeKubeOptions) -> (FakeKube, DockerRegistry) {
     let registry = DockerRegistry::start();
     images::push_image(registry.addr(), "kiln-build/kiln", "test", 1, 7).await;
     options
@@ -49,12 +49,12 @@ async fn start_with(mut options: FakeKubeOptions) -> (FakeKube, DockerRegistry) 
     (FakeKube::start_with(options), registry)
 }
 
-async fn start() -> (FakeKube, DockerRegistry) {
+pub(crate) async fn start() -> (FakeKube, DockerRegistry) {
     start_with(FakeKubeOptions::default()).await
 }
 
 /// A pod shaped like Kiln's builder pods, running `sh -c script` in container `build`.
-fn pod(name: &str, script: &str) -> Pod {
+pub(crate) fn pod(name: &str, script: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -85,7 +85,7 @@ fn pod(name: &str, script: &str) -> Pod {
 }
 
 /// [`pod`] with Kiln's credentials Secret volume (secretName = pod name) and an env var from it.
-fn pod_with_secret(name: &str, script: &str) -> Pod {
+pub(crate) fn pod_with_secret(name: &str, script: &str) -> Pod {
     let mut value = serde_json::to_value(pod(name, script)).unwrap();
     value["spec"]["volumes"]
         .as_array_mut()
@@ -104,7 +104,7 @@ fn pod_with_secret(name: &str, script: &str) -> Pod {
 }
 
 /// Kiln's per-build Secret, owned by the pod.
-fn secret(pod: &Pod) -> Secret {
+pub(crate) fn secret(pod: &Pod) -> Secret {
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Secret",
@@ -121,12 +121,17 @@ fn secret(pod: &Pod) -> Secret {
     .expect("secret")
 }
 
-async fn pods(kube: &FakeKube) -> Api<Pod> {
+pub(crate) async fn pods(kube: &FakeKube) -> Api<Pod> {
     Api::namespaced(kube.client().await, kube.namespace())
 }
 
 /// Polls the pod until `done` holds (or panics after `timeout`).
-async fn wait_pod(api: &Api<Pod>, name: &str, timeout: Duration, done: impl Fn(&Pod) -> bool) -> Pod {
+pub(crate) async fn wait_pod(
+    api: &Api<Pod>,
+    name: &str,
+    timeout: Duration,
+    done: impl Fn(&Pod) -> bool,
+) -> Pod {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let pod = api.get(name).await.expect("get pod");
@@ -142,7 +147,7 @@ async fn wait_pod(api: &Api<Pod>, name: &str, timeout: Duration, done: impl Fn(&
     }
 }
 
-async fn wait_gone(api: &Api<Pod>, name: &str, timeout: Duration) {
+pub(crate) async fn wait_gone(api: &Api<Pod>, name: &str, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     while api.get_opt(name).await.expect("get pod").is_some() {
         assert!(
@@ -153,11 +158,11 @@ async fn wait_gone(api: &Api<Pod>, name: &str, timeout: Duration) {
     }
 }
 
-fn phase(pod: &Pod) -> &str {
+pub(crate) fn phase(pod: &Pod) -> &str {
     pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
 }
 
-fn terminated(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
+pub(crate) fn terminated(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
     pod.status.as_ref()?.container_statuses.as_ref()?[0]
         .state
         .as_ref()?
@@ -165,14 +170,14 @@ fn terminated(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStateTer
         .clone()
 }
 
-fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> kube::core::Status {
+pub(crate) fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> kube::core::Status {
     match result {
         Err(kube::Error::Api(status)) => *status,
         other => panic!("expected an API error, got {other:?}"),
     }
 }
 
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
@@ -679,7 +684,7 @@ fn selectors_parse_like_the_api_server() {
 }
 
 /// [`pod`] with `patch` merged into its spec (objects key by key, as a JSON merge patch).
-fn pod_with(name: &str, script: &str, patch: serde_json::Value) -> Pod {
+pub(crate) fn pod_with(name: &str, script: &str, patch: serde_json::Value) -> Pod {
     fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
         match (target, patch) {
             (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
@@ -696,7 +701,7 @@ fn pod_with(name: &str, script: &str, patch: serde_json::Value) -> Pod {
 }
 
 /// A container securityContext patch for [`pod_with`].
-fn security(context: serde_json::Value) -> serde_json::Value {
+pub(crate) fn security(context: serde_json::Value) -> serde_json::Value {
     json!({ "containers": [{
         "name": "build",
         "image": IMAGE,

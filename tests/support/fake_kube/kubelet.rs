@@ -410,6 +410,16 @@ pub(crate) fn crash_back_off(initial: Duration, restart: u32) -> Duration {
     doubled.min(MAX_BACK_OFF)
 }
 
+/// A whole-second duration as Go's `time.Duration` prints it: `10s`, `1m20s`, `5m0s`.
+fn go_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else {
+        format!("{}m{}s", s / 60, s % 60)
+    }
+}
+
 /// The cap of the kubelet's container and image-pull back-offs (`MaxContainerBackOff`).
 const MAX_BACK_OFF: Duration = Duration::from_secs(300);
 
@@ -586,8 +596,8 @@ async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
             // `CrashLoopBackOff` with the kubelet's message, the last termination kept
             // (`convertToAPIContainerStatuses` in `pkg/kubelet/kubelet_pods.go`).
             let message = format!(
-                "back-off {}s restarting failed container={} pod={}_{}({})",
-                back_off.as_secs(),
+                "back-off {} restarting failed container={} pod={}_{}({})",
+                go_duration(back_off),
                 container["name"].as_str().unwrap_or(""),
                 runtime.name,
                 runtime.namespace,
