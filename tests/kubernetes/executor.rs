@@ -744,6 +744,10 @@ fn a_builder_pod_with_fewer_capabilities_than_documented_cannot_build() {
         assert!(!added.contains(&"SYS_ADMIN".to_owned()) && added.contains(&"NET_ADMIN".to_owned()));
         let log = log_of(&mut kiln.builder().await, &outcome.build_id).await;
         assert!(!log.contains("fewer-caps line-1"), "the RUN step ran:\n{log}");
+        assert!(
+            outcome.message.contains("EPERM: Operation not permitted"),
+            "the build failed for want of a capability: {outcome:?}"
+        );
         eprintln!(
             "kubernetes: without SYS_ADMIN the build fails: {}",
             outcome.message
