@@ -678,8 +678,6 @@ fn the_cluster_ends_a_builder_pod_at_its_deadline_with_no_replica_left() {
         kiln.kill();
         drop(stream);
         let pod = pod_names(&cluster.kube).into_iter().next().unwrap();
-        let spec = cluster.kube.pod(&pod).unwrap().spec.unwrap();
-        assert_eq!(spec.active_deadline_seconds, Some(8));
         cluster
             .wait_pods("the builder pod ended", |k| {
                 k.pod(&pod)
@@ -693,6 +691,8 @@ fn the_cluster_ends_a_builder_pod_at_its_deadline_with_no_replica_left() {
             (Some("Failed"), Some("DeadlineExceeded")),
             "the cluster did not end the pod at its deadline: {status:?}"
         );
+        let spec = cluster.kube.pod(&pod).unwrap().spec.unwrap();
+        assert_eq!(spec.active_deadline_seconds, Some(8), "the deadline is the build timeout");
         kiln.restart(&options);
         let mut client = kiln.builder().await;
         let done = wait_status(
