@@ -692,7 +692,11 @@ fn the_cluster_ends_a_builder_pod_at_its_deadline_with_no_replica_left() {
             "the cluster did not end the pod at its deadline: {status:?}"
         );
         let spec = cluster.kube.pod(&pod).unwrap().spec.unwrap();
-        assert_eq!(spec.active_deadline_seconds, Some(8), "the deadline is the build timeout");
+        assert_eq!(
+            spec.active_deadline_seconds,
+            Some(8),
+            "the deadline is the build timeout"
+        );
         kiln.restart(&options);
         let mut client = kiln.builder().await;
         let done = wait_status(

@@ -1,10 +1,16 @@
 //! The fake kubelet: one task per pod that waits for the pod's secrets (as a real kubelet
-//! waits to mount a secret volume), prepares its volumes as per-pod host dirs, runs the
-//! first container's command as a local process — own process group, own mount namespace
-//! with each volume bind-mounted at its mountPath — captures stdout and stderr as
-//! timestamped log lines, reports Pending → Running → Succeeded/Failed with the termination
-//! message, and on deletion kills the process group (SIGTERM, then SIGKILL after the
-//! grace) before the pod object goes away with its owned secrets.
+//! waits to mount a secret volume), pulls its image ([`super::images`]), prepares its
+//! volumes as per-pod host dirs, runs the first container's command as a local process —
+//! own process group, own mount namespace with each volume bind-mounted at its mountPath,
+//! its own memory cgroup when it has a memory limit ([`super::cgroup`]) — captures stdout
+//! and stderr as timestamped log lines, reports Pending → Running → Succeeded/Failed with
+//! the termination message, and on deletion kills the process group (SIGTERM, then SIGKILL
+//! after the grace) before the pod object goes away with its owned secrets.
+//!
+//! The pod's life follows the kubelet's rules, each cited where it is coded: `restartPolicy`
+//! decides whether an exited container starts again (with `restartCount`, `lastState` and
+//! the `CrashLoopBackOff` back-off), and `activeDeadlineSeconds` after `startTime` kills the
+//! container and fails the pod `DeadlineExceeded`.
 //!
 //! Of the container's security context it applies what a process can be given without a
 //! container runtime ([`Security`]): the capability set (the runtime's default set, then

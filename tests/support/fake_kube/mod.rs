@@ -1,18 +1,27 @@
 //! A fake Kubernetes cluster for Kiln's Kubernetes executor tests: an API server speaking
-//! the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, RBAC from
-//! `deploy/role.yaml`, owner-reference GC, the API server's validation of user-namespace and
-//! privilege-escalation fields), and a kubelet that runs each pod's container command as a
-//! local process in its own mount namespace, volumes bind-mounted in place, with as much of
-//! its security context as a process can be given (capabilities, no_new_privs, read-only
-//! root, user). A pod's own user namespace, seccomp and AppArmor profiles and `/proc` masking
-//! are validated but not applied: the process runs with the host's.
+//! the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, `limit`/
+//! `continue` pages, RBAC from `deploy/role.yaml`, ServiceAccount and Pod Security admission,
+//! owner-reference GC, the API server's validation of user-namespace and privilege-escalation
+//! fields, and 429/5xx answers on demand), and a kubelet that runs each pod's container
+//! command as a local process in its own mount namespace, volumes bind-mounted in place: it
+//! pulls (checks) the image from the registry it names, obeys `restartPolicy` and
+//! `activeDeadlineSeconds`, enforces a memory limit in a cgroup, and applies as much of the
+//! security context as a process can be given (capabilities, no_new_privs, read-only root,
+//! user). A pod's own user namespace, seccomp and AppArmor profiles and `/proc` masking are
+//! validated but not applied: the process runs with the host's. The container runs the
+//! host's binaries, not the image's files (see [`images`]).
+//!
+//! Tests read its counters to act on evidence rather than time: open watches and log
+//! streams, 410s served, container starts, image pulls, requests by verb.
 //!
 //! [`FakeKube`] owns everything it starts: its server thread and runtime, every pod process
 //! (killed by process group), the per-pod volume dirs and the mount points it had to create
 //! on the host. Dropping it removes all of that.
 //!
 //! Layout: [`store`] (objects, resourceVersions, event history, selectors), [`rbac`] (the
-//! Role), [`api`] (HTTP routes), [`kubelet`] (pod lifecycle and processes).
+//! Role), [`admission`] (ServiceAccount, PodSecurity), [`api`] (HTTP routes, injected
+//! faults), [`kubelet`] (pod lifecycle and processes), [`images`] (pulls), [`cgroup`]
+//! (memory limits).
 
 pub mod admission;
 pub mod api;
