@@ -27,6 +27,7 @@ use crate::support::{
     base_images,
     docker_registry::DockerRegistry,
     fake_kube::{FakeKube, FakeKubeOptions},
+    images,
     kiln::{KilnOptions, KilnServer},
 };
 
@@ -48,9 +49,18 @@ impl Cluster {
         Self::start_with(FakeKubeOptions::default())
     }
 
-    fn start_with(options: FakeKubeOptions) -> Self {
+    /// The cluster's node mirrors `ghcr.io` from the test registry, where Kiln's default
+    /// builder image (`kiln::config::KILN_IMAGE`) is pushed: the fake kubelet checks that it
+    /// exists there before it starts a builder pod (see `fake_kube::images`).
+    fn start_with(mut options: FakeKubeOptions) -> Self {
         let registry = DockerRegistry::start();
         base_images::ensure_base_images(registry.addr(), false);
+        let (host, rest) = kiln::config::KILN_IMAGE.split_once('/').unwrap();
+        let (repository, tag) = rest.rsplit_once(':').unwrap();
+        runtime().block_on(images::push_image(registry.addr(), repository, tag, 1, 11));
+        options
+            .registry_mirrors
+            .insert(host.to_owned(), registry.addr().to_owned());
         Self {
             kube: FakeKube::start_with(options),
             registry,
@@ -225,6 +235,92 @@ fn a_pod_runs(kube: &FakeKube) -> bool {
         .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
 }
 
+/// A build's log as Kiln serves it (the Logs RPC from offset 0, followed), read up to
+/// whatever a test waits for.
+struct LogFollower {
+    stream: Streaming<kiln::proto::builder::LogsResponse>,
+    text: String,
+}
+
+impl LogFollower {
+    async fn open(client: &mut Client, build_id: &str) -> Self {
+        let request = LogsRequest {
+            build_id: build_id.to_owned(),
+            ..Default::default()
+        };
+        let stream = client.logs(request).await.expect("Logs").into_inner();
+        Self {
+            stream,
+            text: String::new(),
+        }
+    }
+
+    /// Reads until the log holds `marker`'s numbered line `n`: evidence that the pod's
+    /// output reached Kiln's log.
+    async fn until_line(&mut self, marker: &str, n: u32) {
+        let needle = format!("{marker} line-{n}\n");
+        let read = async {
+            while !self.text.contains(&needle) {
+                match self.stream.message().await.expect("Logs stream") {
+                    Some(chunk) => self.text.push_str(&String::from_utf8_lossy(&chunk.content)),
+                    None => panic!("the log ended before {needle:?}:\n{}", self.text),
+                }
+            }
+        };
+        tokio::time::timeout(BUILD_DEADLINE, read)
+            .await
+            .unwrap_or_else(|_| panic!("the log never showed {needle:?}:\n{}", self.text));
+    }
+}
+
+/// Waits until `what` holds of the fake's counters (evidence, not time, decides when a test
+/// disrupts something).
+async fn wait_for(kube: &FakeKube, what: &str, pred: impl Fn(&FakeKube) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pred(kube) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what} (open watches {}, open log streams {}, 410s served {})",
+            kube.open_watches(),
+            kube.open_log_streams(),
+            kube.expired_served()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kiln is following the pod: a watch and a log stream are open on the fake API server.
+fn streams_open(kube: &FakeKube) -> bool {
+    kube.open_watches() >= 1 && kube.open_log_streams() >= 1
+}
+
+/// Every builder pod that exists ran its container exactly once and ended the way
+/// `restartPolicy: Never` ends a pod: phase Succeeded (or Failed), never restarted.
+fn assert_pods_ran_once(kube: &FakeKube, phase: &str) {
+    let pods = kube.pods();
+    assert!(!pods.is_empty(), "no builder pod is left to check");
+    for pod in &pods {
+        let status = pod.status.as_ref().unwrap();
+        let restarts: i32 = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .map(|c| c.restart_count)
+            .sum();
+        assert_eq!(
+            (status.phase.as_deref(), restarts),
+            (Some(phase), 0),
+            "builder pod {:?} did not end once: {status:?}",
+            pod.metadata.name
+        );
+    }
+    assert_eq!(
+        kube.container_starts(),
+        kube.pods_created(),
+        "a builder container was started again"
+    );
+}
+
 /// Waits for build `id` to end, asserts that it succeeded, and returns its whole log.
 async fn succeeded_log(client: &mut Client, id: &str) -> String {
     let done = wait_status(client, id, &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure]).await;
@@ -331,6 +427,7 @@ fn twenty_identical_builds_on_two_replicas_make_one_pod() {
         let pods = cluster.kube.pods_created();
         eprintln!("kubernetes: pods created for 20 identical builds on 2 replicas: {pods}");
         assert_eq!(pods, 1, "pods created: {:?}", pod_names(&cluster.kube));
+        assert_pods_ran_once(&cluster.kube, "Succeeded");
         for (replica, server) in [(0, &a), (1, &b)] {
             let (_, outcome) = outcomes.iter().find(|(r, _)| *r == replica).unwrap();
             let log = log_of(&mut server.builder().await, &outcome.build_id).await;
@@ -351,14 +448,14 @@ fn a_killed_replica_is_replaced_and_its_build_adopted() {
     let uri = cluster.repository("adopt", 40, "0.1");
     runtime().block_on(async {
         let (stream, id) = begin(&mut a.builder().await, request(&uri, cluster.reg())).await;
-        // Let the pod get going, then kill the replica that created it.
+        // Kill the replica that created the pod once it follows the pod's log and watch
+        // and the log shows the pod's output.
         let kube = &cluster.kube;
-        cluster
-            .wait_pods("the builder pod has printed a few lines", a_pod_runs)
-            .await;
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut log = LogFollower::open(&mut a.builder().await, &id).await;
+        log.until_line("adopt", 5).await;
+        wait_for(kube, "replica a follows the pod", streams_open).await;
         a.kill();
-        drop(stream);
+        drop((stream, log));
 
         // The other replica lists it, from the cluster.
         let listed = other
@@ -394,6 +491,7 @@ fn a_killed_replica_is_replaced_and_its_build_adopted() {
             "the log ends with what was pushed:\n{log}"
         );
         assert_eq!(kube.pods_created(), 1);
+        assert_pods_ran_once(kube, "Succeeded");
         assert_eq!(kube.forbidden_count(), 0, "Kiln stays inside its Role");
     });
 }
@@ -408,15 +506,17 @@ fn a_replica_restarted_on_its_data_continues_its_build_log() {
     let uri = cluster.repository("restart", 40, "0.1");
     runtime().block_on(async {
         let (stream, id) = begin(&mut kiln.builder().await, request(&uri, cluster.reg())).await;
-        cluster.wait_pods("the builder pod runs", a_pod_runs).await;
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        drop(stream);
+        let mut log = LogFollower::open(&mut kiln.builder().await, &id).await;
+        log.until_line("restart", 8).await;
+        wait_for(&cluster.kube, "Kiln follows the pod", streams_open).await;
+        drop((stream, log));
         kiln.restart(&options);
         let mut client = kiln.builder().await;
         let log = succeeded_log(&mut client, &id).await;
         assert_complete(&log, "restart", 40);
         assert!(log.contains("attached to builder pod"), "{log}");
         assert_eq!(cluster.kube.pods_created(), 1);
+        assert_pods_ran_once(&cluster.kube, "Succeeded");
     });
 }
 
@@ -487,42 +587,175 @@ fn cancel_and_timeout_delete_the_pod_and_its_secret() {
     });
 }
 
-/// Dropped watches, a 410 Gone and dropped log streams while the pod runs: the build still
-/// ends `done_success`, its log holds every line exactly once, and the finished pod and its
-/// Secret go after `kubernetes.retention`.
+/// Dropped watches, a 410 Gone and dropped log streams while the pod runs, each only once
+/// the build's log shows the next few lines and Kiln has a watch and a log stream open:
+/// Kiln re-watches (and re-lists after the 410, which the fake counts as served), resumes
+/// the log, the build ends `done_success`, its log holds every line exactly once, and the
+/// finished pod and its Secret go after `kubernetes.retention`.
 #[test]
 fn dropped_watches_gone_and_dropped_logs_are_survived() {
     let cluster = Cluster::start();
     let kiln = KilnServer::start(cluster.replica_options("", "retention = \"2s\""));
-    let uri = cluster.repository("disrupted", 40, "0.1");
+    let uri = cluster.repository("disrupted", 60, "0.1");
+    let kube = &cluster.kube;
     runtime().block_on(async {
         let mut client = kiln.builder().await;
-        let call = tokio::spawn({
-            let (mut client, request) = (client.clone(), request(&uri, cluster.reg()));
-            async move { build(&mut client, request).await }
-        });
-        cluster.wait_pods("the builder pod runs", a_pod_runs).await;
-        for round in 0..6 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+        let (mut stream, id) = begin(&mut client, request(&uri, cluster.reg())).await;
+        let mut log = LogFollower::open(&mut client, &id).await;
+        for round in 0..6u32 {
+            log.until_line("disrupted", 6 + 8 * round).await;
+            wait_for(kube, "Kiln follows the pod", streams_open).await;
             match round % 3 {
-                0 => cluster.kube.drop_watches(),
-                1 => {
-                    cluster.kube.expire_history();
-                    cluster.kube.drop_watches();
+                0 => {
+                    let watches = kube.request_count("watch", "pods");
+                    kube.drop_watches();
+                    wait_for(kube, "Kiln watches again", |k| {
+                        k.request_count("watch", "pods") > watches
+                    })
+                    .await;
                 }
-                _ => cluster.kube.drop_log_streams(),
+                1 => {
+                    let (gone, lists) = (kube.expired_served(), kube.request_count("list", "pods"));
+                    kube.expire_history();
+                    kube.drop_watches();
+                    wait_for(kube, "a 410 was served and Kiln listed again", |k| {
+                        k.expired_served() > gone && k.request_count("list", "pods") > lists
+                    })
+                    .await;
+                }
+                _ => {
+                    let reads = kube.request_count("get", "pods/log");
+                    kube.drop_log_streams();
+                    wait_for(kube, "Kiln resumed the log", |k| {
+                        k.request_count("get", "pods/log") > reads
+                    })
+                    .await;
+                }
             }
         }
-        let outcome = call.await.unwrap();
+        assert!(kube.expired_served() >= 2, "the resume after expired history ran");
+        let mut outcome = Outcome {
+            build_id: id.clone(),
+            status: BuildStatus::Unknown,
+            message: String::new(),
+            workspace_ref: String::new(),
+            statuses: Vec::new(),
+        };
+        tokio::time::timeout(BUILD_DEADLINE, async {
+            while let Some(response) = stream.message().await.expect("Build stream") {
+                absorb(&mut outcome, &response);
+            }
+        })
+        .await
+        .expect("the build ended");
         assert_eq!(outcome.status, BuildStatus::DoneSuccess, "{outcome:?}");
-        assert_complete(&log_of(&mut client, &outcome.build_id).await, "disrupted", 40);
+        assert_complete(&log_of(&mut client, &id).await, "disrupted", 60);
+        assert_pods_ran_once(kube, "Succeeded");
         cluster
             .wait_pods(
                 "the finished pod and its Secret are removed after retention",
                 |k| k.pods().is_empty() && k.secrets().is_empty(),
             )
             .await;
-        assert_eq!(cluster.kube.forbidden_count(), 0, "Kiln stays inside its Role");
+        assert_eq!(kube.forbidden_count(), 0, "Kiln stays inside its Role");
+    });
+}
+
+/// The cluster ends a builder pod at its `activeDeadlineSeconds` even when no replica is
+/// left to enforce the build's timeout: the replica that started it is killed as soon as
+/// the pod runs, and the pod, whose RUN step would take longer than the timeout, is failed
+/// `DeadlineExceeded` by the kubelet. The replica, started again on its data, reports why.
+#[test]
+fn the_cluster_ends_a_builder_pod_at_its_deadline_with_no_replica_left() {
+    let cluster = Cluster::start();
+    let options = cluster.replica_options("timeout = \"8s\"", "");
+    let mut kiln = KilnServer::start(options.clone());
+    // At least 15 s of RUN step: well past the 8 s deadline whatever the machine's speed.
+    let uri = cluster.repository("deadline", 150, "0.1");
+    runtime().block_on(async {
+        let (stream, id) = begin(&mut kiln.builder().await, request(&uri, cluster.reg())).await;
+        cluster.wait_pods("the builder pod runs", a_pod_runs).await;
+        kiln.kill();
+        drop(stream);
+        let pod = pod_names(&cluster.kube).into_iter().next().unwrap();
+        cluster
+            .wait_pods("the builder pod ended", |k| {
+                k.pod(&pod)
+                    .and_then(|p| p.status?.phase)
+                    .is_some_and(|phase| phase == "Succeeded" || phase == "Failed")
+            })
+            .await;
+        let status = cluster.kube.pod(&pod).unwrap().status.unwrap();
+        assert_eq!(
+            (status.phase.as_deref(), status.reason.as_deref()),
+            (Some("Failed"), Some("DeadlineExceeded")),
+            "the cluster did not end the pod at its deadline: {status:?}"
+        );
+        let spec = cluster.kube.pod(&pod).unwrap().spec.unwrap();
+        assert_eq!(
+            spec.active_deadline_seconds,
+            Some(8),
+            "the deadline is the build timeout"
+        );
+        kiln.restart(&options);
+        let mut client = kiln.builder().await;
+        let done = wait_status(
+            &mut client,
+            &id,
+            &[BuildStatus::DoneSuccess, BuildStatus::DoneFailure],
+        )
+        .await;
+        assert_eq!(
+            BuildStatus::try_from(done.status).unwrap(),
+            BuildStatus::DoneFailure,
+            "{done:?}"
+        );
+    });
+}
+
+/// The least-privilege capability set is exactly enough: the same pod with `SYS_ADMIN`
+/// taken out of it (every other field of the default security context kept) cannot run
+/// its RUN step's sandbox, and the build fails saying so, as it would on a node.
+#[test]
+fn a_builder_pod_with_fewer_capabilities_than_documented_cannot_build() {
+    let cluster = Cluster::start();
+    let mut context =
+        serde_json::to_value(kiln::executor::kubernetes::pod::default_security_context()).unwrap();
+    context["capabilities"]["add"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c != "SYS_ADMIN");
+    let context: toml::Value = serde_json::from_value(context).unwrap();
+    let kiln = KilnServer::start(cluster.replica_options(
+        "[engine]\nnetwork = \"none\"",
+        &format!("security_context = {context}"),
+    ));
+    let uri = cluster.repository("fewer-caps", 2, "0");
+    runtime().block_on(async {
+        let outcome = build(&mut kiln.builder().await, request(&uri, cluster.reg())).await;
+        assert_eq!(outcome.status, BuildStatus::DoneFailure, "{outcome:?}");
+        let pods = cluster.kube.pods();
+        let added = pods[0].spec.as_ref().unwrap().containers[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap()
+            .add
+            .clone()
+            .unwrap();
+        assert!(!added.contains(&"SYS_ADMIN".to_owned()) && added.contains(&"NET_ADMIN".to_owned()));
+        let log = log_of(&mut kiln.builder().await, &outcome.build_id).await;
+        assert!(!log.contains("fewer-caps line-1"), "the RUN step ran:\n{log}");
+        assert!(
+            outcome.message.contains("EPERM: Operation not permitted"),
+            "the build failed for want of a capability: {outcome:?}"
+        );
+        eprintln!(
+            "kubernetes: without SYS_ADMIN the build fails: {}",
+            outcome.message
+        );
     });
 }
 

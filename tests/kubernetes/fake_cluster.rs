@@ -23,15 +23,38 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::fake_kube::{
-    store::{FieldSelector, LabelSelector},
-    FakeKube, FakeKubeOptions,
+use crate::support::{
+    docker_registry::DockerRegistry,
+    fake_kube::{
+        store::{FieldSelector, LabelSelector},
+        FakeKube, FakeKubeOptions,
+    },
+    images,
 };
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=kiln";
 
+/// The image of [`pod`]: served to the fake node from a real registry, through the node's
+/// mirror of `ghcr.io`.
+pub(crate) const IMAGE: &str = "ghcr.io/kiln-build/kiln:test";
+
+/// A fake cluster whose node pulls `ghcr.io` images from a real registry holding [`IMAGE`]
+/// (returned too, to outlive the cluster).
+pub(crate) async fn start_with(mut options: FakeKubeOptions) -> (FakeKube, DockerRegistry) {
+    let registry = DockerRegistry::start();
+    images::push_image(registry.addr(), "kiln-build/kiln", "test", 1, 7).await;
+    options
+        .registry_mirrors
+        .insert("ghcr.io".into(), registry.addr().to_owned());
+    (FakeKube::start_with(options), registry)
+}
+
+pub(crate) async fn start() -> (FakeKube, DockerRegistry) {
+    start_with(FakeKubeOptions::default()).await
+}
+
 /// A pod shaped like Kiln's builder pods, running `sh -c script` in container `build`.
-fn pod(name: &str, script: &str) -> Pod {
+pub(crate) fn pod(name: &str, script: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -45,7 +68,7 @@ fn pod(name: &str, script: &str) -> Pod {
             "automountServiceAccountToken": false,
             "containers": [{
                 "name": "build",
-                "image": "ghcr.io/kiln-build/kiln:test",
+                "image": IMAGE,
                 "command": ["sh", "-c", script],
                 "terminationMessagePath": "/var/run/kiln/termination-log",
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -62,7 +85,7 @@ fn pod(name: &str, script: &str) -> Pod {
 }
 
 /// [`pod`] with Kiln's credentials Secret volume (secretName = pod name) and an env var from it.
-fn pod_with_secret(name: &str, script: &str) -> Pod {
+pub(crate) fn pod_with_secret(name: &str, script: &str) -> Pod {
     let mut value = serde_json::to_value(pod(name, script)).unwrap();
     value["spec"]["volumes"]
         .as_array_mut()
@@ -81,7 +104,7 @@ fn pod_with_secret(name: &str, script: &str) -> Pod {
 }
 
 /// Kiln's per-build Secret, owned by the pod.
-fn secret(pod: &Pod) -> Secret {
+pub(crate) fn secret(pod: &Pod) -> Secret {
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Secret",
@@ -98,12 +121,17 @@ fn secret(pod: &Pod) -> Secret {
     .expect("secret")
 }
 
-async fn pods(kube: &FakeKube) -> Api<Pod> {
+pub(crate) async fn pods(kube: &FakeKube) -> Api<Pod> {
     Api::namespaced(kube.client().await, kube.namespace())
 }
 
 /// Polls the pod until `done` holds (or panics after `timeout`).
-async fn wait_pod(api: &Api<Pod>, name: &str, timeout: Duration, done: impl Fn(&Pod) -> bool) -> Pod {
+pub(crate) async fn wait_pod(
+    api: &Api<Pod>,
+    name: &str,
+    timeout: Duration,
+    done: impl Fn(&Pod) -> bool,
+) -> Pod {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let pod = api.get(name).await.expect("get pod");
@@ -119,7 +147,7 @@ async fn wait_pod(api: &Api<Pod>, name: &str, timeout: Duration, done: impl Fn(&
     }
 }
 
-async fn wait_gone(api: &Api<Pod>, name: &str, timeout: Duration) {
+pub(crate) async fn wait_gone(api: &Api<Pod>, name: &str, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     while api.get_opt(name).await.expect("get pod").is_some() {
         assert!(
@@ -130,11 +158,11 @@ async fn wait_gone(api: &Api<Pod>, name: &str, timeout: Duration) {
     }
 }
 
-fn phase(pod: &Pod) -> &str {
+pub(crate) fn phase(pod: &Pod) -> &str {
     pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
 }
 
-fn terminated(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
+pub(crate) fn terminated(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
     pod.status.as_ref()?.container_statuses.as_ref()?[0]
         .state
         .as_ref()?
@@ -142,20 +170,20 @@ fn terminated(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStateTer
         .clone()
 }
 
-fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> kube::core::Status {
+pub(crate) fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> kube::core::Status {
     match result {
         Err(kube::Error::Api(status)) => *status,
         other => panic!("expected an API error, got {other:?}"),
     }
 }
 
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
 #[tokio::test]
 async fn pods_create_get_conflict_and_delete_kill_the_process_group() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let created = api
         .create(&PostParams::default(), &pod("p1", "sleep 30 & wait"))
@@ -247,7 +275,7 @@ async fn pods_create_get_conflict_and_delete_kill_the_process_group() {
 
 #[tokio::test]
 async fn failed_pod_reports_exit_code_and_termination_message() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let script = "echo hi; echo msg > /var/run/kiln/termination-log; exit 3";
     api.create(&PostParams::default(), &pod("fails", script))
@@ -302,7 +330,7 @@ async fn failed_pod_reports_exit_code_and_termination_message() {
 
 #[tokio::test]
 async fn a_command_that_cannot_start_fails_the_pod() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let mut p = pod("nope", "");
     p.spec.as_mut().unwrap().containers[0].command = Some(vec!["no-such-binary-xyz".into()]);
@@ -314,7 +342,7 @@ async fn a_command_that_cannot_start_fails_the_pod() {
 
 #[tokio::test]
 async fn secret_volume_env_and_mounts_are_what_the_process_sees() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let secrets: Api<Secret> = Api::namespaced(kube.client().await, kube.namespace());
     let script = "echo data > /var/lib/kiln/out; cat /var/run/kiln/credentials/config.json; echo; \
@@ -359,7 +387,7 @@ async fn secret_volume_env_and_mounts_are_what_the_process_sees() {
 
 #[tokio::test]
 async fn secrets_are_collected_with_their_owner_pod() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let client = kube.client().await;
     let api: Api<Pod> = Api::namespaced(client.clone(), kube.namespace());
     let secrets: Api<Secret> = Api::namespaced(client, kube.namespace());
@@ -418,7 +446,7 @@ async fn secrets_are_collected_with_their_owner_pod() {
 
 #[tokio::test]
 async fn logs_follow_with_timestamps_and_resume_since_time() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let script = "echo line1; sleep 1.2; echo line2; sleep 1.2; echo line3";
     api.create(&PostParams::default(), &pod("logs", script))
@@ -488,7 +516,7 @@ async fn logs_follow_with_timestamps_and_resume_since_time() {
 
 #[tokio::test]
 async fn watcher_resumes_after_dropped_watches_and_relists_after_410() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let config = watcher::Config::default().labels(MANAGED);
     let mut events = watcher(api.clone(), config).boxed();
@@ -583,7 +611,7 @@ async fn watcher_resumes_after_dropped_watches_and_relists_after_410() {
 
 #[tokio::test]
 async fn rbac_follows_the_role_and_tokens_are_required() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let client = kube.client().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), kube.namespace());
     let forbidden = api_error(secrets.list(&ListParams::default()).await);
@@ -626,7 +654,7 @@ async fn rbac_follows_the_role_and_tokens_are_required() {
 
 #[tokio::test]
 async fn invalid_objects_are_rejected() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let mut p = pod("bad", "true");
     p.metadata
@@ -656,7 +684,7 @@ fn selectors_parse_like_the_api_server() {
 }
 
 /// [`pod`] with `patch` merged into its spec (objects key by key, as a JSON merge patch).
-fn pod_with(name: &str, script: &str, patch: serde_json::Value) -> Pod {
+pub(crate) fn pod_with(name: &str, script: &str, patch: serde_json::Value) -> Pod {
     fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
         match (target, patch) {
             (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
@@ -673,10 +701,10 @@ fn pod_with(name: &str, script: &str, patch: serde_json::Value) -> Pod {
 }
 
 /// A container securityContext patch for [`pod_with`].
-fn security(context: serde_json::Value) -> serde_json::Value {
+pub(crate) fn security(context: serde_json::Value) -> serde_json::Value {
     json!({ "containers": [{
         "name": "build",
-        "image": "ghcr.io/kiln-build/kiln:test",
+        "image": IMAGE,
         "command": ["sh", "-c", "true"],
         "securityContext": context,
     }] })
@@ -686,7 +714,7 @@ fn security(context: serde_json::Value) -> serde_json::Value {
 /// field it names; and what it accepts, privileged pods in their own user namespace included.
 #[tokio::test]
 async fn user_namespace_and_escalation_rules_are_the_api_servers() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let refused = [
         (
@@ -772,10 +800,11 @@ async fn user_namespace_and_escalation_rules_are_the_api_servers() {
 /// without an error, as the real API server does with the feature gates off.
 #[tokio::test]
 async fn a_cluster_without_user_namespaces_drops_the_fields_silently() {
-    let kube = FakeKube::start_with(FakeKubeOptions {
+    let (kube, _registry) = start_with(FakeKubeOptions {
         user_namespaces: false,
         ..Default::default()
-    });
+    })
+    .await;
     let api = pods(&kube).await;
     let mut patch = security(json!({ "procMount": "Unmasked" }));
     patch["hostUsers"] = json!(false);
@@ -801,7 +830,7 @@ async fn a_cluster_without_user_namespaces_drops_the_fields_silently() {
 /// read-only root with writable volumes, and it refuses runAsNonRoot for root.
 #[tokio::test]
 async fn the_kubelet_applies_capabilities_no_new_privs_and_a_read_only_root() {
-    let kube = FakeKube::start();
+    let (kube, _registry) = start().await;
     let api = pods(&kube).await;
     let marker = format!("/kiln-fake-kube-ro-{}", std::process::id());
     let script = format!(

@@ -7,3 +7,4 @@ mod support;
 mod deploy;
 mod executor;
 mod fake_cluster;
+mod fake_node;

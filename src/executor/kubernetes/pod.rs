@@ -628,6 +628,36 @@ mod tests {
         );
     }
 
+    /// What makes a builder pod end once and on time holds for every variant of the pod:
+    /// `restartPolicy: Never` (a finished build is never run again) and
+    /// `activeDeadlineSeconds` = the build timeout (at least 1 s: 0 is invalid), privileged
+    /// or not, whatever security context the settings give.
+    #[test]
+    fn every_builder_pod_ends_once_and_at_its_timeout() {
+        let (id, key) = (BuildId::random(), key());
+        let base: ImageRef = "r.example/b:x".parse().unwrap();
+        let own: SecurityContext = serde_json::from_value(serde_json::json!({ "privileged": true })).unwrap();
+        for settings in [
+            KubernetesConfig::default(),
+            KubernetesConfig {
+                privileged: true,
+                ..Default::default()
+            },
+            KubernetesConfig {
+                security_context: Some(own),
+                ..Default::default()
+            },
+        ] {
+            for (timeout, deadline) in [(Duration::from_secs(90), 90), (Duration::from_millis(300), 1)] {
+                let mut spec = build(&id, &key, &base, &base);
+                spec.timeout = timeout;
+                let pod = pod(&spec, &settings).unwrap().spec.unwrap();
+                assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+                assert_eq!(pod.active_deadline_seconds, Some(deadline));
+            }
+        }
+    }
+
     /// Credentials reach the pod only through its Secret: nothing of them is in the spec,
     /// whatever the build is given.
     #[test]

@@ -5,6 +5,10 @@
 //! logs, and errors as `metav1.Status` (422 with causes for invalid pods, including the rules
 //! for `hostUsers: false`, `procMount` and `allowPrivilegeEscalation`).
 //!
+//! Also what a real API server does to clients that a test wants to see handled: lists in
+//! pages (`limit`/`continue`), and on demand ([`super::FakeKube::inject`]) 429 Too Many
+//! Requests with `Retry-After` or 5xx errors, each with the real Status body.
+//!
 //! One fallback handler parses the path itself: that keeps the authorizer in charge of every
 //! request, including paths no route exists for (another namespace, the cluster scope).
 
@@ -21,11 +25,101 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 
 use super::{
-    kubelet,
+    admission, kubelet,
     rbac::Attributes,
     store::{Event, FieldSelector, LabelSelector},
     Shared,
 };
+
+/// An error the API server answers instead of serving a request, for the next `times`
+/// requests that match (`verb`/`resource` `None` match any), with the Status bodies of
+/// `k8s.io/apimachinery/pkg/api/errors`:
+///
+/// - 429: `NewTooManyRequests` as API Priority and Fairness rejects a request, header
+///   `Retry-After` and `details.retryAfterSeconds`
+///   (<https://kubernetes.io/docs/concepts/cluster-administration/flow-control/#diagnostics>);
+/// - 500: `NewInternalError`; 503: `NewServiceUnavailable`; 504: `NewTimeoutError`.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub code: u16,
+    pub times: u64,
+    pub verb: Option<String>,
+    pub resource: Option<String>,
+    /// Seconds, for 429.
+    pub retry_after: u64,
+}
+
+impl Fault {
+    /// `times` 429s (Retry-After 1 s) for `verb` on `resource`.
+    pub fn too_many_requests(times: u64, verb: Option<&str>, resource: Option<&str>) -> Self {
+        Self {
+            code: 429,
+            times,
+            verb: verb.map(str::to_owned),
+            resource: resource.map(str::to_owned),
+            retry_after: 1,
+        }
+    }
+
+    /// `times` answers `code` (500, 503 or 504) for `verb` on `resource`.
+    pub fn server_error(code: u16, times: u64, verb: Option<&str>, resource: Option<&str>) -> Self {
+        Self {
+            code,
+            times,
+            verb: verb.map(str::to_owned),
+            resource: resource.map(str::to_owned),
+            retry_after: 0,
+        }
+    }
+
+    fn response(&self) -> Response {
+        let (reason, message, details) = match self.code {
+            429 => (
+                "TooManyRequests",
+                "Too many requests, please try again later.".to_owned(),
+                Some(json!({"retryAfterSeconds": self.retry_after})),
+            ),
+            503 => (
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request".to_owned(),
+                None,
+            ),
+            504 => (
+                "Timeout",
+                "Timeout: request did not complete within the allowed duration".to_owned(),
+                Some(json!({"retryAfterSeconds": 1})),
+            ),
+            _ => (
+                "InternalError",
+                "Internal error occurred: fake kube: injected failure".to_owned(),
+                Some(json!({"causes": [{"message": "fake kube: injected failure"}]})),
+            ),
+        };
+        let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = status(code, reason, &message, details);
+        if self.code == 429 {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_str(&self.retry_after.to_string()).expect("header"),
+            );
+        }
+        response
+    }
+}
+
+/// The injected error for this request, if one is due (and counts it as served).
+fn injected(shared: &Shared, verb: &str, resource: &str) -> Option<Response> {
+    let mut faults = shared.faults.lock().unwrap();
+    let fault = faults.iter_mut().find(|f| {
+        f.times > 0
+            && f.verb.as_deref().is_none_or(|v| v == verb)
+            && f.resource.as_deref().is_none_or(|r| r == resource)
+    })?;
+    fault.times -= 1;
+    let response = fault.response();
+    faults.retain(|f| f.times > 0);
+    Some(response)
+}
 
 /// Watches without `timeoutSeconds` end after this, as the real server's (randomised) limit.
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -75,6 +169,9 @@ async fn handle(
         .unwrap()
         .entry((attrs.verb.clone(), attrs.full_resource()))
         .or_default() += 1;
+    if let Some(response) = injected(&shared, &attrs.verb, &attrs.full_resource()) {
+        return response;
+    }
     if !shared.rbac.allows(&attrs) {
         shared.forbidden.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut details = json!({"kind": attrs.resource});
@@ -222,14 +319,57 @@ fn list(shared: &Shared, resource: &str, kind: &str, namespace: &str, params: &P
         Ok(s) => s,
         Err(e) => return bad_request(&e),
     };
+    let limit: Option<usize> = match params.get("limit").map(|l| l.parse::<i64>()) {
+        None => None,
+        Some(Ok(l)) if l > 0 => Some(l as usize),
+        Some(Ok(_)) => None,
+        Some(Err(_)) => return bad_request("limit must be an integer"),
+    };
     let store = shared.store.lock().unwrap();
-    let items: Vec<Value> = store
+    // `continue` names the last key served and the resourceVersion of the first page
+    // (base64 JSON, as `storage.EncodeContinue`); a token from before the compacted history
+    // is 410 Expired (<https://kubernetes.io/docs/reference/using-api/api-concepts/#retrieving-large-results-sets-in-chunks>).
+    // The fake serves later pages from the current objects, not the first page's snapshot.
+    let (after, list_rv) = match params.get("continue").filter(|c| !c.is_empty()) {
+        None => (None, store.rv()),
+        Some(token) => match decode_continue(token) {
+            None => return bad_request(&format!("continue key is not valid: {token}")),
+            Some((rv, _)) if rv < store.floor() => {
+                drop(store);
+                shared
+                    .expired_served
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return status(
+                    StatusCode::GONE,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    None,
+                );
+            }
+            Some((rv, start)) => (Some(start), rv),
+        },
+    };
+    let matching: Vec<&Value> = store
         .list(resource, namespace)
         .into_iter()
+        .filter(|o| {
+            after
+                .as_deref()
+                .is_none_or(|a| o["metadata"]["name"].as_str().unwrap_or("") > a)
+        })
         .filter(|o| labels.matches(o) && fields.matches(o))
+        .collect();
+    let total = matching.len();
+    let page = limit.unwrap_or(total).min(total);
+    let next = (page < total).then(|| {
+        let last = matching[page - 1]["metadata"]["name"].as_str().unwrap_or("");
+        encode_continue(list_rv, last)
+    });
+    let items: Vec<Value> = matching[..page]
+        .iter()
         .map(|o| {
             // List items carry no kind/apiVersion on the wire; the list does.
-            let mut o = o.clone();
+            let mut o = (*o).clone();
             if let Some(map) = o.as_object_mut() {
                 map.remove("kind");
                 map.remove("apiVersion");
@@ -237,16 +377,37 @@ fn list(shared: &Shared, resource: &str, kind: &str, namespace: &str, params: &P
             o
         })
         .collect();
-    // `limit`/`continue`: everything fits one page, so no continue token.
+    let mut metadata = json!({"resourceVersion": list_rv.to_string()});
+    if let Some(token) = next {
+        metadata["continue"] = json!(token);
+        metadata["remainingItemCount"] = json!(total - page);
+    }
     json_response(
         StatusCode::OK,
         &json!({
             "kind": format!("{kind}List"),
             "apiVersion": "v1",
-            "metadata": {"resourceVersion": store.rv().to_string()},
+            "metadata": metadata,
             "items": items,
         }),
     )
+}
+
+fn encode_continue(rv: u64, last: &str) -> String {
+    use base64::Engine as _;
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{last}\u{0}")});
+    base64::engine::general_purpose::URL_SAFE.encode(token.to_string())
+}
+
+fn decode_continue(token: &str) -> Option<(u64, String)> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE.decode(token).ok()?;
+    let value: Value = serde_json::from_slice(&bytes).ok()?;
+    if value["v"] != "meta.k8s.io/v1" {
+        return None;
+    }
+    let start = value["start"].as_str()?.trim_end_matches('\u{0}').to_owned();
+    Some((value["rv"].as_u64()?, start))
 }
 
 fn selectors(params: &Params) -> Result<(LabelSelector, FieldSelector), String> {
@@ -284,6 +445,7 @@ fn watch(shared: Arc<Shared>, resource: &str, namespace: &str, params: &Params) 
     };
     let (resource, namespace) = (resource.to_owned(), namespace.to_owned());
     let stream = async_stream::stream! {
+        let _open = super::Gauge::hold(&shared.open_watches);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = shared.changes.subscribe();
         let mut drops = shared.watch_drops.subscribe();
@@ -317,6 +479,7 @@ fn watch(shared: Arc<Shared>, resource: &str, namespace: &str, params: &Params) 
             let batch = shared.store.lock().unwrap().events_since(cursor, &resource, &namespace);
             match batch {
                 Err(expired) => {
+                    shared.expired_served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let message = format!(
                         "too old resource version: {} ({})",
                         expired.requested, expired.oldest
@@ -408,6 +571,13 @@ fn create(shared: &Arc<Shared>, resource: &str, kind: &str, namespace: &str, bod
     if resource == "pods" && !shared.options.user_namespaces {
         drop_user_namespace_fields(&mut object);
     }
+    // Mutating admission runs before validation.
+    if resource == "pods" {
+        if let Err(message) = admission::service_account(&shared.options.service_accounts, namespace, &object)
+        {
+            return forbidden_by_admission(&name, &message);
+        }
+    }
     let mut causes = Vec::new();
     validate_meta(&object, &name, &mut causes);
     match resource {
@@ -430,6 +600,11 @@ fn create(shared: &Arc<Shared>, resource: &str, kind: &str, namespace: &str, bod
     match resource {
         "pods" => kubelet::default_pod(&mut object),
         _ => normalize_secret(&mut object),
+    }
+    if resource == "pods" {
+        if let Err(message) = admission::pod_security(&shared.options.namespace_labels, &object) {
+            return forbidden_by_admission(&name, &message);
+        }
     }
     let created = shared.mutate(|store| {
         if store.get(resource, namespace, &name).is_some() {
@@ -797,6 +972,12 @@ fn logs(shared: Arc<Shared>, namespace: &str, name: &str, params: &Params) -> Re
     };
     let uid = pod["metadata"]["uid"].as_str().unwrap_or("");
     let runtime = shared.runtimes.lock().unwrap().get(uid).cloned();
+    let previous = params.get("previous").is_some_and(|p| p == "true");
+    if previous && !runtime.as_ref().is_some_and(|r| r.has_previous()) {
+        return bad_request(&format!(
+            "previous terminated container {container:?} in pod {name:?} not found"
+        ));
+    }
     let Some(runtime) = runtime.filter(|r| r.has_started()) else {
         let reason = pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
             .as_str()
@@ -824,6 +1005,7 @@ fn logs(shared: Arc<Shared>, namespace: &str, name: &str, params: &Params) -> Re
         since,
         tail_lines: params.get("tailLines").and_then(|t| t.parse().ok()),
         limit_bytes: params.get("limitBytes").and_then(|t| t.parse().ok()),
+        previous,
     };
     Response::builder()
         .status(StatusCode::OK)
@@ -891,6 +1073,16 @@ fn invalid(kind: &str, name: &str, causes: Vec<Value>) -> Response {
         "Invalid",
         &format!("{kind} {name:?} is invalid: [{message}]"),
         Some(json!({"name": name, "kind": kind, "causes": causes})),
+    )
+}
+
+/// An admission plugin's refusal (`admission.NewForbidden`): `pods "NAME" is forbidden: WHY`.
+fn forbidden_by_admission(name: &str, why: &str) -> Response {
+    status(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        &format!("pods {name:?} is forbidden: {why}"),
+        Some(json!({"name": name, "kind": "pods"})),
     )
 }
 

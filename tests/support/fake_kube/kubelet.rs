@@ -1,10 +1,16 @@
 //! The fake kubelet: one task per pod that waits for the pod's secrets (as a real kubelet
-//! waits to mount a secret volume), prepares its volumes as per-pod host dirs, runs the
-//! first container's command as a local process — own process group, own mount namespace
-//! with each volume bind-mounted at its mountPath — captures stdout and stderr as
-//! timestamped log lines, reports Pending → Running → Succeeded/Failed with the termination
-//! message, and on deletion kills the process group (SIGTERM, then SIGKILL after the
-//! grace) before the pod object goes away with its owned secrets.
+//! waits to mount a secret volume), pulls its image ([`super::images`]), prepares its
+//! volumes as per-pod host dirs, runs the first container's command as a local process —
+//! own process group, own mount namespace with each volume bind-mounted at its mountPath,
+//! its own memory cgroup when it has a memory limit ([`super::cgroup`]) — captures stdout
+//! and stderr as timestamped log lines, reports Pending → Running → Succeeded/Failed with
+//! the termination message, and on deletion kills the process group (SIGTERM, then SIGKILL
+//! after the grace) before the pod object goes away with its owned secrets.
+//!
+//! The pod's life follows the kubelet's rules, each cited where it is coded: `restartPolicy`
+//! decides whether an exited container starts again (with `restartCount`, `lastState` and
+//! the `CrashLoopBackOff` back-off), and `activeDeadlineSeconds` after `startTime` kills the
+//! container and fails the pod `DeadlineExceeded`.
 //!
 //! Of the container's security context it applies what a process can be given without a
 //! container runtime ([`Security`]): the capability set (the runtime's default set, then
@@ -41,7 +47,12 @@ use tokio::{
     sync::watch,
 };
 
-use super::{acquire_mount_point, api::now_seconds, Shared};
+use super::{
+    acquire_mount_point,
+    api::now_seconds,
+    cgroup::{quantity_bytes, MemoryCgroup},
+    Shared,
+};
 
 /// The kubelet's limits for the termination message (file, and the log fallback).
 const MAX_MESSAGE_BYTES: usize = 4096;
@@ -62,7 +73,12 @@ pub(crate) struct PodRuntime {
 
 #[derive(Default)]
 struct Logs {
+    /// The current container instance's lines (a restart starts a new log).
     lines: Vec<LogLine>,
+    /// The previous instance's lines (`pods/log?previous=true`).
+    previous: Option<Vec<LogLine>>,
+    /// Which container instance `lines` belong to (its restartCount).
+    instance: u32,
     /// The container was started (or failed to): its log can be read.
     started: bool,
     /// The container terminated and every line is in: followers end.
@@ -83,6 +99,50 @@ impl PodRuntime {
         self.logs.lock().unwrap().started
     }
 
+    /// Sets the (one) container's status to `state`.
+    pub(super) fn set_container_state(
+        &self,
+        shared: &Shared,
+        container: &Value,
+        state: Value,
+        restart_count: u32,
+        last_state: &Value,
+    ) {
+        set_status(shared, self, |p| {
+            p["status"]["containerStatuses"] = json!([container_status(
+                container,
+                state,
+                false,
+                restart_count,
+                last_state
+            )]);
+        });
+    }
+
+    /// The current container instance's log.
+    pub fn log_text(&self) -> String {
+        let logs = self.logs.lock().unwrap();
+        let bytes: Vec<u8> = logs.lines.iter().flat_map(|l| l.text.iter().copied()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Whether an earlier instance of the container ran (`pods/log?previous=true`).
+    pub fn has_previous(&self) -> bool {
+        self.logs.lock().unwrap().previous.is_some()
+    }
+
+    /// A new container instance: its log starts empty, the last one's is kept as previous.
+    fn new_container(&self, instance: u32) {
+        self.update_logs(|l| {
+            if l.started {
+                l.previous = Some(std::mem::take(&mut l.lines));
+            }
+            l.instance = instance;
+            l.started = true;
+            l.done = false;
+        });
+    }
+
     fn update_logs(&self, f: impl FnOnce(&mut Logs)) {
         f(&mut self.logs.lock().unwrap());
         self.log_changes.send_modify(|n| *n += 1);
@@ -95,6 +155,8 @@ pub(crate) struct LogOptions {
     pub timestamps: bool,
     pub since: Option<Timestamp>,
     pub tail_lines: Option<usize>,
+    /// The previous container instance's log (it ended: never followed).
+    pub previous: bool,
     pub limit_bytes: Option<usize>,
 }
 
@@ -115,10 +177,11 @@ pub(crate) fn default_pod(pod: &mut Value) {
     }
     if let Some(containers) = spec["containers"].as_array_mut() {
         for c in containers {
+            let pull_policy = super::images::default_pull_policy(c["image"].as_str().unwrap_or(""));
             for (field, value) in [
                 ("terminationMessagePath", "/dev/termination-log"),
                 ("terminationMessagePolicy", "File"),
-                ("imagePullPolicy", "IfNotPresent"),
+                ("imagePullPolicy", pull_policy),
             ] {
                 if c[field].is_null() {
                     c[field] = json!(value);
@@ -133,7 +196,8 @@ pub(crate) fn default_pod(pod: &mut Value) {
             }
         }
     }
-    pod["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+    let qos = qos_class(&pod["spec"]["containers"][0]);
+    pod["status"] = json!({"phase": "Pending", "qosClass": qos});
 }
 
 /// Registers the pod with the kubelet and starts its task.
@@ -283,46 +347,129 @@ pub(crate) async fn garbage_collector(shared: Arc<Shared>) {
 }
 
 /// How a wait in the pod's life ended.
-enum Interrupt {
+pub(super) enum Interrupt {
+    /// The pod was deleted; the kill grace.
     Deleted(Duration),
+    /// `activeDeadlineSeconds` passed since the pod's `startTime`.
+    Deadline,
     Shutdown,
 }
 
-async fn interrupted(
-    deleted: &mut watch::Receiver<Option<Duration>>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Interrupt {
-    tokio::select! {
-        grace = deleted.wait_for(Option::is_some) => match grace {
-            Ok(grace) => Interrupt::Deleted(grace.unwrap_or_default()),
-            Err(_) => Interrupt::Shutdown,
-        },
-        _ = shutdown.wait_for(|s| *s) => Interrupt::Shutdown,
+/// What a wait in the pod's life can be interrupted by: its deletion, its deadline, the
+/// fake's shutdown.
+pub(super) struct Life {
+    deleted: watch::Receiver<Option<Duration>>,
+    shutdown: watch::Receiver<bool>,
+    /// Set once the kubelet has admitted the pod (its `startTime`), if it has a deadline.
+    deadline: Option<tokio::time::Instant>,
+    /// The deadline already fired (it interrupts once; afterwards only deletion counts).
+    deadline_passed: bool,
+}
+
+impl Life {
+    pub(super) async fn interrupted(&mut self) -> Interrupt {
+        let deadline = self.deadline.filter(|_| !self.deadline_passed);
+        let fired = tokio::select! {
+            grace = self.deleted.wait_for(Option::is_some) => return match grace {
+                Ok(grace) => Interrupt::Deleted(grace.unwrap_or_default()),
+                Err(_) => Interrupt::Shutdown,
+            },
+            _ = self.shutdown.wait_for(|s| *s) => return Interrupt::Shutdown,
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
+        };
+        self.deadline_passed = fired;
+        Interrupt::Deadline
+    }
+
+    /// Sleeps for `duration` unless interrupted first.
+    pub(super) async fn sleep(&mut self, duration: Duration) -> Option<Interrupt> {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => None,
+            interrupt = self.interrupted() => Some(interrupt),
+        }
     }
 }
 
+/// What the pod's `restartPolicy` says about a container that exited with `code`
+/// (<https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#restart-policy>):
+/// `Always` restarts it whatever the code, `OnFailure` only after a non-zero code, `Never`
+/// never.
+pub(crate) fn restarts(policy: &str, code: i32) -> bool {
+    match policy {
+        "Always" => true,
+        "OnFailure" => code != 0,
+        _ => false,
+    }
+}
+
+/// The kubelet's crash-loop back-off before restart number `restart` (1-based) of a
+/// container, as `doBackOff` in `pkg/kubelet/kuberuntime/kuberuntime_manager.go` computes
+/// it: the first restart is immediate (the back-off entry is only created then), later ones
+/// wait `initial`, doubling each time, capped at five minutes
+/// (<https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#container-restarts>:
+/// "exponential backoff delay (10s, 20s, 40s, …), that is capped at 300 seconds").
+pub(crate) fn crash_back_off(initial: Duration, restart: u32) -> Duration {
+    if restart <= 1 {
+        return Duration::ZERO;
+    }
+    let doubled = initial.saturating_mul(1u32 << (restart - 2).min(16));
+    doubled.min(MAX_BACK_OFF)
+}
+
+/// A whole-second duration as Go's `time.Duration` prints it: `10s`, `1m20s`, `5m0s`.
+fn go_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else {
+        format!("{}m{}s", s / 60, s % 60)
+    }
+}
+
+/// The cap of the kubelet's container and image-pull back-offs (`MaxContainerBackOff`).
+const MAX_BACK_OFF: Duration = Duration::from_secs(300);
+
+/// The status of a pod past its `activeDeadlineSeconds` (`pastActiveDeadline` in
+/// `pkg/kubelet/kubelet_pods.go`; reason and message are the kubelet's constants).
+fn deadline_exceeded(p: &mut Value) {
+    p["status"]["phase"] = json!("Failed");
+    p["status"]["reason"] = json!("DeadlineExceeded");
+    p["status"]["message"] = json!("Pod was active on the node longer than the specified deadline");
+    p["status"]["conditions"] = conditions(false);
+}
+
 async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
-    let mut deleted = runtime.delete.subscribe();
-    let mut shutdown = shared.shutdown.subscribe();
+    let mut life = Life {
+        deleted: runtime.delete.subscribe(),
+        shutdown: shared.shutdown.subscribe(),
+        deadline: None,
+        deadline_passed: false,
+    };
     let mut changes = shared.changes.subscribe();
     let container = pod["spec"]["containers"][0].clone();
+    let policy = pod["spec"]["restartPolicy"]
+        .as_str()
+        .unwrap_or("Always")
+        .to_owned();
 
-    // Scheduled on the node, ContainerCreating until every secret it needs exists.
-    tokio::select! {
-        _ = tokio::time::sleep(shared.options.pending_delay) => {}
-        interrupt = interrupted(&mut deleted, &mut shutdown) => {
-            return finish(&shared, &runtime, interrupt);
-        }
+    // Scheduled on the node after a while.
+    if let Some(interrupt) = life.sleep(shared.options.pending_delay).await {
+        return finish(&shared, &runtime, interrupt);
     }
     let ip = format!(
         "10.244.0.{}",
         shared.next_ip.fetch_add(1, Ordering::SeqCst) % 250 + 2
     );
+    // `activeDeadlineSeconds` counts from the pod's startTime, which the kubelet sets when
+    // it admits the pod, before volumes or images (<https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/#lifecycle>).
+    life.deadline = pod["spec"]["activeDeadlineSeconds"]
+        .as_u64()
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     set_status(&shared, &runtime, |p| {
         p["spec"]["nodeName"] = json!("fake-node");
         p["status"] = json!({
             "phase": "Pending",
-            "qosClass": "BestEffort",
+            "qosClass": qos_class(&container),
             "hostIP": "127.0.0.1",
             "startTime": now_seconds(),
             "conditions": [
@@ -330,9 +477,11 @@ async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
                 {"type": "Initialized", "status": "True", "lastTransitionTime": now_seconds()},
                 {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": now_seconds()},
             ],
-            "containerStatuses": [container_status(&container, json!({"waiting": {"reason": "ContainerCreating"}}), false)],
+            "containerStatuses": [container_status(&container, json!({"waiting": {"reason": "ContainerCreating"}}), false, 0, &json!({}))],
         });
     });
+    // ContainerCreating until every secret it needs exists (a real kubelet waits to mount
+    // its secret volumes).
     loop {
         changes.borrow_and_update();
         if missing_secret(&shared, &runtime.namespace, &pod, &container).is_none() {
@@ -340,50 +489,181 @@ async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
         }
         tokio::select! {
             _ = changes.changed() => {}
-            interrupt = interrupted(&mut deleted, &mut shutdown) => {
-                return finish(&shared, &runtime, interrupt);
-            }
+            interrupt = life.interrupted() => return end_early(&shared, &runtime, &mut life, interrupt).await,
         }
     }
 
-    let started_at = now_seconds();
-    let prepared = prepare(&shared, &runtime, &pod, &container);
-    let (mut child, mounts) = match prepared.and_then(|p| spawn(&shared, &runtime, &container, p)) {
-        Ok(spawned) => spawned,
-        Err(Failure::Config(message)) => {
-            // Like a missing ConfigMap key: the pod stays Pending with the reason.
+    let mut restart_count = 0u32;
+    let mut last_state = json!({});
+    loop {
+        if let Err(interrupt) = super::images::pull(
+            &shared,
+            &runtime,
+            &container,
+            &mut life,
+            restart_count,
+            &last_state,
+        )
+        .await
+        {
+            return end_early(&shared, &runtime, &mut life, interrupt).await;
+        }
+        let started_at = now_seconds();
+        let prepared = prepare(&shared, &runtime, &pod, &container);
+        let (code, reason, message, finished) =
+            match prepared.and_then(|p| spawn(&shared, &runtime, &container, p)) {
+                Err(Failure::Config(message)) => {
+                    // Like a missing ConfigMap key: the pod stays Pending with the reason.
+                    set_status(&shared, &runtime, |p| {
+                        p["status"]["containerStatuses"] = json!([container_status(
+                            &container,
+                            json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}}),
+                            false,
+                            restart_count,
+                            &last_state,
+                        )]);
+                    });
+                    let interrupt = life.interrupted().await;
+                    return end_early(&shared, &runtime, &mut life, interrupt).await;
+                }
+                Err(Failure::Start(message)) => {
+                    runtime.new_container(restart_count);
+                    runtime.update_logs(|l| l.done = true);
+                    (128, "StartError", message, now_seconds())
+                }
+                Ok((child, mounts, cgroup)) => {
+                    shared.container_starts.fetch_add(1, Ordering::SeqCst);
+                    let ran = run_container(
+                        &shared,
+                        &runtime,
+                        &container,
+                        &mut life,
+                        child,
+                        &mounts,
+                        cgroup.as_ref(),
+                        &ip,
+                        &started_at,
+                        restart_count,
+                        &last_state,
+                    )
+                    .await;
+                    let Some((code, reason)) = ran else {
+                        return; // Shutdown: the handle removes everything.
+                    };
+                    let message = termination_message(&runtime, &container, &mounts, code);
+                    (code, reason, message, now_seconds())
+                }
+            };
+        let mut terminated = json!({
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": if reason == "StartError" { "1970-01-01T00:00:00Z".to_owned() } else { started_at.clone() },
+            "finishedAt": finished,
+            "containerID": format!("containerd://{}{restart_count}", runtime.uid.replace('-', "")),
+        });
+        if !message.is_empty() {
+            terminated["message"] = json!(message);
+        }
+        let terminated = json!({"terminated": terminated});
+        let past_deadline = life.deadline_passed;
+        let restart = !past_deadline && restarts(&policy, code);
+        set_status(&shared, &runtime, |p| {
+            p["status"]["containerStatuses"] = json!([container_status(
+                &container,
+                terminated.clone(),
+                false,
+                restart_count,
+                &last_state,
+            )]);
+            if past_deadline {
+                deadline_exceeded(p);
+            } else if restart {
+                // A container about to restart keeps the pod Running
+                // (<https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-phase>:
+                // "at least one container is still running, or is in the process of
+                // starting or restarting").
+                p["status"]["phase"] = json!("Running");
+                p["status"]["conditions"] = conditions_not_ready("ContainersNotReady");
+            } else {
+                p["status"]["phase"] = json!(if code == 0 { "Succeeded" } else { "Failed" });
+                p["status"]["conditions"] = conditions(false);
+            }
+        });
+        if !restart {
+            // A pod that ended has no deadline left to pass.
+            life.deadline = None;
+            let interrupt = life.interrupted().await;
+            return finish(&shared, &runtime, interrupt);
+        }
+        restart_count += 1;
+        last_state = terminated;
+        let back_off = crash_back_off(shared.options.restart_back_off, restart_count);
+        if !back_off.is_zero() {
+            // `CrashLoopBackOff` with the kubelet's message, the last termination kept
+            // (`convertToAPIContainerStatuses` in `pkg/kubelet/kubelet_pods.go`).
+            let message = format!(
+                "back-off {} restarting failed container={} pod={}_{}({})",
+                go_duration(back_off),
+                container["name"].as_str().unwrap_or(""),
+                runtime.name,
+                runtime.namespace,
+                runtime.uid
+            );
             set_status(&shared, &runtime, |p| {
                 p["status"]["containerStatuses"] = json!([container_status(
                     &container,
-                    json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}}),
-                    false
+                    json!({"waiting": {"reason": "CrashLoopBackOff", "message": message}}),
+                    false,
+                    restart_count - 1,
+                    &last_state,
                 )]);
             });
-            let interrupt = interrupted(&mut deleted, &mut shutdown).await;
-            return finish(&shared, &runtime, interrupt);
+            if let Some(interrupt) = life.sleep(back_off).await {
+                return end_early(&shared, &runtime, &mut life, interrupt).await;
+            }
         }
-        Err(Failure::Start(message)) => {
-            runtime.update_logs(|l| {
-                l.started = true;
-                l.done = true;
-            });
-            let now = now_seconds();
-            set_status(&shared, &runtime, |p| {
-                p["status"]["phase"] = json!("Failed");
-                p["status"]["containerStatuses"] = json!([container_status(
-                    &container,
-                    json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": message,
-                                          "startedAt": "1970-01-01T00:00:00Z", "finishedAt": now}}),
-                    false
-                )]);
-            });
-            let interrupt = interrupted(&mut deleted, &mut shutdown).await;
-            return finish(&shared, &runtime, interrupt);
-        }
-    };
+    }
+}
+
+/// The QoS class the API server gives the pod (<https://kubernetes.io/docs/concepts/workloads/pods/pod-qos/>),
+/// for its one container.
+fn qos_class(container: &Value) -> &'static str {
+    let resources = &container["resources"];
+    let (requests, limits) = (&resources["requests"], &resources["limits"]);
+    let set = |v: &Value, k: &str| v[k].is_string() || v[k].is_number();
+    if !set(requests, "cpu") && !set(requests, "memory") && !set(limits, "cpu") && !set(limits, "memory") {
+        "BestEffort"
+    } else if set(limits, "cpu")
+        && set(limits, "memory")
+        && ["cpu", "memory"]
+            .iter()
+            .all(|k| !set(requests, k) || requests[*k] == limits[*k])
+    {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
+/// Runs one container instance until it exits; `None` on shutdown. Returns its exit code
+/// and the terminated reason (`Completed`, `Error`, `OOMKilled`).
+#[allow(clippy::too_many_arguments)]
+async fn run_container(
+    shared: &Shared,
+    runtime: &Arc<PodRuntime>,
+    container: &Value,
+    life: &mut Life,
+    mut child: tokio::process::Child,
+    _mounts: &[Mount],
+    cgroup: Option<&super::cgroup::MemoryCgroup>,
+    ip: &str,
+    started_at: &str,
+    restart_count: u32,
+    last_state: &Value,
+) -> Option<(i32, &'static str)> {
     let pgid = child.id().map(|id| id as i32);
     *runtime.pgid.lock().unwrap() = pgid;
-    runtime.update_logs(|l| l.started = true);
+    runtime.new_container(restart_count);
     let readers = [
         child
             .stdout
@@ -394,15 +674,17 @@ async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
             .take()
             .map(|e| tokio::spawn(capture(runtime.clone(), e))),
     ];
-    set_status(&shared, &runtime, |p| {
+    set_status(shared, runtime, |p| {
         p["status"]["phase"] = json!("Running");
         p["status"]["podIP"] = json!(ip);
         p["status"]["podIPs"] = json!([{"ip": ip}]);
         p["status"]["conditions"] = conditions(true);
         p["status"]["containerStatuses"] = json!([container_status(
-            &container,
+            container,
             json!({"running": {"startedAt": started_at}}),
-            true
+            true,
+            restart_count,
+            last_state,
         )]);
     });
 
@@ -413,23 +695,30 @@ async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
     };
     let exit: std::io::Result<ExitStatus> = tokio::select! {
         status = child.wait() => status,
-        interrupt = interrupted(&mut deleted, &mut shutdown) => match interrupt {
-            Interrupt::Deleted(grace) => {
-                signal(Signal::SIGTERM);
-                match tokio::time::timeout(grace, child.wait()).await {
-                    Ok(status) => status,
-                    Err(_) => {
-                        signal(Signal::SIGKILL);
-                        child.wait().await
-                    }
+        interrupt = life.interrupted() => {
+            let grace = match interrupt {
+                Interrupt::Deleted(grace) => grace,
+                // The kubelet kills a pod past its deadline with its termination grace
+                // period (`killPod` from `syncPod`).
+                Interrupt::Deadline => shared.options.kill_grace,
+                Interrupt::Shutdown => {
+                    signal(Signal::SIGKILL);
+                    let _ = child.wait().await;
+                    return None;
+                }
+            };
+            if let Interrupt::Deadline = interrupt {
+                set_status(shared, runtime, deadline_exceeded);
+            }
+            signal(Signal::SIGTERM);
+            match tokio::time::timeout(grace, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    signal(Signal::SIGKILL);
+                    child.wait().await
                 }
             }
-            Interrupt::Shutdown => {
-                signal(Signal::SIGKILL);
-                let _ = child.wait().await;
-                return;
-            }
-        },
+        }
     };
     // The container is its process group: whatever the main process left behind dies
     // with it, as with a container's cgroup.
@@ -450,29 +739,26 @@ async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
         }
         Err(_) => 128,
     };
-    let message = termination_message(&runtime, &container, &mounts, code);
-    let finished_at = now_seconds();
-    set_status(&shared, &runtime, |p| {
-        p["status"]["phase"] = json!(if code == 0 { "Succeeded" } else { "Failed" });
-        p["status"]["conditions"] = conditions(false);
-        let mut terminated = json!({
-            "exitCode": code,
-            "reason": if code == 0 { "Completed" } else { "Error" },
-            "startedAt": started_at,
-            "finishedAt": finished_at,
-            "containerID": format!("containerd://{}", runtime.uid.replace('-', "")),
-        });
-        if !message.is_empty() {
-            terminated["message"] = json!(message);
-        }
-        p["status"]["containerStatuses"] = json!([container_status(
-            &container,
-            json!({"terminated": terminated}),
-            false
-        )]);
-    });
-    let interrupt = interrupted(&mut deleted, &mut shutdown).await;
-    finish(&shared, &runtime, interrupt);
+    // The runtime reports a container the kernel's OOM killer ended as `OOMKilled`
+    // (<https://kubernetes.io/docs/tasks/configure-pod-container/assign-memory-resource/#exceed-a-container-s-memory-limit>).
+    let oom = cgroup.is_some_and(|c| c.oom_killed());
+    let reason = match code {
+        _ if oom => "OOMKilled",
+        0 => "Completed",
+        _ => "Error",
+    };
+    Some((code, reason))
+}
+
+/// A pod interrupted before or between its containers: deleted or shut down ends it, its
+/// deadline fails it (`DeadlineExceeded`) and it waits for deletion.
+async fn end_early(shared: &Shared, runtime: &PodRuntime, life: &mut Life, interrupt: Interrupt) {
+    if let Interrupt::Deadline = interrupt {
+        set_status(shared, runtime, deadline_exceeded);
+        let interrupt = life.interrupted().await;
+        return finish(shared, runtime, interrupt);
+    }
+    finish(shared, runtime, interrupt)
 }
 
 /// After deletion (its process dead): the object goes, its secrets are collected, its
@@ -489,6 +775,16 @@ fn finish(shared: &Shared, runtime: &PodRuntime, interrupt: Interrupt) {
 
 fn set_status(shared: &Shared, runtime: &PodRuntime, change: impl FnOnce(&mut Value)) {
     shared.mutate(|store| store.update("pods", &runtime.namespace, &runtime.name, change));
+}
+
+/// Conditions of a pod whose container is not ready but may become so (restarting).
+fn conditions_not_ready(reason: &str) -> Value {
+    let mut list = conditions(true);
+    for c in list.as_array_mut().into_iter().flatten().skip(2) {
+        c["status"] = json!("False");
+        c["reason"] = json!(reason);
+    }
+    list
 }
 
 fn conditions(ready: bool) -> Value {
@@ -511,15 +807,21 @@ fn conditions(ready: bool) -> Value {
     Value::Array(list)
 }
 
-fn container_status(container: &Value, state: Value, running: bool) -> Value {
+fn container_status(
+    container: &Value,
+    state: Value,
+    running: bool,
+    restart_count: u32,
+    last_state: &Value,
+) -> Value {
     let image = container["image"].as_str().unwrap_or("");
     json!({
         "name": container["name"],
         "state": state,
-        "lastState": {},
+        "lastState": last_state,
         "ready": running,
         "started": running,
-        "restartCount": 0,
+        "restartCount": restart_count,
         "image": image,
         "imageID": format!("{image}@sha256:{}", "0".repeat(64)),
     })
@@ -902,7 +1204,7 @@ fn spawn(
     runtime: &PodRuntime,
     container: &Value,
     prepared: Prepared,
-) -> Result<(tokio::process::Child, Vec<Mount>), Failure> {
+) -> Result<(tokio::process::Child, Vec<Mount>, Option<MemoryCgroup>), Failure> {
     let argv: Vec<String> = ["command", "args"]
         .iter()
         .flat_map(|f| container[*f].as_array().cloned().unwrap_or_default())
@@ -926,6 +1228,20 @@ fn spawn(
         binds.push((cstring(&m.source)?, cstring(&m.target)?, m.read_only));
     }
     let security = prepared.security.clone();
+    let memory = match container["resources"]["limits"]["memory"].as_str() {
+        None => None,
+        Some(limit) => {
+            let bytes = quantity_bytes(limit)
+                .ok_or_else(|| Failure::Config(format!("invalid memory limit {limit:?}")))?;
+            let name = format!("{}-{}", runtime.uid, uuid::Uuid::new_v4().simple());
+            Some(MemoryCgroup::create(&name, bytes).map_err(|e| {
+                Failure::Start(format!(
+                    "the fake kubelet cannot enforce the memory limit {limit}: {e}"
+                ))
+            })?)
+        }
+    };
+    let join_cgroup = memory.as_ref().map(|m| m.procs.clone());
     let last_capability: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -948,6 +1264,15 @@ fn spawn(
     // before the fork.
     unsafe {
         command.pre_exec(move || {
+            if let Some(procs) = &join_cgroup {
+                // "0" is the writing process itself: the container is in its memory cgroup
+                // before it runs anything.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+            }
             unshare(CloneFlags::CLONE_NEWNS)?;
             // Our mounts must not propagate back to the host's namespace.
             mount(
@@ -1012,7 +1337,7 @@ fn spawn(
         });
     }
     match command.spawn() {
-        Ok(child) => Ok((child, prepared.mounts)),
+        Ok(child) => Ok((child, prepared.mounts, memory)),
         Err(e) => Err(Failure::Start(format!(
             "failed to create containerd task: failed to start {program:?}: {e}"
         ))),
@@ -1080,21 +1405,31 @@ pub(crate) fn log_stream(
     options: LogOptions,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     async_stream::stream! {
+        let _open = super::Gauge::hold(&shared.open_log_streams);
         let mut changes = runtime.log_changes.subscribe();
         let mut drops = shared.log_drops.subscribe();
         let mut shutdown = shared.shutdown.subscribe();
         let mut next = 0usize;
         let mut first = true;
         let mut budget = options.limit_bytes.unwrap_or(usize::MAX);
+        let instance = runtime.logs.lock().unwrap().instance;
         loop {
             changes.borrow_and_update();
             let (chunks, done) = {
                 let logs = runtime.logs.lock().unwrap();
-                let mut lines: Vec<&LogLine> = logs.lines[next..]
+                let (all, done): (&[LogLine], bool) = if options.previous {
+                    (logs.previous.as_deref().unwrap_or_default(), true)
+                } else if logs.instance != instance {
+                    // The container this stream followed was replaced by a restart.
+                    (&[], true)
+                } else {
+                    (&logs.lines, logs.done)
+                };
+                let mut lines: Vec<&LogLine> = all[next.min(all.len())..]
                     .iter()
                     .filter(|l| options.since.is_none_or(|s| l.at >= s))
                     .collect();
-                next = logs.lines.len();
+                next = all.len();
                 if std::mem::take(&mut first) {
                     if let Some(tail) = options.tail_lines {
                         lines.drain(..lines.len().saturating_sub(tail));
@@ -1111,7 +1446,7 @@ pub(crate) fn log_stream(
                         out
                     })
                     .collect();
-                (chunks, logs.done)
+                (chunks, done)
             };
             for mut chunk in chunks {
                 if budget == 0 {

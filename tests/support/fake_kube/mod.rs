@@ -1,20 +1,32 @@
 //! A fake Kubernetes cluster for Kiln's Kubernetes executor tests: an API server speaking
-//! the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, RBAC from
-//! `deploy/role.yaml`, owner-reference GC, the API server's validation of user-namespace and
-//! privilege-escalation fields), and a kubelet that runs each pod's container command as a
-//! local process in its own mount namespace, volumes bind-mounted in place, with as much of
-//! its security context as a process can be given (capabilities, no_new_privs, read-only
-//! root, user). A pod's own user namespace, seccomp and AppArmor profiles and `/proc` masking
-//! are validated but not applied: the process runs with the host's.
+//! the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, `limit`/
+//! `continue` pages, RBAC from `deploy/role.yaml`, ServiceAccount and Pod Security admission,
+//! owner-reference GC, the API server's validation of user-namespace and privilege-escalation
+//! fields, and 429/5xx answers on demand), and a kubelet that runs each pod's container
+//! command as a local process in its own mount namespace, volumes bind-mounted in place: it
+//! pulls (checks) the image from the registry it names, obeys `restartPolicy` and
+//! `activeDeadlineSeconds`, enforces a memory limit in a cgroup, and applies as much of the
+//! security context as a process can be given (capabilities, no_new_privs, read-only root,
+//! user). A pod's own user namespace, seccomp and AppArmor profiles and `/proc` masking are
+//! validated but not applied: the process runs with the host's. The container runs the
+//! host's binaries, not the image's files (see [`images`]).
+//!
+//! Tests read its counters to act on evidence rather than time: open watches and log
+//! streams, 410s served, container starts, image pulls, requests by verb.
 //!
 //! [`FakeKube`] owns everything it starts: its server thread and runtime, every pod process
 //! (killed by process group), the per-pod volume dirs and the mount points it had to create
 //! on the host. Dropping it removes all of that.
 //!
 //! Layout: [`store`] (objects, resourceVersions, event history, selectors), [`rbac`] (the
-//! Role), [`api`] (HTTP routes), [`kubelet`] (pod lifecycle and processes).
+//! Role), [`admission`] (ServiceAccount, PodSecurity), [`api`] (HTTP routes, injected
+//! faults), [`kubelet`] (pod lifecycle and processes), [`images`] (pulls), [`cgroup`]
+//! (memory limits).
 
+pub mod admission;
 pub mod api;
+pub mod cgroup;
+pub mod images;
 pub mod kubelet;
 pub mod rbac;
 pub mod store;
@@ -62,6 +74,20 @@ pub struct FakeKubeOptions {
     /// by default before Kubernetes 1.33): it drops `hostUsers` from new pods and forces
     /// `procMount` to `Default`, without a word. Default `true`.
     pub user_namespaces: bool,
+    /// The node's registry mirrors: registry host (`ghcr.io`) → `HOST:PORT` of a plain-HTTP
+    /// registry that serves its images (see [`images`]). Default: none.
+    pub registry_mirrors: HashMap<String, String>,
+    /// The kubelet's first crash-loop back-off (the second restart waits this long, later
+    /// ones double it, capped at 5 min). Default 10 s, as the kubelet's.
+    pub restart_back_off: Duration,
+    /// The kubelet's first image-pull back-off. Default 10 s, as the kubelet's.
+    pub image_pull_back_off: Duration,
+    /// The ServiceAccounts that exist in the namespace. Default `default` (every namespace
+    /// has it), and `kiln` and `kiln-builder` (`deploy/serviceaccount.yaml`).
+    pub service_accounts: Vec<String>,
+    /// The namespace's labels; `pod-security.kubernetes.io/enforce` makes the API server
+    /// apply that Pod Security level to new pods (see [`admission`]). Default: none.
+    pub namespace_labels: BTreeMap<String, String>,
 }
 
 impl Default for FakeKubeOptions {
@@ -79,6 +105,11 @@ impl Default for FakeKubeOptions {
             kill_grace: Duration::from_secs(2),
             bookmark_interval: Duration::from_secs(1),
             user_namespaces: true,
+            registry_mirrors: HashMap::new(),
+            restart_back_off: Duration::from_secs(10),
+            image_pull_back_off: Duration::from_secs(10),
+            service_accounts: ["default", "kiln", "kiln-builder"].map(str::to_owned).to_vec(),
+            namespace_labels: BTreeMap::new(),
         }
     }
 }
@@ -107,6 +138,36 @@ pub(crate) struct Shared {
     /// Host mount points this fake holds (see [`acquire_mount_point`]).
     pub mount_points: Mutex<BTreeSet<PathBuf>>,
     pub next_ip: AtomicU32,
+    /// Container instances started (restarts included).
+    pub container_starts: AtomicU64,
+    /// Images on the node (full names), for `imagePullPolicy: IfNotPresent`.
+    pub images: Mutex<BTreeSet<String>>,
+    /// Pull attempts, failed ones included.
+    pub image_pulls: AtomicU64,
+    /// Watch streams open now.
+    pub open_watches: AtomicUsize,
+    /// pods/log streams open now.
+    pub open_log_streams: AtomicUsize,
+    /// 410 Gone answers (watch events and list continuations) served so far.
+    pub expired_served: AtomicU64,
+    /// Errors to answer requests with, in order (see [`FakeKube::inject`]).
+    pub faults: Mutex<Vec<api::Fault>>,
+}
+
+/// Counts one open stream while it lives.
+pub(crate) struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    pub fn hold(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -170,6 +231,13 @@ impl FakeKube {
             pods_dir,
             mount_points: Mutex::new(BTreeSet::new()),
             next_ip: AtomicU32::new(0),
+            container_starts: AtomicU64::new(0),
+            images: Mutex::new(BTreeSet::new()),
+            image_pulls: AtomicU64::new(0),
+            open_watches: AtomicUsize::new(0),
+            open_log_streams: AtomicUsize::new(0),
+            expired_served: AtomicU64::new(0),
+            faults: Mutex::new(Vec::new()),
         });
 
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding fake kube");
@@ -344,6 +412,55 @@ impl FakeKube {
     /// Requests answered 403 Forbidden so far.
     pub fn forbidden_count(&self) -> u64 {
         self.shared.forbidden.load(Ordering::SeqCst)
+    }
+
+    /// Watch streams open now (a client that is following changes).
+    pub fn open_watches(&self) -> usize {
+        self.shared.open_watches.load(Ordering::SeqCst)
+    }
+
+    /// pods/log streams open now.
+    pub fn open_log_streams(&self) -> usize {
+        self.shared.open_log_streams.load(Ordering::SeqCst)
+    }
+
+    /// 410 Gone answers served so far (watches from an expired resourceVersion, expired
+    /// list continue tokens).
+    pub fn expired_served(&self) -> u64 {
+        self.shared.expired_served.load(Ordering::SeqCst)
+    }
+
+    /// Container instances the kubelet started so far, restarts included.
+    pub fn container_starts(&self) -> u64 {
+        self.shared.container_starts.load(Ordering::SeqCst)
+    }
+
+    /// Image pull attempts so far, failed ones included.
+    pub fn image_pulls(&self) -> u64 {
+        self.shared.image_pulls.load(Ordering::SeqCst)
+    }
+
+    /// Answers the next requests that match `fault` with its error instead of serving
+    /// them (an API server under load or failing; see [`api::Fault`]).
+    pub fn inject(&self, fault: api::Fault) {
+        self.shared.faults.lock().unwrap().push(fault);
+    }
+
+    /// Injected errors not yet served.
+    pub fn pending_faults(&self) -> u64 {
+        self.shared.faults.lock().unwrap().iter().map(|f| f.times).sum()
+    }
+
+    /// The pod's container log so far (the current instance's).
+    pub fn pod_log(&self, pod: &str) -> Option<String> {
+        let uid = {
+            let store = self.shared.store.lock().unwrap();
+            store.get("pods", self.namespace(), pod)?["metadata"]["uid"]
+                .as_str()?
+                .to_owned()
+        };
+        let runtime = self.shared.runtimes.lock().unwrap().get(&uid).cloned()?;
+        Some(runtime.log_text())
     }
 }
 

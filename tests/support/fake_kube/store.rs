@@ -47,6 +47,11 @@ impl Store {
         self.rv
     }
 
+    /// The oldest resourceVersion a watch or list continuation may start from.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
     pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<&Value> {
         self.objects
             .get(&(resource.to_owned(), namespace.to_owned(), name.to_owned()))
