@@ -514,8 +514,14 @@ impl Orchestrator {
             }
             let run = BuildRun::new(id.clone(), plan, &request, act.deps.build_timeout);
             let (deps, build) = (act.deps.clone(), id.clone());
+            // After a restart of Kiln the log says so; after a crash of the orchestrator
+            // alone the build had not started (its build actor would be live), so there is
+            // nothing to explain, and no line to repeat if this incarnation crashes too.
+            let after_restart = act.guard.generation() == 1;
             let start = async move {
-                append_line(&deps, &build, RESUMED).await?;
+                if after_restart {
+                    append_line(&deps, &build, RESUMED).await?;
+                }
                 start_run(deps, run).await
             };
             Box::pin(
