@@ -76,7 +76,14 @@ async fn storm(kind: &str) {
     let registry = kiln.registry_addr().to_owned();
     let proxy = SlowProxy::start(&registry, PROXY_DELAY);
     for i in 0..DISTINCT {
-        push_image(&registry, &format!("src/storm-{i}"), "1", 2, 0x5707_0000 + i as u64).await;
+        push_image(
+            &registry,
+            &format!("src/storm-{i}"),
+            "1",
+            2,
+            0x5707_0000 + i as u64,
+        )
+        .await;
     }
     let images: Vec<String> = (0..DISTINCT)
         .map(|i| format!("{}/src/storm-{i}:1", proxy.addr()))
@@ -113,6 +120,9 @@ async fn storm(kind: &str) {
         .into_inner()
         .injected_so_far;
     assert!(injected > 0, "{kind}: the storm crashed nothing");
+    let restarts = metric_present(&kiln, &format!("kiln_actor_restarts_total{{kind=\"{kind}\"}}")).await;
+    assert!(restarts >= 1.0, "{kind}: no restart on record");
+    eprintln!("{kind} storm: {injected} crashes injected, {restarts} restarts of {kind} actors");
 
     // Every distinct build ran and succeeded, under its own id.
     let mut ids = Vec::new();
@@ -128,17 +138,27 @@ async fn storm(kind: &str) {
         );
         ids.push(build_id(&all[0]));
     }
-    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), DISTINCT, "{kind}: {ids:?}");
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        DISTINCT,
+        "{kind}: {ids:?}"
+    );
 
     // Every identical call joined the one build of its image, or found the image built.
     for result in identical {
         let all = result
             .expect("build task panicked")
             .unwrap_or_else(|e| panic!("{kind}: {e}\n{}", kiln.log_tail()));
-        let last = all.last().unwrap_or_else(|| panic!("{kind}: an empty Build stream"));
+        let last = all
+            .last()
+            .unwrap_or_else(|| panic!("{kind}: an empty Build stream"));
         assert_eq!(last.status(), BuildStatus::DoneSuccess, "{kind}: {all:#?}");
         if all[0].status() == BuildStatus::Running {
-            assert_eq!(build_id(&all[0]), ids[0], "{kind}: a second build of one image: {all:#?}");
+            assert_eq!(
+                build_id(&all[0]),
+                ids[0],
+                "{kind}: a second build of one image: {all:#?}"
+            );
         }
     }
 
@@ -174,7 +194,11 @@ async fn storm(kind: &str) {
     let after = build_to_end(kiln.builder().await, format!("{registry}/src/after-storm:1"))
         .await
         .unwrap();
-    assert_eq!(after.last().map(|m| m.status()), Some(BuildStatus::DoneSuccess), "{kind}: {after:#?}");
+    assert_eq!(
+        after.last().map(|m| m.status()),
+        Some(BuildStatus::DoneSuccess),
+        "{kind}: {after:#?}"
+    );
 }
 
 async fn guarded(kind: &str) {

@@ -313,6 +313,7 @@ impl Orchestrator {
         });
         if let Updated::Finished(outcome, took) = updated {
             self.builds.remove(build);
+            self.announce_waiters.remove(build);
             tracing::info!(build_id = %build, outcome = outcome.as_str(), took_ms = took.as_millis() as u64, "build finished");
         }
         updated
