@@ -12,8 +12,9 @@
 //! A request that carried any of them cannot be run again from its record; the record says
 //! why ([`BuildInputs::not_resumable`]).
 //!
-//! The orchestrator's [`super::BuildTable`] owns the journal: records persist themselves on
-//! every change, and [`Journal::load_all`] reads them back at start-up.
+//! The orchestrator's [`super::BuildTable`] owns the journal: it writes a record on every
+//! change, before the change is visible, and [`Journal::load_all`] reads them all back when
+//! an orchestrator incarnation (or a Kiln process) starts.
 
 use std::{
     collections::BTreeMap,
