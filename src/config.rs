@@ -48,6 +48,7 @@ pub struct Config {
     pub resolver: ResolverConfig,
     pub warmer: WarmerConfig,
     pub builds: BuildsConfig,
+    pub planning: PlanningConfig,
     pub actors: ActorsConfig,
     pub supervision: SupervisionConfig,
     pub logs: LogsConfig,
@@ -66,6 +67,7 @@ impl Default for Config {
             resolver: ResolverConfig::default(),
             warmer: WarmerConfig::default(),
             builds: BuildsConfig::default(),
+            planning: PlanningConfig::default(),
             actors: ActorsConfig::default(),
             supervision: SupervisionConfig::default(),
             logs: LogsConfig::default(),
@@ -383,6 +385,21 @@ impl Default for BuildsConfig {
     }
 }
 
+/// Planning requests (before a build starts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanningConfig {
+    /// Requests that may check out or unpack a context and hash it at once; more wait.
+    /// Default 4.
+    pub max_concurrent: usize,
+}
+
+impl Default for PlanningConfig {
+    fn default() -> Self {
+        Self { max_concurrent: 4 }
+    }
+}
+
 /// The actor runtime.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -413,7 +430,8 @@ pub struct SupervisionConfig {
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// Restarts allowed per actor within `window`; past it the actor stays down and health
-    /// reports NOT_SERVING. Default 100.
+    /// reports NOT_SERVING. Default 30. Must be reachable: the backoff spaces restarts, so
+    /// at most [`SupervisionConfig::reachable_crashes`] crashes fit in a window.
     pub max_restarts: u32,
     /// Default `60s`.
     #[serde(with = "humantime_serde")]
@@ -425,8 +443,37 @@ impl Default for SupervisionConfig {
         Self {
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_secs(2),
-            max_restarts: 100,
+            max_restarts: 30,
             window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SupervisionConfig {
+    /// The restart delay after the `crashes_in_window`-th crash within the window:
+    /// `backoff_initial` doubling per crash, at most `backoff_max`.
+    pub fn backoff(&self, crashes_in_window: usize) -> Duration {
+        let exp = crashes_in_window.saturating_sub(1).min(16) as u32;
+        self.backoff_initial
+            .saturating_mul(1 << exp)
+            .min(self.backoff_max)
+    }
+
+    /// The most crashes one actor can have within `window` when every incarnation crashes
+    /// the moment it starts: each restart waits its backoff first.
+    pub fn reachable_crashes(&self) -> u64 {
+        let mut crashes: u64 = 1;
+        let mut spent = Duration::ZERO;
+        loop {
+            let next = self.backoff(crashes as usize);
+            if next.is_zero() || crashes > u64::from(u32::MAX) {
+                return u64::MAX; // no backoff: any budget can be reached
+            }
+            spent += next;
+            if spent > self.window {
+                return crashes;
+            }
+            crashes += 1;
         }
     }
 }
@@ -806,6 +853,27 @@ impl Config {
                 "must not exceed supervision.backoff_max",
             ));
         }
+        // The budget trips at crash `max_restarts + 1` within the window; a budget the backoff
+        // can never reach would hide a crash loop for good.
+        let reachable = self.supervision.reachable_crashes();
+        if u64::from(self.supervision.max_restarts) + 1 > reachable {
+            return Err(invalid(
+                "supervision.max_restarts",
+                format!(
+                    "{} can never be used up: with backoff_initial {:?}, backoff_max {:?} an \
+                     actor crashes at most {reachable} times per window {:?}; lower it to at \
+                     most {}, or shorten backoff_max, or lengthen window",
+                    self.supervision.max_restarts,
+                    self.supervision.backoff_initial,
+                    self.supervision.backoff_max,
+                    self.supervision.window,
+                    reachable.saturating_sub(1),
+                ),
+            ));
+        }
+        if self.planning.max_concurrent == 0 {
+            return Err(invalid("planning.max_concurrent", "must be at least 1"));
+        }
         if self.registry.retry_attempts == 0 {
             return Err(invalid("registry.retry_attempts", "must be at least 1"));
         }
@@ -981,6 +1049,31 @@ mod tests {
             err.contains("printable ASCII") && !err.contains("w0rds-canary"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_restart_budget_must_be_reachable_by_the_backoff() {
+        let c = Config::load(None).unwrap();
+        // 10ms doubling to 2s: 8 short restarts (2.55s), then one every 2s within 60s.
+        assert_eq!(c.supervision.reachable_crashes(), 37);
+        assert!(u64::from(c.supervision.max_restarts) < c.supervision.reachable_crashes());
+        assert_eq!(c.planning.max_concurrent, 4);
+        let c = Config::parse("[supervision]\nmax_restarts = 100\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("supervision.max_restarts") && err.contains("37"),
+            "{err}"
+        );
+        let c = Config::parse("[supervision]\nmax_restarts = 36\n").unwrap();
+        c.validate().unwrap();
+        let c = Config::parse("[supervision]\nbackoff_max = \"100ms\"\nmax_restarts = 500\n").unwrap();
+        c.validate().unwrap();
+        let c = Config::parse("[planning]\nmax_concurrent = 0\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("planning.max_concurrent"));
     }
 
     #[test]

@@ -6,14 +6,21 @@
 //! build gets a slot (`builds.max_concurrent`), so time spent queued behind other builds
 //! never counts against it.
 //!
-//! Everything a build needs to survive a crash of its actor lives in [`BuildRun`], which the
-//! supervisor hands to the next incarnation: the job, the deadline, the cancellation token,
-//! and the next status sequence number. A restarted build actor re-syncs its log offset from
-//! the log fan-out and runs the (idempotent) job again; a build whose outcome was already
-//! decided only re-delivers it.
+//! What a build needs to survive a crash of its actor is its [`BuildRun`], the build's
+//! definition that the supervisor's child spec starts every incarnation with: the job, the
+//! cancellation token, and two write-once values (watch channels, set by the first
+//! incarnation to get there): the deadline and the verdict. A restarted build actor re-syncs
+//! its log offset from the log fan-out (the disk is the truth) and runs the (idempotent) job
+//! again; a build whose verdict was already decided only re-delivers it.
+//!
+//! A build actor announces itself to the orchestrator ([`Announce`]) when it starts and
+//! again whenever a new orchestrator incarnation is installed, so a restarted orchestrator
+//! knows which builds run and can cancel them. Every call to another actor goes through
+//! [`Slot::call_within`]: waits while the other is restarting, gives up at once when it was
+//! abandoned, never spins.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,13 +32,14 @@ use tracing::Instrument as _;
 
 use super::{
     log_fanout::{self, LogFanout},
-    orchestrator::{BuildRequest, Plan, Report, StatusUpdate},
+    orchestrator::{Announce, BuildRequest, Plan, Report, StatusUpdate},
     supervision::{ActorKind, ChildGuard, Crash, Slot, INJECTED_CRASH},
     supervisor::{ChildSpec, RestartMode},
     Directory,
 };
 use crate::{
     executor::{Executor, Job, Ticket},
+    metrics::Metrics,
     model::{BuildId, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource, Secret},
 };
 
@@ -50,6 +58,9 @@ pub struct BuildDeps {
     /// Limits builds running at once (`builds.max_concurrent`).
     pub slots: Arc<Semaphore>,
     pub restart_wait: Duration,
+    /// `actors.mailbox_size`.
+    pub mailbox_size: usize,
+    pub metrics: Metrics,
 }
 
 /// The decided end of a build, kept so a restarted actor only re-delivers it.
@@ -71,8 +82,9 @@ pub struct BuildRun {
     /// Secrets of the request, censored from the log.
     secrets: Vec<Secret>,
     /// The decided end, and the log offset its line is written at (so that every
-    /// incarnation can (re)write it exactly once).
-    verdict: Mutex<Option<(Verdict, u64)>>,
+    /// incarnation can (re)write it exactly once). Written once, by the first incarnation
+    /// to decide; read by the later ones.
+    verdict: watch::Sender<Option<(Verdict, u64)>>,
 }
 
 impl BuildRun {
@@ -117,7 +129,7 @@ impl BuildRun {
             timeout,
             cancel: CancellationToken::new(),
             secrets: Vec::new(),
-            verdict: Mutex::new(None),
+            verdict: watch::Sender::new(None),
         }
     }
 
@@ -160,40 +172,58 @@ impl BuildRun {
     }
 
     fn verdict(&self) -> Option<(Verdict, u64)> {
-        self.verdict.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.verdict.borrow().clone()
     }
 
+    /// Decides the build's end unless an earlier incarnation did; returns the decided one.
     fn decide(&self, verdict: Verdict, log_at: u64) -> (Verdict, u64) {
-        self.verdict
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert((verdict, log_at))
-            .clone()
+        self.verdict.send_if_modified(|decided| {
+            let first = decided.is_none();
+            if first {
+                *decided = Some((verdict, log_at));
+            }
+            first
+        });
+        self.verdict().expect("decided above")
     }
 }
 
 /// The supervisor's description of a build actor.
 pub fn child_spec(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>) -> ChildSpec {
     let name: Arc<str> = format!("build-{}", run.id).into();
+    // The build's own slot: only the supervisor's spawn and `ListActors` use it (the
+    // orchestrator reaches the build through what the actor announces).
     let slot = Slot::<BuildActor>::new(name.clone(), deps.restart_wait);
-    directory.builds.insert(run.id.clone(), slot.clone());
     let mailbox = slot.clone();
     let on_abandon = {
         let directory = directory.clone();
         let id = run.id.clone();
         Box::new(move || {
-            directory.orchestrator.tell(Report {
-                build: id.clone(),
-                seq: None,
-                update: StatusUpdate {
-                    status: BuildStatus::DoneFailure,
-                    message: "build actor crashed too often; build abandoned".into(),
-                },
-                outcome: Some(BuildOutcome::Failure),
+            // Delivered even while the orchestrator or the fan-out restarts (the supervisor
+            // runs this in its own context: the calls go in a task of their own).
+            actix::spawn(async move {
+                let report = Report {
+                    build: id.clone(),
+                    seq: None,
+                    update: StatusUpdate {
+                        status: BuildStatus::DoneFailure,
+                        message: "build actor crashed too often; build abandoned".into(),
+                    },
+                    outcome: Some(BuildOutcome::Failure),
+                };
+                if let Err(error) = directory
+                    .orchestrator
+                    .call_within(report, ACTOR_CALL_PATIENCE)
+                    .await
+                {
+                    tracing::error!(build_id = %id, %error, "could not report the abandoned build's end");
+                }
+                let finish = log_fanout::Finish { build: id.clone() };
+                if let Err(error) = directory.logs.call_within(finish, ACTOR_CALL_PATIENCE).await {
+                    tracing::error!(build_id = %id, %error, "could not end the abandoned build's log");
+                }
             });
-            directory.logs.tell(log_fanout::Finish { build: id.clone() });
-            directory.builds.remove(&id);
-        })
+        }) as Box<dyn FnOnce() + Send>
     };
     ChildSpec {
         name,
@@ -227,6 +257,16 @@ impl Actor for BuildActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.deps.mailbox_size);
+        if self.guard.generation() == 1 {
+            // Counted once per build actually started (a restarted actor is not a new build).
+            self.deps.metrics.build_started();
+        }
+        ctx.spawn(actix::fut::wrap_future(announce(
+            self.run.clone(),
+            self.directory.clone(),
+            ctx.address().recipient(),
+        )));
         let span =
             tracing::info_span!("build", build_id = %self.run.id, incarnation = self.guard.generation());
         let drive = drive(
@@ -238,10 +278,25 @@ impl Actor for BuildActor {
         .instrument(span);
         ctx.spawn(actix::fut::wrap_future(drive).map(|_, _, ctx: &mut Context<Self>| ctx.stop()));
     }
+}
 
-    fn stopped(&mut self, _: &mut Self::Context) {
-        if !std::thread::panicking() {
-            self.directory.builds.remove(&self.run.id);
+/// Announces the build actor to the orchestrator, and again to each new incarnation of it.
+async fn announce(run: Arc<BuildRun>, directory: Arc<Directory>, actor: Recipient<CancelRun>) {
+    let mut incarnations = directory.orchestrator.subscribe();
+    loop {
+        incarnations.borrow_and_update();
+        let msg = Announce {
+            build: run.id.clone(),
+            actor: actor.clone(),
+            // The first update (running) is the orchestrator's; a build actor reports only
+            // its end, which `drive` delivers itself.
+            reported: 1,
+        };
+        if let Err(error) = directory.orchestrator.call_within(msg, ACTOR_CALL_PATIENCE).await {
+            tracing::warn!(build_id = %run.id, %error, "could not announce the build to the orchestrator");
+        }
+        if incarnations.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -273,8 +328,9 @@ struct LogWriter {
     truncated: bool,
 }
 
-/// How long a log write keeps retrying while the fan-out is down.
-const LOG_WRITE_PATIENCE: Duration = Duration::from_secs(120);
+/// How long a build actor's call (a log write, a report) keeps trying while the actor it
+/// calls restarts. An abandoned actor ends the wait at once.
+const ACTOR_CALL_PATIENCE: Duration = Duration::from_secs(120);
 
 impl LogWriter {
     /// Continues the build's log where it ends now.
@@ -286,25 +342,13 @@ impl LogWriter {
             secrets: run.secrets.clone(),
             truncated: false,
         };
-        let started = Instant::now();
-        while started.elapsed() < LOG_WRITE_PATIENCE {
-            match writer
-                .logs
-                .call(log_fanout::Open {
-                    build: writer.build.clone(),
-                })
-                .await
-            {
-                Ok(Ok(progress)) => {
-                    writer.offset = progress.len;
-                    break;
-                }
-                Ok(Err(error)) => {
-                    tracing::error!(build_id = %writer.build, %error, "cannot open build log");
-                    break;
-                }
-                Err(_) => continue,
-            }
+        let open = log_fanout::Open {
+            build: writer.build.clone(),
+        };
+        match writer.logs.call_within(open, ACTOR_CALL_PATIENCE).await {
+            Ok(Ok(progress)) => writer.offset = progress.len,
+            Ok(Err(error)) => tracing::error!(build_id = %writer.build, %error, "cannot open build log"),
+            Err(error) => tracing::error!(build_id = %writer.build, %error, "cannot open build log"),
         }
         writer
     }
@@ -348,45 +392,32 @@ impl LogWriter {
 
     async fn append(&mut self, data: &[u8], kiln: bool) {
         let data = Bytes::from(self.censor(data));
-        let started = Instant::now();
-        while started.elapsed() < LOG_WRITE_PATIENCE {
-            let append = log_fanout::Append {
-                build: self.build.clone(),
-                offset: self.offset,
-                data: data.clone(),
-                kiln,
-            };
-            match self.logs.call(append).await {
-                Ok(Ok(len)) => {
-                    if !kiln && len < self.offset + data.len() as u64 {
-                        self.truncated = true;
-                    }
-                    self.offset = len;
-                    return;
+        let append = log_fanout::Append {
+            build: self.build.clone(),
+            offset: self.offset,
+            data: data.clone(),
+            kiln,
+        };
+        match self.logs.call_within(append, ACTOR_CALL_PATIENCE).await {
+            Ok(Ok(len)) => {
+                if !kiln && len < self.offset + data.len() as u64 {
+                    self.truncated = true;
                 }
-                Ok(Err(error)) => {
-                    tracing::error!(build_id = %self.build, %error, "build log write failed");
-                    return;
-                }
-                Err(_) => continue,
+                self.offset = len;
+            }
+            Ok(Err(error)) => tracing::error!(build_id = %self.build, %error, "build log write failed"),
+            Err(error) => {
+                tracing::error!(build_id = %self.build, %error, "log fan-out unavailable; log line dropped")
             }
         }
-        tracing::error!(build_id = %self.build, "log fan-out unavailable; log line dropped");
     }
 
     async fn finish(&self) {
-        let started = Instant::now();
-        while started.elapsed() < LOG_WRITE_PATIENCE {
-            if self
-                .logs
-                .call(log_fanout::Finish {
-                    build: self.build.clone(),
-                })
-                .await
-                .is_ok()
-            {
-                return;
-            }
+        let finish = log_fanout::Finish {
+            build: self.build.clone(),
+        };
+        if let Err(error) = self.logs.call_within(finish, ACTOR_CALL_PATIENCE).await {
+            tracing::error!(build_id = %self.build, %error, "could not end the build log");
         }
     }
 }
@@ -437,17 +468,18 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
     // in between restarts with a finished build whose log it only has to end, never with an
     // unfinished build whose log says it ended.
     let status = verdict.outcome.status();
+    let report = Report {
+        build: run.id.clone(),
+        seq: Some(1),
+        update: StatusUpdate {
+            status,
+            message: verdict.message.clone(),
+        },
+        outcome: Some(verdict.outcome),
+    };
     directory
         .orchestrator
-        .call(Report {
-            build: run.id.clone(),
-            seq: Some(1),
-            update: StatusUpdate {
-                status,
-                message: verdict.message.clone(),
-            },
-            outcome: Some(verdict.outcome),
-        })
+        .call_within(report, ACTOR_CALL_PATIENCE)
         .await
         .unwrap_or_else(
             |e| tracing::error!(build_id = %run.id, error = %e, "could not report the build's end"),

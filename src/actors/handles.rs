@@ -21,9 +21,11 @@ use super::{
     error::BuildError,
     log_fanout::{self, LogError},
     orchestrator::{
-        self, BuildRequest, BuildSelector, BuildSnapshot, StatusUpdate, Submission, WorkspacePlan,
+        self, BuildRequest, BuildSelector, BuildSnapshot, Orchestrator, StatusUpdate, Submission,
+        WorkspacePlan,
     },
     resolver::Resolve,
+    supervision::Slot,
     supervisor::{self, ActorSummary, RestartError},
     Directory,
 };
@@ -122,14 +124,25 @@ impl LogsHandle {
     }
 }
 
-/// Replays `history` from its start and follows it until the terminal update.
+/// Replays `history` from its start and follows it until the terminal update. The watch
+/// belongs to one orchestrator incarnation; when it closes (that incarnation ended, or the
+/// record was pruned) the stream asks the current incarnation for the build again and goes
+/// on after the updates it already yielded — the history is the same, rebuilt from the
+/// journal — so nothing is lost or repeated. It ends without a terminal update only when
+/// the build is gone (pruned) or the orchestrator stays unavailable.
 pub fn status_stream(
+    orchestrator: Arc<Slot<Orchestrator>>,
+    build: BuildId,
     mut history: watch::Receiver<Vec<StatusUpdate>>,
 ) -> impl Stream<Item = StatusUpdate> + Send + 'static {
     async_stream::stream! {
         let mut next = 0;
         loop {
-            let fresh: Vec<StatusUpdate> = history.borrow_and_update()[next..].to_vec();
+            let fresh: Vec<StatusUpdate> = history
+                .borrow_and_update()
+                .get(next..)
+                .map(<[StatusUpdate]>::to_vec)
+                .unwrap_or_default();
             next += fresh.len();
             for update in fresh {
                 let terminal = update.status.is_terminal();
@@ -139,7 +152,10 @@ pub fn status_stream(
                 }
             }
             if history.changed().await.is_err() {
-                return; // the record was pruned
+                match orchestrator.call(orchestrator::WatchBuild(build.clone())).await {
+                    Ok(Ok((_, again))) => history = again,
+                    _ => return, // pruned, or no orchestrator
+                }
             }
         }
     }
@@ -224,12 +240,11 @@ impl KilnHandle {
         &self,
         build: BuildId,
     ) -> Result<(BuildSnapshot, impl Stream<Item = StatusUpdate> + Send + 'static), BuildError> {
-        let (snapshot, history) = self
-            .directory
-            .orchestrator
-            .call(orchestrator::WatchBuild(build))
+        let orchestrator = self.directory.orchestrator.clone();
+        let (snapshot, history) = orchestrator
+            .call(orchestrator::WatchBuild(build.clone()))
             .await??;
-        Ok((snapshot, status_stream(history)))
+        Ok((snapshot, status_stream(orchestrator, build, history)))
     }
 
     pub async fn lookup(&self, selector: BuildSelector) -> Result<BuildSnapshot, BuildError> {

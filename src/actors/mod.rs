@@ -27,7 +27,6 @@ use std::{
 };
 
 use actix::prelude::*;
-use dashmap::DashMap;
 use tokio::sync::Semaphore;
 
 pub use build::RESTART_NOTICE;
@@ -43,7 +42,7 @@ pub use supervision::{ActorKind, Unavailable, INJECTED_CRASH};
 pub use supervisor::{ActorSummary, RestartError};
 
 use self::{
-    build::{BuildActor, BuildDeps},
+    build::BuildDeps,
     cache_warmer::CacheWarmer,
     chaos::ChaosDriver,
     log_fanout::LogFanout,
@@ -60,12 +59,12 @@ use crate::{
     },
     executor::{kubernetes::KubernetesBuilder, Builder, Executor},
     metrics::Metrics,
-    model::BuildId,
     registry::RegistryClient,
 };
 
-/// Where every actor can be reached right now. Slots are created once; the supervisor
-/// installs each new incarnation's address in its slot.
+/// Where every long-lived actor can be reached right now. Slots are created once; the
+/// supervisor publishes each new incarnation's address in its slot. Build actors are not
+/// here: they announce themselves to the orchestrator.
 pub struct Directory {
     supervisor: Addr<Supervisor>,
     orchestrator: Arc<Slot<Orchestrator>>,
@@ -73,7 +72,6 @@ pub struct Directory {
     next_resolver: AtomicUsize,
     warmer: Arc<Slot<CacheWarmer>>,
     logs: Arc<Slot<LogFanout>>,
-    builds: DashMap<BuildId, Arc<Slot<BuildActor>>>,
     /// Chaos mode's driver (off unless `chaos.enabled` or `Admin.SetChaos`).
     chaos: Addr<ChaosDriver>,
 }
@@ -171,15 +169,15 @@ pub async fn start(
         }
     };
     let config_max_context = config.builds.max_context_bytes;
-    // Every build record a previous process left, finished or not; the unfinished ones are
-    // resumed (or ended) by `orchestrator::recover` once the actors run.
-    let journal = Journal::open(config.data_dir.join("builds"))?;
-    let (table, loaded) = BuildTable::load(journal);
+    // Every build record a previous process left, finished or not. Each orchestrator
+    // incarnation loads them again; this first read only says what there is.
+    let journal_dir = config.data_dir.join("builds");
+    let (_, loaded) = BuildTable::load(Journal::open(&journal_dir)?);
     if !loaded.interrupted.is_empty() || !loaded.finished.is_empty() {
         tracing::info!(
             finished = loaded.finished.len(),
             interrupted = loaded.interrupted.len(),
-            "build records loaded"
+            "build records found"
         );
     }
     let base_repository = config.registry.base_repository()?;
@@ -198,10 +196,11 @@ pub async fn start(
         let arbiters: Vec<Arbiter> = (0..config.actors.arbiters).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
         let supervision = config.supervision.clone();
+        let mailbox_size = config.actors.mailbox_size;
         let sup_metrics = metrics.clone();
         let sup_arbiters = handles.clone();
         let supervisor = actix::Supervisor::start_in_arbiter(&handles[0], move |_| {
-            Supervisor::new(supervision, sup_arbiters, sup_metrics)
+            Supervisor::new(supervision, sup_arbiters, mailbox_size, sup_metrics)
         });
         let chaos = ChaosDriver::start(supervisor.clone(), chaos_settings, &handles[handles.len() - 1]);
         let directory = Arc::new(Directory {
@@ -213,7 +212,6 @@ pub async fn start(
             next_resolver: AtomicUsize::new(0),
             warmer: Slot::new("cache_warmer", restart_wait),
             logs: Slot::new("log_fanout", restart_wait),
-            builds: DashMap::new(),
             chaos,
         });
 
@@ -247,7 +245,7 @@ pub async fn start(
         }
 
         let deps = Arc::new(OrchestratorDeps {
-            table: Arc::new(table),
+            journal_dir,
             directory: directory.clone(),
             registry: registry.clone(),
             base_repository,
@@ -257,33 +255,30 @@ pub async fn start(
             allow_local_git: config.builds.allow_local_git,
             cache_mount_scope: config.engine.cache_mount_scope,
             platform,
-            exists_checks: DashMap::new(),
-            plan_cache: moka::sync::Cache::builder()
-                .max_capacity(config.resolver.cache_capacity)
-                .time_to_live(config.resolver.cache_ttl)
-                .build(),
+            plan_cache_capacity: config.resolver.cache_capacity,
+            plan_cache_ttl: config.resolver.cache_ttl,
+            planning_max: config.planning.max_concurrent,
             build: BuildDeps {
                 executor: Executor::new(registry, engine.clone(), builder),
                 slots: Arc::new(Semaphore::new(config.builds.max_concurrent)),
                 restart_wait,
+                mailbox_size: config.actors.mailbox_size,
+                metrics: metrics.clone(),
             },
             build_timeout: config.builds.timeout,
             retention: config.builds.retention,
             mailbox_size: config.actors.mailbox_size,
+            restart_wait,
             metrics: metrics.clone(),
         });
-        let recovery = deps.clone();
+        // Each incarnation rebuilds its table from the journal and recovers what no build
+        // actor runs (at the first start: everything a killed process left unfinished).
         supervisor.do_send(StartChild(permanent(
             "orchestrator",
             ActorKind::Orchestrator,
             directory.orchestrator.clone(),
             move |g| Orchestrator::new(deps.clone(), g),
         )));
-        // Its own task on the first arbiter: it waits for the actors it needs through their
-        // slots, and no actor's crash can cut it short.
-        handles[0].spawn_fn(move || {
-            actix::spawn(orchestrator::recover(recovery, loaded));
-        });
 
         let pool = ResolverPool::new(directory.clone());
         let interval = config.warmer.interval;

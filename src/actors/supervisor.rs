@@ -4,9 +4,11 @@
 //! Children are described by a [`ChildSpec`] whose `spawn` function starts one incarnation
 //! on an arbiter. When a child's [`ChildGuard`] reports its death, the supervisor starts the
 //! next incarnation after an exponential backoff, unless the child used up its restart
-//! budget (`supervision.max_restarts` within `supervision.window`); then it is abandoned and
-//! health turns NOT_SERVING. Builds are transient children: a build actor that stops
-//! normally is forgotten, one that panics is restarted like any other.
+//! budget (`supervision.max_restarts` within `supervision.window`); then it is abandoned.
+//! A long-lived child abandoned turns health NOT_SERVING. Builds are transient children: a
+//! build actor that stops normally is forgotten, one that panics is restarted like any
+//! other, and one abandoned is ended (`on_abandon`) and forgotten too, so it does not hold
+//! health down.
 //!
 //! The supervisor itself is an actix `Supervised` actor: `RestartActor("supervisor")` stops
 //! it, actix restarts it in place with its fields intact, and `started()` re-arms the
@@ -101,6 +103,12 @@ pub struct InjectCrash {
     pub kinds: Vec<ActorKind>,
 }
 
+/// The names of the live children of one kind: running, or down and about to be restarted
+/// (not abandoned). A new orchestrator incarnation asks for the build actors this way.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Vec<Arc<str>>")]
+pub struct LiveChildren(pub ActorKind);
+
 /// Stops restarting children: the process is shutting down.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
@@ -138,6 +146,8 @@ pub struct Supervisor {
     children: BTreeMap<Arc<str>, Child>,
     restarts: u64,
     shutting_down: bool,
+    /// `actors.mailbox_size`.
+    mailbox_size: usize,
     metrics: Metrics,
 }
 
@@ -145,7 +155,12 @@ pub struct Supervisor {
 const RESTART_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Supervisor {
-    pub fn new(policy: SupervisionConfig, arbiters: Vec<ArbiterHandle>, metrics: Metrics) -> Self {
+    pub fn new(
+        policy: SupervisionConfig,
+        arbiters: Vec<ArbiterHandle>,
+        mailbox_size: usize,
+        metrics: Metrics,
+    ) -> Self {
         assert!(!arbiters.is_empty(), "the supervisor needs at least one arbiter");
         Self {
             policy,
@@ -154,6 +169,7 @@ impl Supervisor {
             children: BTreeMap::new(),
             restarts: 0,
             shutting_down: false,
+            mailbox_size,
             metrics,
         }
     }
@@ -186,20 +202,13 @@ impl Supervisor {
     fn schedule_restart(&mut self, name: Arc<str>, delay: Duration, ctx: &mut Context<Self>) {
         ctx.run_later(delay, move |act, ctx| act.spawn_child(&name, ctx));
     }
-
-    fn backoff(&self, crashes_in_window: usize) -> Duration {
-        let exp = crashes_in_window.saturating_sub(1).min(16) as u32;
-        self.policy
-            .backoff_initial
-            .saturating_mul(1 << exp)
-            .min(self.policy.backoff_max)
-    }
 }
 
 impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.mailbox_size);
         // After an in-place restart, the restart timers of children that were down are gone.
         let down: Vec<_> = self
             .children
@@ -227,6 +236,15 @@ impl Handler<StartChild> for Supervisor {
 
     fn handle(&mut self, StartChild(spec): StartChild, ctx: &mut Self::Context) {
         let name = spec.name.clone();
+        if self
+            .children
+            .get(&name)
+            .is_some_and(|c| !matches!(c.state, ChildState::Abandoned))
+        {
+            // Idempotent: a child of that name runs (or restarts) already; never two.
+            tracing::warn!(actor = %name, "StartChild for a live child ignored");
+            return;
+        }
         self.children.insert(
             name.clone(),
             Child {
@@ -282,12 +300,17 @@ impl Handler<ChildDied> for Supervisor {
             if let Some(on_abandon) = child.on_abandon.take() {
                 on_abandon();
             }
+            if child.restart == RestartMode::OnPanic {
+                // A transient child (a build) ends with its abandonment: forgotten, so it
+                // neither holds health down nor shows in ListActors for good.
+                self.children.remove(&died.name);
+            }
             return;
         }
         child.state = ChildState::Down;
         let crashes = child.recent.len();
         tracing::warn!(actor = %died.name, %kind, panicked = died.panicked, restarts = child.restarts, "actor died; restarting");
-        let delay = self.backoff(crashes);
+        let delay = self.policy.backoff(crashes);
         self.schedule_restart(died.name, delay, ctx);
     }
 }
@@ -347,6 +370,20 @@ impl Handler<IsHealthy> for Supervisor {
             .children
             .values()
             .any(|c| matches!(c.state, ChildState::Abandoned))
+    }
+}
+
+impl Handler<LiveChildren> for Supervisor {
+    type Result = MessageResult<LiveChildren>;
+
+    fn handle(&mut self, LiveChildren(kind): LiveChildren, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.children
+                .iter()
+                .filter(|(_, c)| c.kind == kind && !matches!(c.state, ChildState::Abandoned))
+                .map(|(name, _)| name.clone())
+                .collect(),
+        )
     }
 }
 

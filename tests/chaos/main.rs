@@ -10,6 +10,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod storm;
+
 use std::{collections::BTreeMap, time::Duration};
 
 use futures::future::join_all;
@@ -122,6 +124,7 @@ async fn restart(admin: &mut AdminClient<Channel>, name: &str) -> Result<u64, to
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashing_actors_during_builds_loses_nothing() {
+    let _one = storm::ONE_AT_A_TIME.lock().await;
     tokio::time::timeout(Duration::from_secs(240), chaos())
         .await
         .expect("the chaos test hung");

@@ -312,7 +312,7 @@ async fn soak(seconds: u64) {
         rust_log: "warn".into(),
         ..KilnOptions::embedded().with_toml(
             "[builds]\nmax_concurrent = 64\n\n[resolver]\npool_size = 3\n\n\
-             [supervision]\nbackoff_initial = \"10ms\"\nbackoff_max = \"200ms\"\nmax_restarts = 100000\nwindow = \"60s\"\n",
+             [supervision]\nbackoff_initial = \"10ms\"\nbackoff_max = \"200ms\"\nmax_restarts = 300\nwindow = \"60s\"\n",
         )
     });
     let pid = kiln.pid().expect("kiln runs");

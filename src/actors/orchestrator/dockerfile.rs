@@ -12,6 +12,8 @@ use std::{
     sync::Arc,
 };
 
+use tokio::sync::Semaphore;
+
 use super::OrchestratorDeps;
 use crate::{
     actors::{error::BuildError, handles::ResolverPool},
@@ -241,12 +243,18 @@ async fn materialize(
     Ok((dir, root, pinned, origin))
 }
 
-/// Materializes and plans `source`.
+/// Materializes and plans `source`. The checkout (or unpacking) and the context hash each
+/// hold one of `slots` (`planning.max_concurrent`).
 pub async fn plan(
     deps: &OrchestratorDeps,
+    slots: &Semaphore,
     source: &DockerfileSource,
     auth: &AuthPolicy,
 ) -> Result<DockerfilePlan, BuildError> {
+    let slot = slots
+        .acquire()
+        .await
+        .map_err(|e| BuildError::Internal(format!("planning slots: {e}")))?;
     let (dir, checkout, pinned_context, origin) = materialize(deps, source).await?;
     let opened = {
         let (checkout, source) = (checkout.clone(), source.clone());
@@ -260,11 +268,16 @@ pub async fn plan(
         dockerfile_from_root,
         dockerignore,
     } = opened;
+    drop(slot);
     let parsed = dockerfile::parse(&text).map_err(|e| invalid(e.to_string()))?;
     let pinned = resolve_images(deps, &parsed, &source.build_args, auth).await?;
     let ignore =
         DockerIgnore::try_parse(&dockerignore).map_err(|e| invalid(format!(".dockerignore: {e}")))?;
     let root_for_digest = root.clone();
+    let _slot = slots
+        .acquire()
+        .await
+        .map_err(|e| BuildError::Internal(format!("planning slots: {e}")))?;
     let context_digest =
         tokio::task::spawn_blocking(move || context::context_digest(&root_for_digest, &ignore))
             .await

@@ -12,8 +12,9 @@
 //! A request that carried any of them cannot be run again from its record; the record says
 //! why ([`BuildInputs::not_resumable`]).
 //!
-//! The orchestrator's [`super::BuildTable`] owns the journal: records persist themselves on
-//! every change, and [`Journal::load_all`] reads them back at start-up.
+//! The orchestrator's [`super::BuildTable`] owns the journal: it writes a record on every
+//! change, before the change is visible, and [`Journal::load_all`] reads them all back when
+//! an orchestrator incarnation (or a Kiln process) starts.
 
 use std::{
     collections::BTreeMap,
@@ -51,6 +52,24 @@ pub enum JournalError {
     Encode {
         build: BuildId,
         source: serde_json::Error,
+    },
+}
+
+/// Why a recorded request cannot be run again.
+#[derive(Debug, thiserror::Error)]
+pub enum NotResumable {
+    /// The request carried secrets, which are never recorded (the text says which).
+    #[error("{0}")]
+    NotKept(String),
+    #[error("the request's git custom_config was not kept")]
+    CustomConfigNotKept,
+    #[error("the request's registry credentials were not kept")]
+    CredentialsNotKept,
+    #[error("the record's {what} does not parse: {source}")]
+    Unparsable {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -267,15 +286,22 @@ impl BuildInputs {
     }
 
     /// The request again, to resume the build; an error says why it cannot be.
-    pub fn to_request(&self) -> Result<BuildRequest, String> {
+    pub fn to_request(&self) -> Result<BuildRequest, NotResumable> {
         if let Some(why) = &self.not_resumable {
-            return Err(why.clone());
+            return Err(NotResumable::NotKept(why.clone()));
         }
         let r = &self.request;
-        let bad = |what: &str, e: &dyn std::fmt::Display| format!("the record's {what} does not parse: {e}");
+        fn bad<E: std::error::Error + Send + Sync + 'static>(
+            what: &'static str,
+        ) -> impl FnOnce(E) -> NotResumable {
+            move |e| NotResumable::Unparsable {
+                what,
+                source: Box::new(e),
+            }
+        }
         let source = match &r.source {
             PersistedSource::Image { reference } => BuildSource::Image {
-                reference: reference.parse().map_err(|e| bad("image reference", &e))?,
+                reference: reference.parse().map_err(bad("image reference"))?,
             },
             PersistedSource::Dockerfile {
                 context,
@@ -286,7 +312,7 @@ impl BuildInputs {
             } => {
                 let context = match context {
                     PersistedContext::Uploaded { digest } => {
-                        ContextSource::Uploaded(digest.parse().map_err(|e| bad("context digest", &e))?)
+                        ContextSource::Uploaded(digest.parse().map_err(bad("context digest"))?)
                     }
                     PersistedContext::Git {
                         remote,
@@ -295,7 +321,7 @@ impl BuildInputs {
                         custom_config_keys,
                     } => {
                         if !custom_config_keys.is_empty() {
-                            return Err("the request's git custom_config was not kept".into());
+                            return Err(NotResumable::CustomConfigNotKept);
                         }
                         ContextSource::Git(GitSource {
                             remote_uri: remote.clone(),
@@ -321,7 +347,7 @@ impl BuildInputs {
             }
         };
         if !r.credential_hosts.is_empty() {
-            return Err("the request's registry credentials were not kept".into());
+            return Err(NotResumable::CredentialsNotKept);
         }
         let installation = match &r.installation {
             PersistedScope::Nowhere => InstallationCredentialScope::Nowhere,
@@ -337,7 +363,7 @@ impl BuildInputs {
             },
         };
         let base_resolved = match &r.base_resolved {
-            Some(b) => Some(b.parse().map_err(|e| bad("resolved base", &e))?),
+            Some(b) => Some(b.parse().map_err(bad("resolved base"))?),
             None => None,
         };
         Ok(BuildRequest {
@@ -575,7 +601,7 @@ mod tests {
             let inputs = BuildInputs::of(&request);
             let json = encoded(&inputs);
             assert!(!json.contains(CANARY), "a secret was persisted: {json}");
-            let why = inputs.to_request().unwrap_err();
+            let why = inputs.to_request().unwrap_err().to_string();
             assert!(why.contains("does not keep"), "{why}");
             assert!(!why.contains(CANARY));
         }

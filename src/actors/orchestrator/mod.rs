@@ -1,16 +1,24 @@
 //! The orchestrator: the one place that decides whether a request starts a build, joins a
 //! running one, or is answered at once because the image exists.
 //!
-//! It owns the [`BuildTable`] (kept across its restarts), plans each request (resolve the
-//! base through the resolver pool, derive the content-addressed key and the workspace
-//! reference), starts one build actor per new key under the supervisor, records the status
-//! updates build actors report, and prunes finished builds after the retention period.
+//! It owns the [`BuildTable`] as a plain field: nothing else reads or writes it, and no task
+//! holds it. Slow work — planning (resolving, checkout, hashing), registry existence checks,
+//! opening logs, starting build actors — runs in futures that hold no table state; their
+//! results come back to the actor as `ActorFutureExt::then`/`map` continuations with
+//! `&mut self`, where the key is claimed, joined and recorded ([`BuildTable::claim`]), so a
+//! key is claimed only in actor context and never twice.
 //!
-//! Durability: the table persists every record in a [`Journal`] under the data directory.
-//! At start-up [`recover`] ends what a killed process left behind: every build it had not
-//! finished is resumed under its id (its job runs again; finished steps and blobs already
-//! pushed are not redone) or, when its request cannot be reconstructed (it carried secrets,
-//! or its inputs changed meanwhile), ends `done_failure` saying it was interrupted.
+//! **Let it crash.** An incarnation keeps nothing another needs: its table is rebuilt from
+//! the durable [`Journal`] (every record is on disk before the change is visible), and
+//! before it handles any request ([`Context::wait`] in `started`) it asks the supervisor
+//! which build actors are alive: their builds keep their keys (each build actor announces
+//! itself to every new incarnation, [`Announce`]); any other unfinished build — left by a
+//! killed process, or by an incarnation that crashed between claiming a key and starting its
+//! build actor — is recovered ([`Recover`]): adopted from the cluster, resumed under its id
+//! (its job runs again; finished steps and blobs already pushed are not redone) or, when its
+//! request cannot be reconstructed (it carried secrets, or its inputs changed meanwhile),
+//! ended `done_failure` saying it was interrupted. A caller whose call died with an
+//! incarnation sends it again (through its `Slot`) and joins what the first attempt claimed.
 
 mod adopt;
 mod dockerfile;
@@ -18,30 +26,35 @@ mod journal;
 mod plan;
 mod table;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use actix::prelude::*;
-use dashmap::mapref::entry::Entry;
-use tokio::sync::watch;
+use futures::FutureExt as _;
+use tokio::sync::{oneshot, watch, Semaphore};
 
 pub use dockerfile::PreparedContext;
-pub use journal::{BuildInputs, Journal};
+pub use journal::{BuildInputs, Journal, NotResumable};
 pub use plan::{Plan, WorkspacePlan};
-pub use table::{BuildRecord, BuildRefs, BuildSnapshot, BuildTable, Loaded, StatusUpdate};
+pub use table::{BuildRecord, BuildRefs, BuildSnapshot, BuildTable, Claim, StatusUpdate, Updated};
 
 use super::{
     build::{self, BuildDeps, BuildRun, CancelRun},
     error::BuildError,
     log_fanout,
-    supervision::{ChildGuard, Crash, INJECTED_CRASH},
-    supervisor::StartChild,
+    supervision::{ActorKind, ChildGuard, Crash, Unavailable, INJECTED_CRASH},
+    supervisor::{LiveChildren, StartChild},
     Directory,
 };
 use crate::{
     engine::context::ContextStore,
     metrics::Metrics,
     model::{AuthPolicy, BuildId, BuildKey, BuildOutcome, BuildSource, BuildStatus, ImageRef},
-    registry::{Platform, RegistryClient},
+    registry::{Platform, RegistryClient, RegistryError},
 };
 
 /// A caller's build request, validated.
@@ -120,9 +133,48 @@ pub struct Report {
     pub outcome: Option<BuildOutcome>,
 }
 
-/// What the orchestrator works with; shared by all its incarnations.
+/// A build actor registers itself with the orchestrator: when it starts, and again with
+/// every new orchestrator incarnation (which rebuilt its table from the journal and knows
+/// no build actor). `reported` is how many status updates of its build it has had recorded.
+#[derive(Clone, Message)]
+#[rtype(result = "()")]
+pub struct Announce {
+    pub build: BuildId,
+    pub actor: Recipient<CancelRun>,
+    pub reported: usize,
+}
+
+/// Recovers the unfinished builds no live build actor runs (see the module doc). Sent by
+/// each incarnation to itself once it knows the live build actors.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Recover {
+    interrupted: Vec<BuildId>,
+    live: HashSet<BuildId>,
+}
+
+/// Why an interrupted build could not be resumed; the text goes into its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("its request was not recorded")]
+    NotRecorded,
+    #[error(transparent)]
+    NotResumable(#[from] NotResumable),
+    #[error("planning it again failed: {0}")]
+    Replan(#[source] BuildError),
+    #[error("its inputs changed since it was accepted; they now make {workspace}")]
+    InputsChanged { workspace: ImageRef },
+    #[error("another build of the same image is running ({other})")]
+    KeyBusy { other: BuildId },
+    #[error("it could not be started again: {0}")]
+    Start(#[source] BuildError),
+}
+
+/// What the orchestrator works with: configuration and handles, no state. Every
+/// incarnation gets the same; each builds its own table, caches and planning slots.
 pub struct OrchestratorDeps {
-    pub table: Arc<BuildTable>,
+    /// Where the build journal lives (`<data_dir>/builds`).
+    pub journal_dir: PathBuf,
     pub directory: Arc<Directory>,
     pub registry: RegistryClient,
     pub base_repository: ImageRef,
@@ -136,16 +188,17 @@ pub struct OrchestratorDeps {
     /// `engine.cache_mount_scope`.
     pub cache_mount_scope: crate::config::CacheMountScope,
     pub platform: Platform,
-    /// Dockerfile requests planned before (identity → key and references), so a repeated
-    /// request needs neither a checkout nor a hash of its context.
-    pub plan_cache: moka::sync::Cache<[u8; 32], (BuildKey, BuildRefs)>,
-    /// Registry existence checks in flight, shared by identical concurrent requests. The
-    /// key is the workspace key; a check is only shared by requests for the same image.
-    pub exists_checks: dashmap::DashMap<BuildKey, ExistsCheck>,
+    /// The plan cache's size and lifetime (`resolver.cache_capacity`, `resolver.cache_ttl`).
+    pub plan_cache_capacity: u64,
+    pub plan_cache_ttl: Duration,
+    /// `planning.max_concurrent`: checkouts and context hashes at once.
+    pub planning_max: usize,
     pub build: BuildDeps,
     pub build_timeout: Duration,
     pub retention: Duration,
     pub mailbox_size: usize,
+    /// How long a caller waits for a build actor to announce itself (a restart's wait).
+    pub restart_wait: Duration,
     pub metrics: Metrics,
 }
 
@@ -166,338 +219,382 @@ impl OrchestratorDeps {
 }
 
 /// A registry existence check that several requests can await.
-pub type ExistsCheck = futures::future::Shared<
-    futures::future::BoxFuture<'static, Result<bool, Arc<crate::registry::RegistryError>>>,
->;
+type ExistsCheck =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, Arc<RegistryError>>>>;
 
-/// The orchestrator actor.
+/// A continuation of the orchestrator: a future whose steps run with `&mut Orchestrator`.
+type Act<T> = ResponseActFuture<Orchestrator, T>;
+
+fn ready<T: 'static>(value: T) -> Act<T> {
+    Box::pin(actix::fut::ready(value))
+}
+
+/// The orchestrator actor: one incarnation.
 pub struct Orchestrator {
     deps: Arc<OrchestratorDeps>,
-    _guard: ChildGuard,
+    table: BuildTable,
+    /// The build actors that announced themselves to this incarnation.
+    builds: HashMap<BuildId, Recipient<CancelRun>>,
+    /// Cancellations waiting for their build actor to announce itself.
+    announce_waiters: HashMap<BuildId, Vec<oneshot::Sender<Recipient<CancelRun>>>>,
+    /// Dockerfile requests planned before (identity → key and references), so a repeated
+    /// request needs neither a checkout nor a hash of its context. Owned: a new incarnation
+    /// starts it empty.
+    plan_cache: moka::sync::Cache<[u8; 32], (BuildKey, BuildRefs)>,
+    /// Registry existence checks in flight, shared by identical concurrent requests (keyed
+    /// by the workspace key: a thousand callers arriving together make one HEAD).
+    exists_checks: HashMap<BuildKey, ExistsCheck>,
+    /// Bounds checkouts and context hashing (`planning.max_concurrent`); held only by this
+    /// incarnation's planning futures.
+    planning: Arc<Semaphore>,
+    guard: ChildGuard,
 }
 
 impl Orchestrator {
+    /// A new incarnation: its table is whatever the journal holds.
     pub fn new(deps: Arc<OrchestratorDeps>, guard: ChildGuard) -> Self {
-        Self { deps, _guard: guard }
+        let table = match Journal::open(&deps.journal_dir) {
+            Ok(journal) => BuildTable::load(journal).0,
+            Err(error) => {
+                tracing::error!(%error, "build journal unavailable; this incarnation keeps builds in memory only");
+                BuildTable::default()
+            }
+        };
+        Self {
+            plan_cache: moka::sync::Cache::builder()
+                .max_capacity(deps.plan_cache_capacity)
+                .time_to_live(deps.plan_cache_ttl)
+                .build(),
+            planning: Arc::new(Semaphore::new(deps.planning_max.max(1))),
+            deps,
+            table,
+            builds: HashMap::new(),
+            announce_waiters: HashMap::new(),
+            exists_checks: HashMap::new(),
+            guard,
+        }
     }
 
-    fn record(&self, id: &BuildId) -> Result<Arc<BuildRecord>, BuildError> {
-        self.deps
-            .table
-            .records
+    fn record(&self, id: &BuildId) -> Result<&BuildRecord, BuildError> {
+        self.table
             .get(id)
-            .map(|r| r.clone())
             .ok_or_else(|| BuildError::NotFound(id.to_string()))
     }
 
-    fn select(&self, selector: &BuildSelector) -> Result<Arc<BuildRecord>, BuildError> {
+    fn select(&self, selector: &BuildSelector) -> Result<&BuildRecord, BuildError> {
         match selector {
             BuildSelector::Id(id) => self.record(id),
             BuildSelector::WorkspaceRef(r) => self
-                .deps
                 .table
                 .by_workspace_ref(r)
                 .ok_or_else(|| BuildError::NotFound(r.to_string())),
         }
     }
 
-    /// Drops finished builds older than the retention period, and their logs.
-    fn prune(&self) {
-        prune_expired(&self.deps);
-    }
-}
-
-/// Drops finished builds older than the retention period (on the wall clock, so that it
-/// counts across restarts of Kiln), their records on disk and their logs.
-fn prune_expired(deps: &OrchestratorDeps) {
-    let retention = deps.retention;
-    let now = std::time::SystemTime::now();
-    let expired: Vec<BuildId> = deps
-        .table
-        .records
-        .iter()
-        .filter(|r| {
-            r.finished_wall()
-                .is_some_and(|t| now.duration_since(t).unwrap_or_default() > retention)
-        })
-        .map(|r| r.id.clone())
-        .collect();
-    for id in expired {
-        deps.table.remove(&id);
-        deps.directory.logs.tell(log_fanout::Forget { build: id });
-    }
-}
-
-/// Starts or joins the build of `plan`; the heart of de-duplication.
-/// Whether the workspace image of `key` exists. Concurrent identical requests share one
-/// registry round trip: a thousand callers arriving together make one HEAD, not a thousand.
-async fn workspace_exists(
-    deps: &OrchestratorDeps,
-    key: &BuildKey,
-    refs: &BuildRefs,
-    auth: &AuthPolicy,
-) -> Result<bool, BuildError> {
-    use futures::FutureExt as _;
-    let shared = match deps.exists_checks.entry(key.clone()) {
-        Entry::Occupied(e) => e.get().clone(),
-        Entry::Vacant(v) => {
-            let (registry, image, auth) = (deps.registry.clone(), refs.workspace.clone(), auth.clone());
-            let check = async move { registry.exists(&image, &auth).await.map_err(Arc::new) }
-                .boxed()
-                .shared();
-            v.insert(check.clone());
-            check
+    /// Drops finished builds older than the retention period, their records and their logs.
+    fn prune(&mut self) {
+        for id in self.table.prune(SystemTime::now(), self.deps.retention) {
+            self.builds.remove(&id);
+            self.deps.directory.logs.tell(log_fanout::Forget { build: id });
         }
-    };
-    let result = shared.await;
-    deps.exists_checks.remove(key);
-    Ok(result?)
-}
+    }
 
-async fn submit(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Result<Submission, BuildError> {
-    // A repeated Dockerfile request is answered without fetching its context again.
-    if !request.force_rebuild {
-        if let Some((key, refs)) = plan::cached(&deps, &request).await {
-            let running = deps.table.running.get(&key).map(|id| id.clone());
-            if let Some(build) = running {
-                deps.metrics.build_joined();
-                return Ok(Submission::Running {
+    /// Records a status update and counts a build's end in the metrics.
+    fn update(
+        &mut self,
+        build: &BuildId,
+        seq: Option<usize>,
+        update: StatusUpdate,
+        outcome: Option<BuildOutcome>,
+    ) -> Updated {
+        let metrics = self.deps.metrics.clone();
+        let updated = self.table.update(build, seq, update, outcome, |outcome, took| {
+            metrics.build_completed(outcome, took)
+        });
+        if let Updated::Finished(outcome, took) = updated {
+            self.builds.remove(build);
+            self.announce_waiters.remove(build);
+            tracing::info!(build_id = %build, outcome = outcome.as_str(), took_ms = took.as_millis() as u64, "build finished");
+        }
+        updated
+    }
+
+    /// Whether the workspace image of `key` exists; concurrent identical requests share one
+    /// registry round trip.
+    fn exists(
+        &mut self,
+        key: &BuildKey,
+        workspace: &ImageRef,
+        auth: &AuthPolicy,
+    ) -> Act<Result<bool, BuildError>> {
+        let check = self
+            .exists_checks
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let (registry, image, auth) = (self.deps.registry.clone(), workspace.clone(), auth.clone());
+                async move { registry.exists(&image, &auth).await.map_err(Arc::new) }
+                    .boxed()
+                    .shared()
+            })
+            .clone();
+        let key = key.clone();
+        Box::pin(check.into_actor(self).map(move |result, act, _| {
+            act.exists_checks.remove(&key);
+            result.map_err(BuildError::from)
+        }))
+    }
+
+    /// Plans `request`, then joins, answers `Exists`, or claims and starts.
+    fn plan_then_claim(&mut self, request: BuildRequest) -> Act<Result<Submission, BuildError>> {
+        let planning = plan::plan_owned(self.deps.clone(), self.planning.clone(), request.clone());
+        Box::pin(planning.into_actor(self).then(move |plan, act, _| {
+            let plan = match plan {
+                Ok(plan) => plan,
+                Err(e) => return ready(Err(e)),
+            };
+            if let Some(identity) = plan.identity {
+                act.plan_cache
+                    .insert(identity, (plan.key.clone(), plan.refs.clone()));
+            }
+            if let Some(joined) = act.join(&plan.key, &plan.refs) {
+                return ready(Ok(joined));
+            }
+            if request.force_rebuild {
+                return act.claim_and_start(plan, request);
+            }
+            let check = act.exists(&plan.key, &plan.refs.workspace, &request.auth);
+            Box::pin(check.then(move |exists, act: &mut Self, _| match exists {
+                Err(e) => ready(Err(e)),
+                Ok(true) => ready(Ok(Submission::Exists { refs: plan.refs })),
+                Ok(false) => act.claim_and_start(plan, request),
+            }))
+        }))
+    }
+
+    /// Joins the build running for `key`, if there is one.
+    fn join(&self, key: &BuildKey, refs: &BuildRefs) -> Option<Submission> {
+        let build = self.table.running(key)?.clone();
+        self.deps.metrics.build_joined();
+        Some(Submission::Running {
+            build,
+            refs: refs.clone(),
+            joined: true,
+        })
+    }
+
+    /// Claims the plan's key (in actor context: of all concurrent requests exactly one
+    /// creates) and starts the build actor.
+    fn claim_and_start(&mut self, plan: Plan, request: BuildRequest) -> Act<Result<Submission, BuildError>> {
+        let refs = plan.refs.clone();
+        let claim = self.table.claim(&plan.key, || {
+            let first = StatusUpdate {
+                status: BuildStatus::Running,
+                message: format!("building {}", refs.workspace),
+            };
+            BuildRecord::new(BuildId::random(), plan.key.clone(), refs.clone(), first)
+                .with_inputs(BuildInputs::of(&request))
+        });
+        let build = match claim {
+            Claim::Joined(build) => {
+                self.deps.metrics.build_joined();
+                return ready(Ok(Submission::Running {
                     build,
                     refs,
                     joined: true,
-                });
+                }));
             }
-            if workspace_exists(&deps, &key, &refs, &request.auth).await? {
-                return Ok(Submission::Exists { refs });
+            Claim::Created(build) => build,
+        };
+        tracing::info!(build_id = %build, workspace = %refs.workspace, base = %refs.base, triggered_by = %request.triggered_by, "build accepted");
+        let run = BuildRun::new(build.clone(), plan, &request, self.deps.build_timeout);
+        let start = start_run(self.deps.clone(), run);
+        Box::pin(start.into_actor(self).map(move |started, act, _| match started {
+            Ok(()) => Ok(Submission::Running {
+                build,
+                refs,
+                joined: false,
+            }),
+            Err(e) => {
+                let update = StatusUpdate {
+                    status: BuildStatus::DoneFailure,
+                    message: e.to_string(),
+                };
+                act.update(&build, Some(1), update, Some(BuildOutcome::Failure));
+                // The log may have been opened: end it, so that its readers' streams end.
+                act.deps.directory.logs.tell(log_fanout::Finish { build });
+                Err(e)
             }
-        }
+        }))
     }
-    // Planning expands the global ARGs: under one expansion budget per request.
-    let plan = crate::engine::dockerfile::with_expansion_budget(plan::plan(&deps, &request)).await?;
-    let running = deps.table.running.get(&plan.key).map(|id| id.clone());
-    if let Some(build) = running {
-        deps.metrics.build_joined();
-        return Ok(Submission::Running {
-            build,
-            refs: plan.refs,
-            joined: true,
-        });
-    }
-    if !request.force_rebuild && workspace_exists(&deps, &plan.key, &plan.refs, &request.auth).await? {
-        return Ok(Submission::Exists { refs: plan.refs });
-    }
-    // Claim the key atomically: of all concurrent requests for it, exactly one creates.
-    let (build, created) = match deps.table.running.entry(plan.key.clone()) {
-        Entry::Occupied(e) => (e.get().clone(), false),
-        Entry::Vacant(v) => {
-            let id = BuildId::random();
-            let first = StatusUpdate {
-                status: BuildStatus::Running,
-                message: format!("building {}", plan.refs.workspace),
+
+    /// Asks the supervisor which build actors live, then reconciles the table with them
+    /// (see the module doc). Runs before this incarnation handles anything else.
+    fn reconcile(&mut self, live: Vec<Arc<str>>, ctx: &mut Context<Self>) {
+        let live: HashSet<BuildId> = live
+            .iter()
+            .filter_map(|name| name.strip_prefix("build-").and_then(BuildId::parse))
+            .collect();
+        self.prune();
+        let mut interrupted = Vec::new();
+        for id in self.table.unfinished() {
+            let Some(key) = self.table.get(&id).map(|r| r.key.clone()) else {
+                continue;
             };
-            let record = BuildRecord::new(id.clone(), plan.key.clone(), plan.refs.clone(), first)
-                .with_inputs(BuildInputs::of(&request));
-            deps.table.insert(record);
-            v.insert(id.clone());
-            (id, true)
+            if live.contains(&id) {
+                // Running under its build actor, which will announce itself.
+                if let Err(other) = self.table.claim_for(&key, &id) {
+                    tracing::error!(build_id = %id, %other, "two live builds of one key");
+                }
+            } else {
+                interrupted.push(id);
+            }
         }
-    };
-    if !created {
-        deps.metrics.build_joined();
-        return Ok(Submission::Running {
-            build,
-            refs: plan.refs,
-            joined: true,
-        });
+        if self.guard.generation() == 1 {
+            // The first incarnation of this process: a process killed between recording a
+            // build's end and ending its log left the log open. Idempotent.
+            let finished: Vec<BuildId> = self
+                .table
+                .list()
+                .into_iter()
+                .filter(|b| b.status.is_terminal())
+                .map(|b| b.id)
+                .collect();
+            let logs = self.deps.directory.logs.clone();
+            ctx.spawn(
+                async move {
+                    for build in finished {
+                        let _ = logs.call(log_fanout::Finish { build }).await;
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+        if !interrupted.is_empty() || self.guard.generation() == 1 {
+            ctx.notify(Recover { interrupted, live });
+        }
     }
-    deps.metrics.build_started();
-    tracing::info!(build_id = %build, workspace = %plan.refs.workspace, base = %plan.refs.base, triggered_by = %request.triggered_by, "build started");
-    if let Err(e) = start_build(&deps, &build, plan.clone(), &request).await {
-        let record = deps.table.records.get(&build).map(|r| r.clone());
-        if let Some(record) = record {
+
+    /// Plans an interrupted build's request again and starts it under its id; ends it
+    /// `done_failure` when that is impossible.
+    fn resume(&mut self, id: BuildId) -> Act<()> {
+        let Some(record) = self.table.get(&id) else {
+            return ready(());
+        };
+        if record.has_ended() {
+            return ready(());
+        }
+        let request = match record.inputs() {
+            Some(inputs) => inputs.to_request().map_err(ResumeError::from),
+            None => Err(ResumeError::NotRecorded),
+        };
+        let request = match request {
+            Ok(request) => request,
+            Err(reason) => return self.fail_interrupted(id, reason),
+        };
+        let mut planning = request.clone();
+        if let BuildSource::Image { .. } = planning.source {
+            // The base was resolved when the build was accepted: keep it, so the key is the same.
+            if record.refs.base.digest().is_some() {
+                planning.base_resolved = Some(record.refs.base.clone());
+                planning.force_rebuild = false;
+            }
+        }
+        let key = record.key.clone();
+        let planned = plan::plan_owned(self.deps.clone(), self.planning.clone(), planning);
+        Box::pin(planned.into_actor(self).then(move |plan, act, _| {
+            let plan = match plan {
+                Ok(plan) if plan.key == key => plan,
+                Ok(plan) => {
+                    let workspace = plan.refs.workspace;
+                    return act.fail_interrupted(id, ResumeError::InputsChanged { workspace });
+                }
+                Err(e) => return act.fail_interrupted(id, ResumeError::Replan(e)),
+            };
+            if let Err(other) = act.table.claim_for(&key, &id) {
+                return act.fail_interrupted(id, ResumeError::KeyBusy { other });
+            }
+            let run = BuildRun::new(id.clone(), plan, &request, act.deps.build_timeout);
+            let (deps, build) = (act.deps.clone(), id.clone());
+            // After a restart of Kiln the log says so; after a crash of the orchestrator
+            // alone the build had not started (its build actor would be live), so there is
+            // nothing to explain, and no line to repeat if this incarnation crashes too.
+            let after_restart = act.guard.generation() == 1;
+            let start = async move {
+                if after_restart {
+                    append_line(&deps, &build, RESUMED).await?;
+                }
+                start_run(deps, run).await
+            };
+            Box::pin(
+                start
+                    .into_actor(act)
+                    .then(move |started, act: &mut Self, _| match started {
+                        Ok(()) => {
+                            tracing::info!(build_id = %id, "build resumed after a restart");
+                            ready(())
+                        }
+                        Err(e) => {
+                            act.table.release(&key, &id);
+                            act.fail_interrupted(id, ResumeError::Start(e))
+                        }
+                    }),
+            )
+        }))
+    }
+
+    /// Ends an interrupted build `done_failure`: its log says why and ends, then its status.
+    fn fail_interrupted(&mut self, id: BuildId, reason: ResumeError) -> Act<()> {
+        tracing::warn!(build_id = %id, %reason, "interrupted build not resumed");
+        let message = format!("{INTERRUPTED} ({reason})");
+        let (deps, build, line) = (self.deps.clone(), id.clone(), message.clone());
+        let written = async move { append_line(&deps, &build, &line).await };
+        Box::pin(written.into_actor(self).then(move |written, act, _| {
+            if let Err(error) = written {
+                tracing::error!(build_id = %id, %error, "cannot write the interrupted build's log");
+            }
             let update = StatusUpdate {
                 status: BuildStatus::DoneFailure,
-                message: e.to_string(),
+                message,
             };
-            if let Some((outcome, took)) = record.record(1, update, Some(BuildOutcome::Failure)) {
-                deps.metrics.build_completed(outcome, took);
-            }
-        }
-        deps.table.running.remove_if(&plan.key, |_, id| id == &build);
-        // The log may have been opened: end it, so that its readers' streams end.
-        deps.directory
-            .logs
-            .tell(log_fanout::Finish { build: build.clone() });
-        return Err(e);
+            act.update(&id, None, update, Some(BuildOutcome::Failure));
+            let logs = act.deps.directory.logs.clone();
+            Box::pin(
+                async move {
+                    if let Err(error) = logs.call(log_fanout::Finish { build: id.clone() }).await {
+                        tracing::error!(build_id = %id, %error, "cannot end the interrupted build's log");
+                    }
+                }
+                .into_actor(act),
+            ) as Act<()>
+        }))
     }
-    Ok(Submission::Running {
-        build,
-        refs: plan.refs,
-        joined: false,
-    })
 }
 
-async fn start_build(
-    deps: &OrchestratorDeps,
-    build: &BuildId,
-    plan: Plan,
-    request: &BuildRequest,
-) -> Result<(), BuildError> {
-    let run = BuildRun::new(build.clone(), plan, request, deps.build_timeout);
-    start_run(deps, run).await
-}
-
-/// Opens the build's log and starts its build actor.
-async fn start_run(deps: &OrchestratorDeps, run: BuildRun) -> Result<(), BuildError> {
+/// Opens the build's log and starts its build actor under the supervisor.
+async fn start_run(deps: Arc<OrchestratorDeps>, run: BuildRun) -> Result<(), BuildError> {
     deps.directory
         .logs
         .call(log_fanout::Open {
             build: run.id().clone(),
         })
         .await??;
-    let run = Arc::new(run);
-    let spec = build::child_spec(run, deps.build.clone(), deps.directory.clone());
+    let spec = build::child_spec(Arc::new(run), deps.build.clone(), deps.directory.clone());
     deps.directory
         .supervisor
         .send(StartChild(spec))
         .await
-        .map_err(|_| super::supervision::Unavailable {
+        .map_err(|_| Unavailable {
             actor: "supervisor".into(),
         })?;
     Ok(())
 }
 
-/// The status message of a build that a restart of Kiln interrupted and that could not be
-/// resumed; the reason follows in parentheses.
+/// The status message of a build that a restart interrupted and that could not be resumed;
+/// the reason follows in parentheses.
 pub const INTERRUPTED: &str = "interrupted by a restart of Kiln; request again";
 
 /// The log line a resumed build starts its second part with.
 pub const RESUMED: &str = "resumed after a restart of Kiln";
-
-/// Ends what a killed Kiln process left behind, once, at start-up: finished builds past
-/// retention are dropped; the logs of finished builds are ended (a process killed between
-/// recording a build's end and ending its log leaves the log open); every build in
-/// `loaded.interrupted` is resumed under its id or, when that is impossible, ends
-/// `done_failure` with [`INTERRUPTED`] and the reason.
-///
-/// It runs as a task of its own (not in a handler), so that a crash of the orchestrator
-/// meanwhile cannot leave a build half-recovered; it works on the shared table like
-/// `submit` does.
-pub async fn recover(deps: Arc<OrchestratorDeps>, mut loaded: Loaded) {
-    prune_expired(&deps);
-    let adopted = adopt::adopt_cluster_builds(&deps).await;
-    loaded.interrupted.retain(|id| !adopted.contains(id));
-    for id in &loaded.finished {
-        if deps.table.records.contains_key(id) {
-            // Idempotent; a log that does not exist stays absent.
-            let _ = deps
-                .directory
-                .logs
-                .call(log_fanout::Finish { build: id.clone() })
-                .await;
-        }
-    }
-    if loaded.interrupted.is_empty() {
-        return;
-    }
-    tracing::info!(
-        builds = loaded.interrupted.len(),
-        "recovering builds interrupted by a restart of Kiln"
-    );
-    let each = loaded.interrupted.into_iter().map(|id| {
-        let deps = deps.clone();
-        async move {
-            let Some(record) = deps.table.records.get(&id).map(|r| r.clone()) else {
-                return;
-            };
-            if record.has_ended() {
-                return;
-            }
-            if let Err(reason) = resume(&deps, &record).await {
-                tracing::warn!(build_id = %id, %reason, "interrupted build not resumed");
-                fail_interrupted(&deps, &record, &reason).await;
-            }
-        }
-    });
-    futures::future::join_all(each).await;
-}
-
-/// Plans an interrupted build's request again and starts it under its old id.
-async fn resume(deps: &Arc<OrchestratorDeps>, record: &BuildRecord) -> Result<(), String> {
-    let request = match record.inputs() {
-        Some(inputs) => inputs.to_request()?,
-        None => return Err("its request was not recorded".into()),
-    };
-    let mut planning = request.clone();
-    if let BuildSource::Image { .. } = planning.source {
-        // The base was resolved when the build was accepted: keep it, so the key is the same.
-        if record.refs.base.digest().is_some() {
-            planning.base_resolved = Some(record.refs.base.clone());
-            planning.force_rebuild = false;
-        }
-    }
-    let plan = crate::engine::dockerfile::with_expansion_budget(plan::plan(deps, &planning))
-        .await
-        .map_err(|e| format!("planning it again failed: {e}"))?;
-    if plan.key != record.key {
-        return Err(format!(
-            "its inputs changed since it was accepted; they now make {}",
-            plan.refs.workspace
-        ));
-    }
-    let claimed = match deps.table.running.entry(plan.key.clone()) {
-        Entry::Occupied(e) => e.get() == &record.id,
-        Entry::Vacant(v) => {
-            v.insert(record.id.clone());
-            true
-        }
-    };
-    if !claimed {
-        return Err("another build of the same image is running".into());
-    }
-    let started = async {
-        append_line(deps, &record.id, RESUMED).await?;
-        start_build(deps, &record.id, plan, &request).await
-    };
-    if let Err(e) = started.await {
-        deps.table
-            .running
-            .remove_if(&record.key, |_, id| id == &record.id);
-        return Err(format!("it could not be started again: {e}"));
-    }
-    deps.metrics.build_started();
-    tracing::info!(build_id = %record.id, workspace = %record.refs.workspace, "build resumed after a restart of Kiln");
-    Ok(())
-}
-
-/// Ends an interrupted build `done_failure`: its log says why and ends, then its status.
-async fn fail_interrupted(deps: &OrchestratorDeps, record: &BuildRecord, reason: &str) {
-    let message = format!("{INTERRUPTED} ({reason})");
-    if let Err(error) = append_line(deps, &record.id, &message).await {
-        tracing::error!(build_id = %record.id, %error, "cannot write the interrupted build's log");
-    }
-    let seq = record.subscribe().borrow().len();
-    let update = StatusUpdate {
-        status: BuildStatus::DoneFailure,
-        message,
-    };
-    if let Some((outcome, took)) = record.record(seq, update, Some(BuildOutcome::Failure)) {
-        deps.metrics.build_completed(outcome, took);
-    }
-    deps.table
-        .running
-        .remove_if(&record.key, |_, id| id == &record.id);
-    if let Err(e) = deps
-        .directory
-        .logs
-        .call(log_fanout::Finish {
-            build: record.id.clone(),
-        })
-        .await
-    {
-        tracing::error!(build_id = %record.id, error = %e, "cannot end the interrupted build's log");
-    }
-}
 
 /// Appends `line` to a build's log (creating the log if a killed process had not), on a
 /// line of its own even if the log ends mid-line. Nothing is appended to a log that ended.
@@ -538,28 +635,91 @@ impl Actor for Orchestrator {
         ctx.set_mailbox_capacity(self.deps.mailbox_size);
         let every = (self.deps.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         ctx.run_interval(every, |act, _| act.prune());
+        // Nothing is handled until the table agrees with the live build actors: otherwise a
+        // request could claim a key a live build holds, or recovery start a build twice.
+        let supervisor = self.deps.directory.supervisor.clone();
+        let live = async move { supervisor.send(LiveChildren(ActorKind::Build)).await };
+        ctx.wait(live.into_actor(self).map(|live, act, ctx| match live {
+            Ok(live) => act.reconcile(live, ctx),
+            Err(error) => {
+                // Only while the system stops; a stop restarts us (or ends with the system).
+                tracing::error!(%error, "cannot list the live build actors; restarting");
+                ctx.stop();
+            }
+        }));
     }
 }
 
 impl Handler<Submit> for Orchestrator {
-    type Result = ResponseFuture<Result<Submission, BuildError>>;
+    type Result = ResponseActFuture<Self, Result<Submission, BuildError>>;
 
     fn handle(&mut self, Submit(request): Submit, _: &mut Self::Context) -> Self::Result {
-        Box::pin(submit(self.deps.clone(), request))
+        if request.force_rebuild {
+            return self.plan_then_claim(request);
+        }
+        // A repeated Dockerfile request is answered without fetching its context again.
+        let identity = plan::quick_identity(self.deps.clone(), request.clone());
+        Box::pin(identity.into_actor(self).then(move |identity, act, _| {
+            let Some((key, refs)) = identity.and_then(|i| act.plan_cache.get(&i)) else {
+                return act.plan_then_claim(request);
+            };
+            if let Some(joined) = act.join(&key, &refs) {
+                return ready(Ok(joined));
+            }
+            let check = act.exists(&key, &refs.workspace, &request.auth);
+            Box::pin(check.then(move |exists, act: &mut Self, _| match exists {
+                Err(e) => ready(Err(e)),
+                Ok(true) => ready(Ok(Submission::Exists { refs })),
+                Ok(false) => act.plan_then_claim(request),
+            }))
+        }))
     }
 }
 
 impl Handler<PlanWorkspace> for Orchestrator {
-    type Result = ResponseFuture<Result<WorkspacePlan, BuildError>>;
+    type Result = ResponseActFuture<Self, Result<WorkspacePlan, BuildError>>;
 
     fn handle(&mut self, msg: PlanWorkspace, _: &mut Self::Context) -> Self::Result {
-        let deps = self.deps.clone();
-        Box::pin(async move {
-            crate::engine::dockerfile::with_expansion_budget(plan::plan_workspace(
-                &deps, msg.source, msg.auth,
-            ))
-            .await
-        })
+        let request = BuildRequest {
+            source: msg.source,
+            auth: msg.auth.clone(),
+            force_rebuild: false,
+            base_resolved: None,
+            triggered_by: String::new(),
+        };
+        let identity = plan::quick_identity(self.deps.clone(), request.clone());
+        let auth = msg.auth;
+        Box::pin(identity.into_actor(self).then(move |identity, act, _| {
+            let refs: Act<Result<BuildRefs, BuildError>> = match identity.and_then(|i| act.plan_cache.get(&i))
+            {
+                Some((_, refs)) => ready(Ok(refs)),
+                None => {
+                    let planned = plan::plan_owned(act.deps.clone(), act.planning.clone(), request);
+                    Box::pin(planned.into_actor(act).map(|plan, act: &mut Self, _| {
+                        let plan = plan?;
+                        if let Some(identity) = plan.identity {
+                            act.plan_cache
+                                .insert(identity, (plan.key.clone(), plan.refs.clone()));
+                        }
+                        Ok(plan.refs)
+                    }))
+                }
+            };
+            let registry = act.deps.registry.clone();
+            Box::pin(refs.then(move |refs, act: &mut Self, _| {
+                let check = async move {
+                    let refs = refs?;
+                    let exists = registry.exists(&refs.workspace, &auth).await?;
+                    let status = if exists {
+                        BuildStatus::DoneSuccess
+                    } else {
+                        BuildStatus::Unknown
+                    };
+                    Ok(WorkspacePlan { refs, status })
+                };
+                check.into_actor(act)
+            }))
+        }))
     }
 }
 
@@ -581,55 +741,111 @@ impl Handler<WatchBuild> for Orchestrator {
 }
 
 impl Handler<ListBuilds> for Orchestrator {
-    type Result = ResponseFuture<Vec<BuildSnapshot>>;
+    type Result = ResponseActFuture<Self, Vec<BuildSnapshot>>;
 
     fn handle(&mut self, _: ListBuilds, _: &mut Self::Context) -> Self::Result {
         let deps = self.deps.clone();
-        Box::pin(async move {
-            let mut rows = deps.table.list();
-            rows.extend(adopt::cluster_rows(&deps).await);
+        let found = async move { adopt::found_builds(&deps).await };
+        Box::pin(found.into_actor(self).map(|found, act, _| {
+            let mut rows = act.table.list();
+            rows.extend(adopt::cluster_rows(&act.table, found));
             rows
-        })
+        }))
     }
 }
 
 impl Handler<CancelBuild> for Orchestrator {
-    type Result = ResponseFuture<Result<(), BuildError>>;
+    type Result = ResponseActFuture<Self, Result<(), BuildError>>;
 
     fn handle(&mut self, CancelBuild(id): CancelBuild, _: &mut Self::Context) -> Self::Result {
-        let record = self.record(&id);
-        let slot = self.deps.directory.builds.get(&id).map(|s| s.clone());
-        Box::pin(async move {
-            let record = record?;
-            if record.is_finished() {
-                return Err(BuildError::AlreadyFinished(id));
+        match self.record(&id) {
+            Err(e) => return ready(Err(e)),
+            Ok(record) if record.has_ended() => return ready(Err(BuildError::AlreadyFinished(id))),
+            Ok(_) => {}
+        }
+        if let Some(actor) = self.builds.get(&id).filter(|a| a.connected()).cloned() {
+            return Box::pin(
+                async move { actor.send(CancelRun).await.map_err(|_| build_unavailable(&id)) }
+                    .into_actor(self),
+            );
+        }
+        // Its build actor has not announced itself to this incarnation yet (it was just
+        // started, or it is restarting): wait for it.
+        let (tx, rx) = oneshot::channel();
+        self.announce_waiters.entry(id.clone()).or_default().push(tx);
+        let wait = self.deps.restart_wait;
+        Box::pin(
+            async move {
+                match tokio::time::timeout(wait, rx).await {
+                    Ok(Ok(actor)) => actor.send(CancelRun).await.map_err(|_| build_unavailable(&id)),
+                    _ => Err(build_unavailable(&id)),
+                }
             }
-            match slot {
-                Some(slot) => Ok(slot.call(CancelRun).await?),
-                // The build actor is gone: the build is ending on its own.
-                None => Err(BuildError::AlreadyFinished(id)),
-            }
-        })
+            .into_actor(self),
+        )
     }
+}
+
+fn build_unavailable(id: &BuildId) -> BuildError {
+    Unavailable {
+        actor: format!("build-{id}"),
+    }
+    .into()
 }
 
 impl Handler<Report> for Orchestrator {
     type Result = ();
 
     fn handle(&mut self, msg: Report, _: &mut Self::Context) {
-        let Ok(record) = self.record(&msg.build) else {
+        self.update(&msg.build, msg.seq, msg.update, msg.outcome);
+    }
+}
+
+impl Handler<Announce> for Orchestrator {
+    type Result = ();
+
+    fn handle(&mut self, msg: Announce, _: &mut Self::Context) {
+        let Some(record) = self.table.get(&msg.build) else {
             return;
         };
-        let seq = msg.seq.unwrap_or_else(|| record.subscribe().borrow().len());
-        let metrics = &self.deps.metrics;
-        let counted = |outcome, took| metrics.build_completed(outcome, took);
-        if let Some((outcome, took)) = record.record_then(seq, msg.update, msg.outcome, counted) {
-            self.deps
-                .table
-                .running
-                .remove_if(&record.key, |_, id| id == &record.id);
-            tracing::info!(build_id = %record.id, outcome = outcome.as_str(), took_ms = took.as_millis() as u64, "build finished");
+        if record.has_ended() {
+            return;
         }
+        if record.history_len() < msg.reported {
+            tracing::error!(build_id = %msg.build, recorded = record.history_len(), reported = msg.reported, "a build reports updates its record lacks");
+        }
+        let key = record.key.clone();
+        if let Err(other) = self.table.claim_for(&key, &msg.build) {
+            tracing::error!(build_id = %msg.build, %other, "two live builds of one key");
+        }
+        for waiter in self.announce_waiters.remove(&msg.build).unwrap_or_default() {
+            let _ = waiter.send(msg.actor.clone());
+        }
+        self.builds.insert(msg.build, msg.actor);
+    }
+}
+
+impl Handler<Recover> for Orchestrator {
+    type Result = ();
+
+    fn handle(&mut self, msg: Recover, ctx: &mut Self::Context) {
+        if !msg.interrupted.is_empty() {
+            tracing::info!(
+                builds = msg.interrupted.len(),
+                "recovering unfinished builds no build actor runs"
+            );
+        }
+        let deps = self.deps.clone();
+        let found = async move { adopt::candidates(&deps).await };
+        ctx.spawn(found.into_actor(self).map(move |found, act, ctx| {
+            let adopted = act.adopt_all(found, &msg.live, ctx);
+            for id in msg.interrupted {
+                if !adopted.contains(&id) {
+                    let resume = act.resume(id);
+                    ctx.spawn(resume);
+                }
+            }
+        }));
     }
 }
 

@@ -1,6 +1,11 @@
 //! Planning: from a request to the content-addressed key, references and job of a build.
+//!
+//! Plain futures over the orchestrator's (stateless) dependencies: they read no table and
+//! write no cache; the orchestrator records what they return.
 
 use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 
 use super::{dockerfile, BuildRefs, BuildRequest, OrchestratorDeps};
 use crate::{
@@ -17,6 +22,8 @@ pub struct Plan {
     pub key: BuildKey,
     pub refs: BuildRefs,
     pub job: Job,
+    /// For a Dockerfile request, its identity in the orchestrator's plan cache.
+    pub identity: Option<[u8; 32]>,
 }
 
 /// The answer of `ResolveWorkspaceImage`.
@@ -27,7 +34,21 @@ pub struct WorkspacePlan {
     pub status: BuildStatus,
 }
 
-pub(super) async fn plan(deps: &OrchestratorDeps, request: &BuildRequest) -> Result<Plan, BuildError> {
+/// [`plan`] owning its inputs, under one ARG/ENV expansion budget per request.
+pub(super) async fn plan_owned(
+    deps: Arc<OrchestratorDeps>,
+    slots: Arc<Semaphore>,
+    request: BuildRequest,
+) -> Result<Plan, BuildError> {
+    crate::engine::dockerfile::with_expansion_budget(plan(&deps, &slots, &request)).await
+}
+
+/// Plans `request`; checkouts and context hashing take one of `slots` while they run.
+pub(super) async fn plan(
+    deps: &OrchestratorDeps,
+    slots: &Semaphore,
+    request: &BuildRequest,
+) -> Result<Plan, BuildError> {
     match &request.source {
         BuildSource::Image { reference } => {
             let base = match (&request.base_resolved, request.force_rebuild) {
@@ -37,7 +58,7 @@ pub(super) async fn plan(deps: &OrchestratorDeps, request: &BuildRequest) -> Res
             Ok(plan_image(deps, base, request.auth.clone()))
         }
         BuildSource::Dockerfile(source) => {
-            plan_dockerfile(deps, source, &request.auth, request.force_rebuild).await
+            plan_dockerfile(deps, slots, source, &request.auth, request.force_rebuild).await
         }
     }
 }
@@ -64,20 +85,19 @@ fn plan_image(deps: &OrchestratorDeps, base: ImageRef, auth: AuthPolicy) -> Plan
         key,
         refs: BuildRefs { workspace, base },
         job,
+        identity: None,
     }
 }
 
 async fn plan_dockerfile(
     deps: &OrchestratorDeps,
+    slots: &Semaphore,
     source: &DockerfileSource,
     auth: &AuthPolicy,
     force: bool,
 ) -> Result<Plan, BuildError> {
-    let planned = dockerfile::plan(deps, source, auth).await?;
+    let planned = dockerfile::plan(deps, slots, source, auth).await?;
     let (key, refs) = dockerfile_refs(deps, &planned.key);
-    if let Some(identity) = planned.identity {
-        deps.plan_cache.insert(identity, (key.clone(), refs.clone()));
-    }
     let BuildRefs { workspace, base } = refs;
     let input = BuildInput {
         dockerfile: planned.context.dockerfile.clone(),
@@ -100,6 +120,7 @@ async fn plan_dockerfile(
         key,
         refs: BuildRefs { workspace, base },
         job,
+        identity: planned.identity,
     })
 }
 
@@ -112,9 +133,9 @@ fn dockerfile_refs(deps: &OrchestratorDeps, dockerfile_key: &BuildKey) -> (Build
     (key, BuildRefs { workspace, base })
 }
 
-/// The key and references of a Dockerfile request planned before, without fetching its
-/// context (the fast path of a repeated request). `None` for other sources or a miss.
-pub(super) async fn cached(deps: &OrchestratorDeps, request: &BuildRequest) -> Option<(BuildKey, BuildRefs)> {
+/// The plan-cache identity of a Dockerfile request, when it can be known without fetching
+/// its context (the fast path of a repeated request). `None` for other sources.
+pub(super) async fn quick_identity(deps: Arc<OrchestratorDeps>, request: BuildRequest) -> Option<[u8; 32]> {
     let BuildSource::Dockerfile(source) = &request.source else {
         return None;
     };
@@ -124,31 +145,5 @@ pub(super) async fn cached(deps: &OrchestratorDeps, request: &BuildRequest) -> O
             return None;
         }
     }
-    let identity = dockerfile::quick_identity(source, &request.auth).await?;
-    deps.plan_cache.get(&identity)
-}
-
-pub(super) async fn plan_workspace(
-    deps: &OrchestratorDeps,
-    source: BuildSource,
-    auth: AuthPolicy,
-) -> Result<WorkspacePlan, BuildError> {
-    let request = BuildRequest {
-        source,
-        auth: auth.clone(),
-        force_rebuild: false,
-        base_resolved: None,
-        triggered_by: String::new(),
-    };
-    let refs = match cached(deps, &request).await {
-        Some((_, refs)) => refs,
-        None => plan(deps, &request).await?.refs,
-    };
-    let exists = deps.registry.exists(&refs.workspace, &auth).await?;
-    let status = if exists {
-        BuildStatus::DoneSuccess
-    } else {
-        BuildStatus::Unknown
-    };
-    Ok(WorkspacePlan { refs, status })
+    dockerfile::quick_identity(source, &request.auth).await
 }
