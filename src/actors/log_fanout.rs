@@ -1207,6 +1207,76 @@ mod tests {
         });
     }
 
+    /// 200 builds written and followed at once, each by its own follower (the pattern of
+    /// `LogsHandle::follow`: subscribe, read to the end, wait for progress): every follower
+    /// gets its whole log. Prints the fan-out's message rate, the figure that would call for
+    /// sharding by build id.
+    #[test]
+    fn two_hundred_followers_each_get_their_whole_log() {
+        const BUILDS: usize = 200;
+        const LINES: usize = 50;
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        with_fanout(&logs, NO_CAP, move |f| async move {
+            let started = std::time::Instant::now();
+            let ids: Vec<BuildId> = (0..BUILDS).map(|_| BuildId::random()).collect();
+            for id in &ids {
+                open(&f, id).await;
+            }
+            let mut tasks = Vec::new();
+            for (b, id) in ids.iter().enumerate() {
+                let (f2, id2) = (f.clone(), id.clone());
+                tasks.push(actix::spawn(async move {
+                    let mut offset = 0;
+                    for i in 0..LINES {
+                        let line = format!("build {b:03} line {i:03} {}\n", "x".repeat(80));
+                        offset = append(&f2, &id2, offset, line.as_bytes(), false).await;
+                    }
+                    finish(&f2, &id2).await;
+                    (0, 0)
+                }));
+                let (f2, id2) = (f.clone(), id.clone());
+                tasks.push(actix::spawn(async move {
+                    let mut progress = f2.send(Subscribe { build: id2.clone() }).await.unwrap().unwrap();
+                    let (mut got, mut reads) = (0u64, 0u64);
+                    loop {
+                        progress.borrow_and_update();
+                        let chunk = f2
+                            .send(Read {
+                                build: id2.clone(),
+                                offset: got,
+                            })
+                            .await
+                            .unwrap()
+                            .unwrap();
+                        reads += 1;
+                        got += chunk.data.len() as u64;
+                        if chunk.data.is_empty() {
+                            if chunk.progress.ended {
+                                return (got, reads);
+                            }
+                            progress.changed().await.unwrap();
+                        }
+                    }
+                }));
+            }
+            let mut messages = (BUILDS * (LINES + 2)) as u64;
+            for task in tasks {
+                let (got, reads) = task.await.unwrap();
+                if reads > 0 {
+                    assert_eq!(got, (LINES * 100) as u64, "a follower got its whole log");
+                }
+                messages += reads + 1;
+            }
+            let elapsed = started.elapsed();
+            eprintln!(
+                "{BUILDS} logs × {LINES} appends, {BUILDS} followers: {messages} messages in {elapsed:?} \
+                 ({:.0} messages/s, debug build, one thread for the fan-out and every client)",
+                messages as f64 / elapsed.as_secs_f64()
+            );
+        });
+    }
+
     /// Opens (and closes) the read side of a FIFO when dropped, which lets a writer blocked
     /// in opening it go on: whatever the test does, no blocking thread stays stuck.
     struct Unblock(PathBuf);
