@@ -29,7 +29,8 @@
 //! Writes are positioned (`pwrite` at the offset the fan-out accepted), not appends: a write
 //! handed to a blocking thread by an incarnation that then crashed may land after the next
 //! incarnation has taken the same bytes again from the writer's resend, and then writes the
-//! same bytes at the same place. A failed write poisons its writer (later jobs of the batch
+//! same bytes at the same place. `Finish` cuts the file at the accepted length before its
+//! `fsync`, so a late write past what the next incarnation wrote cannot outlive the log. A failed write poisons its writer (later jobs of the batch
 //! fail too, so the file never gets a hole) and the fan-out forgets the log's books; the next
 //! message loads them again from the file.
 //!
@@ -341,8 +342,12 @@ enum Job {
     },
     /// Nothing; done once every earlier job is.
     Barrier(oneshot::Sender<io::Result<()>>),
-    /// Flush the file to disk and write the `.end` marker.
-    End(oneshot::Sender<io::Result<()>>),
+    /// Cut the file at `len` (the accepted length), flush it to disk and write the `.end`
+    /// marker.
+    End {
+        len: u64,
+        done: oneshot::Sender<io::Result<()>>,
+    },
 }
 
 /// The file side of a writer, moved to a blocking thread for each batch.
@@ -373,15 +378,20 @@ impl WriterFile {
         let result = match job {
             Job::Write { at, bytes, .. } => self.file().and_then(|f| f.write_all_at(bytes, *at)),
             Job::Barrier(_) => Ok(()),
-            Job::End(_) => self.file().and_then(File::sync_data).and_then(|()| {
-                // The marker makes completeness survive a restart of the fan-out or of Kiln.
-                crate::private_fs::options()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&self.end_path)
-                    .map(drop)
-            }),
+            // The cut drops bytes past the accepted length that a write of a crashed
+            // incarnation may have left beyond what its successor wrote again.
+            Job::End { len, .. } => self
+                .file()
+                .and_then(|f| f.set_len(*len).and_then(|()| f.sync_data()))
+                .and_then(|()| {
+                    // The marker makes completeness survive a restart of the fan-out or of Kiln.
+                    crate::private_fs::options()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&self.end_path)
+                        .map(drop)
+                }),
         };
         if let Err(e) = &result {
             self.poisoned = Some((e.kind(), e.to_string()));
@@ -394,7 +404,7 @@ impl WriterFile {
         for job in jobs {
             let result = self.run(&job);
             let done = match job {
-                Job::Write { done, .. } | Job::Barrier(done) | Job::End(done) => done,
+                Job::Write { done, .. } | Job::Barrier(done) | Job::End { done, .. } => done,
             };
             let _ = done.send(result);
         }
@@ -753,9 +763,9 @@ impl LogFanout {
             });
         }
         log.books.ending = true;
-        let epoch = log.epoch;
+        let (epoch, len) = (log.epoch, log.books.accepted);
         let (done, ended) = oneshot::channel();
-        self.enqueue(&build, Job::End(done), ctx);
+        self.enqueue(&build, Job::End { len, done }, ctx);
         ctx.spawn(
             actix::fut::wrap_future(ended).map(move |result, act: &mut Self, _| {
                 let result = result.unwrap_or_else(|_| Err(io::Error::other("the log's writer stopped")));
@@ -1204,6 +1214,30 @@ mod tests {
                 .unwrap(),
                 Err(LogError::NotFound(_))
             ));
+        });
+    }
+
+    /// A write of a crashed incarnation may land late, past what the next one wrote again;
+    /// `Finish` cuts the file at what was accepted.
+    #[test]
+    fn finish_cuts_a_late_write_of_an_earlier_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        let id = BuildId::random();
+        let (files, build) = (logs.clone(), id.clone());
+        with_fanout(&logs, NO_CAP, move |f| async move {
+            open(&f, &build).await;
+            assert_eq!(append(&f, &build, 0, b"resumed\n", true).await, 8);
+            // The dead incarnation's write of its own (longer) output lands now.
+            let late = OpenOptions::new()
+                .write(true)
+                .open(log_path(&files, &build))
+                .unwrap();
+            late.write_all_at(b"old output that was never acknowledged\n", 8)
+                .unwrap();
+            assert_eq!(append(&f, &build, 8, b"done\n", true).await, 13);
+            assert_eq!(finish(&f, &build).await.len, 13);
+            assert_eq!(fs::read(log_path(&files, &build)).unwrap(), b"resumed\ndone\n");
         });
     }
 
