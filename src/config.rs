@@ -294,9 +294,15 @@ impl RegistryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResolverConfig {
-    /// Resolver actors in the pool. Default 2.
+    /// Resolver actors in the pool; each owns a shard of the cache (references are routed
+    /// by a hash). Default 2.
     pub pool_size: usize,
-    /// Resolved references kept in the cache. Default 10000.
+    /// Registry calls one resolver makes at once; more misses wait in the resolver. The
+    /// pool never has more than `pool_size × max_in_flight` resolve calls at the registry.
+    /// Default 8.
+    pub max_in_flight: usize,
+    /// Resolved references kept in the cache, split evenly between the resolvers' shards.
+    /// Default 10000.
     pub cache_capacity: u64,
     /// How long a resolved tag is trusted. A short TTL follows moving tags sooner; a long one
     /// saves registry round trips. Default `5m`.
@@ -308,6 +314,7 @@ impl Default for ResolverConfig {
     fn default() -> Self {
         Self {
             pool_size: 2,
+            max_in_flight: 8,
             cache_capacity: 10_000,
             cache_ttl: Duration::from_secs(300),
         }
@@ -826,6 +833,9 @@ impl Config {
         if self.resolver.pool_size == 0 {
             return Err(invalid("resolver.pool_size", "must be at least 1"));
         }
+        if self.resolver.max_in_flight == 0 {
+            return Err(invalid("resolver.max_in_flight", "must be at least 1"));
+        }
         if self.resolver.cache_capacity == 0 {
             return Err(invalid("resolver.cache_capacity", "must be at least 1"));
         }
@@ -971,6 +981,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("resolver.pool_size"));
+        let c = Config::parse("[resolver]\nmax_in_flight = 0\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("resolver.max_in_flight"));
         let err = Config::parse("[builds]\ntimeout = \"soon\"\n").unwrap_err();
         assert!(err.contains("timeout"), "{err}");
         let c = Config::parse("[registry]\nplatform = \"linux\"\n").unwrap();

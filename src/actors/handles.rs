@@ -8,10 +8,7 @@
 //! update; [`LogsHandle::follow`] reads a log from any offset, follows it, and subscribes
 //! again when a restart of the log fan-out closed its watch.
 
-use std::{
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -24,7 +21,7 @@ use super::{
         self, BuildRequest, BuildSelector, BuildSnapshot, Orchestrator, StatusUpdate, Submission,
         WorkspacePlan,
     },
-    resolver::Resolve,
+    resolver::{shard_of, Resolve},
     supervision::Slot,
     supervisor::{self, ActorSummary, RestartError},
     Directory,
@@ -34,7 +31,8 @@ use crate::{
     model::{AuthPolicy, BuildId, BuildSource, Digest, ImageRef},
 };
 
-/// The resolver pool, used round-robin. A resolver that is down is skipped.
+/// The resolver pool. A reference goes to the resolver that owns its cache shard
+/// ([`shard_of`]); when that one is down, to the next.
 #[derive(Clone)]
 pub struct ResolverPool {
     directory: Arc<Directory>,
@@ -52,7 +50,7 @@ impl ResolverPool {
         refresh: bool,
     ) -> Result<ImageRef, BuildError> {
         let resolvers = &self.directory.resolvers;
-        let first = self.directory.next_resolver.fetch_add(1, Ordering::Relaxed);
+        let first = shard_of(&image, resolvers.len());
         // Resolvers the supervisor gave up on are tried last (and fail at once).
         let mut order: Vec<_> = (0..resolvers.len())
             .map(|i| &resolvers[(first + i) % resolvers.len()])
@@ -284,6 +282,12 @@ impl KilnHandle {
             .send(supervisor::RestartActor { name: name.clone() })
             .await
             .unwrap_or(Err(RestartError::NotRestarted(name)))
+    }
+
+    /// Warms the configured references now (`warmer.refs`): re-resolved through the
+    /// resolvers and their layers pre-fetched.
+    pub async fn warm_now(&self) -> Result<super::Warmed, BuildError> {
+        Ok(self.directory.warmer.call(super::cache_warmer::WarmNow).await?)
     }
 
     /// Turns chaos mode on or off (see `actors::chaos`); replies the crashes injected so far.

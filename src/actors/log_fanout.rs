@@ -14,20 +14,47 @@
 //! so a truncated log says how its build ended. Memory per log is bounded by
 //! `logs.memory_bytes_per_build` whatever the log's size.
 //!
+//! **No file I/O on the arbiter.** The actor only keeps books in memory ([`LogState`]:
+//! what is accepted, the tail, the cap); every file operation runs on a blocking thread:
+//! - each live log has a *writer* (a task in the fan-out's context that hands batches of
+//!   jobs to `spawn_blocking`, one batch at a time), so a build's appends reach the file in
+//!   the order they were accepted, and a slow disk under one build holds up only that
+//!   build's writer. An append is answered once its bytes are in the file; the progress
+//!   watch (what readers see) moves at the same moment;
+//! - a log this incarnation has not seen yet is *loaded* (stat of the file and its `.end`
+//!   marker) on a blocking thread; the messages that arrive meanwhile wait, in order, and
+//!   are then handled as if they had arrived after the load;
+//! - a [`Read`] below the in-memory tail reads the file on a blocking thread.
+//!
+//! Writes are positioned (`pwrite` at the offset the fan-out accepted), not appends: a write
+//! handed to a blocking thread by an incarnation that then crashed may land after the next
+//! incarnation has taken the same bytes again from the writer's resend, and then writes the
+//! same bytes at the same place. `Finish` cuts the file at the accepted length before its
+//! `fsync`, so a late write past what the next incarnation wrote cannot outlive the log. A failed write poisons its writer (later jobs of the batch
+//! fail too, so the file never gets a hole) and the fan-out forgets the log's books; the next
+//! message loads them again from the file.
+//!
 //! The disk is the source of truth (`<data_dir>/logs/<build id>.log`, plus a `.end` marker
 //! when the log is complete), so a restarted fan-out rebuilds its view lazily from the files;
 //! readers whose watch channel closed with the old incarnation subscribe again.
+//!
+//! One fan-out serves every log: per message it does a map lookup and a few bounded copies
+//! (at most [`READ_CHUNK`] bytes), never a system call, so 200 followers cost it microseconds
+//! per chunk they read; sharding by build id would buy nothing until that work, not I/O, is
+//! what limits it.
 
 use std::{
     collections::HashMap,
     fs::{self, File, OpenOptions},
-    io::{self, Read as _, Seek, SeekFrom, Write as _},
-    path::PathBuf,
+    io,
+    os::unix::fs::FileExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use actix::prelude::*;
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::supervision::{ChildGuard, Crash, INJECTED_CRASH};
 use crate::{metrics::Metrics, model::BuildId};
@@ -51,7 +78,8 @@ pub struct LogChunk {
     pub progress: LogProgress,
 }
 
-/// Why a log operation failed.
+/// Why a log operation failed. `Storage` may succeed when tried again (the fan-out reloads
+/// the log from its file); the others will not.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
     #[error("no log for build {0}")]
@@ -60,8 +88,23 @@ pub enum LogError {
     Ended { build: BuildId },
     #[error("append to the log of build {build} at offset {offset} leaves a gap (log has {len} bytes)")]
     Gap { build: BuildId, offset: u64, len: u64 },
-    #[error("log storage for build {build}: {message}")]
-    Storage { build: BuildId, message: String },
+    #[error("log storage for build {build}: {what}: {source}")]
+    Storage {
+        build: BuildId,
+        what: &'static str,
+        #[source]
+        source: Arc<io::Error>,
+    },
+}
+
+impl LogError {
+    fn storage<'a>(build: &'a BuildId, what: &'static str) -> impl FnOnce(io::Error) -> Self + 'a {
+        move |e| Self::Storage {
+            build: build.clone(),
+            what,
+            source: Arc::new(e),
+        }
+    }
 }
 
 /// Creates an empty log for a new build (idempotent).
@@ -119,114 +162,64 @@ pub struct Forget {
     pub build: BuildId,
 }
 
-struct BuildLog {
-    progress: watch::Sender<LogProgress>,
-    /// Open for appending while the log is live.
-    file: Option<File>,
-    /// The last bytes of the log, starting at `tail_start`, for cheap reads by followers.
+// ---------------------------------------------------------------------------------------
+// The books: plain data, no I/O.
+
+/// What an [`Append`] asks of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Accepted {
+    /// Nothing to write (a resend, or output past the cap); the log is `len` bytes long once
+    /// the writes accepted before are done.
+    Nothing { len: u64 },
+    /// Write `bytes` at `at`.
+    Write { at: u64, bytes: Bytes },
+}
+
+/// One log's books: what has been accepted (written or queued for the writer), the tail
+/// kept for readers, and the cap.
+#[derive(Debug, Clone)]
+struct LogState {
+    /// Bytes accepted: the length the log has once every queued write is done.
+    accepted: u64,
+    /// `Finish` was accepted (or the log was complete when loaded): appends are refused.
+    ending: bool,
+    /// The cap cut the build's output: only Kiln's own lines are accepted from now on.
+    truncated: bool,
+    /// The last accepted bytes, starting at `tail_start`, for cheap reads by followers.
     tail: Vec<u8>,
     tail_start: u64,
-    /// The cap cut the build's output: only Kiln's own lines are stored from now on.
-    truncated: bool,
 }
 
-impl BuildLog {
-    fn progress(&self) -> LogProgress {
-        *self.progress.borrow()
-    }
-}
-
-/// The log fan-out actor.
-pub struct LogFanout {
-    dir: PathBuf,
-    memory_per_build: usize,
-    /// `logs.max_bytes_per_build`.
-    max_bytes_per_build: u64,
-    logs: HashMap<BuildId, BuildLog>,
-    metrics: Metrics,
-    _guard: ChildGuard,
-}
-
-impl LogFanout {
-    pub fn new(
-        dir: PathBuf,
-        memory_per_build: usize,
-        max_bytes_per_build: u64,
-        metrics: Metrics,
-        guard: ChildGuard,
-    ) -> Self {
+impl LogState {
+    /// The books of a log found on disk `len` bytes long.
+    fn loaded(len: u64, ended: bool, cap: u64) -> Self {
         Self {
-            dir,
-            memory_per_build,
-            max_bytes_per_build,
-            logs: HashMap::new(),
-            metrics,
-            _guard: guard,
+            accepted: len,
+            ending: ended,
+            // A log at the cap was cut (or is about to be) by an earlier incarnation.
+            truncated: len >= cap,
+            tail: Vec::new(),
+            tail_start: len,
         }
     }
 
-    fn log_path(&self, build: &BuildId) -> PathBuf {
-        self.dir.join(format!("{build}.log"))
-    }
-
-    fn end_path(&self, build: &BuildId) -> PathBuf {
-        self.dir.join(format!("{build}.end"))
-    }
-
-    fn storage_error(build: &BuildId, e: io::Error) -> LogError {
-        LogError::Storage {
-            build: build.clone(),
-            message: e.to_string(),
-        }
-    }
-
-    /// The in-memory state of a log, loaded from disk if this incarnation has not seen it.
-    fn load(&mut self, build: &BuildId) -> Result<&mut BuildLog, LogError> {
-        if !self.logs.contains_key(build) {
-            let len = match fs::metadata(self.log_path(build)) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(LogError::NotFound(build.clone()))
-                }
-                Err(e) => return Err(Self::storage_error(build, e)),
-            };
-            let ended = self.end_path(build).exists();
-            let log = BuildLog {
-                progress: watch::Sender::new(LogProgress { len, ended }),
-                file: None,
-                tail: Vec::new(),
-                tail_start: len,
-                // A log at the cap was cut (or is about to be) by an earlier incarnation.
-                truncated: len >= self.max_bytes_per_build,
-            };
-            self.logs.insert(build.clone(), log);
-        }
-        Ok(self.logs.get_mut(build).expect("inserted above"))
-    }
-
-    fn open(&mut self, build: &BuildId) -> Result<LogProgress, LogError> {
-        if let Err(LogError::NotFound(_)) = self.load(build) {
-            crate::private_fs::create_dir_all(&self.dir).map_err(|e| Self::storage_error(build, e))?;
-            crate::private_fs::options()
-                .create(true)
-                .append(true)
-                .open(self.log_path(build))
-                .map_err(|e| Self::storage_error(build, e))?;
-        }
-        Ok(self.load(build)?.progress())
-    }
-
-    fn append(&mut self, build: &BuildId, offset: u64, data: &[u8], kiln: bool) -> Result<u64, LogError> {
-        let path = self.log_path(build);
-        let memory_limit = self.memory_per_build;
-        let cap = self.max_bytes_per_build;
-        let log = self.load(build)?;
-        let LogProgress { len, ended } = log.progress();
+    /// Takes an append into the books: idempotent by offset, refused after `Finish` or
+    /// past a gap, cut at `cap` (with the marker line, once) unless it is Kiln's own.
+    fn accept(
+        &mut self,
+        build: &BuildId,
+        offset: u64,
+        data: &[u8],
+        kiln: bool,
+        cap: u64,
+        memory_limit: usize,
+    ) -> Result<Accepted, LogError> {
+        let len = self.accepted;
         let end = offset + data.len() as u64;
         if end <= len {
-            return Ok(len); // already written: a resend after a lost reply
+            return Ok(Accepted::Nothing { len }); // already taken: a resend after a lost reply
         }
-        if ended {
+        if self.ending {
             return Err(LogError::Ended { build: build.clone() });
         }
         if offset > len {
@@ -239,137 +232,677 @@ impl LogFanout {
         let new_bytes = &data[(len - offset) as usize..];
         // The size cap: output past it is dropped; the append that crosses it is cut there
         // and followed by the marker line, once.
-        let marked;
-        let new_bytes: &[u8] = if kiln || len + new_bytes.len() as u64 <= cap {
-            new_bytes
-        } else if log.truncated {
-            return Ok(len);
+        let bytes = if kiln || len + new_bytes.len() as u64 <= cap {
+            Bytes::copy_from_slice(new_bytes)
+        } else if self.truncated {
+            return Ok(Accepted::Nothing { len });
         } else {
             let kept = &new_bytes[..cap.saturating_sub(len) as usize];
-            let last = kept.last().or(log.tail.last()).copied();
+            let last = kept.last().or(self.tail.last()).copied();
             let newline = if len + (kept.len() as u64) > 0 && last != Some(b'\n') {
                 "\n"
             } else {
                 ""
             };
-            log.truncated = true;
-            marked = [kept, newline.as_bytes(), truncation_marker(cap).as_bytes()].concat();
+            self.truncated = true;
             tracing::warn!(build_id = %build, cap, "build log truncated (logs.max_bytes_per_build)");
-            &marked
+            Bytes::from([kept, newline.as_bytes(), truncation_marker(cap).as_bytes()].concat())
         };
-        if log.file.is_none() {
-            let file = OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .map_err(|e| Self::storage_error(build, e))?;
-            log.file = Some(file);
+        self.tail.extend_from_slice(&bytes);
+        if self.tail.len() > memory_limit {
+            let drop = self.tail.len() - memory_limit;
+            self.tail.drain(..drop);
+            self.tail_start += drop as u64;
         }
-        let file = log.file.as_mut().expect("opened above");
-        file.write_all(new_bytes)
-            .map_err(|e| Self::storage_error(build, e))?;
-        log.tail.extend_from_slice(new_bytes);
-        if log.tail.len() > memory_limit {
-            let drop = log.tail.len() - memory_limit;
-            log.tail.drain(..drop);
-            log.tail_start += drop as u64;
-        }
-        let end = len + new_bytes.len() as u64;
-        log.progress.send_modify(|p| p.len = end);
-        self.metrics.log_bytes(new_bytes.len() as u64);
-        Ok(end)
+        self.accepted = len + bytes.len() as u64;
+        Ok(Accepted::Write { at: len, bytes })
     }
 
-    fn finish(&mut self, build: &BuildId) -> Result<LogProgress, LogError> {
-        let end_path = self.end_path(build);
-        let log = self.load(build)?;
-        if !log.progress().ended {
-            if let Some(file) = log.file.take() {
-                file.sync_data().map_err(|e| Self::storage_error(build, e))?;
+    /// Bytes `[offset, min(published, offset + READ_CHUNK))` if the tail holds them.
+    fn tail_bytes(&self, offset: u64, published: u64) -> Option<Bytes> {
+        if offset < self.tail_start || offset >= published {
+            return None;
+        }
+        let from = (offset - self.tail_start) as usize;
+        let to = (published - self.tail_start)
+            .min(self.tail.len() as u64)
+            .min((from + READ_CHUNK) as u64) as usize;
+        (from < to).then(|| Bytes::copy_from_slice(&self.tail[from..to]))
+    }
+
+    /// The log is complete: a finished log is read from disk, so keep no copy in memory.
+    fn ended(&mut self) {
+        self.ending = true;
+        self.tail = Vec::new();
+        self.tail_start = self.accepted;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The files: blocking functions, only ever called on blocking threads.
+
+fn log_path(dir: &Path, build: &BuildId) -> PathBuf {
+    dir.join(format!("{build}.log"))
+}
+
+fn end_path(dir: &Path, build: &BuildId) -> PathBuf {
+    dir.join(format!("{build}.end"))
+}
+
+/// Why a log could not be loaded.
+enum LoadError {
+    NotFound,
+    Io(&'static str, io::Error),
+}
+
+/// The log's length and completeness on disk; with `create`, an empty log if there is none.
+fn load_blocking(dir: &Path, build: &BuildId, create: bool) -> Result<LogProgress, LoadError> {
+    let path = log_path(dir, build);
+    if create {
+        crate::private_fs::create_dir_all(dir).map_err(|e| LoadError::Io("creating the log directory", e))?;
+        crate::private_fs::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| LoadError::Io("creating the log file", e))?;
+    }
+    let len = match fs::metadata(&path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(LoadError::NotFound),
+        Err(e) => return Err(LoadError::Io("reading the log file's size", e)),
+    };
+    let ended = end_path(dir, build).exists();
+    Ok(LogProgress { len, ended })
+}
+
+/// Up to `want` bytes of the log file from `offset`.
+fn read_blocking(path: &Path, offset: u64, want: usize) -> io::Result<Bytes> {
+    let file = File::open(path)?;
+    let mut buf = vec![0; want];
+    let mut filled = 0;
+    while filled < want {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(Bytes::from(buf))
+}
+
+/// One job for a log's writer; `done` gets its outcome.
+enum Job {
+    /// Write `bytes` at `at`.
+    Write {
+        at: u64,
+        bytes: Bytes,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+    /// Nothing; done once every earlier job is.
+    Barrier(oneshot::Sender<io::Result<()>>),
+    /// Cut the file at `len` (the accepted length), flush it to disk and write the `.end`
+    /// marker.
+    End {
+        len: u64,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+/// The file side of a writer, moved to a blocking thread for each batch.
+struct WriterFile {
+    path: PathBuf,
+    end_path: PathBuf,
+    file: Option<File>,
+    /// The first write error; every later job fails with it, so the file never gets a hole.
+    poisoned: Option<(io::ErrorKind, String)>,
+}
+
+impl WriterFile {
+    fn file(&mut self) -> io::Result<&File> {
+        if self.file.is_none() {
+            // Not O_APPEND: positioned writes must land at their offset.
+            self.file = Some(OpenOptions::new().write(true).open(&self.path)?);
+        }
+        Ok(self.file.as_ref().expect("opened above"))
+    }
+
+    fn run(&mut self, job: &Job) -> io::Result<()> {
+        if let Some((kind, message)) = &self.poisoned {
+            return Err(io::Error::new(
+                *kind,
+                format!("an earlier write failed: {message}"),
+            ));
+        }
+        let result = match job {
+            Job::Write { at, bytes, .. } => self.file().and_then(|f| f.write_all_at(bytes, *at)),
+            Job::Barrier(_) => Ok(()),
+            // The cut drops bytes past the accepted length that a write of a crashed
+            // incarnation may have left beyond what its successor wrote again.
+            Job::End { len, .. } => self
+                .file()
+                .and_then(|f| f.set_len(*len).and_then(|()| f.sync_data()))
+                .and_then(|()| {
+                    // The marker makes completeness survive a restart of the fan-out or of Kiln.
+                    crate::private_fs::options()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&self.end_path)
+                        .map(drop)
+                }),
+        };
+        if let Err(e) = &result {
+            self.poisoned = Some((e.kind(), e.to_string()));
+        }
+        result
+    }
+
+    /// Runs a batch of jobs in order, answering each.
+    fn run_batch(&mut self, jobs: Vec<Job>) {
+        for job in jobs {
+            let result = self.run(&job);
+            let done = match job {
+                Job::Write { done, .. } | Job::Barrier(done) | Job::End { done, .. } => done,
+            };
+            let _ = done.send(result);
+        }
+    }
+}
+
+/// Jobs taken from the queue at once: one blocking hand-off writes them all.
+const MAX_BATCH: usize = 64;
+
+/// A log's writer: takes jobs in order and runs them in batches on blocking threads, one
+/// batch at a time. Ends when the fan-out drops the sender (or the fan-out itself dies).
+async fn writer(mut file: WriterFile, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
             }
-            // The marker makes completeness survive a restart of the fan-out or of Kiln.
-            crate::private_fs::options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&end_path)
-                .map_err(|e| Self::storage_error(build, e))?;
-            // A finished log is read from disk; keep no copy of it in memory.
-            log.tail = Vec::new();
-            log.tail_start = log.progress().len;
-            log.progress.send_modify(|p| p.ended = true);
         }
-        Ok(log.progress())
+        let ran = tokio::task::spawn_blocking(move || {
+            file.run_batch(batch);
+            file
+        })
+        .await;
+        match ran {
+            Ok(back) => file = back,
+            // A panic in the blocking thread dropped the batch's answers (their callers get
+            // an error) and the file; nothing later may be written after a possible hole.
+            Err(_) => return,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The actor.
+
+type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+
+/// A message waiting for its log to be loaded.
+enum Op {
+    Open(Reply<LogProgress>),
+    Append {
+        offset: u64,
+        data: Bytes,
+        kiln: bool,
+        reply: Reply<u64>,
+    },
+    Finish(Reply<LogProgress>),
+    Read {
+        offset: u64,
+        reply: Reply<LogChunk>,
+    },
+    Subscribe(Reply<watch::Receiver<LogProgress>>),
+}
+
+impl Op {
+    fn fail(self, error: LogError) {
+        match self {
+            Self::Open(reply) | Self::Finish(reply) => drop(reply.send(Err(error))),
+            Self::Append { reply, .. } => drop(reply.send(Err(error))),
+            Self::Read { reply, .. } => drop(reply.send(Err(error))),
+            Self::Subscribe(reply) => drop(reply.send(Err(error))),
+        }
     }
 
-    fn read(&mut self, build: &BuildId, offset: u64) -> Result<LogChunk, LogError> {
-        let path = self.log_path(build);
-        let log = self.load(build)?;
-        let progress = log.progress();
-        if offset >= progress.len {
-            return Ok(LogChunk {
-                data: Bytes::new(),
-                progress,
+    fn is_open(&self) -> bool {
+        matches!(self, Self::Open(_))
+    }
+}
+
+/// A log this incarnation knows.
+struct BuildLog {
+    /// Tells stale writer answers (of books since forgotten) from current ones.
+    epoch: u64,
+    /// What readers see: bytes in the file, and whether the log is complete.
+    progress: watch::Sender<LogProgress>,
+    books: LogState,
+    /// The writer's queue; started on the first job, dropped when the log ends.
+    writer: Option<mpsc::UnboundedSender<Job>>,
+}
+
+impl BuildLog {
+    fn progress(&self) -> LogProgress {
+        *self.progress.borrow()
+    }
+
+    /// Every accepted byte is in the file.
+    fn settled(&self) -> bool {
+        self.progress().len == self.books.accepted
+    }
+}
+
+enum Entry {
+    /// Being loaded from disk; messages wait here in arrival order.
+    Loading(Vec<Op>),
+    Ready(BuildLog),
+}
+
+/// The log fan-out actor.
+pub struct LogFanout {
+    dir: PathBuf,
+    memory_per_build: usize,
+    /// `logs.max_bytes_per_build`.
+    max_bytes_per_build: u64,
+    /// `actors.mailbox_size`.
+    mailbox_size: usize,
+    logs: HashMap<BuildId, Entry>,
+    next_epoch: u64,
+    metrics: Metrics,
+    _guard: ChildGuard,
+}
+
+impl LogFanout {
+    pub fn new(
+        dir: PathBuf,
+        memory_per_build: usize,
+        max_bytes_per_build: u64,
+        mailbox_size: usize,
+        metrics: Metrics,
+        guard: ChildGuard,
+    ) -> Self {
+        Self {
+            dir,
+            memory_per_build,
+            max_bytes_per_build,
+            mailbox_size,
+            logs: HashMap::new(),
+            next_epoch: 0,
+            metrics,
+            _guard: guard,
+        }
+    }
+
+    /// Handles `op` now if the log is loaded, else once it is.
+    fn dispatch(&mut self, build: BuildId, op: Op, ctx: &mut Context<Self>) {
+        match self.logs.get_mut(&build) {
+            Some(Entry::Ready(_)) => self.apply(build, op, ctx),
+            Some(Entry::Loading(waiting)) => waiting.push(op),
+            None => {
+                let create = op.is_open();
+                self.logs.insert(build.clone(), Entry::Loading(vec![op]));
+                self.load(build, create, ctx);
+            }
+        }
+    }
+
+    /// Loads the log's books from disk on a blocking thread, then handles what waited.
+    fn load(&mut self, build: BuildId, create: bool, ctx: &mut Context<Self>) {
+        let dir = self.dir.clone();
+        let id = build.clone();
+        let probe = async move {
+            tokio::task::spawn_blocking(move || load_blocking(&dir, &id, create))
+                .await
+                .unwrap_or_else(|e| Err(LoadError::Io("loading the log", io::Error::other(e))))
+        };
+        ctx.spawn(
+            actix::fut::wrap_future(probe)
+                .map(move |loaded, act: &mut Self, ctx| act.loaded(build, loaded, ctx)),
+        );
+    }
+
+    fn loaded(&mut self, build: BuildId, loaded: Result<LogProgress, LoadError>, ctx: &mut Context<Self>) {
+        let Some(Entry::Loading(waiting)) = self.logs.remove(&build) else {
+            return; // forgotten meanwhile
+        };
+        match loaded {
+            Ok(progress) => {
+                self.next_epoch += 1;
+                let log = BuildLog {
+                    epoch: self.next_epoch,
+                    progress: watch::Sender::new(progress),
+                    books: LogState::loaded(progress.len, progress.ended, self.max_bytes_per_build),
+                    writer: None,
+                };
+                self.logs.insert(build.clone(), Entry::Ready(log));
+                for op in waiting {
+                    self.apply(build.clone(), op, ctx);
+                }
+            }
+            Err(LoadError::NotFound) => {
+                // What came before the first Open finds no log; the rest waits for its file.
+                let mut waiting = waiting.into_iter();
+                let mut rest = Vec::new();
+                for op in waiting.by_ref() {
+                    if op.is_open() {
+                        rest.push(op);
+                        break;
+                    }
+                    op.fail(LogError::NotFound(build.clone()));
+                }
+                rest.extend(waiting);
+                if !rest.is_empty() {
+                    self.logs.insert(build.clone(), Entry::Loading(rest));
+                    self.load(build, true, ctx);
+                }
+            }
+            Err(LoadError::Io(what, e)) => {
+                let error = LogError::storage(&build, what)(e);
+                for op in waiting {
+                    op.fail(error.clone());
+                }
+            }
+        }
+    }
+
+    fn ready(&mut self, build: &BuildId) -> Option<&mut BuildLog> {
+        match self.logs.get_mut(build) {
+            Some(Entry::Ready(log)) => Some(log),
+            _ => None,
+        }
+    }
+
+    /// Queues `job` on the log's writer, starting the writer if it has none.
+    fn enqueue(&mut self, build: &BuildId, job: Job, ctx: &mut Context<Self>) {
+        let dir = self.dir.clone();
+        let Some(log) = self.ready(build) else {
+            return; // dropping the job answers its caller with an error
+        };
+        let sender = log.writer.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let file = WriterFile {
+                path: log_path(&dir, build),
+                end_path: end_path(&dir, build),
+                file: None,
+                poisoned: None,
+            };
+            ctx.spawn(actix::fut::wrap_future(writer(file, rx)));
+            tx
+        });
+        let _ = sender.send(job);
+    }
+
+    /// Runs `then` once every write accepted so far is done (at once if there is none).
+    fn after_writes<F>(&mut self, build: BuildId, ctx: &mut Context<Self>, then: F)
+    where
+        F: FnOnce(&mut Self, io::Result<()>) + 'static,
+    {
+        let Some(log) = self.ready(&build) else {
+            return then(self, Err(io::ErrorKind::NotFound.into()));
+        };
+        if log.settled() {
+            return then(self, Ok(()));
+        }
+        let epoch = log.epoch;
+        let (done, written) = oneshot::channel();
+        self.enqueue(&build, Job::Barrier(done), ctx);
+        ctx.spawn(
+            actix::fut::wrap_future(written).map(move |result, act: &mut Self, _| {
+                let result = result.unwrap_or_else(|_| Err(io::Error::other("the log's writer stopped")));
+                if result.is_err() {
+                    act.forget_books(&build, epoch);
+                }
+                then(act, result)
+            }),
+        );
+    }
+
+    /// Drops the books of a log whose writer failed; the next message loads them again from
+    /// the file (followers see their watch close and subscribe again).
+    fn forget_books(&mut self, build: &BuildId, epoch: u64) {
+        if matches!(self.logs.get(build), Some(Entry::Ready(log)) if log.epoch == epoch) {
+            self.logs.remove(build);
+        }
+    }
+
+    /// Handles one message for a loaded log.
+    fn apply(&mut self, build: BuildId, op: Op, ctx: &mut Context<Self>) {
+        let Some(log) = self.ready(&build) else {
+            return op.fail(LogError::NotFound(build));
+        };
+        match op {
+            Op::Subscribe(reply) => drop(reply.send(Ok(log.progress.subscribe()))),
+            Op::Open(reply) => self.after_writes(build.clone(), ctx, move |act, result| {
+                let answer = match (result, act.ready(&build)) {
+                    (Ok(()), Some(log)) => Ok(log.progress()),
+                    (Err(e), _) => Err(LogError::storage(&build, "writing the log")(e)),
+                    (Ok(()), None) => Err(LogError::NotFound(build)),
+                };
+                let _ = reply.send(answer);
+            }),
+            Op::Append {
+                offset,
+                data,
+                kiln,
+                reply,
+            } => self.append(build, offset, data, kiln, reply, ctx),
+            Op::Finish(reply) => self.finish(build, reply, ctx),
+            Op::Read { offset, reply } => self.read(build, offset, reply, ctx),
+        }
+    }
+
+    fn append(
+        &mut self,
+        build: BuildId,
+        offset: u64,
+        data: Bytes,
+        kiln: bool,
+        reply: Reply<u64>,
+        ctx: &mut Context<Self>,
+    ) {
+        let (cap, memory) = (self.max_bytes_per_build, self.memory_per_build);
+        let Some(log) = self.ready(&build) else {
+            return drop(reply.send(Err(LogError::NotFound(build))));
+        };
+        let epoch = log.epoch;
+        match log.books.accept(&build, offset, &data, kiln, cap, memory) {
+            Err(e) => drop(reply.send(Err(e))),
+            Ok(Accepted::Nothing { len }) => self.after_writes(build.clone(), ctx, move |_, result| {
+                let answer = result
+                    .map(|()| len)
+                    .map_err(LogError::storage(&build, "writing the log"));
+                let _ = reply.send(answer);
+            }),
+            Ok(Accepted::Write { at, bytes }) => {
+                let end = at + bytes.len() as u64;
+                self.metrics.log_bytes(bytes.len() as u64);
+                let (done, written) = oneshot::channel();
+                self.enqueue(&build, Job::Write { at, bytes, done }, ctx);
+                ctx.spawn(
+                    actix::fut::wrap_future(written).map(move |result, act: &mut Self, _| {
+                        let result =
+                            result.unwrap_or_else(|_| Err(io::Error::other("the log's writer stopped")));
+                        let answer = match result {
+                            Ok(()) => {
+                                if let Some(log) = act.ready(&build).filter(|l| l.epoch == epoch) {
+                                    log.progress.send_modify(|p| p.len = p.len.max(end));
+                                }
+                                Ok(end)
+                            }
+                            Err(e) => {
+                                act.forget_books(&build, epoch);
+                                Err(LogError::storage(&build, "writing the log")(e))
+                            }
+                        };
+                        let _ = reply.send(answer);
+                    }),
+                );
+            }
+        }
+    }
+
+    fn finish(&mut self, build: BuildId, reply: Reply<LogProgress>, ctx: &mut Context<Self>) {
+        let Some(log) = self.ready(&build) else {
+            return drop(reply.send(Err(LogError::NotFound(build))));
+        };
+        if log.books.ending {
+            // Complete already, or a Finish is under way: answer once that is done.
+            return self.after_writes(build.clone(), ctx, move |act, result| {
+                let answer = match (result, act.ready(&build)) {
+                    (Ok(()), Some(log)) => Ok(log.progress()),
+                    (Err(e), _) => Err(LogError::storage(&build, "ending the log")(e)),
+                    (Ok(()), None) => Err(LogError::NotFound(build)),
+                };
+                let _ = reply.send(answer);
             });
         }
-        let data = if offset >= log.tail_start {
-            let from = (offset - log.tail_start) as usize;
-            let to = (from + READ_CHUNK).min(log.tail.len());
-            Bytes::copy_from_slice(&log.tail[from..to])
-        } else {
-            let want = READ_CHUNK.min((progress.len - offset) as usize);
-            let mut buf = vec![0; want];
-            let mut file = File::open(&path).map_err(|e| Self::storage_error(build, e))?;
-            file.seek(SeekFrom::Start(offset))
-                .map_err(|e| Self::storage_error(build, e))?;
-            let n = file.read(&mut buf).map_err(|e| Self::storage_error(build, e))?;
-            buf.truncate(n);
-            Bytes::from(buf)
+        log.books.ending = true;
+        let (epoch, len) = (log.epoch, log.books.accepted);
+        let (done, ended) = oneshot::channel();
+        self.enqueue(&build, Job::End { len, done }, ctx);
+        ctx.spawn(
+            actix::fut::wrap_future(ended).map(move |result, act: &mut Self, _| {
+                let result = result.unwrap_or_else(|_| Err(io::Error::other("the log's writer stopped")));
+                let answer = match result {
+                    Err(e) => {
+                        act.forget_books(&build, epoch);
+                        Err(LogError::storage(&build, "ending the log")(e))
+                    }
+                    Ok(()) => match act.ready(&build).filter(|l| l.epoch == epoch) {
+                        Some(log) => {
+                            log.books.ended();
+                            // No more jobs: the writer ends when its queue closes.
+                            log.writer = None;
+                            log.progress.send_modify(|p| p.ended = true);
+                            Ok(log.progress())
+                        }
+                        None => Err(LogError::NotFound(build.clone())),
+                    },
+                };
+                let _ = reply.send(answer);
+            }),
+        );
+    }
+
+    fn read(&mut self, build: BuildId, offset: u64, reply: Reply<LogChunk>, ctx: &mut Context<Self>) {
+        let path = log_path(&self.dir, &build);
+        let Some(log) = self.ready(&build) else {
+            return drop(reply.send(Err(LogError::NotFound(build))));
         };
-        Ok(LogChunk { data, progress })
+        let progress = log.progress();
+        if offset >= progress.len {
+            let _ = reply.send(Ok(LogChunk {
+                data: Bytes::new(),
+                progress,
+            }));
+            return;
+        }
+        if let Some(data) = log.books.tail_bytes(offset, progress.len) {
+            let _ = reply.send(Ok(LogChunk { data, progress }));
+            return;
+        }
+        // Below the tail: the bytes are in the file (only written bytes are published).
+        let want = READ_CHUNK.min((progress.len - offset) as usize);
+        let read = async move {
+            let data = tokio::task::spawn_blocking(move || read_blocking(&path, offset, want))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+            let answer = data
+                .map(|data| LogChunk { data, progress })
+                .map_err(LogError::storage(&build, "reading the log"));
+            let _ = reply.send(answer);
+        };
+        ctx.spawn(actix::fut::wrap_future(read));
+    }
+
+    /// Sends `op` (made with a reply channel) and answers with what it gets.
+    fn call<T: 'static>(
+        &mut self,
+        build: BuildId,
+        make: impl FnOnce(Reply<T>) -> Op,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<T, LogError>> {
+        let (reply, answer) = oneshot::channel();
+        self.dispatch(build.clone(), make(reply), ctx);
+        Box::pin(actix::fut::wrap_future(async move {
+            answer.await.unwrap_or_else(|_| {
+                Err(LogError::storage(&build, "handling the request")(
+                    io::Error::other("the log fan-out dropped the request"),
+                ))
+            })
+        }))
     }
 }
 
 impl Actor for LogFanout {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.mailbox_size);
+    }
 }
 
 impl Handler<Open> for LogFanout {
-    type Result = Result<LogProgress, LogError>;
+    type Result = ResponseActFuture<Self, Result<LogProgress, LogError>>;
 
-    fn handle(&mut self, msg: Open, _: &mut Self::Context) -> Self::Result {
-        self.open(&msg.build)
+    fn handle(&mut self, msg: Open, ctx: &mut Self::Context) -> Self::Result {
+        self.call(msg.build, Op::Open, ctx)
     }
 }
 
 impl Handler<Append> for LogFanout {
-    type Result = Result<u64, LogError>;
+    type Result = ResponseActFuture<Self, Result<u64, LogError>>;
 
-    fn handle(&mut self, msg: Append, _: &mut Self::Context) -> Self::Result {
-        self.append(&msg.build, msg.offset, &msg.data, msg.kiln)
+    /// Answered once the bytes are in the file (the progress watch moves at the same time).
+    fn handle(&mut self, msg: Append, ctx: &mut Self::Context) -> Self::Result {
+        let Append {
+            build,
+            offset,
+            data,
+            kiln,
+        } = msg;
+        self.call(
+            build,
+            |reply| Op::Append {
+                offset,
+                data,
+                kiln,
+                reply,
+            },
+            ctx,
+        )
     }
 }
 
 impl Handler<Finish> for LogFanout {
-    type Result = Result<LogProgress, LogError>;
+    type Result = ResponseActFuture<Self, Result<LogProgress, LogError>>;
 
-    fn handle(&mut self, msg: Finish, _: &mut Self::Context) -> Self::Result {
-        self.finish(&msg.build)
+    /// Answered once every accepted byte is flushed to disk and the `.end` marker written.
+    fn handle(&mut self, msg: Finish, ctx: &mut Self::Context) -> Self::Result {
+        self.call(msg.build, Op::Finish, ctx)
     }
 }
 
 impl Handler<Read> for LogFanout {
-    type Result = Result<LogChunk, LogError>;
+    type Result = ResponseActFuture<Self, Result<LogChunk, LogError>>;
 
-    fn handle(&mut self, msg: Read, _: &mut Self::Context) -> Self::Result {
-        self.read(&msg.build, msg.offset)
+    fn handle(&mut self, msg: Read, ctx: &mut Self::Context) -> Self::Result {
+        let offset = msg.offset;
+        self.call(msg.build, |reply| Op::Read { offset, reply }, ctx)
     }
 }
 
 impl Handler<Subscribe> for LogFanout {
-    type Result = Result<watch::Receiver<LogProgress>, LogError>;
+    type Result = ResponseActFuture<Self, Result<watch::Receiver<LogProgress>, LogError>>;
 
-    fn handle(&mut self, msg: Subscribe, _: &mut Self::Context) -> Self::Result {
-        Ok(self.load(&msg.build)?.progress.subscribe())
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
+        self.call(msg.build, Op::Subscribe, ctx)
     }
 }
 
@@ -377,9 +910,16 @@ impl Handler<Forget> for LogFanout {
     type Result = ();
 
     fn handle(&mut self, msg: Forget, _: &mut Self::Context) {
-        self.logs.remove(&msg.build);
-        let _ = fs::remove_file(self.log_path(&msg.build));
-        let _ = fs::remove_file(self.end_path(&msg.build));
+        if let Some(Entry::Loading(waiting)) = self.logs.remove(&msg.build) {
+            for op in waiting {
+                op.fail(LogError::NotFound(msg.build.clone()));
+            }
+        }
+        let (log, end) = (log_path(&self.dir, &msg.build), end_path(&self.dir, &msg.build));
+        tokio::task::spawn_blocking(move || {
+            let _ = fs::remove_file(log);
+            let _ = fs::remove_file(end);
+        });
     }
 }
 
@@ -393,6 +933,8 @@ impl Handler<Crash> for LogFanout {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::actors::supervision::ChildDied;
 
@@ -409,20 +951,56 @@ mod tests {
         fn handle(&mut self, _: ChildDied, _: &mut Self::Context) {}
     }
 
-    /// Runs `body` against a fan-out over `dir` capped at `cap` bytes, inside an actix system.
-    fn with_fanout(dir: &std::path::Path, cap: u64, body: impl FnOnce(&mut LogFanout) + 'static) {
+    const NO_CAP: u64 = u64::MAX;
+
+    /// Runs `body` against a fan-out over `dir` capped at `cap` bytes (8 bytes of tail in
+    /// memory, so most reads go to the file), inside an actix system of its own.
+    fn with_fanout<F, Fut>(dir: &Path, cap: u64, body: F)
+    where
+        F: FnOnce(Addr<LogFanout>) -> Fut + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         let dir = dir.to_owned();
         actix::System::new().block_on(async move {
             let guard = ChildGuard::new("log_fanout".into(), 1, NoSupervisor.start().recipient());
-            let mut fanout = LogFanout::new(dir, 8, cap, Metrics::new(), guard);
-            body(&mut fanout);
+            let fanout = LogFanout::new(dir, 8, cap, 16, Metrics::new(), guard).start();
+            tokio::time::timeout(Duration::from_secs(20), body(fanout))
+                .await
+                .expect("the test body finished in time");
         });
     }
 
-    fn whole(fanout: &mut LogFanout, build: &BuildId) -> Vec<u8> {
+    async fn open(f: &Addr<LogFanout>, build: &BuildId) -> LogProgress {
+        f.send(Open { build: build.clone() }).await.unwrap().unwrap()
+    }
+
+    async fn append(f: &Addr<LogFanout>, build: &BuildId, offset: u64, data: &[u8], kiln: bool) -> u64 {
+        f.send(Append {
+            build: build.clone(),
+            offset,
+            data: Bytes::copy_from_slice(data),
+            kiln,
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    }
+
+    async fn finish(f: &Addr<LogFanout>, build: &BuildId) -> LogProgress {
+        f.send(Finish { build: build.clone() }).await.unwrap().unwrap()
+    }
+
+    async fn whole(f: &Addr<LogFanout>, build: &BuildId) -> Vec<u8> {
         let mut out = Vec::new();
         loop {
-            let chunk = fanout.read(build, out.len() as u64).unwrap();
+            let chunk = f
+                .send(Read {
+                    build: build.clone(),
+                    offset: out.len() as u64,
+                })
+                .await
+                .unwrap()
+                .unwrap();
             if chunk.data.is_empty() {
                 return out;
             }
@@ -430,27 +1008,104 @@ mod tests {
         }
     }
 
+    // ---- the books, without actix ----------------------------------------------------------
+
+    #[test]
+    fn the_books_take_each_byte_once_and_refuse_gaps_and_late_output() {
+        let build = BuildId::random();
+        let mut books = LogState::loaded(0, false, 1000);
+        let accept = |books: &mut LogState, offset, data: &[u8]| {
+            books.accept(&build, offset, data, false, 1000, 4).unwrap()
+        };
+        assert_eq!(
+            accept(&mut books, 0, b"hello "),
+            Accepted::Write {
+                at: 0,
+                bytes: Bytes::from_static(b"hello ")
+            }
+        );
+        // A resend of what was taken, whole or in part: nothing new, or only the new part.
+        assert_eq!(accept(&mut books, 0, b"hello "), Accepted::Nothing { len: 6 });
+        assert_eq!(
+            accept(&mut books, 3, b"lo world"),
+            Accepted::Write {
+                at: 6,
+                bytes: Bytes::from_static(b"world")
+            }
+        );
+        assert!(matches!(
+            books.accept(&build, 20, b"x", false, 1000, 4),
+            Err(LogError::Gap {
+                offset: 20,
+                len: 11,
+                ..
+            })
+        ));
+        // The tail keeps the last bytes only (4 here) and serves what is published.
+        assert_eq!((books.tail_start, books.tail.as_slice()), (7, &b"orld"[..]));
+        assert_eq!(books.tail_bytes(8, 11), Some(Bytes::from_static(b"rld")));
+        assert_eq!(books.tail_bytes(8, 10), Some(Bytes::from_static(b"rl")));
+        assert_eq!(books.tail_bytes(6, 11), None, "below the tail: read the file");
+        assert_eq!(books.tail_bytes(11, 11), None, "nothing published there yet");
+        books.ending = true;
+        assert!(matches!(
+            books.accept(&build, 11, b"!", false, 1000, 4),
+            Err(LogError::Ended { .. })
+        ));
+        assert_eq!(accept(&mut books, 6, b"world"), Accepted::Nothing { len: 11 });
+    }
+
+    #[test]
+    fn the_books_cut_at_the_cap_once_and_keep_kilns_lines() {
+        let build = BuildId::random();
+        let marker = truncation_marker(10);
+        let mut books = LogState::loaded(0, false, 10);
+        books.accept(&build, 0, b"12345678", false, 10, 64).unwrap();
+        let Ok(Accepted::Write { at, bytes }) = books.accept(&build, 8, b"abcd", false, 10, 64) else {
+            panic!("the crossing append is written, cut")
+        };
+        assert_eq!(at, 8);
+        assert_eq!(bytes, [&b"ab\n"[..], marker.as_bytes()].concat());
+        let len = 11 + marker.len() as u64;
+        assert_eq!(
+            books.accept(&build, len, b"more", false, 10, 64).unwrap(),
+            Accepted::Nothing { len }
+        );
+        assert!(matches!(
+            books.accept(&build, len, b"verdict\n", true, 10, 64),
+            Ok(Accepted::Write { at, .. }) if at == len
+        ));
+        // Loaded at the cap: cut before, so no second marker.
+        let mut again = LogState::loaded(len + 8, false, 10);
+        assert_eq!(
+            again.accept(&build, len + 8, b"x", false, 10, 64).unwrap(),
+            Accepted::Nothing { len: len + 8 }
+        );
+    }
+
+    // ---- the actor -------------------------------------------------------------------------
+
     #[test]
     fn the_cap_cuts_output_once_and_keeps_kilns_lines() {
         let dir = tempfile::tempdir().unwrap();
         let logs = dir.path().join("logs");
         let build = BuildId::random();
         let id = build.clone();
-        with_fanout(&logs, 100, move |f| {
-            f.open(&id).unwrap();
-            assert_eq!(f.append(&id, 0, &[b'a'; 60], false).unwrap(), 60);
+        with_fanout(&logs, 100, move |f| async move {
+            open(&f, &id).await;
+            assert_eq!(append(&f, &id, 0, &[b'a'; 60], false).await, 60);
             // Crossing the cap: cut at 100, then a newline and the marker.
-            let len = f.append(&id, 60, &[b'b'; 60], false).unwrap();
+            let len = append(&f, &id, 60, &[b'b'; 60], false).await;
             let marker = truncation_marker(100);
             assert_eq!(len, 100 + 1 + marker.len() as u64);
             // A resend of the same append and any later output are acknowledged, not stored.
-            assert_eq!(f.append(&id, 60, &[b'b'; 60], false).unwrap(), len);
-            assert_eq!(f.append(&id, len, b"more output\n", false).unwrap(), len);
+            assert_eq!(append(&f, &id, 60, &[b'b'; 60], false).await, len);
+            assert_eq!(append(&f, &id, len, b"more output\n", false).await, len);
             // Kiln's own line still goes in.
-            let end = f.append(&id, len, b"pushed x\n", true).unwrap();
+            let end = append(&f, &id, len, b"pushed x\n", true).await;
             assert_eq!(end, len + 9);
-            f.finish(&id).unwrap();
-            let log = whole(f, &id);
+            finish(&f, &id).await;
+            let log = whole(&f, &id).await;
             let expected = [
                 &[b'a'; 60][..],
                 &[b'b'; 40],
@@ -475,23 +1130,254 @@ mod tests {
 
         // A restarted fan-out knows the log was cut: output stays dropped, no second marker.
         let id = build.clone();
-        with_fanout(&logs, 100, move |f| {
-            let len = f.load(&id).unwrap().progress().len;
-            assert_eq!(len, stored.len() as u64);
+        with_fanout(&logs, 100, move |f| async move {
+            assert_eq!(open(&f, &id).await.len, stored.len() as u64);
         });
         let unfinished = BuildId::random();
         let id = unfinished.clone();
-        with_fanout(&logs, 100, move |f| {
-            f.open(&id).unwrap();
-            f.append(&id, 0, &[b'c'; 150], false).unwrap();
+        with_fanout(&logs, 100, move |f| async move {
+            open(&f, &id).await;
+            append(&f, &id, 0, &[b'c'; 150], false).await;
         });
         let id = unfinished.clone();
-        with_fanout(&logs, 100, move |f| {
-            let len = f.load(&id).unwrap().progress().len;
-            assert_eq!(f.append(&id, len, b"late output\n", false).unwrap(), len);
-            let log = whole(f, &id);
+        with_fanout(&logs, 100, move |f| async move {
+            let len = open(&f, &id).await.len;
+            assert_eq!(append(&f, &id, len, b"late output\n", false).await, len);
+            let log = whole(&f, &id).await;
             assert_eq!(String::from_utf8_lossy(&log).matches("log truncated").count(), 1);
             assert!(log.starts_with(&[b'c'; 100]) && !log.windows(4).any(|w| w == b"late"));
+        });
+    }
+
+    #[test]
+    fn pipelined_appends_land_in_order_and_followers_see_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        let files = logs.clone();
+        with_fanout(&logs, NO_CAP, move |f| async move {
+            let logs = files;
+            let id = BuildId::random();
+            // Sent before the log is even loaded: they wait for it, in order.
+            let opened = f.send(Open { build: id.clone() });
+            let mut progress = f.send(Subscribe { build: id.clone() }).await.unwrap().unwrap();
+            opened.await.unwrap().unwrap();
+            let mut expected = Vec::new();
+            let mut sends = Vec::new();
+            for i in 0..200u32 {
+                let line = format!("line {i}\n").into_bytes();
+                sends.push(f.send(Append {
+                    build: id.clone(),
+                    offset: expected.len() as u64,
+                    data: Bytes::from(line.clone()),
+                    kiln: false,
+                }));
+                expected.extend_from_slice(&line);
+            }
+            let mut ends = Vec::new();
+            for send in sends {
+                ends.push(send.await.unwrap().unwrap());
+            }
+            assert!(ends.windows(2).all(|w| w[0] < w[1]), "answers in order");
+            assert_eq!(*ends.last().unwrap(), expected.len() as u64);
+            // A resend of an early append changes nothing.
+            assert_eq!(
+                append(&f, &id, 0, b"line 0\n", false).await,
+                expected.len() as u64
+            );
+            assert_eq!(progress.borrow_and_update().len, expected.len() as u64);
+            let ended = finish(&f, &id).await;
+            assert!(ended.ended);
+            assert!(progress.borrow_and_update().ended);
+            assert_eq!(whole(&f, &id).await, expected);
+            let path = log_path(&logs, &id);
+            assert_eq!(fs::read(path).unwrap(), expected);
+            assert!(end_path(&logs, &id).exists());
+            assert!(matches!(
+                f.send(Append {
+                    build: id.clone(),
+                    offset: expected.len() as u64,
+                    data: Bytes::from_static(b"late\n"),
+                    kiln: true,
+                })
+                .await
+                .unwrap(),
+                Err(LogError::Ended { .. })
+            ));
+            // Reads of a log nobody opened find nothing.
+            let missing = BuildId::random();
+            assert!(matches!(
+                f.send(Read {
+                    build: missing,
+                    offset: 0
+                })
+                .await
+                .unwrap(),
+                Err(LogError::NotFound(_))
+            ));
+        });
+    }
+
+    /// A write of a crashed incarnation may land late, past what the next one wrote again;
+    /// `Finish` cuts the file at what was accepted.
+    #[test]
+    fn finish_cuts_a_late_write_of_an_earlier_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        let id = BuildId::random();
+        let (files, build) = (logs.clone(), id.clone());
+        with_fanout(&logs, NO_CAP, move |f| async move {
+            open(&f, &build).await;
+            assert_eq!(append(&f, &build, 0, b"resumed\n", true).await, 8);
+            // The dead incarnation's write of its own (longer) output lands now.
+            let late = OpenOptions::new()
+                .write(true)
+                .open(log_path(&files, &build))
+                .unwrap();
+            late.write_all_at(b"old output that was never acknowledged\n", 8)
+                .unwrap();
+            assert_eq!(append(&f, &build, 8, b"done\n", true).await, 13);
+            assert_eq!(finish(&f, &build).await.len, 13);
+            assert_eq!(fs::read(log_path(&files, &build)).unwrap(), b"resumed\ndone\n");
+        });
+    }
+
+    /// 200 builds written and followed at once, each by its own follower (the pattern of
+    /// `LogsHandle::follow`: subscribe, read to the end, wait for progress): every follower
+    /// gets its whole log. Prints the fan-out's message rate, the figure that would call for
+    /// sharding by build id.
+    #[test]
+    fn two_hundred_followers_each_get_their_whole_log() {
+        const BUILDS: usize = 200;
+        const LINES: usize = 50;
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        with_fanout(&logs, NO_CAP, move |f| async move {
+            let started = std::time::Instant::now();
+            let ids: Vec<BuildId> = (0..BUILDS).map(|_| BuildId::random()).collect();
+            for id in &ids {
+                open(&f, id).await;
+            }
+            let mut tasks = Vec::new();
+            for (b, id) in ids.iter().enumerate() {
+                let (f2, id2) = (f.clone(), id.clone());
+                tasks.push(actix::spawn(async move {
+                    let mut offset = 0;
+                    for i in 0..LINES {
+                        let line = format!("build {b:03} line {i:03} {}\n", "x".repeat(80));
+                        offset = append(&f2, &id2, offset, line.as_bytes(), false).await;
+                    }
+                    finish(&f2, &id2).await;
+                    (0, 0)
+                }));
+                let (f2, id2) = (f.clone(), id.clone());
+                tasks.push(actix::spawn(async move {
+                    let mut progress = f2.send(Subscribe { build: id2.clone() }).await.unwrap().unwrap();
+                    let (mut got, mut reads) = (0u64, 0u64);
+                    loop {
+                        progress.borrow_and_update();
+                        let chunk = f2
+                            .send(Read {
+                                build: id2.clone(),
+                                offset: got,
+                            })
+                            .await
+                            .unwrap()
+                            .unwrap();
+                        reads += 1;
+                        got += chunk.data.len() as u64;
+                        if chunk.data.is_empty() {
+                            if chunk.progress.ended {
+                                return (got, reads);
+                            }
+                            progress.changed().await.unwrap();
+                        }
+                    }
+                }));
+            }
+            let mut messages = (BUILDS * (LINES + 2)) as u64;
+            for task in tasks {
+                let (got, reads) = task.await.unwrap();
+                if reads > 0 {
+                    assert_eq!(got, (LINES * 100) as u64, "a follower got its whole log");
+                }
+                messages += reads + 1;
+            }
+            let elapsed = started.elapsed();
+            eprintln!(
+                "{BUILDS} logs × {LINES} appends, {BUILDS} followers: {messages} messages in {elapsed:?} \
+                 ({:.0} messages/s, debug build, one thread for the fan-out and every client)",
+                messages as f64 / elapsed.as_secs_f64()
+            );
+        });
+    }
+
+    /// Opens (and closes) the read side of a FIFO when dropped, which lets a writer blocked
+    /// in opening it go on: whatever the test does, no blocking thread stays stuck.
+    struct Unblock(PathBuf);
+
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
+        }
+    }
+
+    /// The promise of issue 11, point 4: file I/O never holds the fan-out. The log of build
+    /// A is a FIFO nobody reads, so its writer blocks in `open` on a blocking thread; build
+    /// B's log works meanwhile, end to end.
+    #[test]
+    fn appends_complete_while_another_builds_write_is_blocked() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        crate::private_fs::create_dir_all(&logs).unwrap();
+        let stuck = BuildId::random();
+        let fifo = log_path(&logs, &stuck);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        with_fanout(&logs, NO_CAP, move |f| async move {
+            let unblock = Unblock(fifo);
+            // The append loads the log (a stat, no open) and hands the write to its writer,
+            // which blocks opening the FIFO for writing.
+            let blocked = actix::spawn({
+                let (f, stuck) = (f.clone(), stuck.clone());
+                async move {
+                    f.send(Append {
+                        build: stuck,
+                        offset: 0,
+                        data: Bytes::from_static(b"never read\n"),
+                        kiln: false,
+                    })
+                    .await
+                    .unwrap()
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(!blocked.is_finished(), "the write to the FIFO blocks");
+
+            let free = BuildId::random();
+            let started = std::time::Instant::now();
+            open(&f, &free).await;
+            let mut offset = 0;
+            for i in 0..20 {
+                offset = append(&f, &free, offset, format!("step {i}\n").as_bytes(), false).await;
+            }
+            finish(&f, &free).await;
+            let log = whole(&f, &free).await;
+            assert!(log.starts_with(b"step 0\n") && log.ends_with(b"step 19\n"));
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "build B took {:?}",
+                started.elapsed()
+            );
+            assert!(!blocked.is_finished(), "the write to the FIFO is still blocked");
+
+            // Unblock it: a reader opens the FIFO. The positioned write then fails (a FIFO
+            // cannot seek), the caller hears so, and the books of that log are dropped.
+            drop(unblock);
+            let answer = blocked.await.unwrap();
+            assert!(matches!(answer, Err(LogError::Storage { .. })), "{answer:?}");
         });
     }
 }

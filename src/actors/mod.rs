@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! Supervisor ─┬─ Orchestrator ── Build actor (one per build)
-//!             ├─ Resolver × resolver.pool_size  (one shared moka cache)
+//!             ├─ Resolver × resolver.pool_size  (each its own cache shard)
 //!             ├─ CacheWarmer
 //!             └─ LogFanout
 //! ```
@@ -21,15 +21,13 @@ mod resolver;
 mod supervision;
 mod supervisor;
 
-use std::{
-    sync::{atomic::AtomicUsize, Arc},
-    thread,
-};
+use std::{sync::Arc, thread};
 
 use actix::prelude::*;
 use tokio::sync::Semaphore;
 
 pub use build::RESTART_NOTICE;
+pub use cache_warmer::Warmed;
 pub use chaos::{parse_kinds, ChaosError, ChaosSettings};
 pub use error::BuildError;
 pub use handles::{KilnHandle, LogsHandle, ResolverPool};
@@ -47,7 +45,7 @@ use self::{
     chaos::ChaosDriver,
     log_fanout::LogFanout,
     orchestrator::{BuildTable, Journal, Orchestrator, OrchestratorDeps},
-    resolver::{Resolver, ResolverShared},
+    resolver::{Resolver, ResolverSettings},
     supervision::{ChildGuard, Slot},
     supervisor::{ChildSpec, RestartMode, ShutDown, StartChild, Supervisor},
 };
@@ -69,7 +67,6 @@ pub struct Directory {
     supervisor: Addr<Supervisor>,
     orchestrator: Arc<Slot<Orchestrator>>,
     resolvers: Vec<Arc<Slot<Resolver>>>,
-    next_resolver: AtomicUsize,
     warmer: Arc<Slot<CacheWarmer>>,
     logs: Arc<Slot<LogFanout>>,
     /// Chaos mode's driver (off unless `chaos.enabled` or `Admin.SetChaos`).
@@ -209,7 +206,6 @@ pub async fn start(
             resolvers: (0..config.resolver.pool_size)
                 .map(|i| Slot::new(format!("resolver-{i}"), restart_wait))
                 .collect(),
-            next_resolver: AtomicUsize::new(0),
             warmer: Slot::new("cache_warmer", restart_wait),
             logs: Slot::new("log_fanout", restart_wait),
             chaos,
@@ -217,30 +213,35 @@ pub async fn start(
 
         let logs_dir = config.data_dir.join("logs");
         let (memory, m) = (config.logs.memory_bytes_per_build, metrics.clone());
-        let max_log = config.logs.max_bytes_per_build;
+        let (max_log, mailbox) = (config.logs.max_bytes_per_build, config.actors.mailbox_size);
         supervisor.do_send(StartChild(permanent(
             "log_fanout",
             ActorKind::LogFanout,
             directory.logs.clone(),
-            move |g| LogFanout::new(logs_dir.clone(), memory, max_log, m.clone(), g),
+            move |g| LogFanout::new(logs_dir.clone(), memory, max_log, mailbox, m.clone(), g),
         )));
 
-        let shared = ResolverShared::new(
-            registry.clone(),
-            config.resolver.cache_capacity,
-            config.resolver.cache_ttl,
-            base_repository.clone(),
-            workspace_repository.clone(),
-            metrics.clone(),
-        );
+        let resolver = ResolverSettings {
+            client: registry.clone(),
+            shard_capacity: ResolverSettings::shard_capacity(
+                config.resolver.cache_capacity,
+                config.resolver.pool_size,
+            ),
+            ttl: config.resolver.cache_ttl,
+            max_in_flight: config.resolver.max_in_flight,
+            base_repository: base_repository.clone(),
+            workspace_repository: workspace_repository.clone(),
+            mailbox_size: config.actors.mailbox_size,
+            metrics: metrics.clone(),
+        };
         for slot in &directory.resolvers {
-            let (shared, mailbox) = (shared.clone(), config.actors.mailbox_size);
+            let resolver = resolver.clone();
             let name = slot.name().to_owned();
             supervisor.do_send(StartChild(permanent(
                 &name,
                 ActorKind::Resolver,
                 slot.clone(),
-                move |g| Resolver::new(shared.clone(), mailbox, g),
+                move |g| Resolver::new(resolver.clone(), g),
             )));
         }
 
@@ -281,12 +282,21 @@ pub async fn start(
         )));
 
         let pool = ResolverPool::new(directory.clone());
-        let interval = config.warmer.interval;
+        let (interval, mailbox) = (config.warmer.interval, config.actors.mailbox_size);
         supervisor.do_send(StartChild(permanent(
             "cache_warmer",
             ActorKind::CacheWarmer,
             directory.warmer.clone(),
-            move |g| CacheWarmer::new(warm_refs.clone(), interval, pool.clone(), engine.clone(), g),
+            move |g| {
+                CacheWarmer::new(
+                    warm_refs.clone(),
+                    interval,
+                    pool.clone(),
+                    engine.clone(),
+                    mailbox,
+                    g,
+                )
+            },
         )));
 
         let _ = tx.send((System::current(), directory));

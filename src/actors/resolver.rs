@@ -1,13 +1,28 @@
-//! The resolver pool: image tag → digest, through the registry, behind one moka cache.
+//! The resolver pool: image tag → digest, through the registry, each resolver with a cache
+//! shard of its own and a bound on the registry calls it makes at once.
 //!
-//! Every resolver in the pool shares one [`ResolverShared`] (the registry client and the
-//! cache), which survives restarts, so a crashed resolver loses no cached entry. The cache
-//! coalesces concurrent misses: N callers asking for one uncached reference make one
-//! registry call. Entries are keyed by the reference *and* by which credentials the request
-//! may use, so a digest learned with one caller's credentials is never served to a caller
-//! without them.
+//! There are `resolver.pool_size` resolvers. A reference always goes to the same one, chosen
+//! by a hash of the reference ([`shard_of`], used by [`super::handles::ResolverPool`]), so
+//! each resolver's moka cache is its own field and holds its shard of the references
+//! (`resolver.cache_capacity` split evenly). Nothing is shared between resolvers or between
+//! incarnations: a restarted resolver starts with an empty shard and refills it on the next
+//! misses (a cache is derived state; the registry is the truth).
+//!
+//! **Bound.** A resolver makes at most `resolver.max_in_flight` registry calls at once (a
+//! semaphore field); further misses wait in the resolver, in arrival order. The pool as a
+//! whole therefore never has more than `pool_size × max_in_flight` resolve calls at the
+//! registry. The handler's work runs as a `ResponseActFuture`, inside the resolver's own
+//! context: when the resolver dies, its lookups die with it (callers get `Closed`, their
+//! `Slot` sends again to the next incarnation), so no orphaned lookup of an old incarnation
+//! keeps a registry call going beside the new one's.
+//!
+//! **Coalescing.** The cache coalesces concurrent misses: N callers asking for one uncached
+//! reference make one registry call (moka's `try_get_with`), and take one permit. Entries are
+//! keyed by the reference *and* by which credentials the request may use, so a digest
+//! learned with one caller's credentials is never served to a caller without them.
 
 use std::{
+    hash::{DefaultHasher, Hash, Hasher},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -18,6 +33,7 @@ use std::{
 use actix::prelude::*;
 use moka::future::Cache;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
 
 use super::supervision::{ChildGuard, Crash, INJECTED_CRASH};
 use crate::{
@@ -35,6 +51,17 @@ pub struct Resolve {
     pub refresh: bool,
 }
 
+/// The resolver (of `pool_size`) that owns `image`'s cache entries: a stable hash of the
+/// reference, so every request for one reference meets the same cache and the same
+/// in-flight lookup.
+pub fn shard_of(image: &ImageRef, pool_size: usize) -> usize {
+    // `DefaultHasher::new()` has fixed keys: the same reference maps to the same resolver
+    // for the life of the process (which is all a cache shard needs).
+    let mut h = DefaultHasher::new();
+    image.to_string().hash(&mut h);
+    (h.finish() % pool_size.max(1) as u64) as usize
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
     image: String,
@@ -42,32 +69,27 @@ struct CacheKey {
     credentials: [u8; 32],
 }
 
-/// What every resolver of the pool shares; outlives any one resolver.
-pub struct ResolverShared {
-    client: RegistryClient,
-    cache: Cache<CacheKey, ImageRef>,
-    base_repository: ImageRef,
-    workspace_repository: ImageRef,
-    metrics: Metrics,
+/// What every incarnation of every resolver is made from: configuration only, no state.
+#[derive(Clone)]
+pub struct ResolverSettings {
+    pub client: RegistryClient,
+    /// Entries in one resolver's shard.
+    pub shard_capacity: u64,
+    /// `resolver.cache_ttl`.
+    pub ttl: Duration,
+    /// `resolver.max_in_flight`: registry calls one resolver makes at once.
+    pub max_in_flight: usize,
+    pub base_repository: ImageRef,
+    pub workspace_repository: ImageRef,
+    /// `actors.mailbox_size`.
+    pub mailbox_size: usize,
+    pub metrics: Metrics,
 }
 
-impl ResolverShared {
-    pub fn new(
-        client: RegistryClient,
-        capacity: u64,
-        ttl: Duration,
-        base_repository: ImageRef,
-        workspace_repository: ImageRef,
-        metrics: Metrics,
-    ) -> Arc<Self> {
-        let cache = Cache::builder().max_capacity(capacity).time_to_live(ttl).build();
-        Arc::new(Self {
-            client,
-            cache,
-            base_repository,
-            workspace_repository,
-            metrics,
-        })
+impl ResolverSettings {
+    /// The shard capacity for a pool of `pool_size` sharing `cache_capacity` entries.
+    pub fn shard_capacity(cache_capacity: u64, pool_size: usize) -> u64 {
+        cache_capacity.div_ceil(pool_size.max(1) as u64).max(1)
     }
 
     fn in_repository(image: &ImageRef, repo: &ImageRef) -> bool {
@@ -102,52 +124,74 @@ impl ResolverShared {
             credentials: h.finalize().into(),
         }
     }
-
-    async fn resolve(
-        &self,
-        image: ImageRef,
-        auth: AuthPolicy,
-        refresh: bool,
-    ) -> Result<ImageRef, Arc<RegistryError>> {
-        let key = self.cache_key(&image, &auth);
-        if refresh {
-            self.cache.invalidate(&key).await;
-        } else if let Some(hit) = self.cache.get(&key).await {
-            self.metrics.resolved(ResolveResult::Hit);
-            return Ok(hit);
-        }
-        let asked_registry = AtomicBool::new(false);
-        let result = self
-            .cache
-            .try_get_with(key, async {
-                asked_registry.store(true, Ordering::Relaxed);
-                self.client.resolve(&image, &auth).await
-            })
-            .await;
-        let counted = match (&result, asked_registry.load(Ordering::Relaxed)) {
-            (Err(_), _) => ResolveResult::Error,
-            (Ok(_), true) => ResolveResult::Miss,
-            // Joined another caller's in-flight lookup: no registry call of its own.
-            (Ok(_), false) => ResolveResult::Hit,
-        };
-        self.metrics.resolved(counted);
-        result
-    }
 }
 
-/// One resolver of the pool.
+/// One resolver of the pool: its cache shard and its registry-call permits.
 pub struct Resolver {
-    shared: Arc<ResolverShared>,
-    mailbox_size: usize,
+    settings: ResolverSettings,
+    /// This resolver's shard of the cache. A moka handle is cheap to clone; the clones go
+    /// only into this resolver's own lookups, which die with it.
+    cache: Cache<CacheKey, ImageRef>,
+    /// `max_in_flight` permits; a registry call holds one. Waiters queue in FIFO order.
+    calls: Arc<Semaphore>,
     _guard: ChildGuard,
 }
 
 impl Resolver {
-    pub fn new(shared: Arc<ResolverShared>, mailbox_size: usize, guard: ChildGuard) -> Self {
+    /// A new incarnation: an empty shard, all permits free.
+    pub fn new(settings: ResolverSettings, guard: ChildGuard) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(settings.shard_capacity)
+            .time_to_live(settings.ttl)
+            .build();
+        let calls = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
         Self {
-            shared,
-            mailbox_size,
+            settings,
+            cache,
+            calls,
             _guard: guard,
+        }
+    }
+
+    /// The lookup for one request, to run in this resolver's context.
+    fn lookup(
+        &self,
+        image: ImageRef,
+        auth: AuthPolicy,
+        refresh: bool,
+    ) -> impl std::future::Future<Output = Result<ImageRef, Arc<RegistryError>>> + 'static {
+        let key = self.settings.cache_key(&image, &auth);
+        let cache = self.cache.clone();
+        let calls = self.calls.clone();
+        let client = self.settings.client.clone();
+        let metrics = self.settings.metrics.clone();
+        async move {
+            if refresh {
+                cache.invalidate(&key).await;
+            } else if let Some(hit) = cache.get(&key).await {
+                metrics.resolved(ResolveResult::Hit);
+                return Ok(hit);
+            }
+            let asked_registry = AtomicBool::new(false);
+            let result = cache
+                .try_get_with(key, async {
+                    // The semaphore is never closed, so acquiring only waits.
+                    let _permit = calls
+                        .acquire()
+                        .await
+                        .expect("the resolver's semaphore is never closed");
+                    asked_registry.store(true, Ordering::Relaxed);
+                    client.resolve(&image, &auth).await
+                })
+                .await;
+            let counted = match (&result, asked_registry.load(Ordering::Relaxed)) {
+                (Err(_), _) => ResolveResult::Error,
+                (Ok(_), true) => ResolveResult::Miss,
+                // Joined another caller's in-flight lookup: no registry call of its own.
+                (Ok(_), false) => ResolveResult::Hit,
+            };
+            metrics.resolved(counted);
+            result
         }
     }
 }
@@ -156,16 +200,21 @@ impl Actor for Resolver {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.mailbox_size);
+        ctx.set_mailbox_capacity(self.settings.mailbox_size);
     }
 }
 
 impl Handler<Resolve> for Resolver {
-    type Result = ResponseFuture<Result<ImageRef, Arc<RegistryError>>>;
+    type Result = ResponseActFuture<Self, Result<ImageRef, Arc<RegistryError>>>;
 
+    /// Runs the lookup in this resolver's context (not detached): it waits for a permit
+    /// when `max_in_flight` registry calls are out, and ends with the resolver.
     fn handle(&mut self, msg: Resolve, _: &mut Self::Context) -> Self::Result {
-        let shared = self.shared.clone();
-        Box::pin(async move { shared.resolve(msg.image, msg.auth, msg.refresh).await })
+        Box::pin(actix::fut::wrap_future(self.lookup(
+            msg.image,
+            msg.auth,
+            msg.refresh,
+        )))
     }
 }
 
@@ -174,5 +223,35 @@ impl Handler<Crash> for Resolver {
 
     fn handle(&mut self, _: Crash, _: &mut Self::Context) {
         std::panic::panic_any(INJECTED_CRASH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reference_always_goes_to_one_resolver_and_references_spread() {
+        let refs: Vec<ImageRef> = (0..200)
+            .map(|i| format!("registry.example.com/team/app{i}:1").parse().unwrap())
+            .collect();
+        for image in &refs {
+            let shard = shard_of(image, 4);
+            assert!(shard < 4);
+            assert_eq!(shard_of(image, 4), shard);
+            assert_eq!(shard_of(image, 1), 0);
+        }
+        let mut counts = [0usize; 4];
+        for image in &refs {
+            counts[shard_of(image, 4)] += 1;
+        }
+        assert!(counts.iter().all(|c| *c >= 20), "uneven shards: {counts:?}");
+    }
+
+    #[test]
+    fn the_cache_capacity_is_split_between_the_shards() {
+        assert_eq!(ResolverSettings::shard_capacity(10_000, 2), 5_000);
+        assert_eq!(ResolverSettings::shard_capacity(10, 3), 4);
+        assert_eq!(ResolverSettings::shard_capacity(1, 8), 1);
     }
 }

@@ -69,4 +69,15 @@ impl Admin for AdminService {
         let injected_so_far = self.kiln.set_chaos(settings).await.map_err(from_build_error)?;
         Ok(Response::new(pb::SetChaosResponse { injected_so_far }))
     }
+
+    async fn warm_now(
+        &self,
+        _: Request<pb::WarmNowRequest>,
+    ) -> Result<Response<pb::WarmNowResponse>, Status> {
+        let warmed = self.kiln.warm_now().await.map_err(from_build_error)?;
+        Ok(Response::new(pb::WarmNowResponse {
+            images: warmed.images,
+            failed: warmed.failed,
+        }))
+    }
 }

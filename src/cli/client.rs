@@ -34,6 +34,7 @@ use crate::{
     proto::{
         admin::{
             admin_client::AdminClient, ActorInfo, ListActorsRequest, RestartActorRequest, SetChaosRequest,
+            WarmNowRequest,
         },
         builder::{
             build_registry_auth, build_source, image_builder_client::ImageBuilderClient, BuildInfo,
@@ -781,6 +782,23 @@ pub async fn admin_chaos(
         if enabled { "on" } else { "off" },
         resp.injected_so_far
     ))
+}
+
+/// `kiln admin warm`: warms the service's `warmer.refs` now; prints how many were warmed.
+pub async fn admin_warm(client: ClientArgs) -> Result<(), ClientError> {
+    let mut admin = AdminClient::new(connect(&client).await?);
+    let resp = admin.warm_now(WarmNowRequest {}).await?.into_inner();
+    print_out(&warm_summary(resp.images, resp.failed))
+}
+
+/// The line `kiln admin warm` prints.
+pub fn warm_summary(images: u64, failed: u64) -> String {
+    let noun = if images == 1 { "image" } else { "images" };
+    if failed == 0 {
+        format!("{images} {noun} warmed\n")
+    } else {
+        format!("{images} {noun} warmed, {failed} failed (see the service's log)\n")
+    }
 }
 
 /// The `kiln admin actors` table: NAME, KIND, RESTARTS, MAILBOX.

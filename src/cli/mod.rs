@@ -138,7 +138,7 @@ pub enum Command {
     /// Operator commands: inspect and restart the service's actors.
     #[command(
         subcommand,
-        after_help = "Examples:\n  kiln admin actors\n  kiln admin restart resolver-0\n  kiln admin chaos on --interval 100ms"
+        after_help = "Examples:\n  kiln admin actors\n  kiln admin restart resolver-0\n  kiln admin chaos on --interval 100ms\n  kiln admin warm"
     )]
     Admin(AdminCommand),
 
@@ -227,6 +227,18 @@ pub enum AdminCommand {
         /// Time between two crashes, e.g. `100ms`. Default: the service's `chaos.interval`.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         interval: Option<std::time::Duration>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Warm the service's configured references now (`warmer.refs`).
+    #[command(
+        long_about = "Warm the references the service keeps warm (`warmer.refs` in its config) \
+            now, as the cache warmer does every `warmer.interval`: each is resolved again into \
+            the resolver cache and its layers are pre-fetched into the layer store. Prints how \
+            many images were warmed once the warm is done.",
+        after_help = "Example:\n  kiln admin warm"
+    )]
+    Warm {
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -534,6 +546,7 @@ pub fn run(cli: Cli) -> ExitCode {
             interval,
             client,
         }) => client::run(client::admin_chaos(client, state == "on", kinds, interval)),
+        Command::Admin(AdminCommand::Warm { client }) => client::run(client::admin_warm(client)),
         Command::Sandbox => crate::engine::sandbox::child_main(),
         Command::Fsop => crate::engine::build::fsop_child_main(),
         Command::Execute(args) => execute::run(args),
@@ -887,6 +900,23 @@ mod tests {
         assert_eq!(
             parse_err(&["admin", "chaos", "on", "--interval", "soon"]),
             ErrorKind::ValueValidation
+        );
+        let Command::Admin(AdminCommand::Warm { client }) =
+            parse(&["admin", "warm", "--addr", "127.0.0.1:9"])
+                .unwrap()
+                .command
+        else {
+            panic!()
+        };
+        assert_eq!(client.addr, "127.0.0.1:9");
+        assert_eq!(
+            parse_err(&["admin", "warm", "alpine"]),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(client::warm_summary(1, 0), "1 image warmed\n");
+        assert_eq!(
+            client::warm_summary(2, 1),
+            "2 images warmed, 1 failed (see the service's log)\n"
         );
     }
 

@@ -18,6 +18,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod pool_bound;
+
 use std::{
     collections::BTreeMap,
     path::Path,

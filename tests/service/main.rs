@@ -16,6 +16,7 @@ mod knobs;
 mod logs;
 mod resolve;
 mod restart;
+mod warm;
 
 #[test]
 fn metric_samples_are_found_by_name_and_labels() {

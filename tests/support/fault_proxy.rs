@@ -19,6 +19,12 @@
 //! Draws come from one `StdRng` seeded by [`FaultPlan::seed`] in the order requests arrive;
 //! [`FaultProxy::set_plan`] swaps the plan (and reseeds) between test phases. The proxy counts
 //! what it injected ([`FaultProxy::stats`]) and records every request ([`FaultProxy::log`]).
+//! A plan may also hold every request for a while ([`FaultPlan::latency`]) so that concurrent
+//! requests overlap; the stats then say how many requests were held at most at once
+//! ([`FaultStats::max_concurrent`]). A request is held after its head was read and before
+//! anything of its answer was sent, so its client is still waiting for it: the count is
+//! never more than the client's own concurrency, and it is exact when the latency is well
+//! above the rest of a request's time.
 //! It runs on its own thread and runtime and stops on drop, closing every connection.
 
 use std::{
@@ -77,6 +83,8 @@ pub struct FaultPlan {
     /// Only requests with one of these methods (`"PATCH"`, ...) may get a fault; all when
     /// empty (the default).
     pub methods: Vec<String>,
+    /// How long every request is held before it is answered or forwarded. Default none.
+    pub latency: Duration,
 }
 
 impl Default for FaultPlan {
@@ -86,6 +94,7 @@ impl Default for FaultPlan {
             stall: Duration::from_secs(3),
             seed: 1,
             methods: Vec::new(),
+            latency: Duration::ZERO,
         }
     }
 }
@@ -110,6 +119,11 @@ impl FaultPlan {
         self
     }
 
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
     pub fn only_methods(mut self, methods: &[&str]) -> Self {
         self.methods = methods.iter().map(|m| (*m).to_owned()).collect();
         self
@@ -125,6 +139,10 @@ pub struct FaultStats {
     pub passed: u64,
     /// Injected faults by kind.
     pub injected: BTreeMap<Fault, u64>,
+    /// Requests being held now (head read, [`FaultPlan::latency`] not yet over).
+    pub in_flight: u64,
+    /// The most requests held at once.
+    pub max_concurrent: u64,
 }
 
 impl FaultStats {
@@ -172,9 +190,12 @@ impl State {
         }
     }
 
-    /// Draws the fault for one request and records it.
-    fn decide(&mut self, head: &RequestHead) -> (Option<Fault>, Duration) {
+    /// Draws the fault for one request and records it; the request is held until
+    /// [`State::released`].
+    fn decide(&mut self, head: &RequestHead) -> (Option<Fault>, Duration, Duration) {
         self.stats.requests += 1;
+        self.stats.in_flight += 1;
+        self.stats.max_concurrent = self.stats.max_concurrent.max(self.stats.in_flight);
         let eligible = self.plan.methods.is_empty() || self.plan.methods.contains(&head.method);
         let fault = if eligible && !self.plan.faults.is_empty() {
             let draw: f64 = self.rng.random();
@@ -196,7 +217,13 @@ impl State {
             headers: head.headers.clone(),
             fault,
         });
-        (fault, self.plan.stall)
+        (fault, self.plan.stall, self.plan.latency)
+    }
+
+    /// A request's latency is over. (After a `set_plan` meanwhile, the count may already be
+    /// zero.)
+    fn released(&mut self) {
+        self.stats.in_flight = self.stats.in_flight.saturating_sub(1);
     }
 }
 
@@ -519,7 +546,11 @@ async fn handle(mut client: TcpStream, upstream: &str, state: &Mutex<State>) -> 
     let Some(head) = parse_request(&head_bytes) else {
         return Ok(());
     };
-    let (fault, stall) = state.lock().unwrap_or_else(|p| p.into_inner()).decide(&head);
+    let (fault, stall, latency) = state.lock().unwrap_or_else(|p| p.into_inner()).decide(&head);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    state.lock().unwrap_or_else(|p| p.into_inner()).released();
     let is_head = head.method == "HEAD";
     match fault {
         Some(Fault::Status(status)) => {
