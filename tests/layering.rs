@@ -330,7 +330,8 @@ fn check_file(relative: &Path, text: &str) -> Vec<Violation> {
                 // Count the chain `super::super::…`.
                 let mut supers = 0;
                 let mut j = i;
-                while toks.get(j).is_some_and(|(t, _)| t == "super") && toks.get(j + 1).is_some_and(|(t, _)| t == "::")
+                while toks.get(j).is_some_and(|(t, _)| t == "super")
+                    && toks.get(j + 1).is_some_and(|(t, _)| t == "::")
                 {
                     supers += 1;
                     j += 2;
@@ -384,7 +385,8 @@ fn check_tree(src: &Path) -> Vec<Violation> {
         if relative == Path::new("lib.rs") || relative == Path::new("main.rs") {
             continue;
         }
-        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
         found.extend(check_file(relative, &text));
     }
     found
@@ -403,7 +405,11 @@ fn every_import_follows_the_layers() {
         "{} import(s) against the layering ({}), lowest first:\n{}\n\nby pair: {:?}",
         found.len(),
         LAYERS.join(" ← "),
-        found.iter().map(|v| format!("  {v}")).collect::<Vec<_>>().join("\n"),
+        found
+            .iter()
+            .map(|v| format!("  {v}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         by_pair,
     );
 }
@@ -421,7 +427,10 @@ fn every_top_level_module_has_a_layer() {
         .filter(|m| !["builder", "contentservice", "admin"].contains(m))
         .collect();
     for module in &declared {
-        assert!(rank(module).is_some(), "src/lib.rs declares `{module}`, which has no place in LAYERS");
+        assert!(
+            rank(module).is_some(),
+            "src/lib.rs declares `{module}`, which has no place in LAYERS"
+        );
     }
 }
 
@@ -440,7 +449,9 @@ fn f() { let _ = crate::registry::READ_TIMEOUT; }
     let found = check_file(file, text);
     let shown: Vec<(usize, &str)> = found.iter().map(|v| (v.line, v.path.as_str())).collect();
     assert_eq!(shown, [(4, "crate::engine"), (7, "crate::registry")]);
-    assert!(found[0].to_string().starts_with("src/model/build.rs:4: `model` imports `crate::engine`"));
+    assert!(found[0]
+        .to_string()
+        .starts_with("src/model/build.rs:4: `model` imports `crate::engine`"));
 }
 
 #[test]
