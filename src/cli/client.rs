@@ -26,7 +26,7 @@ use tonic::{
 
 use super::{
     progress::{BuildView, ProgressPrinter},
-    BuildArgs, BuildSelector, CancelArgs, ClientArgs, ListArgs, LogsArgs, ResolveArgs, StatusArgs,
+    BuildArgs, BuildSelectorArgs, CancelArgs, ClientArgs, ListArgs, LogsArgs, ResolveArgs, StatusArgs,
     EXIT_USAGE,
 };
 use crate::{
@@ -564,7 +564,7 @@ fn log_unavailable<W: Write>(printer: &mut ProgressPrinter<W>, status: &Status) 
 // ---------------------------------------------------------------------------------------
 // kiln logs
 
-fn logs_request(build: &BuildSelector, offset: u64, censored: bool) -> LogsRequest {
+fn logs_request(build: &BuildSelectorArgs, offset: u64, censored: bool) -> LogsRequest {
     LogsRequest {
         build_ref: build.build_ref.clone().unwrap_or_default(),
         censored,
@@ -1575,7 +1575,7 @@ mod tests {
         };
         let (addr, fake) = fake::serve(script).await;
         let mut client = builder(&ClientArgs::plain(addr)).await.unwrap();
-        let selector = BuildSelector {
+        let selector = BuildSelectorArgs {
             build_id: Some("b-1".into()),
             build_ref: None,
         };
@@ -1586,7 +1586,7 @@ mod tests {
         assert_eq!(out, b"a\n\xffb");
         let request = fake.last_logs_request.lock().unwrap().clone().unwrap();
         assert_eq!((request.offset, request.censored), (7, true));
-        let selector = BuildSelector {
+        let selector = BuildSelectorArgs {
             build_id: Some("nope".into()),
             build_ref: None,
         };
