@@ -526,7 +526,7 @@ impl Default for ChaosConfig {
     fn default() -> Self {
         Self {
             enabled: false,
-            kinds: crate::actors::ActorKind::ALL
+            kinds: crate::model::ActorKind::ALL
                 .iter()
                 .map(|k| k.as_str().to_owned())
                 .collect(),
@@ -926,7 +926,10 @@ impl Config {
         if self.chaos.interval.is_zero() {
             return Err(invalid("chaos.interval", "must be longer than zero"));
         }
-        crate::actors::parse_kinds(&self.chaos.kinds).map_err(|e| invalid("chaos.kinds", e.to_string()))?;
+        for kind in &self.chaos.kinds {
+            kind.parse::<crate::model::ActorKind>()
+                .map_err(|e| invalid("chaos.kinds", e.to_string()))?;
+        }
         self.platform()?;
         self.registry
             .base_repository()

@@ -10,6 +10,10 @@
 //! - [`cli`]: the `kiln` command line (server and clients).
 //! - [`proto`]: the generated wire types.
 //!
+//! Modules are layered, lowest first: `model ← private_fs ← registry ← engine ← config ←
+//! executor ← metrics ← actors ← proto ← api ← server ← telemetry ← cli`; a module uses only
+//! the ones before it (`tests/layering.rs` checks every import).
+//!
 //! Start reading at `ARCHITECTURE.md`, then [`actors`].
 
 pub mod actors;

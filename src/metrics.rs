@@ -17,7 +17,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{actors::ActorKind, model::BuildOutcome};
+use crate::model::{ActorKind, BuildOutcome};
 
 /// image-builder-mk3's label: `"true"` or `"false"`, as Go's `strconv.FormatBool`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

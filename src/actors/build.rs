@@ -43,8 +43,7 @@ use crate::{
     model::{BuildId, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource, Secret},
 };
 
-/// How the log line a restarted build actor writes begins.
-pub const RESTART_NOTICE: &str = "build actor restarted";
+pub use crate::executor::RESTART_NOTICE;
 
 /// Asks a build to stop; it ends `done_failure` ("cancelled").
 #[derive(Debug, Clone, Copy, Message)]

@@ -18,7 +18,6 @@
 //! delivered again to the next incarnation.
 
 use std::{
-    fmt,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -29,44 +28,7 @@ use std::{
 use actix::{dev::ToEnvelope, prelude::*};
 use tokio::sync::watch;
 
-/// What kind of actor a supervised child is (the `kind` of `ListActors`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ActorKind {
-    Supervisor,
-    Orchestrator,
-    Build,
-    Resolver,
-    CacheWarmer,
-    LogFanout,
-}
-
-impl ActorKind {
-    pub const ALL: [ActorKind; 6] = [
-        Self::Supervisor,
-        Self::Orchestrator,
-        Self::Build,
-        Self::Resolver,
-        Self::CacheWarmer,
-        Self::LogFanout,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Supervisor => "supervisor",
-            Self::Orchestrator => "orchestrator",
-            Self::Build => "build",
-            Self::Resolver => "resolver",
-            Self::CacheWarmer => "cache_warmer",
-            Self::LogFanout => "log_fanout",
-        }
-    }
-}
-
-impl fmt::Display for ActorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::model::ActorKind;
 
 /// The reply of an actor that is down and did not come back in time. Retryable.
 #[derive(Debug, Clone, thiserror::Error)]

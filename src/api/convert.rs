@@ -5,10 +5,9 @@ use std::time::UNIX_EPOCH;
 
 use crate::{
     actors::{BuildError, BuildRefs, BuildRequest, BuildSelector, BuildSnapshot},
-    engine::context::{GitSource, GitTarget},
     model::{
-        AuthPolicy, BuildId, BuildSource, BuildStatus, ContextSource, DockerfileSource, ImageRef,
-        InstallationCredentialScope, Secret,
+        AuthPolicy, BuildId, BuildSource, BuildStatus, ContextSource, DockerfileSource, GitSource, GitTarget,
+        ImageRef, InstallationCredentialScope, Secret,
     },
     proto::builder as pb,
 };

@@ -16,9 +16,9 @@ use crate::{
     config::{EngineSettings, LayerCompressionSetting},
     engine::{
         build::{BuildInput, Engine, EngineConfig, RunNetwork},
-        context::{self, GitSource, GitTarget},
+        context,
     },
-    model::{AuthPolicy, ImageRef, InstallationCredentialScope, Secret},
+    model::{AuthPolicy, GitSource, GitTarget, ImageRef, InstallationCredentialScope, Secret},
     registry::{ClientConfig, CredentialStore, Platform, RegistryClient},
 };
 

@@ -405,7 +405,7 @@ pub struct BuildArgs {
 /// Names one build: by id, or by workspace image ref.
 #[derive(Debug, Clone, Args)]
 #[group(required = true, multiple = false)]
-pub struct BuildSelector {
+pub struct BuildSelectorArgs {
     /// The build's id (see `kiln list`).
     #[arg(value_name = "BUILD_ID")]
     pub build_id: Option<String>,
@@ -418,7 +418,7 @@ pub struct BuildSelector {
 #[derive(Debug, Clone, Args)]
 pub struct LogsArgs {
     #[command(flatten)]
-    pub build: BuildSelector,
+    pub build: BuildSelectorArgs,
     /// Byte offset into the log to start from.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub offset: u64,
@@ -443,7 +443,7 @@ pub struct ListArgs {
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
-    pub build: BuildSelector,
+    pub build: BuildSelectorArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

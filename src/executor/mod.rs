@@ -10,7 +10,10 @@
 //! runs here; only the Dockerfile build itself runs where `builds.executor` says: in this
 //! process ([`Builder::Local`]) or in a pod ([`Builder::Kubernetes`]).
 
+mod context;
 pub mod kubernetes;
+
+pub use context::PreparedContext;
 
 use std::{sync::Arc, time::Duration};
 
@@ -19,13 +22,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    actors::PreparedContext,
     engine::build::{BuildInput, Engine, EngineError},
     model::{AuthPolicy, BuildId, BuildKey, Digest, ImageRef},
     registry::{CopyEvent, RegistryClient, RegistryError},
 };
 
 use self::kubernetes::{ClusterError, KubernetesBuilder};
+
+/// How the log line a restarted build actor writes begins: a job run again after a crash
+/// starts its log with it (the Kubernetes executor skips such lines when it counts the pod
+/// lines a log holds).
+pub const RESTART_NOTICE: &str = "build actor restarted";
 
 /// One unit of build work.
 #[derive(Debug, Clone)]

@@ -4,8 +4,7 @@ use std::{collections::BTreeMap, fmt};
 
 use sha2::{Digest as _, Sha256};
 
-use super::{Digest, ImageRef};
-use crate::engine::context::GitSource;
+use super::{Digest, GitSource, ImageRef};
 
 /// Kiln's build-process version. It is part of every build key: bump it whenever the same
 /// inputs would now produce a different image, so that old images are not reused.

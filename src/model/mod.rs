@@ -5,15 +5,20 @@
 //! never sees a malformed image reference, digest or build id. Nothing in this module does
 //! I/O, and nothing here knows about gRPC.
 
+mod actor_kind;
 mod auth;
 mod build;
+mod git;
 mod image_ref;
 mod secret;
 
+pub use actor_kind::{ActorKind, UnknownActorKind};
 pub use auth::{AuthPolicy, AuthPolicyError, BasicCredentials, InstallationCredentialScope};
 pub use build::{
     BuildId, BuildKey, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource,
     BUILD_PROCESS_VERSION,
 };
+pub(crate) use git::Remote;
+pub use git::{GitSource, GitSourceError, GitTarget};
 pub use image_ref::{Digest, ImageRef, ImageRefError};
 pub use secret::Secret;

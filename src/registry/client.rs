@@ -41,8 +41,7 @@ use oci_client::{
 use super::{
     credentials::{host_of, normalize_registry, select_credentials, CredentialSource, KilnRepositories},
     error::classify,
-    manifest::{inspect, ManifestKind, MANIFEST_MEDIA_TYPES},
-    platform::select_manifest,
+    manifests::{inspect, ManifestKind},
     CredentialStore, Platform, RegistryError, RegistryErrorKind, RetryPolicy,
 };
 use crate::model::{AuthPolicy, BasicCredentials, Digest, ImageRef, Secret};
@@ -228,41 +227,11 @@ impl RegistryClient {
     /// manifest itself is not fetched; the registry vouches for the index's entries.
     pub async fn resolve(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<ImageRef, RegistryError> {
         let oci = self.oci_for_request(image, auth).await?;
-        let reference = image.to_oci();
-        let (body, digest) = self
-            .inner
-            .retry
-            .run(image.registry(), "fetch manifest", || async {
-                oci.client
-                    .pull_manifest_raw(&reference, &oci.auth, MANIFEST_MEDIA_TYPES)
-                    .await
-                    .map_err(|e| RegistryError::FetchManifest {
-                        reference: image.to_string(),
-                        source: Arc::new(e),
-                    })
-            })
-            .await?;
+        let (body, digest) = self.fetch_manifest(&oci, image).await?;
         let digest = match inspect(image, &body)? {
-            ManifestKind::Image { .. } => digest,
-            ManifestKind::Index { .. } => {
-                let index: oci_client::manifest::OciImageIndex =
-                    serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidManifest {
-                        reference: image.to_string(),
-                        reason: format!("invalid image index: {e}"),
-                    })?;
-                let entry = select_manifest(&index, &self.inner.platform).map_err(|available| {
-                    RegistryError::PlatformNotFound {
-                        reference: image.to_string(),
-                        platform: self.inner.platform.to_string(),
-                        available,
-                    }
-                })?;
-                tracing::debug!(image = %image, index = %digest, manifest = %entry.digest,
-                    platform = %self.inner.platform, "picked the platform manifest from the index");
-                entry.digest.clone()
-            }
+            ManifestKind::Image { .. } => parse_digest(image, &digest)?,
+            ManifestKind::Index { .. } => self.choose_platform(image, &body)?,
         };
-        let digest = parse_digest(image, &digest)?;
         Ok(image.pinned(digest))
     }
 

@@ -16,14 +16,12 @@
 use std::{collections::HashSet, fmt, sync::Arc};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use oci_client::manifest::OciDescriptor;
 
 use super::{
-    blobs::RegistrySource,
-    client::{parse_digest, Oci},
     credentials::normalize_registry,
-    manifest::{inspect, ManifestKind, MANIFEST_MEDIA_TYPES},
-    RegistryClient, RegistryError,
+    manifests::{content_type, inspect, parse_image_manifest, ManifestKind},
+    BlobPush, RegistryClient, RegistryError,
 };
 use crate::model::{AuthPolicy, Digest, ImageRef};
 
@@ -50,6 +48,17 @@ pub enum CopyEvent {
     BlobCopied { digest: Digest, bytes: u64 },
     /// The manifest was pushed to the target tag.
     ManifestPushed { digest: Digest },
+}
+
+impl CopyEvent {
+    /// The event for a blob made present by `push`.
+    fn blob(digest: Digest, push: BlobPush) -> Self {
+        match push {
+            BlobPush::Present => Self::BlobPresent { digest },
+            BlobPush::Mounted { from } => Self::BlobMounted { digest, from },
+            BlobPush::Uploaded { bytes } => Self::BlobCopied { digest, bytes },
+        }
+    }
 }
 
 impl fmt::Display for CopyEvent {
@@ -97,19 +106,7 @@ impl RegistryClient {
         let dst = self.oci_for_kiln(&target).await?;
 
         // oci-client checks the bytes against the pinned digest.
-        let source_reference = source.to_oci();
-        let (body, _) = self
-            .retry_policy()
-            .run(source.registry(), "fetch manifest", || async {
-                src.client
-                    .pull_manifest_raw(&source_reference, &src.auth, MANIFEST_MEDIA_TYPES)
-                    .await
-                    .map_err(|e| RegistryError::FetchManifest {
-                        reference: source.to_string(),
-                        source: Arc::new(e),
-                    })
-            })
-            .await?;
+        let (body, _) = self.fetch_manifest(&src, source).await?;
         let media_type = match inspect(source, &body)? {
             ManifestKind::Image { media_type } => media_type,
             ManifestKind::Index { .. } => {
@@ -118,11 +115,7 @@ impl RegistryClient {
                 })
             }
         };
-        let manifest: OciImageManifest =
-            serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidManifest {
-                reference: source.to_string(),
-                reason: format!("invalid image manifest: {e}"),
-            })?;
+        let manifest = parse_image_manifest(source, &body)?;
 
         let mut seen = HashSet::new();
         let blobs: Vec<OciDescriptor> = std::iter::once(manifest.config)
@@ -133,42 +126,22 @@ impl RegistryClient {
         let same_registry = normalize_registry(source.registry()) == normalize_registry(target.registry());
         tracing::debug!(%source, %target, blobs = blobs.len(), same_registry, "copying image");
 
-        let job = BlobJob {
-            client: self,
-            src: &src,
-            dst: &dst,
-            source,
-            target: &target,
-            same_registry,
-        };
-        let content_type: reqwest::header::HeaderValue =
-            media_type
-                .parse()
-                .map_err(|_| RegistryError::UnsupportedManifest {
-                    reference: source.to_string(),
-                    media_type: media_type.clone(),
-                })?;
+        let content_type = content_type(source, &media_type)?;
         let target_reference = target.to_oci();
         for attempt in 1.. {
-            futures::stream::iter(blobs.iter().map(|d| job.copy_blob(d)))
-                .buffer_unordered(MAX_CONCURRENT_BLOBS)
-                .try_for_each(|event| {
-                    on_event(event);
-                    futures::future::ready(Ok(()))
-                })
-                .await?;
+            futures::stream::iter(
+                blobs
+                    .iter()
+                    .map(|d| self.transfer(&src, &dst, source, &target, d)),
+            )
+            .buffer_unordered(MAX_CONCURRENT_BLOBS)
+            .try_for_each(|(digest, push)| {
+                on_event(CopyEvent::blob(digest, push));
+                futures::future::ready(Ok(()))
+            })
+            .await?;
             let pushed = self
-                .retry_policy()
-                .run(target.registry(), "push manifest", || async {
-                    dst.client
-                        .push_manifest_raw(&target_reference, body.clone(), content_type.clone())
-                        .await
-                        .map_err(|e| RegistryError::PushManifest {
-                            reference: target.to_string(),
-                            digest: digest.clone(),
-                            source: Arc::new(e),
-                        })
-                })
+                .push_manifest(&dst, &target, &body, &content_type, &digest)
                 .await;
             match pushed {
                 Ok(_) => break,
@@ -204,66 +177,6 @@ impl RegistryClient {
         }
         tracing::debug!(%source, %target, %digest, "image copied");
         Ok(digest)
-    }
-}
-
-/// What every blob of one copy shares. Also used by `RegistryClient::transfer_blob`
-/// (`blobs.rs`) for a single blob.
-pub(super) struct BlobJob<'a> {
-    pub client: &'a RegistryClient,
-    pub src: &'a Oci,
-    pub dst: &'a Oci,
-    pub source: &'a ImageRef,
-    pub target: &'a ImageRef,
-    pub same_registry: bool,
-}
-
-impl BlobJob<'_> {
-    /// Makes one blob present in the target: HEAD (skip), mount (same registry), or stream.
-    pub(super) async fn copy_blob(&self, desc: &OciDescriptor) -> Result<CopyEvent, RegistryError> {
-        let digest = parse_digest(self.source, &desc.digest)?;
-        let target = self.target.to_oci();
-        if self.client.has_blob(self.dst, self.target, &digest).await? {
-            return Ok(CopyEvent::BlobPresent { digest });
-        }
-
-        if self.same_registry {
-            match self
-                .dst
-                .client
-                .mount_blob(&target, &self.source.to_oci(), &desc.digest)
-                .await
-            {
-                Ok(()) => {
-                    return Ok(CopyEvent::BlobMounted {
-                        digest,
-                        from: self.source.repository().to_owned(),
-                    })
-                }
-                // A refused mount (202: "upload instead", or no pull access to the source
-                // for the target's credentials) is not an error: stream the blob instead.
-                Err(e) => tracing::debug!(digest = %digest, reason = %super::error::describe(&e),
-                    "cross-repository mount refused; copying the blob"),
-            }
-        }
-
-        let size = u64::try_from(desc.size).map_err(|_| RegistryError::InvalidManifest {
-            reference: self.source.to_string(),
-            reason: format!("blob {} has a negative size", desc.digest),
-        })?;
-        let from = RegistrySource {
-            oci: self.src.clone(),
-            image: self.source.clone(),
-            desc: desc.clone(),
-            digest: digest.clone(),
-            target: self.target.to_string(),
-            retry: self.client.retry_policy().clone(),
-        };
-        let bytes = self
-            .client
-            .upload_blob(self.dst, self.target, &digest, size, &from)
-            .await?;
-        Ok(CopyEvent::BlobCopied { digest, bytes })
     }
 }
 

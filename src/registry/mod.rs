@@ -7,16 +7,18 @@ mod client;
 mod copy;
 mod credentials;
 mod error;
-mod manifest;
+mod image;
+mod manifests;
 mod platform;
 mod retry;
 
-pub use blobs::{BlobPush, FetchedImage, LayerDescriptor, MAX_CONFIG_BYTES};
+pub use blobs::BlobPush;
 pub use client::{
     ClientConfig, EmbeddedCredentials, RegistryClient, CONNECT_TIMEOUT, READ_TIMEOUT, UPLOAD_CHUNK_BYTES,
 };
 pub use copy::{CopyEvent, MAX_CONCURRENT_BLOBS};
 pub use credentials::CredentialStore;
 pub use error::{OciCause, RegistryError, RegistryErrorKind};
+pub use image::{FetchedImage, LayerDescriptor, MAX_CONFIG_BYTES};
 pub use platform::{Platform, PlatformParseError};
 pub use retry::{Attempts, RetryPolicy};

@@ -850,7 +850,13 @@ async fn bad_remotes_targets_and_destinations() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, ContextError::InvalidTarget { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ContextError::GitSource(kiln::model::GitSourceError::InvalidTarget { .. })
+        ),
+        "{err}"
+    );
 
     fs::create_dir_all(dest.path().join("full")).unwrap();
     fs::write(dest.path().join("full/x"), "").unwrap();

@@ -25,22 +25,7 @@ use crate::{
     model::{AuthPolicy, BuildKey, ContextSource, DockerfileSource, ImageRef},
 };
 
-/// A build context on disk, deleted when dropped.
-#[derive(Debug)]
-pub struct PreparedContext {
-    _dir: tempfile::TempDir,
-    /// The context root (a subdirectory of the checkout for `context_path`).
-    pub root: PathBuf,
-    pub dockerfile: String,
-    pub dockerignore: String,
-    /// Where the context came from, pinned (a git source at the checked-out commit, or the
-    /// upload's digest): what an executor that fetches the context elsewhere fetches.
-    pub origin: ContextSource,
-    /// The context directory, relative to the checkout (or upload) root.
-    pub context_path: String,
-    /// The Dockerfile actually read, relative to the checkout (or upload) root.
-    pub dockerfile_path: String,
-}
+pub use crate::executor::PreparedContext;
 
 /// The result of planning a Dockerfile source.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@
 //! directory, instruction cache, cache mounts), so any number of builds may share one.
 
 mod cache;
+mod error;
 pub mod fsop;
 mod pull;
 mod push;
@@ -31,17 +32,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use cache::{InstructionCache, StateKey};
+pub use error::{ContextHashError, EngineError, StepCause};
 pub use fsop::child_main as fsop_child_main;
 pub use stage::BuildLogSink;
 
 use super::{
-    dockerfile::{self, ParseError},
+    dockerfile::{self},
     layers::{Compression, LayerStore},
-    sandbox::cgroup::{BuildCgroup, CgroupError, CgroupRoot},
+    sandbox::cgroup::{BuildCgroup, CgroupRoot},
 };
 use crate::{
     model::{AuthPolicy, Digest, ImageRef},
-    registry::{Platform, RegistryClient, RegistryError},
+    registry::{Platform, RegistryClient},
 };
 
 /// How RUN steps reach the network (see [`crate::engine::sandbox::network`]).
@@ -140,55 +142,6 @@ pub struct BuildInput {
 pub struct BuildOutput {
     pub digest: Digest,
     pub reference: ImageRef,
-}
-
-/// Why a build failed. Retryable: `Registry` with an Unavailable kind.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error(transparent)]
-    Parse(#[from] ParseError),
-    /// A Dockerfile instruction cannot be applied (the message names the line).
-    #[error("Dockerfile line {line}: {message}")]
-    Instruction { line: usize, message: String },
-    /// A RUN step exited non-zero.
-    #[error("Dockerfile line {line}: RUN {command} exited with code {exit_code}\n{tail}")]
-    RunFailed {
-        line: usize,
-        command: String,
-        exit_code: i32,
-        tail: String,
-    },
-    #[error("registry: {0}")]
-    Registry(#[from] RegistryError),
-    #[error("layer store: {0}")]
-    Layer(#[from] super::layers::LayerError),
-    /// A RUN step hit one of the build's limits (`engine.limits`).
-    #[error("Dockerfile line {line}: RUN {command}: {hit}")]
-    LimitReached {
-        line: usize,
-        command: String,
-        hit: crate::engine::sandbox::cgroup::LimitHit,
-    },
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
-    #[error("the build's cgroup: {0}")]
-    Cgroup(#[source] CgroupError),
-    #[error("build cancelled")]
-    Cancelled,
-}
-
-impl EngineError {
-    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
-        let what = what.into();
-        move |source| Self::Io { what, source }
-    }
-
-    pub(crate) fn at(line: usize, message: impl Into<String>) -> Self {
-        Self::Instruction {
-            line,
-            message: message.into(),
-        }
-    }
 }
 
 /// Whether `program` names an executable file, directly or through `PATH`.

@@ -359,7 +359,8 @@ mod tests {
         use std::process::Command;
 
         use super::super::*;
-        use crate::engine::context::git::{remote_commit, remote_commit_by_git, GitSource, GitTarget};
+        use crate::engine::context::git::{remote_commit, remote_commit_by_git};
+        use crate::model::{GitSource, GitTarget};
 
         struct Repos {
             tmp: tempfile::TempDir,

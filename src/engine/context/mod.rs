@@ -24,15 +24,15 @@ pub mod upload;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::model::Digest;
+use crate::model::{Digest, GitSourceError};
 
+/// The values a checkout starts from live in the model; re-exported for the engine's callers.
+pub use crate::model::{GitSource, GitTarget};
 pub use digest::{
     context_digest, context_digest_limited, digest_entries, walk_included, EntryKind, IncludedEntry,
 };
 pub use dockerignore::DockerIgnore;
-pub use git::{
-    check_config_key, checkout, checkout_with_timeout, remote_commit, tree_id, Checkout, GitSource, GitTarget,
-};
+pub use git::{check_config_key, checkout, checkout_with_timeout, remote_commit, tree_id, Checkout};
 pub use upload::{pack_dir, pack_dir_keeping, unpack_tar, ContextStore, ALWAYS_SENT};
 
 /// Why a build context could not be read, fetched, stored or unpacked.
@@ -59,11 +59,9 @@ pub enum ContextError {
     #[error("file name {path:?} in the build context is not valid UTF-8")]
     NonUtf8Path { path: String },
 
-    #[error("unsupported git remote {remote:?}: {reason}")]
-    UnsupportedRemote { remote: String, reason: &'static str },
-
-    #[error("invalid git target {target:?}: {reason}")]
-    InvalidTarget { target: String, reason: String },
+    /// The git remote or target of the request is not usable.
+    #[error(transparent)]
+    GitSource(#[from] GitSourceError),
 
     #[error("git config key {key:?} is not allowed in a build request")]
     ConfigNotAllowed { key: String },

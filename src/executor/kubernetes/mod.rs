@@ -35,15 +35,11 @@ use tokio_util::sync::CancellationToken;
 pub use pod::{FoundBuild, PodState};
 
 use self::{logs::LogCursor, pod::BuilderPod, watch::PodWatch};
-use super::Ticket;
+use super::{PreparedContext, Ticket};
 use crate::{
-    actors::PreparedContext,
     config::{EngineSettings, KubernetesConfig, LayerCompressionSetting},
-    engine::{
-        build::BuildInput,
-        context::{ContextStore, GitSource, GitTarget},
-    },
-    model::{BuildId, BuildKey, ContextSource},
+    engine::{build::BuildInput, context::ContextStore},
+    model::{BuildId, BuildKey, ContextSource, GitSource, GitTarget},
     registry::{RegistryClient, RegistryError},
 };
 
@@ -101,7 +97,7 @@ pub fn pod_lines_in(text: &str) -> usize {
     };
     lines[start + 1..]
         .iter()
-        .filter(|l| !l.starts_with(crate::actors::RESTART_NOTICE))
+        .filter(|l| !l.starts_with(super::RESTART_NOTICE))
         .count()
 }
 

@@ -19,7 +19,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
-use super::error::{ErrorCode, RegistryError};
+use super::error::{ErrorCode, ErrorResponse};
 use crate::model::BasicCredentials;
 
 /// The realm in the challenge.
@@ -108,7 +108,7 @@ impl Access {
     }
 
     /// Checks one request; `base` is the `/v2/` ping (see the module doc).
-    pub fn check(&self, method: &Method, base: bool, headers: &HeaderMap) -> Result<Admitted, RegistryError> {
+    pub fn check(&self, method: &Method, base: bool, headers: &HeaderMap) -> Result<Admitted, ErrorResponse> {
         if self.is_open() {
             return Ok(Admitted::Plain);
         }
@@ -131,13 +131,13 @@ pub fn challenge() -> HeaderValue {
     HeaderValue::from_static("Basic realm=\"kiln-registry\"")
 }
 
-fn unauthorized(read: bool) -> RegistryError {
+fn unauthorized(read: bool) -> ErrorResponse {
     let message = if read {
         "authentication required: this registry serves pulls to authenticated clients only"
     } else {
         "authentication required: writes to Kiln's embedded registry need Kiln's registry credentials"
     };
-    RegistryError::new(ErrorCode::Unauthorized, message).with_header(header::WWW_AUTHENTICATE, challenge())
+    ErrorResponse::new(ErrorCode::Unauthorized, message).with_header(header::WWW_AUTHENTICATE, challenge())
 }
 
 fn pair_digest(user: &str, password: &str) -> [u8; 32] {

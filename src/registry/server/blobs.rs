@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    error::{ErrorCode, RegistryError, Result},
+    error::{ErrorCode, ErrorResponse, Result},
     routes::{parse_digest, RepoName},
     upload::CONTENT_DIGEST_HEADER,
     Registry,
@@ -81,8 +81,8 @@ pub fn parse_range(value: Option<&str>, size: u64) -> ByteRange {
     }
 }
 
-fn blob_unknown(digest: &Digest) -> RegistryError {
-    RegistryError::new(
+fn blob_unknown(digest: &Digest) -> ErrorResponse {
+    ErrorResponse::new(
         ErrorCode::BlobUnknown,
         format!("blob {digest} is unknown to this repository"),
     )
@@ -102,7 +102,7 @@ pub async fn get(
         .storage
         .blob_in_repo(repo, &digest)
         .await
-        .map_err(|e| RegistryError::internal("looking up blob", e))?;
+        .map_err(|e| ErrorResponse::internal("looking up blob", e))?;
     if !linked {
         return Err(blob_unknown(&digest));
     }
@@ -110,7 +110,7 @@ pub async fn get(
         .storage
         .open_blob(&digest)
         .await
-        .map_err(|e| RegistryError::internal("opening blob", e))?
+        .map_err(|e| ErrorResponse::internal("opening blob", e))?
     else {
         return Err(blob_unknown(&digest));
     };
@@ -146,7 +146,7 @@ pub async fn get(
             (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
         ByteRange::Unsatisfiable => {
-            return Err(RegistryError::new(
+            return Err(ErrorResponse::new(
                 ErrorCode::RangeInvalid,
                 format!("range not satisfiable for {size} bytes"),
             )
@@ -163,7 +163,7 @@ pub async fn get(
     if start > 0 {
         file.seek(SeekFrom::Start(start))
             .await
-            .map_err(|e| RegistryError::internal("seeking blob", e))?;
+            .map_err(|e| ErrorResponse::internal("seeking blob", e))?;
     }
     let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), CHUNK));
     Ok((status, headers, body).into_response())
@@ -176,7 +176,7 @@ pub async fn delete(registry: &Registry, repo: &RepoName, digest: &str) -> Resul
         .storage
         .unlink_blob(repo, &digest)
         .await
-        .map_err(|e| RegistryError::internal("unlinking blob", e))?;
+        .map_err(|e| ErrorResponse::internal("unlinking blob", e))?;
     if !removed {
         return Err(blob_unknown(&digest));
     }

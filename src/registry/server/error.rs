@@ -78,7 +78,7 @@ impl ErrorCode {
 
 /// One failed request: a code, a human message, optional structured detail, and the status.
 #[derive(Debug, Clone)]
-pub struct RegistryError {
+pub struct ErrorResponse {
     pub code: ErrorCode,
     pub status: StatusCode,
     pub message: String,
@@ -87,9 +87,9 @@ pub struct RegistryError {
     headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
-pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+pub type Result<T, E = ErrorResponse> = std::result::Result<T, E>;
 
-impl RegistryError {
+impl ErrorResponse {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
@@ -134,15 +134,15 @@ impl RegistryError {
     }
 }
 
-impl std::fmt::Display for RegistryError {
+impl std::fmt::Display for ErrorResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({}): {}", self.code.as_str(), self.status, self.message)
     }
 }
 
-impl std::error::Error for RegistryError {}
+impl std::error::Error for ErrorResponse {}
 
-impl IntoResponse for RegistryError {
+impl IntoResponse for ErrorResponse {
     fn into_response(self) -> Response {
         let body = self.envelope().to_string();
         let mut response = (
@@ -184,12 +184,12 @@ mod tests {
 
     #[test]
     fn envelope_has_code_message_and_optional_detail() {
-        let plain = RegistryError::new(ErrorCode::BlobUnknown, "blob unknown to registry");
+        let plain = ErrorResponse::new(ErrorCode::BlobUnknown, "blob unknown to registry");
         assert_eq!(
             plain.envelope(),
             serde_json::json!({"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]})
         );
-        let detailed = RegistryError::new(ErrorCode::ManifestBlobUnknown, "missing")
+        let detailed = ErrorResponse::new(ErrorCode::ManifestBlobUnknown, "missing")
             .with_detail(serde_json::json!({"digest": "sha256:00"}));
         assert_eq!(
             detailed.envelope()["errors"][0]["detail"]["digest"],
@@ -200,7 +200,7 @@ mod tests {
 
     #[tokio::test]
     async fn response_carries_status_type_headers_and_body() {
-        let err = RegistryError::new(ErrorCode::ManifestInvalid, "too big")
+        let err = ErrorResponse::new(ErrorCode::ManifestInvalid, "too big")
             .with_status(StatusCode::PAYLOAD_TOO_LARGE)
             .with_header(header::CONTENT_RANGE, HeaderValue::from_static("bytes */3"));
         let response = err.into_response();

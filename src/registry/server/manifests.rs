@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use super::{
-    error::{ErrorCode, RegistryError, Result},
+    error::{ErrorCode, ErrorResponse, Result},
     routes::{parse_digest, Reference, RepoName},
     upload::CONTENT_DIGEST_HEADER,
     Registry,
@@ -76,8 +76,8 @@ pub struct Checked {
     pub references: Vec<Digest>,
 }
 
-fn invalid(message: impl Into<String>) -> RegistryError {
-    RegistryError::new(ErrorCode::ManifestInvalid, message)
+fn invalid(message: impl Into<String>) -> ErrorResponse {
+    ErrorResponse::new(ErrorCode::ManifestInvalid, message)
 }
 
 /// Checks a manifest's shape and media type. `content_type` is the request's `Content-Type`
@@ -164,7 +164,7 @@ async fn exists_or_name_unknown(registry: &Registry, repo: &RepoName) -> Result<
         .storage
         .repo_exists(repo)
         .await
-        .map_err(|e| RegistryError::internal("looking up repository", e))?;
+        .map_err(|e| ErrorResponse::internal("looking up repository", e))?;
     if exists {
         Ok(())
     } else {
@@ -172,13 +172,13 @@ async fn exists_or_name_unknown(registry: &Registry, repo: &RepoName) -> Result<
     }
 }
 
-pub fn name_unknown(repo: &RepoName) -> RegistryError {
-    RegistryError::new(ErrorCode::NameUnknown, format!("repository {repo} is unknown"))
+pub fn name_unknown(repo: &RepoName) -> ErrorResponse {
+    ErrorResponse::new(ErrorCode::NameUnknown, format!("repository {repo} is unknown"))
         .with_detail(serde_json::json!({ "name": repo.as_str() }))
 }
 
-fn manifest_unknown(reference: &str) -> RegistryError {
-    RegistryError::new(
+fn manifest_unknown(reference: &str) -> ErrorResponse {
+    ErrorResponse::new(
         ErrorCode::ManifestUnknown,
         format!("manifest {reference} is unknown"),
     )
@@ -195,18 +195,18 @@ pub async fn get(registry: &Registry, repo: &RepoName, reference: &str) -> Resul
         Reference::Tag(tag) => storage
             .resolve_tag(repo, &tag)
             .await
-            .map_err(|e| RegistryError::internal("resolving tag", e))?
+            .map_err(|e| ErrorResponse::internal("resolving tag", e))?
             .ok_or_else(|| manifest_unknown(reference))?,
     };
     let media_type = storage
         .manifest_media_type(repo, &digest)
         .await
-        .map_err(|e| RegistryError::internal("looking up manifest", e))?
+        .map_err(|e| ErrorResponse::internal("looking up manifest", e))?
         .ok_or_else(|| manifest_unknown(reference))?;
     let bytes = match tokio::fs::read(storage.blob_path(&digest)).await {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(manifest_unknown(reference)),
-        Err(e) => return Err(RegistryError::internal("reading manifest", e)),
+        Err(e) => return Err(ErrorResponse::internal("reading manifest", e)),
     };
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, header_value(&media_type));
@@ -275,7 +275,7 @@ pub async fn put(
     let digest = Digest::of(&bytes);
     if let Reference::Digest(expected) = &parsed {
         if expected != &digest {
-            return Err(RegistryError::new(
+            return Err(ErrorResponse::new(
                 ErrorCode::DigestInvalid,
                 format!("manifest has digest {digest}, not {expected}"),
             )
@@ -292,13 +292,13 @@ pub async fn put(
                 .await
                 .map(|m| m.is_some()),
         }
-        .map_err(|e| RegistryError::internal("checking manifest references", e))?;
+        .map_err(|e| ErrorResponse::internal("checking manifest references", e))?;
         if !present {
             let what = match checked.kind {
                 Kind::Image => "blob",
                 Kind::Index => "manifest",
             };
-            return Err(RegistryError::new(
+            return Err(ErrorResponse::new(
                 ErrorCode::ManifestBlobUnknown,
                 format!("referenced {what} {referenced} is not in repository {repo}"),
             )
@@ -312,7 +312,7 @@ pub async fn put(
     storage
         .put_manifest(repo, &digest, &checked.media_type, &bytes, tag)
         .await
-        .map_err(|e| RegistryError::internal("storing manifest", e))?;
+        .map_err(|e| ErrorResponse::internal("storing manifest", e))?;
     tracing::debug!(repo = %repo, reference, digest = %digest, media_type = %checked.media_type, "manifest stored");
     let headers: [(HeaderName, HeaderValue); 3] = [
         (
@@ -335,7 +335,7 @@ pub async fn delete(registry: &Registry, repo: &RepoName, reference: &str) -> Re
         Reference::Digest(d) => registry.storage.delete_manifest(repo, &d).await,
         Reference::Tag(t) => registry.storage.delete_tag(repo, &t).await,
     }
-    .map_err(|e| RegistryError::internal("deleting manifest", e))?;
+    .map_err(|e| ErrorResponse::internal("deleting manifest", e))?;
     if !removed {
         return Err(manifest_unknown(reference));
     }

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::{
     auth, blobs,
-    error::{ErrorCode, RegistryError, Result},
+    error::{ErrorCode, ErrorResponse, Result},
     manifests, tags, upload, Registry,
 };
 use crate::model::Digest;
@@ -115,7 +115,7 @@ impl Reference {
             parse_digest(s).map(Self::Digest)
         } else {
             Tag::parse(s).map(Self::Tag).ok_or_else(|| {
-                RegistryError::new(ErrorCode::ManifestInvalid, format!("invalid tag {s:?}"))
+                ErrorResponse::new(ErrorCode::ManifestInvalid, format!("invalid tag {s:?}"))
                     .with_detail(serde_json::json!({ "tag": s }))
             })
         }
@@ -132,7 +132,7 @@ pub fn parse_digest(s: &str) -> Result<Digest> {
             }
             _ => format!("invalid digest {s:?}"),
         };
-        RegistryError::new(ErrorCode::DigestInvalid, message).with_detail(serde_json::json!({ "digest": s }))
+        ErrorResponse::new(ErrorCode::DigestInvalid, message).with_detail(serde_json::json!({ "digest": s }))
     })
 }
 
@@ -253,7 +253,7 @@ pub fn query_params(uri: &Uri) -> Result<HashMap<String, String>> {
     Query::<HashMap<String, String>>::try_from_uri(uri)
         .map(|Query(q)| q)
         .map_err(|e| {
-            RegistryError::new(ErrorCode::Unsupported, format!("malformed query: {e}"))
+            ErrorResponse::new(ErrorCode::Unsupported, format!("malformed query: {e}"))
                 .with_status(StatusCode::BAD_REQUEST)
         })
 }
@@ -287,9 +287,9 @@ pub async fn handle(State(registry): State<Arc<Registry>>, request: Request) -> 
 
 async fn dispatch(registry: &Registry, request: Request) -> Result<Response> {
     let route = parse_path(request.uri().path()).map_err(|e| match e {
-        RouteError::NotFound => RegistryError::new(ErrorCode::Unsupported, "no such registry endpoint")
+        RouteError::NotFound => ErrorResponse::new(ErrorCode::Unsupported, "no such registry endpoint")
             .with_status(StatusCode::NOT_FOUND),
-        RouteError::NameInvalid(name) => RegistryError::new(
+        RouteError::NameInvalid(name) => ErrorResponse::new(
             ErrorCode::NameInvalid,
             format!("invalid repository name {name:?}"),
         )
@@ -337,7 +337,7 @@ async fn dispatch(registry: &Registry, request: Request) -> Result<Response> {
         (Route::Tags { name }, Method::GET | Method::HEAD) => {
             tags::list(registry, &name, &query_params(request.uri())?).await
         }
-        (_, method) => Err(RegistryError::new(
+        (_, method) => Err(ErrorResponse::new(
             ErrorCode::Unsupported,
             format!("method {method} is not supported on this endpoint"),
         )),

@@ -9,7 +9,7 @@ use axum::{
 };
 
 use super::{
-    error::{ErrorCode, RegistryError, Result},
+    error::{ErrorCode, ErrorResponse, Result},
     manifests::name_unknown,
     routes::{RepoName, Tag},
     Registry,
@@ -35,7 +35,7 @@ pub async fn list(registry: &Registry, repo: &RepoName, query: &HashMap<String, 
         .get("n")
         .map(|n| {
             n.parse::<usize>().map_err(|_| {
-                RegistryError::new(ErrorCode::PaginationNumberInvalid, format!("invalid n {n:?}"))
+                ErrorResponse::new(ErrorCode::PaginationNumberInvalid, format!("invalid n {n:?}"))
                     .with_detail(serde_json::json!({ "n": n }))
             })
         })
@@ -45,7 +45,7 @@ pub async fn list(registry: &Registry, repo: &RepoName, query: &HashMap<String, 
         .storage
         .tags(repo)
         .await
-        .map_err(|e| RegistryError::internal("listing tags", e))?
+        .map_err(|e| ErrorResponse::internal("listing tags", e))?
         .ok_or_else(|| name_unknown(repo))?;
     let (page, more) = paginate(&tags, n, last);
     let body = serde_json::json!({

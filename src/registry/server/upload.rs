@@ -35,7 +35,7 @@ use tokio::{
 use uuid::Uuid;
 
 use super::{
-    error::{ErrorCode, RegistryError, Result},
+    error::{ErrorCode, ErrorResponse, Result},
     routes::{parse_digest, query_params, RepoName},
     Registry,
 };
@@ -90,7 +90,7 @@ impl Session {
             .truncate(true)
             .open(&path)
             .await
-            .map_err(|e| RegistryError::internal("creating upload file", e))?;
+            .map_err(|e| ErrorResponse::internal("creating upload file", e))?;
         Ok(Self {
             repo,
             path,
@@ -105,7 +105,7 @@ impl Session {
     async fn append(&mut self, body: Body, range: Option<(u64, u64)>) -> Result<u64> {
         if let Some((start, _)) = range {
             if start != self.size {
-                return Err(RegistryError::new(
+                return Err(ErrorResponse::new(
                     ErrorCode::RangeInvalid,
                     format!(
                         "Content-Range starts at {start}, but the upload has {} bytes",
@@ -118,7 +118,7 @@ impl Session {
         let saved_hasher = self.hasher.clone();
         let result = self.write_body(body).await;
         let result = match (result, range) {
-            (Ok(written), Some((start, end))) if written != end - start + 1 => Err(RegistryError::new(
+            (Ok(written), Some((start, end))) if written != end - start + 1 => Err(ErrorResponse::new(
                 ErrorCode::SizeInvalid,
                 format!(
                     "Content-Range {start}-{end} announces {} bytes, the body had {written}",
@@ -142,7 +142,7 @@ impl Session {
                 if let Err(io) = truncated {
                     // The data no longer matches the hash: the session is unusable.
                     self.closed = true;
-                    return Err(RegistryError::internal("rolling back a failed chunk", io));
+                    return Err(ErrorResponse::internal("rolling back a failed chunk", io));
                 }
                 Err(e)
             }
@@ -154,15 +154,15 @@ impl Session {
             .write(true)
             .open(&self.path)
             .await
-            .map_err(|e| RegistryError::internal("opening upload file", e))?;
+            .map_err(|e| ErrorResponse::internal("opening upload file", e))?;
         file.seek(SeekFrom::Start(self.size))
             .await
-            .map_err(|e| RegistryError::internal("seeking upload file", e))?;
+            .map_err(|e| ErrorResponse::internal("seeking upload file", e))?;
         let mut stream = body.into_data_stream();
         let mut written = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {
-                RegistryError::new(
+                ErrorResponse::new(
                     ErrorCode::BlobUploadInvalid,
                     format!("failed to read the request body: {e}"),
                 )
@@ -170,12 +170,12 @@ impl Session {
             self.hasher.update(&chunk);
             file.write_all(&chunk)
                 .await
-                .map_err(|e| RegistryError::internal("writing upload file", e))?;
+                .map_err(|e| ErrorResponse::internal("writing upload file", e))?;
             written += chunk.len() as u64;
         }
         file.flush()
             .await
-            .map_err(|e| RegistryError::internal("writing upload file", e))?;
+            .map_err(|e| ErrorResponse::internal("writing upload file", e))?;
         Ok(written)
     }
 
@@ -185,7 +185,7 @@ impl Session {
         let actual = digest_of_hash(self.hasher.clone().finalize().as_slice());
         if &actual != expected {
             let _ = fs::remove_file(&self.path).await;
-            return Err(RegistryError::new(
+            return Err(ErrorResponse::new(
                 ErrorCode::DigestInvalid,
                 format!("uploaded content has digest {actual}, not {expected}"),
             )
@@ -199,7 +199,7 @@ impl Session {
         .await;
         if let Err(e) = committed {
             let _ = fs::remove_file(&self.path).await;
-            return Err(RegistryError::internal("storing uploaded blob", e));
+            return Err(ErrorResponse::internal("storing uploaded blob", e));
         }
         tracing::debug!(repo = %self.repo, digest = %expected, size = self.size, "blob stored");
         Ok(blob_created(&self.repo, expected))
@@ -285,15 +285,15 @@ fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
         .and_then(parse_content_range)
         .map(Some)
         .ok_or_else(|| {
-            RegistryError::new(
+            ErrorResponse::new(
                 ErrorCode::BlobUploadInvalid,
                 format!("malformed Content-Range {value:?}: expected <start>-<end>"),
             )
         })
 }
 
-fn upload_unknown(id: &str) -> RegistryError {
-    RegistryError::new(ErrorCode::BlobUploadUnknown, format!("upload {id:?} is unknown"))
+fn upload_unknown(id: &str) -> ErrorResponse {
+    ErrorResponse::new(ErrorCode::BlobUploadUnknown, format!("upload {id:?} is unknown"))
         .with_detail(serde_json::json!({ "uuid": id }))
 }
 
@@ -311,7 +311,7 @@ pub async fn start(registry: &Registry, repo: RepoName, request: Request) -> Res
         let digest = parse_digest(mount)?;
         if let Some(from) = query.get("from") {
             let from = RepoName::parse(from).ok_or_else(|| {
-                RegistryError::new(
+                ErrorResponse::new(
                     ErrorCode::NameInvalid,
                     format!("invalid repository name {from:?}"),
                 )
@@ -321,13 +321,13 @@ pub async fn start(registry: &Registry, repo: RepoName, request: Request) -> Res
                 .storage
                 .blob_in_repo(&from, &digest)
                 .await
-                .map_err(|e| RegistryError::internal("checking mount source", e))?;
+                .map_err(|e| ErrorResponse::internal("checking mount source", e))?;
             if present {
                 registry
                     .storage
                     .link_blob(&repo, &digest)
                     .await
-                    .map_err(|e| RegistryError::internal("linking mounted blob", e))?;
+                    .map_err(|e| ErrorResponse::internal("linking mounted blob", e))?;
                 tracing::debug!(repo = %repo, from = %from, digest = %digest, "blob mounted");
                 return Ok(blob_created(&repo, &digest));
             }
@@ -378,7 +378,7 @@ pub async fn complete(registry: &Registry, repo: &RepoName, id: &str, request: R
     let (uuid, session) = find(registry, id)?;
     let query = query_params(request.uri())?;
     let digest = query.get("digest").ok_or_else(|| {
-        RegistryError::new(ErrorCode::DigestInvalid, "the digest query parameter is required")
+        ErrorResponse::new(ErrorCode::DigestInvalid, "the digest query parameter is required")
     })?;
     let digest = parse_digest(digest)?;
     let range = content_range(request.headers())?;

@@ -1,0 +1,626 @@
+//! Applying a Dockerfile's stages to image states, instruction by instruction.
+//!
+//! The scoping rules follow the Dockerfile reference: ARGs declared before the first FROM
+//! are visible only to FROM lines, unless a stage re-declares them; a stage's ARGs are
+//! visible to later instructions of that stage (and to RUN's environment) but never stored
+//! in the image; ENV wins over ARG of the same name; the predefined proxy ARGs reach RUN
+//! without being declared; TARGET*/BUILD* platform ARGs are set automatically.
+//!
+//! This module walks the stages and keeps the state, the cache lookups and the layer
+//! commits; `config.rs` applies config-only instructions, `fs.rs` COPY/ADD/WORKDIR, `run.rs`
+//! RUN.
+
+mod config;
+mod fs;
+mod run;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    super::sandbox::cgroup::BuildCgroup,
+    cache::{CachedLayer, StateKey},
+    pull, BuildInput, Engine, EngineError,
+};
+use crate::{
+    engine::{
+        dockerfile::{self, expand, Dockerfile, Instruction, Located},
+        image::{self, Descriptor, HistoryEntry, ImageConfig},
+        layers::{pack_layer_async, PackOptions},
+    },
+    model::ImageRef,
+};
+
+/// Proxy ARGs that reach RUN without being declared (and are kept out of history).
+const PREDEFINED_ARGS: [&str; 10] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// The default `SHELL`.
+const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
+
+/// Where a layer's compressed blob can be found for the push.
+#[derive(Debug, Clone)]
+pub enum LayerOrigin {
+    /// In this registry repository (a pulled base layer): mount or copy it from there.
+    Registry(ImageRef),
+    /// In the engine's local blob directory (a layer this engine made).
+    Local,
+}
+
+/// One layer of an image state.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub blob: Descriptor,
+    /// The layer unpacked (an overlayfs lower directory).
+    pub dir: PathBuf,
+    pub origin: LayerOrigin,
+}
+
+/// An image under construction.
+#[derive(Debug, Clone)]
+pub struct ImageState {
+    pub config: ImageConfig,
+    pub layers: Vec<Layer>,
+    pub key: StateKey,
+}
+
+impl ImageState {
+    /// Overlay lower dirs, top layer first.
+    fn lowers(&self) -> Vec<PathBuf> {
+        self.layers.iter().rev().map(|l| l.dir.clone()).collect()
+    }
+}
+
+/// Where build log output goes: announced steps and RUN output.
+#[derive(Debug, Clone)]
+pub struct BuildLogSink(mpsc::UnboundedSender<Bytes>);
+
+impl BuildLogSink {
+    pub fn new(tx: mpsc::UnboundedSender<Bytes>) -> Self {
+        Self(tx)
+    }
+
+    pub fn line(&self, line: impl Into<String>) {
+        let mut s = line.into();
+        s.push('\n');
+        let _ = self.0.send(Bytes::from(s));
+    }
+
+    pub fn bytes(&self, b: Bytes) {
+        let _ = self.0.send(b);
+    }
+}
+
+/// The values of a stage's ARGs and the build's arguments.
+struct Args<'a> {
+    build_args: &'a BTreeMap<String, String>,
+    globals: &'a BTreeMap<String, Option<String>>,
+    automatic: &'a BTreeMap<String, String>,
+    declared: BTreeMap<String, Option<String>>,
+}
+
+impl Args<'_> {
+    fn declare(&mut self, name: &str, default: Option<String>) {
+        let value = self
+            .build_args
+            .get(name)
+            .cloned()
+            .or(default)
+            .or_else(|| self.globals.get(name).cloned().flatten())
+            .or_else(|| self.automatic.get(name).cloned());
+        self.declared.insert(name.to_owned(), value);
+    }
+
+    /// Variables visible to expansion: declared ARGs overridden by ENV.
+    fn lookup(&self, config: &ImageConfig, name: &str) -> Option<String> {
+        config
+            .env_pairs()
+            .into_iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .or_else(|| self.declared.get(name).cloned().flatten())
+    }
+
+    /// RUN's environment: the image's, plus declared ARGs and given proxy args it does not set.
+    fn run_env(&self, config: &ImageConfig) -> Vec<(String, String)> {
+        let mut env = config.env_pairs();
+        let mut add = |k: &str, v: &str| {
+            if !env.iter().any(|(ek, _)| ek == k) {
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        };
+        for (k, v) in &self.declared {
+            if let Some(v) = v {
+                add(k, v);
+            }
+        }
+        for k in PREDEFINED_ARGS {
+            if let Some(v) = self.build_args.get(k) {
+                add(k, v);
+            }
+        }
+        env
+    }
+}
+
+/// Runs the stages of one build.
+pub struct StageRunner<'a> {
+    engine: &'a Engine,
+    input: &'a BuildInput,
+    dockerfile: &'a Dockerfile,
+    scratch: &'a Path,
+    /// The build's cgroup, which every RUN joins; `None` where Kiln has none to manage.
+    cgroup: Option<&'a BuildCgroup>,
+    log: BuildLogSink,
+    cancel: CancellationToken,
+    /// Set when the last step was answered from the instruction cache.
+    last_step_cached: AtomicBool,
+}
+
+impl<'a> StageRunner<'a> {
+    pub fn new(
+        engine: &'a Engine,
+        input: &'a BuildInput,
+        dockerfile: &'a Dockerfile,
+        scratch: &'a Path,
+        cgroup: Option<&'a BuildCgroup>,
+        log: BuildLogSink,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            cgroup,
+            engine,
+            input,
+            dockerfile,
+            scratch,
+            log,
+            cancel,
+            last_step_cached: AtomicBool::new(false),
+        }
+    }
+
+    fn automatic_args(&self) -> BTreeMap<String, String> {
+        let p = &self.engine.config().platform;
+        let platform = p.to_string();
+        let mut m = BTreeMap::new();
+        for prefix in ["TARGET", "BUILD"] {
+            m.insert(format!("{prefix}PLATFORM"), platform.clone());
+            m.insert(format!("{prefix}OS"), p.os.clone());
+            m.insert(format!("{prefix}ARCH"), p.architecture.clone());
+            m.insert(format!("{prefix}VARIANT"), p.variant.clone().unwrap_or_default());
+        }
+        m
+    }
+
+    fn source_date_epoch(&self) -> Option<i64> {
+        self.input
+            .build_args
+            .get("SOURCE_DATE_EPOCH")
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn created(&self) -> String {
+        let secs = self.source_date_epoch().unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0)
+        });
+        image::timestamp(secs)
+    }
+
+    /// The index of the stage named `name` (alias or number), among those before `before`.
+    fn stage_index(&self, name: &str, before: usize) -> Option<usize> {
+        let lower = name.to_ascii_lowercase();
+        self.dockerfile.stages[..before]
+            .iter()
+            .position(|s| s.from.alias.as_deref() == Some(lower.as_str()))
+            .or_else(|| lower.parse::<usize>().ok().filter(|i| *i < before))
+    }
+
+    /// Builds every stage the target needs and returns the target's state.
+    pub async fn run(&self) -> Result<ImageState, EngineError> {
+        let stages = &self.dockerfile.stages;
+        let target = match &self.input.target {
+            None => stages.len() - 1,
+            Some(t) => self.stage_index(t, stages.len()).ok_or_else(|| {
+                let names: Vec<_> = stages.iter().filter_map(|s| s.from.alias.clone()).collect();
+                EngineError::at(
+                    0,
+                    format!("target stage {t:?} not found (stages: {})", names.join(", ")),
+                )
+            })?,
+        };
+        let automatic = self.automatic_args();
+        let mut globals: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for decl in &self.dockerfile.global_args {
+            let lookup = |n: &str| {
+                globals
+                    .get(n)
+                    .cloned()
+                    .flatten()
+                    .or_else(|| automatic.get(n).cloned())
+            };
+            let default = decl
+                .default
+                .as_deref()
+                .map(|d| expand(d, &lookup, self.dockerfile.escape))
+                .transpose()
+                .map_err(|e| EngineError::step_in(0, format!("ARG {}", decl.name), e))?;
+            let value = self.input.build_args.get(&decl.name).cloned().or(default);
+            globals.insert(decl.name.clone(), value);
+        }
+        let needed = self.needed_stages(target, &globals, &automatic)?;
+        let mut done: HashMap<usize, ImageState> = HashMap::new();
+        let total = needed.len();
+        for (n, index) in needed.iter().enumerate() {
+            if self.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let state = self
+                .run_stage(*index, n + 1, total, &globals, &automatic, &done)
+                .await?;
+            done.insert(*index, state);
+        }
+        Ok(done.remove(&target).expect("the target stage was built"))
+    }
+
+    /// The target and every stage it depends on (FROM <stage>, COPY --from=<stage>), in order.
+    fn needed_stages(
+        &self,
+        target: usize,
+        globals: &BTreeMap<String, Option<String>>,
+        automatic: &BTreeMap<String, String>,
+    ) -> Result<Vec<usize>, EngineError> {
+        let mut needed = vec![false; self.dockerfile.stages.len()];
+        let mut stack = vec![target];
+        while let Some(i) = stack.pop() {
+            if needed[i] {
+                continue;
+            }
+            needed[i] = true;
+            let stage = &self.dockerfile.stages[i];
+            let from = self.expand_from(&stage.from.image, stage.from.line, globals, automatic)?;
+            if let Some(dep) = self.stage_index(&from, i) {
+                stack.push(dep);
+            }
+            for instr in &stage.instructions {
+                if let Instruction::Copy(spec) | Instruction::Add(spec) = &instr.inner {
+                    if let Some(dep) = spec.from.as_deref().and_then(|f| self.stage_index(f, i)) {
+                        stack.push(dep);
+                    }
+                }
+            }
+        }
+        Ok((0..needed.len()).filter(|i| needed[*i]).collect())
+    }
+
+    fn expand_from(
+        &self,
+        word: &str,
+        line: usize,
+        globals: &BTreeMap<String, Option<String>>,
+        automatic: &BTreeMap<String, String>,
+    ) -> Result<String, EngineError> {
+        let lookup = |n: &str| {
+            globals
+                .get(n)
+                .cloned()
+                .flatten()
+                .or_else(|| automatic.get(n).cloned())
+        };
+        expand(word, &lookup, self.dockerfile.escape).map_err(|e| EngineError::step_in(line, "FROM", e))
+    }
+
+    async fn base_state(
+        &self,
+        stage_index: usize,
+        globals: &BTreeMap<String, Option<String>>,
+        automatic: &BTreeMap<String, String>,
+        done: &HashMap<usize, ImageState>,
+    ) -> Result<(ImageState, String), EngineError> {
+        let from = &self.dockerfile.stages[stage_index].from;
+        let name = self.expand_from(&from.image, from.line, globals, automatic)?;
+        if let Some(dep) = self.stage_index(&name, stage_index) {
+            let mut state = done.get(&dep).cloned().expect("dependencies are built first");
+            state.config.config.on_build = None;
+            return Ok((state, name));
+        }
+        if name.eq_ignore_ascii_case("scratch") {
+            let p = &self.engine.config().platform;
+            let config = ImageConfig {
+                architecture: p.architecture.clone(),
+                os: p.os.clone(),
+                variant: p.variant.clone(),
+                ..Default::default()
+            };
+            return Ok((
+                ImageState {
+                    config,
+                    layers: Vec::new(),
+                    key: StateKey::scratch(),
+                },
+                name,
+            ));
+        }
+        let image: ImageRef = match self.input.pinned.get(&name) {
+            Some(pinned) => pinned.clone(),
+            None => name
+                .parse()
+                .map_err(|e| EngineError::step_in(from.line, format!("FROM {name}"), e))?,
+        };
+        let started = Instant::now();
+        let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
+        self.log.line(format!(
+            "  pulled {} ({} layers) in {:.2}s",
+            pulled.reference,
+            pulled.layers.len(),
+            started.elapsed().as_secs_f64()
+        ));
+        let digest = pulled
+            .reference
+            .digest()
+            .cloned()
+            .expect("pulled images are pinned");
+        Ok((
+            ImageState {
+                config: pulled.config,
+                layers: pulled.layers,
+                key: StateKey::of_image(&digest),
+            },
+            name,
+        ))
+    }
+
+    async fn run_stage(
+        &self,
+        index: usize,
+        ordinal: usize,
+        total: usize,
+        globals: &BTreeMap<String, Option<String>>,
+        automatic: &BTreeMap<String, String>,
+        done: &HashMap<usize, ImageState>,
+    ) -> Result<ImageState, EngineError> {
+        let stage = &self.dockerfile.stages[index];
+        let steps = stage.instructions.len() + 1;
+        let label = match &stage.from.alias {
+            Some(a) => format!("stage {ordinal}/{total} {a}"),
+            None => format!("stage {ordinal}/{total}"),
+        };
+        let started = Instant::now();
+        let (mut state, from) = self.base_state(index, globals, automatic, done).await?;
+        self.log.line(format!(
+            "[{label} 1/{steps}] FROM {from} ({:.2}s)",
+            started.elapsed().as_secs_f64()
+        ));
+        let mut ctx = StageCtx {
+            args: Args {
+                build_args: &self.input.build_args,
+                globals,
+                automatic,
+                declared: BTreeMap::new(),
+            },
+            cmd_set: false,
+            done,
+            stage_index: index,
+        };
+        // ONBUILD triggers of the base run first, as if they were written after FROM.
+        let triggers = state.config.config.on_build.take().unwrap_or_default();
+        for trigger in triggers {
+            let parsed = dockerfile::parse(&format!("FROM scratch\n{trigger}\n")).map_err(|e| {
+                EngineError::step_in(stage.from.line, format!("ONBUILD trigger {trigger:?}"), e)
+            })?;
+            for instr in &parsed.stages[0].instructions {
+                let located = Located {
+                    line: stage.from.line,
+                    inner: instr.inner.clone(),
+                };
+                self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
+                state = self.step(&mut ctx, state, &located).await?;
+            }
+        }
+        for (n, instr) in stage.instructions.iter().enumerate() {
+            if self.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let started = Instant::now();
+            let text = describe(&instr.inner);
+            self.last_step_cached.store(false, Ordering::Relaxed);
+            state = self.step(&mut ctx, state, instr).await?;
+            let note = if self.last_step_cached.load(Ordering::Relaxed) {
+                "cached".to_string()
+            } else {
+                format!("{:.2}s", started.elapsed().as_secs_f64())
+            };
+            self.log
+                .line(format!("[{label} {}/{steps}] {text} ({note})", n + 2));
+        }
+        Ok(state)
+    }
+
+    /// Applies one instruction: COPY, ADD and WORKDIR through the filesystem helper
+    /// (`fs.rs`), RUN in the sandbox (`run.rs`), the rest to the image config (`config.rs`).
+    async fn step(
+        &self,
+        ctx: &mut StageCtx<'_>,
+        state: ImageState,
+        located: &Located<Instruction>,
+    ) -> Result<ImageState, EngineError> {
+        let line = located.line;
+        match &located.inner {
+            Instruction::Workdir(dir) => self.workdir_step(ctx, state, line, dir).await,
+            Instruction::Run(run) => self.run_step(ctx, state, line, run).await,
+            Instruction::Copy(spec) => self.copy_step(ctx, state, line, spec, false).await,
+            Instruction::Add(spec) => self.copy_step(ctx, state, line, spec, true).await,
+            _ => self.config_step(ctx, state, located),
+        }
+    }
+
+    /// Expands `w` with the stage's ARGs and the image's ENV.
+    fn word(
+        &self,
+        ctx: &StageCtx<'_>,
+        state: &ImageState,
+        line: usize,
+        w: &str,
+    ) -> Result<String, EngineError> {
+        expand(
+            w,
+            &|n: &str| ctx.args.lookup(&state.config, n),
+            self.dockerfile.escape,
+        )
+        .map_err(|e| EngineError::step(line, e))
+    }
+
+    /// The image's working directory (`/` when unset).
+    fn cwd(state: &ImageState) -> String {
+        state
+            .config
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".into())
+    }
+
+    fn step_dir(&self, what: &str) -> Result<PathBuf, EngineError> {
+        let dir = tempfile::Builder::new()
+            .prefix(what)
+            .tempdir_in(self.scratch)
+            .map_err(EngineError::io("creating a step directory"))?
+            .keep();
+        Ok(dir)
+    }
+
+    /// Looks up `step` in the cache from `state`; on a hit, adds the cached layer.
+    fn cached(&self, state: &ImageState, step: &str, created_by: &str) -> Option<ImageState> {
+        let key = state.key.step(step.as_bytes());
+        let entry = self.engine.instruction_cache().get(&key)?;
+        let dir = self.engine.layer_store().get(&entry.diff_id)?;
+        if !self.engine.blob_path(&entry.digest).exists() {
+            return None;
+        }
+        let mut next = state.clone();
+        self.add_layer(&mut next, entry, dir, created_by);
+        self.last_step_cached.store(true, Ordering::Relaxed);
+        Some(next)
+    }
+
+    fn add_layer(&self, state: &mut ImageState, entry: CachedLayer, dir: PathBuf, created_by: &str) {
+        state.key = state.key.with_layer(&entry.diff_id);
+        state.config.rootfs.diff_ids.push(entry.diff_id.clone());
+        state.config.history.push(HistoryEntry {
+            created: Some(self.created()),
+            created_by: Some(created_by.to_owned()),
+            ..Default::default()
+        });
+        state.layers.push(Layer {
+            blob: Descriptor {
+                media_type: entry.media_type,
+                digest: entry.digest,
+                size: entry.size,
+            },
+            dir,
+            origin: LayerOrigin::Local,
+        });
+    }
+
+    /// Packs `upper` as a new layer on `state` and records it in the cache under `step`.
+    async fn commit_layer(
+        &self,
+        mut state: ImageState,
+        step: &str,
+        upper: &Path,
+        created_by: &str,
+        skip_if_empty: bool,
+    ) -> Result<ImageState, EngineError> {
+        let empty = std::fs::read_dir(upper)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        if empty && skip_if_empty {
+            state.key = state.key.with_meta(created_by.as_bytes());
+            state.config.history.push(HistoryEntry {
+                created: Some(self.created()),
+                created_by: Some(created_by.to_owned()),
+                empty_layer: true,
+                ..Default::default()
+            });
+            return Ok(state);
+        }
+        let options = PackOptions {
+            compression: self.engine.config().compression,
+            source_date_epoch: self.source_date_epoch(),
+        };
+        let out = self.scratch.join(format!("layer-{}.blob", uuid::Uuid::new_v4()));
+        let packed = pack_layer_async(upper.to_path_buf(), options, out.clone()).await?;
+        let blob = self.engine.blob_path(&packed.digest);
+        if !blob.exists() {
+            std::fs::rename(&out, &blob).map_err(EngineError::io("storing a new layer blob"))?;
+        }
+        let dir = super::adopt_layer(self.engine.layer_store(), &packed.diff_id, upper)?;
+        let entry = CachedLayer {
+            diff_id: packed.diff_id.clone(),
+            digest: packed.digest.clone(),
+            size: packed.size,
+            media_type: packed.media_type.to_owned(),
+        };
+        let key = state.key.step(step.as_bytes());
+        self.engine
+            .instruction_cache()
+            .put(&key, &entry)
+            .map_err(EngineError::io("writing the instruction cache"))?;
+        self.add_layer(&mut state, entry, dir, created_by);
+        Ok(state)
+    }
+}
+
+struct StageCtx<'a> {
+    args: Args<'a>,
+    /// CMD was set in this stage (an ENTRYPOINT then keeps it).
+    cmd_set: bool,
+    done: &'a HashMap<usize, ImageState>,
+    stage_index: usize,
+}
+
+/// `path` made absolute against `cwd`, cleaned (no `.`/`..`), keeping a trailing `/`.
+pub fn join_path(cwd: &str, path: &str) -> String {
+    let joined = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("{}/{path}", cwd.trim_end_matches('/'))
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in joined.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// A canonical, human-readable form of an instruction (logs, history, ONBUILD triggers).
+pub fn describe(instr: &Instruction) -> String {
+    dockerfile::display_instruction(instr)
+}

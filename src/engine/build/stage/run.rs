@@ -1,0 +1,393 @@
+//! RUN: the command, its environment, network and cache mounts, turned into a sandbox
+//! [`RunSpec`] and run over the stage's layers (`engine::sandbox`); the upper directory
+//! becomes the step's layer. A failure names the line, the command and the last lines of its
+//! output, or the build limit it hit.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{config::shell_of, join_path, ImageState, StageCtx, StageRunner};
+use crate::engine::{
+    build::{securejoin, EngineError, RunNetwork},
+    dockerfile::{self, MountType, RunScript, ShellOrExec},
+    sandbox::{self, cgroup::BuildCgroup, BindMount, RunSpec},
+};
+
+impl StageRunner<'_> {
+    pub(super) async fn run_step(
+        &self,
+        ctx: &StageCtx<'_>,
+        state: ImageState,
+        line: usize,
+        run: &dockerfile::RunSpec,
+    ) -> Result<ImageState, EngineError> {
+        let (argv, shown, script_file) = run_argv(run, &shell_of(&state));
+        if let Some((name, _)) = &script_file {
+            // The script lands in the step's private pipes directory under this name: one
+            // plain file name, never a path (BuildKit's Mkfile of such a name fails too).
+            securejoin::check_name(name).map_err(|why| {
+                EngineError::at(
+                    line,
+                    format!(
+                        "RUN <<{name:?}: invalid heredoc name: {why}; a heredoc script name is a file name"
+                    ),
+                )
+            })?;
+        }
+        let mut env = ctx.args.run_env(&state.config);
+        let user = state.config.config.user.clone().filter(|u| !u.is_empty());
+        if !env.iter().any(|(k, _)| k == "HOME") {
+            // As Docker does: the user's home from the image's passwd, else `/`.
+            let passwd = read_merged(&state.lowers(), "etc/passwd").unwrap_or_default();
+            env.push(("HOME".into(), home_of(&passwd, user.as_deref().unwrap_or("root"))));
+        }
+        let cwd = Self::cwd(&state);
+        let network = self.run_network(line, run)?;
+        let (mut mounts, mount_keys) = self.cache_mounts(ctx, &state, line, run, &cwd)?;
+        // Everything the step's result depends on besides the parent state.
+        let step = serde_json::to_string(&(
+            &argv,
+            &env,
+            &user,
+            &cwd,
+            format!("{network:?}"),
+            &mount_keys,
+            &script_file,
+        ))
+        .expect("serializable");
+        let created_by = format!("RUN {shown}");
+        if let Some(hit) = self.cached(&state, &step, &created_by) {
+            return Ok(hit);
+        }
+        let dir = self.step_dir("run-")?;
+        let (upper, work) = (dir.join("upper"), dir.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(EngineError::io("creating overlay directories"))?;
+        }
+        if let Some((name, content)) = &script_file {
+            let pipes = dir.join("pipes");
+            std::fs::create_dir(&pipes).map_err(EngineError::io("creating the heredoc script dir"))?;
+            write_script(&pipes, name, content.as_bytes())
+                .map_err(EngineError::io(format!("writing the heredoc script {name:?}")))?;
+            mounts.push(BindMount {
+                host_dir: pipes,
+                target: PathBuf::from("/dev/pipes"),
+                read_only: true,
+            });
+        }
+        let isolation = &self.engine.config().isolation;
+        let spec = RunSpec {
+            lower_dirs: state.lowers(),
+            upper_dir: upper.clone(),
+            work_dir: work,
+            argv,
+            env,
+            cwd,
+            user,
+            hostname: "kiln".into(),
+            network: match network {
+                RunNetwork::Sandbox => sandbox::Network::Sandbox {
+                    slirp4netns: isolation.slirp4netns.clone(),
+                },
+                RunNetwork::Host => sandbox::Network::Host,
+                RunNetwork::None => sandbox::Network::None,
+            },
+            cache_mounts: mounts,
+            resolv_conf: match network {
+                // The host's resolver may sit on its loopback, out of the sandbox's reach:
+                // slirp4netns forwards DNS for the step.
+                RunNetwork::Sandbox => Some(write_sandbox_resolv_conf(&dir)?),
+                RunNetwork::Host | RunNetwork::None => {
+                    Some(PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists())
+                }
+            },
+            ids: isolation.ids,
+            cgroup_procs: self.cgroup.map(BuildCgroup::procs_files).unwrap_or_default(),
+            no_new_privileges: isolation.no_new_privileges,
+        };
+        self.run_in_sandbox(&spec, line, shown).await?;
+        self.commit_layer(state, &step, &upper, &created_by, false).await
+    }
+
+    /// The network `RUN --network=…` asks for, within what the operator allows.
+    fn run_network(&self, line: usize, run: &dockerfile::RunSpec) -> Result<RunNetwork, EngineError> {
+        let isolation = &self.engine.config().isolation;
+        match run.network.as_deref() {
+            None | Some("default") => Ok(isolation.network),
+            Some("none") => Ok(RunNetwork::None),
+            Some("host") if isolation.allow_host_network => Ok(RunNetwork::Host),
+            Some("host") => Err(EngineError::at(
+                line,
+                "RUN --network=host: host networking is not allowed on this Kiln \
+                 (the operator can set engine.allow_host_network = true)",
+            )),
+            Some(other) => Err(EngineError::at(
+                line,
+                format!("RUN --network={other}: expected default, none or host"),
+            )),
+        }
+    }
+
+    /// The `RUN --mount=type=cache` directories (created on the host), and what of them the
+    /// step's cache key covers.
+    fn cache_mounts(
+        &self,
+        ctx: &StageCtx<'_>,
+        state: &ImageState,
+        line: usize,
+        run: &dockerfile::RunSpec,
+        cwd: &str,
+    ) -> Result<(Vec<BindMount>, Vec<String>), EngineError> {
+        let mut mounts = Vec::new();
+        let mut mount_keys = Vec::new();
+        for m in &run.mounts {
+            let m = m
+                .expand(
+                    &|n: &str| ctx.args.lookup(&state.config, n),
+                    self.dockerfile.escape,
+                )
+                .map_err(|e| EngineError::step_in(line, "RUN --mount", e))?;
+            if m.kind != MountType::Cache {
+                return Err(EngineError::at(
+                    line,
+                    format!(
+                        "RUN --mount=type={} is not supported (only type=cache)",
+                        m.kind.as_str()
+                    ),
+                ));
+            }
+            let target = join_path(cwd, &m.target);
+            let id = m.id.clone().unwrap_or_else(|| target.clone());
+            let host_dir = self
+                .engine
+                .cache_mount_dir(self.input.cache_scope.as_deref(), &id);
+            std::fs::create_dir_all(&host_dir).map_err(EngineError::io("creating a cache mount"))?;
+            mount_keys.push(format!("cache:{id}:{target}:{}", m.read_only));
+            mounts.push(BindMount {
+                host_dir,
+                target: PathBuf::from(target),
+                read_only: m.read_only,
+            });
+        }
+        Ok((mounts, mount_keys))
+    }
+
+    /// Runs `spec` in the sandbox, its output going to the build log. A non-zero exit is a
+    /// `RunFailed` with the output's last lines; a build limit hit on the way is named as the
+    /// cause instead.
+    async fn run_in_sandbox(&self, spec: &RunSpec, line: usize, shown: String) -> Result<(), EngineError> {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+        let log = self.log.clone();
+        let tail = Arc::new(Mutex::new(Tail::default()));
+        let tail_writer = tail.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(chunk) = rx.recv().await {
+                tail_writer.lock().unwrap_or_else(|e| e.into_inner()).push(&chunk);
+                log.bytes(chunk);
+            }
+        });
+        let counters = self.cgroup.map(BuildCgroup::counters);
+        let outcome = sandbox::run(&self.engine.config().exe, spec, tx, self.cancel.clone()).await;
+        let _ = forward.await;
+        if self.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        let failed = outcome.as_ref().map_or(true, |o| o.exit_code != 0);
+        if let (true, Some(cgroup), Some(before)) = (failed, self.cgroup, counters) {
+            // Whatever the command made of it (a kill, a failed fork), the limit is the cause.
+            if let Some(hit) = cgroup.check_since(&before) {
+                return Err(EngineError::LimitReached {
+                    line,
+                    command: shown,
+                    hit,
+                });
+            }
+        }
+        let outcome = outcome.map_err(|e| EngineError::step_in(line, format!("RUN {shown}"), e))?;
+        if outcome.exit_code != 0 {
+            let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
+            return Err(EngineError::RunFailed {
+                line,
+                command: shown,
+                exit_code: outcome.exit_code,
+                tail,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Writes a heredoc script into the fresh, private `pipes` directory. `name` passed
+/// [`securejoin::check_name`]; `O_EXCL | O_NOFOLLOW` would refuse anything already there.
+fn write_script(pipes: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
+    use std::{
+        io::Write,
+        os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(pipes.join(name))?;
+    file.write_all(content)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o755))
+}
+
+/// The last lines of a step's output, for its error message.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    const KEEP: usize = 4096;
+
+    fn push(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+        if self.0.len() > Self::KEEP * 2 {
+            self.0.drain(..self.0.len() - Self::KEEP);
+        }
+    }
+
+    fn text(&self) -> String {
+        let s = String::from_utf8_lossy(&self.0);
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+/// The text of `rel` in the union of `lowers` (top first), honouring overlay whiteouts.
+/// Every component is looked up with `lstat` in the layer that provides it: a symlink on
+/// the way (which would resolve against the host, not the image) or anything but a
+/// regular file at the end gives `None`, as does a file larger than 1 MiB.
+fn read_merged(lowers: &[PathBuf], rel: &str) -> Option<String> {
+    use std::{
+        io::Read,
+        os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    };
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    let (last, parents) = parts.split_last()?;
+    // The layers that still may provide the path, narrowed component by component: a
+    // directory merges with the same directory below it unless it is opaque.
+    let mut layers: Vec<PathBuf> = lowers.to_vec();
+    for part in parents {
+        let mut next = Vec::new();
+        for dir in &layers {
+            let path = dir.join(part);
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => {
+                    let opaque = xattr::get(&path, "trusted.overlay.opaque").ok().flatten();
+                    next.push(path);
+                    if opaque.as_deref() == Some(b"y") {
+                        break;
+                    }
+                }
+                Ok(_) => break, // a whiteout, a symlink or a file hides everything below
+                Err(_) => continue,
+            }
+        }
+        if next.is_empty() {
+            return None;
+        }
+        layers = next;
+    }
+    for dir in layers {
+        let path = dir.join(last);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_char_device() => return None, // a whiteout
+            Ok(m) if m.is_file() && m.len() <= 1 << 20 => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
+                    .ok()?;
+                let mut text = String::new();
+                file.take(1 << 20).read_to_string(&mut text).ok()?;
+                return Some(text);
+            }
+            Ok(_) => return None,
+            Err(_) => continue,
+        }
+    }
+    None
+}
+
+/// The home directory of `user` (`name`, `uid`, or either with `:group`) in `passwd`.
+fn home_of(passwd: &str, user: &str) -> String {
+    let name = user.split(':').next().unwrap_or(user);
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && (f[0] == name || f[2] == name))
+        .map(|f| f[5].to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".into())
+}
+
+/// The argv of a RUN, how it is shown in logs and history, and a heredoc script file to
+/// provide at `/dev/pipes/<name>` (BuildKit's place for `RUN <<EOF` scripts with `#!`).
+fn run_argv(run: &dockerfile::RunSpec, shell: &[String]) -> (Vec<String>, String, Option<(String, String)>) {
+    match (&run.command, run.script()) {
+        (ShellOrExec::Exec(argv), _) => (
+            argv.clone(),
+            serde_json::to_string(argv).unwrap_or_default(),
+            None,
+        ),
+        (ShellOrExec::Shell(cmd), Some(RunScript::Executable { name, content })) => (
+            vec![format!("/dev/pipes/{name}")],
+            cmd.clone(),
+            Some((name, content)),
+        ),
+        (ShellOrExec::Shell(cmd), script) => {
+            let text = match script {
+                Some(RunScript::Shell(text)) => text,
+                _ => cmd.clone(),
+            };
+            let argv = shell.iter().cloned().chain([text]).collect();
+            (argv, cmd.clone(), None)
+        }
+    }
+}
+
+/// A `resolv.conf` for a step on the sandbox network: slirp4netns' DNS forwarder, with the
+/// host's `search` and `options` lines.
+fn write_sandbox_resolv_conf(step_dir: &Path) -> Result<PathBuf, EngineError> {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut text = format!("nameserver {}\n", sandbox::network::SLIRP_DNS);
+    for line in host.lines() {
+        if line.starts_with("search ") || line.starts_with("options ") {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    let path = step_dir.join("resolv.conf");
+    std::fs::write(&path, text).map_err(EngineError::io("writing the step's resolv.conf"))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_reads_never_follow_an_image_symlink_to_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("passwd"), "root:x:0:0::/host-home:/bin/sh\n").unwrap();
+        let (top, bottom) = (dir.path().join("top"), dir.path().join("bottom"));
+        std::fs::create_dir_all(&top).unwrap();
+        std::fs::create_dir_all(bottom.join("etc")).unwrap();
+        std::fs::write(bottom.join("etc/passwd"), "root:x:0:0::/image-home:/bin/sh\n").unwrap();
+        assert!(read_merged(&[top.clone(), bottom.clone()], "etc/passwd")
+            .unwrap()
+            .contains("/image-home"));
+        // The top layer makes /etc a symlink to a host directory: nothing is read.
+        std::os::unix::fs::symlink(&host, top.join("etc")).unwrap();
+        assert_eq!(read_merged(&[top, bottom], "etc/passwd"), None);
+    }
+}
