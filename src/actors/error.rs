@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{log_fanout::LogError, supervision::Unavailable};
-use crate::{model::BuildId, registry::RegistryError};
+use crate::{engine::context::ContextError, model::BuildId, registry::RegistryError};
 
 /// Why a request to the actors failed.
 ///
@@ -33,11 +33,35 @@ pub enum BuildError {
     #[error(transparent)]
     Log(#[from] LogError),
     /// Something Kiln depends on (a git remote) did not answer in time. Retryable.
-    #[error("{0}")]
-    SourceUnavailable(String),
-    /// Kiln itself failed (disk, a task); the message says where.
-    #[error("{0}")]
-    Internal(String),
+    #[error(transparent)]
+    SourceUnavailable(Arc<ContextError>),
+    /// Kiln itself failed (disk, a task); `what` says where.
+    #[error("{what}: {source}")]
+    Internal {
+        what: &'static str,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl BuildError {
+    /// Kiln's own failure at `what` (`"storing the context"`), keeping its cause.
+    pub fn internal(what: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Internal {
+            what,
+            source: Arc::new(source),
+        }
+    }
+
+    /// Whether the same request may succeed later unchanged: an actor or a source that did
+    /// not answer, or a registry error that is itself retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::SourceUnavailable(_) => true,
+            Self::Registry(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
 }
 
 impl From<Arc<RegistryError>> for BuildError {
@@ -49,5 +73,25 @@ impl From<Arc<RegistryError>> for BuildError {
 impl From<RegistryError> for BuildError {
     fn from(e: RegistryError) -> Self {
         Self::Registry(Arc::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_keep_their_cause_and_only_transient_ones_are_retryable() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
+        let e = BuildError::internal("storing the context", io);
+        assert_eq!(e.to_string(), "storing the context: disk full");
+        let source = std::error::Error::source(&e).expect("the cause is kept");
+        assert_eq!(source.to_string(), "disk full");
+        assert!(!e.is_retryable());
+        assert!(!BuildError::InvalidInput("x".into()).is_retryable());
+        assert!(BuildError::Unavailable(Unavailable {
+            actor: "orchestrator".into()
+        })
+        .is_retryable());
     }
 }

@@ -191,7 +191,7 @@ impl KilnHandle {
             .map_err(|e| match e {
                 ContextError::TooLarge { .. } => BuildError::InvalidInput(e.to_string()),
                 ContextError::UploadStream { .. } => BuildError::InvalidInput(e.to_string()),
-                e => BuildError::Internal(format!("storing the context: {e}")),
+                e => BuildError::internal("storing the context", e),
             })?;
         let size = self
             .contexts

@@ -22,7 +22,7 @@ pub fn from_build_error(error: BuildError) -> Status {
         BuildError::Unsupported(_) => Code::Unimplemented,
         BuildError::Unavailable(_) | BuildError::SourceUnavailable(_) => Code::Unavailable,
         BuildError::AlreadyFinished(_) => Code::FailedPrecondition,
-        BuildError::Log(_) | BuildError::Internal(_) => Code::Internal,
+        BuildError::Log(_) | BuildError::Internal { .. } => Code::Internal,
     };
     Status::new(code, error.to_string())
 }

@@ -182,7 +182,7 @@ async fn materialize(
     let dir = tempfile::Builder::new()
         .prefix("context-")
         .tempdir_in(&deps.contexts_tmp)
-        .map_err(|e| BuildError::Internal(format!("cannot create a context directory: {e}")))?;
+        .map_err(|e| BuildError::internal("cannot create a context directory", e))?;
     let dest = dir.path().join("src");
     let pinned;
     let origin;
@@ -198,7 +198,7 @@ async fn materialize(
                 .map_err(|e| match e.relative_to(&dest) {
                     // The remote may answer next time: a retryable error.
                     e @ context::ContextError::GitTimeout { .. } => {
-                        BuildError::SourceUnavailable(e.to_string())
+                        BuildError::SourceUnavailable(std::sync::Arc::new(e))
                     }
                     e => invalid(format!("source.file.source.git: {e}")),
                 })?;
@@ -215,7 +215,7 @@ async fn materialize(
             let (store, digest, target) = (deps.contexts.clone(), digest.clone(), dest.clone());
             tokio::task::spawn_blocking(move || store.unpack(&digest, &target).map_err(|e| (digest, e)))
                 .await
-                .map_err(|e| BuildError::Internal(format!("unpacking the context: {e}")))?
+                .map_err(|e| BuildError::internal("unpacking the context", e))?
                 .map_err(|(digest, e)| match e {
                     context::ContextError::UnknownContext { .. } => BuildError::NotFound(format!(
                         "uploaded context {digest}; upload it with UploadContext"
@@ -239,13 +239,13 @@ pub async fn plan(
     let slot = slots
         .acquire()
         .await
-        .map_err(|e| BuildError::Internal(format!("planning slots: {e}")))?;
+        .map_err(|e| BuildError::internal("planning slots", e))?;
     let (dir, checkout, pinned_context, origin) = materialize(deps, source).await?;
     let opened = {
         let (checkout, source) = (checkout.clone(), source.clone());
         tokio::task::spawn_blocking(move || open_context(&checkout, &source))
             .await
-            .map_err(|e| BuildError::Internal(format!("reading the context: {e}")))??
+            .map_err(|e| BuildError::internal("reading the context", e))??
     };
     let OpenedContext {
         root,
@@ -262,11 +262,11 @@ pub async fn plan(
     let _slot = slots
         .acquire()
         .await
-        .map_err(|e| BuildError::Internal(format!("planning slots: {e}")))?;
+        .map_err(|e| BuildError::internal("planning slots", e))?;
     let context_digest =
         tokio::task::spawn_blocking(move || context::context_digest(&root_for_digest, &ignore))
             .await
-            .map_err(|e| BuildError::Internal(format!("hashing the context: {e}")))?
+            .map_err(|e| BuildError::internal("hashing the context", e))?
             .map_err(|e| invalid(format!("build context: {e}")))?;
     let key = BuildKey::for_dockerfile(
         &text,
