@@ -151,17 +151,11 @@ pub fn auth(auth: Option<pb::BuildRegistryAuth>) -> Result<AuthPolicy, BuildErro
 }
 
 pub fn build_request(req: pb::BuildRequest) -> Result<BuildRequest, BuildError> {
+    // Whatever an earlier BuildResponse.base_ref carried (Kiln's tag, mk3's, a digest):
+    // Gitpod's server stores it and sends it back on the next start.
     let base_resolved = match req.base_image_name_resolved.trim() {
         "" => None,
-        name => {
-            let r = image_ref("base_image_name_resolved", name)?;
-            if r.digest().is_none() {
-                return Err(invalid(
-                    "base_image_name_resolved: must be a digest reference (…@sha256:…)",
-                ));
-            }
-            Some(r)
-        }
+        name => Some(image_ref("base_image_name_resolved", name)?),
     };
     Ok(BuildRequest {
         source: source(req.source)?,
@@ -281,17 +275,29 @@ mod tests {
     }
 
     #[test]
-    fn base_resolved_must_be_a_digest() {
-        let req = pb::BuildRequest {
+    fn base_resolved_takes_any_reference_a_base_ref_carried() {
+        let request = |base: &str| pb::BuildRequest {
             source: Some(pb::BuildSource {
                 from: Some(pb::build_source::From::Ref(pb::BuildSourceReference {
                     r#ref: "alpine".into(),
                 })),
             }),
-            base_image_name_resolved: "alpine:3".into(),
+            base_image_name_resolved: base.into(),
             ..Default::default()
         };
-        assert!(build_request(req).unwrap_err().to_string().contains("digest"));
+        for base in [
+            "127.0.0.1:5000/kiln/base-images:0123abcd",
+            "eu.gcr.io/gitpod/build/base-images:5e7f",
+            "alpine@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            let parsed = build_request(request(base)).unwrap().base_resolved.unwrap();
+            assert!(
+                parsed.to_string().ends_with(base.rsplit('/').next().unwrap()),
+                "{parsed}"
+            );
+        }
+        let err = build_request(request("not a ref")).unwrap_err().to_string();
+        assert!(err.starts_with("base_image_name_resolved"), "{err}");
     }
 
     #[test]

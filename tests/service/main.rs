@@ -12,6 +12,7 @@ mod cli;
 mod common;
 mod dedup;
 mod errors;
+mod gitpod;
 mod knobs;
 mod logs;
 mod resolve;

@@ -49,12 +49,30 @@ pub(super) async fn plan(
     slots: &Semaphore,
     request: &BuildRequest,
 ) -> Result<Plan, BuildError> {
+    if let (Some(stored), false) = (&request.base_resolved, request.force_rebuild) {
+        // Gitpod's server stores a build's `base_ref` and sends it back as
+        // `base_image_name_resolved`. As image-builder-mk3 does, the workspace image is named
+        // after that reference and made from the image it names while that exists; once it
+        // is gone (or unreadable), the request's source is planned again.
+        match resolve(deps, stored, &request.auth).await {
+            Ok(pinned) => {
+                return Ok(plan_stored_base(
+                    deps,
+                    stored.clone(),
+                    pinned,
+                    request.auth.clone(),
+                ))
+            }
+            Err(error) => tracing::info!(
+                base = %stored,
+                %error,
+                "the stored base image cannot be used; planning the request's source"
+            ),
+        }
+    }
     match &request.source {
         BuildSource::Image { reference } => {
-            let base = match (&request.base_resolved, request.force_rebuild) {
-                (Some(resolved), false) => resolved.clone(),
-                _ => resolve(deps, reference, &request.auth).await?,
-            };
+            let base = resolve(deps, reference, &request.auth).await?;
             Ok(plan_image(deps, base, request.auth.clone()))
         }
         BuildSource::Dockerfile(source) => {
@@ -84,6 +102,29 @@ fn plan_image(deps: &OrchestratorDeps, base: ImageRef, auth: AuthPolicy) -> Plan
     Plan {
         key,
         refs: BuildRefs { workspace, base },
+        job,
+        identity: None,
+    }
+}
+
+/// A workspace image made from `stored`, the base reference an earlier build answered
+/// (`pinned` is what it names now). The key comes from the reference as stored, so a
+/// Dockerfile build's `base_ref` (a tag in the base repository) names the same workspace
+/// image as the Dockerfile plan did.
+fn plan_stored_base(deps: &OrchestratorDeps, stored: ImageRef, pinned: ImageRef, auth: AuthPolicy) -> Plan {
+    let key = BuildKey::for_base(&stored);
+    let workspace = key.workspace_image(&deps.workspace_repository);
+    let job = Job::CopyImage {
+        source: pinned,
+        target: workspace.clone(),
+        auth,
+    };
+    Plan {
+        key,
+        refs: BuildRefs {
+            workspace,
+            base: stored,
+        },
         job,
         identity: None,
     }
