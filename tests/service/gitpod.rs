@@ -5,6 +5,8 @@
 //!   same workspace ref, same base ref;
 //! - the base and workspace images deleted between two starts: the request's source is
 //!   built again and the start succeeds with the same references.
+//! - a git remote that refuses the connection: `Unavailable` (retryable), not
+//!   `InvalidArgument`.
 
 use kiln::proto::builder::{
     build_source, BuildRequest, BuildResponse, BuildSource, BuildSourceDockerfile, BuildStatus,
@@ -139,6 +141,53 @@ async fn a_stored_base_ref_starts_the_workspace_again() {
             "{fourth:#?}"
         );
         assert_eq!(fourth.last().unwrap().r#ref, workspace);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_git_remote_is_unavailable() {
+    use kiln::proto::contentservice::{
+        workspace_initializer, CloneTargetMode, GitInitializer, WorkspaceInitializer,
+    };
+    let env = Env::start(Mode::Embedded);
+    within(120, async {
+        let mut client = env.builder().await;
+        // A port nothing listens on: git's fetch is refused.
+        let port = crate::support::kiln::free_port();
+        let request = BuildRequest {
+            source: Some(BuildSource {
+                from: Some(build_source::From::File(BuildSourceDockerfile {
+                    source: Some(WorkspaceInitializer {
+                        spec: Some(workspace_initializer::Spec::Git(GitInitializer {
+                            remote_uri: format!("https://127.0.0.1:{port}/team/repo.git"),
+                            target_mode: CloneTargetMode::RemoteHead as i32,
+                            ..Default::default()
+                        })),
+                    }),
+                    dockerfile_path: "Dockerfile".into(),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        };
+        let status = match client.build(request).await {
+            Ok(stream) => collect(stream.into_inner())
+                .await
+                .into_iter()
+                .map(|m| format!("{m:?}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    status.message().contains("Connection refused") || status.message().contains("connect"),
+                    "{status:?}"
+                );
+                return;
+            }
+        };
+        panic!("an unreachable remote must answer Unavailable, got a stream: {status}");
     })
     .await;
 }

@@ -197,9 +197,7 @@ async fn materialize(
                 .await
                 .map_err(|e| match e.relative_to(&dest) {
                     // The remote may answer next time: a retryable error.
-                    e @ context::ContextError::GitTimeout { .. } => {
-                        BuildError::SourceUnavailable(std::sync::Arc::new(e))
-                    }
+                    e if e.is_unreachable_remote() => BuildError::SourceUnavailable(std::sync::Arc::new(e)),
                     e => invalid(format!("source.file.source.git: {e}")),
                 })?;
             pinned = checkout.commit.clone();

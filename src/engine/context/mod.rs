@@ -126,6 +126,28 @@ pub enum ContextError {
 pub const MAX_CONTEXT_HASH_BYTES: u64 = 16 << 30;
 
 impl ContextError {
+    /// Whether git could not reach the remote at all (refused, unresolvable, unreachable,
+    /// timed out): the same request may work later, so callers get `Unavailable`, as from
+    /// image-builder-mk3, rather than a verdict on the request. git reports this only in
+    /// its messages, so they are matched (curl's and ssh's wording, as git prints them).
+    pub fn is_unreachable_remote(&self) -> bool {
+        const UNREACHABLE: [&str; 8] = [
+            "Could not resolve host",
+            "Couldn't resolve host",
+            "Connection refused",
+            "Failed to connect",
+            "Connection timed out",
+            "Network is unreachable",
+            "No route to host",
+            "Could not resolve hostname",
+        ];
+        match self {
+            Self::GitTimeout { .. } => true,
+            Self::Git { detail, .. } => UNREACHABLE.iter().any(|m| detail.contains(m)),
+            _ => false,
+        }
+    }
+
     /// The same error with host paths under `root` shown relative to it, so that a caller
     /// sees the path inside its context, never where the server keeps it.
     pub(crate) fn relative_to(self, root: &std::path::Path) -> Self {
