@@ -32,9 +32,14 @@ pub enum BuildError {
     /// A log could not be read or written.
     #[error(transparent)]
     Log(#[from] LogError),
-    /// Something Kiln depends on (a git remote) did not answer in time. Retryable.
-    #[error(transparent)]
-    SourceUnavailable(Arc<ContextError>),
+    /// Something Kiln depends on (a git remote) could not be reached; `field` names the
+    /// request field that named it. Retryable.
+    #[error("{field}: {source}")]
+    SourceUnavailable {
+        field: &'static str,
+        #[source]
+        source: Arc<ContextError>,
+    },
     /// Kiln itself failed (disk, a task); `what` says where.
     #[error("{what}: {source}")]
     Internal {
@@ -57,7 +62,7 @@ impl BuildError {
     /// not answer, or a registry error that is itself retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Unavailable(_) | Self::SourceUnavailable(_) => true,
+            Self::Unavailable(_) | Self::SourceUnavailable { .. } => true,
             Self::Registry(e) => e.is_retryable(),
             _ => false,
         }

@@ -20,7 +20,7 @@ pub fn from_build_error(error: BuildError) -> Status {
         BuildError::InvalidInput(_) => Code::InvalidArgument,
         BuildError::NotFound(_) | BuildError::Log(LogError::NotFound(_)) => Code::NotFound,
         BuildError::Unsupported(_) => Code::Unimplemented,
-        BuildError::Unavailable(_) | BuildError::SourceUnavailable(_) => Code::Unavailable,
+        BuildError::Unavailable(_) | BuildError::SourceUnavailable { .. } => Code::Unavailable,
         BuildError::AlreadyFinished(_) => Code::FailedPrecondition,
         BuildError::Log(_) | BuildError::Internal { .. } => Code::Internal,
     };

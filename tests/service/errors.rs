@@ -159,11 +159,16 @@ async fn bad_requests_get_precise_status_codes() {
                 .await,
         );
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
-        // base_image_name_resolved must be a digest reference.
-        let mut not_pinned = build_request(&format!("{registry}/src/present:1"));
-        not_pinned.base_image_name_resolved = format!("{registry}/src/present:1");
-        let status = build_error(&mut client, not_pinned).await;
+        // base_image_name_resolved must be an image reference (a tag is fine: Gitpod sends
+        // back whatever base_ref it stored, see tests/service/gitpod.rs).
+        let mut not_a_ref = build_request(&format!("{registry}/src/present:1"));
+        not_a_ref.base_image_name_resolved = "not a reference".into();
+        let status = build_error(&mut client, not_a_ref).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("base_image_name_resolved"),
+            "{status:?}"
+        );
 
         // Dockerfile sources (the engine is wired since e1cdcca, so no longer Unimplemented):
         // a context that cannot be had is answered precisely, naming the field.

@@ -197,7 +197,10 @@ async fn materialize(
                 .await
                 .map_err(|e| match e.relative_to(&dest) {
                     // The remote may answer next time: a retryable error.
-                    e if e.is_unreachable_remote() => BuildError::SourceUnavailable(std::sync::Arc::new(e)),
+                    e if e.is_unreachable_remote() => BuildError::SourceUnavailable {
+                        field: "source.file.source.git",
+                        source: std::sync::Arc::new(e),
+                    },
                     e => invalid(format!("source.file.source.git: {e}")),
                 })?;
             pinned = checkout.commit.clone();
