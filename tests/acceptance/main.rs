@@ -1447,7 +1447,23 @@ fn kiln_build_from_uploaded_context_matches_buildah() {
 fn kubernetes_executor_builds_the_same_digests_as_the_local_one() {
     let base = baseline();
     let reg = base.reg().to_owned();
-    let cluster = support::fake_kube::FakeKube::start();
+    // The node pulls Kiln's builder image through its mirror of the image's registry: the
+    // test registry, where an image under that name is pushed (the fake kubelet runs the
+    // host's `kiln` once the pull succeeds, see `fake_kube::images`).
+    let (image_host, image_rest) = kiln::config::KILN_IMAGE.split_once('/').unwrap();
+    let (image_repository, image_tag) = image_rest.rsplit_once(':').unwrap();
+    block_on(support::images::push_image(
+        &reg,
+        image_repository,
+        image_tag,
+        1,
+        11,
+    ));
+    let mut options = support::fake_kube::FakeKubeOptions::default();
+    options
+        .registry_mirrors
+        .insert(image_host.to_owned(), reg.clone());
+    let cluster = support::fake_kube::FakeKube::start_with(options);
     let repositories = |name: &str| {
         format!(
             "base_repository = \"{reg}/{name}/base\"\nworkspace_repository = \"{reg}/{name}/workspace\"\n"
@@ -1793,7 +1809,15 @@ fn check_bad_build(dir: &Path, e: &BadExpect, build: &KilnBuild, server_log: &st
 fn kiln_rejects_bad_cases_cleanly() {
     let base = baseline();
     let reg = base.reg().to_owned();
-    let kiln = KilnServer::start(KilnOptions::external(&reg));
+    // Repositories of its own: other tests push to the shared registry meanwhile, and only
+    // what this Kiln pushed counts.
+    const REPOS: &str = "bad-cases/";
+    let kiln = KilnServer::start(KilnOptions {
+        registry_toml: format!(
+            "base_repository = \"{reg}/{REPOS}base\"\nworkspace_repository = \"{reg}/{REPOS}workspace\"\n"
+        ),
+        ..KilnOptions::external(&reg)
+    });
     let mut report = Report::default();
     block_on(async {
         let mut client = kiln.builder().await;
@@ -1815,7 +1839,10 @@ fn kiln_rejects_bad_cases_cleanly() {
             let build = run_build(&mut client, request).await;
             let mut problems = check_bad_build(&repo.path(), &e, &build, &kiln.log());
             let images_after = registry_images(&reg).await;
-            let new: Vec<&String> = images_after.difference(&images_before).collect();
+            let new: Vec<&String> = images_after
+                .difference(&images_before)
+                .filter(|image| image.starts_with(REPOS))
+                .collect();
             if !new.is_empty() {
                 problems.push(format!("images were pushed by a failed build: {new:?}"));
             }
@@ -1858,12 +1885,25 @@ async fn registry_images(reg: &str) -> BTreeSet<String> {
                 .unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {text}"))
         }
     };
-    let catalog = get(format!("http://{reg}/v2/_catalog?n=10000")).await;
-    for repo in catalog["repositories"].as_array().into_iter().flatten() {
-        let repo = repo.as_str().unwrap_or_default();
-        let tags = get(format!("http://{reg}/v2/{repo}/tags/list")).await;
-        for tag in tags["tags"].as_array().into_iter().flatten() {
-            out.insert(format!("{repo}:{}", tag.as_str().unwrap_or_default()));
+    // docker-registry serves at most 1000 entries a page: follow `last`.
+    let mut last = String::new();
+    loop {
+        let catalog = get(format!("http://{reg}/v2/_catalog?n=1000&last={last}")).await;
+        let repos: Vec<String> = catalog["repositories"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(str::to_owned))
+            .collect();
+        for repo in &repos {
+            let tags = get(format!("http://{reg}/v2/{repo}/tags/list")).await;
+            for tag in tags["tags"].as_array().into_iter().flatten() {
+                out.insert(format!("{repo}:{}", tag.as_str().unwrap_or_default()));
+            }
+        }
+        match repos.last() {
+            Some(repo) if repos.len() == 1000 => last = repo.clone(),
+            _ => break,
         }
     }
     out
