@@ -922,13 +922,7 @@ fn extract_archive(path: &Path, root: &Path, dest: &str, owner: Option<(u32, u32
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let fail = |what: &str| format!("entry {name:?}: {what}");
         let kind = entry.header().entry_type();
-        if matches!(
-            kind,
-            tar::EntryType::XGlobalHeader
-                | tar::EntryType::XHeader
-                | tar::EntryType::GNULongName
-                | tar::EntryType::GNULongLink
-        ) {
+        if crate::engine::context::upload::is_metadata_entry(kind) {
             continue;
         }
         let parts = clean_entry_name(&name).ok_or_else(|| fail("climbs out of the destination"))?;

@@ -298,6 +298,18 @@ impl Read for ExactReader<'_> {
     }
 }
 
+/// Whether a tar entry only carries metadata for the next one (PAX and GNU long-name
+/// headers, which the `tar` crate applies itself): extractors skip it.
+pub(crate) fn is_metadata_entry(kind: tar::EntryType) -> bool {
+    matches!(
+        kind,
+        tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink
+    )
+}
+
 /// Extracts a tar into `dest` (created if absent) without ever writing outside it. See the
 /// module doc for the rules. Blocking.
 pub fn unpack_tar(reader: impl Read, dest: &Path) -> Result<(), ContextError> {
@@ -319,13 +331,7 @@ fn unpack_tar_in(reader: impl Read, dest: &Path) -> Result<(), ContextError> {
             reason: reason.to_owned(),
         };
         let kind = entry.header().entry_type();
-        if matches!(
-            kind,
-            tar::EntryType::XGlobalHeader
-                | tar::EntryType::XHeader
-                | tar::EntryType::GNULongName
-                | tar::EntryType::GNULongLink
-        ) {
+        if is_metadata_entry(kind) {
             continue;
         }
         let parts = relative_parts(&raw).map_err(unsafe_entry)?;
