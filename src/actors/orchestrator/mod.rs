@@ -225,6 +225,19 @@ type ExistsCheck =
 /// A continuation of the orchestrator: a future whose steps run with `&mut Orchestrator`.
 type Act<T> = ResponseActFuture<Orchestrator, T>;
 
+/// Runs `work` as a task of its own on this arbiter and waits for it. The actor's context
+/// polls every pending future of the actor whenever any of them is woken: with a burst of
+/// requests planning at once, slow work left in the context would make each wake cost as
+/// much as the whole burst. A task is polled only when it is woken itself; the context
+/// keeps only its cheap join handle. A panic in `work` answers `panicked`.
+fn detached<T: 'static>(
+    work: impl std::future::Future<Output = T> + 'static,
+    panicked: impl FnOnce(tokio::task::JoinError) -> T + 'static,
+) -> impl std::future::Future<Output = T> {
+    let task = actix::spawn(work);
+    async move { task.await.unwrap_or_else(panicked) }
+}
+
 fn ready<T: 'static>(value: T) -> Act<T> {
     Box::pin(actix::fut::ready(value))
 }
@@ -346,7 +359,10 @@ impl Orchestrator {
 
     /// Plans `request`, then joins, answers `Exists`, or claims and starts.
     fn plan_then_claim(&mut self, request: BuildRequest) -> Act<Result<Submission, BuildError>> {
-        let planning = plan::plan_owned(self.deps.clone(), self.planning.clone(), request.clone());
+        let planning = detached(
+            plan::plan_owned(self.deps.clone(), self.planning.clone(), request.clone()),
+            |e| Err(BuildError::internal("planning", e)),
+        );
         Box::pin(planning.into_actor(self).then(move |plan, act, _| {
             let plan = match plan {
                 Ok(plan) => plan,
@@ -658,7 +674,7 @@ impl Handler<Submit> for Orchestrator {
             return self.plan_then_claim(request);
         }
         // A repeated Dockerfile request is answered without fetching its context again.
-        let identity = plan::quick_identity(self.deps.clone(), request.clone());
+        let identity = detached(plan::quick_identity(self.deps.clone(), request.clone()), |_| None);
         Box::pin(identity.into_actor(self).then(move |identity, act, _| {
             let Some((key, refs)) = identity.and_then(|i| act.plan_cache.get(&i)) else {
                 return act.plan_then_claim(request);
@@ -694,7 +710,10 @@ impl Handler<PlanWorkspace> for Orchestrator {
             {
                 Some((_, refs)) => ready(Ok(refs)),
                 None => {
-                    let planned = plan::plan_owned(act.deps.clone(), act.planning.clone(), request);
+                    let planned = detached(
+                        plan::plan_owned(act.deps.clone(), act.planning.clone(), request),
+                        |e| Err(BuildError::internal("planning", e)),
+                    );
                     Box::pin(planned.into_actor(act).map(|plan, act: &mut Self, _| {
                         let plan = plan?;
                         if let Some(identity) = plan.identity {
