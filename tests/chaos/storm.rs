@@ -14,7 +14,7 @@ use std::{collections::BTreeSet, time::Duration};
 use futures::future::join_all;
 use kiln::proto::{
     admin::SetChaosRequest,
-    builder::{BuildResponse, BuildStatus},
+    builder::{BuildResponse, BuildStatus, BuildStatusRequest},
 };
 use tonic::Code;
 
@@ -143,38 +143,50 @@ async fn storm(kind: &str) {
         "{kind}: a second build of one image: {first_ids:?}"
     );
 
-    // Every distinct build ran and succeeded, under its own id. The first image's own call
-    // may arrive (its Submit resent after a crash) when the identical calls' build of that
-    // image has already finished: then it is answered done_success at once, as any request
-    // for an existing image is.
+    // Every distinct build ran and succeeded, under its own id. A call whose Submit was
+    // resent after a crash may arrive when the build its first attempt started (or, for the
+    // first image, the identical calls' build) has already finished: it is then answered
+    // done_success at once, as any request for an existing image is, and its build is found
+    // by its workspace reference.
     let mut ids = Vec::new();
+    let mut status_client = kiln.builder().await;
     for (i, (image, result)) in images.iter().zip(distinct).enumerate() {
         let all = result
             .expect("build task panicked")
             .unwrap_or_else(|e| panic!("{kind}: {e}\n{}", kiln.log_tail()));
         let statuses: Vec<BuildStatus> = all.iter().map(|m| m.status()).collect();
-        if i == 0 && statuses == [BuildStatus::DoneSuccess] {
-            let joined = first_ids
-                .iter()
-                .next()
-                .unwrap_or_else(|| panic!("{kind}: {image} found built, but no call saw its build"));
-            ids.push(joined.clone());
-            continue;
-        }
-        assert_eq!(
-            statuses,
-            [BuildStatus::Running, BuildStatus::DoneSuccess],
-            "{kind}: {image}: {all:#?}"
-        );
+        let id = if statuses == [BuildStatus::DoneSuccess] {
+            let found = status_client
+                .build_status(BuildStatusRequest {
+                    build_ref: all[0].r#ref.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|s| panic!("{kind}: {image} found built, but no build made it: {s:?}"))
+                .into_inner();
+            assert_eq!(
+                found.status(),
+                BuildStatus::DoneSuccess,
+                "{kind}: {image}: {found:?}"
+            );
+            build_id(&found)
+        } else {
+            assert_eq!(
+                statuses,
+                [BuildStatus::Running, BuildStatus::DoneSuccess],
+                "{kind}: {image}: {all:#?}"
+            );
+            build_id(&all[0])
+        };
         if i == 0 {
-            first_ids.insert(build_id(&all[0]));
+            first_ids.insert(id.clone());
             assert_eq!(
                 first_ids.len(),
                 1,
                 "{kind}: a second build of one image: {first_ids:?}"
             );
         }
-        ids.push(build_id(&all[0]));
+        ids.push(id);
     }
     assert_eq!(
         ids.iter().collect::<BTreeSet<_>>().len(),
