@@ -207,14 +207,22 @@ impl Actor for Resolver {
 impl Handler<Resolve> for Resolver {
     type Result = ResponseActFuture<Self, Result<ImageRef, Arc<RegistryError>>>;
 
-    /// Runs the lookup in this resolver's context (not detached): it waits for a permit
-    /// when `max_in_flight` registry calls are out, and ends with the resolver.
+    /// Runs the lookup as a task of this incarnation: it waits for a permit when
+    /// `max_in_flight` registry calls are out, and ends with the resolver (its handle lives
+    /// in this actor's context; dropping it with the context aborts the task and frees its
+    /// permit, and the caller's slot asks the next incarnation). A task of its own, because
+    /// the context polls every future it holds whenever one is woken: a burst of callers
+    /// waiting on one in-flight lookup would be polled all together on every wake; a join
+    /// handle is cheap to poll.
     fn handle(&mut self, msg: Resolve, _: &mut Self::Context) -> Self::Result {
-        Box::pin(actix::fut::wrap_future(self.lookup(
-            msg.image,
-            msg.auth,
-            msg.refresh,
-        )))
+        let lookup = self.lookup(msg.image, msg.auth, msg.refresh);
+        let task = tokio_util::task::AbortOnDropHandle::new(tokio::task::spawn_local(lookup));
+        Box::pin(actix::fut::wrap_future(async move {
+            // Not cancelled while its handle lives; a panic crashes this resolver, as it
+            // did when the lookup ran in the context.
+            task.await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        }))
     }
 }
 
