@@ -301,6 +301,14 @@ impl Outcome {
         self.messages.last().map(|m| m.status())
     }
 
+    /// Asserts that the build ended with `status`; returns its text.
+    #[track_caller]
+    fn assert_ended(&self, status: BuildStatus) -> String {
+        let text = self.text();
+        assert_eq!(self.last_status(), Some(status), "{text}");
+        text
+    }
+
     fn build_id(&self) -> Option<String> {
         self.messages
             .iter()
@@ -568,12 +576,7 @@ async fn uploaded_context_escapes_are_refused_and_nothing_is_written_outside() {
         ]);
         let digest = upload(&mut client, &honest).await;
         let outcome = run_build(&mut client, request(uploaded_source(&digest))).await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
     })
     .await;
 }
@@ -924,7 +927,7 @@ async fn huge_lines_and_binary_output_reach_logs_byte_for_byte() {
         let tar = raw_tar(&[Entry::File("Dockerfile", dockerfile.as_bytes()), Entry::File("payload.bin", &payload)]);
         let digest = upload(&mut client, &tar).await;
         let outcome = run_build(&mut client, request(uploaded_source(&digest))).await;
-        assert_eq!(outcome.last_status(), Some(BuildStatus::DoneSuccess), "{}", outcome.text());
+        outcome.assert_ended(BuildStatus::DoneSuccess);
         let id = outcome.build_id().expect("a build id");
         let log = read_log(&mut client, &id).await;
 
@@ -976,7 +979,7 @@ async fn a_slow_logs_subscriber_gets_every_byte_and_memory_stays_bounded() {
         // engine, the base image, the allocator's arenas) is in the baseline, so the bound
         // judges the streaming.
         let warm_up = build_dockerfile(&mut client, &dockerfile.replace("yes ", "yes warm-up-")).await;
-        assert_eq!(warm_up.last_status(), Some(BuildStatus::DoneSuccess), "{}", warm_up.text());
+        warm_up.assert_ended(BuildStatus::DoneSuccess);
 
         // Memory: sampled every 50 ms from just before the build until the reader is done.
         let baseline = rss_bytes(pid);

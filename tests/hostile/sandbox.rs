@@ -58,12 +58,7 @@ async fn run_is_namespaced_unprivileged_and_cannot_reach_the_host_s_loopback() {
     within(300, async {
         let mut client = kiln.builder().await;
         let outcome = build_dockerfile(&mut client, &dockerfile).await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
         let log =
             String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
 
@@ -123,13 +118,7 @@ async fn host_networking_needs_the_operator_s_consent() {
             &format!("FROM {base}\nRUN --network=host echo escaped\n"),
         )
         .await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneFailure),
-            "{}",
-            outcome.text()
-        );
-        let text = outcome.text();
+        let text = outcome.assert_ended(BuildStatus::DoneFailure);
         assert!(
             text.contains("line 2") && text.contains("engine.allow_host_network"),
             "{text}"
@@ -142,12 +131,7 @@ async fn host_networking_needs_the_operator_s_consent() {
             ),
         )
         .await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
         let log =
             String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
         assert_eq!(tagged(&log, "IF:"), ["lo"], "{log}");
@@ -168,12 +152,7 @@ async fn host_networking_needs_the_operator_s_consent() {
             ),
         )
         .await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
         let log =
             String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
         let host_ifaces = std::fs::read_to_string("/proc/net/dev").unwrap().lines().count() - 2;
@@ -229,13 +208,7 @@ async fn a_run_past_the_memory_or_pids_limit_fails_its_build_only_naming_the_lim
             &format!("FROM {base}\nRUN echo start\nRUN dd if=/dev/zero of=/dev/null bs=200M count=1\n"),
         )
         .await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneFailure),
-            "{}",
-            outcome.text()
-        );
-        let text = outcome.text();
+        let text = outcome.assert_ended(BuildStatus::DoneFailure);
         assert!(
             text.contains("line 3") && text.contains("memory limit of 64 MiB (engine.limits.memory)"),
             "{text}"
@@ -246,13 +219,7 @@ async fn a_run_past_the_memory_or_pids_limit_fails_its_build_only_naming_the_lim
             &format!("FROM {base}\nRUN for i in $(seq 64); do sleep 3 & done; wait\n"),
         )
         .await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneFailure),
-            "{}",
-            outcome.text()
-        );
-        let text = outcome.text();
+        let text = outcome.assert_ended(BuildStatus::DoneFailure);
         assert!(
             text.contains("line 2") && text.contains("limit of 32 processes (engine.limits.pids)"),
             "{text}"
@@ -263,12 +230,7 @@ async fn a_run_past_the_memory_or_pids_limit_fails_its_build_only_naming_the_lim
             &format!("FROM {base}\nRUN dd if=/dev/zero of=/dev/null bs=8M count=1 && sleep 0.1 & wait\n"),
         )
         .await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
     })
     .await;
     assert!(kiln.is_running(), "the service died with its build");
@@ -298,12 +260,7 @@ async fn the_host_s_keyring_packet_sockets_and_nested_namespaces_are_refused() {
     within(600, async {
         let mut client = kiln.builder().await;
         let outcome = build_dockerfile(&mut client, &dockerfile).await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
         let log =
             String::from_utf8_lossy(&read_log(&mut client, &outcome.build_id().unwrap()).await).into_owned();
         for call in ["KEYCTL:", "ADDKEY:", "UNSHARE:"] {

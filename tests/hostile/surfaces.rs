@@ -130,12 +130,7 @@ async fn embedded_registry_writes_need_kilns_credentials() {
     within(300, async {
         let mut client = kiln.builder().await;
         let outcome = run_build(&mut client, request(ref_source(&base))).await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
         let workspace = outcome.messages.last().map(|m| m.r#ref.clone()).expect("a ref");
         let (repo, tag) = repo_and_tag(&workspace);
         let manifest_path = format!("/v2/{repo}/manifests/{tag}");
@@ -387,12 +382,7 @@ async fn without_anonymous_pull_reads_need_credentials_and_kiln_still_builds() {
         // Kiln's own client authenticates its pulls (the base) and pushes (the image).
         let mut client = kiln.builder().await;
         let outcome = build_dockerfile(&mut client, &format!("FROM {base}\nRUN echo built-$((6*7))\n")).await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
     })
     .await;
 }
@@ -595,12 +585,7 @@ async fn the_data_dir_is_private_and_fixed_up_at_start() {
             ),
         )
         .await;
-        assert_eq!(
-            outcome.last_status(),
-            Some(BuildStatus::DoneSuccess),
-            "{}",
-            outcome.text()
-        );
+        outcome.assert_ended(BuildStatus::DoneSuccess);
     })
     .await;
     // Logs, build records, registry blobs and manifests, the credentials: private from
