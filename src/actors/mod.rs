@@ -20,6 +20,7 @@ mod orchestrator;
 mod resolver;
 mod supervision;
 mod supervisor;
+mod tasks;
 
 use std::{sync::Arc, thread};
 

@@ -11,10 +11,10 @@
 //! **Bound.** A resolver makes at most `resolver.max_in_flight` registry calls at once (a
 //! semaphore field); further misses wait in the resolver, in arrival order. The pool as a
 //! whole therefore never has more than `pool_size × max_in_flight` resolve calls at the
-//! registry. The handler's work runs as a `ResponseActFuture`, inside the resolver's own
-//! context: when the resolver dies, its lookups die with it (callers get `Closed`, their
-//! `Slot` sends again to the next incarnation), so no orphaned lookup of an old incarnation
-//! keeps a registry call going beside the new one's.
+//! registry. Each lookup runs as a task the resolver owns ([`OwnedTasks`]): when the resolver
+//! dies, its lookups die with it (callers get `Closed`, their `Slot` sends again to the next
+//! incarnation), so no orphaned lookup of an old incarnation keeps a registry call going
+//! beside the new one's.
 //!
 //! **Coalescing.** The cache coalesces concurrent misses: N callers asking for one uncached
 //! reference make one registry call (moka's `try_get_with`), and take one permit. Entries are
@@ -31,11 +31,15 @@ use std::{
 };
 
 use actix::prelude::*;
+use futures::FutureExt as _;
 use moka::future::Cache;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
-use super::supervision::{ChildGuard, Crash, INJECTED_CRASH};
+use super::{
+    supervision::{ChildGuard, Crash, INJECTED_CRASH},
+    tasks::{Later, OwnedTasks, TaskPanicked},
+};
 use crate::{
     metrics::{Metrics, ResolveResult},
     model::{AuthPolicy, ImageRef},
@@ -134,6 +138,8 @@ pub struct Resolver {
     cache: Cache<CacheKey, ImageRef>,
     /// `max_in_flight` permits; a registry call holds one. Waiters queue in FIFO order.
     calls: Arc<Semaphore>,
+    /// The lookups in progress.
+    lookups: OwnedTasks,
     _guard: ChildGuard,
 }
 
@@ -149,18 +155,19 @@ impl Resolver {
             settings,
             cache,
             calls,
+            lookups: OwnedTasks::default(),
             _guard: guard,
         }
     }
 
-    /// The lookup for one request, to run in this resolver's context.
+    /// The lookup for one request, to run as a task of this resolver.
     fn lookup(
         &self,
+        key: CacheKey,
         image: ImageRef,
         auth: AuthPolicy,
         refresh: bool,
     ) -> impl std::future::Future<Output = Result<ImageRef, Arc<RegistryError>>> + 'static {
-        let key = self.settings.cache_key(&image, &auth);
         let cache = self.cache.clone();
         let calls = self.calls.clone();
         let client = self.settings.client.clone();
@@ -205,24 +212,31 @@ impl Actor for Resolver {
 }
 
 impl Handler<Resolve> for Resolver {
-    type Result = ResponseActFuture<Self, Result<ImageRef, Arc<RegistryError>>>;
+    type Result = Later<Result<ImageRef, Arc<RegistryError>>>;
 
     /// Runs the lookup as a task of this incarnation: it waits for a permit when
-    /// `max_in_flight` registry calls are out, and ends with the resolver (its handle lives
-    /// in this actor's context; dropping it with the context aborts the task and frees its
-    /// permit, and the caller's slot asks the next incarnation). A task of its own, because
-    /// the context polls every future it holds whenever one is woken: a burst of callers
-    /// waiting on one in-flight lookup would be polled all together on every wake; a join
-    /// handle is cheap to poll.
-    fn handle(&mut self, msg: Resolve, _: &mut Self::Context) -> Self::Result {
-        let lookup = self.lookup(msg.image, msg.auth, msg.refresh);
-        let task = tokio_util::task::AbortOnDropHandle::new(tokio::task::spawn_local(lookup));
-        Box::pin(actix::fut::wrap_future(async move {
-            // Not cancelled while its handle lives; a panic crashes this resolver, as it
-            // did when the lookup ran in the context.
-            task.await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        }))
+    /// `max_in_flight` registry calls are out, and is aborted with the resolver (freeing its
+    /// permit; the caller's slot asks the next incarnation).
+    fn handle(&mut self, msg: Resolve, ctx: &mut Self::Context) -> Self::Result {
+        let key = self.settings.cache_key(&msg.image, &msg.auth);
+        if !msg.refresh {
+            // A hit is answered here: moka's `get` completes at once unless its housekeeping
+            // has to wait, and then the task below asks again.
+            if let Some(Some(hit)) = self.cache.get(&key).now_or_never() {
+                self.settings.metrics.resolved(ResolveResult::Hit);
+                return Later::now(Ok(hit));
+            }
+        }
+        let lookup = self.lookup(key, msg.image, msg.auth, msg.refresh);
+        self.lookups.reply_later(ctx, lookup)
+    }
+}
+
+impl Handler<TaskPanicked> for Resolver {
+    type Result = ();
+
+    fn handle(&mut self, panicked: TaskPanicked, _: &mut Self::Context) {
+        panicked.resume()
     }
 }
 

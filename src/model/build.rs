@@ -11,7 +11,7 @@ use super::{Digest, GitSource, ImageRef};
 pub const BUILD_PROCESS_VERSION: &str = "kiln-build/1";
 
 /// What a caller asks Kiln to build.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildSource {
     /// An existing image, copied into the workspace repository.
     Image { reference: ImageRef },
@@ -20,7 +20,7 @@ pub enum BuildSource {
 }
 
 /// Where a Dockerfile build's context comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContextSource {
     /// A git checkout (Gitpod's `git` initializer).
     Git(GitSource),
@@ -29,7 +29,7 @@ pub enum ContextSource {
 }
 
 /// A Dockerfile build's inputs, as the caller gave them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DockerfileSource {
     pub context: ContextSource,
     /// The Dockerfile, relative to the checkout (or upload) root.

@@ -19,7 +19,7 @@ pub enum GitSourceError {
 }
 
 /// Where and what to check out: Gitpod's `GitInitializer`, validated.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct GitSource {
     /// `https://`, `http://`, `git://` or `file://` URL. Credentials in it are moved out of it.
     pub remote_uri: String,

@@ -3,10 +3,11 @@
 //!
 //! It owns the [`BuildTable`] as a plain field: nothing else reads or writes it, and no task
 //! holds it. Slow work — planning (resolving, checkout, hashing), registry existence checks,
-//! opening logs, starting build actors — runs in futures that hold no table state; their
-//! results come back to the actor as `ActorFutureExt::then`/`map` continuations with
+//! opening logs, starting build actors — runs in tasks the incarnation owns ([`submit`]) and
+//! that hold no table state; they come back to the actor with messages, handled with
 //! `&mut self`, where the key is claimed, joined and recorded ([`BuildTable::claim`]), so a
-//! key is claimed only in actor context and never twice.
+//! key is claimed only in actor context and never twice. Recovery's rarer steps are
+//! `ActorFutureExt::then`/`map` continuations.
 //!
 //! **Let it crash.** An incarnation keeps nothing another needs: its table is rebuilt from
 //! the durable [`Journal`] (every record is on disk before the change is visible), and
@@ -21,9 +22,11 @@
 //! incarnation sends it again (through its `Slot`) and joins what the first attempt claimed.
 
 mod adopt;
+mod coalesce;
 mod dockerfile;
 mod journal;
 mod plan;
+mod submit;
 mod table;
 
 use std::{
@@ -34,7 +37,6 @@ use std::{
 };
 
 use actix::prelude::*;
-use futures::FutureExt as _;
 use tokio::sync::{oneshot, watch, Semaphore};
 
 pub use dockerfile::PreparedContext;
@@ -48,6 +50,7 @@ use super::{
     log_fanout,
     supervision::{ActorKind, ChildGuard, Crash, Unavailable, INJECTED_CRASH},
     supervisor::{LiveChildren, StartChild},
+    tasks::{Later, OwnedTasks, Replier, TaskPanicked},
     Directory,
 };
 use crate::{
@@ -225,19 +228,6 @@ type ExistsCheck =
 /// A continuation of the orchestrator: a future whose steps run with `&mut Orchestrator`.
 type Act<T> = ResponseActFuture<Orchestrator, T>;
 
-/// Runs `work` as a task of its own on this arbiter and waits for it. The actor's context
-/// polls every pending future of the actor whenever any of them is woken: with a burst of
-/// requests planning at once, slow work left in the context would make each wake cost as
-/// much as the whole burst. A task is polled only when it is woken itself; the context
-/// keeps only its cheap join handle. A panic in `work` answers `panicked`.
-fn detached<T: 'static>(
-    work: impl std::future::Future<Output = T> + 'static,
-    panicked: impl FnOnce(tokio::task::JoinError) -> T + 'static,
-) -> impl std::future::Future<Output = T> {
-    let task = actix::spawn(work);
-    async move { task.await.unwrap_or_else(panicked) }
-}
-
 fn ready<T: 'static>(value: T) -> Act<T> {
     Box::pin(actix::fut::ready(value))
 }
@@ -254,9 +244,14 @@ pub struct Orchestrator {
     /// request needs neither a checkout nor a hash of its context. Owned: a new incarnation
     /// starts it empty.
     plan_cache: moka::sync::Cache<[u8; 32], (BuildKey, BuildRefs)>,
-    /// Registry existence checks in flight, shared by identical concurrent requests (keyed
-    /// by the workspace key: a thousand callers arriving together make one HEAD).
+    /// Registry existence checks, shared by identical concurrent requests (keyed by the
+    /// workspace key: a thousand callers arriving together make one HEAD). A finished one
+    /// is stale and replaced by the next request.
     exists_checks: HashMap<BuildKey, ExistsCheck>,
+    /// The flows answering `Submit` and `PlanWorkspace` (see [`submit`]).
+    tasks: OwnedTasks,
+    /// Who waits for which `Submit` flow.
+    submits: coalesce::InFlight<Replier<Result<Submission, BuildError>>>,
     /// Bounds checkouts and context hashing (`planning.max_concurrent`); held only by this
     /// incarnation's planning futures.
     planning: Arc<Semaphore>,
@@ -284,6 +279,8 @@ impl Orchestrator {
             builds: HashMap::new(),
             announce_waiters: HashMap::new(),
             exists_checks: HashMap::new(),
+            tasks: OwnedTasks::default(),
+            submits: coalesce::InFlight::default(),
             guard,
         }
     }
@@ -306,6 +303,7 @@ impl Orchestrator {
 
     /// Drops finished builds older than the retention period, their records and their logs.
     fn prune(&mut self) {
+        self.exists_checks.retain(|_, check| check.peek().is_none());
         for id in self.table.prune(SystemTime::now(), self.deps.retention) {
             self.builds.remove(&id);
             self.deps.directory.logs.tell(log_fanout::Forget { build: id });
@@ -330,117 +328,6 @@ impl Orchestrator {
             tracing::info!(build_id = %build, outcome = outcome.as_str(), took_ms = took.as_millis() as u64, "build finished");
         }
         updated
-    }
-
-    /// Whether the workspace image of `key` exists; concurrent identical requests share one
-    /// registry round trip.
-    fn exists(
-        &mut self,
-        key: &BuildKey,
-        workspace: &ImageRef,
-        auth: &AuthPolicy,
-    ) -> Act<Result<bool, BuildError>> {
-        let check = self
-            .exists_checks
-            .entry(key.clone())
-            .or_insert_with(|| {
-                let (registry, image, auth) = (self.deps.registry.clone(), workspace.clone(), auth.clone());
-                async move { registry.exists(&image, &auth).await.map_err(Arc::new) }
-                    .boxed()
-                    .shared()
-            })
-            .clone();
-        let key = key.clone();
-        Box::pin(check.into_actor(self).map(move |result, act, _| {
-            act.exists_checks.remove(&key);
-            result.map_err(BuildError::from)
-        }))
-    }
-
-    /// Plans `request`, then joins, answers `Exists`, or claims and starts.
-    fn plan_then_claim(&mut self, request: BuildRequest) -> Act<Result<Submission, BuildError>> {
-        let planning = detached(
-            plan::plan_owned(self.deps.clone(), self.planning.clone(), request.clone()),
-            |e| Err(BuildError::internal("planning", e)),
-        );
-        Box::pin(planning.into_actor(self).then(move |plan, act, _| {
-            let plan = match plan {
-                Ok(plan) => plan,
-                Err(e) => return ready(Err(e)),
-            };
-            if let Some(identity) = plan.identity {
-                act.plan_cache
-                    .insert(identity, (plan.key.clone(), plan.refs.clone()));
-            }
-            if let Some(joined) = act.join(&plan.key, &plan.refs) {
-                return ready(Ok(joined));
-            }
-            if request.force_rebuild {
-                return act.claim_and_start(plan, request);
-            }
-            let check = act.exists(&plan.key, &plan.refs.workspace, &request.auth);
-            Box::pin(check.then(move |exists, act: &mut Self, _| match exists {
-                Err(e) => ready(Err(e)),
-                Ok(true) => ready(Ok(Submission::Exists { refs: plan.refs })),
-                Ok(false) => act.claim_and_start(plan, request),
-            }))
-        }))
-    }
-
-    /// Joins the build running for `key`, if there is one.
-    fn join(&self, key: &BuildKey, refs: &BuildRefs) -> Option<Submission> {
-        let build = self.table.running(key)?.clone();
-        self.deps.metrics.build_joined();
-        Some(Submission::Running {
-            build,
-            refs: refs.clone(),
-            joined: true,
-        })
-    }
-
-    /// Claims the plan's key (in actor context: of all concurrent requests exactly one
-    /// creates) and starts the build actor.
-    fn claim_and_start(&mut self, plan: Plan, request: BuildRequest) -> Act<Result<Submission, BuildError>> {
-        let refs = plan.refs.clone();
-        let claim = self.table.claim(&plan.key, || {
-            let first = StatusUpdate {
-                status: BuildStatus::Running,
-                message: format!("building {}", refs.workspace),
-            };
-            BuildRecord::new(BuildId::random(), plan.key.clone(), refs.clone(), first)
-                .with_inputs(BuildInputs::of(&request))
-        });
-        let build = match claim {
-            Claim::Joined(build) => {
-                self.deps.metrics.build_joined();
-                return ready(Ok(Submission::Running {
-                    build,
-                    refs,
-                    joined: true,
-                }));
-            }
-            Claim::Created(build) => build,
-        };
-        tracing::info!(build_id = %build, workspace = %refs.workspace, base = %refs.base, triggered_by = %request.triggered_by, "build accepted");
-        let run = BuildRun::new(build.clone(), plan, &request, self.deps.build_timeout);
-        let start = start_run(self.deps.clone(), run);
-        Box::pin(start.into_actor(self).map(move |started, act, _| match started {
-            Ok(()) => Ok(Submission::Running {
-                build,
-                refs,
-                joined: false,
-            }),
-            Err(e) => {
-                let update = StatusUpdate {
-                    status: BuildStatus::DoneFailure,
-                    message: e.to_string(),
-                };
-                act.update(&build, Some(1), update, Some(BuildOutcome::Failure));
-                // The log may have been opened: end it, so that its readers' streams end.
-                act.deps.directory.logs.tell(log_fanout::Finish { build });
-                Err(e)
-            }
-        }))
     }
 
     /// Asks the supervisor which build actors live, then reconciles the table with them
@@ -667,78 +554,37 @@ impl Actor for Orchestrator {
 }
 
 impl Handler<Submit> for Orchestrator {
-    type Result = ResponseActFuture<Self, Result<Submission, BuildError>>;
+    type Result = Later<Result<Submission, BuildError>>;
 
-    fn handle(&mut self, Submit(request): Submit, _: &mut Self::Context) -> Self::Result {
-        if request.force_rebuild {
-            return self.plan_then_claim(request);
-        }
-        // A repeated Dockerfile request is answered without fetching its context again.
-        let identity = detached(plan::quick_identity(self.deps.clone(), request.clone()), |_| None);
-        Box::pin(identity.into_actor(self).then(move |identity, act, _| {
-            let Some((key, refs)) = identity.and_then(|i| act.plan_cache.get(&i)) else {
-                return act.plan_then_claim(request);
-            };
-            if let Some(joined) = act.join(&key, &refs) {
-                return ready(Ok(joined));
-            }
-            let check = act.exists(&key, &refs.workspace, &request.auth);
-            Box::pin(check.then(move |exists, act: &mut Self, _| match exists {
-                Err(e) => ready(Err(e)),
-                Ok(true) => ready(Ok(Submission::Exists { refs })),
-                Ok(false) => act.plan_then_claim(request),
-            }))
-        }))
+    fn handle(&mut self, Submit(request): Submit, ctx: &mut Self::Context) -> Self::Result {
+        let (answer, replier) = Later::deferred();
+        let Some(flow) = self.submits.add(&request, replier) else {
+            return answer; // an identical request's flow answers it too
+        };
+        let me = ctx.address();
+        let work = submit::submit(me.clone(), self.deps.clone(), self.planning.clone(), request);
+        self.tasks.spawn(ctx, async move {
+            let answer = work.await;
+            me.do_send(submit::Submitted { flow, answer });
+        });
+        answer
     }
 }
 
 impl Handler<PlanWorkspace> for Orchestrator {
-    type Result = ResponseActFuture<Self, Result<WorkspacePlan, BuildError>>;
+    type Result = Later<Result<WorkspacePlan, BuildError>>;
 
-    fn handle(&mut self, msg: PlanWorkspace, _: &mut Self::Context) -> Self::Result {
-        let request = BuildRequest {
-            source: msg.source,
-            auth: msg.auth.clone(),
-            force_rebuild: false,
-            base_resolved: None,
-            triggered_by: String::new(),
-        };
-        let identity = plan::quick_identity(self.deps.clone(), request.clone());
-        let auth = msg.auth;
-        Box::pin(identity.into_actor(self).then(move |identity, act, _| {
-            let refs: Act<Result<BuildRefs, BuildError>> = match identity.and_then(|i| act.plan_cache.get(&i))
-            {
-                Some((_, refs)) => ready(Ok(refs)),
-                None => {
-                    let planned = detached(
-                        plan::plan_owned(act.deps.clone(), act.planning.clone(), request),
-                        |e| Err(BuildError::internal("planning", e)),
-                    );
-                    Box::pin(planned.into_actor(act).map(|plan, act: &mut Self, _| {
-                        let plan = plan?;
-                        if let Some(identity) = plan.identity {
-                            act.plan_cache
-                                .insert(identity, (plan.key.clone(), plan.refs.clone()));
-                        }
-                        Ok(plan.refs)
-                    }))
-                }
-            };
-            let registry = act.deps.registry.clone();
-            Box::pin(refs.then(move |refs, act: &mut Self, _| {
-                let check = async move {
-                    let refs = refs?;
-                    let exists = registry.exists(&refs.workspace, &auth).await?;
-                    let status = if exists {
-                        BuildStatus::DoneSuccess
-                    } else {
-                        BuildStatus::Unknown
-                    };
-                    Ok(WorkspacePlan { refs, status })
-                };
-                check.into_actor(act)
-            }))
-        }))
+    fn handle(&mut self, msg: PlanWorkspace, ctx: &mut Self::Context) -> Self::Result {
+        let flow = submit::plan_workspace(ctx.address(), self.deps.clone(), self.planning.clone(), msg);
+        self.tasks.reply_later(ctx, flow)
+    }
+}
+
+impl Handler<TaskPanicked> for Orchestrator {
+    type Result = ();
+
+    fn handle(&mut self, panicked: TaskPanicked, _: &mut Self::Context) {
+        panicked.resume()
     }
 }
 
