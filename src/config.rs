@@ -496,6 +496,13 @@ pub struct LogsConfig {
     /// the log ends with one line saying it was truncated; Kiln's own closing lines still
     /// follow. Default 64 MiB.
     pub max_bytes_per_build: u64,
+    /// Where build logs are served over HTTP (`GET /v1/builds/<id>/log` with the headers of
+    /// the build's `log_info`; Gitpod's dashboard reads logs this way). Default
+    /// `127.0.0.1:0`: loopback, on a free port.
+    pub http_addr: SocketAddr,
+    /// The base URL at which callers reach `http_addr` (e.g. `http://kiln.gitpod:8081`),
+    /// put into every `log_info`. Default `http://` + the address bound.
+    pub http_public_url: Option<String>,
 }
 
 impl Default for LogsConfig {
@@ -503,6 +510,8 @@ impl Default for LogsConfig {
         Self {
             memory_bytes_per_build: 1 << 20,
             max_bytes_per_build: 64 << 20,
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_public_url: None,
         }
     }
 }
@@ -895,6 +904,18 @@ impl Config {
         }
         if self.logs.max_bytes_per_build == 0 {
             return Err(invalid("logs.max_bytes_per_build", "must be at least 1"));
+        }
+        if let Some(url) = &self.logs.http_public_url {
+            let scheme_ok = ["http://", "https://"].iter().any(|scheme| {
+                url.get(..scheme.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+            });
+            if !scheme_ok || url.contains(['?', '#']) || url.chars().any(char::is_whitespace) {
+                return Err(invalid(
+                    "logs.http_public_url",
+                    "must be an http:// or https:// URL without query or fragment, e.g. \"http://kiln.gitpod:8081\"",
+                ));
+            }
         }
         if self.registry.read_timeout.is_zero() {
             return Err(invalid("registry.read_timeout", "must be longer than zero"));

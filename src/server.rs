@@ -19,7 +19,10 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     actors,
-    api::{AccessLayer, AccessPolicy, AdminService, ImageBuilderService, MessageLimitLayer, RpcMetricsLayer},
+    api::{
+        log_http::{self, LogLinks},
+        AccessLayer, AccessPolicy, AdminService, ImageBuilderService, MessageLimitLayer, RpcMetricsLayer,
+    },
     config::Config,
     metrics::{self, Metrics},
     model::{BasicCredentials, Secret},
@@ -40,6 +43,7 @@ const OWN_ENTRIES: &[&str] = &[
     "contexts",
     "engine",
     "registry-auth.json",
+    "log-http.key",
 ];
 
 /// Directories under the data directory whose contents are image files (unpacked layers,
@@ -230,6 +234,23 @@ pub async fn serve(
     let kiln = system.handle();
     fix_up_data_dir(&config.data_dir)?;
 
+    let log_listener = bind("the build log endpoint", config.logs.http_addr).await?;
+    let log_addr = log_listener.local_addr()?;
+    let log_url = (config.logs.http_public_url.clone()).unwrap_or_else(|| format!("http://{log_addr}"));
+    let log_links = LogLinks::load_or_create(&config.data_dir, &log_url).with_context(|| {
+        format!(
+            "cannot read or create the log key in {}",
+            config.data_dir.display()
+        )
+    })?;
+    tracing::info!(addr = %log_addr, url = %log_url, "build logs served over HTTP");
+    let (links, logs_kiln, stop) = (log_links.clone(), kiln.clone(), stopped());
+    tasks.spawn(async move {
+        log_http::serve(log_listener, links, logs_kiln, stop)
+            .await
+            .context("build log endpoint")
+    });
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ImageBuilderServer<ImageBuilderService>>()
@@ -257,8 +278,9 @@ pub async fn serve(
         .build_v1()?;
 
     let max = config.grpc.max_message_bytes;
-    let builder_service = ImageBuilderServer::new(ImageBuilderService::new(kiln.clone(), metrics.clone()))
-        .max_decoding_message_size(max);
+    let builder_service =
+        ImageBuilderServer::new(ImageBuilderService::new(kiln.clone(), metrics.clone(), log_links))
+            .max_decoding_message_size(max);
     let admin_service = AdminServer::new(AdminService::new(kiln)).max_decoding_message_size(max);
     let mut server = Server::builder();
     let tls = tls(&config)?;

@@ -119,7 +119,11 @@ pub struct OwnedTasks {
 impl OwnedTasks {
     /// Runs `work` as a task of the actor; the returned [`Later`] is the handler's answer,
     /// sent when `work` ends.
-    pub fn reply_later<A, T>(&mut self, ctx: &mut Context<A>, work: impl Future<Output = T> + 'static) -> Later<T>
+    pub fn reply_later<A, T>(
+        &mut self,
+        ctx: &mut Context<A>,
+        work: impl Future<Output = T> + 'static,
+    ) -> Later<T>
     where
         A: Actor<Context = Context<A>> + Handler<TaskPanicked>,
         T: 'static,

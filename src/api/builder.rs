@@ -6,7 +6,7 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
-use super::{convert, status::from_build_error};
+use super::{convert, log_http::LogLinks, status::from_build_error};
 use crate::{
     actors::{BuildSelector, KilnHandle, Submission},
     metrics::Metrics,
@@ -21,11 +21,13 @@ pub struct ImageBuilderService {
     kiln: KilnHandle,
     /// For image-builder-mk3's per-call metrics, which only the RPC edge can count.
     metrics: Metrics,
+    /// The `log_info` of running builds.
+    links: LogLinks,
 }
 
 impl ImageBuilderService {
-    pub fn new(kiln: KilnHandle, metrics: Metrics) -> Self {
-        Self { kiln, metrics }
+    pub fn new(kiln: KilnHandle, metrics: Metrics, links: LogLinks) -> Self {
+        Self { kiln, metrics, links }
     }
 }
 
@@ -78,14 +80,14 @@ impl ImageBuilder for ImageBuilderService {
             Submission::Running { build, .. } => {
                 let (snapshot, updates) = self.kiln.watch(build).await.map_err(from_build_error)?;
                 self.metrics.mk3_build_started();
-                let metrics = self.metrics.clone();
+                let (metrics, links) = (self.metrics.clone(), self.links.clone());
                 Box::pin(updates.map(move |u| {
                     match u.status {
                         BuildStatus::DoneSuccess => metrics.mk3_build_done(true),
                         BuildStatus::DoneFailure => metrics.mk3_build_done(false),
                         _ => {}
                     }
-                    Ok(convert::build_response(&snapshot, u.status, u.message))
+                    Ok(convert::build_response(&snapshot, u.status, u.message, &links))
                 }))
             }
         };
@@ -115,7 +117,10 @@ impl ImageBuilder for ImageBuilderService {
     ) -> Result<Response<pb::ListBuildsResponse>, Status> {
         let builds = self.kiln.list().await.map_err(from_build_error)?;
         Ok(Response::new(pb::ListBuildsResponse {
-            builds: builds.iter().map(|b| convert::info(b, b.status)).collect(),
+            builds: builds
+                .iter()
+                .map(|b| convert::info(b, b.status, &self.links))
+                .collect(),
         }))
     }
 
@@ -130,6 +135,7 @@ impl ImageBuilder for ImageBuilderService {
             &snapshot,
             snapshot.status,
             snapshot.message.clone(),
+            &self.links,
         )))
     }
 

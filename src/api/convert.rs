@@ -12,6 +12,8 @@ use crate::{
     proto::builder as pb,
 };
 
+use super::log_http::LogLinks;
+
 fn invalid(message: impl Into<String>) -> BuildError {
     BuildError::InvalidInput(message.into())
 }
@@ -184,7 +186,8 @@ pub fn status(s: BuildStatus) -> pb::BuildStatus {
     }
 }
 
-pub fn info(snapshot: &BuildSnapshot, current: BuildStatus) -> pb::BuildInfo {
+/// A build's `BuildInfo`; a running build's carries where its log can be read.
+pub fn info(snapshot: &BuildSnapshot, current: BuildStatus, links: &LogLinks) -> pb::BuildInfo {
     pb::BuildInfo {
         r#ref: snapshot.refs.workspace.to_string(),
         base_ref: snapshot.refs.base.to_string(),
@@ -195,7 +198,7 @@ pub fn info(snapshot: &BuildSnapshot, current: BuildStatus) -> pb::BuildInfo {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0),
         build_id: snapshot.id.to_string(),
-        log_info: None,
+        log_info: (current == BuildStatus::Running).then(|| links.log_info(&snapshot.id)),
     }
 }
 
@@ -204,13 +207,14 @@ pub fn build_response(
     snapshot: &BuildSnapshot,
     status_now: BuildStatus,
     message: String,
+    links: &LogLinks,
 ) -> pb::BuildResponse {
     pb::BuildResponse {
         r#ref: snapshot.refs.workspace.to_string(),
         base_ref: snapshot.refs.base.to_string(),
         status: status(status_now) as i32,
         message,
-        info: Some(info(snapshot, status_now)),
+        info: Some(info(snapshot, status_now, links)),
     }
 }
 

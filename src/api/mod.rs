@@ -7,6 +7,7 @@ mod access;
 mod admin;
 mod builder;
 mod convert;
+pub mod log_http;
 mod message_limits;
 mod rpc_metrics;
 mod status;

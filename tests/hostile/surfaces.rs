@@ -15,6 +15,9 @@
 //!   file; an uploaded context unused that long is deleted.
 //! - Cache mounts of two sources with the same id are separate under
 //!   `engine.cache_mount_scope = "source"` (the default) and shared under `global`.
+//! - The build log endpoint streams a log only with that build's token (`log_info`
+//!   headers): no token, a forged one, another build's, and paths that try to leave
+//!   `/v1/builds/<id>/log` are refused and show no log or file.
 
 use std::{
     collections::HashMap,
@@ -777,6 +780,112 @@ async fn stalled_uploads_and_unused_contexts_expire() {
             "the error names the context: {}",
             status.message()
         );
+    })
+    .await;
+}
+
+// =======================================================================================
+// the build log endpoint
+// =======================================================================================
+
+/// GET `url` with `headers`: status and body.
+async fn get_log(url: &str, headers: &HashMap<String, String>) -> (StatusCode, String) {
+    let mut request = http().get(url);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.expect("the log endpoint answers");
+    let status = response.status();
+    (status, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_build_log_endpoint_opens_only_with_its_builds_token() {
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    let base = busybox_in(&kiln);
+    within(300, async {
+        let mut client = kiln.builder().await;
+        let first = build_dockerfile(
+            &mut client,
+            &format!("FROM {base}\nRUN echo first-log-$((6*7))\n"),
+        )
+        .await;
+        first.assert_ended(BuildStatus::DoneSuccess);
+        let second = build_dockerfile(
+            &mut client,
+            &format!("FROM {base}\nRUN echo second-log-$((6*7))\n"),
+        )
+        .await;
+        second.assert_ended(BuildStatus::DoneSuccess);
+        let info = |o: &super::Outcome| {
+            o.messages[0]
+                .info
+                .as_ref()
+                .and_then(|i| i.log_info.clone())
+                .expect("log_info")
+        };
+        let (a, b) = (info(&first), info(&second));
+
+        let (status, body) = get_log(&a.url, &a.headers).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            body.contains("first-log-42") && !body.contains("second-log-42"),
+            "{body}"
+        );
+
+        let base_url = a.url.split("/v1/").next().unwrap().to_owned();
+        let id_a = first.messages[0].info.as_ref().unwrap().build_id.clone();
+        let token_a = a.headers.clone();
+        let no_headers = HashMap::new();
+        let forged: HashMap<String, String> = [("x-kiln-log-token".to_owned(), "0".repeat(64))].into();
+        // Every way of asking without the right token, or for something that is not a
+        // build's log, is refused without a byte of any log or file.
+        for (url, headers) in [
+            (a.url.clone(), &no_headers),
+            (a.url.clone(), &forged),
+            (a.url.clone(), &b.headers),
+            (b.url.clone(), &token_a),
+            (
+                format!("{base_url}/v1/builds/{id_a}/../../../../etc/passwd"),
+                &token_a,
+            ),
+            (
+                format!("{base_url}/v1/builds/..%2F..%2F..%2Fetc%2Fpasswd/log"),
+                &token_a,
+            ),
+            (format!("{base_url}/v1/builds/{id_a}%00/log"), &token_a),
+            (
+                format!("{base_url}/v1/builds/{id_a}/log/../../log-http.key"),
+                &token_a,
+            ),
+            (format!("{base_url}/log-http.key"), &token_a),
+            (format!("{base_url}/metrics"), &token_a),
+        ] {
+            let (status, body) = get_log(&url, headers).await;
+            assert!(
+                status == StatusCode::UNAUTHORIZED || status == StatusCode::NOT_FOUND,
+                "{url}: {status} {body}"
+            );
+            assert!(
+                !body.contains("-log-42") && !body.contains("root:"),
+                "{url}: {body}"
+            );
+        }
+        // A token is not a secret Kiln keeps or shows: no build listing or log carries it.
+        let listed = format!(
+            "{:?}",
+            client
+                .list_builds(ListBuildsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        );
+        assert!(
+            !listed.contains(&token_a["x-kiln-log-token"]),
+            "finished builds list no token"
+        );
+        let log = String::from_utf8_lossy(&read_log(&mut client, &id_a).await).into_owned();
+        assert!(!log.contains(&token_a["x-kiln-log-token"]));
     })
     .await;
 }

@@ -1,6 +1,7 @@
 //! A running build seen from every side: a late Build caller gets the whole status history,
-//! Logs replays from any offset and follows to the end (by id or by ref), ListBuilds puts
-//! running builds first, BuildStatus tracks the build.
+//! Logs replays from any offset and follows to the end (by id or by ref), the `log_info` URL
+//! streams the same bytes over HTTP (and only with its token), ListBuilds puts running
+//! builds first, BuildStatus tracks the build.
 
 use kiln::proto::builder::{BuildStatus, BuildStatusRequest, ListBuildsRequest};
 
@@ -11,6 +12,21 @@ use crate::{
     },
     support::images::push_image,
 };
+
+/// GETs a log URL with `headers` and reads the body to its end: status and bytes.
+async fn http_log(url: String, headers: std::collections::HashMap<String, String>) -> (u16, Vec<u8>) {
+    let mut request = reqwest::Client::new().get(&url);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let mut response = request.send().await.expect("the log endpoint answers");
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.expect("the log body ends cleanly") {
+        body.extend_from_slice(&chunk);
+    }
+    (status, body)
+}
 
 async fn logs_suite(mode: Mode, extra_toml: &str) {
     let env = Env::start_with(mode, extra_toml);
@@ -33,6 +49,13 @@ async fn logs_suite(mode: Mode, extra_toml: &str) {
     let id = build_id_of(&early_first);
     let workspace = early_first.r#ref.clone();
     let mut follower = LogFollower::start(env.builder().await, logs_by_id(&id, 0));
+    // Gitpod's way: the running message's log_info, fetched over HTTP as the log grows.
+    let log_info = early_first
+        .info
+        .as_ref()
+        .and_then(|i| i.log_info.clone())
+        .expect("a running BuildResponse carries log_info");
+    let http_follower = tokio::spawn(http_log(log_info.url.clone(), log_info.headers.clone()));
 
     // Once the copy has started logging, the build is running and stays so for seconds.
     let seen = follower.wait_for_text("copying ").await;
@@ -57,6 +80,12 @@ async fn logs_suite(mode: Mode, extra_toml: &str) {
         .unwrap()
         .into_inner()
         .builds;
+    let with_log_info: Vec<_> = list.iter().map(|b| b.log_info.is_some()).collect();
+    assert_eq!(
+        with_log_info,
+        [true, false],
+        "ListBuilds gives running builds their log_info"
+    );
     let order: Vec<_> = list.iter().map(|b| (b.build_id.as_str(), b.status())).collect();
     assert_eq!(
         order,
@@ -85,6 +114,30 @@ async fn logs_suite(mode: Mode, extra_toml: &str) {
 
     // The follower's stream ends by itself with the build.
     let followed = follower.finish().await;
+    let (http_status, http_bytes) = within(60, http_follower).await.unwrap();
+    assert_eq!(http_status, 200);
+    assert_eq!(http_bytes, followed, "the log URL streams the bytes Logs streams");
+    // Without the headers, or with another build's, the URL is refused; so is the header
+    // on another build's URL.
+    let quick_info = quick[0]
+        .info
+        .as_ref()
+        .and_then(|i| i.log_info.clone())
+        .expect("log_info");
+    for (url, headers) in [
+        (log_info.url.clone(), Default::default()),
+        (log_info.url.clone(), quick_info.headers.clone()),
+        (quick_info.url.clone(), log_info.headers.clone()),
+    ] {
+        let (status, body) = http_log(url, headers).await;
+        assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+        assert!(!String::from_utf8_lossy(&body).contains("copying"));
+    }
+    assert_eq!(
+        http_log(quick_info.url, quick_info.headers).await.0,
+        200,
+        "its own token opens it"
+    );
     let text = String::from_utf8(followed.clone()).expect("the log is UTF-8");
     assert!(text.ends_with('\n'), "{text}");
     assert!(text.contains("copied"), "{text}");

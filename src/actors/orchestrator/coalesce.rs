@@ -41,14 +41,12 @@ impl<W> InFlight<W> {
     /// a flow in flight for an identical request.
     pub fn add(&mut self, request: &BuildRequest, waiter: W) -> Option<u64> {
         let bucket = bucket_of(request);
-        if !request.force_rebuild {
-            let ids = self.buckets.get(&bucket).map(Vec::as_slice).unwrap_or_default();
-            for id in ids {
-                let group = self.groups.get_mut(id).expect("bucketed groups exist");
-                if same_plan(&group.request, request) {
-                    group.waiters.push(waiter);
-                    return None;
-                }
+        let ids = self.buckets.get(&bucket).map(Vec::as_slice).unwrap_or_default();
+        for id in ids {
+            let group = self.groups.get_mut(id).expect("bucketed groups exist");
+            if same_plan(&group.request, request) {
+                group.waiters.push(waiter);
+                return None;
             }
         }
         let id = self.next;
@@ -156,8 +154,12 @@ mod tests {
         );
         assert!(flows.add(&credentials, 3).is_some(), "other credentials");
         let mut other_password = credentials.clone();
-        other_password.auth.additional.get_mut("registry.example.com").unwrap().password =
-            Secret::new("q");
+        other_password
+            .auth
+            .additional
+            .get_mut("registry.example.com")
+            .unwrap()
+            .password = Secret::new("q");
         assert!(flows.add(&other_password, 4).is_some(), "another password");
         let mut stored_base = request.clone();
         stored_base.base_resolved = Some("registry.example.com/base:1".parse().unwrap());

@@ -557,11 +557,16 @@ impl Handler<Submit> for Orchestrator {
     type Result = Later<Result<Submission, BuildError>>;
 
     fn handle(&mut self, Submit(request): Submit, ctx: &mut Self::Context) -> Self::Result {
+        let me = ctx.address();
+        if request.force_rebuild {
+            // Never shared with another request: the flow answers its caller itself.
+            let work = submit::submit(me, self.deps.clone(), self.planning.clone(), request);
+            return self.tasks.reply_later(ctx, work);
+        }
         let (answer, replier) = Later::deferred();
         let Some(flow) = self.submits.add(&request, replier) else {
             return answer; // an identical request's flow answers it too
         };
-        let me = ctx.address();
         let work = submit::submit(me.clone(), self.deps.clone(), self.planning.clone(), request);
         self.tasks.spawn(ctx, async move {
             let answer = work.await;
