@@ -172,7 +172,9 @@ async fn plan_caught(
     planning: Arc<Semaphore>,
     request: BuildRequest,
 ) -> Result<Plan, BuildError> {
-    catch_panic(plan::plan_owned(deps, planning, request))
+    // Boxed: a plan's future is large (tens of KiB: the Dockerfile path's state), and a flow
+    // lives on after planning; unboxed, every flow in flight would carry it.
+    catch_panic(Box::pin(plan::plan_owned(deps, planning, request)))
         .await
         .unwrap_or_else(|panicked| Err(BuildError::internal("planning", panicked)))
 }
