@@ -230,8 +230,6 @@ pub async fn start(
             ),
             ttl: config.resolver.cache_ttl,
             max_in_flight: config.resolver.max_in_flight,
-            base_repository: base_repository.clone(),
-            workspace_repository: workspace_repository.clone(),
             mailbox_size: config.actors.mailbox_size,
             metrics: metrics.clone(),
         };

@@ -33,7 +33,6 @@ use std::{
 use actix::prelude::*;
 use futures::FutureExt as _;
 use moka::future::Cache;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
 use super::{
@@ -83,8 +82,6 @@ pub struct ResolverSettings {
     pub ttl: Duration,
     /// `resolver.max_in_flight`: registry calls one resolver makes at once.
     pub max_in_flight: usize,
-    pub base_repository: ImageRef,
-    pub workspace_repository: ImageRef,
     /// `actors.mailbox_size`.
     pub mailbox_size: usize,
     pub metrics: Metrics,
@@ -96,36 +93,13 @@ impl ResolverSettings {
         cache_capacity.div_ceil(pool_size.max(1) as u64).max(1)
     }
 
-    fn in_repository(image: &ImageRef, repo: &ImageRef) -> bool {
-        image.registry() == repo.registry() && image.repository() == repo.repository()
-    }
-
-    /// A fingerprint of the credentials `auth` allows for `image` (never the secret itself).
+    /// The cache key of `image` under `auth`: the reference and which credentials the
+    /// registry client would use for it (decided by the client itself, so the key and the
+    /// lookup never disagree about scope).
     fn cache_key(&self, image: &ImageRef, auth: &AuthPolicy) -> CacheKey {
-        let mut h = Sha256::new();
-        let additional = auth
-            .additional
-            .get(image.registry())
-            .or_else(|| auth.additional.get(image.host()));
-        if let Some(creds) = additional {
-            h.update(b"additional\0");
-            h.update(creds.username.as_bytes());
-            h.update(b"\0");
-            h.update(creds.password.expose().as_bytes());
-        }
-        let installation = auth.allows_installation_credentials(
-            image.host(),
-            Self::in_repository(image, &self.base_repository),
-            Self::in_repository(image, &self.workspace_repository),
-        );
-        h.update(if installation {
-            &b"installation"[..]
-        } else {
-            &b"anonymous"[..]
-        });
         CacheKey {
             image: image.to_string(),
-            credentials: h.finalize().into(),
+            credentials: self.client.credentials_fingerprint(image, auth),
         }
     }
 }

@@ -109,15 +109,66 @@ impl AuthPolicy {
             } => {
                 (*base_repo && is_base_repo)
                     || (*workspace_repo && is_workspace_repo)
-                    || any_of.iter().any(|allowed| allowed == host)
+                    || any_of
+                        .iter()
+                        .any(|allowed| registry_identity(allowed) == registry_identity(host))
             }
         }
     }
 }
 
+/// A registry as callers may name it (`https://Registry.example.com:5000/`) reduced to what
+/// a lookup compares: host and port, lower-cased, without scheme or trailing slash.
+fn registry_identity(name: &str) -> String {
+    let name = name.trim();
+    let without_scheme = ["https://", "http://"]
+        .iter()
+        .find_map(|scheme| {
+            name.get(..scheme.len())
+                .filter(|s| s.eq_ignore_ascii_case(scheme))
+                .map(|_| &name[scheme.len()..])
+        })
+        .unwrap_or(name);
+    without_scheme.trim_end_matches('/').to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_of_names_a_registry_as_the_lookup_does() {
+        let policy = |any_of: &[&str]| AuthPolicy {
+            installation: InstallationCredentialScope::Selective {
+                base_repo: false,
+                workspace_repo: false,
+                any_of: any_of.iter().map(|s| (*s).to_owned()).collect(),
+            },
+            additional: BTreeMap::new(),
+        };
+        for named in [
+            "registry.example.com:5000",
+            "https://Registry.example.com:5000/",
+            "http://registry.example.com:5000",
+        ] {
+            assert!(
+                policy(&[named]).allows_installation_credentials("registry.example.com:5000", false, false),
+                "{named}"
+            );
+        }
+        for other in [
+            "registry.example.com",
+            "registry.example.com:5001",
+            "evil.example.com:5000",
+            "",
+        ] {
+            assert!(
+                !policy(&[other]).allows_installation_credentials("registry.example.com:5000", false, false),
+                "{other}"
+            );
+        }
+        assert!(!policy(&[]).allows_installation_credentials("registry.example.com:5000", false, false));
+    }
 
     #[test]
     fn additional_is_decoded_and_redacted() {

@@ -307,6 +307,23 @@ impl RegistryClient {
 
     /// The credentials for a request under the caller's policy: Kiln's own on the embedded
     /// registry, else what `credentials.rs` picks.
+    /// A fingerprint of the credentials a request about `image` under `auth` would use
+    /// (never the secret itself): what a cache of such requests' answers is keyed by, so an
+    /// answer obtained with credentials is never served to a request that may not use them.
+    /// Decided by the same code that chooses the credentials.
+    pub fn credentials_fingerprint(&self, image: &ImageRef, auth: &AuthPolicy) -> [u8; 32] {
+        use sha2::{Digest as _, Sha256};
+        let (creds, source) = self.credentials_for_request(image, auth);
+        let mut h = Sha256::new();
+        h.update(format!("{source:?}\0").as_bytes());
+        if let Some(creds) = creds {
+            h.update(creds.username.as_bytes());
+            h.update(b"\0");
+            h.update(creds.password.expose().as_bytes());
+        }
+        h.finalize().into()
+    }
+
     fn credentials_for_request(
         &self,
         image: &ImageRef,

@@ -190,3 +190,108 @@ async fn resolve_base_image_embedded_registry() {
 async fn resolve_base_image_external_registry() {
     within(120, resolve_suite(Mode::External)).await;
 }
+
+/// Issue 10, point 5: a digest resolved with the installation's credentials is never served
+/// to a request whose auth policy would not have allowed them for that registry, and
+/// `selective.any_of` names a registry the way the lookup does (host and port; a scheme
+/// is ignored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installation_credentials_never_reach_a_request_outside_their_scope() {
+    use kiln::proto::builder::{build_registry_auth, BuildRegistryAuthSelective, BuildRegistryAuthTotal};
+
+    use crate::support::kiln::{KilnOptions, KilnServer};
+
+    let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
+    let digest = push_image_with(
+        private.addr(),
+        Some((USER, PASSWORD)),
+        "team/scoped",
+        "1",
+        1,
+        0x5e50_0003,
+        "linux/amd64",
+    )
+    .await;
+    let image = format!("{}/team/scoped:1", private.addr());
+    let secrets = tempfile::tempdir().unwrap();
+    let pull_secret = secrets.path().join("config.json");
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    std::fs::write(
+        &pull_secret,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#, private.addr()),
+    )
+    .unwrap();
+    let target = DockerRegistry::start();
+    let kiln = KilnServer::start(KilnOptions {
+        registry_toml: format!("pull_secret = {:?}\n", pull_secret.display().to_string()),
+        ..KilnOptions::external(target.addr())
+    });
+    let mut client = kiln.builder().await;
+    let ask = |mode: Option<build_registry_auth::Mode>| ResolveBaseImageRequest {
+        r#ref: image.clone(),
+        auth: Some(BuildRegistryAuth {
+            mode,
+            additional: HashMap::new(),
+        }),
+        ..Default::default()
+    };
+    let selective = |any_of: &[String]| {
+        Some(build_registry_auth::Mode::Selective(BuildRegistryAuthSelective {
+            allow_baserep: true,
+            allow_workspacerep: true,
+            any_of: any_of.to_vec(),
+        }))
+    };
+    let total = |allow_all| {
+        Some(build_registry_auth::Mode::Total(BuildRegistryAuthTotal {
+            allow_all,
+        }))
+    };
+    let pinned = format!("{}/team/scoped@{digest}", private.addr());
+    within(120, async {
+        let refused = [
+            None,
+            total(false),
+            selective(&[]),
+            selective(&["registry.example.com".to_owned()]),
+        ];
+        let expect_refused =
+            |client: &mut kiln::proto::builder::image_builder_client::ImageBuilderClient<_>,
+             when: &'static str| {
+                let mut client = client.clone();
+                let refused = refused.clone();
+                async move {
+                    for mode in refused {
+                        match client.resolve_base_image(ask(mode.clone())).await {
+                            Ok(answer) => panic!("{when}: {mode:?} was answered: {answer:?}"),
+                            Err(status) => assert_eq!(
+                                status.code(),
+                                Code::Unauthenticated,
+                                "{when}: {mode:?}: {status:?}"
+                            ),
+                        }
+                    }
+                }
+            };
+        // Before anything is cached: refused by the registry.
+        expect_refused(&mut client, "before").await;
+        // Allowed: the installation's credentials resolve it (and fill the cache).
+        for allowed in [
+            selective(&[private.addr().to_owned()]),
+            total(true),
+            selective(&[format!("http://{}", private.addr())]),
+        ] {
+            let resolved = client
+                .resolve_base_image(ask(allowed.clone()))
+                .await
+                .unwrap_or_else(|s| panic!("{allowed:?}: {s:?}"))
+                .into_inner();
+            assert_eq!(resolved.r#ref, pinned, "{allowed:?}");
+        }
+        // After: still refused, never answered from a cache.
+        expect_refused(&mut client, "after").await;
+        let anonymous = code_of(client.resolve_base_image(request(&image)).await);
+        assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
+    })
+    .await;
+}
