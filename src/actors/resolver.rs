@@ -18,8 +18,9 @@
 //!
 //! **Coalescing.** The cache coalesces concurrent misses: N callers asking for one uncached
 //! reference make one registry call (moka's `try_get_with`), and take one permit. Entries are
-//! keyed by the reference *and* by which credentials the request may use, so a digest
-//! learned with one caller's credentials is never served to a caller without them.
+//! keyed by the reference *and* by which credentials the registry client would use for the
+//! request (`RegistryClient::credentials_fingerprint`, decided by the code that picks them),
+//! so a digest learned with one caller's credentials is never served to a caller without them.
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
