@@ -315,7 +315,7 @@ impl RegistryClient {
         use sha2::{Digest as _, Sha256};
         let (creds, source) = self.credentials_for_request(image, auth);
         let mut h = Sha256::new();
-        h.update(format!("{source:?}\0").as_bytes());
+        h.update([source as u8]);
         if let Some(creds) = creds {
             h.update(creds.username.as_bytes());
             h.update(b"\0");
