@@ -376,6 +376,16 @@ pub struct BuildsConfig {
     /// deleted. Default `1h`.
     #[serde(with = "humantime_serde")]
     pub upload_expiry: Duration,
+    /// On SIGTERM Kiln takes no new builds and gives the running ones this long to finish;
+    /// then every stream still open ends `Unavailable` and the rest resume after the
+    /// restart. Default `25s` (inside Kubernetes' default 30 s termination grace).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// A build interrupted by a restart whose request carried credentials (which are never
+    /// written to disk) waits this long for a Build call of the same image that brings them
+    /// again, and resumes with them; after it, it ends `done_failure`. Default `15m`.
+    #[serde(with = "humantime_serde")]
+    pub credentials_wait: Duration,
 }
 
 impl Default for BuildsConfig {
@@ -388,6 +398,8 @@ impl Default for BuildsConfig {
             allow_local_git: true,
             max_context_bytes: 1 << 30,
             upload_expiry: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(25),
+            credentials_wait: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -853,6 +865,9 @@ impl Config {
         }
         if self.builds.timeout.is_zero() {
             return Err(invalid("builds.timeout", "must be longer than zero"));
+        }
+        if self.builds.credentials_wait.is_zero() {
+            return Err(invalid("builds.credentials_wait", "must be longer than zero"));
         }
         if self.builds.upload_expiry.is_zero() {
             return Err(invalid("builds.upload_expiry", "must be longer than zero"));

@@ -21,7 +21,8 @@ use crate::{
     actors,
     api::{
         log_http::{self, LogLinks},
-        AccessLayer, AccessPolicy, AdminService, ImageBuilderService, MessageLimitLayer, RpcMetricsLayer,
+        AccessLayer, AccessPolicy, AdminService, Closing, ImageBuilderService, MessageLimitLayer,
+        RpcMetricsLayer,
     },
     config::Config,
     metrics::{self, Metrics},
@@ -97,8 +98,28 @@ fn fix_up_data_dir(data_dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// Runs Kiln until SIGINT or SIGTERM. Blocking: creates its own runtime.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(config, shutdown_signal()))
+}
+
+/// Caps glibc's malloc arenas at one per CPU, unless the operator set `MALLOC_ARENA_MAX`.
+///
+/// glibc gives each new thread that allocates an arena of its own, up to 8 per CPU. Kiln's
+/// blocking threads come and go with file and archive work (a log's writer, an unpack), so
+/// under load the process holds many half-empty arenas: measured with 200 build streams,
+/// peak RSS 55.1 MB with the default and 50.5 MB with 2 arenas on 2 CPUs, at the same
+/// latency. Called before the runtime starts its threads.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let arenas = libc::c_int::try_from(cpus).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt changes an allocator limit under the allocator's own lock.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -257,7 +278,7 @@ pub async fn serve(
         .await;
     let watch_kiln = kiln.clone();
     let watch_health = health.clone();
-    tasks.spawn(async move {
+    let health_watch = tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tick.tick().await;
@@ -278,9 +299,14 @@ pub async fn serve(
         .build_v1()?;
 
     let max = config.grpc.max_message_bytes;
-    let builder_service =
-        ImageBuilderServer::new(ImageBuilderService::new(kiln.clone(), metrics.clone(), log_links))
-            .max_decoding_message_size(max);
+    let (close_streams, closing) = watch::channel(false);
+    let builder_service = ImageBuilderServer::new(ImageBuilderService::new(
+        kiln.clone(),
+        metrics.clone(),
+        log_links,
+        Closing::new(closing),
+    ))
+    .max_decoding_message_size(max);
     let admin_service = AdminServer::new(AdminService::new(kiln)).max_decoding_message_size(max);
     let mut server = Server::builder();
     let tls = tls(&config)?;
@@ -322,17 +348,40 @@ pub async fn serve(
         .add_service(admin_service)
         .serve_with_incoming_shutdown(incoming, stopped());
 
-    let result = tokio::select! {
-        r = grpc => r.context("gRPC server"),
-        Some(r) = tasks.join_next() => r.context("a server task panicked").and_then(|r| r),
-        _ = shutdown => Ok(()),
+    tokio::pin!(grpc);
+    let failed = tokio::select! {
+        r = &mut grpc => Some(r.context("gRPC server")),
+        Some(r) = tasks.join_next() => Some(r.context("a server task panicked").and_then(|r| r)),
+        _ = shutdown => None,
     };
+    if failed.is_none() {
+        // SIGTERM: new builds are refused and readiness fails, so traffic moves elsewhere;
+        // running builds get the grace to finish while every RPC is still served.
+        health_watch.abort();
+        health
+            .set_not_serving::<ImageBuilderServer<ImageBuilderService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let grace = config.builds.shutdown_grace;
+        tracing::info!(grace = %humantime::format_duration(grace), "draining: no new builds; running builds may finish");
+        tokio::select! {
+            () = system.drain(grace) => {}
+            r = &mut grpc => tracing::error!(result = ?r.map_err(|e| e.to_string()), "the gRPC server stopped while draining"),
+        }
+    }
+    // Streams still open end `Unavailable`; then the servers stop taking calls.
+    let _ = close_streams.send(true);
     let _ = stop_tx.send(true);
-    // Give servers a moment to drain, then stop the actors on a blocking thread (it joins).
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        if failed.is_none() {
+            let _ = (&mut grpc).await;
+        }
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    // Then the actors, on a blocking thread (it joins them).
     tokio::task::spawn_blocking(move || system.stop()).await?;
-    result
+    failed.unwrap_or(Ok(()))
 }

@@ -535,7 +535,13 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
         },
         Err(error) => Verdict {
             outcome: BuildOutcome::Failure,
-            message: format!("build failed: {error}"),
+            message: failure_message(&error),
         },
     }
+}
+
+/// A failed build's verdict. Gitpod's server reads a `done_failure` message that starts with
+/// `build failed:` as its user's mistake (shown as such, not alerted on as a system error).
+pub(crate) fn failure_message(reason: &dyn std::fmt::Display) -> String {
+    format!("build failed: {reason}")
 }

@@ -14,6 +14,18 @@ pub enum BuildError {
     /// The registry refused or failed; its kind says why.
     #[error(transparent)]
     Registry(Arc<RegistryError>),
+    /// An image reference could not be resolved to a digest; the registry error's kind says
+    /// why. Worded as image-builder-mk3 words it, which Gitpod's server looks for to tell a
+    /// user's mistake from a system failure.
+    #[error("cannot resolve image: {0}")]
+    Resolve(Arc<RegistryError>),
+    /// The source cannot be built as written: its Dockerfile does not parse or is missing,
+    /// the branch or commit is not in the remote, an image it builds FROM does not exist or
+    /// may not be read. The message names the Dockerfile line or the request field, and the
+    /// reason. A Build answers it as a failed build (a stream ending `done_failure`, as mk3
+    /// reports what its builder could not build), other calls as a bad argument.
+    #[error("{0}")]
+    BadSource(String),
     /// The request itself is wrong (message says what to fix).
     #[error("{0}")]
     InvalidInput(String),
@@ -26,6 +38,10 @@ pub enum BuildError {
     /// An actor crashed and did not come back in time.
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
+    /// Kiln is shutting down (SIGTERM) and starts no build; the restarted Kiln, or another
+    /// replica, will. Retryable.
+    #[error("Kiln is shutting down and starts no new build; call again (the restarted Kiln or another replica takes it)")]
+    ShuttingDown,
     /// The build already ended; it cannot be cancelled.
     #[error("build {0} already finished")]
     AlreadyFinished(BuildId),
@@ -62,8 +78,8 @@ impl BuildError {
     /// not answer, or a registry error that is itself retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Unavailable(_) | Self::SourceUnavailable { .. } => true,
-            Self::Registry(e) => e.is_retryable(),
+            Self::Unavailable(_) | Self::SourceUnavailable { .. } | Self::ShuttingDown => true,
+            Self::Registry(e) | Self::Resolve(e) => e.is_retryable(),
             _ => false,
         }
     }

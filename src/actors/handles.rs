@@ -64,7 +64,7 @@ impl ResolverPool {
                 refresh,
             };
             match slot.call(msg).await {
-                Ok(reply) => return reply.map_err(BuildError::from),
+                Ok(reply) => return reply.map_err(BuildError::Resolve),
                 Err(unavailable) => last_error = Some(unavailable),
             }
         }
@@ -254,6 +254,15 @@ impl KilnHandle {
 
     pub async fn list(&self) -> Result<Vec<BuildSnapshot>, BuildError> {
         Ok(self.directory.orchestrator.call(orchestrator::ListBuilds).await?)
+    }
+
+    /// How many builds run or wait for a slot.
+    pub async fn count_running(&self) -> Result<usize, BuildError> {
+        Ok(self
+            .directory
+            .orchestrator
+            .call(orchestrator::CountRunning)
+            .await?)
     }
 
     pub async fn cancel(&self, build: BuildId) -> Result<(), BuildError> {

@@ -80,11 +80,35 @@ pub struct ActorSystem {
     system: actix::System,
     thread: Option<thread::JoinHandle<()>>,
     directory: Arc<Directory>,
+    /// `true` while Kiln starts builds for callers; read by every orchestrator incarnation.
+    accepting: tokio::sync::watch::Sender<bool>,
 }
 
 impl ActorSystem {
     pub fn handle(&self) -> KilnHandle {
         self.handle.clone()
+    }
+
+    /// Stops starting builds for callers (joining a running build still works), then waits
+    /// until no build runs, at most `grace`. Whatever still runs then is interrupted by
+    /// [`ActorSystem::stop`] and resumed by the next Kiln on this data directory.
+    pub async fn drain(&self, grace: std::time::Duration) {
+        self.accepting.send_replace(false);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            // An orchestrator that does not answer has nothing to wait for either.
+            let running = self.handle.count_running().await.unwrap_or(0);
+            if running == 0 {
+                tracing::info!("no build running; stopping");
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::info!(running, grace = %humantime::format_duration(grace), "builds still running after the shutdown grace; they resume after the restart");
+                return;
+            }
+            tracing::debug!(running, "waiting for running builds to finish");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops every actor and waits for the actor threads to end.
@@ -188,6 +212,7 @@ pub async fn start(
         .collect::<Result<Vec<_>, _>>()?;
     let chaos_settings = ChaosSettings::from_config(&config.chaos)?;
     let config = config.clone();
+    let (accepting, accepting_rx) = tokio::sync::watch::channel(true);
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = thread::Builder::new().name("kiln-actors".into()).spawn(move || {
         let system = actix::System::new();
@@ -269,6 +294,8 @@ pub async fn start(
             retention: config.builds.retention,
             mailbox_size: config.actors.mailbox_size,
             restart_wait,
+            credentials_wait: config.builds.credentials_wait,
+            accepting: accepting_rx,
             metrics: metrics.clone(),
         });
         // Each incarnation rebuilds its table from the journal and recovers what no build
@@ -311,5 +338,6 @@ pub async fn start(
         system,
         thread: Some(thread),
         directory,
+        accepting,
     })
 }

@@ -1,20 +1,21 @@
 //! `builder.ImageBuilder`: each RPC validates its request, asks the actors through the
 //! [`KilnHandle`], and shapes the reply or stream. No decisions are made here.
 
-use std::pin::Pin;
-
-use futures::{Stream, StreamExt as _};
+use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
-use super::{convert, log_http::LogLinks, status::from_build_error};
+use super::{
+    closing::{Closing, ResponseStream},
+    convert,
+    log_http::LogLinks,
+    status::from_build_error,
+};
 use crate::{
     actors::{BuildSelector, KilnHandle, Submission},
     metrics::Metrics,
     model::BuildStatus,
     proto::builder::{self as pb, image_builder_server::ImageBuilder},
 };
-
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The Gitpod-compatible image builder service.
 pub struct ImageBuilderService {
@@ -23,11 +24,18 @@ pub struct ImageBuilderService {
     metrics: Metrics,
     /// The `log_info` of running builds.
     links: LogLinks,
+    /// Ends the Build and Logs streams still open at shutdown.
+    closing: Closing,
 }
 
 impl ImageBuilderService {
-    pub fn new(kiln: KilnHandle, metrics: Metrics, links: LogLinks) -> Self {
-        Self { kiln, metrics, links }
+    pub fn new(kiln: KilnHandle, metrics: Metrics, links: LogLinks, closing: Closing) -> Self {
+        Self {
+            kiln,
+            metrics,
+            links,
+            closing,
+        }
     }
 }
 
@@ -81,13 +89,21 @@ impl ImageBuilder for ImageBuilderService {
                 let (snapshot, updates) = self.kiln.watch(build).await.map_err(from_build_error)?;
                 self.metrics.mk3_build_started();
                 let (metrics, links) = (self.metrics.clone(), self.links.clone());
-                Box::pin(updates.map(move |u| {
+                self.closing.guard(Box::pin(updates.map(move |u| {
                     match u.status {
                         BuildStatus::DoneSuccess => metrics.mk3_build_done(true),
                         BuildStatus::DoneFailure => metrics.mk3_build_done(false),
                         _ => {}
                     }
                     Ok(convert::build_response(&snapshot, u.status, u.message, &links))
+                })))
+            }
+            Submission::Failed { message } => {
+                // mk3 counts the builder it started for such a source, and its failure.
+                self.metrics.mk3_build_started();
+                self.metrics.mk3_build_done(false);
+                Box::pin(futures::stream::once(async move {
+                    Ok(convert::failed_response(message))
                 }))
             }
         };
@@ -102,13 +118,13 @@ impl ImageBuilder for ImageBuilderService {
         let selector = convert::selector(&req.build_id, &req.build_ref).map_err(from_build_error)?;
         let snapshot = self.kiln.lookup(selector).await.map_err(from_build_error)?;
         let stream = self.kiln.logs().follow(snapshot.id, req.offset);
-        Ok(Response::new(Box::pin(stream.map(|chunk| {
+        Ok(Response::new(self.closing.guard(Box::pin(stream.map(|chunk| {
             chunk
                 .map(|content| pb::LogsResponse {
                     content: content.to_vec(),
                 })
                 .map_err(from_build_error)
-        }))))
+        })))))
     }
 
     async fn list_builds(

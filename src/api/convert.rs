@@ -229,6 +229,15 @@ pub fn exists_response(refs: &BuildRefs) -> pb::BuildResponse {
     }
 }
 
+/// The one answer to a Build whose source cannot be built as written.
+pub fn failed_response(message: String) -> pb::BuildResponse {
+    pb::BuildResponse {
+        status: pb::BuildStatus::DoneFailure as i32,
+        message,
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 mod access;
 mod admin;
 mod builder;
+mod closing;
 mod convert;
 pub mod log_http;
 mod message_limits;
@@ -15,5 +16,6 @@ mod status;
 pub use access::{AccessLayer, AccessPolicy};
 pub use admin::AdminService;
 pub use builder::ImageBuilderService;
+pub use closing::Closing;
 pub use message_limits::MessageLimitLayer;
 pub use rpc_metrics::RpcMetricsLayer;

@@ -12,7 +12,6 @@ mod cli;
 mod common;
 mod dedup;
 mod errors;
-mod gitpod;
 mod knobs;
 mod logs;
 mod resolve;

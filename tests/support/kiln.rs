@@ -352,16 +352,41 @@ impl KilnServer {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Sends SIGTERM, as Kubernetes does to a pod it stops, and returns at once.
+    pub fn send_sigterm(&self) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()
+                .expect("running kill");
+            assert!(status.success(), "kill -TERM {}", child.id());
+        }
+    }
+
+    /// Waits up to `within` for the service to exit by itself, polling without blocking the
+    /// runtime; reaps it. Whether it exited.
+    pub async fn exited_within(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(Child::try_wait) {
+                None | Some(Ok(Some(_))) => {
+                    self.child = None;
+                    return true;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        false
+    }
+
     /// Stops the service as an operator would (SIGTERM), waits up to `grace` for it to exit,
     /// then kills it; reaps it either way. Returns whether it exited within `grace`.
     pub fn terminate(&mut self, grace: Duration) -> bool {
+        self.send_sigterm();
         let Some(mut child) = self.child.take() else {
             return true;
         };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {

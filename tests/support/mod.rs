@@ -9,6 +9,7 @@ pub mod docker_registry;
 pub mod embedded_registry;
 pub mod fake_kube;
 pub mod fault_proxy;
+pub mod git;
 pub mod images;
 pub mod kiln;
 pub mod oci_layout;

@@ -83,14 +83,15 @@ pub async fn quick_identity(source: &DockerfileSource, auth: &AuthPolicy) -> Opt
     Some(identity(source, &pinned, auth))
 }
 
-fn invalid(message: impl Into<String>) -> BuildError {
-    BuildError::InvalidInput(message.into())
+/// A mistake in what the request's source holds (its Dockerfile, context or git target).
+fn bad_source(message: impl Into<String>) -> BuildError {
+    BuildError::BadSource(message.into())
 }
 
 /// A relative path inside the checkout, refusing anything that climbs out of it.
 fn inside(root: &Path, rel: &str, what: &str) -> Result<PathBuf, BuildError> {
     context::join_inside(root, rel)
-        .ok_or_else(|| invalid(format!("{what}: {rel:?} must stay inside the build context")))
+        .ok_or_else(|| bad_source(format!("{what}: {rel:?} must stay inside the build context")))
 }
 
 /// The largest Dockerfile and `.dockerignore` read.
@@ -114,7 +115,7 @@ fn open_context(checkout: &Path, source: &DockerfileSource) -> Result<OpenedCont
     // `..` in a request field is refused outright (rather than clamped at the root).
     inside(checkout, &source.context_path, "source.file.context_path")?;
     let root = securejoin::dir_in_root(checkout, &source.context_path).map_err(|e| {
-        invalid(format!(
+        bad_source(format!(
             "source.file.context_path: {:?} is not a directory inside the checkout: {}",
             source.context_path,
             plain(&e)
@@ -140,7 +141,7 @@ fn open_context(checkout: &Path, source: &DockerfileSource) -> Result<OpenedCont
                         } else {
                             first
                         };
-                        invalid(format!(
+                        bad_source(format!(
                             "source.file.dockerfile_path: cannot read {dockerfile_rel:?}: {}",
                             plain(&e)
                         ))
@@ -149,14 +150,19 @@ fn open_context(checkout: &Path, source: &DockerfileSource) -> Result<OpenedCont
             }
         };
     let text = String::from_utf8(bytes).map_err(|_| {
-        invalid(format!(
+        bad_source(format!(
             "source.file.dockerfile_path: {dockerfile_rel:?} is not UTF-8 text"
         ))
     })?;
     let dockerignore = match securejoin::read_in_root(&root, ".dockerignore", MAX_DOCKERFILE_BYTES) {
-        Ok(bytes) => String::from_utf8(bytes).map_err(|_| invalid(".dockerignore: not UTF-8 text"))?,
+        Ok(bytes) => String::from_utf8(bytes).map_err(|_| bad_source(".dockerignore: not UTF-8 text"))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(invalid(format!(".dockerignore: cannot read it: {}", plain(&e)))),
+        Err(e) => {
+            return Err(bad_source(format!(
+                ".dockerignore: cannot read it: {}",
+                plain(&e)
+            )))
+        }
     };
     Ok(OpenedContext {
         root,
@@ -189,8 +195,9 @@ async fn materialize(
     let root = match &source.context {
         ContextSource::Git(git) => {
             if git.is_local() && !deps.allow_local_git {
-                return Err(invalid(
-                    "source.file.source.git.remote_uri: file:// remotes are disabled on this Kiln (builds.allow_local_git)",
+                return Err(BuildError::InvalidInput(
+                    "source.file.source.git.remote_uri: file:// remotes are disabled on this Kiln (builds.allow_local_git)"
+                        .into(),
                 ));
             }
             let checkout = context::checkout(git, &dest)
@@ -201,7 +208,7 @@ async fn materialize(
                         field: "source.file.source.git",
                         source: std::sync::Arc::new(e),
                     },
-                    e => invalid(format!("source.file.source.git: {e}")),
+                    e => bad_source(format!("source.file.source.git: {e}")),
                 })?;
             pinned = checkout.commit.clone();
             origin = ContextSource::Git(context::GitSource {
@@ -221,7 +228,7 @@ async fn materialize(
                     context::ContextError::UnknownContext { .. } => BuildError::NotFound(format!(
                         "uploaded context {digest}; upload it with UploadContext"
                     )),
-                    e => invalid(format!("source.file.context_digest: {e}")),
+                    e => bad_source(format!("source.file.context_digest: {e}")),
                 })?;
             dest
         }
@@ -255,10 +262,10 @@ pub async fn plan(
         dockerignore,
     } = opened;
     drop(slot);
-    let parsed = dockerfile::parse(&text).map_err(|e| invalid(e.to_string()))?;
+    let parsed = dockerfile::parse(&text).map_err(|e| bad_source(e.to_string()))?;
     let pinned = resolve_images(deps, &parsed, &source.build_args, auth).await?;
     let ignore =
-        DockerIgnore::try_parse(&dockerignore).map_err(|e| invalid(format!(".dockerignore: {e}")))?;
+        DockerIgnore::try_parse(&dockerignore).map_err(|e| bad_source(format!(".dockerignore: {e}")))?;
     let root_for_digest = root.clone();
     let _slot = slots
         .acquire()
@@ -268,7 +275,7 @@ pub async fn plan(
         tokio::task::spawn_blocking(move || context::context_digest(&root_for_digest, &ignore))
             .await
             .map_err(|e| BuildError::internal("hashing the context", e))?
-            .map_err(|e| invalid(format!("build context: {e}")))?;
+            .map_err(|e| bad_source(format!("build context: {e}")))?;
     let key = BuildKey::for_dockerfile(
         &text,
         &context_digest,
@@ -321,7 +328,7 @@ async fn resolve_images(
             &|n: &str| globals.get(n).cloned(),
             parsed.escape,
         )
-        .map_err(|e| invalid(format!("Dockerfile line {}: FROM: {e}", stage.from.line)))?;
+        .map_err(|e| bad_source(format!("Dockerfile line {}: FROM: {e}", stage.from.line)))?;
         let is_stage = aliases.iter().any(|a| a.eq_ignore_ascii_case(&from));
         if !is_stage && !from.eq_ignore_ascii_case("scratch") {
             wanted.push((stage.from.line, from));
@@ -349,8 +356,18 @@ async fn resolve_images(
         }
         let image: ImageRef = name
             .parse()
-            .map_err(|e| invalid(format!("Dockerfile line {line}: {e}")))?;
-        let resolved = pool.resolve(image, auth.clone(), false).await?;
+            .map_err(|e| bad_source(format!("Dockerfile line {line}: {e}")))?;
+        let resolved = pool
+            .resolve(image, auth.clone(), false)
+            .await
+            .map_err(|e| match e {
+                // Missing or not readable with the request's credentials: the Dockerfile's
+                // mistake. A registry that did not answer is worth a retry, as it was.
+                BuildError::Resolve(_) if !e.is_retryable() => {
+                    bad_source(format!("Dockerfile line {line}: {e}"))
+                }
+                e => e,
+            })?;
         pinned.insert(name, resolved);
     }
     Ok(pinned)

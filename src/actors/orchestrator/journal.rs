@@ -73,6 +73,14 @@ pub enum NotResumable {
     },
 }
 
+impl NotResumable {
+    /// Whether the request only lacks what was deliberately not kept (credentials, git
+    /// configuration): the same request, sent again, brings it.
+    pub fn lacks_secrets(&self) -> bool {
+        !matches!(self, Self::Unparsable { .. })
+    }
+}
+
 /// One status update as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedUpdate {

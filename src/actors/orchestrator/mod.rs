@@ -22,6 +22,7 @@
 //! incarnation sends it again (through its `Slot`) and joins what the first attempt claimed.
 
 mod adopt;
+mod awaiting;
 mod coalesce;
 mod dockerfile;
 mod journal;
@@ -82,6 +83,9 @@ pub enum Submission {
         refs: BuildRefs,
         joined: bool,
     },
+    /// The source cannot be built as written ([`BuildError::BadSource`]); `message` says
+    /// why, prefixed as a failed build's verdict is. No build was started.
+    Failed { message: String },
 }
 
 /// Which build a caller means.
@@ -118,6 +122,12 @@ pub struct WatchBuild(pub BuildId);
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "Vec<BuildSnapshot>")]
 pub struct ListBuilds;
+
+/// How many builds hold their key: running, or queued for a build slot. Builds waiting
+/// for their credentials after a restart do not.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "usize")]
+pub struct CountRunning;
 
 /// Cancels a running build.
 #[derive(Debug, Clone, Message)]
@@ -171,6 +181,8 @@ pub enum ResumeError {
     KeyBusy { other: BuildId },
     #[error("it could not be started again: {0}")]
     Start(#[source] BuildError),
+    #[error("{reason}, and no Build call brought them again within {}", humantime::format_duration(*waited))]
+    SecretsNotBrought { reason: NotResumable, waited: Duration },
 }
 
 /// What the orchestrator works with: configuration and handles, no state. Every
@@ -202,6 +214,10 @@ pub struct OrchestratorDeps {
     pub mailbox_size: usize,
     /// How long a caller waits for a build actor to announce itself (a restart's wait).
     pub restart_wait: Duration,
+    /// `builds.credentials_wait` (see [`awaiting`]).
+    pub credentials_wait: Duration,
+    /// `false` once Kiln is shutting down: no build is started or resumed for a caller.
+    pub accepting: watch::Receiver<bool>,
     pub metrics: Metrics,
 }
 
@@ -392,6 +408,10 @@ impl Orchestrator {
         };
         let request = match request {
             Ok(request) => request,
+            Err(ResumeError::NotResumable(reason)) if reason.lacks_secrets() => {
+                let key = record.key.clone();
+                return self.await_secrets(id, key, reason);
+            }
             Err(reason) => return self.fail_interrupted(id, reason),
         };
         let mut planning = request.clone();
@@ -607,6 +627,14 @@ impl Handler<WatchBuild> for Orchestrator {
     fn handle(&mut self, WatchBuild(id): WatchBuild, _: &mut Self::Context) -> Self::Result {
         let record = self.record(&id)?;
         Ok((record.snapshot(), record.subscribe()))
+    }
+}
+
+impl Handler<CountRunning> for Orchestrator {
+    type Result = usize;
+
+    fn handle(&mut self, _: CountRunning, _: &mut Self::Context) -> usize {
+        self.table.running_count()
     }
 }
 

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     actors::{
-        build::BuildRun,
+        build::{failure_message, BuildRun},
         error::BuildError,
         log_fanout,
         supervision::Unavailable,
@@ -105,7 +105,16 @@ pub(super) async fn submit(
             }
         }
     }
-    let plan = plan_caught(deps, planning, request.clone()).await?;
+    let plan = match plan_caught(deps, planning, request.clone()).await {
+        Ok(plan) => plan,
+        // The user's mistake, not the caller's: answered as the failed build it would be.
+        Err(BuildError::BadSource(reason)) => {
+            return Ok(Submission::Failed {
+                message: failure_message(&reason),
+            })
+        }
+        Err(e) => return Err(e),
+    };
     remember(&me, &plan).await?;
     if !request.force_rebuild {
         if let Some(answer) = settle(&me, plan.key.clone(), plan.refs.clone(), &request.auth).await? {
@@ -258,6 +267,15 @@ impl Handler<ClaimKey> for Orchestrator {
     /// Claims in actor context: of all concurrent requests for a key exactly one creates.
     fn handle(&mut self, ClaimKey { plan, request }: ClaimKey, ctx: &mut Self::Context) -> Self::Result {
         self.exists_checks.remove(&plan.key);
+        let accepting = *self.deps.accepting.borrow();
+        if accepting {
+            if let Some(waiting) = self.table.take_awaiting(&plan.key) {
+                return self.resume_with_secrets(waiting, plan, &request, ctx);
+            }
+        } else if self.table.running(&plan.key).is_none() {
+            // Joining a running build is still fine: it may finish within the grace.
+            return Later::now(Err(BuildError::ShuttingDown));
+        }
         let refs = plan.refs.clone();
         let claim = self.table.claim(&plan.key, || {
             let first = StatusUpdate {

@@ -300,6 +300,9 @@ pub enum Updated {
 pub struct BuildTable {
     records: HashMap<BuildId, BuildRecord>,
     running: HashMap<BuildKey, BuildId>,
+    /// Interrupted builds whose request carried credentials, waiting for a request of the
+    /// same key to bring them again (see `orchestrator::awaiting`).
+    awaiting: HashMap<BuildKey, BuildId>,
     journal: Option<Journal>,
 }
 
@@ -369,6 +372,11 @@ impl BuildTable {
         self.records.get(id)
     }
 
+    /// How many keys a build holds.
+    pub fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
     /// The build running for `key`, if any.
     pub fn running(&self, key: &BuildKey) -> Option<&BuildId> {
         self.running.get(key)
@@ -408,6 +416,30 @@ impl BuildTable {
         let id = record.id.clone();
         self.records.insert(id.clone(), record);
         self.persist(&id);
+    }
+
+    /// Lets the interrupted build `id` wait for a request of `key` that brings its
+    /// credentials. Of two such builds of one key the later one waits.
+    pub fn await_credentials(&mut self, key: &BuildKey, id: &BuildId) {
+        self.awaiting.insert(key.clone(), id.clone());
+    }
+
+    /// The build waiting for `key`'s credentials, no longer waiting. `None` while another
+    /// build holds the key.
+    pub fn take_awaiting(&mut self, key: &BuildKey) -> Option<BuildId> {
+        if self.running.contains_key(key) {
+            return None;
+        }
+        self.awaiting.remove(key)
+    }
+
+    /// Stops `id` waiting for credentials; whether it was waiting.
+    pub fn stop_awaiting(&mut self, key: &BuildKey, id: &BuildId) -> bool {
+        if self.awaiting.get(key) == Some(id) {
+            self.awaiting.remove(key);
+            return true;
+        }
+        false
     }
 
     /// Frees `key` if `id` holds it.

@@ -1,4 +1,4 @@
-//! Gitpod's server as a caller (issue 10, point 1): it stores a Dockerfile build's
+//! A workspace started again: Gitpod's server stores a Dockerfile build's
 //! `base_ref` and sends it back as `base_image_name_resolved` on the next workspace start.
 //! Each sequence ends as it does on image-builder-mk3:
 //! - second start with the stored `base_ref` (Kiln's tag): answered `done_success` at once,
@@ -8,87 +8,13 @@
 //! - a git remote that refuses the connection: `Unavailable` (retryable), not
 //!   `InvalidArgument`.
 
-use kiln::proto::builder::{
-    build_source, BuildRequest, BuildResponse, BuildSource, BuildSourceDockerfile, BuildStatus,
-    UploadContextRequest,
-};
+use kiln::proto::builder::{build_source, BuildRequest, BuildSource, BuildSourceDockerfile, BuildStatus};
 
 use crate::{
-    common::{collect, statuses, within, Client, Env, Mode},
+    calls::{context_tar, delete, start, start_request, upload},
+    common::{collect, statuses, within, Env, Mode},
     support::base_images,
 };
-
-fn context_tar(dockerfile: &str) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(dockerfile.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    builder
-        .append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
-        .unwrap();
-    builder.into_inner().unwrap()
-}
-
-async fn upload(client: &mut Client, tar: Vec<u8>) -> String {
-    client
-        .upload_context(tokio_stream::iter([UploadContextRequest { chunk: tar }]))
-        .await
-        .expect("UploadContext")
-        .into_inner()
-        .digest
-}
-
-fn start_request(context_digest: &str, base_resolved: &str) -> BuildRequest {
-    BuildRequest {
-        source: Some(BuildSource {
-            from: Some(build_source::From::File(BuildSourceDockerfile {
-                context_digest: context_digest.to_owned(),
-                dockerfile_path: "Dockerfile".into(),
-                context_path: String::new(),
-                ..Default::default()
-            })),
-        }),
-        base_image_name_resolved: base_resolved.to_owned(),
-        triggered_by: "gitpod-server".into(),
-        ..Default::default()
-    }
-}
-
-async fn start(client: &mut Client, request: BuildRequest) -> Vec<BuildResponse> {
-    collect(client.build(request).await.expect("Build").into_inner()).await
-}
-
-/// Deletes `reference` (`HOST:PORT/REPO:TAG`) from the registry, by its digest.
-async fn delete(reference: &str) {
-    let (repo, tag) = reference.rsplit_once(':').unwrap();
-    let (host, repo) = repo.split_once('/').unwrap();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let head = http
-        .head(format!("http://{host}/v2/{repo}/manifests/{tag}"))
-        .header(
-            "Accept",
-            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(head.status().is_success(), "HEAD {reference}: {}", head.status());
-    let digest = head.headers()["docker-content-digest"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let deleted = http
-        .delete(format!("http://{host}/v2/{repo}/manifests/{digest}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        deleted.status().is_success(),
-        "DELETE {reference}: {}",
-        deleted.status()
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_base_ref_starts_the_workspace_again() {
