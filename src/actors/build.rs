@@ -540,8 +540,47 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
     }
 }
 
+/// The most of a failure's reason a verdict carries: any Dockerfile line a person wrote,
+/// not one made to fill a client's message limit (the reason may quote the Dockerfile).
+const MAX_REASON_CHARS: usize = 4096;
+
 /// A failed build's verdict. Gitpod's server reads a `done_failure` message that starts with
 /// `build failed:` as its user's mistake (shown as such, not alerted on as a system error).
+/// Control characters of the reason are escaped (no terminal escapes reach a dashboard) and
+/// a reason longer than [`MAX_REASON_CHARS`] is cut.
 pub(crate) fn failure_message(reason: &dyn std::fmt::Display) -> String {
-    format!("build failed: {reason}")
+    let reason = reason.to_string();
+    let mut message = String::from("build failed: ");
+    for (i, c) in reason.chars().enumerate() {
+        if i == MAX_REASON_CHARS {
+            message.push_str(" [cut]");
+            break;
+        }
+        match c {
+            '\n' | '\t' => message.push(c),
+            c if c.is_control() => message.extend(c.escape_default()),
+            c => message.push(c),
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_messages_are_bounded_and_escape_control_characters() {
+        assert_eq!(
+            failure_message(&"line 2: bad\tthing"),
+            "build failed: line 2: bad\tthing"
+        );
+        assert_eq!(
+            failure_message(&"a\x1b[2Jb\0"),
+            "build failed: a\\u{1b}[2Jb\\u{0}"
+        );
+        let long = failure_message(&"x".repeat(1 << 20));
+        assert!(long.len() < MAX_REASON_CHARS + 64, "{}", long.len());
+        assert!(long.ends_with(" [cut]"));
+    }
 }

@@ -28,7 +28,6 @@ use kiln::proto::{
     builder::{build_source, BuildSource, BuildSourceDockerfile, BuildStatus},
     contentservice::{workspace_initializer, CloneTargetMode, GitInitializer, WorkspaceInitializer},
 };
-use tonic::Code;
 
 use super::{
     assert_not_unknown, busybox_in, push_on_busybox, raw_tar, read_log, request, run_build, server_dir,
@@ -320,25 +319,16 @@ async fn build_failed(
     text
 }
 
-/// Asserts the request was refused with InvalidArgument (or NotFound) naming `field`.
+/// Asserts the request was refused (see [`Outcome::refusal`]) naming `field`.
 #[track_caller]
 fn refused(kiln: &KilnServer, case: &str, outcome: &Outcome, field: &str) -> String {
-    let status = outcome
-        .error
-        .as_ref()
-        .unwrap_or_else(|| panic!("{case}: the request was not refused: {}", outcome.text()));
-    assert_not_unknown(status);
+    let message = outcome.refusal(case);
     assert!(
-        matches!(status.code(), Code::InvalidArgument | Code::NotFound),
-        "{case}: expected InvalidArgument or NotFound, got {status:?}"
+        message.contains(field),
+        "{case}: the error does not name {field:?}: {message}"
     );
-    assert!(
-        status.message().contains(field),
-        "{case}: the error does not name {field:?}: {}",
-        status.message()
-    );
-    assert_no_server_paths(kiln, case, status.message());
-    status.message().to_owned()
+    assert_no_server_paths(kiln, case, &message);
+    message
 }
 
 /// The server's own directories never appear in what a caller sees.

@@ -208,7 +208,13 @@ async fn materialize(
                         field: "source.file.source.git",
                         source: std::sync::Arc::new(e),
                     },
-                    e => bad_source(format!("source.file.source.git: {e}")),
+                    // The remote has no such branch or commit, or no such directory in it.
+                    e @ (context::ContextError::Git { .. }
+                    | context::ContextError::ContextPathNotFound { .. }) => {
+                        bad_source(format!("source.file.source.git: {e}"))
+                    }
+                    // The request itself is wrong (a refused config key, a bad URL).
+                    e => BuildError::InvalidInput(format!("source.file.source.git: {e}")),
                 })?;
             pinned = checkout.commit.clone();
             origin = ContextSource::Git(context::GitSource {
