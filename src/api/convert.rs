@@ -149,7 +149,11 @@ pub fn auth(auth: Option<pb::BuildRegistryAuth>) -> Result<AuthPolicy, BuildErro
             any_of: s.any_of,
         },
     };
-    AuthPolicy::with_additional(installation, auth.additional).map_err(|e| invalid(e.to_string()))
+    let (policy, malformed) = AuthPolicy::with_additional(installation, auth.additional);
+    for entry in malformed {
+        tracing::warn!(host = %entry.host, "{entry}");
+    }
+    Ok(policy)
 }
 
 pub fn build_request(req: pb::BuildRequest) -> Result<BuildRequest, BuildError> {

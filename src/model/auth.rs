@@ -56,39 +56,38 @@ impl Default for AuthPolicy {
     }
 }
 
-/// Why an `additional` entry cannot be used.
+/// An `additional` entry that could not be used; its registry gets no caller credentials.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthPolicyError {
-    #[error("auth.additional[{host:?}] is not base64 of user:password")]
-    MalformedAdditional { host: String },
+#[error("auth.additional[{host:?}] is not base64 of user:password; ignored for that registry")]
+pub struct MalformedAdditional {
+    pub host: String,
 }
 
 impl AuthPolicy {
-    /// Decodes Gitpod's `additional` map (host → base64 `user:password`).
+    /// Decodes Gitpod's `additional` map (host → base64 `user:password`). Gitpod passes its
+    /// users' `GITPOD_IMAGE_AUTH` through, so an entry may be anything: one that does not
+    /// decode is left out and affects only its own registry (mk3 too lets a bad entry fail
+    /// only there). The entries left out are returned, to be logged (never their value).
     pub fn with_additional(
         installation: InstallationCredentialScope,
         additional: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, AuthPolicyError> {
+    ) -> (Self, Vec<MalformedAdditional>) {
+        let mut malformed = Vec::new();
         let additional = additional
             .into_iter()
-            .map(|(host, encoded)| {
-                let malformed = || AuthPolicyError::MalformedAdditional { host: host.clone() };
-                let decoded = base64::engine::general_purpose::STANDARD
-                    .decode(encoded.trim())
-                    .map_err(|_| malformed())?;
-                let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
-                let (user, password) = decoded.split_once(':').ok_or_else(malformed)?;
-                let creds = BasicCredentials {
-                    username: user.to_owned(),
-                    password: Secret::new(password),
-                };
-                Ok((host, creds))
+            .filter_map(|(host, encoded)| match decode_basic(&encoded) {
+                Some(creds) => Some((host, creds)),
+                None => {
+                    malformed.push(MalformedAdditional { host });
+                    None
+                }
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
+            .collect();
+        let policy = Self {
             installation,
             additional,
-        })
+        };
+        (policy, malformed)
     }
 
     /// Whether the installation's credentials may be used for `host`.
@@ -132,6 +131,19 @@ fn registry_identity(name: &str) -> String {
     without_scheme.trim_end_matches('/').to_ascii_lowercase()
 }
 
+/// base64 of `user:password`, as docker's `auth` field holds it.
+fn decode_basic(encoded: &str) -> Option<BasicCredentials> {
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some(BasicCredentials {
+        username: user.to_owned(),
+        password: Secret::new(password),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,21 +185,31 @@ mod tests {
     #[test]
     fn additional_is_decoded_and_redacted() {
         let enc = base64::engine::general_purpose::STANDARD.encode("bob:canary-pass");
-        let p = AuthPolicy::with_additional(InstallationCredentialScope::Nowhere, [("r.io".into(), enc)])
-            .unwrap();
+        let (p, malformed) =
+            AuthPolicy::with_additional(InstallationCredentialScope::Nowhere, [("r.io".into(), enc)]);
+        assert!(malformed.is_empty());
         assert_eq!(p.additional["r.io"].username, "bob");
         assert_eq!(p.additional["r.io"].password.expose(), "canary-pass");
         assert!(!format!("{p:?}").contains("canary-pass"));
     }
 
     #[test]
-    fn malformed_additional_names_the_host() {
-        let err = AuthPolicy::with_additional(
+    fn a_malformed_additional_entry_is_left_out_alone_and_named_without_its_value() {
+        let good = base64::engine::general_purpose::STANDARD.encode("bob:canary-pass");
+        let no_colon = base64::engine::general_purpose::STANDARD.encode("just-a-token");
+        let (p, malformed) = AuthPolicy::with_additional(
             InstallationCredentialScope::Nowhere,
-            [("r.io".into(), "!!".into())],
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("r.io"));
+            [
+                ("bad.io".into(), "!!not-base64-s3cret".into()),
+                ("r.io".into(), good),
+                ("colon.io".into(), no_colon),
+            ],
+        );
+        assert_eq!(p.additional.keys().collect::<Vec<_>>(), ["r.io"]);
+        let hosts: Vec<_> = malformed.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!(hosts, ["bad.io", "colon.io"]);
+        let text = malformed[0].to_string();
+        assert!(text.contains("bad.io") && !text.contains("s3cret"), "{text}");
     }
 
     #[test]

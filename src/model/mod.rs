@@ -13,7 +13,7 @@ mod image_ref;
 mod secret;
 
 pub use actor_kind::{ActorKind, UnknownActorKind};
-pub use auth::{AuthPolicy, AuthPolicyError, BasicCredentials, InstallationCredentialScope};
+pub use auth::{AuthPolicy, BasicCredentials, InstallationCredentialScope, MalformedAdditional};
 pub use build::{
     BuildId, BuildKey, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource,
     BUILD_PROCESS_VERSION,

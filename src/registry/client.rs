@@ -12,8 +12,8 @@
 //! ~25 ms of CPU here in a debug build, mostly TLS setup, against ~2 µs for a cached one; and
 //! a fresh client also repeats the `/v2/` probe and the token round trip on every call.)
 //!
-//! Which credentials a request uses is decided in `credentials.rs` (`auth.additional`, then
-//! the installation's if the policy allows, then anonymous) — except on Kiln's embedded
+//! Which credentials a request uses is decided in `credentials.rs` (the installation's if the
+//! policy allows, then `auth.additional`, then anonymous: mk3's order) — except on Kiln's embedded
 //! registry ([`ClientConfig::embedded`]): every request there, read or write, whatever the
 //! caller's policy, carries Kiln's own generated credentials, the only ones that registry
 //! knows.

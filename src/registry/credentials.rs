@@ -182,10 +182,11 @@ impl KilnRepositories {
     }
 }
 
-/// The credentials a request for `image` uses:
-/// 1. the caller's `auth.additional` entry for the registry (`host:port`, then `host`);
-/// 2. else the installation's, when the policy allows them for this image and the store has
+/// The credentials a request for `image` uses, in image-builder-mk3's order (Gitpod's
+/// installations depend on it: `pkg/auth/auth.go`, `GetAuthFor`):
+/// 1. the installation's, when the policy allows them for this image and the store has
 ///    some for the registry;
+/// 2. else the caller's `auth.additional` entry for the registry (`host:port`, then `host`);
 /// 3. else none (anonymous).
 pub(crate) fn select_credentials(
     image: &ImageRef,
@@ -195,22 +196,22 @@ pub(crate) fn select_credentials(
 ) -> (Option<BasicCredentials>, CredentialSource) {
     let registry = normalize_registry(image.registry());
     let host = host_of(&registry);
+    let is_base = KilnRepositories::contains(&kiln.base, image);
+    let is_workspace = KilnRepositories::contains(&kiln.workspace, image);
+    let allowed = auth.allows_installation_credentials(host, is_base, is_workspace)
+        || auth.allows_installation_credentials(&registry, is_base, is_workspace);
+    if let Some(creds) = store.get(&registry).filter(|_| allowed) {
+        return (Some(creds.clone()), CredentialSource::Installation);
+    }
     let additional = |wanted: &str| {
         auth.additional
             .iter()
             .find(|(key, _)| normalize_registry(key) == wanted)
             .map(|(_, creds)| creds.clone())
     };
-    if let Some(creds) = additional(&registry).or_else(|| additional(host)) {
-        return (Some(creds), CredentialSource::Additional);
-    }
-    let is_base = KilnRepositories::contains(&kiln.base, image);
-    let is_workspace = KilnRepositories::contains(&kiln.workspace, image);
-    let allowed = auth.allows_installation_credentials(host, is_base, is_workspace)
-        || auth.allows_installation_credentials(&registry, is_base, is_workspace);
-    match store.get(&registry) {
-        Some(creds) if allowed => (Some(creds.clone()), CredentialSource::Installation),
-        _ => (None, CredentialSource::Anonymous),
+    match additional(&registry).or_else(|| additional(host)) {
+        Some(creds) => (Some(creds), CredentialSource::Additional),
+        None => (None, CredentialSource::Anonymous),
     }
 }
 
@@ -286,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn additional_wins_then_policy_then_anonymous() {
+    fn allowed_installation_credentials_win_then_additional_then_anonymous() {
         let store = CredentialStore::empty()
             .with("ghcr.io", creds("install", "i-pass"))
             .with("registry.kiln:5000", creds("kiln", "k-pass"));
@@ -302,10 +303,26 @@ mod tests {
         );
         auth.additional
             .insert("ghcr.io".into(), creds("caller", "c-pass"));
+        // As mk3: the pull secret first, where the policy allows it.
+        let (c, source) = select_credentials(&image, &auth, &store, &kiln());
+        assert_eq!(
+            (c.unwrap().username.as_str(), source),
+            ("install", CredentialSource::Installation)
+        );
+        // Not allowed (or none for the registry): the caller's own.
+        auth.installation = InstallationCredentialScope::Nowhere;
         let (c, source) = select_credentials(&image, &auth, &store, &kiln());
         assert_eq!(
             (c.unwrap().username.as_str(), source),
             ("caller", CredentialSource::Additional)
+        );
+        let other: ImageRef = "quay.io/org/app:1".parse().unwrap();
+        auth.installation = InstallationCredentialScope::Everywhere;
+        auth.additional
+            .insert("quay.io".into(), creds("caller", "q-pass"));
+        assert_eq!(
+            select_credentials(&other, &auth, &store, &kiln()).1,
+            CredentialSource::Additional
         );
 
         auth.additional.clear();

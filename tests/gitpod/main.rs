@@ -11,6 +11,7 @@ mod support;
 #[path = "../service/common.rs"]
 mod common;
 
+mod auth;
 mod calls;
 mod mistakes;
 mod restart;

@@ -1,0 +1,154 @@
+//! Registry credentials as Gitpod sends them and as mk3 uses them (`pkg/auth/auth.go`).
+//!
+//! - `auth.additional` carries the users' `GITPOD_IMAGE_AUTH` verbatim, so an entry may be
+//!   anything. mk3 lets a bad entry fail only at its own registry; Kiln leaves it out (and
+//!   logs its host, never its value): every other registry is reached as before, and its own
+//!   gets no caller credentials (`Unauthenticated`, worded `cannot resolve image`).
+//! - Where the request's policy allows the installation's pull secret for a registry and the
+//!   secret has credentials for it, they are used before an `additional` entry (mk3's
+//!   order); elsewhere the `additional` entry is used.
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use kiln::proto::builder::{
+    build_registry_auth, BuildRegistryAuth, BuildRegistryAuthTotal, BuildStatus, ResolveBaseImageRequest,
+};
+use tonic::Code;
+
+use crate::{
+    calls::try_start,
+    common::{build_request, statuses, within},
+    support::{
+        docker_registry::DockerRegistry,
+        images::push_image_with,
+        kiln::{KilnOptions, KilnServer},
+    },
+};
+
+const USER: &str = "gitpod";
+const PASSWORD: &str = "registry-s3cret";
+
+fn basic(user: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+fn resolve(image: &str, allow_all: Option<bool>, additional: &[(&str, String)]) -> ResolveBaseImageRequest {
+    ResolveBaseImageRequest {
+        r#ref: image.to_owned(),
+        auth: Some(BuildRegistryAuth {
+            mode: allow_all
+                .map(|allow_all| build_registry_auth::Mode::Total(BuildRegistryAuthTotal { allow_all })),
+            additional: additional
+                .iter()
+                .map(|(h, v)| ((*h).to_owned(), v.clone()))
+                .collect::<HashMap<_, _>>(),
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_additional_entry_affects_only_its_own_registry() {
+    let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
+    let target = DockerRegistry::start();
+    push_image_with(
+        private.addr(),
+        Some((USER, PASSWORD)),
+        "team/base",
+        "1",
+        1,
+        0x6a17_0101,
+        "linux/amd64",
+    )
+    .await;
+    let kiln = KilnServer::start(KilnOptions::external(target.addr()));
+    let image = format!("{}/team/base:1", private.addr());
+    within(120, async {
+        let mut client = kiln.builder().await;
+        let garbage = "%%%not-base64:s3cret-of-another-registry".to_owned();
+
+        // A bad entry for another registry: this one resolves and builds with its own.
+        let good = [
+            (private.addr(), basic(USER, PASSWORD)),
+            ("other.registry.example", garbage.clone()),
+        ];
+        client
+            .resolve_base_image(resolve(&image, None, &good))
+            .await
+            .expect("the good entry is used despite the bad one");
+        let mut build = build_request(&image);
+        build.auth = resolve(&image, None, &good).auth;
+        let messages = try_start(&mut client, build).await.expect("Build");
+        assert_eq!(
+            statuses(&messages).last(),
+            Some(&BuildStatus::DoneSuccess),
+            "{messages:#?}"
+        );
+
+        // A bad entry for this registry: no caller credentials here, refused as mk3's
+        // registry refuses the raw value.
+        let status = client
+            .resolve_base_image(resolve(&image, None, &[(private.addr(), garbage.clone())]))
+            .await
+            .expect_err("no usable credentials");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(status.message().starts_with("cannot resolve image"), "{status:?}");
+        assert!(!status.message().contains("s3cret"), "{status:?}");
+    })
+    .await;
+    let log = kiln.log();
+    assert!(
+        log.contains("other.registry.example"),
+        "the bad entry's host is logged"
+    );
+    assert!(!log.contains("s3cret"), "the bad entry's value reached the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_secret_comes_before_additional_where_the_policy_allows_it() {
+    let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
+    let target = DockerRegistry::start();
+    push_image_with(
+        private.addr(),
+        Some((USER, PASSWORD)),
+        "team/base",
+        "1",
+        1,
+        0x6a17_0102,
+        "linux/amd64",
+    )
+    .await;
+    let secrets = tempfile::tempdir().unwrap();
+    let pull_secret = secrets.path().join("config.json");
+    std::fs::write(
+        &pull_secret,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
+            private.addr(),
+            basic(USER, PASSWORD)
+        ),
+    )
+    .unwrap();
+    let kiln = KilnServer::start(KilnOptions {
+        registry_toml: format!("pull_secret = {:?}\n", pull_secret.display().to_string()),
+        ..KilnOptions::external(target.addr())
+    });
+    let image = format!("{}/team/base:1", private.addr());
+    within(120, async {
+        let mut client = kiln.builder().await;
+        let stale = [(private.addr(), basic(USER, "an-old-password"))];
+        // Allowed: the pull secret wins over the caller's stale entry.
+        client
+            .resolve_base_image(resolve(&image, Some(true), &stale))
+            .await
+            .expect("the pull secret is used first");
+        // Not allowed: only the caller's entry, which the registry refuses.
+        let status = client
+            .resolve_base_image(resolve(&image, Some(false), &stale))
+            .await
+            .expect_err("the stale entry is refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    })
+    .await;
+}
