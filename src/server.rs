@@ -251,7 +251,15 @@ pub async fn serve(
             .context("metrics server")
     });
 
-    let system = actors::start(&config, registry_client(&config, embedded)?, metrics.clone()).await?;
+    let registry_client = registry_client(&config, embedded)?;
+    if let Some(path) = config.registry.pull_secret.clone() {
+        let client = registry_client.clone();
+        tasks.spawn(async move {
+            registry::follow_docker_config(path, client, registry::PULL_SECRET_POLL).await;
+            Ok(())
+        });
+    }
+    let system = actors::start(&config, registry_client, metrics.clone()).await?;
     let kiln = system.handle();
     fix_up_data_dir(&config.data_dir)?;
 

@@ -33,6 +33,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use tokio::sync::watch;
+
 use oci_client::{
     client::{ClientConfig as OciConfig, ClientProtocol},
     secrets::RegistryAuth,
@@ -123,7 +125,9 @@ struct Inner {
     platform: Platform,
     /// Normalised `host[:port]` or `host` entries.
     insecure_registries: Vec<String>,
-    credentials: CredentialStore,
+    /// The installation's credentials; replaced when the pull secret changes
+    /// ([`RegistryClient::replace_credentials`]).
+    credentials: watch::Sender<CredentialStore>,
     kiln: KilnRepositories,
     retry: RetryPolicy,
     read_timeout: Duration,
@@ -157,7 +161,7 @@ impl std::fmt::Debug for RegistryClient {
         f.debug_struct("RegistryClient")
             .field("platform", &self.inner.platform)
             .field("insecure_registries", &self.inner.insecure_registries)
-            .field("credentials", &self.inner.credentials)
+            .field("credentials", &*self.inner.credentials.borrow())
             .field("kiln", &self.inner.kiln)
             .field("retry", &self.inner.retry)
             .finish_non_exhaustive()
@@ -181,7 +185,7 @@ impl RegistryClient {
                     .iter()
                     .map(|r| normalize_registry(r))
                     .collect(),
-                credentials: config.credentials,
+                credentials: watch::Sender::new(config.credentials),
                 kiln: KilnRepositories {
                     base: config.base_repository,
                     workspace: config.workspace_repository,
@@ -197,12 +201,19 @@ impl RegistryClient {
         })
     }
 
-    /// The platform picked from image indexes.
+    /// Uses `store` as the installation's credentials from now on (a rotated pull secret).
+    /// Requests under way keep the credentials they started with; cached oci-clients and
+    /// resolutions are keyed by the credentials they used, so none outlives its credentials.
+    pub fn replace_credentials(&self, store: CredentialStore) {
+        self.inner.credentials.send_replace(store);
+    }
+
     /// Registries spoken to over plain HTTP besides loopback ones (`registry.insecure`).
     pub fn insecure_registries(&self) -> &[String] {
         &self.inner.insecure_registries
     }
 
+    /// The platform picked from image indexes.
     pub fn platform(&self) -> &Platform {
         &self.inner.platform
     }
@@ -331,7 +342,7 @@ impl RegistryClient {
     ) -> (Option<BasicCredentials>, CredentialSource) {
         match self.embedded_credentials(image) {
             Some(creds) => (Some(creds), CredentialSource::Embedded),
-            None => select_credentials(image, auth, &self.inner.credentials, &self.inner.kiln),
+            None => select_credentials(image, auth, &self.inner.credentials.borrow(), &self.inner.kiln),
         }
     }
 
@@ -341,7 +352,8 @@ impl RegistryClient {
         if let Some(creds) = self.embedded_credentials(image) {
             return (Some(creds), CredentialSource::Embedded);
         }
-        match self.inner.credentials.get(image.registry()).cloned() {
+        let installation = self.inner.credentials.borrow().get(image.registry()).cloned();
+        match installation {
             Some(creds) => (Some(creds), CredentialSource::Installation),
             None => (None, CredentialSource::Anonymous),
         }

@@ -113,6 +113,11 @@ impl CredentialStore {
         self.by_registry.is_empty()
     }
 
+    /// How many registries it has credentials for.
+    pub fn len(&self) -> usize {
+        self.by_registry.len()
+    }
+
     /// The registries the store has credentials for.
     pub fn registries(&self) -> impl Iterator<Item = &str> {
         self.by_registry.keys().map(String::as_str)
@@ -149,6 +154,51 @@ pub(crate) fn normalize_registry(key: &str) -> String {
     match key.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io".into(),
         _ => key,
+    }
+}
+
+/// How often [`follow_docker_config`] looks at the file. A Kubernetes Secret mounted as a
+/// volume changes within about a minute of its update; a few seconds more do not matter.
+pub const PULL_SECRET_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps `client`'s installation credentials equal to the docker `config.json` at `path`
+/// (the pull secret), so a rotated secret is used without a restart, as mk3 watches its
+/// `pullSecretFile`. Polls every `every` and compares contents (a Secret volume replaces
+/// the file through a symlink swap, which a watch on the file itself would miss). A file
+/// that is missing or does not parse keeps the credentials in use, with a warning that
+/// says why (never a value). Runs until its task is dropped.
+pub async fn follow_docker_config(
+    path: std::path::PathBuf,
+    client: super::RegistryClient,
+    every: std::time::Duration,
+) {
+    use sha2::{Digest as _, Sha256};
+    let mut seen: Option<[u8; 32]> = std::fs::read(&path).ok().map(|b| Sha256::digest(&b).into());
+    loop {
+        tokio::time::sleep(every).await;
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                if seen.take().is_some() {
+                    tracing::warn!(path = %path.display(), %error, "registry.pull_secret cannot be read; keeping the credentials in use");
+                }
+                continue;
+            }
+        };
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if seen == Some(hash) {
+            continue;
+        }
+        seen = Some(hash);
+        match CredentialStore::from_docker_config_json(&bytes) {
+            Ok(store) => {
+                tracing::info!(path = %path.display(), registries = store.len(), "registry.pull_secret changed; using its credentials from now on");
+                client.replace_credentials(store);
+            }
+            Err(reason) => {
+                tracing::warn!(path = %path.display(), %reason, "registry.pull_secret changed but is not a valid docker config; keeping the credentials in use")
+            }
+        }
     }
 }
 

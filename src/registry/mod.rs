@@ -17,7 +17,7 @@ pub use client::{
     ClientConfig, EmbeddedCredentials, RegistryClient, CONNECT_TIMEOUT, READ_TIMEOUT, UPLOAD_CHUNK_BYTES,
 };
 pub use copy::{CopyEvent, MAX_CONCURRENT_BLOBS};
-pub use credentials::CredentialStore;
+pub use credentials::{follow_docker_config, CredentialStore, PULL_SECRET_POLL};
 pub use error::{OciCause, RegistryError, RegistryErrorKind};
 pub use image::{FetchedImage, LayerDescriptor, MAX_CONFIG_BYTES};
 pub use platform::{Platform, PlatformParseError};

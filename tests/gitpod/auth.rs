@@ -152,3 +152,83 @@ async fn the_pull_secret_comes_before_additional_where_the_policy_allows_it() {
     })
     .await;
 }
+
+/// A rotated pull secret is used without a restart (mk3 watches its `pullSecretFile`). The
+/// file is replaced the way a Kubernetes Secret volume replaces it: a new file renamed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_pull_secret_is_used_without_a_restart() {
+    let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
+    let target = DockerRegistry::start();
+    push_image_with(
+        private.addr(),
+        Some((USER, PASSWORD)),
+        "team/base",
+        "1",
+        1,
+        0x6a17_0103,
+        "linux/amd64",
+    )
+    .await;
+    let secrets = tempfile::tempdir().unwrap();
+    let pull_secret = secrets.path().join("config.json");
+    let write = |password: &str| {
+        let next = secrets.path().join("config.json.next");
+        std::fs::write(
+            &next,
+            format!(
+                r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
+                private.addr(),
+                basic(USER, password)
+            ),
+        )
+        .unwrap();
+        std::fs::rename(&next, &pull_secret).unwrap();
+    };
+    write("the-expired-password");
+    let kiln = KilnServer::start(KilnOptions {
+        registry_toml: format!("pull_secret = {:?}\n", pull_secret.display().to_string()),
+        ..KilnOptions::external(target.addr())
+    });
+    let image = format!("{}/team/base:1", private.addr());
+    within(120, async {
+        let mut client = kiln.builder().await;
+        let status = client
+            .resolve_base_image(resolve(&image, Some(true), &[]))
+            .await
+            .expect_err("the expired secret is refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+        // Not a docker config: the credentials in use stay (still the expired ones).
+        std::fs::write(&pull_secret, "{ not json").unwrap();
+        let mut polls = 0;
+        while !kiln.log().contains("not a valid docker config") {
+            polls += 1;
+            assert!(polls < 300, "the broken secret was never read");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let status = client
+            .resolve_base_image(resolve(&image, Some(true), &[]))
+            .await
+            .expect_err("still the expired secret");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+        write(PASSWORD);
+        let mut attempts = 0;
+        loop {
+            match client.resolve_base_image(resolve(&image, Some(true), &[])).await {
+                Ok(_) => break,
+                Err(status) => assert_eq!(status.code(), Code::Unauthenticated, "{status:?}"),
+            }
+            attempts += 1;
+            assert!(attempts < 300, "the rotated secret was never used");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let log = kiln.log();
+    assert!(
+        log.contains("registry.pull_secret changed"),
+        "the reload is logged"
+    );
+    assert!(!log.contains(PASSWORD), "a password reached the log");
+}
