@@ -11,7 +11,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use tokio::sync::watch;
 
 use super::{
@@ -82,6 +82,21 @@ pub struct LogsHandle {
 const LOG_APPEAR_WAIT: Duration = Duration::from_secs(10);
 
 impl LogsHandle {
+    /// What a `Logs` call reads: [`LogsHandle::follow`] of `build`, with its image
+    /// references removed when `censored` (see [`super::Censor`]).
+    pub fn read(
+        &self,
+        build: &BuildSnapshot,
+        offset: u64,
+        censored: bool,
+    ) -> futures::stream::BoxStream<'static, Result<Bytes, BuildError>> {
+        let log = self.follow(build.id.clone(), offset);
+        match censored {
+            true => super::Censor::of(&build.refs).apply(log).boxed(),
+            false => log.boxed(),
+        }
+    }
+
     /// The log of `build` from byte `offset`: what is there, then what comes, ending when
     /// the log is complete. Survives restarts of the log fan-out without gaps or repeats.
     pub fn follow(

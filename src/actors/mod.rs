@@ -15,6 +15,7 @@ mod cache_warmer;
 mod chaos;
 mod error;
 mod handles;
+mod log_censor;
 mod log_fanout;
 mod orchestrator;
 mod resolver;
@@ -32,6 +33,7 @@ pub use cache_warmer::Warmed;
 pub use chaos::{parse_kinds, ChaosError, ChaosSettings};
 pub use error::BuildError;
 pub use handles::{KilnHandle, LogsHandle, ResolverPool};
+pub use log_censor::Censor;
 pub use log_fanout::LogError;
 pub use orchestrator::{
     BuildRefs, BuildRequest, BuildSelector, BuildSnapshot, PreparedContext, StatusUpdate, Submission,

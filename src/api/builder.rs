@@ -113,11 +113,10 @@ impl ImageBuilder for ImageBuilderService {
     type LogsStream = ResponseStream<pb::LogsResponse>;
 
     async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        // Logs are censored when written, so `censored` needs no work here.
         let req = request.into_inner();
         let selector = convert::selector(&req.build_id, &req.build_ref).map_err(from_build_error)?;
         let snapshot = self.kiln.lookup(selector).await.map_err(from_build_error)?;
-        let stream = self.kiln.logs().follow(snapshot.id, req.offset);
+        let stream = self.kiln.logs().read(&snapshot, req.offset, req.censored);
         Ok(Response::new(self.closing.guard(Box::pin(stream.map(|chunk| {
             chunk
                 .map(|content| pb::LogsResponse {

@@ -13,6 +13,7 @@ mod common;
 
 mod auth;
 mod calls;
+mod logs;
 mod mistakes;
 mod restart;
 mod shutdown;
