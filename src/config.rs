@@ -330,6 +330,9 @@ pub struct WarmerConfig {
     pub interval: Duration,
     /// Image references to keep warm. Default: none.
     pub refs: Vec<String>,
+    /// Also keep warm this many of the tags callers asked for most since the last round.
+    /// `0` warms only `refs`. Default 10.
+    pub most_requested: usize,
 }
 
 impl Default for WarmerConfig {
@@ -337,6 +340,7 @@ impl Default for WarmerConfig {
         Self {
             interval: Duration::from_secs(600),
             refs: Vec::new(),
+            most_requested: 10,
         }
     }
 }

@@ -1,7 +1,14 @@
 //! The cache warmer: on an interval, and when asked ([`WarmNow`], `Admin.WarmNow`), it
-//! refreshes the configured references so that builds that use them find a fresh digest in
-//! the resolver cache, and pre-fetches their layers into the engine's layer store so the
-//! first build on them pulls nothing.
+//! refreshes the configured references (`warmer.refs`) and the tags callers asked for most
+//! since the last round (`warmer.most_requested` of them, counted by the resolvers), so that
+//! requests for them find a fresh digest in the resolver cache, and pre-fetches their layers
+//! into the engine's layer store so the first build on them pulls nothing.
+//!
+//! The resolver cache is keyed by the credentials a request would use, and Gitpod's
+//! requests come with the installation's pull secret allowed (`total`, or `selective` for
+//! the registry) or not. So every reference is warmed both ways: with the installation's
+//! credentials allowed everywhere and with none; whatever policy a request brings selects
+//! one of the two (a request's own `additional` entry is its own, never warmed).
 //!
 //! It works by messages only: a [`Resolve`](super::resolver::Resolve) with `refresh` to the
 //! resolver that owns the reference's cache shard (through
@@ -25,8 +32,21 @@ use super::{
 };
 use crate::{
     engine::build::{Engine, EngineError},
-    model::{AuthPolicy, ImageRef},
+    model::{AuthPolicy, ImageRef, InstallationCredentialScope},
 };
+
+/// The two credential choices a request can make for a reference (see the module doc):
+/// the installation's (first: it also fetches the layers), then none.
+fn warm_policies() -> [AuthPolicy; 2] {
+    [
+        InstallationCredentialScope::Everywhere,
+        InstallationCredentialScope::Nowhere,
+    ]
+    .map(|installation| AuthPolicy {
+        installation,
+        additional: Default::default(),
+    })
+}
 
 /// Warms every configured reference now; replies how it went.
 #[derive(Debug, Clone, Copy, Message)]
@@ -75,6 +95,8 @@ pub enum PrefetchError {
 /// The cache warmer actor.
 pub struct CacheWarmer {
     refs: Vec<ImageRef>,
+    /// `warmer.most_requested`: how many of the tags callers asked for most are warmed too.
+    most_requested: usize,
     interval: Duration,
     resolvers: ResolverPool,
     engine: Engine,
@@ -85,6 +107,7 @@ pub struct CacheWarmer {
 impl CacheWarmer {
     pub fn new(
         refs: Vec<ImageRef>,
+        most_requested: usize,
         interval: Duration,
         resolvers: ResolverPool,
         engine: Engine,
@@ -93,6 +116,7 @@ impl CacheWarmer {
     ) -> Self {
         Self {
             refs,
+            most_requested,
             interval,
             resolvers,
             engine,
@@ -101,26 +125,38 @@ impl CacheWarmer {
         }
     }
 
-    /// One warm of every reference, run in this warmer's context.
+    /// One warm of every configured and much requested reference, run in this warmer's
+    /// context.
     fn warm(&self, ctx: &Context<Self>) -> impl ActorFuture<Self, Output = Warmed> + 'static {
-        let refs = self.refs.clone();
+        let (configured, most_requested) = (self.refs.clone(), self.most_requested);
         let resolvers = self.resolvers.clone();
         let me = ctx.address();
         actix::fut::wrap_future(async move {
+            let mut refs = configured;
+            if most_requested > 0 {
+                for image in resolvers.most_requested(most_requested).await {
+                    if !refs.contains(&image) {
+                        refs.push(image);
+                    }
+                }
+            }
             let mut warmed = Warmed::default();
             for image in refs {
-                // Warm with the default policy: that is what most requests present, and the
-                // cache is keyed by policy.
-                let resolved = match resolvers
-                    .resolve(image.clone(), AuthPolicy::default(), true)
-                    .await
-                {
-                    Ok(resolved) => resolved,
-                    Err(error) => {
-                        tracing::warn!(%image, %error, "cache warmer could not resolve");
-                        warmed.failed += 1;
-                        continue;
+                let mut resolved = None;
+                for auth in warm_policies() {
+                    match resolvers.resolve(image.clone(), auth, true).await {
+                        Ok(pinned) => {
+                            resolved.get_or_insert(pinned);
+                        }
+                        Err(error) => {
+                            tracing::debug!(%image, %error, "cache warmer could not resolve under one policy")
+                        }
                     }
+                }
+                let Some(resolved) = resolved else {
+                    tracing::warn!(%image, "cache warmer could not resolve, with the installation's credentials or without");
+                    warmed.failed += 1;
+                    continue;
                 };
                 let prefetched = me
                     .send(Prefetch {
@@ -161,7 +197,7 @@ async fn prefetch_off_arbiter(engine: Engine, image: ImageRef) -> Result<usize, 
                 source,
             })?;
         runtime
-            .block_on(engine.prefetch(&task_image, &AuthPolicy::default()))
+            .block_on(engine.prefetch(&task_image, &warm_policies()[0]))
             .map_err(|source| PrefetchError::Engine {
                 image: task_image,
                 source: Box::new(source),
@@ -181,7 +217,7 @@ impl Actor for CacheWarmer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.mailbox_size);
-        if self.refs.is_empty() {
+        if self.refs.is_empty() && self.most_requested == 0 {
             return;
         }
         let first = self.warm(ctx).map(|_, _, _| ());

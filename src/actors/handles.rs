@@ -21,7 +21,7 @@ use super::{
         self, BuildRequest, BuildSelector, BuildSnapshot, Orchestrator, StatusUpdate, Submission,
         WorkspacePlan,
     },
-    resolver::{shard_of, Resolve},
+    resolver::{shard_of, MostRequested, Resolve},
     supervision::Slot,
     supervisor::{self, ActorSummary, RestartError},
     Directory,
@@ -69,6 +69,19 @@ impl ResolverPool {
             }
         }
         Err(last_error.expect("the pool has at least one resolver").into())
+    }
+
+    /// The `limit` tags callers asked the pool for most since the last call (each resolver
+    /// counts its own shard; a resolver that does not answer adds nothing).
+    pub async fn most_requested(&self, limit: usize) -> Vec<ImageRef> {
+        let mut counted = Vec::new();
+        for slot in self.directory.resolvers.iter() {
+            if let Ok(top) = slot.call(MostRequested { limit }).await {
+                counted.extend(top);
+            }
+        }
+        counted.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        counted.into_iter().take(limit).map(|(image, _)| image).collect()
     }
 }
 

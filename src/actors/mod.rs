@@ -311,6 +311,7 @@ pub async fn start(
 
         let pool = ResolverPool::new(directory.clone());
         let (interval, mailbox) = (config.warmer.interval, config.actors.mailbox_size);
+        let most_requested = config.warmer.most_requested;
         supervisor.do_send(StartChild(permanent(
             "cache_warmer",
             ActorKind::CacheWarmer,
@@ -318,6 +319,7 @@ pub async fn start(
             move |g| {
                 CacheWarmer::new(
                     warm_refs.clone(),
+                    most_requested,
                     interval,
                     pool.clone(),
                     engine.clone(),

@@ -16,6 +16,11 @@
 //! incarnation), so no orphaned lookup of an old incarnation keeps a registry call going
 //! beside the new one's.
 //!
+//! **Demand.** Each resolver counts the tags callers ask it for (its own field, lost with
+//! the incarnation like the cache), so the cache warmer can keep warm what is used most
+//! ([`MostRequested`]); the counts are halved whenever the map grows past
+//! [`MAX_COUNTED`], so old favourites fade.
+//!
 //! **Coalescing.** The cache coalesces concurrent misses: N callers asking for one uncached
 //! reference make one registry call (moka's `try_get_with`), and take one permit. Entries are
 //! keyed by the reference *and* by which credentials the registry client would use for the
@@ -54,6 +59,17 @@ pub struct Resolve {
     pub auth: AuthPolicy,
     pub refresh: bool,
 }
+
+/// The tags this resolver was asked for most since it last answered this, at most `limit`,
+/// most requested first; the counts start again.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Vec<(ImageRef, u64)>")]
+pub struct MostRequested {
+    pub limit: usize,
+}
+
+/// The most references a resolver counts before halving the counts.
+const MAX_COUNTED: usize = 4096;
 
 /// The resolver (of `pool_size`) that owns `image`'s cache entries: a stable hash of the
 /// reference, so every request for one reference meets the same cache and the same
@@ -115,6 +131,8 @@ pub struct Resolver {
     calls: Arc<Semaphore>,
     /// The lookups in progress.
     lookups: OwnedTasks,
+    /// How often callers asked for each tag (see the module doc).
+    requested: std::collections::HashMap<ImageRef, u64>,
     _guard: ChildGuard,
 }
 
@@ -131,8 +149,27 @@ impl Resolver {
             cache,
             calls,
             lookups: OwnedTasks::default(),
+            requested: std::collections::HashMap::new(),
             _guard: guard,
         }
+    }
+
+    /// Counts a caller's request for `image` (tags only: a digest never needs warming).
+    fn count(&mut self, image: &ImageRef) {
+        if image.digest().is_some() {
+            return;
+        }
+        if let Some(n) = self.requested.get_mut(image) {
+            *n += 1;
+            return;
+        }
+        if self.requested.len() >= MAX_COUNTED {
+            self.requested.retain(|_, n| {
+                *n /= 2;
+                *n > 0
+            });
+        }
+        self.requested.insert(image.clone(), 1);
     }
 
     /// The lookup for one request, to run as a task of this resolver.
@@ -195,6 +232,7 @@ impl Handler<Resolve> for Resolver {
     fn handle(&mut self, msg: Resolve, ctx: &mut Self::Context) -> Self::Result {
         let key = self.settings.cache_key(&msg.image, &msg.auth);
         if !msg.refresh {
+            self.count(&msg.image);
             // A hit is answered here: moka's `get` completes at once unless its housekeeping
             // has to wait, and then the task below asks again.
             if let Some(Some(hit)) = self.cache.get(&key).now_or_never() {
@@ -204,6 +242,17 @@ impl Handler<Resolve> for Resolver {
         }
         let lookup = self.lookup(key, msg.image, msg.auth, msg.refresh);
         self.lookups.reply_later(ctx, lookup)
+    }
+}
+
+impl Handler<MostRequested> for Resolver {
+    type Result = MessageResult<MostRequested>;
+
+    fn handle(&mut self, MostRequested { limit }: MostRequested, _: &mut Self::Context) -> Self::Result {
+        let mut counted: Vec<(ImageRef, u64)> = self.requested.drain().collect();
+        counted.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        counted.truncate(limit);
+        MessageResult(counted)
     }
 }
 

@@ -17,3 +17,4 @@ mod logs;
 mod mistakes;
 mod restart;
 mod shutdown;
+mod warm;
