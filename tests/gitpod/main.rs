@@ -12,9 +12,10 @@ mod support;
 mod common;
 
 mod auth;
+mod base_ref;
 mod calls;
 mod logs;
 mod mistakes;
-mod restart;
 mod shutdown;
+mod starts;
 mod warm;
