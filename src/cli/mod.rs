@@ -566,6 +566,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
         eprintln!("kiln: {e:#}");
         return ExitCode::FAILURE;
     }
+    if !config.ignored_keys.is_empty() {
+        let keys: Vec<String> = config.ignored_keys.iter().map(ToString::to_string).collect();
+        tracing::warn!(keys = %keys.join("; "), "image-builder-mk3 configuration read; these keys have no meaning in Kiln");
+    }
     match crate::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

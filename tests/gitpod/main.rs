@@ -14,6 +14,7 @@ mod common;
 mod auth;
 mod base_ref;
 mod calls;
+mod config;
 mod logs;
 mod mistakes;
 mod shutdown;

@@ -2,7 +2,10 @@
 //!
 //! Precedence is flags > file > defaults. The file is TOML; an unknown key or a bad value
 //! fails start-up with a message that names the key (`resolver.pool_size: ...`). Every field
-//! is documented in `docs/config.md`; keep the two in step.
+//! is documented in `docs/config.md`; keep the two in step. image-builder-mk3's JSON file is
+//! read too ([`mk3`]), so an installation can switch without writing a new one.
+
+pub mod mk3;
 
 use std::{
     net::SocketAddr,
@@ -55,6 +58,10 @@ pub struct Config {
     pub engine: EngineSettings,
     pub kubernetes: KubernetesConfig,
     pub chaos: ChaosConfig,
+    /// Keys of a configuration in another builder's format (image-builder-mk3's) that have
+    /// no Kiln meaning, each with why; `kiln serve` names them at start-up.
+    #[serde(skip)]
+    pub ignored_keys: Vec<mk3::IgnoredKey>,
 }
 
 impl Default for Config {
@@ -74,6 +81,7 @@ impl Default for Config {
             engine: EngineSettings::default(),
             kubernetes: KubernetesConfig::default(),
             chaos: ChaosConfig::default(),
+            ignored_keys: Vec::new(),
         }
     }
 }
@@ -847,8 +855,15 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses TOML text. The error text names the key and the line.
+    /// Parses Kiln's TOML, or image-builder-mk3's JSON (`mk3`; detected by format: a JSON
+    /// object), whose keys without a Kiln meaning go to [`Config::ignored_keys`]. The error
+    /// text names the key (and, in TOML, the line).
     pub fn parse(text: &str) -> Result<Self, String> {
+        if mk3::looks_like_mk3(text) {
+            let (mut config, ignored) = mk3::parse(text)?;
+            config.ignored_keys = ignored;
+            return Ok(config);
+        }
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
