@@ -40,7 +40,10 @@ use super::{
 use crate::{
     executor::{Executor, Job, Ticket},
     metrics::Metrics,
-    model::{BuildId, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource, Secret},
+    model::{
+        BuildId, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource, GitCredentials,
+        Secret,
+    },
 };
 
 pub use crate::executor::RESTART_NOTICE;
@@ -107,8 +110,10 @@ impl BuildRun {
             ..
         }) = &request.source
         {
-            if let Some((user, password)) = &git.credentials {
-                secrets.extend(encode(user, password));
+            match &git.credentials {
+                Some(GitCredentials::Basic { user, password }) => secrets.extend(encode(user, password)),
+                Some(GitCredentials::OneTimeSecret { url, .. }) => secrets.push(url.clone()),
+                None => {}
             }
         }
         Self {

@@ -6,8 +6,8 @@ use std::time::UNIX_EPOCH;
 use crate::{
     actors::{BuildError, BuildRefs, BuildRequest, BuildSelector, BuildSnapshot},
     model::{
-        AuthPolicy, BuildId, BuildSource, BuildStatus, ContextSource, DockerfileSource, GitSource, GitTarget,
-        ImageRef, InstallationCredentialScope, Secret,
+        AuthPolicy, BuildId, BuildSource, BuildStatus, ContextSource, DockerfileSource, GitCredentials,
+        GitSource, GitTarget, ImageRef, InstallationCredentialScope, Secret,
     },
     proto::builder as pb,
 };
@@ -61,8 +61,14 @@ fn dockerfile_source(f: pb::BuildSourceDockerfile) -> Result<BuildSource, BuildE
             let credentials =
                 match GitAuthMethod::try_from(config.authentication).unwrap_or(GitAuthMethod::NoAuth) {
                     GitAuthMethod::NoAuth => None,
-                    GitAuthMethod::BasicAuth => Some((config.auth_user, Secret::new(config.auth_password))),
-                    GitAuthMethod::BasicAuthOts => Some((config.auth_user, Secret::new(config.auth_ots))),
+                    GitAuthMethod::BasicAuth => Some(GitCredentials::Basic {
+                        user: config.auth_user,
+                        password: Secret::new(config.auth_password),
+                    }),
+                    GitAuthMethod::BasicAuthOts => Some(GitCredentials::OneTimeSecret {
+                        user: config.auth_user,
+                        url: Secret::new(config.auth_ots),
+                    }),
                 };
             if git.remote_uri.trim().is_empty() {
                 return Err(invalid("source.file.source.git.remote_uri: missing"));

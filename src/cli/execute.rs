@@ -18,7 +18,9 @@ use crate::{
         build::{BuildInput, Engine, EngineConfig, RunNetwork},
         context,
     },
-    model::{AuthPolicy, GitSource, GitTarget, ImageRef, InstallationCredentialScope, Secret},
+    model::{
+        AuthPolicy, GitCredentials, GitSource, GitTarget, ImageRef, InstallationCredentialScope, Secret,
+    },
     registry::{ClientConfig, CredentialStore, Platform, RegistryClient},
 };
 
@@ -318,7 +320,10 @@ async fn checkout(args: &ExecuteArgs, url: &str, dest: &Path) -> Result<PathBuf,
                 .trim_end_matches(['\r', '\n'])
                 .split_once(':')
                 .ok_or_else(|| format!("--git-credentials {}: expected user:password", path.display()))?;
-            Some((user.to_owned(), Secret::new(password)))
+            Some(GitCredentials::Basic {
+                user: user.to_owned(),
+                password: Secret::new(password),
+            })
         }
     };
     let custom_config = pairs("git-config", &args.git_config)?

@@ -24,12 +24,23 @@ pub struct GitSource {
     /// `https://`, `http://`, `git://` or `file://` URL. Credentials in it are moved out of it.
     pub remote_uri: String,
     pub target: GitTarget,
-    /// (user, password or one-time token) for basic auth over http(s).
-    pub credentials: Option<(String, Secret)>,
+    /// Basic auth over http(s), or where to get it.
+    pub credentials: Option<GitCredentials>,
     /// Gitpod's `GitConfig.custom_config`; keys are checked by `engine::context::check_config_key`.
     pub custom_config: Vec<(String, String)>,
     /// Fetch full history instead of `--depth 1`.
     pub full_clone: bool,
+}
+
+/// How a git remote is authenticated (Gitpod's `GitAuthMethod`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum GitCredentials {
+    /// A user and a password or token (`BASIC_AUTH`).
+    Basic { user: String, password: Secret },
+    /// `BASIC_AUTH_OTS`: the password, or `user:password`, is served once at `url` (Gitpod's
+    /// one-time secret server). Redeemed into `Basic` before the first git call
+    /// (`engine::context::redeem_one_time_secret`).
+    OneTimeSecret { user: String, url: Secret },
 }
 
 impl GitSource {
@@ -68,7 +79,13 @@ impl fmt::Debug for GitSource {
         f.debug_struct("GitSource")
             .field("remote_uri", &display_remote(&self.remote_uri))
             .field("target", &self.target)
-            .field("credentials", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|c| match c {
+                    GitCredentials::Basic { .. } => "basic <redacted>",
+                    GitCredentials::OneTimeSecret { .. } => "one-time secret <redacted>",
+                }),
+            )
             .field(
                 "custom_config_keys",
                 &self.custom_config.iter().map(|(k, _)| k).collect::<Vec<_>>(),
@@ -339,7 +356,10 @@ mod tests {
             GitSource {
                 remote_uri: "https://u:hunter2@h/r".into(),
                 target: GitTarget::RemoteHead,
-                credentials: Some(("u".into(), Secret::new("pw-canary"))),
+                credentials: Some(GitCredentials::Basic {
+                    user: "u".into(),
+                    password: Secret::new("pw-canary"),
+                }),
                 custom_config: vec![("http.extraHeader".into(), "X: secret-canary".into())],
                 full_clone: false,
             }

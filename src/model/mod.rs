@@ -19,6 +19,6 @@ pub use build::{
     BUILD_PROCESS_VERSION,
 };
 pub(crate) use git::Remote;
-pub use git::{GitSource, GitSourceError, GitTarget};
+pub use git::{GitCredentials, GitSource, GitSourceError, GitTarget};
 pub use image_ref::{Digest, ImageRef, ImageRefError};
 pub use secret::Secret;

@@ -19,7 +19,7 @@ use kiln::engine::context::{
     checkout, checkout_with_timeout, context_digest, pack_dir, tree_id, unpack_tar, walk_included, Checkout,
     ContextError, ContextStore, DockerIgnore, EntryKind, GitSource, GitTarget,
 };
-use kiln::model::Secret;
+use kiln::model::{GitCredentials, Secret};
 
 // ---------------------------------------------------------------------------------------
 // helpers
@@ -678,7 +678,10 @@ async fn credentials_never_leak_into_errors_or_config() {
     let dest = tempfile::tempdir().unwrap();
     let secret = "hunter2-canary-Zq9";
     let mut src = source("https://127.0.0.1:1/org/repo.git", GitTarget::RemoteHead);
-    src.credentials = Some(("alice".into(), Secret::new(secret)));
+    src.credentials = Some(GitCredentials::Basic {
+        user: "alice".into(),
+        password: Secret::new(secret),
+    });
     let err = checkout(&src, &dest.path().join("a")).await.unwrap_err();
     let text = err.to_string();
     assert!(
@@ -748,7 +751,10 @@ async fn credentials_are_sent_as_a_basic_auth_header() {
     let dest = tempfile::tempdir().unwrap();
     let secret = "s3cret-token-canary";
     let mut src = source(&url, GitTarget::RemoteHead);
-    src.credentials = Some(("alice".into(), Secret::new(secret)));
+    src.credentials = Some(GitCredentials::Basic {
+        user: "alice".into(),
+        password: Secret::new(secret),
+    });
     let err = checkout(&src, dest.path()).await.unwrap_err().to_string();
     assert!(
         err.starts_with(&format!("git fetch of {url} at remote HEAD: ")),

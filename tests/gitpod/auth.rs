@@ -232,3 +232,110 @@ async fn a_rotated_pull_secret_is_used_without_a_restart() {
     );
     assert!(!log.contains(PASSWORD), "a password reached the log");
 }
+
+/// `BASIC_AUTH_OTS`: the server puts a private repository's token behind a one-time URL
+/// (`/ots/get/<id>`, served once, 404 after). Kiln redeems it once, as Gitpod's
+/// content-service does, and clones with it; neither the token nor the URL's path reaches a
+/// log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_time_secret_is_redeemed_once_and_clones_the_repository() {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+
+    use kiln::proto::contentservice::{CloneTargetMode, GitAuthMethod, GitConfig};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use crate::{
+        calls::git_request,
+        support::{base_images, git},
+    };
+
+    const TOKEN: &str = "ghp-one-time-token-s3cret";
+    const SECRET_PATH: &str = "/ots/get/7f3a-secret-id";
+    let target = DockerRegistry::start();
+    base_images::ensure_base_images(target.addr(), false);
+    let repos = tempfile::tempdir().unwrap();
+    git::bare_repository(
+        repos.path(),
+        &format!(
+            "FROM {}\nRUN echo cloned-with-ots\n",
+            base_images::busybox_ref(target.addr())
+        ),
+    );
+    let git_server = git::GitHttpServer::start(repos.path().to_owned(), "gitpod", TOKEN).await;
+
+    // The one-time secret server: the token once, then 404.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ots_addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    let ots = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = vec![0u8; 4096];
+            let n = stream.read(&mut head).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&head[..n]).into_owned();
+            let response = if request.starts_with(&format!("GET {SECRET_PATH} "))
+                && counter.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{TOKEN}",
+                    TOKEN.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+        }
+    });
+
+    let kiln = KilnServer::start(KilnOptions::external(target.addr()));
+    let mut request = git_request(
+        &format!("http://{}/app.git", git_server.addr),
+        CloneTargetMode::RemoteBranch,
+        "main",
+        "Dockerfile",
+    );
+    if let Some(kiln::proto::builder::build_source::From::File(file)) =
+        request.source.as_mut().and_then(|s| s.from.as_mut())
+    {
+        if let Some(kiln::proto::contentservice::workspace_initializer::Spec::Git(g)) =
+            file.source.as_mut().and_then(|s| s.spec.as_mut())
+        {
+            // The test server speaks git's dumb HTTP, which cannot serve a shallow fetch.
+            g.full_clone = true;
+            g.config = Some(GitConfig {
+                authentication: GitAuthMethod::BasicAuthOts as i32,
+                auth_user: "gitpod".into(),
+                auth_ots: format!("http://{ots_addr}{SECRET_PATH}"),
+                ..Default::default()
+            });
+        }
+    }
+    within(300, async {
+        let mut client = kiln.builder().await;
+        let messages = try_start(&mut client, request).await.expect("Build");
+        assert_eq!(
+            statuses(&messages).last(),
+            Some(&BuildStatus::DoneSuccess),
+            "{messages:#?}"
+        );
+    })
+    .await;
+    ots.abort();
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        1,
+        "the one-time secret is fetched once"
+    );
+    assert!(
+        git_server.authorized.load(Ordering::SeqCst) > 0,
+        "git used the token"
+    );
+    let log = kiln.log();
+    assert!(
+        !log.contains(TOKEN) && !log.contains("7f3a-secret-id"),
+        "a secret reached the log"
+    );
+}

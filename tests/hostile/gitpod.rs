@@ -4,6 +4,9 @@
 //! - A Dockerfile mistake is streamed back as a `done_failure` message that quotes the
 //!   Dockerfile: a line of megabytes, terminal escapes and NULs in it must not make that
 //!   message unbounded or unreadable (a client's default 4 MiB message limit).
+//! - A git one-time secret (`BASIC_AUTH_OTS`) is a URL the caller names and Kiln fetches:
+//!   it cannot name a file or another scheme, cannot flood Kiln with a huge answer, and no
+//!   message echoes the URL's path or what it answered.
 //! - A build interrupted by a restart waits for a request that brings its credentials. A
 //!   caller without them (who would plan to the same key only by naming the same source)
 //!   cannot take it over or fail it: its request fails on its own, the waiting build goes
@@ -137,4 +140,74 @@ async fn a_caller_without_the_credentials_cannot_take_over_a_waiting_build() {
         !kiln.log().contains(PASSWORD),
         "the password reached the service log"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_time_secret_url_reads_no_file_and_no_flood() {
+    use kiln::proto::{
+        builder::{build_source, BuildSource, BuildSourceDockerfile},
+        contentservice::{
+            workspace_initializer, GitAuthMethod, GitConfig, GitInitializer, WorkspaceInitializer,
+        },
+    };
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    // An answer of 1 MiB: not a password.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flood = format!(
+        "http://{}/ots/get/flood-secret-name",
+        listener.local_addr().unwrap()
+    );
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head).await;
+            let body = "A".repeat(1 << 20);
+            let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            let _ = stream.write_all(response.as_bytes()).await;
+        }
+    });
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    within(120, async {
+        let mut client = kiln.builder().await;
+        for (case, url, says) in [
+            ("a file", "file:///etc/shadow".to_owned(), "only http and https"),
+            (
+                "another scheme",
+                "gopher://127.0.0.1/secret-name".to_owned(),
+                "only http and https",
+            ),
+            ("a flood", flood, "larger than"),
+        ] {
+            let attempt = request(Some(BuildSource {
+                from: Some(build_source::From::File(BuildSourceDockerfile {
+                    source: Some(WorkspaceInitializer {
+                        spec: Some(workspace_initializer::Spec::Git(GitInitializer {
+                            remote_uri: "https://git.kiln-hostile.invalid/app.git".into(),
+                            config: Some(GitConfig {
+                                authentication: GitAuthMethod::BasicAuthOts as i32,
+                                auth_user: "u".into(),
+                                auth_ots: url,
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })),
+                    }),
+                    dockerfile_path: "Dockerfile".into(),
+                    ..Default::default()
+                })),
+            }));
+            let outcome = run_build(&mut client, attempt).await;
+            let message = outcome.refusal(case);
+            assert!(
+                message.contains("auth_ots") && message.contains(says),
+                "{case}: {message}"
+            );
+            for leak in ["shadow", "secret-name", "AAAA"] {
+                assert!(!message.contains(leak), "{case}: {leak} in {message}");
+            }
+        }
+    })
+    .await;
+    server.abort();
 }

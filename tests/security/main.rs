@@ -32,10 +32,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -56,6 +53,7 @@ use kiln::proto::{
 use support::{
     base_images,
     docker_registry::DockerRegistry,
+    git,
     images::push_image_with,
     kiln::{free_port, KilnOptions, KilnServer},
 };
@@ -921,147 +919,6 @@ fn encoded_forms_find_base64_at_any_offset() {
     assert!(find_canaries(b"nothing to see", &all_canaries()).is_empty());
 }
 
-/// A git server over dumb HTTP that wants basic auth for every request: serves the files of
-/// the bare repositories under `root` and counts the requests it let through.
-struct GitHttpServer {
-    addr: SocketAddr,
-    authorized: Arc<AtomicUsize>,
-    refused: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl GitHttpServer {
-    async fn start(root: PathBuf, user: &str, password: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let expected = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-        );
-        let authorized = Arc::new(AtomicUsize::new(0));
-        let refused = Arc::new(AtomicUsize::new(0));
-        let (ok, no) = (authorized.clone(), refused.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (root, expected, ok, no) = (root.clone(), expected.clone(), ok.clone(), no.clone());
-                tokio::spawn(async move {
-                    let _ = serve_git_connection(stream, &root, &expected, &ok, &no).await;
-                });
-            }
-        });
-        Self {
-            addr,
-            authorized,
-            refused,
-            task,
-        }
-    }
-}
-
-impl Drop for GitHttpServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// One HTTP/1.1 connection: requests without a body (git's dumb protocol only GETs), each
-/// answered, until the client closes.
-async fn serve_git_connection(
-    mut stream: tokio::net::TcpStream,
-    root: &Path,
-    expected_auth: &str,
-    authorized: &AtomicUsize,
-    refused: &AtomicUsize,
-) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut buffer = Vec::new();
-    loop {
-        let head_end = loop {
-            if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buffer.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-        buffer.drain(..head_end);
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap_or_default();
-        let path = request_line.split(' ').nth(1).unwrap_or("/");
-        let auth = lines
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-            .map(|(_, v)| v.trim().to_owned());
-        let response = if auth.as_deref() != Some(expected_auth) {
-            refused.fetch_add(1, Ordering::SeqCst);
-            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"kiln-test\"\r\nContent-Length: 0\r\n\r\n".to_vec()
-        } else {
-            authorized.fetch_add(1, Ordering::SeqCst);
-            let path = path.split('?').next().unwrap_or_default().trim_start_matches('/');
-            let file = root.join(path);
-            match (path.contains(".."), std::fs::read(&file)) {
-                (false, Ok(body)) => {
-                    let mut r = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-                        body.len()
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(&body);
-                    r
-                }
-                _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
-            }
-        };
-        stream.write_all(&response).await?;
-    }
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", dir)
-        .env("GIT_AUTHOR_DATE", "2024-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2024-01-01T00:00:00Z")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", text(&out));
-}
-
-/// A bare repository `<root>/app.git` with one commit holding `Dockerfile`, ready for dumb
-/// HTTP.
-fn git_repository(root: &Path, dockerfile: &str) {
-    let work = root.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    std::fs::write(work.join("Dockerfile"), dockerfile).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
-    git(&work, &["add", "Dockerfile"]);
-    git(
-        &work,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            "app",
-        ],
-    );
-    git(root, &["clone", "-q", "--bare", "work", "app.git"]);
-    let bare = root.join("app.git");
-    git(&bare, &["repack", "-a", "-d", "-q"]);
-    git(&bare, &["update-server-info"]);
-}
-
 /// Pushes the busybox base image into a registry that wants credentials.
 fn push_busybox_with_auth(registry: &DockerRegistry) {
     let layout = base_images::busybox_layout();
@@ -1154,14 +1011,14 @@ async fn no_credential_reaches_any_output() {
             .prefix("kiln-security-git-")
             .tempdir()
             .unwrap();
-        git_repository(
+        git::bare_repository(
             git_root.path(),
             &format!(
                 "FROM {}\nRUN echo built-from-git\n",
                 base_images::busybox_ref(&reg)
             ),
         );
-        let git_server = GitHttpServer::start(git_root.path().to_owned(), GIT_USER, GIT_PASSWORD).await;
+        let git_server = git::GitHttpServer::start(git_root.path().to_owned(), GIT_USER, GIT_PASSWORD).await;
         let remote = format!("http://{}/app.git", git_server.addr);
 
         let kiln = KilnServer::start(KilnOptions {

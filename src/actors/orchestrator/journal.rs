@@ -533,7 +533,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BasicCredentials, Secret};
+    use crate::model::{BasicCredentials, GitCredentials, Secret};
 
     const CANARY: &str = "canary-s3cret-token";
 
@@ -543,7 +543,10 @@ mod tests {
                 context: ContextSource::Git(GitSource {
                     remote_uri: remote.into(),
                     target: GitTarget::RemoteBranch("main".into()),
-                    credentials: creds.then(|| ("bob".to_owned(), Secret::new(CANARY))),
+                    credentials: creds.then(|| GitCredentials::Basic {
+                        user: "bob".to_owned(),
+                        password: Secret::new(CANARY),
+                    }),
                     custom_config: if custom {
                         vec![(
                             "http.extraHeader".into(),

@@ -12,7 +12,7 @@ use crate::{
     actors::{error::BuildError, handles::ResolverPool},
     engine::build::BuildInput,
     executor::Job,
-    model::{AuthPolicy, BuildKey, BuildSource, BuildStatus, DockerfileSource, ImageRef},
+    model::{AuthPolicy, BuildKey, BuildSource, BuildStatus, ContextSource, DockerfileSource, ImageRef},
 };
 
 /// A planned build.
@@ -32,6 +32,22 @@ pub struct WorkspacePlan {
     pub refs: BuildRefs,
     /// `DoneSuccess` when the image exists, else `Unknown`.
     pub status: BuildStatus,
+}
+
+/// Redeems the source's git one-time secret (`BASIC_AUTH_OTS`) for the credentials it holds,
+/// before anything fetches: a one-time secret can be read once, so a request's flow does
+/// this once and every later step uses the credentials.
+pub(super) async fn redeem_secrets(source: &mut BuildSource) -> Result<(), BuildError> {
+    if let BuildSource::Dockerfile(DockerfileSource {
+        context: ContextSource::Git(git),
+        ..
+    }) = source
+    {
+        crate::engine::context::redeem_one_time_secret(git)
+            .await
+            .map_err(|e| BuildError::InvalidInput(format!("source.file.source.git.config: {e}")))?;
+    }
+    Ok(())
 }
 
 /// [`plan`] owning its inputs, under one ARG/ENV expansion budget per request.

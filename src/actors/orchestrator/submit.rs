@@ -93,8 +93,9 @@ pub(super) async fn submit(
     me: Addr<Orchestrator>,
     deps: Arc<OrchestratorDeps>,
     planning: Arc<Semaphore>,
-    request: BuildRequest,
+    mut request: BuildRequest,
 ) -> Result<Submission, BuildError> {
+    plan::redeem_secrets(&mut request.source).await?;
     if !request.force_rebuild {
         // A repeated Dockerfile request is answered without fetching its context again.
         if let Some(identity) = plan::quick_identity(deps.clone(), request.clone()).await {
@@ -131,8 +132,10 @@ pub(super) async fn plan_workspace(
     planning: Arc<Semaphore>,
     msg: PlanWorkspace,
 ) -> Result<WorkspacePlan, BuildError> {
+    let mut source = msg.source;
+    plan::redeem_secrets(&mut source).await?;
     let request = BuildRequest {
-        source: msg.source,
+        source,
         auth: msg.auth.clone(),
         force_rebuild: false,
         base_resolved: None,

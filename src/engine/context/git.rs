@@ -41,7 +41,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use super::ContextError;
-use crate::model::{GitSource, GitTarget, Remote};
+use crate::model::{GitCredentials, GitSource, GitTarget, Remote};
 
 /// How long a whole checkout may take by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -176,7 +176,12 @@ fn prepare(source: &GitSource) -> Result<Prepared, ContextError> {
         check_config_key(key)?;
     }
     let credentials = match (&source.credentials, &remote.userinfo) {
-        (Some((user, secret)), _) => Some((user.clone(), secret.expose().to_owned())),
+        (Some(GitCredentials::Basic { user, password }), _) => {
+            Some((user.clone(), password.expose().to_owned()))
+        }
+        (Some(GitCredentials::OneTimeSecret { .. }), _) => {
+            return Err(ContextError::OneTimeSecretNotRedeemed)
+        }
         (None, Some((user, password))) => Some((user.clone(), password.clone())),
         (None, None) => None,
     };

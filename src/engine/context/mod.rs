@@ -19,6 +19,7 @@ pub mod digest;
 pub mod dockerignore;
 pub mod git;
 mod local_refs;
+mod one_time_secret;
 pub mod upload;
 
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ pub use digest::{
 };
 pub use dockerignore::DockerIgnore;
 pub use git::{check_config_key, checkout, checkout_with_timeout, remote_commit, tree_id, Checkout};
+pub use one_time_secret::redeem_one_time_secret;
 pub use upload::{pack_dir, pack_dir_keeping, unpack_tar, ContextStore, ALWAYS_SENT};
 
 /// Why a build context could not be read, fetched, stored or unpacked.
@@ -65,6 +67,14 @@ pub enum ContextError {
 
     #[error("git config key {key:?} is not allowed in a build request")]
     ConfigNotAllowed { key: String },
+
+    /// The one-time secret (`BASIC_AUTH_OTS`) could not be had; `at` is its host, never its
+    /// path (which names the secret).
+    #[error("git one-time secret (auth_ots) at {at}: {reason}")]
+    OneTimeSecret { at: String, reason: String },
+
+    #[error("a git one-time secret (auth_ots) reached a checkout without being redeemed")]
+    OneTimeSecretNotRedeemed,
 
     #[error("git checkout destination {} exists and is not an empty directory", path.display())]
     DestinationNotEmpty { path: PathBuf },

@@ -39,7 +39,7 @@ use super::{PreparedContext, Ticket};
 use crate::{
     config::{EngineSettings, KubernetesConfig, LayerCompressionSetting},
     engine::{build::BuildInput, context::ContextStore},
-    model::{BuildId, BuildKey, ContextSource, GitSource, GitTarget},
+    model::{BuildId, BuildKey, ContextSource, GitCredentials, GitSource, GitTarget},
     registry::{RegistryClient, RegistryError},
 };
 
@@ -495,7 +495,7 @@ impl KubernetesBuilder {
                 for (key, value) in custom_config {
                     flag("git-config", format!("{key}={value}"));
                 }
-                if let Some((user, password)) = credentials {
+                if let Some(GitCredentials::Basic { user, password }) = credentials {
                     git_credentials = Some(format!("{user}:{}", password.expose()));
                     flag(
                         "git-credentials",
