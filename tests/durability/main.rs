@@ -79,7 +79,9 @@ impl Env {
             data_dir: Some(data.path().to_owned()),
             ..KilnOptions::external(registry.addr())
         }
-        .with_toml("[builds]\nmax_concurrent = 32\n");
+        // A build whose credentials were not kept waits this long for a request that brings
+        // them again (tests/gitpod covers the resume), then ends interrupted.
+        .with_toml("[builds]\nmax_concurrent = 32\ncredentials_wait = \"2s\"\n");
         let kiln = KilnServer::start(options.clone());
         Self {
             kiln,
@@ -362,7 +364,8 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
 }
 
 /// Builds that finished before a SIGKILL are still there afterwards with their status and
-/// whole log; a build in flight whose request carried credentials cannot be resumed and ends
+/// whole log; a build in flight whose request carried credentials cannot be resumed by
+/// itself and, when no request brings them within `builds.credentials_wait`, ends
 /// `done_failure` saying it was interrupted, with a log that ends; no credential reaches the
 /// records on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,6 +432,7 @@ async fn finished_builds_survive_kill_9_and_unresumable_ones_end_interrupted() {
         assert_eq!(ended.status(), BuildStatus::DoneFailure, "{ended:?}");
         assert!(ended.message.contains(INTERRUPTED), "{ended:?}");
         assert!(ended.message.contains("does not keep"), "{ended:?}");
+        assert!(ended.message.contains("no Build call brought them"), "{ended:?}");
         let log = String::from_utf8(read_log(&mut client, &secret_id).await).unwrap();
         assert!(log.contains(INTERRUPTED), "{log}");
         assert!(!log.contains(canary));
