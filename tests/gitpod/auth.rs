@@ -23,11 +23,28 @@ use crate::{
         docker_registry::DockerRegistry,
         images::push_image_with,
         kiln::{KilnOptions, KilnServer},
+        registry_auth::PullSecret,
     },
 };
 
 const USER: &str = "gitpod";
 const PASSWORD: &str = "registry-s3cret";
+
+/// A registry that wants `USER`/`PASSWORD`, holding `repo:1`.
+async fn private_registry(repo: &str, seed: u64) -> DockerRegistry {
+    let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
+    push_image_with(
+        private.addr(),
+        Some((USER, PASSWORD)),
+        repo,
+        "1",
+        1,
+        seed,
+        "linux/amd64",
+    )
+    .await;
+    private
+}
 
 fn basic(user: &str, password: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
@@ -50,18 +67,8 @@ fn resolve(image: &str, allow_all: Option<bool>, additional: &[(&str, String)]) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_additional_entry_affects_only_its_own_registry() {
-    let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
+    let private = private_registry("team/base", 0x6a17_0101).await;
     let target = DockerRegistry::start();
-    push_image_with(
-        private.addr(),
-        Some((USER, PASSWORD)),
-        "team/base",
-        "1",
-        1,
-        0x6a17_0101,
-        "linux/amd64",
-    )
-    .await;
     let kiln = KilnServer::start(KilnOptions::external(target.addr()));
     let image = format!("{}/team/base:1", private.addr());
     within(120, async {
@@ -107,31 +114,11 @@ async fn a_malformed_additional_entry_affects_only_its_own_registry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pull_secret_comes_before_additional_where_the_policy_allows_it() {
-    let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
+    let private = private_registry("team/base", 0x6a17_0102).await;
     let target = DockerRegistry::start();
-    push_image_with(
-        private.addr(),
-        Some((USER, PASSWORD)),
-        "team/base",
-        "1",
-        1,
-        0x6a17_0102,
-        "linux/amd64",
-    )
-    .await;
-    let secrets = tempfile::tempdir().unwrap();
-    let pull_secret = secrets.path().join("config.json");
-    std::fs::write(
-        &pull_secret,
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
-            private.addr(),
-            basic(USER, PASSWORD)
-        ),
-    )
-    .unwrap();
+    let pull_secret = PullSecret::new(private.addr(), USER, PASSWORD);
     let kiln = KilnServer::start(KilnOptions {
-        registry_toml: format!("pull_secret = {:?}\n", pull_secret.display().to_string()),
+        registry_toml: pull_secret.registry_toml(),
         ..KilnOptions::external(target.addr())
     });
     let image = format!("{}/team/base:1", private.addr());
@@ -157,36 +144,11 @@ async fn the_pull_secret_comes_before_additional_where_the_policy_allows_it() {
 /// file is replaced the way a Kubernetes Secret volume replaces it: a new file renamed over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_pull_secret_is_used_without_a_restart() {
-    let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
+    let private = private_registry("team/base", 0x6a17_0103).await;
     let target = DockerRegistry::start();
-    push_image_with(
-        private.addr(),
-        Some((USER, PASSWORD)),
-        "team/base",
-        "1",
-        1,
-        0x6a17_0103,
-        "linux/amd64",
-    )
-    .await;
-    let secrets = tempfile::tempdir().unwrap();
-    let pull_secret = secrets.path().join("config.json");
-    let write = |password: &str| {
-        let next = secrets.path().join("config.json.next");
-        std::fs::write(
-            &next,
-            format!(
-                r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
-                private.addr(),
-                basic(USER, password)
-            ),
-        )
-        .unwrap();
-        std::fs::rename(&next, &pull_secret).unwrap();
-    };
-    write("the-expired-password");
+    let pull_secret = PullSecret::new(private.addr(), USER, "the-expired-password");
     let kiln = KilnServer::start(KilnOptions {
-        registry_toml: format!("pull_secret = {:?}\n", pull_secret.display().to_string()),
+        registry_toml: pull_secret.registry_toml(),
         ..KilnOptions::external(target.addr())
     });
     let image = format!("{}/team/base:1", private.addr());
@@ -199,7 +161,7 @@ async fn a_rotated_pull_secret_is_used_without_a_restart() {
         assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
         // Not a docker config: the credentials in use stay (still the expired ones).
-        std::fs::write(&pull_secret, "{ not json").unwrap();
+        std::fs::write(pull_secret.path(), "{ not json").unwrap();
         let mut polls = 0;
         while !kiln.log().contains("not a valid docker config") {
             polls += 1;
@@ -212,7 +174,7 @@ async fn a_rotated_pull_secret_is_used_without_a_restart() {
             .expect_err("still the expired secret");
         assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
-        write(PASSWORD);
+        pull_secret.rotate(USER, PASSWORD);
         let mut attempts = 0;
         loop {
             match client.resolve_base_image(resolve(&image, Some(true), &[])).await {

@@ -11,7 +11,7 @@
 use kiln::proto::builder::{build_source, BuildRequest, BuildSource, BuildSourceDockerfile, BuildStatus};
 
 use crate::{
-    calls::{context_tar, delete, start, start_request, upload},
+    calls::{delete, first_start, start, start_request},
     common::{collect, statuses, within, Env, Mode},
     support::base_images,
 };
@@ -23,16 +23,8 @@ async fn a_stored_base_ref_starts_the_workspace_again() {
     base_images::ensure_base_images(&registry, false);
     within(300, async {
         let mut client = env.builder().await;
-        let dockerfile = format!("FROM {registry}/base/busybox:latest\nRUN echo gitpod > /greeting\n");
-        let digest = upload(&mut client, context_tar(&dockerfile)).await;
-
         // First start: no stored base; the Dockerfile is built.
-        let first = start(&mut client, start_request(&digest, "")).await;
-        assert_eq!(
-            statuses(&first),
-            [BuildStatus::Running, BuildStatus::DoneSuccess],
-            "{first:#?}"
-        );
+        let (digest, first) = first_start(&mut client, &registry, "echo gitpod > /greeting").await;
         let done = first.last().unwrap();
         let (workspace, base) = (done.r#ref.clone(), done.base_ref.clone());
         assert!(!base.contains('@'), "Kiln's base_ref is a tag: {base}");

@@ -55,6 +55,23 @@ pub fn start_request(context_digest: &str, base_resolved: &str) -> BuildRequest 
     }
 }
 
+/// The first start of a Dockerfile workspace built `FROM` the test busybox with `RUN run`:
+/// uploaded, built, `[running, done_success]`. The context's digest and the messages.
+pub async fn first_start(client: &mut Client, registry: &str, run: &str) -> (String, Vec<BuildResponse>) {
+    let dockerfile = format!("FROM {registry}/base/busybox:latest\nRUN {run}\n");
+    let digest = upload(client, context_tar(&dockerfile)).await;
+    let first = start(client, start_request(&digest, "")).await;
+    assert_eq!(
+        crate::common::statuses(&first),
+        [
+            kiln::proto::builder::BuildStatus::Running,
+            kiln::proto::builder::BuildStatus::DoneSuccess
+        ],
+        "{first:#?}"
+    );
+    (digest, first)
+}
+
 /// A Build read to its end.
 pub async fn start(client: &mut Client, request: BuildRequest) -> Vec<BuildResponse> {
     collect(client.build(request).await.expect("Build").into_inner()).await

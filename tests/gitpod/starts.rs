@@ -9,7 +9,7 @@
 use kiln::proto::builder::BuildStatus;
 
 use crate::{
-    calls::{context_tar, start, start_request, upload},
+    calls::{first_start, start, start_request},
     common::{build_id_of, build_request, statuses, within, Env, Mode},
     support::{base_images, images::push_image},
 };
@@ -51,14 +51,7 @@ async fn a_forced_rebuild_builds_again_and_the_next_start_is_at_once() {
     base_images::ensure_base_images(&registry, false);
     within(300, async {
         let mut client = env.builder().await;
-        let dockerfile = format!("FROM {registry}/base/busybox:latest\nRUN echo prebuilt > /marker\n");
-        let digest = upload(&mut client, context_tar(&dockerfile)).await;
-        let first = start(&mut client, start_request(&digest, "")).await;
-        assert_eq!(
-            statuses(&first),
-            [BuildStatus::Running, BuildStatus::DoneSuccess],
-            "{first:#?}"
-        );
+        let (digest, first) = first_start(&mut client, &registry, "echo prebuilt > /marker").await;
         let done = first.last().unwrap().clone();
 
         let mut forced = start_request(&digest, "");

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 
-use base64::Engine as _;
 use kiln::proto::{
     admin::WarmNowRequest,
     builder::{
@@ -21,6 +20,7 @@ use crate::{
         docker_registry::DockerRegistry,
         images::push_image_with,
         kiln::{KilnOptions, KilnServer},
+        registry_auth::PullSecret,
     },
 };
 
@@ -44,19 +44,12 @@ fn gitpod_resolve(image: &str, mode: build_registry_auth::Mode) -> ResolveBaseIm
 async fn the_first_gitpod_request_after_a_warm_is_a_cache_hit() {
     let private = DockerRegistry::start_with_auth(Some((USER, PASSWORD)));
     let target = DockerRegistry::start();
-    let secrets = tempfile::tempdir().unwrap();
-    let pull_secret = secrets.path().join("config.json");
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-    std::fs::write(
-        &pull_secret,
-        format!(r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#, private.addr()),
-    )
-    .unwrap();
+    let pull_secret = PullSecret::new(private.addr(), USER, PASSWORD);
     let listed = format!("{}/team/listed:1", private.addr());
     let popular = format!("{}/team/popular:1", private.addr());
     // A short cache lifetime: an entry this test does not refresh is gone within seconds.
     let kiln = KilnServer::start(KilnOptions {
-        registry_toml: format!("pull_secret = {:?}\n", pull_secret.display().to_string()),
+        registry_toml: pull_secret.registry_toml(),
         ..KilnOptions::external(target.addr()).with_toml(&format!(
             "[warmer]\ninterval = \"1h\"\nrefs = [{listed:?}]\nmost_requested = 5\n\
              [resolver]\ncache_ttl = \"4s\"\n"

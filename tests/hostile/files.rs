@@ -20,7 +20,6 @@
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -33,6 +32,7 @@ use super::{
     assert_not_unknown, busybox_in, push_on_busybox, raw_tar, read_log, request, run_build, server_dir,
     support::{
         docker_registry::DockerRegistry,
+        git::git,
         kiln::{KilnOptions, KilnServer},
     },
     upload, uploaded_source, within, Client, Entry, Outcome, Sentinel,
@@ -568,26 +568,6 @@ async fn uploaded_context_symlinks_resolve_inside_the_context() {
 // =======================================================================================
 // points 2 and 3: symlinks in a file:// git repository
 // =======================================================================================
-
-fn git(repo: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", "Kiln Hostile")
-        .env("GIT_AUTHOR_EMAIL", "hostile@kiln.invalid")
-        .env("GIT_COMMITTER_NAME", "Kiln Hostile")
-        .env("GIT_COMMITTER_EMAIL", "hostile@kiln.invalid")
-        .output()
-        .expect("running git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_context_symlinks_resolve_inside_the_checkout() {

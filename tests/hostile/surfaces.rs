@@ -23,7 +23,6 @@ use std::{
     collections::HashMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use base64::Engine as _;
@@ -397,35 +396,10 @@ async fn without_anonymous_pull_reads_need_credentials_and_kiln_still_builds() {
 /// A git repository at `<dir>/repo` with one commit holding a Dockerfile.
 fn local_repo(dir: &Path) -> PathBuf {
     let repo = dir.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(
-        repo.join("Dockerfile"),
-        "FROM scratch\nCOPY Dockerfile /kiln-hostile-git\n",
-    )
-    .unwrap();
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(&repo)
-            .output()
-            .expect("running git");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    git(&["init", "-q"]);
-    git(&["add", "."]);
-    git(&["commit", "-q", "-m", "x"]);
+    crate::support::git::repository(
+        &repo,
+        &[("Dockerfile", "FROM scratch\nCOPY Dockerfile /kiln-hostile-git\n")],
+    );
     repo
 }
 

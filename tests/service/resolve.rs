@@ -213,17 +213,10 @@ async fn installation_credentials_never_reach_a_request_outside_their_scope() {
     )
     .await;
     let image = format!("{}/team/scoped:1", private.addr());
-    let secrets = tempfile::tempdir().unwrap();
-    let pull_secret = secrets.path().join("config.json");
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-    std::fs::write(
-        &pull_secret,
-        format!(r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#, private.addr()),
-    )
-    .unwrap();
+    let pull_secret = crate::support::registry_auth::PullSecret::new(private.addr(), USER, PASSWORD);
     let target = DockerRegistry::start();
     let kiln = KilnServer::start(KilnOptions {
-        registry_toml: format!("pull_secret = {:?}\n", pull_secret.display().to_string()),
+        registry_toml: pull_secret.registry_toml(),
         ..KilnOptions::external(target.addr())
     });
     let mut client = kiln.builder().await;

@@ -59,3 +59,43 @@ pub fn lookup(registry: &str) -> Option<RegistryCredentials> {
     let known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
     known.as_ref()?.get(registry).cloned()
 }
+
+/// An installation's pull secret as Kiln reads it (`registry.pull_secret`): a docker
+/// `config.json` with `user:password` for one registry, in a directory of its own.
+pub struct PullSecret {
+    dir: tempfile::TempDir,
+    registry: String,
+}
+
+impl PullSecret {
+    pub fn new(registry: &str, user: &str, password: &str) -> Self {
+        let secret = Self {
+            dir: tempfile::tempdir().expect("a directory for the pull secret"),
+            registry: registry.to_owned(),
+        };
+        secret.rotate(user, password);
+        secret
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("config.json")
+    }
+
+    /// The `[registry]` line that gives Kiln this file (`KilnOptions::registry_toml`).
+    pub fn registry_toml(&self) -> String {
+        format!("pull_secret = {:?}\n", self.path().display().to_string())
+    }
+
+    /// Puts `user:password` in the file the way a Kubernetes Secret volume changes it: a
+    /// new file renamed over the old one.
+    pub fn rotate(&self, user: &str, password: &str) {
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let next = self.dir.path().join("config.json.next");
+        std::fs::write(
+            &next,
+            format!(r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#, self.registry),
+        )
+        .expect("writing the pull secret");
+        std::fs::rename(&next, self.path()).expect("replacing the pull secret");
+    }
+}
