@@ -588,6 +588,31 @@ mod tests {
         })
     }
 
+    #[test]
+    fn a_build_waiting_for_credentials_is_handed_out_once_and_only_while_its_key_is_free() {
+        let mut table = BuildTable::default();
+        let waiting = record();
+        let (key, id) = (waiting.key.clone(), waiting.id.clone());
+        table.insert(waiting);
+        table.await_credentials(&key, &id);
+        assert_eq!(table.running_count(), 0, "a waiting build does not hold its key");
+
+        // While another build holds the key, nobody takes the waiting one.
+        let other = BuildId::random();
+        table.claim_for(&key, &other).unwrap();
+        assert_eq!(table.take_awaiting(&key), None);
+        table.release(&key, &other);
+
+        assert_eq!(table.take_awaiting(&key), Some(id.clone()));
+        assert_eq!(table.take_awaiting(&key), None, "handed out once");
+        assert!(!table.stop_awaiting(&key, &id), "its wait already ended");
+
+        // A wait that runs out ends it for good.
+        table.await_credentials(&key, &id);
+        assert!(table.stop_awaiting(&key, &id));
+        assert_eq!(table.take_awaiting(&key), None);
+    }
+
     fn done(status: BuildStatus) -> StatusUpdate {
         StatusUpdate {
             status,
