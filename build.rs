@@ -20,5 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    // Gitpod's supervisor messages, for the log endpoint's grpc-web answers. Not in the
+    // reflection set: the gRPC port does not serve them.
+    let supervisor = protox::compile(["proto/supervisor/supervisor.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(supervisor)?;
     Ok(())
 }

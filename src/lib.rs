@@ -42,6 +42,10 @@ pub mod proto {
     pub mod admin {
         tonic::include_proto!("kiln.admin.v1");
     }
+    /// The messages of Gitpod's supervisor API that the build log endpoint answers.
+    pub mod supervisor {
+        tonic::include_proto!("supervisor");
+    }
 
     /// The encoded descriptor set of every Kiln proto, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln_descriptor.bin"));

@@ -273,9 +273,11 @@ pub async fn serve(
         )
     })?;
     tracing::info!(addr = %log_addr, url = %log_url, "build logs served over HTTP");
-    let (links, logs_kiln, stop) = (log_links.clone(), kiln.clone(), stopped());
+    let (close_streams, closing) = watch::channel(false);
+    let closing = Closing::new(closing);
+    let (links, logs_kiln, log_closing, stop) = (log_links.clone(), kiln.clone(), closing.clone(), stopped());
     tasks.spawn(async move {
-        log_http::serve(log_listener, links, logs_kiln, stop)
+        log_http::serve(log_listener, links, logs_kiln, log_closing, stop)
             .await
             .context("build log endpoint")
     });
@@ -307,12 +309,11 @@ pub async fn serve(
         .build_v1()?;
 
     let max = config.grpc.max_message_bytes;
-    let (close_streams, closing) = watch::channel(false);
     let builder_service = ImageBuilderServer::new(ImageBuilderService::new(
         kiln.clone(),
         metrics.clone(),
         log_links,
-        Closing::new(closing),
+        closing,
     ))
     .max_decoding_message_size(max);
     let admin_service = AdminServer::new(AdminService::new(kiln)).max_decoding_message_size(max);

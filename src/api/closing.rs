@@ -26,6 +26,13 @@ impl Closing {
         Self(closing)
     }
 
+    /// Resolves once Kiln closes its streams (or the server is gone).
+    pub async fn closed(&self) {
+        let mut closing = self.0.clone();
+        // An error means the sender is gone: the server is, too.
+        let _ = closing.wait_for(|closing| *closing).await;
+    }
+
     /// `inner` until it ends, or until Kiln closes its streams: then one `Unavailable`.
     /// An item `inner` has ready goes out first.
     pub fn guard<T: Send + 'static>(&self, inner: ResponseStream<T>) -> ResponseStream<T> {

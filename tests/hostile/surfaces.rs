@@ -17,7 +17,9 @@
 //!   `engine.cache_mount_scope = "source"` (the default) and shared under `global`.
 //! - The build log endpoint streams a log only with that build's token (`log_info`
 //!   headers): no token, a forged one, another build's, and paths that try to leave
-//!   `/v1/builds/<id>/log` are refused and show no log or file.
+//!   `/v1/builds/<id>/log` are refused and show no log or file. Its supervisor calls
+//!   (Gitpod's grpc-web WebSockets) likewise: the headers must name the build and carry its
+//!   token, the task must be the build's, and frames outside the protocol are refused.
 
 use std::{
     collections::HashMap,
@@ -762,6 +764,93 @@ async fn stalled_uploads_and_unused_contexts_expire() {
 // the build log endpoint
 // =======================================================================================
 
+/// Every supervisor call without `a`'s headers, for a task not `a`'s, or not well formed is
+/// refused with the status a grpc-web client reads, and carries none of either log.
+async fn supervisor_calls_refuse_strangers(
+    a: &kiln::proto::builder::LogInfo,
+    b: &kiln::proto::builder::LogInfo,
+    id_a: &str,
+) {
+    use crate::support::supervisor_api::{call, call_raw, supervisor_url};
+    use kiln::proto::supervisor::{ListenToOutputRequest, TasksStatusRequest};
+    const TASKS: &str = "supervisor.StatusService/TasksStatus";
+    const OUTPUT: &str = "supervisor.TaskService/ListenToOutput";
+    let listen = |task_id: &str| ListenToOutputRequest {
+        task_id: task_id.to_owned(),
+    };
+    let with = |changes: &[(&str, &str)]| {
+        let mut headers = a.headers.clone();
+        for (name, value) in changes {
+            headers.insert((*name).to_owned(), (*value).to_owned());
+        }
+        headers
+    };
+    let id_b = &b.headers["x-kiln-build-id"];
+    let token_b = b.headers["x-kiln-log-token"].as_str();
+    let unauthenticated = [
+        HashMap::new(),
+        with(&[("x-kiln-log-token", &"0".repeat(64))]),
+        with(&[("x-kiln-log-token", token_b)]),
+        with(&[("x-kiln-build-id", id_b)]),
+        with(&[("x-kiln-build-id", "../../log-http.key")]),
+        with(&[("x-kiln-build-id", &format!("{id_a}x"))]),
+    ];
+    let mut replies = Vec::new();
+    for headers in &unauthenticated {
+        replies.push((
+            16,
+            call(&a.url, TASKS, headers, &TasksStatusRequest::default()).await,
+        ));
+        replies.push((16, call(&a.url, OUTPUT, headers, &listen(id_a)).await));
+    }
+    // Another build's task, or none, through this build's headers.
+    replies.push((5, call(&a.url, OUTPUT, &a.headers, &listen(id_b)).await));
+    replies.push((
+        5,
+        call(&a.url, OUTPUT, &a.headers, &listen("../../../etc/passwd")).await,
+    ));
+    // Frames that are not the protocol's.
+    let url = supervisor_url(&a.url, OUTPUT);
+    let metadata: String = a.headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let request = |flag: u8| {
+        let body = prost::Message::encode_to_vec(&listen(id_a));
+        let mut frame = vec![0u8, flag];
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&body);
+        frame
+    };
+    for (code, sent) in [
+        (
+            3,
+            vec![b"x-kiln-build-id: \xff\r\n".to_vec(), request(0), vec![1]],
+        ),
+        (3, vec![metadata.clone().into_bytes(), vec![1]]),
+        (3, vec![metadata.clone().into_bytes(), vec![7, 0, 0]]),
+        (12, vec![metadata.clone().into_bytes(), request(1), vec![1]]),
+        (
+            8,
+            vec![metadata.clone().into_bytes(), vec![0, 0, 0x7f, 0xff, 0xff, 0xff]],
+        ),
+    ] {
+        replies.push((code, call_raw(&url, &HashMap::new(), sent).await));
+    }
+    for (code, reply) in &replies {
+        assert_eq!(reply.status.as_ref().map(|s| s.0), Some(*code), "{reply:?}");
+        assert!(
+            reply.messages.is_empty(),
+            "no answer before the status: {reply:?}"
+        );
+    }
+    // A message bigger than any call is cut off at the socket, with nothing answered.
+    let huge = call_raw(
+        &url,
+        &HashMap::new(),
+        vec![metadata.into_bytes(), vec![0; 1 << 20]],
+    )
+    .await;
+    assert!(huge.messages.is_empty(), "{huge:?}");
+}
+
 /// GET `url` with `headers`: status and body.
 async fn get_log(url: &str, headers: &HashMap<String, String>) -> (StatusCode, String) {
     let mut request = http().get(url);
@@ -845,6 +934,11 @@ async fn the_build_log_endpoint_opens_only_with_its_builds_token() {
                 "{url}: {body}"
             );
         }
+        // The same endpoint's supervisor calls (Gitpod's way of reading the log, grpc-web
+        // over WebSockets): the headers must name the build and carry its token, the task
+        // must be that build's, and a malformed call is refused, all without a log byte.
+        supervisor_calls_refuse_strangers(&a, &b, &id_a).await;
+
         // A token is not a secret Kiln keeps or shows: no build listing or log carries it.
         let listed = format!(
             "{:?}",

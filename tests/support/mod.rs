@@ -16,4 +16,5 @@ pub mod oci_layout;
 pub mod registry_auth;
 pub mod skip;
 pub mod slow_proxy;
+pub mod supervisor_api;
 pub mod tools;

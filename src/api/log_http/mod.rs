@@ -3,17 +3,25 @@
 //! GET of that URL streams the build's log (chunked `text/plain`) from its first byte as it
 //! grows, ending when the log ends (the bytes `Logs` streams).
 //!
-//! **Access.** The URL names the build; the `X-Kiln-Log-Token` header proves the caller was
+//! The same endpoint answers the two calls of Gitpod's supervisor API through which Gitpod's
+//! server actually reads a build log ([`supervisor`]), over grpc-web WebSockets
+//! ([`grpc_websocket`]).
+//!
+//! **Access.** The URL (and the `X-Kiln-Build-Id` header, for the supervisor calls, whose path
+//! Gitpod replaces) names the build; the `X-Kiln-Log-Token` header proves the caller was
 //! given it: an HMAC-SHA256 of the build id under a key kept in the data directory
 //! (`log-http.key`, created on first start, 0600), so links Gitpod stored survive restarts
 //! and no per-build secret is kept anywhere. The token is checked (in constant time) before
 //! anything else, so a caller without it learns nothing, not even whether a build exists.
 
+mod grpc_websocket;
+mod supervisor;
+
 use std::{io, path::Path, sync::Arc};
 
 use axum::{
     body::Body,
-    extract::{Path as UrlPath, State},
+    extract::{ws::WebSocketUpgrade, Path as UrlPath, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
@@ -23,6 +31,8 @@ use futures::StreamExt as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use self::supervisor::Rpc;
+use super::Closing;
 use crate::{
     actors::{BuildError, BuildSelector, KilnHandle},
     model::BuildId,
@@ -32,6 +42,8 @@ use crate::{
 
 /// The header that carries a build's log token.
 pub const TOKEN_HEADER: &str = "x-kiln-log-token";
+/// The header that names the build, for calls whose path does not.
+pub const BUILD_HEADER: &str = "x-kiln-build-id";
 
 /// The key file, in the data directory.
 const KEY_FILE: &str = "log-http.key";
@@ -76,12 +88,23 @@ impl LogLinks {
     pub fn log_info(&self, build: &BuildId) -> pb::LogInfo {
         pb::LogInfo {
             url: format!("{}/v1/builds/{build}/log", self.base_url),
-            headers: [(
-                TOKEN_HEADER.to_owned(),
-                hex::encode(self.mac(build.as_str()).finalize().into_bytes()),
-            )]
+            headers: [
+                (BUILD_HEADER.to_owned(), build.to_string()),
+                (
+                    TOKEN_HEADER.to_owned(),
+                    hex::encode(self.mac(build.as_str()).finalize().into_bytes()),
+                ),
+            ]
             .into(),
         }
+    }
+
+    /// The build named `build` when `token` is its token; `None` when either is missing or
+    /// wrong (the same answer, so a caller without the token learns nothing).
+    fn authorize(&self, build: Option<&str>, token: Option<&str>) -> Option<BuildId> {
+        let (build, token) = (build?, token?);
+        // A valid token was minted for a valid id.
+        self.verify(build, token).then(|| BuildId::parse(build)).flatten()
     }
 
     /// Whether `token` is the token of the build named `build` (constant time).
@@ -101,19 +124,44 @@ impl LogLinks {
 struct Endpoint {
     links: LogLinks,
     kiln: KilnHandle,
+    closing: Closing,
 }
 
-/// Serves `GET /v1/builds/<id>/log` on `listener` until `shutdown` resolves.
+/// Serves `GET /v1/builds/<id>/log` and the supervisor calls on `listener` until `shutdown`
+/// resolves; a supervisor call still open when Kiln closes its streams ends `Unavailable`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     links: LogLinks,
     kiln: KilnHandle,
+    closing: Closing,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    let supervisor =
+        |service: &str, method: &str| format!("{}/supervisor.{service}/{method}", supervisor::API_PATH);
     let app = Router::new()
         .route("/v1/builds/{id}/log", get(build_log))
-        .with_state(Endpoint { links, kiln });
+        .route(&supervisor("StatusService", "TasksStatus"), get(tasks_status))
+        .route(
+            &supervisor("TaskService", "ListenToOutput"),
+            get(listen_to_output),
+        )
+        .with_state(Endpoint { links, kiln, closing });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+async fn tasks_status(State(endpoint): State<Endpoint>, upgrade: WebSocketUpgrade) -> Response {
+    supervisor_call(endpoint, upgrade, Rpc::TasksStatus)
+}
+
+async fn listen_to_output(State(endpoint): State<Endpoint>, upgrade: WebSocketUpgrade) -> Response {
+    supervisor_call(endpoint, upgrade, Rpc::ListenToOutput)
+}
+
+fn supervisor_call(endpoint: Endpoint, upgrade: WebSocketUpgrade, rpc: Rpc) -> Response {
+    upgrade
+        .protocols([grpc_websocket::SUBPROTOCOL])
+        .max_message_size(grpc_websocket::MAX_CALL_BYTES)
+        .on_upgrade(move |socket| supervisor::answer(socket, rpc, endpoint))
 }
 
 async fn build_log(
@@ -122,15 +170,11 @@ async fn build_log(
     headers: HeaderMap,
 ) -> Response {
     let token = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
-    if !token.is_some_and(|token| endpoint.links.verify(&id, token)) {
+    let Some(build) = endpoint.links.authorize(Some(&id), token) else {
         return refuse(
             StatusCode::UNAUTHORIZED,
             "missing or wrong X-Kiln-Log-Token: send the headers of the build's log_info",
         );
-    }
-    // A valid token was minted for a valid id.
-    let Some(build) = BuildId::parse(&id) else {
-        return refuse(StatusCode::NOT_FOUND, "no such build");
     };
     if let Err(e) = endpoint.kiln.lookup(BuildSelector::Id(build.clone())).await {
         return match e {
