@@ -7,7 +7,8 @@
 //! - takes no new build once it got SIGTERM (`Unavailable`, retryable; readiness fails), and
 //!   lets running builds finish within `builds.shutdown_grace`, their streams ending
 //!   `done_*` as always;
-//! - ends every stream still open after the grace with `Unavailable`, never a clean end
+//! - ends every stream still open after the grace (Build, Logs, the supervisor calls of the
+//!   log endpoint) with `Unavailable`, never a clean end
 //!   without `done_*`;
 //! - after a restart (after SIGTERM or `kill -9`), resumes a build whose request carried git
 //!   credentials when the same request comes again (the server's retry), under the same
@@ -15,7 +16,7 @@
 
 use std::time::Duration;
 
-use kiln::proto::{builder::BuildStatus, contentservice::CloneTargetMode};
+use kiln::proto::{builder::BuildStatus, contentservice::CloneTargetMode, supervisor::ListenToOutputRequest};
 use tonic::Code;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
@@ -24,7 +25,7 @@ use tonic_health::pb::{
 use crate::{
     calls::{context_tar, git_request, start, start_request, try_start, upload, with_git_credentials},
     common::{build_id_of, collect_after, logs_by_id, read_logs, statuses, within, Env, Mode},
-    support::{base_images, git, kiln::KilnOptions},
+    support::{base_images, git, kiln::KilnOptions, supervisor_api},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,6 +138,22 @@ async fn interrupted_build_with_git_credentials_resumes(stop: Stop) {
 
         match stop {
             Stop::Sigterm => {
+                // Gitpod's server following the log through the supervisor calls.
+                let log_info = first
+                    .info
+                    .as_ref()
+                    .and_then(|i| i.log_info.clone())
+                    .expect("log_info");
+                let task_id = id.clone();
+                let supervisor_follower = tokio::spawn(async move {
+                    supervisor_api::call(
+                        &log_info.url,
+                        "supervisor.TaskService/ListenToOutput",
+                        &log_info.headers,
+                        &ListenToOutputRequest { task_id },
+                    )
+                    .await
+                });
                 env.kiln.send_sigterm();
                 // Past the grace the open stream ends Unavailable, never cleanly.
                 let ended = loop {
@@ -147,6 +164,12 @@ async fn interrupted_build_with_git_credentials_resumes(stop: Stop) {
                     }
                 };
                 assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+                let followed = supervisor_follower.await.unwrap();
+                assert_eq!(
+                    followed.status.as_ref().map(|s| s.0),
+                    Some(Code::Unavailable as i32),
+                    "the supervisor call ends Unavailable too (Gitpod retries it): {followed:?}"
+                );
                 assert!(
                     env.kiln.exited_within(Duration::from_secs(30)).await,
                     "Kiln exits after the grace"
