@@ -14,21 +14,35 @@
 //! executor ← metrics ← actors ← proto ← api ← server ← telemetry ← cli`; a module uses only
 //! the ones before it (`tests/layering.rs` checks every import).
 //!
+//! The `service` feature (on by default) brings everything from `executor` up; without it
+//! the crate is the lower layers alone, all the fuzz targets need.
+//!
 //! Start reading at `ARCHITECTURE.md`, then [`actors`].
 
+// Without the upper layers, what only they call looks unused.
+#![cfg_attr(not(feature = "service"), allow(dead_code))]
+
+#[cfg(feature = "service")]
 pub mod actors;
+#[cfg(feature = "service")]
 pub mod api;
+#[cfg(feature = "service")]
 pub mod cli;
 pub mod config;
 pub mod engine;
+#[cfg(feature = "service")]
 pub mod executor;
+#[cfg(feature = "service")]
 pub mod metrics;
 pub mod model;
 pub mod private_fs;
 pub mod registry;
+#[cfg(feature = "service")]
 pub mod server;
+#[cfg(feature = "service")]
 pub mod telemetry;
 
+#[cfg(feature = "service")]
 pub mod proto {
     //! Generated protobuf and gRPC types. Only `src/api` and the CLI clients use them.
     #![allow(clippy::all, missing_docs)]
