@@ -640,7 +640,7 @@ async fn rbac_follows_the_role_and_tokens_are_required() {
     assert_eq!(kube.forbidden_count(), 4);
     assert_eq!(kube.request_count("list", "secrets"), 1);
 
-    let anonymous = Client::try_from(kube::Config::new(kube.url().parse().unwrap())).unwrap();
+    let anonymous = kube.anonymous_client();
     let unauthorized = api_error(
         Api::<Pod>::namespaced(anonymous, "kiln")
             .list(&ListParams::default())
@@ -649,6 +649,45 @@ async fn rbac_follows_the_role_and_tokens_are_required() {
     assert_eq!(
         (unauthorized.code, unauthorized.reason.as_str()),
         (401, "Unauthorized")
+    );
+}
+
+/// The API server speaks only TLS, with a serving certificate of the cluster's own CA, which
+/// the kubeconfig carries (`certificate-authority-data`): a client that trusts only the
+/// system roots fails the handshake, and plain HTTP gets no answer, as on a real cluster.
+#[tokio::test]
+async fn the_api_server_is_reached_only_through_the_kubeconfigs_ca() {
+    let (kube, _registry) = start().await;
+    let kubeconfig = std::fs::read_to_string(kube.kubeconfig_path()).unwrap();
+    assert!(
+        kubeconfig.contains("server: https://") && kubeconfig.contains("certificate-authority-data: "),
+        "{kubeconfig}"
+    );
+    let trusting = Api::<Pod>::namespaced(kube.client().await, "kiln");
+    trusting
+        .list(&ListParams::default())
+        .await
+        .expect("through the kubeconfig");
+
+    let mut system_roots = kube::Config::new(kube.url().parse().unwrap());
+    system_roots.auth_info.token = Some(kube.token().to_owned().into());
+    let untrusting = Api::<Pod>::namespaced(Client::try_from(system_roots).unwrap(), "kiln");
+    let refused = untrusting.list(&ListParams::default()).await.unwrap_err();
+    assert!(
+        !matches!(refused, kube::Error::Api(_)),
+        "no API answer without the CA: {refused}"
+    );
+
+    let plain = kube
+        .https_client()
+        .get(kube.url().replacen("https://", "http://", 1) + "/api")
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP got an answer: {plain:?}");
+    assert_eq!(
+        kube.request_count("list", "pods"),
+        1,
+        "only the trusting client got through"
     );
 }
 

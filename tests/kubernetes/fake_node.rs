@@ -425,7 +425,8 @@ async fn throttling_and_server_errors_are_injected_on_demand() {
     let api = pods(&kube).await;
     kube.inject(Fault::too_many_requests(1, Some("list"), Some("pods")));
     let url = format!("{}/api/v1/namespaces/kiln/pods", kube.url());
-    let response = reqwest::Client::new()
+    let response = kube
+        .https_client()
         .get(&url)
         .bearer_auth(kube.token())
         .send()
@@ -449,7 +450,8 @@ async fn throttling_and_server_errors_are_injected_on_demand() {
     let failed = api_error(api.create(&PostParams::default(), &pod("x", "true")).await);
     assert_eq!((failed.code, failed.reason.as_str()), (500, "InternalError"));
     // (Raw HTTP: kube's client retries a 503 on its own.)
-    let response = reqwest::Client::new()
+    let response = kube
+        .https_client()
         .get(format!("{url}/x"))
         .bearer_auth(kube.token())
         .send()

@@ -1,5 +1,5 @@
-//! A fake Kubernetes cluster for Kiln's Kubernetes executor tests: an API server speaking
-//! the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, `limit`/
+//! A fake Kubernetes cluster for Kiln's Kubernetes executor tests: an API server (HTTPS only,
+//! its CA in the kubeconfig) speaking the real REST shapes for pods, pods/log and secrets (with watch, 410 expiry, `limit`/
 //! `continue` pages, RBAC from `deploy/role.yaml`, ServiceAccount and Pod Security admission,
 //! owner-reference GC, the API server's validation of user-namespace and privilege-escalation
 //! fields, and 429/5xx answers on demand), and a kubelet that runs each pod's container
@@ -20,8 +20,8 @@
 //!
 //! Layout: [`store`] (objects, resourceVersions, event history, selectors), [`rbac`] (the
 //! Role), [`admission`] (ServiceAccount, PodSecurity), [`api`] (HTTP routes, injected
-//! faults), [`kubelet`] (pod lifecycle and processes), [`images`] (pulls), [`cgroup`]
-//! (memory limits).
+//! faults), [`tls`] (HTTPS with the cluster's own CA, in the kubeconfig), [`kubelet`] (pod
+//! lifecycle and processes), [`images`] (pulls), [`cgroup`] (memory limits).
 
 pub mod admission;
 pub mod api;
@@ -30,6 +30,7 @@ pub mod images;
 pub mod kubelet;
 pub mod rbac;
 pub mod store;
+pub mod tls;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -192,6 +193,8 @@ pub struct FakeKube {
     shared: Arc<Shared>,
     addr: SocketAddr,
     kubeconfig: PathBuf,
+    ca_pem: String,
+    ca_der: Vec<u8>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     // Declared last: removed after everything that writes into it has stopped.
@@ -240,11 +243,13 @@ impl FakeKube {
             faults: Mutex::new(Vec::new()),
         });
 
+        let tls = tls::ServerTls::generate();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding fake kube");
         listener.set_nonblocking(true).expect("non-blocking listener");
         let addr = listener.local_addr().expect("fake kube address");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server_shared = shared.clone();
+        let (ca_pem, ca_der) = (tls.ca_pem.clone(), tls.ca_der.clone());
         let thread = std::thread::Builder::new()
             .name(format!("fake-kube-{}", addr.port()))
             .spawn(move || {
@@ -254,7 +259,8 @@ impl FakeKube {
                     .build()
                     .expect("fake kube runtime");
                 runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                    let listener =
+                        tls.listen(tokio::net::TcpListener::from_std(listener).expect("tokio listener"));
                     tokio::spawn(kubelet::garbage_collector(server_shared.clone()));
                     let app = api::router(server_shared);
                     let server = axum::serve(listener, app);
@@ -273,8 +279,10 @@ impl FakeKube {
             .expect("fake kube thread");
 
         let kubeconfig = root.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(addr, &options)).expect("writing kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(addr, &options, &ca_pem)).expect("writing kubeconfig");
         Self {
+            ca_pem,
+            ca_der,
             shared,
             addr,
             kubeconfig,
@@ -284,15 +292,36 @@ impl FakeKube {
         }
     }
 
-    /// The kubeconfig file pointing at this cluster: server `http://127.0.0.1:PORT`, the
-    /// bearer token, and a current context with the namespace.
+    /// The kubeconfig file pointing at this cluster: server `https://127.0.0.1:PORT`, its
+    /// CA, the bearer token, and a current context with the namespace.
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// The cluster CA's certificate (PEM), which the kubeconfig carries.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A plain HTTPS client that trusts the cluster's CA (for raw API requests).
+    pub fn https_client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls::client_config(&self.ca_der))
+            .no_proxy()
+            .build()
+            .expect("HTTPS client")
+    }
+
+    /// A `kube::Client` that trusts the cluster's CA and sends no credentials.
+    pub fn anonymous_client(&self) -> kube::Client {
+        let mut config = kube::Config::new(self.url().parse().expect("the fake's URL"));
+        config.root_cert = Some(vec![self.ca_der.clone()]);
+        kube::Client::try_from(config).expect("kube client")
     }
 
     pub fn namespace(&self) -> &str {
@@ -489,12 +518,13 @@ impl Drop for FakeKube {
     }
 }
 
-fn kubeconfig_yaml(addr: SocketAddr, options: &FakeKubeOptions) -> String {
+fn kubeconfig_yaml(addr: SocketAddr, options: &FakeKubeOptions, ca_pem: &str) -> String {
+    use base64::Engine as _;
     format!(
         "apiVersion: v1\n\
          kind: Config\n\
          clusters:\n\
-         - name: fake\n  cluster:\n    server: http://{addr}\n\
+         - name: fake\n  cluster:\n    server: https://{addr}\n    certificate-authority-data: {ca}\n\
          users:\n\
          - name: kiln\n  user:\n    token: {token}\n\
          contexts:\n\
@@ -502,6 +532,7 @@ fn kubeconfig_yaml(addr: SocketAddr, options: &FakeKubeOptions) -> String {
          current-context: fake\n",
         token = options.token,
         ns = options.namespace,
+        ca = base64::engine::general_purpose::STANDARD.encode(ca_pem),
     )
 }
 
