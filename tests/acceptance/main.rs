@@ -1448,17 +1448,11 @@ fn kubernetes_executor_builds_the_same_digests_as_the_local_one() {
     let base = baseline();
     let reg = base.reg().to_owned();
     // The node pulls Kiln's builder image through its mirror of the image's registry: the
-    // test registry, where an image under that name is pushed (the fake kubelet runs the
-    // host's `kiln` once the pull succeeds, see `fake_kube::images`).
+    // test registry, where the builder image of the `kiln` under test is pushed under that
+    // name (the fake kubelet unpacks it and runs its binary, see `fake_kube::images`).
     let (image_host, image_rest) = kiln::config::KILN_IMAGE.split_once('/').unwrap();
     let (image_repository, image_tag) = image_rest.rsplit_once(':').unwrap();
-    block_on(support::images::push_image(
-        &reg,
-        image_repository,
-        image_tag,
-        1,
-        11,
-    ));
+    block_on(support::builder_image::push(&reg, image_repository, image_tag));
     let mut options = support::fake_kube::FakeKubeOptions::default();
     options
         .registry_mirrors

@@ -24,10 +24,9 @@ use kiln::proto::{
 use tonic::{transport::Channel, Streaming};
 
 use crate::support::{
-    base_images,
+    base_images, builder_image,
     docker_registry::DockerRegistry,
     fake_kube::{FakeKube, FakeKubeOptions},
-    images,
     kiln::{KilnOptions, KilnServer},
 };
 
@@ -57,7 +56,7 @@ impl Cluster {
         base_images::ensure_base_images(registry.addr(), false);
         let (host, rest) = kiln::config::KILN_IMAGE.split_once('/').unwrap();
         let (repository, tag) = rest.rsplit_once(':').unwrap();
-        runtime().block_on(images::push_image(registry.addr(), repository, tag, 1, 11));
+        runtime().block_on(builder_image::push(registry.addr(), repository, tag));
         options
             .registry_mirrors
             .insert(host.to_owned(), registry.addr().to_owned());
@@ -428,6 +427,14 @@ fn twenty_identical_builds_on_two_replicas_make_one_pod() {
         eprintln!("kubernetes: pods created for 20 identical builds on 2 replicas: {pods}");
         assert_eq!(pods, 1, "pods created: {:?}", pod_names(&cluster.kube));
         assert_pods_ran_once(&cluster.kube, "Succeeded");
+        // The pod ran the builder image's Kiln, unpacked on the node, not the host's.
+        let executed = cluster.kube.executed();
+        assert_eq!(executed.len(), 1, "{executed:?}");
+        assert!(
+            executed[0].starts_with(cluster.kube.image_store())
+                && executed[0].ends_with("rootfs/usr/local/bin/kiln"),
+            "{executed:?}"
+        );
         for (replica, server) in [(0, &a), (1, &b)] {
             let (_, outcome) = outcomes.iter().find(|(r, _)| *r == replica).unwrap();
             let log = log_of(&mut server.builder().await, &outcome.build_id).await;

@@ -24,12 +24,12 @@ use kube::{
 use serde_json::json;
 
 use crate::support::{
+    builder_image,
     docker_registry::DockerRegistry,
     fake_kube::{
         store::{FieldSelector, LabelSelector},
         FakeKube, FakeKubeOptions,
     },
-    images,
 };
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=kiln";
@@ -42,7 +42,7 @@ pub(crate) const IMAGE: &str = "ghcr.io/kiln-build/kiln:test";
 /// (returned too, to outlive the cluster).
 pub(crate) async fn start_with(mut options: FakeKubeOptions) -> (FakeKube, DockerRegistry) {
     let registry = DockerRegistry::start();
-    images::push_image(registry.addr(), "kiln-build/kiln", "test", 1, 7).await;
+    builder_image::push(registry.addr(), "kiln-build/kiln", "test").await;
     options
         .registry_mirrors
         .insert("ghcr.io".into(), registry.addr().to_owned());
@@ -338,6 +338,70 @@ async fn a_command_that_cannot_start_fails_the_pod() {
     let failed = wait_pod(&api, "nope", Duration::from_secs(10), |p| phase(p) == "Failed").await;
     let t = terminated(&failed).unwrap();
     assert_eq!((t.exit_code, t.reason.as_deref()), (128, Some("StartError")));
+}
+
+/// The container runs its image's files: the node pulls and unpacks the image, and the
+/// program (the pod's `command`, or the image's `Entrypoint` and `Cmd`) is the unpacked
+/// file. A program the image lacks does not start, even when the host has it.
+#[tokio::test]
+async fn containers_run_their_images_files_not_the_hosts() {
+    let (kube, _registry) = start().await;
+    let api = pods(&kube).await;
+    let store = kube.image_store().to_owned();
+
+    api.create(&PostParams::default(), &pod("shell", "readlink /proc/$$/exe"))
+        .await
+        .unwrap();
+    wait_pod(&api, "shell", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
+    let shell = api.logs("shell", &LogParams::default()).await.unwrap();
+    assert!(
+        Path::new(shell.trim()).starts_with(&store) && shell.trim().ends_with("/rootfs/bin/busybox"),
+        "`sh` is the image's busybox: {shell}"
+    );
+
+    // No command: the image's Entrypoint (`/usr/local/bin/kiln`) with the pod's args.
+    let mut entrypoint = pod("entrypoint", "");
+    entrypoint.spec.as_mut().unwrap().containers[0].command = None;
+    entrypoint.spec.as_mut().unwrap().containers[0].args = Some(vec!["--version".into()]);
+    api.create(&PostParams::default(), &entrypoint).await.unwrap();
+    wait_pod(&api, "entrypoint", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
+    let version = api.logs("entrypoint", &LogParams::default()).await.unwrap();
+    assert!(version.starts_with("kiln "), "{version}");
+    let kiln = kube.executed().last().cloned().unwrap();
+    assert!(
+        kiln.starts_with(&store) && kiln.ends_with("rootfs/usr/local/bin/kiln"),
+        "{kiln:?}"
+    );
+    assert_eq!(
+        std::fs::read(&kiln).unwrap(),
+        std::fs::read(env!("CARGO_BIN_EXE_kiln")).unwrap(),
+        "the unpacked binary is the one the image carries"
+    );
+
+    // git is on the host, not in the image.
+    assert!(Path::new("/usr/bin/git").exists());
+    let mut host_only = pod("host-only", "");
+    host_only.spec.as_mut().unwrap().containers[0].command = Some(vec!["git".into(), "--version".into()]);
+    api.create(&PostParams::default(), &host_only).await.unwrap();
+    let failed = wait_pod(&api, "host-only", Duration::from_secs(60), |p| {
+        phase(p) == "Failed"
+    })
+    .await;
+    let t = terminated(&failed).unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (128, Some("StartError")));
+    assert!(
+        t.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("exec: \"git\": executable file not found in $PATH"),
+        "{t:?}"
+    );
 }
 
 #[tokio::test]

@@ -16,8 +16,8 @@ use crate::{
         wait_pod,
     },
     support::{
+        builder_image,
         fake_kube::{api::Fault, FakeKubeOptions},
-        images,
     },
 };
 
@@ -126,6 +126,15 @@ async fn restart_policy_is_obeyed_with_restart_counts_and_crash_loop_back_off() 
 async fn active_deadline_fails_the_pod_with_deadline_exceeded() {
     let (kube, _registry) = start_with(quick()).await;
     let api = pods(&kube).await;
+    // The deadline counts from startTime, before the image pull: with the image already on
+    // the node (`IfNotPresent`), the container starts well within its one second.
+    api.create(&PostParams::default(), &pod("pulls-the-image", "true"))
+        .await
+        .unwrap();
+    wait_pod(&api, "pulls-the-image", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
     let mut running = pod("overdue", "echo started; sleep 60");
     let spec = running.spec.as_mut().unwrap();
     spec.active_deadline_seconds = Some(1);
@@ -218,7 +227,7 @@ async fn images_are_pulled_from_the_registry_they_name() {
         logs.message
     );
 
-    images::push_image(registry.addr(), "kiln-build/kiln", "later", 1, 8).await;
+    builder_image::push(registry.addr(), "kiln-build/kiln", "later").await;
     wait_pod(&api, "late", Duration::from_secs(20), |p| phase(p) == "Succeeded").await;
 
     let latest = api

@@ -106,7 +106,7 @@ pub async fn push_index(
     (index_digest, result)
 }
 
-async fn client_for(registry: &str, creds: Option<(&str, &str)>) -> (Client, RegistryAuth) {
+pub(crate) async fn client_for(registry: &str, creds: Option<(&str, &str)>) -> (Client, RegistryAuth) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
@@ -167,7 +167,7 @@ async fn push_blobs_and_build_manifest(
     (manifest, digest)
 }
 
-async fn push_blob(client: &Client, reference: &Reference, data: Vec<u8>, digest: &Digest) {
+pub(crate) async fn push_blob(client: &Client, reference: &Reference, data: Vec<u8>, digest: &Digest) {
     client
         .push_blob(reference, data, digest.as_str())
         .await

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 pub mod base_images;
 pub mod buildah;
+pub mod builder_image;
 pub mod compare;
 pub mod docker_registry;
 pub mod embedded_registry;

@@ -1,6 +1,7 @@
 //! The fake kubelet: one task per pod that waits for the pod's secrets (as a real kubelet
 //! waits to mount a secret volume), pulls its image ([`super::images`]), prepares its
-//! volumes as per-pod host dirs, runs the first container's command as a local process —
+//! volumes as per-pod host dirs, runs the first container's command (the image's file, see
+//! [`super::images`]) as a local process —
 //! own process group, own mount namespace with each volume bind-mounted at its mountPath,
 //! its own memory cgroup when it has a memory limit ([`super::cgroup`]) — captures stdout
 //! and stderr as timestamped log lines, reports Pending → Running → Succeeded/Failed with
@@ -24,7 +25,7 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    ffi::{CStr, CString},
+    ffi::{CStr, CString, OsString},
     os::unix::{ffi::OsStrExt, fs::PermissionsExt},
     path::{Component, Path, PathBuf},
     process::{ExitStatus, Stdio},
@@ -51,6 +52,7 @@ use super::{
     acquire_mount_point,
     api::now_seconds,
     cgroup::{quantity_bytes, MemoryCgroup},
+    images::PulledImage,
     Shared,
 };
 
@@ -496,7 +498,7 @@ async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
     let mut restart_count = 0u32;
     let mut last_state = json!({});
     loop {
-        if let Err(interrupt) = super::images::pull(
+        let image = match super::images::pull(
             &shared,
             &runtime,
             &container,
@@ -506,12 +508,13 @@ async fn run(shared: Arc<Shared>, runtime: Arc<PodRuntime>, pod: Value) {
         )
         .await
         {
-            return end_early(&shared, &runtime, &mut life, interrupt).await;
-        }
+            Ok(image) => image,
+            Err(interrupt) => return end_early(&shared, &runtime, &mut life, interrupt).await,
+        };
         let started_at = now_seconds();
         let prepared = prepare(&shared, &runtime, &pod, &container);
         let (code, reason, message, finished) =
-            match prepared.and_then(|p| spawn(&shared, &runtime, &container, p)) {
+            match prepared.and_then(|p| spawn(&shared, &runtime, &container, p, &image)) {
                 Err(Failure::Config(message)) => {
                     // Like a missing ConfigMap key: the pod stays Pending with the reason.
                     set_status(&shared, &runtime, |p| {
@@ -1204,23 +1207,64 @@ fn spawn(
     runtime: &PodRuntime,
     container: &Value,
     prepared: Prepared,
+    image: &PulledImage,
 ) -> Result<(tokio::process::Child, Vec<Mount>, Option<MemoryCgroup>), Failure> {
-    let argv: Vec<String> = ["command", "args"]
-        .iter()
-        .flat_map(|f| container[*f].as_array().cloned().unwrap_or_default())
-        .filter_map(|v| v.as_str().map(str::to_owned))
-        .collect();
+    let strings = |field: &str| -> Option<Vec<String>> {
+        container[field]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+    };
+    // `command` replaces the image's Entrypoint and drops its Cmd; `args` replaces the Cmd
+    // (<https://kubernetes.io/docs/tasks/inject-data-application/define-command-argument-container/#notes>).
+    let argv: Vec<String> = match (strings("command"), strings("args")) {
+        (Some(command), args) => command.into_iter().chain(args.unwrap_or_default()).collect(),
+        (None, Some(args)) => image.entrypoint.iter().cloned().chain(args).collect(),
+        (None, None) => image.entrypoint.iter().chain(&image.cmd).cloned().collect(),
+    };
     let Some((program, args)) = argv.split_first() else {
         return Err(Failure::Start(
-            "the fake kubelet has no image entrypoint: the container needs a command".into(),
+            "failed to create containerd task: failed to create shim task: OCI runtime create failed: \
+             runc create failed: unable to start container process: error during container init: \
+             no command specified: unknown"
+                .into(),
         ));
     };
-    let workdir = cstring(Path::new(
-        container["workingDir"]
-            .as_str()
-            .filter(|w| !w.is_empty())
-            .unwrap_or("/"),
-    ))?;
+    let working_dir = container["workingDir"]
+        .as_str()
+        .filter(|w| !w.is_empty())
+        .or(Some(image.working_dir.as_str()).filter(|w| !w.is_empty()))
+        .unwrap_or("/");
+    let workdir = cstring(Path::new(working_dir))?;
+    // The container's environment: the image's, then the container's own over it.
+    let mut env: Vec<(String, String)> = image
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    env.extend(prepared.env.iter().cloned());
+    let container_path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or_else(|| image.path().to_owned(), |(_, v)| v.clone());
+    // The program is the image's file, found as runc's exec finds it.
+    let Some(executable) = image.executable(program, &container_path, working_dir) else {
+        return Err(Failure::Start(format!(
+            "failed to create containerd task: failed to create shim task: OCI runtime create failed: \
+             runc create failed: unable to start container process: error during container init: \
+             exec: \"{program}\": executable file not found in $PATH: unknown"
+        )));
+    };
+    // Without a chroot, what the program execs in turn is looked up through the image's
+    // directories first, then the host's tools that the image would carry (`git`,
+    // `slirp4netns`, …).
+    let mut process_path = OsString::new();
+    for dir in container_path.split(':').filter(|d| d.starts_with('/')) {
+        process_path.push(image.rootfs.join(dir.trim_start_matches('/')));
+        process_path.push(":");
+    }
+    process_path.push(&shared.options.container_path);
+    shared.executed.lock().unwrap().push(executable.clone());
     // Everything the child needs is allocated here: after fork only async-signal-safe
     // calls are allowed, and mount/unshare/chdir on prepared C strings are just syscalls.
     let mut binds: Vec<(CString, CString, bool)> = Vec::new();
@@ -1246,15 +1290,16 @@ fn spawn(
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40);
-    let mut command = tokio::process::Command::new(program);
+    let mut command = tokio::process::Command::new(&executable);
     command
+        .arg0(program)
         .args(args)
         .env_clear()
-        .env("PATH", &shared.options.container_path)
         .env("HOME", "/root")
         .env("HOSTNAME", &runtime.name)
         .envs(shared.options.container_env.iter().cloned())
-        .envs(prepared.env.iter().cloned())
+        .envs(env)
+        .env("PATH", process_path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

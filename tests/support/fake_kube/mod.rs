@@ -4,12 +4,13 @@
 //! owner-reference GC, the API server's validation of user-namespace and privilege-escalation
 //! fields, and 429/5xx answers on demand), and a kubelet that runs each pod's container
 //! command as a local process in its own mount namespace, volumes bind-mounted in place: it
-//! pulls (checks) the image from the registry it names, obeys `restartPolicy` and
+//! pulls and unpacks the image from the registry it names, obeys `restartPolicy` and
 //! `activeDeadlineSeconds`, enforces a memory limit in a cgroup, and applies as much of the
 //! security context as a process can be given (capabilities, no_new_privs, read-only root,
 //! user). A pod's own user namespace, seccomp and AppArmor profiles and `/proc` masking are
-//! validated but not applied: the process runs with the host's. The container runs the
-//! host's binaries, not the image's files (see [`images`]).
+//! validated but not applied: the process runs with the host's. The container's program is
+//! the image's file, pulled and unpacked (see [`images`]); without a chroot, the files it
+//! opens are the host's.
 //!
 //! Tests read its counters to act on evidence rather than time: open watches and log
 //! streams, 410s served, container starts, image pulls, requests by verb.
@@ -58,8 +59,9 @@ pub struct FakeKubeOptions {
     pub role_path: PathBuf,
     /// The bearer token in the kubeconfig; any other token (or none) gets 401.
     pub token: String,
-    /// `PATH` of container processes. Default: the directory of the `kiln` test binary,
-    /// then the usual system directories, so `kiln execute …` runs the binary under test.
+    /// The host directories a container process finds tools in after its image's own `PATH`
+    /// (the tools its image would carry: git, slirp4netns). Default: the usual system
+    /// directories. The program a pod names always comes from its image.
     pub container_path: OsString,
     /// Extra environment for every container process (before the pod's own `env`).
     pub container_env: Vec<(String, String)>,
@@ -93,9 +95,9 @@ pub struct FakeKubeOptions {
 
 impl Default for FakeKubeOptions {
     fn default() -> Self {
-        let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
-        let mut path = OsString::from(kiln.parent().expect("kiln binary directory"));
-        path.push(":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        // The host's tools that stand in for the image's packages (git, slirp4netns, …);
+        // the program itself always comes from the image.
+        let path = OsString::from("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
         Self {
             namespace: "kiln".to_owned(),
             role_path: Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/role.yaml"),
@@ -141,8 +143,14 @@ pub(crate) struct Shared {
     pub next_ip: AtomicU32,
     /// Container instances started (restarts included).
     pub container_starts: AtomicU64,
-    /// Images on the node (full names), for `imagePullPolicy: IfNotPresent`.
-    pub images: Mutex<BTreeSet<String>>,
+    /// Images on the node by full name, for `imagePullPolicy: IfNotPresent`.
+    pub images: Mutex<HashMap<String, Arc<images::PulledImage>>>,
+    /// The node's image store: unpacked images by manifest digest.
+    pub images_dir: PathBuf,
+    /// Held while an image is pulled: pulls are serial.
+    pub pulling: tokio::sync::Mutex<()>,
+    /// The host path of every program a container started with, in order.
+    pub executed: Mutex<Vec<PathBuf>>,
     /// Pull attempts, failed ones included.
     pub image_pulls: AtomicU64,
     /// Watch streams open now.
@@ -235,7 +243,10 @@ impl FakeKube {
             mount_points: Mutex::new(BTreeSet::new()),
             next_ip: AtomicU32::new(0),
             container_starts: AtomicU64::new(0),
-            images: Mutex::new(BTreeSet::new()),
+            images: Mutex::new(HashMap::new()),
+            images_dir: root.path().join("images"),
+            pulling: tokio::sync::Mutex::new(()),
+            executed: Mutex::new(Vec::new()),
             image_pulls: AtomicU64::new(0),
             open_watches: AtomicUsize::new(0),
             open_log_streams: AtomicUsize::new(0),
@@ -301,6 +312,17 @@ impl FakeKube {
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// The host path of every program a container was started with (the image's files,
+    /// unpacked in the node's image store), in order.
+    pub fn executed(&self) -> Vec<PathBuf> {
+        self.shared.executed.lock().unwrap().clone()
+    }
+
+    /// The node's image store, where pulled images are unpacked.
+    pub fn image_store(&self) -> &Path {
+        &self.shared.images_dir
     }
 
     /// The cluster CA's certificate (PEM), which the kubeconfig carries.
