@@ -86,22 +86,30 @@ fn main() {
     runtime.block_on(load());
 }
 
-/// Resident set size and open descriptors of a process.
+/// Resident set size (and its anonymous part: heap and stacks, without the binary's mapped
+/// pages) and open descriptors of a process.
 #[derive(Debug, Clone, Copy)]
 struct Usage {
     rss_kb: u64,
+    anon_kb: u64,
     fds: usize,
 }
 
 fn usage(pid: u32) -> Usage {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    Usage { rss_kb, fds }
+    Usage {
+        rss_kb: field("VmRSS:"),
+        anon_kb: field("RssAnon:"),
+        fds,
+    }
 }
 
 /// Open descriptors by what they point at (`socket`, `anon_inode:[eventpoll]`, a path...).
@@ -470,6 +478,12 @@ async fn load() {
         .max()
         .unwrap_or(0)
         .max(end.rss_kb);
+    let peak_anon = samples
+        .iter()
+        .map(|s| s.1.anon_kb)
+        .max()
+        .unwrap_or(0)
+        .max(end.anon_kb);
     let peak_fds = samples.iter().map(|s| s.1.fds).max().unwrap_or(0);
     let after_warm: Vec<(f64, u64)> = samples
         .iter()
@@ -518,8 +532,10 @@ async fn load() {
     );
     println!("load idle_rss_mb={:.1} target<30", mb(idle.rss_kb));
     println!(
-        "load peak_rss_mb={:.1} target<200 (with {holders_total} streams)",
-        mb(peak)
+        "load peak_rss_mb={:.1} target<200 (with {holders_total} streams) peak_anon_mb={:.1} \
+         (heap and stacks; the rest is the binary's pages)",
+        mb(peak),
+        mb(peak_anon)
     );
     println!(
         "load rss_growth_mb={:+.1} warm_up_end_mb={:.1} (at {}s) end_mb={:.1} slope_after_warm_up_mb_per_min={:+.2} \
