@@ -472,18 +472,8 @@ async fn load() {
     let resolve = tally.resolve.lock().unwrap().clone();
     let errors = tally.errors.lock().unwrap().clone();
     let calls = tally.build_calls.load(Ordering::Relaxed);
-    let peak = samples
-        .iter()
-        .map(|s| s.1.rss_kb)
-        .max()
-        .unwrap_or(0)
-        .max(end.rss_kb);
-    let peak_anon = samples
-        .iter()
-        .map(|s| s.1.anon_kb)
-        .max()
-        .unwrap_or(0)
-        .max(end.anon_kb);
+    let peak_of = |kb: fn(&Usage) -> u64| samples.iter().map(|s| kb(&s.1)).max().unwrap_or(0).max(kb(&end));
+    let (peak, peak_anon) = (peak_of(|u| u.rss_kb), peak_of(|u| u.anon_kb));
     let peak_fds = samples.iter().map(|s| s.1.fds).max().unwrap_or(0);
     let after_warm: Vec<(f64, u64)> = samples
         .iter()

@@ -19,6 +19,23 @@ use crate::{
 const TASKS_STATUS: &str = "supervisor.StatusService/TasksStatus";
 const LISTEN_TO_OUTPUT: &str = "supervisor.TaskService/ListenToOutput";
 
+/// `TasksStatus` as Gitpod's server calls it: one answer, OK, over grpc-websockets.
+async fn list_tasks(log_info: &kiln::proto::builder::LogInfo) -> Vec<kiln::proto::supervisor::TaskStatus> {
+    let listed = supervisor_api::call(
+        &log_info.url,
+        TASKS_STATUS,
+        &log_info.headers,
+        &TasksStatusRequest::default(),
+    )
+    .await;
+    assert!(listed.subprotocol, "the socket speaks grpc-websockets");
+    assert_eq!(listed.status, Some((0, String::new())), "{listed:?}");
+    assert_eq!(listed.messages.len(), 1, "{listed:?}");
+    TasksStatusResponse::decode(&listed.messages[0][..])
+        .unwrap()
+        .tasks
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gitpod_follows_a_running_build_log_through_the_supervisor_api() {
     let env = Env::start(Mode::External);
@@ -46,19 +63,7 @@ async fn gitpod_follows_a_running_build_log_through_the_supervisor_api() {
             .expect("log_info");
 
         // `supervisorListTasks`: one answer, the build as a running task.
-        let listed = supervisor_api::call(
-            &log_info.url,
-            TASKS_STATUS,
-            &log_info.headers,
-            &TasksStatusRequest::default(),
-        )
-        .await;
-        assert!(listed.subprotocol, "the socket speaks grpc-websockets");
-        assert_eq!(listed.status, Some((0, String::new())), "{listed:?}");
-        assert_eq!(listed.messages.len(), 1, "{listed:?}");
-        let tasks = TasksStatusResponse::decode(&listed.messages[0][..])
-            .unwrap()
-            .tasks;
+        let tasks = list_tasks(&log_info).await;
         assert_eq!(tasks.len(), 1, "{tasks:?}");
         assert_eq!(tasks[0].state(), TaskState::Running, "the RUN step sleeps 4 s");
         assert_ne!(
@@ -101,18 +106,8 @@ async fn gitpod_follows_a_running_build_log_through_the_supervisor_api() {
         );
         assert!(String::from_utf8_lossy(&output).contains("supervisor-line-4"));
 
-        // After the end the task is closed, and its output is the same log at once.
-        let listed = supervisor_api::call(
-            &log_info.url,
-            TASKS_STATUS,
-            &log_info.headers,
-            &TasksStatusRequest::default(),
-        )
-        .await;
-        let tasks = TasksStatusResponse::decode(&listed.messages[0][..])
-            .unwrap()
-            .tasks;
-        assert_eq!(tasks[0].state(), TaskState::Closed);
+        // After the end the task is closed.
+        assert_eq!(list_tasks(&log_info).await[0].state(), TaskState::Closed);
     })
     .await;
 }
