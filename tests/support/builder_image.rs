@@ -29,23 +29,23 @@ fn kiln_layer() -> &'static (Arc<Vec<u8>>, Digest) {
     LAYER.get_or_init(|| {
         let binary = std::fs::read(env!("CARGO_BIN_EXE_kiln")).expect("reading the kiln binary");
         let mut tar = tar::Builder::new(Vec::with_capacity(binary.len() + 8192));
-        for dir in ["usr/", "usr/local/", "usr/local/bin/"] {
+        // Owned by root, 0755, at the epoch.
+        let header = |entry_type, size| {
             let mut header = tar::Header::new_ustar();
-            header.set_entry_type(tar::EntryType::Directory);
+            header.set_entry_type(entry_type);
             header.set_mode(0o755);
             header.set_uid(0);
             header.set_gid(0);
-            header.set_size(0);
+            header.set_size(size);
             header.set_mtime(0);
-            tar.append_data(&mut header, dir, std::io::empty()).unwrap();
+            header
+        };
+        for dir in ["usr/", "usr/local/", "usr/local/bin/"] {
+            let mut dir_header = header(tar::EntryType::Directory, 0);
+            tar.append_data(&mut dir_header, dir, std::io::empty()).unwrap();
         }
-        let mut header = tar::Header::new_ustar();
-        header.set_mode(0o755);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_size(binary.len() as u64);
-        header.set_mtime(0);
-        tar.append_data(&mut header, &KILN_PATH[1..], binary.as_slice())
+        let mut file_header = header(tar::EntryType::Regular, binary.len() as u64);
+        tar.append_data(&mut file_header, &KILN_PATH[1..], binary.as_slice())
             .unwrap();
         let tar = tar.into_inner().unwrap();
         let digest = Digest::of(&tar);

@@ -96,9 +96,7 @@ impl GrpcWebSocket {
             match payload.split_first() {
                 Some((&CLIENT_DATA, chunk)) => {
                     if request.len() + chunk.len() > MAX_CALL_BYTES {
-                        return Err(Status::resource_exhausted(format!(
-                            "a request of this call is at most {MAX_CALL_BYTES} bytes"
-                        )));
+                        return Err(too_big());
                     }
                     request.extend_from_slice(chunk);
                     if let Some(message) = complete_message(&request)? {
@@ -191,11 +189,15 @@ fn complete_message(buffer: &[u8]) -> Result<Option<Bytes>, Status> {
     }
     let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
     if length > MAX_CALL_BYTES {
-        return Err(Status::resource_exhausted(format!(
-            "a request of this call is at most {MAX_CALL_BYTES} bytes"
-        )));
+        return Err(too_big());
     }
     Ok((body.len() >= length).then(|| Bytes::copy_from_slice(&body[..length])))
+}
+
+fn too_big() -> Status {
+    Status::resource_exhausted(format!(
+        "a request of this call is at most {MAX_CALL_BYTES} bytes"
+    ))
 }
 
 /// A grpc-web metadata frame of `fields`.
