@@ -149,14 +149,19 @@ async fn active_deadline_fails_the_pod_with_deadline_exceeded() {
     })
     .await;
     let pid = kube.pod_pid("overdue").expect("the container runs");
-    let failed = wait_pod(&api, "overdue", Duration::from_secs(20), |p| phase(p) == "Failed").await;
+    // Like the kubelet's status manager, the pod turns Failed when the deadline passes and
+    // its container's `terminated` state follows once the runtime has killed it.
+    let failed = wait_pod(&api, "overdue", Duration::from_secs(20), |p| {
+        phase(p) == "Failed" && terminated(p).is_some()
+    })
+    .await;
     let status = failed.status.as_ref().unwrap();
     assert_eq!(status.reason.as_deref(), Some("DeadlineExceeded"));
     assert_eq!(
         status.message.as_deref(),
         Some("Pod was active on the node longer than the specified deadline")
     );
-    let t = terminated(&failed).expect("the container was killed");
+    let t = terminated(&failed).expect("waited for it");
     assert_eq!(t.exit_code, 128 + 15, "SIGTERM: {t:?}");
     assert_eq!(
         container(&failed).restart_count,
