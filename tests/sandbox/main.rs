@@ -23,7 +23,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use kiln::engine::sandbox::{self, BindMount, IdRange, Network, RunOutcome, RunSpec, SandboxError};
+use kiln::engine::sandbox::{
+    self, BindMount, EtcFile, EtcName, IdRange, Network, RunOutcome, RunSpec, SandboxError,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -142,7 +144,7 @@ impl Fixture {
             hostname: "kiln-test".into(),
             network: Network::Host,
             cache_mounts: Vec::new(),
-            resolv_conf: None,
+            etc_files: Vec::new(),
             ids: IdRange::DEFAULT,
             cgroup_procs: Vec::new(),
             no_new_privileges: false,
@@ -546,19 +548,53 @@ async fn cache_mounts_persist_across_steps_and_stay_out_of_the_diff() {
     fx.assert_no_host_mounts();
 }
 
+/// The step's `/etc/resolv.conf` is `host_file`.
+fn resolv_conf(host_file: &Path) -> Vec<EtcFile> {
+    vec![EtcFile {
+        name: EtcName::ResolvConf,
+        host_file: host_file.to_owned(),
+    }]
+}
+
 #[tokio::test]
-async fn resolv_conf_is_the_host_s_read_only_and_never_in_the_diff() {
+async fn etc_identity_files_are_the_host_s_read_only_and_never_in_the_diff() {
     if !is_root() {
         return;
     }
     let fx = Fixture::new();
     let host_resolv = fx.dir.path().join("resolv.conf");
     fs::write(&host_resolv, "nameserver 192.0.2.53\n").unwrap();
-    let mut spec = fx.spec("cat /etc/resolv.conf; echo x >> /etc/resolv.conf || echo read-only");
-    spec.resolv_conf = Some(host_resolv.clone());
+    let (hosts, hostname) = (fx.dir.path().join("hosts"), fx.dir.path().join("hostname"));
+    fs::write(&hosts, "127.0.0.1\tlocalhost kiln-test\n").unwrap();
+    fs::write(&hostname, "kiln-test\n").unwrap();
+    let mut spec = fx.spec(
+        "cat /etc/resolv.conf /etc/hosts /etc/hostname; \
+         for f in resolv.conf hosts hostname; do (echo x >> /etc/$f) 2>/dev/null || echo read-only; done",
+    );
+    spec.etc_files = resolv_conf(&host_resolv);
+    spec.etc_files.extend([
+        EtcFile {
+            name: EtcName::Hosts,
+            host_file: hosts.clone(),
+        },
+        EtcFile {
+            name: EtcName::Hostname,
+            host_file: hostname.clone(),
+        },
+    ]);
     let output = run_ok(&spec).await;
-    assert!(output.starts_with("nameserver 192.0.2.53\n"), "{output}");
-    assert!(output.ends_with("read-only\n"), "{output}");
+    assert!(
+        output.starts_with("nameserver 192.0.2.53\n127.0.0.1\tlocalhost kiln-test\nkiln-test\n"),
+        "{output}"
+    );
+    assert!(
+        output.ends_with("kiln-test\nread-only\nread-only\nread-only\n"),
+        "{output}"
+    );
+    assert_eq!(
+        fs::read_to_string(&hosts).unwrap(),
+        "127.0.0.1\tlocalhost kiln-test\n"
+    );
     assert_eq!(
         fs::read_to_string(&host_resolv).unwrap(),
         "nameserver 192.0.2.53\n"
@@ -570,7 +606,7 @@ async fn resolv_conf_is_the_host_s_read_only_and_never_in_the_diff() {
     // A step that changes /etc itself (a file created and removed) keeps it in the diff.
     fx.fresh_upper();
     let mut spec = fx.spec("touch /etc/tmp && rm /etc/tmp");
-    spec.resolv_conf = Some(host_resolv.clone());
+    spec.etc_files = resolv_conf(&host_resolv);
     run_ok(&spec).await;
     assert_eq!(fx.upper_entries(), set(&["etc"]));
 }
@@ -796,25 +832,38 @@ async fn mount_targets_behind_symlinks_resolve_inside_the_image_and_are_cleaned_
     let host_target = fx.dir.path().join("host-side");
     let escape = format!("/../../..{}/resolv.conf", host_target.display());
     symlink(&escape, fx.lower.join("etc/resolv.conf")).unwrap();
+    // /etc/hosts as an absolute link to a host file that exists: never bound over.
+    let host_hosts = fx.dir.path().join("host-hosts");
+    fs::write(&host_hosts, "host's own\n").unwrap();
+    symlink(&host_hosts, fx.lower.join("etc/hosts")).unwrap();
     symlink("../var/lib/cache-real", fx.lower.join("root/.cache")).unwrap();
     let host_resolv = fx.dir.path().join("resolv.conf");
     fs::write(&host_resolv, "nameserver 192.0.2.1\n").unwrap();
+    let step_hosts = fx.dir.path().join("hosts");
+    fs::write(&step_hosts, "127.0.0.1\tlocalhost\n").unwrap();
     let cache = fx.dir.path().join("cache");
     fs::create_dir(&cache).unwrap();
 
-    let mut spec = fx.spec("cat /etc/resolv.conf && echo cached > /root/.cache/x && ls /var/lib");
-    spec.resolv_conf = Some(host_resolv);
+    let mut spec =
+        fx.spec("cat /etc/resolv.conf && cat /etc/hosts && echo cached > /root/.cache/x && ls /var/lib");
+    spec.etc_files = resolv_conf(&host_resolv);
+    spec.etc_files.push(EtcFile {
+        name: EtcName::Hosts,
+        host_file: step_hosts,
+    });
     spec.cache_mounts = vec![BindMount {
         host_dir: cache.clone(),
         target: "/root/.cache".into(),
         read_only: false,
     }];
     let output = run_ok(&spec).await;
-    assert_eq!(output, "nameserver 192.0.2.1\ncache-real\n");
+    assert_eq!(output, "nameserver 192.0.2.1\n127.0.0.1\tlocalhost\ncache-real\n");
     assert_eq!(fs::read_to_string(cache.join("x")).unwrap(), "cached\n");
     assert!(!host_target.exists(), "a symlink in the image reached the host");
-    // Both mount points were created inside the image (/tmp/<fixture>/host-side/resolv.conf
-    // and /var/lib/cache-real) and removed again, with /tmp, copied up for the first.
+    assert_eq!(fs::read_to_string(&host_hosts).unwrap(), "host's own\n");
+    // The mount points were created inside the image (/tmp/<fixture>/host-side/resolv.conf,
+    // /tmp/<fixture>/host-hosts and /var/lib/cache-real) and removed again, with /tmp,
+    // copied up for the first two.
     assert_eq!(fx.upper_entries(), set(&[]));
 }
 

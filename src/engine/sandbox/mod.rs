@@ -41,8 +41,8 @@
 //!   kills every process of the namespace) and waits for it, and `run` waits for the
 //!   launcher. If the launcher itself dies, the init gets `SIGKILL` (parent-death signal).
 //! - The diff holds only what the command did: mount points Kiln had to create (`/proc`,
-//!   `/etc/resolv.conf`, cache mount targets) are removed again and their parents' times
-//!   restored ([`mounts`]).
+//!   `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`, cache mount targets) are removed again
+//!   and their parents' times restored ([`mounts`]).
 //! - A failure before the command runs comes back as a clear error ([`SandboxError::Run`]
 //!   for the step's own mistakes, such as a missing executable; [`SandboxError::Setup`] for
 //!   the machine's), never as an exit code to decode.
@@ -80,7 +80,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub use child::child_main;
-pub use spec::{BindMount, Network, RunSpec, SpecError};
+pub use spec::{BindMount, EtcFile, EtcName, Network, RunSpec, SpecError};
 pub use userns::IdRange;
 
 use spec::{CopiedUpDir, FailureKind, LaunchRequest, Report};

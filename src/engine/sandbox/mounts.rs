@@ -11,7 +11,8 @@
 //! - [`plan`] lists what is mounted inside the new root, in order, as data: `/proc`, a
 //!   `tmpfs` `/dev` with host device nodes bind-mounted in, `/dev/pts`, `/dev/shm`,
 //!   `/dev/mqueue`, a read-only `sysfs` `/sys`, Docker's masked and read-only `/proc` and
-//!   `/sys` paths, then `/etc/resolv.conf` and the cache mounts.
+//!   `/sys` paths, then `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname` and the cache
+//!   mounts.
 //! - [`Mounts`] carries the plan out *after* `pivot_root`, so every path, symlinks included,
 //!   resolves inside the image and never on the host (an image's `/etc/resolv.conf ->
 //!   /../../host/path` stays inside). Host objects were cloned beforehand as detached mount
@@ -54,7 +55,7 @@ use nix::{
 
 use super::{
     child::ChildError,
-    spec::{CopiedUpDir, LaunchRequest, RunSpec},
+    spec::{CopiedUpDir, EtcName, LaunchRequest, RunSpec},
     userns::{idmapped_tree, IdRange},
 };
 
@@ -126,8 +127,8 @@ pub(crate) fn overlay_options(lower: &[RawFd], upper: &str, work: &str) -> Resul
 pub(crate) enum HostRef {
     /// `spec.cache_mounts[i].host_dir`.
     Cache(usize),
-    /// `spec.resolv_conf`.
-    ResolvConf,
+    /// The host file of `spec.etc_files` for this name.
+    Etc(EtcName),
     /// `/dev/<name>` of the host.
     Device(&'static str),
 }
@@ -228,14 +229,12 @@ pub(crate) fn plan(spec: &RunSpec) -> Vec<Step> {
         flags: hidden | MsFlags::MS_RDONLY,
         create: Create::Never,
     }));
-    if spec.resolv_conf.is_some() {
-        steps.push(Step::Mount {
-            target: "/etc/resolv.conf".into(),
-            source: Source::Host(HostRef::ResolvConf),
-            flags: hidden | MsFlags::MS_RDONLY,
-            create: Create::File,
-        });
-    }
+    steps.extend(spec.etc_files.iter().map(|f| Step::Mount {
+        target: f.name.path().into(),
+        source: Source::Host(HostRef::Etc(f.name)),
+        flags: hidden | MsFlags::MS_RDONLY,
+        create: Create::File,
+    }));
     for (i, cache) in spec.cache_mounts.iter().enumerate() {
         let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
         if cache.read_only {
@@ -325,7 +324,7 @@ pub(crate) struct HostFds {
     /// ids on disk.
     upper: OwnedFd,
     caches: Vec<OwnedFd>,
-    resolv_conf: Option<OwnedFd>,
+    etc_files: Vec<(EtcName, OwnedFd)>,
     devices: Vec<(&'static str, OwnedFd)>,
 }
 
@@ -360,10 +359,11 @@ impl HostFds {
         // `RunSpec::validate` made them siblings.
         let parent = spec.upper_dir.parent().unwrap_or(Path::new("/"));
         let overlay_dirs = idmapped_tree("overlay directory", parent, userns)?;
-        let resolv_conf = match &spec.resolv_conf {
-            Some(path) => Some(open_tree("resolv.conf file", path, false)?),
-            None => None,
-        };
+        let etc_files = spec
+            .etc_files
+            .iter()
+            .map(|f| Ok((f.name, open_tree("/etc identity file", &f.host_file, false)?)))
+            .collect::<Result<_, ChildError>>()?;
         // A device the host lacks is left out rather than failing the step.
         let devices = DEVICES
             .iter()
@@ -379,7 +379,7 @@ impl HostFds {
             work_name,
             upper: open_path("upper directory", &spec.upper_dir)?,
             caches,
-            resolv_conf,
+            etc_files,
             devices,
         })
     }
@@ -404,7 +404,7 @@ impl HostFds {
     fn tree(&self, host: HostRef) -> Option<&OwnedFd> {
         match host {
             HostRef::Cache(i) => self.caches.get(i),
-            HostRef::ResolvConf => self.resolv_conf.as_ref(),
+            HostRef::Etc(name) => self.etc_files.iter().find(|(n, _)| *n == name).map(|(_, fd)| fd),
             HostRef::Device(name) => self.devices.iter().find(|(n, _)| *n == name).map(|(_, fd)| fd),
         }
     }
@@ -796,7 +796,7 @@ mod tests {
     }
 
     #[test]
-    fn sys_and_resolv_conf_are_read_only_and_nothing_but_devices_allows_device_nodes() {
+    fn sys_and_etc_identity_files_are_read_only_and_nothing_but_devices_allows_device_nodes() {
         let steps = plan(&sample());
         for step in &steps {
             let Step::Mount {
@@ -815,7 +815,14 @@ mod tests {
                 assert!(flags.contains(MsFlags::MS_NODEV), "{target:?} allows devices");
             }
         }
-        for ro in ["/sys", "/etc/resolv.conf", "/proc/sys", "/proc/sysrq-trigger"] {
+        for ro in [
+            "/sys",
+            "/etc/resolv.conf",
+            "/etc/hosts",
+            "/etc/hostname",
+            "/proc/sys",
+            "/proc/sysrq-trigger",
+        ] {
             let Step::Mount { flags, .. } = find(&steps, ro) else {
                 unreachable!()
             };
@@ -830,7 +837,7 @@ mod tests {
     #[test]
     fn cache_mounts_bind_their_host_directory_read_only_when_asked() {
         let mut spec = sample();
-        spec.resolv_conf = None;
+        spec.etc_files.clear();
         spec.cache_mounts.push(BindMount {
             host_dir: "/cache/apt".into(),
             target: "/var/cache/apt".into(),

@@ -54,9 +54,37 @@ pub struct RunSpec {
     pub no_new_privileges: bool,
     /// `RUN --mount=type=cache` directories: bind-mounted, never part of the diff.
     pub cache_mounts: Vec<BindMount>,
-    /// A host file bind-mounted read-only over `/etc/resolv.conf` (usually the host's own).
-    /// Never part of the diff, whether or not the image has the file.
-    pub resolv_conf: Option<PathBuf>,
+    /// Host files bind-mounted read-only over the image's network identity files
+    /// (`/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`), as every builder provides them to
+    /// RUN. Never part of the diff, whether or not the image has the files.
+    pub etc_files: Vec<EtcFile>,
+}
+
+/// One of the files under `/etc` that tell a process its network identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EtcName {
+    ResolvConf,
+    Hosts,
+    Hostname,
+}
+
+impl EtcName {
+    /// Where the file is inside the sandbox.
+    pub fn path(self) -> &'static str {
+        match self {
+            EtcName::ResolvConf => "/etc/resolv.conf",
+            EtcName::Hosts => "/etc/hosts",
+            EtcName::Hostname => "/etc/hostname",
+        }
+    }
+}
+
+/// A host file the step sees, read-only, as one of its `/etc` identity files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcFile {
+    pub name: EtcName,
+    pub host_file: PathBuf,
 }
 
 /// The network of a RUN step (see [`super::network`]).
@@ -170,7 +198,11 @@ impl RunSpec {
                     .iter()
                     .map(|m| ("cache directory", m.host_dir.as_path())),
             )
-            .chain(self.resolv_conf.iter().map(|p| ("resolv.conf file", p.as_path())))
+            .chain(
+                self.etc_files
+                    .iter()
+                    .map(|f| ("/etc identity file", f.host_file.as_path())),
+            )
             .chain(
                 self.cgroup_procs
                     .iter()
@@ -305,7 +337,20 @@ pub(crate) mod tests {
                 target: "/root/.cache/go-build".into(),
                 read_only: false,
             }],
-            resolv_conf: Some("/etc/resolv.conf".into()),
+            etc_files: vec![
+                EtcFile {
+                    name: EtcName::ResolvConf,
+                    host_file: "/etc/resolv.conf".into(),
+                },
+                EtcFile {
+                    name: EtcName::Hosts,
+                    host_file: "/steps/1/hosts".into(),
+                },
+                EtcFile {
+                    name: EtcName::Hostname,
+                    host_file: "/steps/1/hostname".into(),
+                },
+            ],
             ids: IdRange::DEFAULT,
             cgroup_procs: Vec::new(),
             no_new_privileges: false,

@@ -15,7 +15,7 @@ use super::{config::shell_of, join_path, ImageState, StageCtx, StageRunner};
 use crate::engine::{
     build::{securejoin, EngineError, RunNetwork},
     dockerfile::{self, MountType, RunScript, ShellOrExec},
-    sandbox::{self, cgroup::BuildCgroup, BindMount, RunSpec},
+    sandbox::{self, cgroup::BuildCgroup, BindMount, EtcFile, EtcName, RunSpec},
 };
 
 impl StageRunner<'_> {
@@ -89,7 +89,7 @@ impl StageRunner<'_> {
             env,
             cwd,
             user,
-            hostname: "kiln".into(),
+            hostname: SANDBOX_HOSTNAME.into(),
             network: match network {
                 RunNetwork::Sandbox => sandbox::Network::Sandbox {
                     slirp4netns: isolation.slirp4netns.clone(),
@@ -98,14 +98,7 @@ impl StageRunner<'_> {
                 RunNetwork::None => sandbox::Network::None,
             },
             cache_mounts: mounts,
-            resolv_conf: match network {
-                // The host's resolver may sit on its loopback, out of the sandbox's reach:
-                // slirp4netns forwards DNS for the step.
-                RunNetwork::Sandbox => Some(write_sandbox_resolv_conf(&dir)?),
-                RunNetwork::Host | RunNetwork::None => {
-                    Some(PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists())
-                }
-            },
+            etc_files: etc_files(&dir, network)?,
             ids: isolation.ids,
             cgroup_procs: self.cgroup.map(BuildCgroup::procs_files).unwrap_or_default(),
             no_new_privileges: isolation.no_new_privileges,
@@ -353,10 +346,50 @@ fn run_argv(run: &dockerfile::RunSpec, shell: &[String]) -> (Vec<String>, String
     }
 }
 
+/// The host name every RUN sees (BuildKit's is `buildkitsandbox`).
+const SANDBOX_HOSTNAME: &str = "kiln";
+
+/// The `/etc` identity files of a step, as BuildKit and buildah give every RUN: a
+/// `resolv.conf`, an `/etc/hosts` that resolves `localhost` and the host name, and an
+/// `/etc/hostname`. They are mounted over the image's files and never committed.
+fn etc_files(step_dir: &Path, network: RunNetwork) -> Result<Vec<EtcFile>, EngineError> {
+    let resolv_conf = match network {
+        // The host's resolver may sit on its loopback, out of the sandbox's reach:
+        // slirp4netns forwards DNS for the step.
+        RunNetwork::Sandbox => Some(write_step_file(
+            step_dir,
+            "resolv.conf",
+            &sandbox_resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+        )?),
+        RunNetwork::Host | RunNetwork::None => Some(PathBuf::from("/etc/resolv.conf")).filter(|p| p.exists()),
+    };
+    let hosts =
+        format!("127.0.0.1\tlocalhost {SANDBOX_HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let mut files = vec![
+        EtcFile {
+            name: EtcName::Hosts,
+            host_file: write_step_file(step_dir, "hosts", &hosts)?,
+        },
+        EtcFile {
+            name: EtcName::Hostname,
+            host_file: write_step_file(step_dir, "hostname", &format!("{SANDBOX_HOSTNAME}\n"))?,
+        },
+    ];
+    if let Some(host_file) = resolv_conf {
+        files.insert(
+            0,
+            EtcFile {
+                name: EtcName::ResolvConf,
+                host_file,
+            },
+        );
+    }
+    Ok(files)
+}
+
 /// A `resolv.conf` for a step on the sandbox network: slirp4netns' DNS forwarder, with the
-/// host's `search` and `options` lines.
-fn write_sandbox_resolv_conf(step_dir: &Path) -> Result<PathBuf, EngineError> {
-    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+/// `search` and `options` lines of the host's.
+fn sandbox_resolv_conf(host: &str) -> String {
     let mut text = format!("nameserver {}\n", sandbox::network::SLIRP_DNS);
     for line in host.lines() {
         if line.starts_with("search ") || line.starts_with("options ") {
@@ -364,8 +397,12 @@ fn write_sandbox_resolv_conf(step_dir: &Path) -> Result<PathBuf, EngineError> {
             text.push('\n');
         }
     }
-    let path = step_dir.join("resolv.conf");
-    std::fs::write(&path, text).map_err(EngineError::io("writing the step's resolv.conf"))?;
+    text
+}
+
+fn write_step_file(step_dir: &Path, name: &str, text: &str) -> Result<PathBuf, EngineError> {
+    let path = step_dir.join(name);
+    std::fs::write(&path, text).map_err(EngineError::io(format!("writing the step's {name}")))?;
     Ok(path)
 }
 
