@@ -9,7 +9,8 @@
 //!   chains, symlink chains) through every context-reading path: `context_path`, the
 //!   Dockerfile, `.dockerignore`, COPY sources and globs, and the instruction cache's hashing
 //!   (no host content in the cache key, no stall on a 200 GB sparse host file);
-//! - the same symlinks committed to a `file://` git repository;
+//! - the same symlinks committed to a `file://` git repository, also as `RUN --mount=type=bind`
+//!   sources (from the context or a stage, read-only or writable);
 //! - ADD of archives with absolute names, `..`, a symlink then a file through it, and hard
 //!   links (`--chown` never reaches a host path);
 //! - destinations through the image's own symlinks: WORKDIR, COPY, COPY heredoc,
@@ -606,6 +607,87 @@ async fn git_context_symlinks_resolve_inside_the_checkout() {
 
         hostdir.assert_untouched("git");
         host.assert_unchanged("git");
+    })
+    .await;
+}
+
+/// `RUN --mount=type=bind` reads its source as COPY does: a symlink in a git checkout (to a
+/// host directory, absolute or by `..`) or a climbing `source=` resolves inside the context or
+/// the stage, never on the host; a writable bind is a copy, so what a step writes through it
+/// reaches neither the host nor the context a later step reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_mount_bind_sources_resolve_inside_their_root() {
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    let base = busybox_in(&kiln);
+    let mut host = HostSentinels::new(&kiln);
+    let hostdir = HostDir::new();
+    host.watch(&hostdir.path("secret"));
+    let repo_dir = tempfile::Builder::new().prefix("kh-bind-").tempdir().unwrap();
+    let repo = repo_dir.path().join("repo");
+    std::fs::create_dir_all(repo.join("data")).unwrap();
+    std::fs::write(repo.join("data/file"), "from the context\n").unwrap();
+    std::os::unix::fs::symlink(hostdir.abs(), repo.join("hostlink")).unwrap();
+    let climb = format!("{}{}", "../".repeat(12), hostdir.rel());
+    std::os::unix::fs::symlink(&climb, repo.join("data/uplink")).unwrap();
+    let abs = hostdir.abs();
+    let dockerfile = |body: &str| format!("FROM {base} AS stage\nFROM {base}\n{body}\n");
+    let cases: [(&str, String, Option<&str>); 5] = [
+        (
+            "bind through an absolute symlink",
+            "RUN --mount=type=bind,source=hostlink,target=/m cat /m/secret".into(),
+            Some("line 3"),
+        ),
+        (
+            "bind through a climbing symlink",
+            "RUN --mount=type=bind,source=data/uplink,target=/m cat /m/secret".into(),
+            Some("line 3"),
+        ),
+        (
+            "climbing source in the context",
+            format!("RUN --mount=type=bind,source={climb}/secret,target=/m cat /m"),
+            Some("line 3"),
+        ),
+        (
+            "climbing source in a stage",
+            format!("RUN --mount=type=bind,from=stage,source={climb}/secret,target=/m cat /m"),
+            Some("line 3"),
+        ),
+        (
+            "writes through a rw bind",
+            format!(
+                "RUN --mount=type=bind,target=/ctx,rw (echo pwned > /ctx/hostlink/secret; \
+                 echo pwned > /ctx/data/uplink/secret; echo pwned > /ctx/data/file; \
+                 echo pwned > {abs}/secret) 2>/dev/null; echo wrote\n\
+                 RUN --mount=type=bind,target=/ctx cat /ctx/data/file"
+            ),
+            None,
+        ),
+    ];
+    within(600, async {
+        let mut client = kiln.builder().await;
+        for (n, (case, body, fails_at)) in cases.into_iter().enumerate() {
+            std::fs::write(repo.join("Dockerfile"), dockerfile(&body)).unwrap();
+            if n == 0 {
+                git(&repo, &["init", "-q", "-b", "main"]);
+            }
+            git(&repo, &["add", "-A"]);
+            git(&repo, &["commit", "-q", "--no-verify", "-m", case]);
+            let uri = format!("file://{}", repo.display());
+            let outcome = run_build(&mut client, request(git_at(&uri, ".", "Dockerfile"))).await;
+            let text = match fails_at {
+                Some(line) => build_failed(&mut client, &kiln, case, &outcome, &[line]).await,
+                None => {
+                    let log = succeeded(&mut client, case, &outcome).await;
+                    // The second step reads the context as it was: the first one's writes
+                    // went to its own copy.
+                    assert!(log.contains("from the context"), "{case}:\n{log}");
+                    log
+                }
+            };
+            hostdir.assert_not_leaked(case, &text);
+            hostdir.assert_untouched(case);
+            host.assert_unchanged(case);
+        }
     })
     .await;
 }

@@ -24,7 +24,7 @@ use std::{
 
 use bytes::Bytes;
 use kiln::engine::sandbox::{
-    self, BindMount, EtcFile, EtcName, IdRange, Network, RunOutcome, RunSpec, SandboxError,
+    self, EtcFile, EtcName, IdRange, Network, RunOutcome, RunSpec, SandboxError, StepMount,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -143,7 +143,7 @@ impl Fixture {
             user: None,
             hostname: "kiln-test".into(),
             network: Network::Host,
-            cache_mounts: Vec::new(),
+            mounts: Vec::new(),
             etc_files: Vec::new(),
             ids: IdRange::DEFAULT,
             cgroup_procs: Vec::new(),
@@ -519,13 +519,9 @@ async fn cache_mounts_persist_across_steps_and_stay_out_of_the_diff() {
     let fx = Fixture::new();
     let cache = fx.dir.path().join("cache");
     fs::create_dir(&cache).unwrap();
-    let mount = |read_only| BindMount {
-        host_dir: cache.clone(),
-        target: "/root/.cache/tool".into(),
-        read_only,
-    };
+    let mount = |read_only| StepMount::host_dir(cache.clone(), "/root/.cache/tool", read_only);
     let mut spec = fx.spec("echo one > /root/.cache/tool/entry && echo done > /result");
-    spec.cache_mounts = vec![mount(false)];
+    spec.mounts = vec![mount(false)];
     run_ok(&spec).await;
     assert_eq!(fs::read_to_string(cache.join("entry")).unwrap(), "one\n");
     assert_eq!(
@@ -537,7 +533,7 @@ async fn cache_mounts_persist_across_steps_and_stay_out_of_the_diff() {
     fx.fresh_upper();
     let mut spec =
         fx.spec("cat /root/.cache/tool/entry; echo two > /root/.cache/tool/entry || echo read-only");
-    spec.cache_mounts = vec![mount(true)];
+    spec.mounts = vec![mount(true)];
     let output = run_ok(&spec).await;
     assert!(
         output.starts_with("one\n") && output.ends_with("read-only\n"),
@@ -709,11 +705,7 @@ async fn a_scratch_step_runs_on_an_empty_root() {
         "-c".into(),
         "/tools/busybox ls -a / | /tools/busybox tr '\\n' ' '; echo made > /made".into(),
     ];
-    spec.cache_mounts = vec![BindMount {
-        host_dir: tools,
-        target: "/tools".into(),
-        read_only: true,
-    }];
+    spec.mounts = vec![StepMount::host_dir(tools, "/tools", true)];
     let output = run_ok(&spec).await;
     assert_eq!(output, ". .. dev proc sys tools ");
     assert_eq!(fx.upper_entries(), set(&["made"]));
@@ -851,11 +843,7 @@ async fn mount_targets_behind_symlinks_resolve_inside_the_image_and_are_cleaned_
         name: EtcName::Hosts,
         host_file: step_hosts,
     });
-    spec.cache_mounts = vec![BindMount {
-        host_dir: cache.clone(),
-        target: "/root/.cache".into(),
-        read_only: false,
-    }];
+    spec.mounts = vec![StepMount::host_dir(cache.clone(), "/root/.cache", false)];
     let output = run_ok(&spec).await;
     assert_eq!(output, "nameserver 192.0.2.1\n127.0.0.1\tlocalhost\ncache-real\n");
     assert_eq!(fs::read_to_string(cache.join("x")).unwrap(), "cached\n");
@@ -880,11 +868,7 @@ async fn a_read_only_bind_inside_dev_can_hold_an_executable_script() {
     fs::set_permissions(pipes.join("script"), fs::Permissions::from_mode(0o755)).unwrap();
     let mut spec = fx.spec("");
     spec.argv = vec!["/dev/pipes/script".into(), "arg".into()];
-    spec.cache_mounts = vec![BindMount {
-        host_dir: pipes,
-        target: "/dev/pipes".into(),
-        read_only: true,
-    }];
+    spec.mounts = vec![StepMount::host_dir(pipes, "/dev/pipes", true)];
     assert_eq!(run_ok(&spec).await, "from-heredoc arg\n");
     assert_eq!(fx.upper_entries(), set(&[]));
 }

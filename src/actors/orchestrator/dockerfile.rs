@@ -20,7 +20,7 @@ use crate::{
     engine::{
         build::securejoin,
         context::{self, DockerIgnore},
-        dockerfile::{self, expand, Instruction},
+        dockerfile::{self, expand},
     },
     model::{AuthPolicy, BuildKey, ContextSource, DockerfileSource, ImageRef},
 };
@@ -340,13 +340,11 @@ async fn resolve_images(
             wanted.push((stage.from.line, from));
         }
         for instr in &stage.instructions {
-            if let Instruction::Copy(spec) | Instruction::Add(spec) = &instr.inner {
-                if let Some(f) = &spec.from {
-                    let named_stage =
-                        aliases.iter().any(|a| a.eq_ignore_ascii_case(f)) || f.parse::<usize>().is_ok();
-                    if !named_stage && !f.contains('$') {
-                        wanted.push((instr.line, f.clone()));
-                    }
+            for f in instr.inner.reads_from() {
+                let named_stage =
+                    aliases.iter().any(|a| a.eq_ignore_ascii_case(f)) || f.parse::<usize>().is_ok();
+                if !named_stage && !f.contains('$') {
+                    wanted.push((instr.line, f.to_owned()));
                 }
             }
         }

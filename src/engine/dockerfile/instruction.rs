@@ -239,6 +239,16 @@ impl Instruction {
             Instruction::Maintainer(_) => "MAINTAINER",
         }
     }
+
+    /// The stages or images the instruction reads files from, as written (not expanded):
+    /// `COPY/ADD --from=…` and `RUN --mount=…,from=…`.
+    pub fn reads_from(&self) -> Vec<&str> {
+        match self {
+            Instruction::Copy(spec) | Instruction::Add(spec) => spec.from.as_deref().into_iter().collect(),
+            Instruction::Run(run) => run.mounts.iter().filter_map(|m| m.from.as_deref()).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// A canonical Dockerfile rendering of an instruction, which parses back to an equal

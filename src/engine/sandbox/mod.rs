@@ -80,7 +80,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub use child::child_main;
-pub use spec::{BindMount, EtcFile, EtcName, Network, RunSpec, SpecError};
+pub use spec::{EtcFile, EtcName, MountSource, Network, RunSpec, SpecError, StepMount};
 pub use userns::IdRange;
 
 use spec::{CopiedUpDir, FailureKind, LaunchRequest, Report};

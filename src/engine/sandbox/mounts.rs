@@ -55,7 +55,7 @@ use nix::{
 
 use super::{
     child::ChildError,
-    spec::{CopiedUpDir, EtcName, LaunchRequest, RunSpec},
+    spec::{CopiedUpDir, EtcName, LaunchRequest, MountSource, RunSpec},
     userns::{idmapped_tree, IdRange},
 };
 
@@ -125,8 +125,8 @@ pub(crate) fn overlay_options(lower: &[RawFd], upper: &str, work: &str) -> Resul
 /// A host file or directory, opened before `pivot_root` hides the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum HostRef {
-    /// `spec.cache_mounts[i].host_dir`.
-    Cache(usize),
+    /// The host directory or file of `spec.mounts[i]`.
+    Mount(usize),
     /// The host file of `spec.etc_files` for this name.
     Etc(EtcName),
     /// `/dev/<name>` of the host.
@@ -139,7 +139,7 @@ pub(crate) enum Source {
     /// A new instance of a file system.
     Fs {
         fstype: &'static str,
-        data: Option<&'static str>,
+        data: Option<String>,
     },
     /// A bind mount of a host file or directory.
     Host(HostRef),
@@ -178,7 +178,10 @@ pub(crate) enum Step {
 fn fs_step(target: &str, fstype: &'static str, data: Option<&'static str>, flags: MsFlags) -> Step {
     Step::Mount {
         target: target.into(),
-        source: Source::Fs { fstype, data },
+        source: Source::Fs {
+            fstype,
+            data: data.map(str::to_owned),
+        },
         flags,
         create: Create::Dir,
     }
@@ -235,16 +238,32 @@ pub(crate) fn plan(spec: &RunSpec) -> Vec<Step> {
         flags: hidden | MsFlags::MS_RDONLY,
         create: Create::File,
     }));
-    for (i, cache) in spec.cache_mounts.iter().enumerate() {
+    for (i, m) in spec.mounts.iter().enumerate() {
         let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
-        if cache.read_only {
+        if m.read_only {
             flags |= MsFlags::MS_RDONLY;
         }
+        let (source, create) = match &m.source {
+            MountSource::HostDir(_) => (Source::Host(HostRef::Mount(i)), Create::Dir),
+            MountSource::HostFile(_) => (Source::Host(HostRef::Mount(i)), Create::File),
+            MountSource::Tmpfs { size_bytes } => {
+                flags |= MsFlags::MS_STRICTATIME;
+                let data = match size_bytes {
+                    Some(size) => format!("mode=1777,size={size}"),
+                    None => "mode=1777".to_owned(),
+                };
+                let source = Source::Fs {
+                    fstype: "tmpfs",
+                    data: Some(data),
+                };
+                (source, Create::Dir)
+            }
+        };
         steps.push(Step::Mount {
-            target: cache.target.clone(),
-            source: Source::Host(HostRef::Cache(i)),
+            target: m.target.clone(),
+            source,
             flags,
-            create: Create::Dir,
+            create,
         });
     }
     steps
@@ -311,7 +330,7 @@ fn move_mount(tree: &OwnedFd, target: &Path) -> Result<(), Errno> {
 }
 
 /// Every host file and directory the sandbox needs, opened while the host is still visible:
-/// the overlay's layers and the cache directories as idmapped detached trees (see
+/// the overlay's layers and the mounts' host paths as idmapped detached trees (see
 /// [`super::userns`]), the other bind-mounted objects as plain detached trees.
 #[derive(Debug)]
 pub(crate) struct HostFds {
@@ -323,7 +342,8 @@ pub(crate) struct HostFds {
     /// The upper directory itself, unmapped, to record what overlayfs copies up with the
     /// ids on disk.
     upper: OwnedFd,
-    caches: Vec<OwnedFd>,
+    /// The idmapped tree of each of `spec.mounts` that binds a host path.
+    mounts: Vec<Option<OwnedFd>>,
     etc_files: Vec<(EtcName, OwnedFd)>,
     devices: Vec<(&'static str, OwnedFd)>,
 }
@@ -338,10 +358,14 @@ impl HostFds {
             .into_iter()
             .map(|dir| idmapped_tree("lower layer directory", dir, userns))
             .collect::<Result<_, _>>()?;
-        let caches = spec
-            .cache_mounts
+        let mounts = spec
+            .mounts
             .iter()
-            .map(|m| idmapped_tree("cache directory", &m.host_dir, userns))
+            .map(|m| {
+                m.host_path()
+                    .map(|path| idmapped_tree("mount source", path, userns))
+                    .transpose()
+            })
             .collect::<Result<_, _>>()?;
         let name = |what: &'static str, path: &Path| {
             path.file_name()
@@ -378,7 +402,7 @@ impl HostFds {
             upper_name,
             work_name,
             upper: open_path("upper directory", &spec.upper_dir)?,
-            caches,
+            mounts,
             etc_files,
             devices,
         })
@@ -403,7 +427,7 @@ impl HostFds {
     /// The detached tree of a host object, or `None` for a device the host lacks.
     fn tree(&self, host: HostRef) -> Option<&OwnedFd> {
         match host {
-            HostRef::Cache(i) => self.caches.get(i),
+            HostRef::Mount(i) => self.mounts.get(i).and_then(Option::as_ref),
             HostRef::Etc(name) => self.etc_files.iter().find(|(n, _)| *n == name).map(|(_, fd)| fd),
             HostRef::Device(name) => self.devices.iter().find(|(n, _)| *n == name).map(|(_, fd)| fd),
         }
@@ -499,7 +523,7 @@ impl Mounts {
         let none: Option<&str> = None;
         match source {
             Source::Fs { fstype, data } => {
-                mount(Some(*fstype), &target, Some(*fstype), flags, *data)
+                mount(Some(*fstype), &target, Some(*fstype), flags, data.as_deref())
                     .map_err(mount_err(*fstype, &target))?;
             }
             Source::Host(_) | Source::Itself => {
@@ -743,7 +767,7 @@ fn components(path: &Path) -> VecDeque<OsString> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::sandbox::spec::{tests::sample, BindMount};
+    use crate::engine::sandbox::spec::{tests::sample, StepMount};
 
     #[test]
     fn overlay_options_name_layers_by_descriptor_top_first_with_copy_up_features_off() {
@@ -835,21 +859,31 @@ mod tests {
     }
 
     #[test]
-    fn cache_mounts_bind_their_host_directory_read_only_when_asked() {
+    fn step_mounts_bind_host_paths_and_make_tmpfs_in_order_read_only_when_asked() {
         let mut spec = sample();
         spec.etc_files.clear();
-        spec.cache_mounts.push(BindMount {
-            host_dir: "/cache/apt".into(),
-            target: "/var/cache/apt".into(),
-            read_only: true,
-        });
+        spec.mounts.extend([
+            StepMount::host_dir("/cache/apt", "/var/cache/apt", true),
+            StepMount {
+                target: "/run/scratch".into(),
+                source: MountSource::Tmpfs {
+                    size_bytes: Some(1 << 20),
+                },
+                read_only: false,
+            },
+            StepMount {
+                target: "/src/go.mod".into(),
+                source: MountSource::HostFile("/steps/1/bind-0/go.mod".into()),
+                read_only: true,
+            },
+        ]);
         let steps = plan(&spec);
         assert!(!targets(&steps).contains(&"/etc/resolv.conf".to_owned()));
         assert_eq!(
             *find(&steps, "/root/.cache/go-build"),
             Step::Mount {
                 target: "/root/.cache/go-build".into(),
-                source: Source::Host(HostRef::Cache(0)),
+                source: Source::Host(HostRef::Mount(0)),
                 flags: MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
                 create: Create::Dir,
             }
@@ -857,10 +891,40 @@ mod tests {
         let Step::Mount { source, flags, .. } = find(&steps, "/var/cache/apt") else {
             unreachable!()
         };
-        assert_eq!(*source, Source::Host(HostRef::Cache(1)));
+        assert_eq!(*source, Source::Host(HostRef::Mount(1)));
         assert_eq!(
             *flags,
             MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_RDONLY
+        );
+        assert_eq!(
+            *find(&steps, "/run/scratch"),
+            Step::Mount {
+                target: "/run/scratch".into(),
+                source: Source::Fs {
+                    fstype: "tmpfs",
+                    data: Some("mode=1777,size=1048576".into()),
+                },
+                flags: MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+                create: Create::Dir,
+            }
+        );
+        let Step::Mount { source, create, .. } = find(&steps, "/src/go.mod") else {
+            unreachable!()
+        };
+        assert_eq!(
+            (source, *create),
+            (&Source::Host(HostRef::Mount(3)), Create::File)
+        );
+        let order = targets(&steps);
+        assert_eq!(
+            order[order.len() - 4..],
+            [
+                "/root/.cache/go-build",
+                "/var/cache/apt",
+                "/run/scratch",
+                "/src/go.mod"
+            ]
+            .map(String::from)
         );
     }
 

@@ -52,8 +52,8 @@ pub struct RunSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// Sets `no_new_privs` before `execve`: setuid binaries of the image stop working.
     pub no_new_privileges: bool,
-    /// `RUN --mount=type=cache` directories: bind-mounted, never part of the diff.
-    pub cache_mounts: Vec<BindMount>,
+    /// The step's mounts, in order (a later target may lie inside an earlier one).
+    pub mounts: Vec<StepMount>,
     /// Host files bind-mounted read-only over the image's network identity files
     /// (`/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`), as every builder provides them to
     /// RUN. Never part of the diff, whether or not the image has the files.
@@ -101,16 +101,48 @@ pub enum Network {
     None,
 }
 
-/// A host directory bind-mounted into the sandbox.
+/// A mount of the step (a `RUN --mount`, the heredoc script directory). Never part of the
+/// diff: a target Kiln had to create is removed again after the step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BindMount {
-    /// The directory on the host.
-    pub host_dir: PathBuf,
-    /// Where it appears inside the sandbox (absolute). Created if missing; created
-    /// directories are removed again after the step, so they are not part of the diff.
+pub struct StepMount {
+    /// Where it appears inside the sandbox (absolute; symlinks resolve inside the image).
     pub target: PathBuf,
+    /// What is mounted there.
+    pub source: MountSource,
     /// Mount it read-only.
     pub read_only: bool,
+}
+
+/// What a [`StepMount`] mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountSource {
+    /// A host directory, its owners as stored on disk (a cache, a prepared bind source).
+    HostDir(PathBuf),
+    /// A host file, its owner as stored on disk (a bind source that is one file).
+    HostFile(PathBuf),
+    /// A new, empty tmpfs (mode 1777) of at most `size_bytes` (default: the kernel's, half
+    /// of memory; its pages count against the build's memory limit).
+    Tmpfs { size_bytes: Option<u64> },
+}
+
+impl StepMount {
+    /// A host directory at `target`.
+    pub fn host_dir(host_dir: impl Into<PathBuf>, target: impl Into<PathBuf>, read_only: bool) -> Self {
+        StepMount {
+            target: target.into(),
+            source: MountSource::HostDir(host_dir.into()),
+            read_only,
+        }
+    }
+
+    /// The host path it binds, if any.
+    pub fn host_path(&self) -> Option<&Path> {
+        match &self.source {
+            MountSource::HostDir(p) | MountSource::HostFile(p) => Some(p),
+            MountSource::Tmpfs { .. } => None,
+        }
+    }
 }
 
 /// Why a [`RunSpec`] cannot run.
@@ -130,10 +162,10 @@ pub enum SpecError {
     BadHostname { hostname: String },
     #[error("the user {user:?} is empty or contains a NUL byte or a newline")]
     BadUser { user: String },
-    #[error("the cache mount target {target:?} is not an absolute path")]
-    RelativeCacheTarget { target: PathBuf },
-    #[error("the cache mount target {target:?} is the root directory")]
-    RootCacheTarget { target: PathBuf },
+    #[error("the mount target {target:?} is not an absolute path")]
+    RelativeMountTarget { target: PathBuf },
+    #[error("the mount target {target:?} is the root directory")]
+    RootMountTarget { target: PathBuf },
     #[error("the {what} {path:?} is not an absolute path")]
     RelativeHostPath { what: &'static str, path: PathBuf },
     #[error("too many lower layers: {count} (overlayfs stacks at most {max})")]
@@ -194,9 +226,9 @@ impl RunSpec {
                 ("work directory", self.work_dir.as_path()),
             ])
             .chain(
-                self.cache_mounts
+                self.mounts
                     .iter()
-                    .map(|m| ("cache directory", m.host_dir.as_path())),
+                    .filter_map(|m| Some(("mount source", m.host_path()?))),
             )
             .chain(
                 self.etc_files
@@ -223,14 +255,14 @@ impl RunSpec {
             });
         }
         self.ids.check().map_err(SpecError::BadIdRange)?;
-        for mount in &self.cache_mounts {
+        for mount in &self.mounts {
             if !mount.target.is_absolute() {
-                return Err(SpecError::RelativeCacheTarget {
+                return Err(SpecError::RelativeMountTarget {
                     target: mount.target.clone(),
                 });
             }
             if mount.target.parent().is_none() {
-                return Err(SpecError::RootCacheTarget {
+                return Err(SpecError::RootMountTarget {
                     target: mount.target.clone(),
                 });
             }
@@ -332,11 +364,7 @@ pub(crate) mod tests {
             user: Some("app:app".into()),
             hostname: "kiln".into(),
             network: Network::None,
-            cache_mounts: vec![BindMount {
-                host_dir: "/cache/go".into(),
-                target: "/root/.cache/go-build".into(),
-                read_only: false,
-            }],
+            mounts: vec![StepMount::host_dir("/cache/go", "/root/.cache/go-build", false)],
             etc_files: vec![
                 EtcFile {
                     name: EtcName::ResolvConf,
@@ -398,14 +426,14 @@ pub(crate) mod tests {
             SpecError::BadUser { user: String::new() },
         );
         check(
-            |s| s.cache_mounts[0].target = "cache".into(),
-            SpecError::RelativeCacheTarget {
+            |s| s.mounts[0].target = "cache".into(),
+            SpecError::RelativeMountTarget {
                 target: "cache".into(),
             },
         );
         check(
-            |s| s.cache_mounts[0].target = "/".into(),
-            SpecError::RootCacheTarget { target: "/".into() },
+            |s| s.mounts[0].target = "/".into(),
+            SpecError::RootMountTarget { target: "/".into() },
         );
         check(
             |s| s.upper_dir = "upper".into(),

@@ -221,55 +221,77 @@ impl StageRunner<'_> {
     ) -> Result<(FsSource, String), EngineError> {
         let keyword = copy.keyword;
         let Some(from) = spec.from.as_deref() else {
-            // Hashing reads whole files: off the async threads, and bounded.
-            let (context, ignore, names) = (
-                self.input.context.clone(),
-                self.input.dockerignore.clone(),
-                copy.sources.clone(),
-            );
-            let digest = tokio::task::spawn_blocking(move || {
-                context_inputs_digest(
-                    &context,
-                    &ignore,
-                    &names,
-                    crate::engine::context::MAX_CONTEXT_HASH_BYTES,
-                )
-            })
-            .await
-            .map_err(|e| EngineError::step_in(line, format!("{keyword}: hashing its sources"), e))?
-            .map_err(|e| EngineError::step_in(line, keyword, e))?;
-            let source = FsSource::Context {
-                dir: self.input.context.clone(),
-                ignore: self.input.dockerignore.clone(),
-            };
-            return Ok((source, digest));
+            let digest = self.context_digest(line, keyword, copy.sources.clone()).await?;
+            return Ok((self.context_source(), digest));
         };
         let from = self.word(ctx, state, line, from)?;
-        let src_state =
-            match self.stage_index(&from, ctx.stage_index) {
-                Some(i) => ctx.done.get(&i).cloned().ok_or_else(|| {
-                    EngineError::at(line, format!("{keyword} --from={from}: stage not built"))
-                })?,
-                None => {
-                    let image: ImageRef = match self.input.pinned.get(&from) {
-                        Some(pinned) => pinned.clone(),
-                        None => from
-                            .parse()
-                            .map_err(|e| EngineError::step_in(line, format!("{keyword} --from={from}"), e))?,
-                    };
-                    let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
-                    let digest = pulled.reference.digest().cloned().expect("pinned");
-                    ImageState {
-                        config: pulled.config,
-                        layers: pulled.layers,
-                        key: StateKey::of_image(&digest),
-                    }
-                }
-            };
+        let src_state = self
+            .state_from(ctx, line, &format!("{keyword} --from={from}"), &from)
+            .await?;
         let source = FsSource::Layers {
             lowers: src_state.lowers(),
         };
         Ok((source, src_state.key.hex()))
+    }
+
+    /// The build context as a source of files.
+    pub(super) fn context_source(&self) -> FsSource {
+        FsSource::Context {
+            dir: self.input.context.clone(),
+            ignore: self.input.dockerignore.clone(),
+        }
+    }
+
+    /// A digest of the context files `sources` name (see [`context_inputs_digest`]);
+    /// `keyword` names the step in errors.
+    pub(super) async fn context_digest(
+        &self,
+        line: usize,
+        keyword: &str,
+        sources: Vec<String>,
+    ) -> Result<String, EngineError> {
+        // Hashing reads whole files: off the async threads, and bounded.
+        let (context, ignore) = (self.input.context.clone(), self.input.dockerignore.clone());
+        tokio::task::spawn_blocking(move || {
+            context_inputs_digest(
+                &context,
+                &ignore,
+                &sources,
+                crate::engine::context::MAX_CONTEXT_HASH_BYTES,
+            )
+        })
+        .await
+        .map_err(|e| EngineError::step_in(line, format!("{keyword}: hashing its sources"), e))?
+        .map_err(|e| EngineError::step_in(line, keyword, e))
+    }
+
+    /// The state a `--from=<from>` names: an earlier stage (built already) or an image,
+    /// pulled. `step` names the step in errors.
+    pub(super) async fn state_from(
+        &self,
+        ctx: &StageCtx<'_>,
+        line: usize,
+        step: &str,
+        from: &str,
+    ) -> Result<ImageState, EngineError> {
+        if let Some(i) = self.stage_index(from, ctx.stage_index) {
+            return ctx
+                .done
+                .get(&i)
+                .cloned()
+                .ok_or_else(|| EngineError::at(line, format!("{step}: stage not built")));
+        }
+        let image: ImageRef = match self.input.pinned.get(from) {
+            Some(pinned) => pinned.clone(),
+            None => from.parse().map_err(|e| EngineError::step_in(line, step, e))?,
+        };
+        let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
+        let digest = pulled.reference.digest().cloned().expect("pinned");
+        Ok(ImageState {
+            config: pulled.config,
+            layers: pulled.layers,
+            key: StateKey::of_image(&digest),
+        })
     }
 }
 

@@ -284,7 +284,8 @@ impl<'a> StageRunner<'a> {
         Ok(done.remove(&target).expect("the target stage was built"))
     }
 
-    /// The target and every stage it depends on (FROM <stage>, COPY --from=<stage>), in order.
+    /// The target and every stage it depends on (FROM <stage>, COPY --from=<stage>,
+    /// RUN --mount=from=<stage>), in order.
     fn needed_stages(
         &self,
         target: usize,
@@ -304,11 +305,13 @@ impl<'a> StageRunner<'a> {
                 stack.push(dep);
             }
             for instr in &stage.instructions {
-                if let Instruction::Copy(spec) | Instruction::Add(spec) = &instr.inner {
-                    if let Some(dep) = spec.from.as_deref().and_then(|f| self.stage_index(f, i)) {
-                        stack.push(dep);
-                    }
-                }
+                stack.extend(
+                    instr
+                        .inner
+                        .reads_from()
+                        .into_iter()
+                        .filter_map(|f| self.stage_index(f, i)),
+                );
             }
         }
         Ok((0..needed.len()).filter(|i| needed[*i]).collect())

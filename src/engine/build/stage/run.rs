@@ -13,9 +13,12 @@ use tokio::sync::mpsc;
 
 use super::{config::shell_of, join_path, ImageState, StageCtx, StageRunner};
 use crate::engine::{
-    build::{securejoin, EngineError, RunNetwork},
+    build::{
+        fsop::{self, FsAction, FsOp, FsSource, Overlay},
+        securejoin, EngineError, RunNetwork,
+    },
     dockerfile::{self, MountType, RunScript, ShellOrExec},
-    sandbox::{self, cgroup::BuildCgroup, BindMount, EtcFile, EtcName, RunSpec},
+    sandbox::{self, cgroup::BuildCgroup, EtcFile, EtcName, MountSource, RunSpec, StepMount},
 };
 
 impl StageRunner<'_> {
@@ -48,7 +51,8 @@ impl StageRunner<'_> {
         }
         let cwd = Self::cwd(&state);
         let network = self.run_network(line, run)?;
-        let (mut mounts, mount_keys) = self.cache_mounts(ctx, &state, line, run, &cwd)?;
+        let planned = self.plan_mounts(ctx, &state, line, run, &cwd).await?;
+        let mount_keys: Vec<&str> = planned.iter().map(|m| m.key.as_str()).collect();
         // Everything the step's result depends on besides the parent state.
         let step = serde_json::to_string(&(
             &argv,
@@ -69,16 +73,19 @@ impl StageRunner<'_> {
         for d in [&upper, &work] {
             std::fs::create_dir_all(d).map_err(EngineError::io("creating overlay directories"))?;
         }
+        let mut mounts = Vec::with_capacity(planned.len() + 1);
+        for (i, m) in planned.into_iter().enumerate() {
+            mounts.push(
+                self.prepare_mount(line, m, &dir.join(format!("bind-{i}")))
+                    .await?,
+            );
+        }
         if let Some((name, content)) = &script_file {
             let pipes = dir.join("pipes");
             std::fs::create_dir(&pipes).map_err(EngineError::io("creating the heredoc script dir"))?;
             write_script(&pipes, name, content.as_bytes())
                 .map_err(EngineError::io(format!("writing the heredoc script {name:?}")))?;
-            mounts.push(BindMount {
-                host_dir: pipes,
-                target: PathBuf::from("/dev/pipes"),
-                read_only: true,
-            });
+            mounts.push(StepMount::host_dir(pipes, "/dev/pipes", true));
         }
         let isolation = &self.engine.config().isolation;
         let spec = RunSpec {
@@ -97,7 +104,7 @@ impl StageRunner<'_> {
                 RunNetwork::Host => sandbox::Network::Host,
                 RunNetwork::None => sandbox::Network::None,
             },
-            cache_mounts: mounts,
+            mounts,
             etc_files: etc_files(&dir, network)?,
             ids: isolation.ids,
             cgroup_procs: self.cgroup.map(BuildCgroup::procs_files).unwrap_or_default(),
@@ -126,18 +133,17 @@ impl StageRunner<'_> {
         }
     }
 
-    /// The `RUN --mount=type=cache` directories (created on the host), and what of them the
-    /// step's cache key covers.
-    fn cache_mounts(
+    /// The step's `RUN --mount`s, expanded and checked, each with what of it the step's
+    /// cache key covers. Nothing is copied yet: a cache hit needs only the keys.
+    async fn plan_mounts(
         &self,
         ctx: &StageCtx<'_>,
         state: &ImageState,
         line: usize,
         run: &dockerfile::RunSpec,
         cwd: &str,
-    ) -> Result<(Vec<BindMount>, Vec<String>), EngineError> {
-        let mut mounts = Vec::new();
-        let mut mount_keys = Vec::new();
+    ) -> Result<Vec<PlannedMount>, EngineError> {
+        let mut planned = Vec::with_capacity(run.mounts.len());
         for m in &run.mounts {
             let m = m
                 .expand(
@@ -145,31 +151,137 @@ impl StageRunner<'_> {
                     self.dockerfile.escape,
                 )
                 .map_err(|e| EngineError::step_in(line, "RUN --mount", e))?;
-            if m.kind != MountType::Cache {
+            let target = join_path(cwd, &m.target);
+            if target == "/" {
                 return Err(EngineError::at(
                     line,
                     format!(
-                        "RUN --mount=type={} is not supported (only type=cache)",
-                        m.kind.as_str()
+                        "RUN --mount={}: the target is the root directory; mount it somewhere below",
+                        m.spec
                     ),
                 ));
             }
-            let target = join_path(cwd, &m.target);
-            let id = m.id.clone().unwrap_or_else(|| target.clone());
-            let host_dir = self
-                .engine
-                .cache_mount_dir(self.input.cache_scope.as_deref(), &id);
-            std::fs::create_dir_all(&host_dir).map_err(EngineError::io("creating a cache mount"))?;
-            mount_keys.push(format!("cache:{id}:{target}:{}", m.read_only));
-            mounts.push(BindMount {
-                host_dir,
-                target: PathBuf::from(target),
-                read_only: m.read_only,
+            let read_only = m.read_only;
+            planned.push(match m.kind {
+                MountType::Cache => {
+                    let id = m.id.clone().unwrap_or_else(|| target.clone());
+                    let host_dir = self
+                        .engine
+                        .cache_mount_dir(self.input.cache_scope.as_deref(), &id);
+                    std::fs::create_dir_all(&host_dir).map_err(EngineError::io("creating a cache mount"))?;
+                    PlannedMount {
+                        key: format!("cache:{id}:{target}:{read_only}"),
+                        what: Prepare::Ready(StepMount::host_dir(host_dir, target, read_only)),
+                    }
+                }
+                MountType::Tmpfs => PlannedMount {
+                    key: format!("tmpfs:{target}:{:?}", m.size),
+                    what: Prepare::Ready(StepMount {
+                        target: target.into(),
+                        source: MountSource::Tmpfs { size_bytes: m.size },
+                        read_only: false,
+                    }),
+                },
+                MountType::Bind => {
+                    let path = m.source.clone().unwrap_or_else(|| "/".into());
+                    let keyword = format!("RUN --mount={}", m.spec);
+                    let (source, inputs) = match m.from.as_deref() {
+                        None => {
+                            let inputs = self.context_digest(line, &keyword, vec![path.clone()]).await?;
+                            (self.context_source(), inputs)
+                        }
+                        Some(from) => {
+                            let from_state = self.state_from(ctx, line, &keyword, from).await?;
+                            let source = FsSource::Layers {
+                                lowers: from_state.lowers(),
+                            };
+                            (source, from_state.key.hex())
+                        }
+                    };
+                    PlannedMount {
+                        key: format!("bind:{target}:{read_only}:{path}:{inputs}"),
+                        what: Prepare::Copy {
+                            target,
+                            read_only,
+                            source,
+                            path,
+                        },
+                    }
+                }
+                MountType::Secret | MountType::Ssh => {
+                    return Err(EngineError::at(
+                        line,
+                        format!(
+                            "RUN --mount=type={} is not supported by this Kiln",
+                            m.kind.as_str()
+                        ),
+                    ))
+                }
             });
         }
-        Ok((mounts, mount_keys))
+        Ok(planned)
     }
 
+    /// Makes a planned mount real: a bind source is copied (through `fsop`, as COPY copies)
+    /// into `scratch`, so the step sees exactly the files COPY would give it, and whatever it
+    /// writes to a `rw` bind is discarded with the step's directory.
+    async fn prepare_mount(
+        &self,
+        line: usize,
+        m: PlannedMount,
+        scratch: &Path,
+    ) -> Result<StepMount, EngineError> {
+        let (target, read_only, source, path) = match m.what {
+            Prepare::Ready(mount) => return Ok(mount),
+            Prepare::Copy {
+                target,
+                read_only,
+                source,
+                path,
+            } => (target, read_only, source, path),
+        };
+        let (upper, work) = (scratch.join("upper"), scratch.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(EngineError::io("creating a bind mount's directories"))?;
+        }
+        let op = FsOp {
+            target: Overlay {
+                lowers: Vec::new(),
+                upper: upper.clone(),
+                work,
+            },
+            source: Some(source),
+            actions: vec![FsAction::Copy {
+                sources: vec![path],
+                dest: "/source".into(),
+                chown: None,
+                chmod: None,
+                extract: false,
+            }],
+            scratch: scratch.join("mnt"),
+        };
+        fsop::apply(&self.engine.config().exe, &op)
+            .await
+            .map_err(|e| EngineError::step_in(line, "RUN --mount=type=bind", e))?;
+        let copied = upper.join("source");
+        let meta =
+            std::fs::symlink_metadata(&copied).map_err(EngineError::io("reading a bind mount's source"))?;
+        let source = if meta.is_dir() {
+            MountSource::HostDir(copied)
+        } else if meta.is_file() {
+            MountSource::HostFile(copied)
+        } else {
+            return Err(EngineError::at(
+                line,
+                "RUN --mount=type=bind: the source is neither a file nor a directory",
+            ));
+        };
+        Ok(StepMount {
+            target: target.into(),
+            source,
+            read_only,
+        })
+    }
     /// Runs `spec` in the sandbox, its output going to the build log. A non-zero exit is a
     /// `RunFailed` with the output's last lines; a build limit hit on the way is named as the
     /// cause instead.
@@ -213,6 +325,25 @@ impl StageRunner<'_> {
         }
         Ok(())
     }
+}
+
+/// A `RUN --mount` decided but not yet made.
+struct PlannedMount {
+    /// What of it the step's cache key covers.
+    key: String,
+    what: Prepare,
+}
+
+enum Prepare {
+    /// Nothing to prepare (a cache directory, a tmpfs).
+    Ready(StepMount),
+    /// A bind mount: `path` of `source` is copied first.
+    Copy {
+        target: String,
+        read_only: bool,
+        source: FsSource,
+        path: String,
+    },
 }
 
 /// Writes a heredoc script into the fresh, private `pipes` directory. `name` passed
