@@ -6,8 +6,8 @@ use std::time::UNIX_EPOCH;
 use crate::{
     actors::{BuildError, BuildRefs, BuildRequest, BuildSelector, BuildSnapshot},
     model::{
-        AuthPolicy, BuildId, BuildSource, BuildStatus, ContextSource, DockerfileSource, GitCredentials,
-        GitSource, GitTarget, ImageRef, InstallationCredentialScope, Secret,
+        AuthPolicy, BuildId, BuildSecrets, BuildSource, BuildStatus, ContextSource, DockerfileSource,
+        GitCredentials, GitSource, GitTarget, ImageRef, InstallationCredentialScope, Secret,
     },
     proto::builder as pb,
 };
@@ -94,12 +94,19 @@ fn dockerfile_source(f: pb::BuildSourceDockerfile) -> Result<BuildSource, BuildE
     };
     let target = Some(f.target.trim().to_owned()).filter(|t| !t.is_empty());
     let (dockerfile_path, context_path) = gitpod_paths(&f.dockerfile_path, &f.context_path);
+    let mut secrets = BuildSecrets::default();
+    for (id, value) in f.secrets {
+        secrets
+            .insert(id, value)
+            .map_err(|e| invalid(format!("source.file.secrets: {e}")))?;
+    }
     Ok(BuildSource::Dockerfile(DockerfileSource {
         context,
         dockerfile_path,
         context_path,
         build_args: f.build_args.into_iter().collect(),
         target,
+        secrets,
     }))
 }
 

@@ -64,6 +64,10 @@ pub struct ExecuteArgs {
     /// A build argument, repeatable.
     #[arg(long = "build-arg", value_name = "NAME=VALUE")]
     pub build_args: Vec<String>,
+    /// A build secret for `RUN --mount=type=secret,id=ID`, from a file or an environment
+    /// variable; repeatable. Its value is never printed or part of the image.
+    #[arg(long = "secret", value_name = "id=ID[,src=FILE|env=VAR]")]
+    pub secrets: Vec<String>,
     /// The stage to build. [default: the last one]
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,
@@ -267,6 +271,7 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
         pinned,
         // A builder pod's cache mounts live and die with the pod: there is nothing to share.
         cache_scope: None,
+        secrets: super::secret_flags::read_secret_flags(&args.secrets)?,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
     let printer = tokio::spawn(async move {

@@ -11,6 +11,7 @@
 pub mod client;
 mod execute;
 pub mod progress;
+mod secret_flags;
 
 use std::{
     net::{SocketAddr, ToSocketAddrs},
@@ -382,6 +383,15 @@ pub struct BuildArgs {
     /// The stage to build (default: the last one).
     #[arg(long, value_name = "STAGE", conflicts_with = "image_ref")]
     pub target: Option<String>,
+    /// A build secret for `RUN --mount=type=secret,id=ID`, read from a file or an
+    /// environment variable here and sent with the request; repeatable. Its value is never
+    /// printed, stored or part of the image.
+    #[arg(
+        long = "secret",
+        value_name = "id=ID[,src=FILE|env=VAR]",
+        conflicts_with = "image_ref"
+    )]
+    pub secrets: Vec<String>,
     /// Build even if the workspace image exists already (its ref stays the same).
     #[arg(long)]
     pub force: bool,

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt};
 
 use sha2::{Digest as _, Sha256};
 
-use super::{Digest, GitSource, ImageRef};
+use super::{BuildSecrets, Digest, GitSource, ImageRef};
 
 /// Kiln's build-process version. It is part of every build key: bump it whenever the same
 /// inputs would now produce a different image, so that old images are not reused.
@@ -38,6 +38,9 @@ pub struct DockerfileSource {
     pub context_path: String,
     pub build_args: BTreeMap<String, String>,
     pub target: Option<String>,
+    /// For `RUN --mount=type=secret`; not part of the build key (as in BuildKit, a secret
+    /// does not change what a build is) and never kept.
+    pub secrets: BuildSecrets,
 }
 
 /// The stable key of a build, derived only from its inputs: the same inputs always give the

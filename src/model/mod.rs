@@ -21,4 +21,4 @@ pub use build::{
 pub(crate) use git::Remote;
 pub use git::{GitCredentials, GitSource, GitSourceError, GitTarget};
 pub use image_ref::{Digest, ImageRef, ImageRefError};
-pub use secret::Secret;
+pub use secret::{BuildSecretError, BuildSecrets, Secret, MAX_BUILD_SECRET_BYTES};

@@ -15,6 +15,9 @@
 //!   RUN prints its environment); then no canary, nor its base64, may appear in the service's
 //!   output (`RUST_LOG=debug`), any Logs stream, Build/ListBuilds/BuildStatus replies, error
 //!   messages, `/metrics`, or any file under the data directory.
+//! - **Build secrets**: given through the Build RPC, `kiln build --secret` and `kiln execute
+//!   --secret`, a step reads each one (checked by digest) and nothing else holds it: not the
+//!   pushed blobs, the data dirs, the journal, logs, replies, `/metrics` or any output.
 //! - **RUN isolation**: a RUN step looks for host processes, a host file, Kiln's data
 //!   directory, config, pull secret and token file, and the service's environment through
 //!   `/proc/1/environ` and its own: it finds none of them.
@@ -1259,6 +1262,166 @@ async fn no_credential_reaches_any_output() {
             outputs.iter().map(|(_, b)| b.len()).sum::<usize>(),
             all_canaries().len(),
             encoded_forms(REGISTRY_PASSWORD).len()
+        );
+    })
+    .await;
+}
+
+/// Build secrets, planted through each way a caller gives them: the Build RPC's `secrets`
+/// (Kiln's extension), `kiln build --secret` (a file and a variable) and `kiln execute
+/// --secret`. Each step that reads one proves it saw the right bytes (by their digest, so the
+/// Dockerfile never holds them), the file mode and owner BuildKit gives, and that nothing is
+/// left at `/run/secrets` afterwards; then no secret, nor its base64, is anywhere: the pushed
+/// image's blobs (decompressed), the data dirs, the journal, logs, replies, `/metrics`, the
+/// service's and the CLI's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_secrets_reach_their_step_and_nothing_else() {
+    use sha2::{Digest as _, Sha256};
+    const GRPC_FILE: &str = "cnrySecGrpcFile5e1b7a";
+    const GRPC_ENV: &str = "cnrySecGrpcEnv8c2d4f";
+    const CLI_FILE: &str = "cnrySecCliFile0a9e3c";
+    const CLI_ENV: &str = "cnrySecCliEnv6b4f1d";
+    const EXEC_FILE: &str = "cnrySecExecFile2d7c5e";
+    const EXEC_ENV: &str = "cnrySecExecEnv9f3a6b";
+    let canaries = [GRPC_FILE, GRPC_ENV, CLI_FILE, CLI_ENV, EXEC_FILE, EXEC_ENV];
+    let sha = |s: &str| hex::encode(Sha256::digest(s.as_bytes()));
+    within(async {
+        let registry = base_registry();
+        let busybox = base_images::busybox_ref(registry.addr());
+        // The markers are computed by the shell, so the command lines in the log lack them.
+        let dockerfile = |file: &str, env: &str| {
+            format!(
+                "FROM {busybox}\n\
+                 RUN --mount=type=secret,id=npmrc,required sha256sum /run/secrets/npmrc | grep -q {} \
+                     && test \"$(stat -c '%a %u %g' /run/secrets/npmrc)\" = '400 0 0' \
+                     && echo FILE-SECRET-$((40+2))\n\
+                 RUN --mount=type=secret,id=token,env=TOKEN,required printf %s \"$TOKEN\" | sha256sum | grep -q {} \
+                     && test ! -e /run/secrets/token && echo ENV-SECRET-$((40+2))\n\
+                 RUN test ! -e /run/secrets && echo GONE-$((40+2)) > /gone\n",
+                sha(file),
+                sha(env)
+            )
+        };
+        let markers = ["FILE-SECRET-42", "ENV-SECRET-42"];
+        let kiln = KilnServer::start(KilnOptions {
+            rust_log: "debug".into(),
+            ..KilnOptions::external(registry.addr())
+        });
+        let mut client = kiln.builder().await;
+        let mut outputs: Vec<(String, Vec<u8>)> = Vec::new();
+
+        // 1. The Build RPC.
+        let digest = upload(&mut client, &[("Dockerfile", &dockerfile(GRPC_FILE, GRPC_ENV))]).await;
+        let mut request = uploaded_request(&digest, None);
+        if let Some(build_source::From::File(f)) = request.source.as_mut().and_then(|s| s.from.as_mut()) {
+            f.secrets = HashMap::from([
+                ("npmrc".to_owned(), GRPC_FILE.as_bytes().to_vec()),
+                ("token".to_owned(), GRPC_ENV.as_bytes().to_vec()),
+            ]);
+        }
+        let outcome = run_build(&mut client, request).await;
+        assert_eq!(outcome.last_status(), BuildStatus::DoneSuccess, "{}", outcome.describe());
+        let id = outcome.build_id().unwrap();
+        let log = read_log(&mut client, &id).await;
+        for marker in markers {
+            assert!(memmem(&log, marker.as_bytes()), "gRPC: no {marker} in\n{}", String::from_utf8_lossy(&log));
+        }
+        outputs.push(("Build replies (gRPC)".into(), format!("{outcome:?}").into_bytes()));
+        outputs.push(("Logs (gRPC)".into(), log));
+        // Without the secret, a `required` mount fails the step, naming it and the flag.
+        let mut request = uploaded_request(&digest, None);
+        request.force_rebuild = true;
+        let outcome = run_build(&mut client, request).await;
+        let message = outcome.messages.last().map(|m| m.message.clone()).unwrap_or_default();
+        assert_eq!(outcome.last_status(), BuildStatus::DoneFailure, "{}", outcome.describe());
+        assert!(
+            message.contains("line 2") && message.contains("has no secret \"npmrc\"") && message.contains("--secret id=npmrc"),
+            "{message}"
+        );
+
+        // 2. `kiln build DIR --secret` with a file and a variable.
+        let dir = tempfile::Builder::new().prefix("kiln-security-secrets-").tempdir().unwrap();
+        let context = dir.path().join("context");
+        std::fs::create_dir(&context).unwrap();
+        std::fs::write(context.join("Dockerfile"), dockerfile(CLI_FILE, CLI_ENV)).unwrap();
+        let npmrc = dir.path().join("npmrc");
+        std::fs::write(&npmrc, CLI_FILE).unwrap();
+        let addr = kiln.grpc_addr().to_string();
+        let out = kiln_cli(
+            &[
+                "build",
+                context.to_str().unwrap(),
+                "--addr",
+                &addr,
+                "--secret",
+                &format!("id=npmrc,src={}", npmrc.display()),
+                "--secret",
+                "id=token,env=KILN_TEST_TOKEN",
+            ],
+            &[("KILN_TEST_TOKEN", CLI_ENV)],
+        );
+        assert!(out.status.success(), "kiln build: {}", text(&out));
+        for marker in markers {
+            assert!(memmem(&out.stdout, marker.as_bytes()), "kiln build: no {marker}: {}", text(&out));
+        }
+        outputs.push(("kiln build's output".into(), [out.stdout, out.stderr].concat()));
+
+        // 3. `kiln execute --secret`, in a working directory of its own.
+        std::fs::write(context.join("Dockerfile"), dockerfile(EXEC_FILE, EXEC_ENV)).unwrap();
+        std::fs::write(&npmrc, EXEC_FILE).unwrap();
+        let workdir = dir.path().join("execute");
+        std::fs::create_dir(&workdir).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .current_dir(&workdir)
+            .args(["execute", "--context"])
+            .arg(&context)
+            .arg("--destination")
+            .arg(format!("{}/secrets/execute:1", registry.addr()))
+            .arg("--secret")
+            .arg(format!("id=npmrc,src={}", npmrc.display()))
+            .args(["--secret", "id=token,env=KILN_TEST_TOKEN"])
+            .env("KILN_TEST_TOKEN", EXEC_ENV)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kiln execute: {}", text(&out));
+        for marker in markers {
+            assert!(memmem(&out.stdout, marker.as_bytes()), "kiln execute: no {marker}: {}", text(&out));
+        }
+        outputs.push(("kiln execute's output".into(), [out.stdout, out.stderr].concat()));
+        // The secret files given to the CLI are the only places they are, besides memory.
+        std::fs::remove_file(&npmrc).unwrap();
+
+        let listed = client.list_builds(ListBuildsRequest {}).await.unwrap().into_inner();
+        outputs.push(("ListBuilds".into(), format!("{listed:?}").into_bytes()));
+        outputs.push(("/metrics".into(), kiln.metrics_text().await.into_bytes()));
+        outputs.push(("the service's stdout and stderr".into(), kiln.log().into_bytes()));
+        let mut searched_files = 0;
+        for root in [kiln.data_dir(), registry.dir(), dir.path().to_owned()] {
+            for (path, bytes) in files_under(&root) {
+                searched_files += 1;
+                outputs.push((path.display().to_string(), with_gunzipped(bytes)));
+            }
+        }
+        // Positive control: the pushed layers were searched decompressed (the last RUN's
+        // file is in one of them).
+        assert!(
+            outputs.iter().any(|(_, bytes)| memmem(bytes, b"GONE-42")),
+            "no pushed layer holds /gone: the search would not see a secret in a layer"
+        );
+        let leaks: Vec<String> = outputs
+            .iter()
+            .flat_map(|(name, bytes)| {
+                find_canaries(bytes, &canaries)
+                    .into_iter()
+                    .map(move |c| format!("{c} in {name}"))
+            })
+            .collect();
+        assert!(leaks.is_empty(), "build secrets leaked:\n{}", leaks.join("\n"));
+        println!(
+            "build secret search: {} outputs ({searched_files} files), {} bytes",
+            outputs.len(),
+            outputs.iter().map(|(_, b)| b.len()).sum::<usize>()
         );
     })
     .await;

@@ -7,8 +7,9 @@
 //! record, never a torn one. A file holds the build's references, its status history with a
 //! timestamp per update, its outcome and when it finished, and its inputs as a
 //! [`PersistedRequest`] — the request without any secret: registry credentials
-//! (`auth.additional`), git credentials (in the request or in the remote URL) and git
-//! `custom_config` values (which may carry `http.extraHeader` tokens) are never written.
+//! (`auth.additional`), git credentials (in the request or in the remote URL), git
+//! `custom_config` values (which may carry `http.extraHeader` tokens) and build secrets are
+//! never written.
 //! A request that carried any of them cannot be run again from its record; the record says
 //! why ([`BuildInputs::not_resumable`]).
 //!
@@ -31,8 +32,8 @@ use super::BuildRequest;
 use crate::{
     engine::context::{GitSource, GitTarget},
     model::{
-        AuthPolicy, BuildId, BuildOutcome, BuildSource, BuildStatus, ContextSource, DockerfileSource,
-        InstallationCredentialScope,
+        AuthPolicy, BuildId, BuildOutcome, BuildSecrets, BuildSource, BuildStatus, ContextSource,
+        DockerfileSource, InstallationCredentialScope,
     },
 };
 
@@ -252,6 +253,9 @@ impl BuildInputs {
                         }
                     }
                 };
+                if !d.secrets.is_empty() {
+                    secrets.push("build secrets");
+                }
                 PersistedSource::Dockerfile {
                     context,
                     dockerfile_path: d.dockerfile_path.clone(),
@@ -351,6 +355,7 @@ impl BuildInputs {
                     context_path: context_path.clone(),
                     build_args: build_args.clone(),
                     target: target.clone(),
+                    secrets: BuildSecrets::default(),
                 })
             }
         };
@@ -561,6 +566,7 @@ mod tests {
                 context_path: ".".into(),
                 build_args: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
                 target: Some("final".into()),
+                secrets: BuildSecrets::default(),
             }),
             auth: AuthPolicy::default(),
             force_rebuild: true,
@@ -606,6 +612,14 @@ mod tests {
                     )]),
                 },
                 ..git_request("https://example.com/r.git", false, false)
+            },
+            {
+                let mut request = git_request("https://example.com/r.git", false, false);
+                let BuildSource::Dockerfile(d) = &mut request.source else {
+                    unreachable!()
+                };
+                d.secrets.insert("npmrc".into(), CANARY.into()).unwrap();
+                request
             },
         ];
         for request in cases {

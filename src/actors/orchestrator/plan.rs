@@ -166,6 +166,7 @@ async fn plan_dockerfile(
         auth: auth.clone(),
         pinned: planned.pinned,
         cache_scope: deps.cache_scope(&source.context),
+        secrets: source.secrets.clone(),
     };
     let job = Job::Dockerfile {
         input: Box::new(input),

@@ -31,6 +31,15 @@ pub fn build_args_of(args: &[String]) -> Result<HashMap<String, String>, ClientE
         .collect()
 }
 
+/// The build secrets of `--secret` flags, read from their files and variables.
+fn secrets_of(flags: &[String]) -> Result<HashMap<String, Vec<u8>>, ClientError> {
+    let secrets = crate::cli::secret_flags::read_secret_flags(flags).map_err(ClientError::Usage)?;
+    Ok(secrets
+        .ids()
+        .map(|id| (id.to_owned(), secrets.expose(id).unwrap_or_default().to_vec()))
+        .collect())
+}
+
 /// Like [`build_source_of`]; `uploaded` is the digest of DIR's uploaded context.
 pub fn build_source_with(args: &BuildArgs, uploaded: Option<String>) -> Result<BuildSource, ClientError> {
     let dockerfile_source = |source: Option<WorkspaceInitializer>, context_digest: String| {
@@ -42,6 +51,7 @@ pub fn build_source_with(args: &BuildArgs, uploaded: Option<String>) -> Result<B
             context_digest,
             build_args: build_args_of(&args.build_args)?,
             target: args.target.clone().unwrap_or_default(),
+            secrets: secrets_of(&args.secrets)?,
         }))
     };
     let from = match (&args.image_ref, &args.git, uploaded) {

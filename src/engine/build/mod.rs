@@ -42,7 +42,7 @@ use super::{
     sandbox::cgroup::{BuildCgroup, CgroupRoot},
 };
 use crate::{
-    model::{AuthPolicy, Digest, ImageRef},
+    model::{AuthPolicy, BuildSecrets, Digest, ImageRef},
     registry::{Platform, RegistryClient},
 };
 
@@ -135,6 +135,8 @@ pub struct BuildInput {
     /// Which cache mounts the build sees (`engine.cache_mount_scope`): with `Some(source)`
     /// only those of builds of the same source, with `None` every build's.
     pub cache_scope: Option<String>,
+    /// What `RUN --mount=type=secret` reads; never written anywhere.
+    pub secrets: BuildSecrets,
 }
 
 /// What a build pushed.

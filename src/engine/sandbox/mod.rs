@@ -80,7 +80,9 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub use child::child_main;
-pub use spec::{EtcFile, EtcName, MountSource, Network, RunSpec, SpecError, StepMount};
+pub use spec::{
+    EtcFile, EtcName, MountSource, Network, RunSpec, SecretContent, SecretFile, SpecError, StepMount,
+};
 pub use userns::IdRange;
 
 use spec::{CopiedUpDir, FailureKind, LaunchRequest, Report};

@@ -55,7 +55,7 @@ use nix::{
 
 use super::{
     child::ChildError,
-    spec::{CopiedUpDir, EtcName, LaunchRequest, MountSource, RunSpec},
+    spec::{CopiedUpDir, EtcName, LaunchRequest, MountSource, RunSpec, SecretFile},
     userns::{idmapped_tree, IdRange},
 };
 
@@ -147,6 +147,8 @@ pub(crate) enum Source {
     Itself,
     /// `/dev/null` over a file, an empty read-only `tmpfs` over a directory.
     Mask,
+    /// A file made on the sandbox's `/dev` tmpfs and bind-mounted (a build secret).
+    Secret(SecretFile),
 }
 
 /// What to do when a mount point is missing.
@@ -246,6 +248,10 @@ pub(crate) fn plan(spec: &RunSpec) -> Vec<Step> {
         let (source, create) = match &m.source {
             MountSource::HostDir(_) => (Source::Host(HostRef::Mount(i)), Create::Dir),
             MountSource::HostFile(_) => (Source::Host(HostRef::Mount(i)), Create::File),
+            MountSource::Secret(file) => {
+                flags |= MsFlags::MS_NOEXEC;
+                (Source::Secret(file.clone()), Create::File)
+            }
             MountSource::Tmpfs { size_bytes } => {
                 flags |= MsFlags::MS_STRICTATIME;
                 let data = match size_bytes {
@@ -552,6 +558,24 @@ impl Mounts {
                         .map_err(mount_err(format!("{what} (remounting with {flags:?})"), &target))?;
                 }
             }
+            Source::Secret(file) => {
+                // Staged on Kiln's own /dev tmpfs (never a disk), bound over the target, and
+                // unlinked: the bind keeps the file, nothing else names it.
+                let staging = PathBuf::from(format!("/dev/.kiln-secret-{}", self.mounted.len()));
+                self.write_secret(&staging, file)
+                    .map_err(|source| ChildError::MountPoint {
+                        path: staging.clone(),
+                        source,
+                    })?;
+                let bound = mount(Some(&staging), &target, none, MsFlags::MS_BIND, none);
+                let _ = fs::remove_file(&staging);
+                bound.map_err(mount_err("a build secret", &target))?;
+                let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+                mount(none, &target, none, remount, none).map_err(mount_err(
+                    format!("a build secret (remounting with {flags:?})"),
+                    &target,
+                ))?;
+            }
             Source::Mask => {
                 if target.is_dir() {
                     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
@@ -565,6 +589,25 @@ impl Mounts {
         }
         self.mounted.push(target);
         Ok(())
+    }
+
+    /// Writes a secret file with its owner (in the sandbox's ids) and mode.
+    fn write_secret(&self, path: &Path, file: &SecretFile) -> io::Result<()> {
+        use std::io::Write as _;
+        let host_id = |id: u32| {
+            (id < self.ids.count)
+                .then(|| self.ids.first + id)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+        };
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        f.write_all(file.content.expose())?;
+        std::os::unix::fs::fchown(&f, Some(host_id(file.uid)?), Some(host_id(file.gid)?))?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(file.mode & 0o7777))
     }
 
     /// Resolves `path` inside the sandbox's root (symlinks included), creating what is

@@ -124,6 +124,55 @@ pub enum MountSource {
     /// A new, empty tmpfs (mode 1777) of at most `size_bytes` (default: the kernel's, half
     /// of memory; its pages count against the build's memory limit).
     Tmpfs { size_bytes: Option<u64> },
+    /// A file holding a build secret, made on the sandbox's own `/dev` tmpfs: it never
+    /// touches a disk and is gone with the sandbox.
+    Secret(SecretFile),
+}
+
+/// A build secret as a file of the step.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretFile {
+    pub content: SecretContent,
+    /// Owner and mode inside the sandbox (BuildKit's defaults: 0, 0, 0400).
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl std::fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("mode", &format_args!("{:o}", self.mode))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A secret's bytes: never printed, zeroed when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretContent(zeroize::Zeroizing<Vec<u8>>);
+
+impl SecretContent {
+    pub fn new(bytes: &[u8]) -> Self {
+        Self(zeroize::Zeroizing::new(bytes.to_vec()))
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Serialize for SecretContent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.as_slice().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretContent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<u8>::deserialize(deserializer).map(|v| Self(zeroize::Zeroizing::new(v)))
+    }
 }
 
 impl StepMount {
@@ -140,7 +189,7 @@ impl StepMount {
     pub fn host_path(&self) -> Option<&Path> {
         match &self.source {
             MountSource::HostDir(p) | MountSource::HostFile(p) => Some(p),
-            MountSource::Tmpfs { .. } => None,
+            MountSource::Tmpfs { .. } | MountSource::Secret(_) => None,
         }
     }
 }

@@ -198,7 +198,7 @@ impl KubernetesBuilder {
         log: &mpsc::UnboundedSender<Bytes>,
     ) -> Result<(), ClusterError> {
         let inner = &self.inner;
-        let (args, git_credentials) = self.execute_args(input, context).await?;
+        let (args, secret_data) = self.execute_args(input, context).await?;
         let spec = BuilderPod {
             id: ticket.id,
             key: ticket.key,
@@ -233,7 +233,7 @@ impl KubernetesBuilder {
         });
         // Joining replicas write the Secret too: its creator may have died between the two
         // calls, and a pod without its Secret never starts.
-        let secret = pod::secret(&pod, docker_config, git_credentials);
+        let secret = pod::secret(&pod, docker_config, secret_data);
         match inner.secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
@@ -431,12 +431,14 @@ impl KubernetesBuilder {
         }
     }
 
-    /// The arguments of `kiln execute` for `input`, and the git credentials for the Secret.
+    /// The arguments of `kiln execute` for `input`, and what the build's Secret holds
+    /// besides the docker config (git credentials, build secrets), which the arguments name
+    /// by their path in the pod.
     async fn execute_args(
         &self,
         input: &BuildInput,
         context: &PreparedContext,
-    ) -> Result<(Vec<String>, Option<String>), ClusterError> {
+    ) -> Result<(Vec<String>, pod::SecretData), ClusterError> {
         let engine = &self.inner.engine;
         let mut args: Vec<String> = Vec::new();
         let mut flag = |name: &str, value: String| {
@@ -477,7 +479,12 @@ impl KubernetesBuilder {
         for (name, image) in &input.pinned {
             flag("pin", format!("{name}={image}"));
         }
-        let mut git_credentials = None;
+        let mut secret_data = pod::SecretData::new();
+        for id in input.secrets.ids() {
+            let key = pod::build_secret_key(id);
+            flag("secret", format!("id={id},src={}/{key}", pod::CREDENTIALS_DIR));
+            secret_data.insert(key, input.secrets.expose(id).unwrap_or_default().to_vec());
+        }
         match &context.origin {
             ContextSource::Git(git) => {
                 let GitSource {
@@ -496,7 +503,10 @@ impl KubernetesBuilder {
                     flag("git-config", format!("{key}={value}"));
                 }
                 if let Some(GitCredentials::Basic { user, password }) = credentials {
-                    git_credentials = Some(format!("{user}:{}", password.expose()));
+                    secret_data.insert(
+                        pod::GIT_CREDENTIALS_KEY.to_owned(),
+                        format!("{user}:{}", password.expose()).into_bytes(),
+                    );
                     flag(
                         "git-credentials",
                         format!("{}/{}", pod::CREDENTIALS_DIR, pod::GIT_CREDENTIALS_KEY),
@@ -525,7 +535,7 @@ impl KubernetesBuilder {
             flag("context-path", context.context_path.clone());
         }
         flag("dockerfile", context.dockerfile_path.clone());
-        Ok((args, git_credentials))
+        Ok((args, secret_data))
     }
 
     /// Deletes finished builder pods (and their Secrets) older than `kubernetes.retention`,

@@ -334,13 +334,20 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
     }
 }
 
-/// The Secret holding a build's credentials, owned by its pod so the cluster deletes it
-/// with the pod.
-pub fn secret(pod: &Pod, docker_config: Vec<u8>, git_credentials: Option<String>) -> Secret {
+/// The key of build secret `id` in a build's Secret, inside [`CREDENTIALS_DIR`] (ids are
+/// at most 200 characters of `[A-Za-z0-9._-]`, a valid Secret key with this prefix).
+pub fn build_secret_key(id: &str) -> String {
+    format!("build-secret-{id}")
+}
+
+/// What a build's Secret holds besides the docker config: git credentials, build secrets.
+pub type SecretData = BTreeMap<String, Vec<u8>>;
+
+/// The Secret holding a build's credentials and build secrets, owned by its pod so the
+/// cluster deletes it with the pod.
+pub fn secret(pod: &Pod, docker_config: Vec<u8>, extra: SecretData) -> Secret {
     let mut data = BTreeMap::from([(DOCKER_CONFIG_KEY.to_owned(), ByteString(docker_config))]);
-    if let Some(git) = git_credentials {
-        data.insert(GIT_CREDENTIALS_KEY.to_owned(), ByteString(git.into_bytes()));
-    }
+    data.extend(extra.into_iter().map(|(k, v)| (k, ByteString(v))));
     let labels = pod.metadata.labels.clone();
     Secret {
         metadata: ObjectMeta {
@@ -676,7 +683,7 @@ mod tests {
         let secret = secret(
             &pod,
             br#"{"auths":{"r.example":{"auth":"c2VjcmV0LXB1c2gtdG9rZW4="}}}"#.to_vec(),
-            Some("me:secret-git-password".into()),
+            SecretData::from([(GIT_CREDENTIALS_KEY.to_owned(), b"me:secret-git-password".to_vec())]),
         );
         let text = serde_json::to_string(&pod).unwrap();
         for leak in [
@@ -802,11 +809,17 @@ mod tests {
         let base: ImageRef = "r.example/b:x".parse().unwrap();
         let mut pod = pod(&build(&id, &key, &base, &base), &KubernetesConfig::default()).unwrap();
         pod.metadata.uid = Some("u-1".into());
-        let secret = secret(&pod, b"{}".to_vec(), Some("me:pw".into()));
+        let extra = SecretData::from([
+            (GIT_CREDENTIALS_KEY.to_owned(), b"me:pw".to_vec()),
+            (build_secret_key("npmrc"), b"token".to_vec()),
+        ]);
+        let secret = secret(&pod, b"{}".to_vec(), extra);
         let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "u-1"));
         assert_eq!(secret.metadata.name, pod.metadata.name);
-        assert!(secret.data.unwrap().contains_key(GIT_CREDENTIALS_KEY));
+        let data = secret.data.unwrap();
+        assert!(data.contains_key(GIT_CREDENTIALS_KEY));
+        assert_eq!(data["build-secret-npmrc"].0, b"token");
     }
 
     #[test]

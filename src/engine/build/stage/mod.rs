@@ -83,9 +83,19 @@ pub struct ImageState {
 }
 
 impl ImageState {
-    /// Overlay lower dirs, top layer first.
+    /// Overlay lower dirs, top layer first, each once. Layers with equal content share one
+    /// unpacked directory (two RUN steps that change nothing both make the empty layer), and
+    /// overlayfs refuses a directory twice (`ELOOP`); a repeat below its topmost occurrence
+    /// is wholly shadowed by it (same paths, same whiteouts), so leaving it out changes
+    /// nothing.
     fn lowers(&self) -> Vec<PathBuf> {
-        self.layers.iter().rev().map(|l| l.dir.clone()).collect()
+        let mut seen = std::collections::HashSet::new();
+        self.layers
+            .iter()
+            .rev()
+            .filter(|l| seen.insert(&l.dir))
+            .map(|l| l.dir.clone())
+            .collect()
     }
 }
 
@@ -626,4 +636,29 @@ pub fn join_path(cwd: &str, path: &str) -> String {
 /// A canonical, human-readable form of an instruction (logs, history, ONBUILD triggers).
 pub fn describe(instr: &Instruction) -> String {
     dockerfile::display_instruction(instr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_dir_below_itself_is_left_out_of_the_lowers() {
+        let layer = |dir: &str| Layer {
+            blob: Descriptor {
+                media_type: crate::engine::layers::MEDIA_TYPE_TAR.into(),
+                digest: format!("sha256:{}", "0".repeat(64)).parse().unwrap(),
+                size: 32,
+            },
+            dir: dir.into(),
+            origin: LayerOrigin::Local,
+        };
+        // Two empty RUN layers share one directory, with the base below and a step above.
+        let state = ImageState {
+            config: ImageConfig::default(),
+            layers: vec![layer("/base"), layer("/empty"), layer("/empty"), layer("/top")],
+            key: StateKey::scratch(),
+        };
+        assert_eq!(state.lowers(), ["/top", "/empty", "/base"].map(PathBuf::from));
+    }
 }

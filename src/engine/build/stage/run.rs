@@ -17,8 +17,11 @@ use crate::engine::{
         fsop::{self, FsAction, FsOp, FsSource, Overlay},
         securejoin, EngineError, RunNetwork,
     },
-    dockerfile::{self, MountType, RunScript, ShellOrExec},
-    sandbox::{self, cgroup::BuildCgroup, EtcFile, EtcName, MountSource, RunSpec, StepMount},
+    dockerfile::{self, MountType, RunMount, RunScript, ShellOrExec},
+    sandbox::{
+        self, cgroup::BuildCgroup, EtcFile, EtcName, MountSource, RunSpec, SecretContent, SecretFile,
+        StepMount,
+    },
 };
 
 impl StageRunner<'_> {
@@ -75,10 +78,14 @@ impl StageRunner<'_> {
         }
         let mut mounts = Vec::with_capacity(planned.len() + 1);
         for (i, m) in planned.into_iter().enumerate() {
-            mounts.push(
-                self.prepare_mount(line, m, &dir.join(format!("bind-{i}")))
-                    .await?,
-            );
+            match m.what {
+                // Added after the step's key was made from `env`: never part of it.
+                Prepare::SecretEnv { name, value } => env.push((name, value.to_string())),
+                what => mounts.push(
+                    self.prepare_mount(line, what, &dir.join(format!("bind-{i}")))
+                        .await?,
+                ),
+            }
         }
         if let Some((name, content)) = &script_file {
             let pipes = dir.join("pipes");
@@ -151,6 +158,11 @@ impl StageRunner<'_> {
                     self.dockerfile.escape,
                 )
                 .map_err(|e| EngineError::step_in(line, "RUN --mount", e))?;
+            if m.kind == MountType::Secret {
+                // Its target has defaults of its own.
+                planned.extend(self.plan_secret(line, &m, cwd)?);
+                continue;
+            }
             let target = join_path(cwd, &m.target);
             if target == "/" {
                 return Err(EngineError::at(
@@ -208,15 +220,80 @@ impl StageRunner<'_> {
                         },
                     }
                 }
-                MountType::Secret | MountType::Ssh => {
+                MountType::Secret => unreachable!("secret mounts are planned above"),
+                MountType::Ssh => {
                     return Err(EngineError::at(
                         line,
-                        format!(
-                            "RUN --mount=type={} is not supported by this Kiln",
-                            m.kind.as_str()
-                        ),
+                        "RUN --mount=type=ssh is not supported by this Kiln: give the step what it \
+                         fetches as a build secret (RUN --mount=type=secret) instead",
                     ))
                 }
+            });
+        }
+        Ok(planned)
+    }
+
+    /// A `RUN --mount=type=secret` as BuildKit reads it: the secret `id` (else `source`,
+    /// else the target's base name) as a file at the target (default `/run/secrets/<id>`),
+    /// as the variable `env`, or both. A secret the build was not given is an error when
+    /// `required`, else the mount is left out. What the key covers names the secret, never
+    /// its value: as in BuildKit, a changed secret does not re-run a cached step.
+    fn plan_secret(&self, line: usize, m: &RunMount, cwd: &str) -> Result<Vec<PlannedMount>, EngineError> {
+        let id =
+            m.id.clone()
+                .or_else(|| m.source.clone())
+                .unwrap_or_else(|| m.target.rsplit('/').next().unwrap_or_default().to_owned());
+        let Some(value) = self.input.secrets.expose(&id) else {
+            if m.required {
+                return Err(EngineError::at(
+                    line,
+                    format!(
+                        "RUN --mount={}: the build has no secret {id:?} (give it with \
+                         --secret id={id},src=FILE or env=VAR)",
+                        m.spec
+                    ),
+                ));
+            }
+            return Ok(Vec::new());
+        };
+        let mut planned = Vec::new();
+        if let Some(name) = &m.env {
+            let value = std::str::from_utf8(value).map_err(|_| {
+                EngineError::at(
+                    line,
+                    format!(
+                        "RUN --mount={}: secret {id:?} is not UTF-8 text, so it cannot be the variable {name}",
+                        m.spec
+                    ),
+                )
+            })?;
+            planned.push(PlannedMount {
+                key: format!("secret-env:{id}:{name}"),
+                what: Prepare::SecretEnv {
+                    name: name.clone(),
+                    value: value.to_owned().into(),
+                },
+            });
+        }
+        if m.env.is_none() || !m.target.is_empty() {
+            let target = if m.target.is_empty() {
+                format!("/run/secrets/{id}")
+            } else {
+                join_path(cwd, &m.target)
+            };
+            let (uid, gid, mode) = (m.uid.unwrap_or(0), m.gid.unwrap_or(0), m.mode.unwrap_or(0o400));
+            planned.push(PlannedMount {
+                key: format!("secret:{id}:{target}:{uid}:{gid}:{mode:o}"),
+                what: Prepare::Ready(StepMount {
+                    target: target.into(),
+                    source: MountSource::Secret(SecretFile {
+                        content: SecretContent::new(value),
+                        uid,
+                        gid,
+                        mode,
+                    }),
+                    read_only: true,
+                }),
             });
         }
         Ok(planned)
@@ -228,10 +305,10 @@ impl StageRunner<'_> {
     async fn prepare_mount(
         &self,
         line: usize,
-        m: PlannedMount,
+        what: Prepare,
         scratch: &Path,
     ) -> Result<StepMount, EngineError> {
-        let (target, read_only, source, path) = match m.what {
+        let (target, read_only, source, path) = match what {
             Prepare::Ready(mount) => return Ok(mount),
             Prepare::Copy {
                 target,
@@ -239,6 +316,7 @@ impl StageRunner<'_> {
                 source,
                 path,
             } => (target, read_only, source, path),
+            Prepare::SecretEnv { .. } => unreachable!("secret variables are not mounts"),
         };
         let (upper, work) = (scratch.join("upper"), scratch.join("work"));
         for d in [&upper, &work] {
@@ -335,8 +413,13 @@ struct PlannedMount {
 }
 
 enum Prepare {
-    /// Nothing to prepare (a cache directory, a tmpfs).
+    /// Nothing to prepare (a cache directory, a tmpfs, a secret file).
     Ready(StepMount),
+    /// A secret as an environment variable of the command.
+    SecretEnv {
+        name: String,
+        value: zeroize::Zeroizing<String>,
+    },
     /// A bind mount: `path` of `source` is copied first.
     Copy {
         target: String,
