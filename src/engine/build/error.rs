@@ -4,7 +4,7 @@
 use crate::{
     engine::{
         build::fsop::FsOpError,
-        dockerfile::{ExpandError, MountError, ParseError},
+        dockerfile::{ExpandError, MountError, ParseError, PortSpecError},
         layers::LayerError,
         sandbox::{
             cgroup::{CgroupError, LimitHit},
@@ -80,6 +80,9 @@ pub enum StepCause {
     /// An image reference (`FROM`, `COPY --from`) that does not parse.
     #[error(transparent)]
     Reference(#[from] ImageRefError),
+    /// An EXPOSE port specification that is not valid.
+    #[error(transparent)]
+    PortSpec(#[from] PortSpecError),
     /// COPY/ADD/WORKDIR applied through the filesystem helper.
     #[error(transparent)]
     FileOperation(#[from] FsOpError),
