@@ -327,7 +327,7 @@ async fn resolve_images(
         }
     }
     let mut aliases: Vec<String> = Vec::new();
-    let mut wanted: Vec<(usize, String)> = Vec::new();
+    let mut wanted: Vec<(usize, &str, String)> = Vec::new();
     for stage in &parsed.stages {
         let from = expand(
             &stage.from.image,
@@ -337,7 +337,7 @@ async fn resolve_images(
         .map_err(|e| bad_source(format!("Dockerfile line {}: FROM: {e}", stage.from.line)))?;
         let is_stage = aliases.iter().any(|a| a.eq_ignore_ascii_case(&from));
         if !is_stage && !from.eq_ignore_ascii_case("scratch") {
-            wanted.push((stage.from.line, from));
+            wanted.push((stage.from.line, "FROM ", from));
         }
         for instr in &stage.instructions {
             if let Instruction::Copy(spec) | Instruction::Add(spec) = &instr.inner {
@@ -345,7 +345,12 @@ async fn resolve_images(
                     let named_stage =
                         aliases.iter().any(|a| a.eq_ignore_ascii_case(f)) || f.parse::<usize>().is_ok();
                     if !named_stage && !f.contains('$') {
-                        wanted.push((instr.line, f.clone()));
+                        let keyword = if matches!(instr.inner, Instruction::Add(_)) {
+                            "ADD --from="
+                        } else {
+                            "COPY --from="
+                        };
+                        wanted.push((instr.line, keyword, f.clone()));
                     }
                 }
             }
@@ -356,13 +361,13 @@ async fn resolve_images(
     }
     let pool = ResolverPool::new(deps.directory.clone());
     let mut pinned = BTreeMap::new();
-    for (line, name) in wanted {
+    for (line, keyword, name) in wanted {
         if pinned.contains_key(&name) {
             continue;
         }
         let image: ImageRef = name
             .parse()
-            .map_err(|e| bad_source(format!("Dockerfile line {line}: {e}")))?;
+            .map_err(|e| bad_source(format!("Dockerfile line {line}: {keyword}{name}: {e}")))?;
         let resolved = pool
             .resolve(image, auth.clone(), false)
             .await
@@ -370,7 +375,7 @@ async fn resolve_images(
                 // Missing or not readable with the request's credentials: the Dockerfile's
                 // mistake. A registry that did not answer is worth a retry, as it was.
                 BuildError::Resolve(_) if !e.is_retryable() => {
-                    bad_source(format!("Dockerfile line {line}: {e}"))
+                    bad_source(format!("Dockerfile line {line}: {keyword}{name}: {e}"))
                 }
                 e => e,
             })?;

@@ -257,7 +257,9 @@ impl StageRunner<'_> {
                             .parse()
                             .map_err(|e| EngineError::step_in(line, format!("{keyword} --from={from}"), e))?,
                     };
-                    let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
+                    let pulled = pull::pull(self.engine, &image, &self.input.auth)
+                        .await
+                        .map_err(|e| e.on_line(line, format!("{keyword} --from={from}")))?;
                     let digest = pulled.reference.digest().cloned().expect("pinned");
                     ImageState {
                         config: pulled.config,

@@ -369,7 +369,9 @@ impl<'a> StageRunner<'a> {
                 .map_err(|e| EngineError::step_in(from.line, format!("FROM {name}"), e))?,
         };
         let started = Instant::now();
-        let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
+        let pulled = pull::pull(self.engine, &image, &self.input.auth)
+            .await
+            .map_err(|e| e.on_line(from.line, format!("FROM {name}")))?;
         self.log.line(format!(
             "  pulled {} ({} layers) in {:.2}s",
             pulled.reference,
