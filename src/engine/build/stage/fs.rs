@@ -66,7 +66,8 @@ impl StageRunner<'_> {
             .await
     }
 
-    /// WORKDIR: the directory is created (an empty layer is skipped).
+    /// WORKDIR: the directory is created (an empty layer is skipped), with any missing
+    /// parents, owned by the USER in effect (as BuildKit does); an existing one is untouched.
     pub(super) async fn workdir_step(
         &self,
         ctx: &StageCtx<'_>,
@@ -78,8 +79,15 @@ impl StageRunner<'_> {
         let path = join_path(&Self::cwd(&state), &dir);
         state.config.config.working_dir = Some(path.clone());
         let created_by = format!("WORKDIR {path}");
-        let actions = vec![FsAction::Mkdir { path }];
-        self.fs_step(state, line, &created_by, &created_by, None, actions, true)
+        // The step key names the owner: a layer cached before WORKDIR honoured USER (root-owned
+        // directories, same state key) is not reused for it.
+        let owner = state.config.config.user.clone().filter(|u| !u.is_empty());
+        let step = match &owner {
+            Some(user) => format!("{created_by}\0{user}"),
+            None => created_by.clone(),
+        };
+        let actions = vec![FsAction::Mkdir { path, owner }];
+        self.fs_step(state, line, &step, &created_by, None, actions, true)
             .await
     }
 
