@@ -109,7 +109,7 @@ impl StageRunner<'_> {
                 chmod: copy.chmod,
                 extract: is_add,
             };
-            let (source, inputs) = self.copy_source(ctx, &state, line, spec, &copy).await?;
+            let (source, inputs) = self.copy_source(ctx, line, spec, &copy).await?;
             (Some(source), vec![action], inputs)
         } else {
             (
@@ -222,7 +222,6 @@ impl StageRunner<'_> {
     async fn copy_source(
         &self,
         ctx: &StageCtx<'_>,
-        state: &ImageState,
         line: usize,
         spec: &dockerfile::CopySpec,
         copy: &CopyLine,
@@ -252,7 +251,8 @@ impl StageRunner<'_> {
             };
             return Ok((source, digest));
         };
-        let from = self.word(ctx, state, line, from)?;
+        // The parser refused any variable in --from (as BuildKit does): the name is literal.
+        let from = from.to_owned();
         let src_state =
             match self.stage_index(&from, ctx.stage_index) {
                 Some(i) => ctx.done.get(&i).cloned().ok_or_else(|| {

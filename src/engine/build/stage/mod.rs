@@ -11,6 +11,7 @@
 //! RUN.
 
 mod config;
+mod deps;
 mod fs;
 mod run;
 
@@ -230,11 +231,7 @@ impl<'a> StageRunner<'a> {
 
     /// The index of the stage named `name` (alias or number), among those before `before`.
     fn stage_index(&self, name: &str, before: usize) -> Option<usize> {
-        let lower = name.to_ascii_lowercase();
-        self.dockerfile.stages[..before]
-            .iter()
-            .position(|s| s.from.alias.as_deref() == Some(lower.as_str()))
-            .or_else(|| lower.parse::<usize>().ok().filter(|i| *i < before))
+        deps::stage_index(self.dockerfile, name, before)
     }
 
     /// Builds every stage the target needs and returns the target's state.
@@ -269,7 +266,7 @@ impl<'a> StageRunner<'a> {
             let value = self.input.build_args.get(&decl.name).cloned().or(default);
             globals.insert(decl.name.clone(), value);
         }
-        let needed = self.needed_stages(target, &globals, &automatic)?;
+        let needed = deps::needed_stages(self.dockerfile, &globals, &automatic, target)?;
         let mut done: HashMap<usize, ImageState> = HashMap::new();
         let total = needed.len();
         for (n, index) in needed.iter().enumerate() {
@@ -284,53 +281,6 @@ impl<'a> StageRunner<'a> {
         Ok(done.remove(&target).expect("the target stage was built"))
     }
 
-    /// The target and every stage it depends on (FROM <stage>, COPY --from=<stage>), in order.
-    fn needed_stages(
-        &self,
-        target: usize,
-        globals: &BTreeMap<String, Option<String>>,
-        automatic: &BTreeMap<String, String>,
-    ) -> Result<Vec<usize>, EngineError> {
-        let mut needed = vec![false; self.dockerfile.stages.len()];
-        let mut stack = vec![target];
-        while let Some(i) = stack.pop() {
-            if needed[i] {
-                continue;
-            }
-            needed[i] = true;
-            let stage = &self.dockerfile.stages[i];
-            let from = self.expand_from(&stage.from.image, stage.from.line, globals, automatic)?;
-            if let Some(dep) = self.stage_index(&from, i) {
-                stack.push(dep);
-            }
-            for instr in &stage.instructions {
-                if let Instruction::Copy(spec) | Instruction::Add(spec) = &instr.inner {
-                    if let Some(dep) = spec.from.as_deref().and_then(|f| self.stage_index(f, i)) {
-                        stack.push(dep);
-                    }
-                }
-            }
-        }
-        Ok((0..needed.len()).filter(|i| needed[*i]).collect())
-    }
-
-    fn expand_from(
-        &self,
-        word: &str,
-        line: usize,
-        globals: &BTreeMap<String, Option<String>>,
-        automatic: &BTreeMap<String, String>,
-    ) -> Result<String, EngineError> {
-        let lookup = |n: &str| {
-            globals
-                .get(n)
-                .cloned()
-                .flatten()
-                .or_else(|| automatic.get(n).cloned())
-        };
-        expand(word, &lookup, self.dockerfile.escape).map_err(|e| EngineError::step_in(line, "FROM", e))
-    }
-
     async fn base_state(
         &self,
         stage_index: usize,
@@ -339,10 +289,11 @@ impl<'a> StageRunner<'a> {
         done: &HashMap<usize, ImageState>,
     ) -> Result<(ImageState, String), EngineError> {
         let from = &self.dockerfile.stages[stage_index].from;
-        let name = self.expand_from(&from.image, from.line, globals, automatic)?;
+        let name = deps::expand_from(self.dockerfile, &from.image, from.line, globals, automatic)?;
         if let Some(dep) = self.stage_index(&name, stage_index) {
-            let mut state = done.get(&dep).cloned().expect("dependencies are built first");
-            state.config.config.on_build = None;
+            // The base stage's own ONBUILD triggers stay in the config: `run_stage` fires
+            // them (as BuildKit does) and takes them out.
+            let state = done.get(&dep).cloned().expect("dependencies are built first");
             return Ok((state, name));
         }
         if name.eq_ignore_ascii_case("scratch") {
@@ -425,20 +376,16 @@ impl<'a> StageRunner<'a> {
             done,
             stage_index: index,
         };
-        // ONBUILD triggers of the base run first, as if they were written after FROM.
+        // ONBUILD triggers of the base (image or stage) run first, in order, as if they were
+        // written after FROM, and are not passed on: the config keeps only this stage's own.
         let triggers = state.config.config.on_build.take().unwrap_or_default();
         for trigger in triggers {
-            let parsed = dockerfile::parse(&format!("FROM scratch\n{trigger}\n")).map_err(|e| {
-                EngineError::step_in(stage.from.line, format!("ONBUILD trigger {trigger:?}"), e)
-            })?;
-            for instr in &parsed.stages[0].instructions {
-                let located = Located {
-                    line: stage.from.line,
-                    inner: instr.inner.clone(),
-                };
-                self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
-                state = self.step(&mut ctx, state, &located).await?;
-            }
+            let located = Located {
+                line: stage.from.line,
+                inner: deps::parse_trigger(&trigger, stage.from.line)?,
+            };
+            self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
+            state = self.step(&mut ctx, state, &located).await?;
         }
         for (n, instr) in stage.instructions.iter().enumerate() {
             if self.cancel.is_cancelled() {
