@@ -12,7 +12,8 @@
 //!   stay inside the layer store and cannot be opened by RUN (`nodev`).
 //! - Base images whose config carries ONBUILD triggers: COPY triggers aiming outside the
 //!   context (`../`, absolute) read only the child's context and fail, nothing leaks; triggers
-//!   fire once and are not handed on to a grandchild; a trigger that is not exactly one
+//!   fire once and are not handed on to a grandchild; a trigger's COPY --from=<stage> gets
+//!   that stage built; a trigger that is not exactly one
 //!   instruction (FROM, two lines, unknown, empty) fails naming the FROM line.
 //! - A request larger than `grpc.max_message_bytes` (set to 1 MiB) is refused with
 //!   ResourceExhausted/InvalidArgument and the server keeps serving.
@@ -914,6 +915,25 @@ async fn onbuild_triggers_of_a_hostile_base_stay_in_the_context_and_are_not_hand
         )
         .await;
         grandchild.assert_ended(BuildStatus::DoneSuccess);
+
+        // A trigger copying --from a stage of the child's Dockerfile that nothing else needs:
+        // that stage is built first (as BuildKit adds a trigger's dependencies).
+        let image = push_on_busybox_with_config(
+            registry.addr(),
+            "hostile/onbuild-copy-from-stage",
+            &empty_top,
+            onbuild_config(&["COPY --from=files /f /from-stage.txt"]),
+        )
+        .await;
+        let outcome = build_dockerfile(
+            &mut client,
+            &format!(
+                "FROM scratch AS files\nCOPY Dockerfile /f\nFROM {image}\n\
+                 RUN grep -q kiln-stage-marker /from-stage.txt\n# kiln-stage-marker\n"
+            ),
+        )
+        .await;
+        outcome.assert_ended(BuildStatus::DoneSuccess);
 
         // Triggers that are not one instruction (a FROM, two lines, an unknown keyword, an
         // empty one) fail the build, naming the FROM line and the trigger.

@@ -1,7 +1,7 @@
 //! How stages refer to each other, decided before anything runs: the stage a name or index
 //! means, the expanded `FROM` word, the ONBUILD triggers a base stage hands down (parsed
-//! from a base's config when they fire), and so the set of stages a target needs (in
-//! Dockerfile order). Pure: no I/O, so the build order is known (and testable) from the
+//! from a base's config when they fire), the stages COPY/ADD --from name, and so the set of
+//! stages a target needs (in Dockerfile order). Pure: no I/O, so the build order is known (and testable) from the
 //! Dockerfile and the global ARGs.
 
 use std::collections::BTreeMap;
@@ -43,8 +43,8 @@ pub(super) fn expand_from(
 /// --from=<stage>, and COPY/ADD --from=<stage> in the ONBUILD triggers of a base stage (they
 /// run right after FROM, as BuildKit adds their dependencies). `--from` is literal: the
 /// parser refuses variables in it, as BuildKit does. Triggers of a base *image* are known
-/// only once it is pulled: a stage one of them copies from must be needed for another reason
-/// (else that step fails, naming the stage).
+/// only once it is pulled: the runner asks for the stages they copy from then
+/// ([`copy_from_stages`]).
 pub(super) fn needed_stages(
     dockerfile: &Dockerfile,
     globals: &BTreeMap<String, Option<String>>,
@@ -70,15 +70,24 @@ pub(super) fn needed_stages(
                 _ => None,
             });
         let own = stage.instructions.iter().map(|instr| &instr.inner);
-        for instr in triggers.chain(own) {
-            if let Instruction::Copy(spec) | Instruction::Add(spec) = instr {
-                if let Some(name) = &spec.from {
-                    stack.extend(stage_index(dockerfile, name, i));
-                }
-            }
-        }
+        stack.extend(copy_from_stages(dockerfile, triggers.chain(own), i));
     }
     Ok((0..needed.len()).filter(|i| needed[*i]).collect())
+}
+
+/// The stages before `before` that the COPY/ADD --from of `instructions` name.
+pub(super) fn copy_from_stages<'a>(
+    dockerfile: &Dockerfile,
+    instructions: impl Iterator<Item = &'a Instruction>,
+    before: usize,
+) -> Vec<usize> {
+    instructions
+        .filter_map(|instr| match instr {
+            Instruction::Copy(spec) | Instruction::Add(spec) => spec.from.as_deref(),
+            _ => None,
+        })
+        .filter_map(|name| stage_index(dockerfile, name, before))
+        .collect()
 }
 
 /// One ONBUILD trigger of a base's config, parsed as the Dockerfile instruction it must be
@@ -132,6 +141,21 @@ mod tests {
         let text = "FROM scratch AS files\nFROM scratch AS parent\nONBUILD COPY --from=files /f /f\n\
                     FROM scratch\nCOPY --from=parent /g /g\n";
         assert_eq!(needed(text), [1, 2]);
+    }
+
+    #[test]
+    fn the_stages_triggers_copy_from_are_named_if_they_come_before() {
+        let dockerfile =
+            dockerfile::parse("FROM scratch AS files\nFROM scratch AS late\nFROM scratch\n").unwrap();
+        let triggers = [
+            parse_trigger("COPY --from=files /f /f", 3).unwrap(),
+            parse_trigger("RUN true", 3).unwrap(),
+            parse_trigger("COPY --from=0 /g /g", 3).unwrap(),
+            parse_trigger("COPY --from=busybox:1 /h /h", 3).unwrap(),
+            parse_trigger("COPY --from=late /i /i", 3).unwrap(),
+        ];
+        assert_eq!(copy_from_stages(&dockerfile, triggers.iter(), 1), [0, 0]);
+        assert_eq!(copy_from_stages(&dockerfile, triggers.iter(), 2), [0, 0, 1]);
     }
 
     #[test]

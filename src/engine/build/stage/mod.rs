@@ -16,7 +16,7 @@ mod fs;
 mod run;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::Instant,
@@ -266,17 +266,40 @@ impl<'a> StageRunner<'a> {
             let value = self.input.build_args.get(&decl.name).cloned().or(default);
             globals.insert(decl.name.clone(), value);
         }
-        let needed = deps::needed_stages(self.dockerfile, &globals, &automatic, target)?;
+        let mut queue = deps::needed_stages(self.dockerfile, &globals, &automatic, target)?;
         let mut done: HashMap<usize, ImageState> = HashMap::new();
-        let total = needed.len();
-        for (n, index) in needed.iter().enumerate() {
+        let mut n = 0;
+        while n < queue.len() {
             if self.cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
             }
-            let state = self
-                .run_stage(*index, n + 1, total, &globals, &automatic, &done)
-                .await?;
-            done.insert(*index, state);
+            let index = queue[n];
+            match self
+                .run_stage(index, n + 1, queue.len(), &globals, &automatic, &done)
+                .await?
+            {
+                StageRun::Built(state) => {
+                    done.insert(index, *state);
+                    n += 1;
+                }
+                // The base image's triggers copy from earlier stages nothing else needed (as
+                // BuildKit, build them, with what they need, then this stage again; its pull
+                // is in the layer store by now).
+                StageRun::NeedsStages(wanted) => {
+                    let mut more = BTreeSet::new();
+                    for stage in wanted {
+                        more.extend(deps::needed_stages(self.dockerfile, &globals, &automatic, stage)?);
+                    }
+                    more.retain(|stage| !done.contains_key(stage));
+                    if more.is_empty() {
+                        return Err(EngineError::at(
+                            self.dockerfile.stages[index].from.line,
+                            "ONBUILD triggers of the base need a stage that cannot be built first",
+                        ));
+                    }
+                    queue.splice(n..n, more);
+                }
+            }
         }
         Ok(done.remove(&target).expect("the target stage was built"))
     }
@@ -344,6 +367,8 @@ impl<'a> StageRunner<'a> {
         ))
     }
 
+    /// Builds stage `index` on the stages in `done`; or, when its base image's ONBUILD
+    /// triggers copy from earlier stages not in `done`, names them and builds nothing.
     async fn run_stage(
         &self,
         index: usize,
@@ -352,7 +377,7 @@ impl<'a> StageRunner<'a> {
         globals: &BTreeMap<String, Option<String>>,
         automatic: &BTreeMap<String, String>,
         done: &HashMap<usize, ImageState>,
-    ) -> Result<ImageState, EngineError> {
+    ) -> Result<StageRun, EngineError> {
         let stage = &self.dockerfile.stages[index];
         let steps = stage.instructions.len() + 1;
         let label = match &stage.from.alias {
@@ -378,11 +403,26 @@ impl<'a> StageRunner<'a> {
         };
         // ONBUILD triggers of the base (image or stage) run first, in order, as if they were
         // written after FROM, and are not passed on: the config keeps only this stage's own.
+        // All are parsed before any runs.
         let triggers = state.config.config.on_build.take().unwrap_or_default();
-        for trigger in triggers {
+        let parsed = triggers
+            .iter()
+            .map(|trigger| deps::parse_trigger(trigger, stage.from.line))
+            .collect::<Result<Vec<_>, _>>()?;
+        let missing: Vec<usize> = deps::copy_from_stages(self.dockerfile, parsed.iter(), index)
+            .into_iter()
+            .filter(|stage| !done.contains_key(stage))
+            .collect();
+        if !missing.is_empty() {
+            self.log.line(format!(
+                "[{label} 1/{steps}] ONBUILD triggers of {from} copy from stages {missing:?}: building them first"
+            ));
+            return Ok(StageRun::NeedsStages(missing));
+        }
+        for (trigger, inner) in triggers.iter().zip(parsed) {
             let located = Located {
                 line: stage.from.line,
-                inner: deps::parse_trigger(&trigger, stage.from.line)?,
+                inner,
             };
             self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
             state = self.step(&mut ctx, state, &located).await?;
@@ -403,7 +443,7 @@ impl<'a> StageRunner<'a> {
             self.log
                 .line(format!("[{label} {}/{steps}] {text} ({note})", n + 2));
         }
-        Ok(state)
+        Ok(StageRun::Built(Box::new(state)))
     }
 
     /// Applies one instruction: COPY, ADD and WORKDIR through the filesystem helper
@@ -539,6 +579,14 @@ impl<'a> StageRunner<'a> {
         self.add_layer(&mut state, entry, dir, created_by);
         Ok(state)
     }
+}
+
+/// What running one stage came to.
+enum StageRun {
+    /// Boxed: a state is large, and the other variant small.
+    Built(Box<ImageState>),
+    /// Its base image's ONBUILD triggers copy from these earlier stages, not built yet.
+    NeedsStages(Vec<usize>),
 }
 
 struct StageCtx<'a> {
