@@ -225,11 +225,13 @@ const RUN_CASES: &[&str] = &[
     "env-expansion",
     "gitpod-workspace",
     "multistage-copy-from",
+    "onbuild-triggers",
     "run-mount-bind-tmpfs",
     "run-shell-exec",
     "symlinks",
     "user-forms",
     "whiteout-delete",
+    "workdir-user",
 ];
 
 /// Busybox-based cases with a RUN: the busybox base has no /run.
@@ -241,11 +243,13 @@ const BUSYBOX_RUN_CASES: &[&str] = &[
     "dockerignore-patterns",
     "env-expansion",
     "multistage-copy-from",
+    "onbuild-triggers",
     "run-mount-bind-tmpfs",
     "run-shell-exec",
     "symlinks",
     "user-forms",
     "whiteout-delete",
+    "workdir-user",
 ];
 
 /// Mount points buildah 1.28 (chroot isolation) leaves in the image of every case with a RUN:
@@ -1169,18 +1173,50 @@ const KNOWN_CASES: &[&str] = &[
     "dockerignore-patterns",
     "entrypoint-cmd-exec",
     "env-expansion",
+    "expose-ranges",
     "gitpod-workspace",
     "multistage-copy-from",
+    "onbuild-triggers",
+    "run-mount-bind-tmpfs",
     "run-shell-exec",
     "scratch-copy-only",
     "symlinks",
     "user-forms",
     "whiteout-delete",
+    "workdir-user",
 ];
 
-/// Where buildah's own image fails a case's expect.json: (case, subject, why). Empty: buildah
-/// 1.28.2 passes scratch-copy-only's expect.json (measured), the only expect.json here.
-const BUILDAH_VIOLATES_EXPECT: &[(&str, &str, &str)] = &[];
+/// Where buildah's own image fails a case's expect.json: (case, subject, why). Measured with
+/// buildah 1.28.2; it passes scratch-copy-only's and onbuild-triggers' expect.json.
+const BUILDAH_VIOLATES_EXPECT: &[(&str, &str, &str)] = &[
+    (
+        "expose-ranges",
+        "config:ExposedPorts",
+        "buildah keeps each EXPOSE word as one key, as written (a range stays \"8080-8082/tcp\", \
+         \"53/UDP\" keeps its case); BuildKit records one lower-case key per port",
+    ),
+    (
+        "run-mount-bind-tmpfs",
+        "/mnt",
+        "buildah removes the mount point it made (/mnt/src) but keeps its parent /mnt; BuildKit \
+         removes every path it created for a mount",
+    ),
+    (
+        "run-mount-bind-tmpfs",
+        "/results/context-listing.txt",
+        "buildah binds the context as it is on disk, .dockerignore'd files included; BuildKit \
+         binds the context it received, already filtered",
+    ),
+    ("workdir-user", "/data", WORKDIR_WHY),
+    ("workdir-user", "/data/numeric", WORKDIR_WHY),
+    ("workdir-user", "/home/app", WORKDIR_WHY),
+    ("workdir-user", "/home/app/project", WORKDIR_WHY),
+    ("workdir-user", "/home/app/project/src", WORKDIR_WHY),
+];
+
+/// Why buildah's workdir-user image lacks the directories WORKDIR made as a non-root USER.
+const WORKDIR_WHY: &str = "buildah creates no directory at WORKDIR (a later RUN creates the one it runs in, \
+     as root); BuildKit makes the directory and its missing parents owned by the USER";
 
 /// Every case carried here is known to the tables, every JUSTIFIED case name exists, and
 /// RUN_CASES/BUSYBOX_RUN_CASES agree with the Dockerfiles.

@@ -7,6 +7,8 @@
 //! - ARG expansion bombs (exponential growth of one word; many large words): the build fails
 //!   with a message naming the Dockerfile line and the limit; the server's RSS stays bounded
 //!   and it builds again afterwards.
+//! - EXPOSE ranges over the whole port space on many lines: the build succeeds and the
+//!   server's RSS stays bounded; a port of thousands of digits fails naming the line.
 //! - A build queued behind `builds.max_concurrent = 1` for longer than `builds.timeout`
 //!   succeeds: the timeout clock starts when the build gets its slot.
 
@@ -198,6 +200,50 @@ async fn arg_expansion_bombs_fail_naming_the_line_and_memory_stays_bounded() {
         assert!(rss.growth() < RSS_GROWTH_BOUND, "RSS grew by {} MiB", rss.growth() >> 20);
         let again = build_dockerfile(&mut client, &format!("FROM {base}\nARG v=fine\nRUN echo $v-$((6*7))\n")).await;
         again.assert_ended(BuildStatus::DoneSuccess);
+    })
+    .await;
+}
+
+/// EXPOSE ranges over the whole port space, many times over: one key per port as Docker
+/// records them (no cap, as in Docker), but keys merge, so the config holds at most
+/// 3 × 65536 of them however many lines repeat the ranges; the server's RSS stays bounded. A
+/// port number of thousands of digits fails naming the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_port_space_expose_ranges_stay_bounded() {
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    let base = busybox_in(&kiln);
+    let pid = kiln.pid().expect("a running server");
+    within(600, async {
+        let mut client = kiln.builder().await;
+        let rss = RssSampler::start(pid);
+        let mut dockerfile = format!("FROM {base}\n");
+        for _ in 0..20 {
+            dockerfile.push_str("EXPOSE 0-65535/tcp 0-65535/udp 0-65535/sctp\n");
+        }
+        dockerfile.push_str("RUN echo ports-$((6*7))\n");
+        let outcome = build_dockerfile(&mut client, &dockerfile).await;
+        outcome.assert_ended(BuildStatus::DoneSuccess);
+
+        let huge = format!(
+            "FROM {base}\nEXPOSE 80\nEXPOSE 1-{}/tcp\nRUN true\n",
+            "9".repeat(4000)
+        );
+        let outcome = build_dockerfile(&mut client, &huge).await;
+        let text = failure_text(&mut client, &outcome).await;
+        assert!(
+            text.contains("line 3") && text.contains("out of range"),
+            "the error must name the line and say why: {}",
+            &text[..text.len().min(2000)]
+        );
+        eprintln!(
+            "EXPOSE ranges: RSS growth {:.1} MiB",
+            rss.growth() as f64 / 1048576.0
+        );
+        assert!(
+            rss.growth() < RSS_GROWTH_BOUND,
+            "RSS grew by {} MiB",
+            rss.growth() >> 20
+        );
     })
     .await;
 }

@@ -10,6 +10,11 @@
 //! - Base images (pushed to docker-registry) whose top layer carries the same escapes: the
 //!   build fails cleanly naming the entry; absolute names land inside the image; device nodes
 //!   stay inside the layer store and cannot be opened by RUN (`nodev`).
+//! - Base images whose config carries ONBUILD triggers: COPY triggers aiming outside the
+//!   context (`../`, absolute) read only the child's context and fail, nothing leaks; triggers
+//!   fire once and are not handed on to a grandchild; a trigger's COPY --from=<stage> gets
+//!   that stage built; a trigger that is not exactly one
+//!   instruction (FROM, two lines, unknown, empty) fails naming the FROM line.
 //! - A request larger than `grpc.max_message_bytes` (set to 1 MiB) is refused with
 //!   ResourceExhausted/InvalidArgument and the server keeps serving.
 //! - A RUN printing one 5 MiB line and binary bytes: Logs returns exactly those bytes.
@@ -599,6 +604,17 @@ async fn uploaded_context_escapes_are_refused_and_nothing_is_written_outside() {
 /// Pushes an image to `registry` whose layers are busybox's and then `top_tar` (gzip'd);
 /// returns `registry/repo:1`.
 async fn push_on_busybox(registry: &str, repo: &str, top_tar: &[u8]) -> String {
+    let config = json!({ "Env": [format!("PATH={}", base_images::IMAGE_PATH)] });
+    push_on_busybox_with_config(registry, repo, top_tar, config).await
+}
+
+/// [`push_on_busybox`] with `config` as the image config's `config` object (Env, OnBuild, …).
+async fn push_on_busybox_with_config(
+    registry: &str,
+    repo: &str,
+    top_tar: &[u8],
+    config: serde_json::Value,
+) -> String {
     let layout = base_images::busybox_layout();
     let blob = |digest: &str| -> Vec<u8> {
         let hex = digest.strip_prefix("sha256:").unwrap();
@@ -635,7 +651,7 @@ async fn push_on_busybox(registry: &str, repo: &str, top_tar: &[u8]) -> String {
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": { "Env": [format!("PATH={}", base_images::IMAGE_PATH)] },
+        "config": config,
         "rootfs": { "type": "layers", "diff_ids": [layout.diff_id.clone(), digest_of(top_tar)] },
     }))
     .unwrap();
@@ -815,6 +831,135 @@ async fn base_image_layer_escapes_fail_cleanly_and_stay_in_the_layer_store() {
             2,
             "both device nodes unpacked in the layer store: {devices:?}"
         );
+    })
+    .await;
+}
+
+// =======================================================================================
+// ONBUILD triggers of a base image
+// =======================================================================================
+
+/// The base image's config: busybox's PATH and `triggers` as its OnBuild.
+fn onbuild_config(triggers: &[&str]) -> serde_json::Value {
+    json!({ "Env": [format!("PATH={}", base_images::IMAGE_PATH)], "OnBuild": triggers })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onbuild_triggers_of_a_hostile_base_stay_in_the_context_and_are_not_handed_on() {
+    let registry = DockerRegistry::start();
+    base_images::ensure_base_images(registry.addr(), false);
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    let sentinel = Sentinel::new();
+    let empty_top = raw_tar(&[Entry::Dir("kiln-onbuild")]);
+    within(600, async {
+        let mut client = kiln.builder().await;
+
+        // COPY triggers reaching for the sentinel's victim, by ../ and by an absolute path:
+        // both resolve inside the child build's context, where there is no such file.
+        let climb = format!("COPY {} /leak", sentinel.climb_to("victim"));
+        let absolute = format!("COPY {}/victim /leak", sentinel.abs());
+        for (name, trigger) in [("climb", climb.as_str()), ("absolute", absolute.as_str())] {
+            let image = push_on_busybox_with_config(
+                registry.addr(),
+                &format!("hostile/onbuild-{name}"),
+                &empty_top,
+                onbuild_config(&["RUN echo trigger-ran", trigger]),
+            )
+            .await;
+            let outcome = build_dockerfile(&mut client, &format!("FROM {image}\nRUN cat /leak\n")).await;
+            if let Some(status) = &outcome.error {
+                assert_not_unknown(status);
+            }
+            let text = outcome.assert_ended(BuildStatus::DoneFailure);
+            let id = outcome.build_id().expect("a build id");
+            let log = String::from_utf8_lossy(&read_log(&mut client, &id).await).into_owned();
+            assert!(text.contains("line 1"), "{name}: the error must name the FROM line: {text}");
+            assert!(log.contains("trigger-ran"), "{name}: the triggers before it ran:\n{log}");
+            let victim = String::from_utf8_lossy(VICTIM_TEXT);
+            assert!(
+                !text.contains(victim.trim()) && !log.contains(victim.trim()),
+                "{name}: the victim's content leaked: {text}\n{log}"
+            );
+            sentinel.assert_untouched(name);
+            eprintln!("onbuild {name}: {text}");
+        }
+
+        // Triggers fire once, COPY reads the child's context, and the child's image does not
+        // carry them: a grandchild built FROM it does not fire them again.
+        let image = push_on_busybox_with_config(
+            registry.addr(),
+            "hostile/onbuild-fires",
+            &empty_top,
+            onbuild_config(&["RUN echo fired >> /fired.txt", "COPY Dockerfile /from-context.txt"]),
+        )
+        .await;
+        let child = build_dockerfile(
+            &mut client,
+            &format!(
+                "FROM {image}\nRUN test \"$(cat /fired.txt)\" = fired && grep -q kiln-child /from-context.txt\n\
+                 LABEL kiln-child=yes\n"
+            ),
+        )
+        .await;
+        child.assert_ended(BuildStatus::DoneSuccess);
+        let child_ref = child
+            .messages
+            .iter()
+            .rev()
+            .map(|m| m.base_ref.clone())
+            .find(|r| !r.is_empty())
+            .expect("the child build names its image");
+        let grandchild = build_dockerfile(
+            &mut client,
+            &format!("FROM {child_ref}\nRUN test \"$(cat /fired.txt)\" = fired\n"),
+        )
+        .await;
+        grandchild.assert_ended(BuildStatus::DoneSuccess);
+
+        // A trigger copying --from a stage of the child's Dockerfile that nothing else needs:
+        // that stage is built first (as BuildKit adds a trigger's dependencies).
+        let image = push_on_busybox_with_config(
+            registry.addr(),
+            "hostile/onbuild-copy-from-stage",
+            &empty_top,
+            onbuild_config(&["COPY --from=files /f /from-stage.txt"]),
+        )
+        .await;
+        let outcome = build_dockerfile(
+            &mut client,
+            &format!(
+                "FROM scratch AS files\nCOPY Dockerfile /f\nFROM {image}\n\
+                 RUN grep -q kiln-stage-marker /from-stage.txt\n# kiln-stage-marker\n"
+            ),
+        )
+        .await;
+        outcome.assert_ended(BuildStatus::DoneSuccess);
+
+        // Triggers that are not one instruction (a FROM, two lines, an unknown keyword, an
+        // empty one) fail the build, naming the FROM line and the trigger.
+        for (name, trigger) in [
+            ("from", "FROM busybox"),
+            ("two-lines", "RUN true\nRUN echo smuggled"),
+            ("unknown", "FROBNICATE now"),
+            ("empty", ""),
+        ] {
+            let image = push_on_busybox_with_config(
+                registry.addr(),
+                &format!("hostile/onbuild-bad-{name}"),
+                &empty_top,
+                onbuild_config(&[trigger]),
+            )
+            .await;
+            let outcome = build_dockerfile(&mut client, &format!("# a comment\nFROM {image}\nRUN true\n")).await;
+            if let Some(status) = &outcome.error {
+                assert_not_unknown(status);
+            }
+            let text = outcome.assert_ended(BuildStatus::DoneFailure);
+            assert!(
+                text.contains("line 2") && text.contains("ONBUILD trigger"),
+                "{name}: the error must name the FROM line and the trigger: {text}"
+            );
+        }
     })
     .await;
 }

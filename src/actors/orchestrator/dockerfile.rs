@@ -327,7 +327,7 @@ async fn resolve_images(
         }
     }
     let mut aliases: Vec<String> = Vec::new();
-    let mut wanted: Vec<(usize, String)> = Vec::new();
+    let mut wanted: Vec<(usize, &str, String)> = Vec::new();
     for stage in &parsed.stages {
         let from = expand(
             &stage.from.image,
@@ -337,14 +337,14 @@ async fn resolve_images(
         .map_err(|e| bad_source(format!("Dockerfile line {}: FROM: {e}", stage.from.line)))?;
         let is_stage = aliases.iter().any(|a| a.eq_ignore_ascii_case(&from));
         if !is_stage && !from.eq_ignore_ascii_case("scratch") {
-            wanted.push((stage.from.line, from));
+            wanted.push((stage.from.line, "FROM ", from));
         }
         for instr in &stage.instructions {
-            for f in instr.inner.reads_from() {
+            for (keyword, f) in instr.inner.reads_from() {
                 let named_stage =
                     aliases.iter().any(|a| a.eq_ignore_ascii_case(f)) || f.parse::<usize>().is_ok();
                 if !named_stage && !f.contains('$') {
-                    wanted.push((instr.line, f.to_owned()));
+                    wanted.push((instr.line, keyword, f.to_owned()));
                 }
             }
         }
@@ -354,13 +354,13 @@ async fn resolve_images(
     }
     let pool = ResolverPool::new(deps.directory.clone());
     let mut pinned = BTreeMap::new();
-    for (line, name) in wanted {
+    for (line, keyword, name) in wanted {
         if pinned.contains_key(&name) {
             continue;
         }
         let image: ImageRef = name
             .parse()
-            .map_err(|e| bad_source(format!("Dockerfile line {line}: {e}")))?;
+            .map_err(|e| bad_source(format!("Dockerfile line {line}: {keyword}{name}: {e}")))?;
         let resolved = pool
             .resolve(image, auth.clone(), false)
             .await
@@ -368,7 +368,7 @@ async fn resolve_images(
                 // Missing or not readable with the request's credentials: the Dockerfile's
                 // mistake. A registry that did not answer is worth a retry, as it was.
                 BuildError::Resolve(_) if !e.is_retryable() => {
-                    bad_source(format!("Dockerfile line {line}: {e}"))
+                    bad_source(format!("Dockerfile line {line}: {keyword}{name}: {e}"))
                 }
                 e => e,
             })?;

@@ -4,7 +4,7 @@
 use crate::{
     engine::{
         build::fsop::FsOpError,
-        dockerfile::{ExpandError, MountError, ParseError},
+        dockerfile::{ExpandError, MountError, ParseError, PortSpecError},
         layers::LayerError,
         sandbox::{
             cgroup::{CgroupError, LimitHit},
@@ -74,12 +74,19 @@ pub enum StepCause {
     /// A `RUN --mount` that does not expand to a valid mount.
     #[error(transparent)]
     Mount(#[from] MountError),
-    /// An ONBUILD trigger that does not parse.
+    /// Dockerfile text a step parses itself that does not parse.
     #[error(transparent)]
     Parse(#[from] ParseError),
     /// An image reference (`FROM`, `COPY --from`) that does not parse.
     #[error(transparent)]
     Reference(#[from] ImageRefError),
+    /// An image (`FROM`, `COPY --from`) the registry could not give: missing, not readable,
+    /// or a registry that did not answer (then retryable, see [`EngineError::is_retryable`]).
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// An EXPOSE port specification that is not valid.
+    #[error(transparent)]
+    PortSpec(#[from] PortSpecError),
     /// COPY/ADD/WORKDIR applied through the filesystem helper.
     #[error(transparent)]
     FileOperation(#[from] FsOpError),
@@ -147,10 +154,21 @@ impl EngineError {
         }
     }
 
+    /// This error, placed on `line` of the Dockerfile under `what` (`FROM <image>`, …) if it
+    /// is a registry error, which alone would not say which instruction wanted the image.
+    /// Other errors are returned as they are.
+    pub(crate) fn on_line(self, line: usize, what: impl Into<String>) -> Self {
+        match self {
+            Self::Registry(e) => Self::step_in(line, what, e),
+            other => other,
+        }
+    }
+
     /// Whether running the build again may succeed: only a registry that was unavailable.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Registry(e) => e.is_retryable(),
+            Self::Step { source, .. } => matches!(&**source, StepCause::Registry(e) if e.is_retryable()),
             _ => false,
         }
     }
@@ -190,5 +208,40 @@ mod tests {
         );
         assert!(!e.is_retryable());
         assert!(!EngineError::Cancelled.is_retryable());
+    }
+
+    #[test]
+    fn registry_errors_of_an_instruction_name_its_line_and_stay_retryable_when_they_were() {
+        let missing = || RegistryError::PlatformNotFound {
+            reference: "reg/nosuch/image:1".into(),
+            platform: "linux/amd64".into(),
+            available: vec![],
+        };
+        let e = EngineError::from(missing()).on_line(3, "FROM reg/nosuch/image:1");
+        assert!(
+            e.to_string()
+                .starts_with("Dockerfile line 3: FROM reg/nosuch/image:1: reg/nosuch/image:1"),
+            "{e}"
+        );
+        assert!(
+            matches!(&e, EngineError::Step { line: 3, source, .. } if matches!(**source, StepCause::Registry(_)))
+        );
+        assert!(!e.is_retryable());
+        let down = RegistryError::RetriesExhausted {
+            registry: "reg".into(),
+            attempts: 3,
+            last: Box::new(missing()),
+        };
+        let e = EngineError::from(down).on_line(3, "FROM reg/nosuch/image:1");
+        assert!(e.to_string().starts_with("Dockerfile line 3: "), "{e}");
+        assert!(
+            e.is_retryable(),
+            "an unavailable registry is worth a retry, with or without a line"
+        );
+        // Errors that are not the registry's are left as they are.
+        assert!(matches!(
+            EngineError::Cancelled.on_line(3, "FROM x"),
+            EngineError::Cancelled
+        ));
     }
 }

@@ -52,8 +52,10 @@ pub enum FsAction {
         /// ADD: unpack local tar archives into `dest`.
         extract: bool,
     },
-    /// WORKDIR: create `path` and its parents if missing.
-    Mkdir { path: String },
+    /// WORKDIR: create `path` and its parents if missing, owned by `owner` (the USER in
+    /// effect, `user[:group]` resolved in the image as `--chown` is; root when `None`).
+    /// Directories that exist are left as they are.
+    Mkdir { path: String, owner: Option<String> },
     /// COPY <<EOF: write `content` to `dest`.
     Write {
         dest: String,
@@ -321,9 +323,16 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
     let ids = IdMaps::load(&root);
     for action in &op.actions {
         match action {
-            FsAction::Mkdir { path } => {
+            FsAction::Mkdir { path, owner } => {
+                let owner = owner
+                    .as_deref()
+                    .map(|o| {
+                        ids.resolve(o)
+                            .map_err(|e| format!("WORKDIR {path}: USER {o}: {e}"))
+                    })
+                    .transpose()?;
                 let dest = resolve_in_root(&root, path, true).map_err(|e| format!("WORKDIR {path}: {e}"))?;
-                mkdir_parents(&dest, &root, None).map_err(|e| format!("WORKDIR {path}: {e}"))?;
+                mkdir_parents(&dest, &root, owner).map_err(|e| format!("WORKDIR {path}: {e}"))?;
             }
             FsAction::Write {
                 dest,
@@ -332,7 +341,10 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
                 chown: owner,
                 chmod,
             } => {
-                let owner = owner.as_deref().map(|o| ids.resolve(o)).transpose()?;
+                let owner = owner
+                    .as_deref()
+                    .map(|o| ids.resolve(o).map_err(|e| format!("--chown: {e}")))
+                    .transpose()?;
                 let mut target = dest.clone();
                 if dest.ends_with('/') {
                     target.push_str(name);
@@ -359,7 +371,10 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
                 let Some((src_root, ignore)) = &source else {
                     return Err("COPY has no source".into());
                 };
-                let owner = owner.as_deref().map(|o| ids.resolve(o)).transpose()?;
+                let owner = owner
+                    .as_deref()
+                    .map(|o| ids.resolve(o).map_err(|e| format!("--chown: {e}")))
+                    .transpose()?;
                 let plan = CopyPlan {
                     root: &root,
                     owner,
@@ -409,7 +424,8 @@ impl IdMaps {
     }
 
     /// `user[:group]`, names or numbers; a user alone also sets its primary group
-    /// (numeric users without a passwd entry get the same number as group).
+    /// (numeric users without a passwd entry get the same number as group). Used by
+    /// `--chown` and by WORKDIR for the USER in effect.
     fn resolve(&self, spec: &str) -> Result<(u32, u32), String> {
         let (user, group) = match spec.split_once(':') {
             Some((u, g)) => (u, Some(g)),
@@ -427,7 +443,7 @@ impl IdMaps {
             Err(_) => *self
                 .users
                 .get(user)
-                .ok_or_else(|| format!("--chown: unknown user {user:?} in the image's /etc/passwd"))?,
+                .ok_or_else(|| format!("unknown user {user:?} in the image's /etc/passwd"))?,
         };
         let gid = match group {
             None => primary,
@@ -436,7 +452,7 @@ impl IdMaps {
                 Err(_) => *self
                     .groups
                     .get(g)
-                    .ok_or_else(|| format!("--chown: unknown group {g:?} in the image's /etc/group"))?,
+                    .ok_or_else(|| format!("unknown group {g:?} in the image's /etc/group"))?,
             },
         };
         Ok((uid, gid))
@@ -1190,6 +1206,40 @@ mod tests {
             &op,
         );
         assert_eq!(shown, "/etc/x: <context>/a");
+    }
+
+    #[test]
+    fn workdir_creates_missing_directories_for_the_user_and_leaves_existing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(root.join("home")).unwrap();
+        fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(root.join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        let ids = IdMaps::load(&root);
+        let owner = ids.resolve("app").unwrap();
+        assert_eq!(owner, (1000, 1001));
+        let work = root.join("home/app/work");
+        mkdir_parents(&work, &root, Some(owner)).unwrap();
+        for made in [root.join("home/app"), work.clone()] {
+            let meta = fs::metadata(&made).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (1000, 1001), "{}", made.display());
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+        }
+        // The parent that existed keeps its owner.
+        assert_eq!(fs::metadata(root.join("home")).unwrap().uid(), 0);
+        // A directory that exists is left as it is, whoever the user.
+        mkdir_parents(&work, &root, Some(ids.resolve("4242:staff").unwrap())).unwrap();
+        assert_eq!(fs::metadata(&work).unwrap().uid(), 1000);
+        // Numeric users need no passwd entry.
+        assert_eq!(ids.resolve("4242").unwrap(), (4242, 4242));
+        assert_eq!(ids.resolve("4242:staff").unwrap(), (4242, 50));
+        let err = ids.resolve("ghost").unwrap_err();
+        assert_eq!(err, "unknown user \"ghost\" in the image's /etc/passwd");
     }
 
     #[test]

@@ -240,12 +240,28 @@ impl Instruction {
         }
     }
 
-    /// The stages or images the instruction reads files from, as written (not expanded):
-    /// `COPY/ADD --from=…` and `RUN --mount=…,from=…`.
-    pub fn reads_from(&self) -> Vec<&str> {
+    /// The stages or images the instruction reads files from, as written (neither is ever
+    /// expanded), each after the flag that names it: `COPY --from=`, `ADD --from=`,
+    /// `RUN --mount=from=`.
+    pub fn reads_from(&self) -> Vec<(&'static str, &str)> {
         match self {
-            Instruction::Copy(spec) | Instruction::Add(spec) => spec.from.as_deref().into_iter().collect(),
-            Instruction::Run(run) => run.mounts.iter().filter_map(|m| m.from.as_deref()).collect(),
+            Instruction::Copy(spec) => spec
+                .from
+                .as_deref()
+                .map(|f| ("COPY --from=", f))
+                .into_iter()
+                .collect(),
+            Instruction::Add(spec) => spec
+                .from
+                .as_deref()
+                .map(|f| ("ADD --from=", f))
+                .into_iter()
+                .collect(),
+            Instruction::Run(run) => run
+                .mounts
+                .iter()
+                .filter_map(|m| Some(("RUN --mount=from=", m.from.as_deref()?)))
+                .collect(),
             _ => Vec::new(),
         }
     }

@@ -11,6 +11,7 @@
 //! - `instruction`: the typed AST ([`Instruction`], [`ShellOrExec`], [`CopySpec`], …) and
 //!   per-instruction validation (arguments, flags, JSON vs shell form).
 //! - `mount`: `RUN --mount` specifications ([`RunMount`]).
+//! - `ports`: EXPOSE port specifications ([`PortSpec`]: `8080-8082/tcp`, …).
 //! - `expand`: `$var`/`${var:-default}`/… substitution and quote removal ([`expand`],
 //!   [`expand_words`], [`expand_heredoc`]); `expand.rs`'s module doc has the full rules.
 //!
@@ -24,13 +25,16 @@
 //! after [`Heredoc::body`]), `WORKDIR`, `USER`, `STOPSIGNAL`, `VOLUME`, `EXPOSE` (split into
 //! words) and `RUN --mount` values ([`RunMount::expand`]). `RUN`, `CMD`, `ENTRYPOINT`,
 //! `SHELL`, `HEALTHCHECK` and `MAINTAINER` are never expanded by the builder; `ONBUILD`
-//! triggers are expanded when they run in a child build; `COPY --from` never is.
+//! triggers are expanded when they run in a child build. `COPY --from` never is: a variable
+//! in it is refused at parse time with BuildKit's message. EXPOSE's words, once expanded, are
+//! port specifications ([`PortSpec`], ranges included).
 //! [`display_instruction`] renders an instruction back as Dockerfile text.
 
 mod expand;
 mod instruction;
 mod mount;
 mod parse;
+mod ports;
 #[cfg(test)]
 mod tests;
 
@@ -47,6 +51,7 @@ pub use instruction::{
     RunSpec, ShellOrExec,
 };
 pub use mount::{CacheSharing, MountError, MountType, RunMount};
+pub use ports::{PortSpec, PortSpecError, MAX_PORT};
 
 use instruction::Parsed;
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::{describe, ImageState, StageCtx, StageRunner, DEFAULT_SHELL};
 use crate::engine::{
     build::EngineError,
-    dockerfile::{self, expand_words, ArgDecl, Instruction, Located, ShellOrExec},
+    dockerfile::{self, expand_words, ArgDecl, Instruction, Located, PortSpec, ShellOrExec},
     image::{Healthcheck, HistoryEntry},
 };
 
@@ -155,7 +155,7 @@ impl StageRunner<'_> {
         line: usize,
         ports: &[String],
     ) -> Result<String, EngineError> {
-        let mut shown = Vec::new();
+        let mut specs = Vec::new();
         for p in ports {
             let words = expand_words(
                 p,
@@ -163,20 +163,22 @@ impl StageRunner<'_> {
                 self.dockerfile.escape,
             )
             .map_err(|e| EngineError::step(line, e))?;
-            for p in words.iter().filter(|w| !w.is_empty()) {
-                shown.push(if p.contains('/') {
-                    p.to_ascii_lowercase()
-                } else {
-                    format!("{p}/tcp")
-                });
+            for word in words.iter().filter(|w| !w.is_empty()) {
+                specs.push(PortSpec::parse(word).map_err(|e| EngineError::step_in(line, "EXPOSE", e))?);
             }
         }
+        // One key per port: a range of the whole port space is 65536 keys, and keys of
+        // several EXPOSE lines merge, so the config holds at most 3 × 65536 (one per protocol).
         let exposed = state
             .config
             .config
             .exposed_ports
             .get_or_insert_with(BTreeMap::new);
-        exposed.extend(shown.iter().map(|p| (p.clone(), Default::default())));
+        for spec in &specs {
+            exposed.extend(spec.keys().map(|k| (k, Default::default())));
+        }
+        // History names the specs (ranges as ranges), so its size follows the Dockerfile's.
+        let shown: Vec<String> = specs.iter().map(PortSpec::canonical).collect();
         Ok(format!("EXPOSE {}", shown.join(" ")))
     }
 

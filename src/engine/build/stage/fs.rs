@@ -66,7 +66,8 @@ impl StageRunner<'_> {
             .await
     }
 
-    /// WORKDIR: the directory is created (an empty layer is skipped).
+    /// WORKDIR: the directory is created (an empty layer is skipped), with any missing
+    /// parents, owned by the USER in effect (as BuildKit does); an existing one is untouched.
     pub(super) async fn workdir_step(
         &self,
         ctx: &StageCtx<'_>,
@@ -78,8 +79,15 @@ impl StageRunner<'_> {
         let path = join_path(&Self::cwd(&state), &dir);
         state.config.config.working_dir = Some(path.clone());
         let created_by = format!("WORKDIR {path}");
-        let actions = vec![FsAction::Mkdir { path }];
-        self.fs_step(state, line, &created_by, &created_by, None, actions, true)
+        // The step key names the owner: a layer cached before WORKDIR honoured USER (root-owned
+        // directories, same state key) is not reused for it.
+        let owner = state.config.config.user.clone().filter(|u| !u.is_empty());
+        let step = match &owner {
+            Some(user) => format!("{created_by}\0{user}"),
+            None => created_by.clone(),
+        };
+        let actions = vec![FsAction::Mkdir { path, owner }];
+        self.fs_step(state, line, &step, &created_by, None, actions, true)
             .await
     }
 
@@ -101,7 +109,7 @@ impl StageRunner<'_> {
                 chmod: copy.chmod,
                 extract: is_add,
             };
-            let (source, inputs) = self.copy_source(ctx, &state, line, spec, &copy).await?;
+            let (source, inputs) = self.copy_source(ctx, line, spec, &copy).await?;
             (Some(source), vec![action], inputs)
         } else {
             (
@@ -214,7 +222,6 @@ impl StageRunner<'_> {
     async fn copy_source(
         &self,
         ctx: &StageCtx<'_>,
-        state: &ImageState,
         line: usize,
         spec: &dockerfile::CopySpec,
         copy: &CopyLine,
@@ -224,9 +231,9 @@ impl StageRunner<'_> {
             let digest = self.context_digest(line, keyword, copy.sources.clone()).await?;
             return Ok((self.context_source(), digest));
         };
-        let from = self.word(ctx, state, line, from)?;
+        // The parser refused any variable in --from (as BuildKit does): the name is literal.
         let src_state = self
-            .state_from(ctx, line, &format!("{keyword} --from={from}"), &from)
+            .state_from(ctx, line, &format!("{keyword} --from={from}"), from)
             .await?;
         let source = FsSource::Layers {
             lowers: src_state.lowers(),
@@ -285,7 +292,9 @@ impl StageRunner<'_> {
             Some(pinned) => pinned.clone(),
             None => from.parse().map_err(|e| EngineError::step_in(line, step, e))?,
         };
-        let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
+        let pulled = pull::pull(self.engine, &image, &self.input.auth)
+            .await
+            .map_err(|e| e.on_line(line, step))?;
         let digest = pulled.reference.digest().cloned().expect("pinned");
         Ok(ImageState {
             config: pulled.config,

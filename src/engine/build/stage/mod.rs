@@ -11,11 +11,12 @@
 //! RUN.
 
 mod config;
+mod deps;
 mod fs;
 mod run;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::Instant,
@@ -240,11 +241,7 @@ impl<'a> StageRunner<'a> {
 
     /// The index of the stage named `name` (alias or number), among those before `before`.
     fn stage_index(&self, name: &str, before: usize) -> Option<usize> {
-        let lower = name.to_ascii_lowercase();
-        self.dockerfile.stages[..before]
-            .iter()
-            .position(|s| s.from.alias.as_deref() == Some(lower.as_str()))
-            .or_else(|| lower.parse::<usize>().ok().filter(|i| *i < before))
+        deps::stage_index(self.dockerfile, name, before)
     }
 
     /// Builds every stage the target needs and returns the target's state.
@@ -279,69 +276,42 @@ impl<'a> StageRunner<'a> {
             let value = self.input.build_args.get(&decl.name).cloned().or(default);
             globals.insert(decl.name.clone(), value);
         }
-        let needed = self.needed_stages(target, &globals, &automatic)?;
+        let mut queue = deps::needed_stages(self.dockerfile, &globals, &automatic, target)?;
         let mut done: HashMap<usize, ImageState> = HashMap::new();
-        let total = needed.len();
-        for (n, index) in needed.iter().enumerate() {
+        let mut n = 0;
+        while n < queue.len() {
             if self.cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
             }
-            let state = self
-                .run_stage(*index, n + 1, total, &globals, &automatic, &done)
-                .await?;
-            done.insert(*index, state);
+            let index = queue[n];
+            match self
+                .run_stage(index, n + 1, queue.len(), &globals, &automatic, &done)
+                .await?
+            {
+                StageRun::Built(state) => {
+                    done.insert(index, *state);
+                    n += 1;
+                }
+                // The base image's triggers copy from earlier stages nothing else needed (as
+                // BuildKit, build them, with what they need, then this stage again; its pull
+                // is in the layer store by now).
+                StageRun::NeedsStages(wanted) => {
+                    let mut more = BTreeSet::new();
+                    for stage in wanted {
+                        more.extend(deps::needed_stages(self.dockerfile, &globals, &automatic, stage)?);
+                    }
+                    more.retain(|stage| !done.contains_key(stage));
+                    if more.is_empty() {
+                        return Err(EngineError::at(
+                            self.dockerfile.stages[index].from.line,
+                            "ONBUILD triggers of the base need a stage that cannot be built first",
+                        ));
+                    }
+                    queue.splice(n..n, more);
+                }
+            }
         }
         Ok(done.remove(&target).expect("the target stage was built"))
-    }
-
-    /// The target and every stage it depends on (FROM <stage>, COPY --from=<stage>,
-    /// RUN --mount=from=<stage>), in order.
-    fn needed_stages(
-        &self,
-        target: usize,
-        globals: &BTreeMap<String, Option<String>>,
-        automatic: &BTreeMap<String, String>,
-    ) -> Result<Vec<usize>, EngineError> {
-        let mut needed = vec![false; self.dockerfile.stages.len()];
-        let mut stack = vec![target];
-        while let Some(i) = stack.pop() {
-            if needed[i] {
-                continue;
-            }
-            needed[i] = true;
-            let stage = &self.dockerfile.stages[i];
-            let from = self.expand_from(&stage.from.image, stage.from.line, globals, automatic)?;
-            if let Some(dep) = self.stage_index(&from, i) {
-                stack.push(dep);
-            }
-            for instr in &stage.instructions {
-                stack.extend(
-                    instr
-                        .inner
-                        .reads_from()
-                        .into_iter()
-                        .filter_map(|f| self.stage_index(f, i)),
-                );
-            }
-        }
-        Ok((0..needed.len()).filter(|i| needed[*i]).collect())
-    }
-
-    fn expand_from(
-        &self,
-        word: &str,
-        line: usize,
-        globals: &BTreeMap<String, Option<String>>,
-        automatic: &BTreeMap<String, String>,
-    ) -> Result<String, EngineError> {
-        let lookup = |n: &str| {
-            globals
-                .get(n)
-                .cloned()
-                .flatten()
-                .or_else(|| automatic.get(n).cloned())
-        };
-        expand(word, &lookup, self.dockerfile.escape).map_err(|e| EngineError::step_in(line, "FROM", e))
     }
 
     async fn base_state(
@@ -352,10 +322,11 @@ impl<'a> StageRunner<'a> {
         done: &HashMap<usize, ImageState>,
     ) -> Result<(ImageState, String), EngineError> {
         let from = &self.dockerfile.stages[stage_index].from;
-        let name = self.expand_from(&from.image, from.line, globals, automatic)?;
+        let name = deps::expand_from(self.dockerfile, &from.image, from.line, globals, automatic)?;
         if let Some(dep) = self.stage_index(&name, stage_index) {
-            let mut state = done.get(&dep).cloned().expect("dependencies are built first");
-            state.config.config.on_build = None;
+            // The base stage's own ONBUILD triggers stay in the config: `run_stage` fires
+            // them (as BuildKit does) and takes them out.
+            let state = done.get(&dep).cloned().expect("dependencies are built first");
             return Ok((state, name));
         }
         if name.eq_ignore_ascii_case("scratch") {
@@ -382,7 +353,9 @@ impl<'a> StageRunner<'a> {
                 .map_err(|e| EngineError::step_in(from.line, format!("FROM {name}"), e))?,
         };
         let started = Instant::now();
-        let pulled = pull::pull(self.engine, &image, &self.input.auth).await?;
+        let pulled = pull::pull(self.engine, &image, &self.input.auth)
+            .await
+            .map_err(|e| e.on_line(from.line, format!("FROM {name}")))?;
         self.log.line(format!(
             "  pulled {} ({} layers) in {:.2}s",
             pulled.reference,
@@ -404,6 +377,8 @@ impl<'a> StageRunner<'a> {
         ))
     }
 
+    /// Builds stage `index` on the stages in `done`; or, when its base image's ONBUILD
+    /// triggers copy from earlier stages not in `done`, names them and builds nothing.
     async fn run_stage(
         &self,
         index: usize,
@@ -412,7 +387,7 @@ impl<'a> StageRunner<'a> {
         globals: &BTreeMap<String, Option<String>>,
         automatic: &BTreeMap<String, String>,
         done: &HashMap<usize, ImageState>,
-    ) -> Result<ImageState, EngineError> {
+    ) -> Result<StageRun, EngineError> {
         let stage = &self.dockerfile.stages[index];
         let steps = stage.instructions.len() + 1;
         let label = match &stage.from.alias {
@@ -436,20 +411,31 @@ impl<'a> StageRunner<'a> {
             done,
             stage_index: index,
         };
-        // ONBUILD triggers of the base run first, as if they were written after FROM.
+        // ONBUILD triggers of the base (image or stage) run first, in order, as if they were
+        // written after FROM, and are not passed on: the config keeps only this stage's own.
+        // All are parsed before any runs.
         let triggers = state.config.config.on_build.take().unwrap_or_default();
-        for trigger in triggers {
-            let parsed = dockerfile::parse(&format!("FROM scratch\n{trigger}\n")).map_err(|e| {
-                EngineError::step_in(stage.from.line, format!("ONBUILD trigger {trigger:?}"), e)
-            })?;
-            for instr in &parsed.stages[0].instructions {
-                let located = Located {
-                    line: stage.from.line,
-                    inner: instr.inner.clone(),
-                };
-                self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
-                state = self.step(&mut ctx, state, &located).await?;
-            }
+        let parsed = triggers
+            .iter()
+            .map(|trigger| deps::parse_trigger(trigger, stage.from.line))
+            .collect::<Result<Vec<_>, _>>()?;
+        let missing: Vec<usize> = deps::read_from_stages(self.dockerfile, parsed.iter(), index)
+            .into_iter()
+            .filter(|stage| !done.contains_key(stage))
+            .collect();
+        if !missing.is_empty() {
+            self.log.line(format!(
+                "[{label} 1/{steps}] ONBUILD triggers of {from} copy from stages {missing:?}: building them first"
+            ));
+            return Ok(StageRun::NeedsStages(missing));
+        }
+        for (trigger, inner) in triggers.iter().zip(parsed) {
+            let located = Located {
+                line: stage.from.line,
+                inner,
+            };
+            self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
+            state = self.step(&mut ctx, state, &located).await?;
         }
         for (n, instr) in stage.instructions.iter().enumerate() {
             if self.cancel.is_cancelled() {
@@ -467,7 +453,7 @@ impl<'a> StageRunner<'a> {
             self.log
                 .line(format!("[{label} {}/{steps}] {text} ({note})", n + 2));
         }
-        Ok(state)
+        Ok(StageRun::Built(Box::new(state)))
     }
 
     /// Applies one instruction: COPY, ADD and WORKDIR through the filesystem helper
@@ -603,6 +589,14 @@ impl<'a> StageRunner<'a> {
         self.add_layer(&mut state, entry, dir, created_by);
         Ok(state)
     }
+}
+
+/// What running one stage came to.
+enum StageRun {
+    /// Boxed: a state is large, and the other variant small.
+    Built(Box<ImageState>),
+    /// Its base image's ONBUILD triggers copy from these earlier stages, not built yet.
+    NeedsStages(Vec<usize>),
 }
 
 struct StageCtx<'a> {
