@@ -10,7 +10,8 @@
 //!   Dockerfile, `.dockerignore`, COPY sources and globs, and the instruction cache's hashing
 //!   (no host content in the cache key, no stall on a 200 GB sparse host file);
 //! - the same symlinks committed to a `file://` git repository, also as `RUN --mount=type=bind`
-//!   sources (from the context or a stage, read-only or writable);
+//!   sources (from the context or a stage, read-only or writable), and secret and tmpfs
+//!   mount targets behind the image's own symlinks to host paths;
 //! - ADD of archives with absolute names, `..`, a symlink then a file through it, and hard
 //!   links (`--chown` never reaches a host path);
 //! - destinations through the image's own symlinks: WORKDIR, COPY, COPY heredoc,
@@ -688,6 +689,47 @@ async fn run_mount_bind_sources_resolve_inside_their_root() {
             hostdir.assert_untouched(case);
             host.assert_unchanged(case);
         }
+    })
+    .await;
+}
+
+/// Secret and tmpfs mount targets behind the image's own symlinks (to a host directory,
+/// absolute or climbing) resolve inside the image: the secret is read there, the tmpfs is
+/// written there, and the host directory the links name is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_and_tmpfs_targets_behind_image_symlinks_stay_inside() {
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    let base = busybox_in(&kiln);
+    let mut host = HostSentinels::new(&kiln);
+    let hostdir = HostDir::new();
+    host.watch(&hostdir.path("secret"));
+    let (abs, rel, tag) = (hostdir.abs(), hostdir.rel(), unique());
+    let up = "../".repeat(12);
+    let dockerfile = format!(
+        "FROM {base}\n\
+         RUN mkdir -p /x && ln -s {abs} /x/hostlink && ln -s {up}{rel} /x/uplink\n\
+         RUN --mount=type=secret,id=tok,target=/x/hostlink/secret test \"$(cat /x/hostlink/secret)\" = in-image-secret\n\
+         RUN --mount=type=secret,id=tok,target=/x/uplink/new-{tag} cat /x/uplink/new-{tag} > /dev/null\n\
+         RUN --mount=type=tmpfs,target=/x/uplink echo pwned > /x/uplink/secret && echo pwned > /x/uplink/new-{tag}\n\
+         RUN test ! -e {abs}/new-{tag} && test ! -e {abs}/secret && echo CONFINED-$((40+2))\n"
+    );
+    within(300, async {
+        let mut client = kiln.builder().await;
+        let digest = upload(
+            &mut client,
+            &raw_tar(&[Entry::File("Dockerfile", dockerfile.as_bytes())]),
+        )
+        .await;
+        let mut source = uploaded_source(&digest);
+        if let Some(build_source::From::File(f)) = source.as_mut().and_then(|s| s.from.as_mut()) {
+            f.secrets.insert("tok".into(), b"in-image-secret".to_vec());
+        }
+        let outcome = run_build(&mut client, request(source)).await;
+        let log = succeeded(&mut client, "secret and tmpfs targets", &outcome).await;
+        assert!(log.contains("CONFINED-42"), "{log}");
+        hostdir.assert_not_leaked("secret and tmpfs targets", &log);
+        hostdir.assert_untouched("secret and tmpfs targets");
+        host.assert_unchanged("secret and tmpfs targets");
     })
     .await;
 }
