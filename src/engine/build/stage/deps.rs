@@ -29,14 +29,23 @@ pub(super) fn expand_from(
     globals: &BTreeMap<String, Option<String>>,
     automatic: &BTreeMap<String, String>,
 ) -> Result<String, EngineError> {
-    let lookup = |n: &str| {
+    expand(word, &global_lookup(globals, automatic), dockerfile.escape)
+        .map_err(|e| EngineError::step_in(line, "FROM", e))
+}
+
+/// What a variable means before the first stage: a global ARG's value (a declared ARG
+/// without one is unset), else an automatic platform ARG.
+pub(super) fn global_lookup<'a>(
+    globals: &'a BTreeMap<String, Option<String>>,
+    automatic: &'a BTreeMap<String, String>,
+) -> impl Fn(&str) -> Option<String> + 'a {
+    |n: &str| {
         globals
             .get(n)
             .cloned()
             .flatten()
             .or_else(|| automatic.get(n).cloned())
-    };
-    expand(word, &lookup, dockerfile.escape).map_err(|e| EngineError::step_in(line, "FROM", e))
+    }
 }
 
 /// The target and every stage it depends on, in Dockerfile order: FROM <stage>, COPY/ADD

@@ -260,17 +260,16 @@ impl<'a> StageRunner<'a> {
         let automatic = self.automatic_args();
         let mut globals: BTreeMap<String, Option<String>> = BTreeMap::new();
         for decl in &self.dockerfile.global_args {
-            let lookup = |n: &str| {
-                globals
-                    .get(n)
-                    .cloned()
-                    .flatten()
-                    .or_else(|| automatic.get(n).cloned())
-            };
             let default = decl
                 .default
                 .as_deref()
-                .map(|d| expand(d, &lookup, self.dockerfile.escape))
+                .map(|d| {
+                    expand(
+                        d,
+                        &deps::global_lookup(&globals, &automatic),
+                        self.dockerfile.escape,
+                    )
+                })
                 .transpose()
                 .map_err(|e| EngineError::step_in(0, format!("ARG {}", decl.name), e))?;
             let value = self.input.build_args.get(&decl.name).cloned().or(default);
