@@ -78,14 +78,11 @@ pub struct ExecuteArgs {
     /// A file to write the outcome to in one line (Kubernetes' termination message).
     #[arg(long, value_name = "FILE")]
     pub termination_log: Option<PathBuf>,
-    /// Where the engine keeps its layer store and instruction cache.
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "./kiln-data/execute",
-        env = "KILN_EXECUTE_DATA_DIR"
-    )]
-    pub data_dir: PathBuf,
+    /// Where the engine keeps its layer store and instruction cache. [default: the user's
+    /// cache directory, $XDG_CACHE_HOME/kiln/execute or ~/.cache/kiln/execute, so that the
+    /// state never lands inside a build context]
+    #[arg(long, value_name = "DIR", env = "KILN_EXECUTE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// A docker config.json with registry credentials.
     #[arg(long, value_name = "FILE", env = "KILN_PULL_SECRET")]
     pub pull_secret: Option<PathBuf>,
@@ -167,6 +164,34 @@ fn pairs<'a>(flag: &str, values: &'a [String]) -> Result<Vec<(&'a str, &'a str)>
         .collect()
 }
 
+/// The user's cache directory for `kiln execute`'s state (XDG's, else `~/.cache`, else a
+/// directory of the user's under `/var/tmp`): never the working directory, which is often
+/// the build context itself.
+fn default_data_dir() -> PathBuf {
+    data_dir_for(
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+        nix::unistd::getuid().as_raw(),
+    )
+}
+
+fn data_dir_for(
+    xdg_cache_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+    uid: u32,
+) -> PathBuf {
+    let cache = xdg_cache_home
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            home.map(PathBuf::from)
+                .filter(|h| h.is_absolute() && h != Path::new("/"))
+                .map(|h| h.join(".cache"))
+        })
+        .unwrap_or_else(|| PathBuf::from(format!("/var/tmp/kiln-{uid}")));
+    cache.join("kiln/execute")
+}
+
 /// Builds and pushes; returns the pushed reference (`REPO:TAG@DIGEST`).
 async fn execute(args: ExecuteArgs) -> Result<String, String> {
     let destination: ImageRef = args
@@ -209,12 +234,15 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
         no_new_privileges: args.no_new_privileges,
         ..EngineSettings::default()
     };
+    settings
+        .check_compression_level()
+        .map_err(|e| format!("--compression-level: {e}"))?;
     let isolation = settings.isolation().map_err(|e| e.to_string())?;
     // This process's own image even if the file is replaced meanwhile.
     let exe = std::path::PathBuf::from("/proc/self/exe");
     let engine = Engine::new(
         EngineConfig {
-            data_dir: args.data_dir.clone(),
+            data_dir: args.data_dir.clone().unwrap_or_else(default_data_dir),
             exe,
             compression: settings.compression(),
             isolation,
@@ -381,4 +409,30 @@ async fn fetch_context_blob(registry: &RegistryClient, blob: &str, dest: &Path) 
 /// `rel` inside `root`, refusing paths that climb out of it.
 fn inside(root: &Path, rel: &str, flag: &str) -> Result<PathBuf, String> {
     context::join_inside(root, rel).ok_or_else(|| format!("{flag} {rel:?} must stay inside the context"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_goes_to_the_user_cache_dir_never_the_working_directory() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(
+            data_dir_for(os("/x/cache"), os("/home/me"), 1000),
+            PathBuf::from("/x/cache/kiln/execute")
+        );
+        assert_eq!(
+            data_dir_for(os("relative"), os("/home/me"), 1000),
+            PathBuf::from("/home/me/.cache/kiln/execute")
+        );
+        assert_eq!(
+            data_dir_for(None, os("/"), 0),
+            PathBuf::from("/var/tmp/kiln-0/kiln/execute")
+        );
+        assert_eq!(
+            data_dir_for(None, None, 1000),
+            PathBuf::from("/var/tmp/kiln-1000/kiln/execute")
+        );
+    }
 }

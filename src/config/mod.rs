@@ -822,6 +822,25 @@ impl EngineSettings {
         })
     }
 
+    /// The level must be one the chosen compression has: gzip 0–9, zstd 1–22.
+    pub fn check_compression_level(&self) -> Result<(), ConfigError> {
+        let (range, name) = match self.compression {
+            LayerCompressionSetting::Gzip => (0..=9, "gzip"),
+            LayerCompressionSetting::Zstd => (1..=22, "zstd"),
+        };
+        match self.compression_level {
+            Some(level) if !range.contains(&level) => Err(invalid(
+                "engine.compression_level",
+                format!(
+                    "{level} is not a {name} level: use {} to {} (or leave it out for the default)",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn compression(&self) -> crate::engine::layers::Compression {
         use crate::engine::layers::Compression;
         match self.compression {
@@ -870,6 +889,7 @@ impl Config {
     /// Checks what types cannot: ranges and the values that must parse.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.engine.isolation()?;
+        self.engine.check_compression_level()?;
         if self.resolver.pool_size == 0 {
             return Err(invalid("resolver.pool_size", "must be at least 1"));
         }
@@ -1244,6 +1264,20 @@ mod tests {
             .to_string();
         assert!(err.contains("logs.max_bytes_per_build"), "{err}");
         assert!(Config::parse("[engine]\ncache_mount_scope = \"tenant\"\n").is_err());
+    }
+
+    #[test]
+    fn compression_levels_are_checked_against_the_compression() {
+        let validated = |toml: &str| Config::parse(toml).unwrap().validate().map_err(|e| e.to_string());
+        let err = validated("[engine]\ncompression_level = 42\n").unwrap_err();
+        assert!(
+            err.contains("engine.compression_level") && err.contains("0 to 9"),
+            "{err}"
+        );
+        let err = validated("[engine]\ncompression = \"zstd\"\ncompression_level = 0\n").unwrap_err();
+        assert!(err.contains("1 to 22"), "{err}");
+        validated("[engine]\ncompression = \"zstd\"\ncompression_level = 19\n").unwrap();
+        validated("[engine]\ncompression_level = 9\n").unwrap();
     }
 
     #[test]

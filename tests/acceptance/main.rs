@@ -920,6 +920,8 @@ fn kiln_execute(context: &Path, dest: &str, reg: &str) -> Result<String, String>
         .arg(dest)
         .arg("--build-arg")
         .arg(format!("BASE_REGISTRY={reg}"))
+        .arg("--data-dir")
+        .arg(work.path().join("kiln-data"))
         .current_dir(work.path())
         .stdin(Stdio::null())
         .stdout(fs::File::create(work.path().join("out.log")).unwrap())

@@ -1380,6 +1380,8 @@ async fn build_secrets_reach_their_step_and_nothing_else() {
             .arg("--secret")
             .arg(format!("id=npmrc,src={}", npmrc.display()))
             .args(["--secret", "id=token,env=KILN_TEST_TOKEN"])
+            .arg("--data-dir")
+            .arg(workdir.join("kiln-data"))
             .env("KILN_TEST_TOKEN", EXEC_ENV)
             .stdin(Stdio::null())
             .output()
