@@ -297,16 +297,21 @@ pub async fn serve(
             } else {
                 tonic_health::ServingStatus::NotServing
             };
-            watch_health.set_service_status("", status).await;
-            watch_health
-                .set_service_status("builder.ImageBuilder", status)
-                .await;
+            // Every service by its name (the overall answer is ""); any other name is
+            // NotFound, as the health protocol says.
+            for service in ["", "builder.ImageBuilder", "kiln.admin.v1.Admin"] {
+                watch_health.set_service_status(service, status).await;
+            }
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl before 1.8 and most GUI clients ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
 
     let max = config.grpc.max_message_bytes;
     let builder_service = ImageBuilderServer::new(ImageBuilderService::new(
@@ -353,6 +358,7 @@ pub async fn serve(
         .layer(AccessLayer::new(access))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(builder_service)
         .add_service(admin_service)
         .serve_with_incoming_shutdown(incoming, stopped());

@@ -196,3 +196,88 @@ async fn an_actor_past_its_restart_budget_is_abandoned() {
     })
     .await;
 }
+
+/// Health answers per service (the whole server as "", each of its services by name) and
+/// NotFound for a name it does not serve; reflection answers both protocol versions, v1 and
+/// the v1alpha older grpcurl and GUI clients ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_per_service_and_reflection_speaks_v1_and_v1alpha() {
+    use tokio_stream::StreamExt as _;
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    within(60, async {
+        let env = Env::start_with(Mode::Embedded, "");
+        let channel = env.kiln.channel().await;
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", "builder.ImageBuilder", "kiln.admin.v1.Admin"] {
+            let check = HealthCheckRequest {
+                service: service.into(),
+            };
+            let reply = health.check(check).await.unwrap().into_inner();
+            assert_eq!(reply.status(), ServingStatus::Serving, "{service:?}");
+        }
+        let unknown = HealthCheckRequest {
+            service: "no.such.Service".into(),
+        };
+        let status = health.check(unknown).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+        let mut v1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+        let request = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        };
+        let mut replies = v1
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.next().await.unwrap().unwrap();
+        let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            reply.message_response
+        else {
+            panic!("v1: {reply:?}")
+        };
+        let v1_names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+
+        let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+        let request = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        };
+        let mut replies = alpha
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.next().await.unwrap().unwrap();
+        let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            reply.message_response
+        else {
+            panic!("v1alpha: {reply:?}")
+        };
+        let alpha_names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for name in [
+            "builder.ImageBuilder",
+            "kiln.admin.v1.Admin",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                v1_names.iter().any(|n| n == name),
+                "v1 lacks {name}: {v1_names:?}"
+            );
+            assert!(
+                alpha_names.iter().any(|n| n == name),
+                "v1alpha lacks {name}: {alpha_names:?}"
+            );
+        }
+    })
+    .await;
+}
