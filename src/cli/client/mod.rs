@@ -104,10 +104,15 @@ impl ClientError {
             Self::Usage(m) => Some(format!("kiln: {m}")),
             Self::Rpc(status) => Some(format!("kiln: {:?}: {}", status.code(), status.message())),
             Self::Connect { addr, detail } => Some(format!(
-                "kiln: {:?}: cannot connect to {addr}: {detail}",
+                "kiln: {:?}: cannot connect to {addr}: {detail} (is Kiln running there? Start \
+                 one with `kiln serve`, or give its address with --addr or KILN_ADDR)",
                 Code::Unavailable
             )),
-            Self::BuildFailed(m) => Some(format!("kiln: build failed: {m}")),
+            // The service's message may say so already.
+            Self::BuildFailed(m) => Some(format!(
+                "kiln: build failed: {}",
+                m.strip_prefix("build failed: ").unwrap_or(m)
+            )),
             Self::Io(e) if e.kind() == io::ErrorKind::BrokenPipe => None,
             Self::Io(e) => Some(format!("kiln: cannot write output: {e}")),
         }
@@ -295,11 +300,19 @@ mod tests {
         };
         assert_eq!(
             e.message().unwrap(),
-            "kiln: Unavailable: cannot connect to 127.0.0.1:1: connection refused"
+            "kiln: Unavailable: cannot connect to 127.0.0.1:1: connection refused (is Kiln \
+             running there? Start one with `kiln serve`, or give its address with --addr or \
+             KILN_ADDR)"
         );
         assert_eq!(
             ClientError::BuildFailed("boom".into()).message().unwrap(),
             "kiln: build failed: boom"
+        );
+        assert_eq!(
+            ClientError::BuildFailed("build failed: Dockerfile line 2: boom".into())
+                .message()
+                .unwrap(),
+            "kiln: build failed: Dockerfile line 2: boom"
         );
         assert!(ClientError::Io(io::ErrorKind::BrokenPipe.into())
             .message()
