@@ -151,10 +151,21 @@ fn registry_client(config: &Config, embedded: Option<EmbeddedCredentials>) -> an
     })?)
 }
 
-async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for {what} on {addr}"))
+/// Listens on `addr` for `what`; a taken address is named with the setting that moves it
+/// (`key` in the config file, or the `kiln serve` flag when there is one).
+async fn bind(what: &str, addr: SocketAddr, key: &str, flag: Option<&str>) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            let flag = flag.map(|f| format!("{f} or ")).unwrap_or_default();
+            format!(
+                " (another process listens there: stop it, or choose another address with \
+                 {flag}`{key}` in the config file)"
+            )
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("cannot listen for {what} on {addr}: {e}{hint}")
+    })
 }
 
 fn tls(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
@@ -223,7 +234,13 @@ pub async fn serve(
             registry: registry_addr,
             credentials,
         });
-        let listener = bind("the embedded registry", config.registry.embedded_addr).await?;
+        let listener = bind(
+            "the embedded registry",
+            config.registry.embedded_addr,
+            "registry.embedded_addr",
+            Some("--registry-addr"),
+        )
+        .await?;
         let root = config.data_dir.join("registry");
         tracing::info!(
             addr = %config.registry.embedded_addr,
@@ -241,7 +258,13 @@ pub async fn serve(
     }
 
     let metrics = Metrics::new();
-    let metrics_listener = bind("metrics", config.metrics.addr).await?;
+    let metrics_listener = bind(
+        "metrics",
+        config.metrics.addr,
+        "metrics.addr",
+        Some("--metrics-addr"),
+    )
+    .await?;
     tracing::info!(addr = %config.metrics.addr, "metrics listening on /metrics");
     let m = metrics.clone();
     let stop = stopped();
@@ -263,7 +286,13 @@ pub async fn serve(
     let kiln = system.handle();
     fix_up_data_dir(&config.data_dir)?;
 
-    let log_listener = bind("the build log endpoint", config.logs.http_addr).await?;
+    let log_listener = bind(
+        "the build log endpoint",
+        config.logs.http_addr,
+        "logs.http_addr",
+        None,
+    )
+    .await?;
     let log_addr = log_listener.local_addr()?;
     let log_url = (config.logs.http_public_url.clone()).unwrap_or_else(|| format!("http://{log_addr}"));
     let log_links = LogLinks::load_or_create(&config.data_dir, &log_url).with_context(|| {
@@ -341,7 +370,7 @@ pub async fn serve(
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
-    let grpc_listener = bind("gRPC", config.grpc.addr).await?;
+    let grpc_listener = bind("gRPC", config.grpc.addr, "grpc.addr", Some("--grpc-addr")).await?;
     tracing::info!(addr = %config.grpc.addr, data_dir = %config.data_dir.display(), "kiln ready: gRPC listening");
     // Small unary replies must not wait for Nagle's algorithm (tens of ms per call).
     let incoming = tokio_stream::StreamExt::map(

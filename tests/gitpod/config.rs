@@ -102,3 +102,45 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A taken address stops `kiln serve` with a message that names the flag and the config key
+/// that move it, for each listener.
+#[test]
+fn a_taken_port_names_the_setting_that_moves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let free = || format!("127.0.0.1:{}", free_port());
+    for (flag, key) in [
+        ("--registry-addr", "registry.embedded_addr"),
+        ("--metrics-addr", "metrics.addr"),
+        ("--grpc-addr", "grpc.addr"),
+    ] {
+        let mut args = vec![
+            ("--registry-addr", free()),
+            ("--metrics-addr", free()),
+            ("--grpc-addr", free()),
+        ];
+        for (f, addr) in &mut args {
+            if *f == flag {
+                *addr = taken_addr.clone();
+            }
+        }
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"));
+        for (f, addr) in &args {
+            command.args([f, addr.as_str()]);
+        }
+        let out = command.stdin(Stdio::null()).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{flag}: kiln serve started:\n{text}");
+        assert!(
+            text.contains(&taken_addr) && text.contains(flag) && text.contains(key),
+            "{flag}: the error does not name {taken_addr}, {flag} and {key}:\n{text}"
+        );
+    }
+    drop(taken);
+}
