@@ -425,7 +425,9 @@ pub async fn serve(
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    tracing::debug!("servers stopped");
     // Then the actors, on a blocking thread (it joins them).
     tokio::task::spawn_blocking(move || system.stop()).await?;
+    tracing::debug!("actors stopped");
     failed.unwrap_or(Ok(()))
 }
