@@ -210,8 +210,9 @@ pub enum RemoteError {
     #[error("{url}: not a valid http(s) URL")]
     BadUrl { url: String },
     #[error(
-        "{url}: {host} is the {class} address {addr}; Kiln does not download from \
-         non-public addresses (the operator can set engine.allow_private_add_urls = true)"
+        "{url}: {}; Kiln does not download from non-public addresses (the operator can set \
+         engine.allow_private_add_urls = true)",
+        which_address(host, addr, class)
     )]
     NonPublicAddress {
         url: String,
@@ -245,6 +246,17 @@ pub enum RemoteError {
     },
     #[error("storing the download: {0}")]
     Io(#[source] std::io::Error),
+}
+
+/// `10.0.0.1 is a private address`, or `internal.example resolves to the private address
+/// 10.0.0.1`.
+fn which_address(host: &str, addr: &IpAddr, class: &AddressClass) -> String {
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    if literal.parse::<IpAddr>().is_ok() {
+        format!("{host} is a {class} address")
+    } else {
+        format!("{host} resolves to the {class} address {addr}")
+    }
 }
 
 /// A downloaded file.

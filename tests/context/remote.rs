@@ -277,4 +277,10 @@ async fn non_public_addresses_are_refused_before_connecting() {
         .await
         .unwrap();
     assert_eq!(got.digest, digest(BODY));
+    // A name goes to the addresses it was checked at (pinned), on the URL's port.
+    let by_name = Url::parse(&format!("http://localhost:{port}/files/a")).unwrap();
+    let got = download(&by_name, &open, &dir.path().join("n"), None)
+        .await
+        .unwrap();
+    assert_eq!(got.digest, digest(BODY));
 }
