@@ -164,6 +164,7 @@ pub async fn start(
             compression: config.engine.compression(),
             isolation: config.engine.isolation()?,
             platform: platform.clone(),
+            remote: config.engine.remote_policy()?,
         },
         registry.clone(),
     )?;

@@ -112,6 +112,16 @@ pub struct ExecuteArgs {
     /// Set no_new_privs on RUN commands (setuid binaries such as sudo then fail).
     #[arg(long, action = clap::ArgAction::Set, default_value_t = false)]
     pub no_new_privileges: bool,
+    /// Let remote ADD sources (`ADD https://…`) reach loopback, link-local and private
+    /// addresses.
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = false)]
+    pub allow_private_add_urls: bool,
+    /// A non-public address remote ADD sources may reach all the same (repeatable).
+    #[arg(long = "allowed-add-url-address")]
+    pub allowed_add_url_addresses: Vec<std::net::IpAddr>,
+    /// The largest file one remote ADD source may download, in bytes.
+    #[arg(long, default_value_t = crate::engine::remote::DEFAULT_MAX_REMOTE_ADD_BYTES)]
+    pub max_remote_add_bytes: u64,
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -232,12 +242,16 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
         allow_host_network: args.allow_host_network,
         id_range: args.id_range.clone(),
         no_new_privileges: args.no_new_privileges,
+        allow_private_add_urls: args.allow_private_add_urls,
+        allowed_add_url_addresses: args.allowed_add_url_addresses.clone(),
+        max_remote_add_bytes: args.max_remote_add_bytes,
         ..EngineSettings::default()
     };
     settings
         .check_compression_level()
         .map_err(|e| format!("--compression-level: {e}"))?;
     let isolation = settings.isolation().map_err(|e| e.to_string())?;
+    let remote = settings.remote_policy().map_err(|e| e.to_string())?;
     // This process's own image even if the file is replaced meanwhile.
     let exe = std::path::PathBuf::from("/proc/self/exe");
     let engine = Engine::new(
@@ -247,6 +261,7 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
             compression: settings.compression(),
             isolation,
             platform,
+            remote,
         },
         registry.clone(),
     )

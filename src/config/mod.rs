@@ -746,6 +746,15 @@ pub struct EngineSettings {
     /// (builds of the same source: git remote, or uploaded context) or `global` (every
     /// build). Default `source`.
     pub cache_mount_scope: CacheMountScope,
+    /// Whether remote ADD sources (`ADD https://…`, which Kiln downloads itself) may reach
+    /// loopback, link-local (cloud metadata), private, shared, unspecified, broadcast and
+    /// multicast addresses. Default false: such a URL fails its build.
+    pub allow_private_add_urls: bool,
+    /// Non-public addresses remote ADD sources may reach all the same (an internal artifact
+    /// server), as IP addresses. Default none.
+    pub allowed_add_url_addresses: Vec<std::net::IpAddr>,
+    /// The largest file one remote ADD source may download, in bytes. Default 10 GiB.
+    pub max_remote_add_bytes: u64,
 }
 
 /// Which builds share a cache mount (`engine.cache_mount_scope`).
@@ -772,6 +781,9 @@ impl Default for EngineSettings {
             no_new_privileges: false,
             limits: crate::engine::sandbox::cgroup::RunLimits::default(),
             cache_mount_scope: CacheMountScope::Source,
+            allow_private_add_urls: false,
+            allowed_add_url_addresses: Vec::new(),
+            max_remote_add_bytes: crate::engine::remote::DEFAULT_MAX_REMOTE_ADD_BYTES,
         }
     }
 }
@@ -841,6 +853,19 @@ impl EngineSettings {
         }
     }
 
+    /// What remote ADD sources may reach and bring.
+    pub fn remote_policy(&self) -> Result<crate::engine::remote::RemotePolicy, ConfigError> {
+        if self.max_remote_add_bytes == 0 {
+            return Err(invalid("engine.max_remote_add_bytes", "must be at least 1"));
+        }
+        Ok(crate::engine::remote::RemotePolicy {
+            allow_private: self.allow_private_add_urls,
+            allowed_addresses: self.allowed_add_url_addresses.clone(),
+            max_bytes: self.max_remote_add_bytes,
+            ..Default::default()
+        })
+    }
+
     pub fn compression(&self) -> crate::engine::layers::Compression {
         use crate::engine::layers::Compression;
         match self.compression {
@@ -890,6 +915,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.engine.isolation()?;
         self.engine.check_compression_level()?;
+        self.engine.remote_policy()?;
         if self.resolver.pool_size == 0 {
             return Err(invalid("resolver.pool_size", "must be at least 1"));
         }
@@ -1237,6 +1263,24 @@ mod tests {
         );
         assert_eq!(c.logs.max_bytes_per_build, 64 << 20);
         assert_eq!(c.engine.cache_mount_scope, CacheMountScope::Source);
+        let remote = c.engine.remote_policy().unwrap();
+        assert!(!remote.allow_private, "remote ADD reaches public addresses only");
+        assert_eq!(remote.max_bytes, 10 << 30);
+        let c =
+            Config::parse("[engine]\nallow_private_add_urls = true\nmax_remote_add_bytes = 1024\n").unwrap();
+        c.validate().unwrap();
+        let remote = c.engine.remote_policy().unwrap();
+        assert!(remote.allow_private);
+        assert_eq!(remote.max_bytes, 1024);
+        let c = Config::parse("[engine]\nallowed_add_url_addresses = [\"10.0.0.5\", \"fd00::1\"]\n").unwrap();
+        assert_eq!(c.engine.remote_policy().unwrap().allowed_addresses.len(), 2);
+        assert!(Config::parse("[engine]\nallowed_add_url_addresses = [\"internal.example\"]\n").is_err());
+        let c = Config::parse("[engine]\nmax_remote_add_bytes = 0\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("engine.max_remote_add_bytes"));
 
         let c = Config::parse("[registry]\nembedded_addr = \"0.0.0.0:5000\"\n").unwrap();
         assert!(

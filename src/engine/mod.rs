@@ -5,10 +5,12 @@
 //! - `dockerfile`: parsing and shell-style word expansion;
 //! - `context`: build contexts (git checkouts, uploaded tars) and `.dockerignore`;
 //! - `layers`: unpacking pulled layers safely, packing new ones reproducibly;
-//! - `sandbox`: running RUN steps in Linux namespaces over overlayfs.
+//! - `sandbox`: running RUN steps in Linux namespaces over overlayfs;
+//! - `remote`: downloads of remote ADD sources, refused for non-public addresses.
 pub mod build;
 pub mod context;
 pub mod dockerfile;
 pub mod image;
 pub mod layers;
+pub mod remote;
 pub mod sandbox;

@@ -1,6 +1,7 @@
 //! Build-context tests: `.dockerignore` semantics (including the acceptance cases'
 //! expected file lists), git checkouts of real repositories made with the `git` CLI,
-//! context digests, and uploaded contexts (pack, store, safe unpack).
+//! context digests, uploaded contexts (pack, store, safe unpack), and remote ADD sources
+//! downloaded from a loopback HTTP server (`remote`).
 //!
 //! Needs the `git` binary (Debian package `git`).
 
@@ -20,6 +21,8 @@ use kiln::engine::context::{
     ContextError, ContextStore, DockerIgnore, EntryKind, GitSource, GitTarget,
 };
 use kiln::model::{GitCredentials, Secret};
+
+mod remote;
 
 // ---------------------------------------------------------------------------------------
 // helpers

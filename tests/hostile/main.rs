@@ -20,6 +20,8 @@
 //! - A RUN printing one 5 MiB line and binary bytes: Logs returns exactly those bytes.
 //! - A Logs subscriber reading one chunk per 100 ms on a 20 MiB log gets every byte (sha256
 //!   equal to a fresh read) while the server's RSS stays within a bound.
+//! - Remote ADD sources (`remote`): downloads stay off loopback, link-local and private
+//!   addresses unless the operator allows them, bounded, checksummed, placed as BuildKit does.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
 
@@ -29,6 +31,7 @@ mod support;
 mod files;
 mod gitpod;
 mod limits;
+mod remote;
 mod sandbox;
 mod surfaces;
 

@@ -6,6 +6,7 @@ use crate::{
         build::fsop::FsOpError,
         dockerfile::{ExpandError, MountError, ParseError, PortSpecError},
         layers::LayerError,
+        remote::RemoteError,
         sandbox::{
             cgroup::{CgroupError, LimitHit},
             SandboxError,
@@ -90,6 +91,9 @@ pub enum StepCause {
     /// COPY/ADD/WORKDIR applied through the filesystem helper.
     #[error(transparent)]
     FileOperation(#[from] FsOpError),
+    /// A remote ADD source (`ADD https://…`) that could not be downloaded, or was refused.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
     /// The sources of a COPY/ADD, hashed for the instruction cache.
     #[error(transparent)]
     ContextHash(#[from] ContextHashError),

@@ -56,6 +56,19 @@ pub enum FsAction {
     /// effect, `user[:group]` resolved in the image as `--chown` is; root when `None`).
     /// Directories that exist are left as they are.
     Mkdir { path: String, owner: Option<String> },
+    /// ADD of a URL: place the downloaded `file` (a host file Kiln wrote in the step's scratch
+    /// directory) at `dest`, as `dest/<name>` when `dest` is a directory (ends with `/`,
+    /// exists as one, or `several` sources go there). Mode `chmod` else 0600 and owner
+    /// `chown` else 0:0, as BuildKit's HTTP source; mtime `mtime` (Unix seconds).
+    Place {
+        file: PathBuf,
+        dest: String,
+        name: String,
+        several: bool,
+        chown: Option<String>,
+        chmod: Option<u32>,
+        mtime: i64,
+    },
     /// COPY <<EOF: write `content` to `dest`.
     Write {
         dest: String,
@@ -361,6 +374,22 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
                 let (uid, gid) = owner.unwrap_or((0, 0));
                 chown(&path, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
             }
+            FsAction::Place {
+                file,
+                dest,
+                name,
+                several,
+                chown: owner,
+                chmod,
+                mtime,
+            } => {
+                let owner = owner
+                    .as_deref()
+                    .map(|o| ids.resolve(o).map_err(|e| format!("--chown: {e}")))
+                    .transpose()?;
+                place_download(&root, file, dest, name, *several, owner, *chmod, *mtime)
+                    .map_err(|e| format!("{name}: {e}"))?;
+            }
             FsAction::Copy {
                 sources,
                 dest,
@@ -387,6 +416,61 @@ pub fn run_child(op: &FsOp) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// [`FsAction::Place`]: the downloaded `file` at `dest` (or `dest/<name>`) in the image
+/// under `root`, resolved inside it.
+#[allow(clippy::too_many_arguments)]
+fn place_download(
+    root: &Path,
+    file: &Path,
+    dest: &str,
+    name: &str,
+    several: bool,
+    owner: Option<(u32, u32)>,
+    chmod: Option<u32>,
+    mtime: i64,
+) -> Result<(), String> {
+    let dest_is_dir_syntax = dest.ends_with('/') || dest.ends_with("/.") || dest == "." || dest.is_empty();
+    let dest_path = resolve_in_root(root, dest, true).map_err(|e| format!("{dest}: {e}"))?;
+    if several && !dest_is_dir_syntax && !dest_path.is_dir() {
+        return Err(format!(
+            "when copying several sources, the destination {dest:?} must be a directory and end with /"
+        ));
+    }
+    let target = if dest_is_dir_syntax || several || dest_path.is_dir() {
+        mkdir_parents(&dest_path, root, owner).map_err(|e| format!("{dest}: {e}"))?;
+        // `name` is one path segment (never `.`, `..` or empty); resolved in the image too.
+        let joined = format!("{}/{name}", dest.trim_end_matches('/'));
+        resolve_in_root(root, &joined, false).map_err(|e| format!("{joined}: {e}"))?
+    } else {
+        if let Some(parent) = dest_path.parent() {
+            mkdir_parents(parent, root, owner).map_err(|e| format!("{dest}: {e}"))?;
+        }
+        dest_path
+    };
+    if let Ok(existing) = fs::symlink_metadata(&target) {
+        if existing.is_dir() {
+            fs::remove_dir_all(&target)
+        } else {
+            fs::remove_file(&target)
+        }
+        .map_err(|e| format!("replacing {}: {e}", inside(root, &target)))?;
+    }
+    let mut input = File::open(file).map_err(|e| format!("reading the download: {e}"))?;
+    let mut output = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&target)
+        .map_err(|e| format!("{}: {e}", inside(root, &target)))?;
+    io::copy(&mut input, &mut output).map_err(|e| format!("{}: {e}", inside(root, &target)))?;
+    drop(output);
+    fs::set_permissions(&target, fs::Permissions::from_mode(chmod.unwrap_or(0o600)))
+        .map_err(|e| e.to_string())?;
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    chown(&target, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+    let time = filetime::FileTime::from_unix_time(mtime, 0);
+    filetime::set_file_times(&target, time, time).map_err(|e| e.to_string())
 }
 
 /// User and group names of the image, for `--chown`.

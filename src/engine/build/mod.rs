@@ -112,6 +112,8 @@ pub struct EngineConfig {
     pub compression: Compression,
     pub isolation: Isolation,
     pub platform: Platform,
+    /// What remote ADD sources (`ADD https://…`) may reach and bring.
+    pub remote: crate::engine::remote::RemotePolicy,
 }
 
 /// One build's inputs.

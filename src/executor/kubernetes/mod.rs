@@ -463,6 +463,14 @@ impl KubernetesBuilder {
         flag("allow-host-network", engine.allow_host_network.to_string());
         flag("no-new-privileges", engine.no_new_privileges.to_string());
         flag(
+            "allow-private-add-urls",
+            engine.allow_private_add_urls.to_string(),
+        );
+        flag("max-remote-add-bytes", engine.max_remote_add_bytes.to_string());
+        for address in &engine.allowed_add_url_addresses {
+            flag("allowed-add-url-address", address.to_string());
+        }
+        flag(
             "pull-secret",
             format!("{}/{}", pod::CREDENTIALS_DIR, pod::DOCKER_CONFIG_KEY),
         );

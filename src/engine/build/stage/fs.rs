@@ -15,6 +15,7 @@ use crate::{
             pull, securejoin, ContextHashError, EngineError,
         },
         dockerfile::{self, expand_heredoc},
+        remote::{self, RemoteError},
     },
     model::ImageRef,
 };
@@ -26,6 +27,8 @@ struct CopyLine {
     chown: Option<String>,
     chmod: Option<u32>,
     sources: Vec<String>,
+    /// ADD `--checksum=sha256:<hex>` (only with one URL source).
+    checksum: Option<String>,
     created_by: String,
 }
 
@@ -101,6 +104,15 @@ impl StageRunner<'_> {
         is_add: bool,
     ) -> Result<ImageState, EngineError> {
         let copy = self.copy_line(ctx, &state, line, spec, is_add)?;
+        if copy.sources.iter().any(|s| remote::is_http_url(s)) {
+            if !spec.heredocs.is_empty() {
+                return Err(EngineError::at(
+                    line,
+                    "ADD: heredocs and URLs in one instruction are not supported",
+                ));
+            }
+            return self.add_remote_step(state, line, &copy).await;
+        }
         let (source, actions, inputs) = if spec.heredocs.is_empty() {
             let action = FsAction::Copy {
                 sources: copy.sources.clone(),
@@ -151,17 +163,48 @@ impl StageRunner<'_> {
         };
         let sources: Vec<String> = spec.sources.iter().map(|s| exp(s)).collect::<Result<_, _>>()?;
         for s in &sources {
-            if s.starts_with("http://") || s.starts_with("https://") {
+            if is_git_source(s) {
                 return Err(EngineError::at(
                     line,
-                    format!("{keyword} {s}: remote URLs are not supported; download in a RUN step"),
+                    format!("{keyword} {s}: git sources are not supported; clone in a RUN step"),
                 ));
             }
-            if !is_add && (s.starts_with("git@") || s.ends_with(".git")) && s.contains("://") {
-                return Err(EngineError::at(
+            if remote::is_http_url(s) {
+                if !is_add {
+                    return Err(EngineError::at(
+                        line,
+                        format!("COPY {s}: a source can't be a URL for COPY (use ADD)"),
+                    ));
+                }
+                if spec.unpack == Some(true) {
+                    return Err(EngineError::at(
+                        line,
+                        format!("ADD --unpack=true {s}: unpacking remote archives is not supported"),
+                    ));
+                }
+            }
+        }
+        let checksum = spec.checksum.as_deref().map(exp).transpose()?;
+        if let Some(checksum) = &checksum {
+            // BuildKit's rules (dockerfile2llb `dispatchCopy`).
+            let refuse = |why: &str| {
+                Err(EngineError::at(
                     line,
-                    format!("{keyword} {s}: git sources are not supported"),
-                ));
+                    format!("{keyword} --checksum={checksum}: {why}"),
+                ))
+            };
+            if !is_add {
+                return refuse("checksum can't be specified for COPY");
+            }
+            if sources.len() != 1 || !spec.heredocs.is_empty() {
+                return refuse("checksum can't be specified for multiple sources");
+            }
+            if !remote::is_http_url(&sources[0]) {
+                return refuse("checksum can't be specified for non-HTTP(S) sources");
+            }
+            let hex = checksum.strip_prefix("sha256:").unwrap_or_default();
+            if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return refuse("expected sha256: and 64 lowercase hex digits");
             }
         }
         let created_by = format!(
@@ -183,8 +226,94 @@ impl StageRunner<'_> {
             chown,
             chmod,
             sources,
+            checksum,
             created_by,
         })
+    }
+
+    /// ADD with http(s) URLs among its sources (BuildKit's `llb.HTTP`; see
+    /// [`crate::engine::remote`] for what may be downloaded). Each URL becomes one file,
+    /// never unpacked; the other sources are copied from the context as by any ADD.
+    ///
+    /// The step's key covers each URL and the digest and mtime of what it brought, so every
+    /// run of the step downloads first, then finds the layer in the cache if nothing
+    /// changed. With `--checksum`, the key is the URL and that checksum (as in BuildKit):
+    /// a cached step is not downloaded again.
+    async fn add_remote_step(
+        &self,
+        state: ImageState,
+        line: usize,
+        copy: &CopyLine,
+    ) -> Result<ImageState, EngineError> {
+        let policy = &self.engine.config().remote;
+        let several = copy.sources.len() > 1;
+        let mut inputs = String::new();
+        if let Some(checksum) = &copy.checksum {
+            inputs = format!("{}\0{checksum}", copy.sources[0]);
+            let step = format!("{}\0{inputs}", copy.created_by);
+            if let Some(hit) = self.cached(&state, &step, &copy.created_by) {
+                return Ok(hit);
+            }
+        }
+        let downloads = self.step_dir("add-url-")?;
+        let result = async {
+            let mut actions = Vec::new();
+            let mut local = Vec::new();
+            let flush_local = |local: &mut Vec<String>, actions: &mut Vec<FsAction>| {
+                if !local.is_empty() {
+                    actions.push(FsAction::Copy {
+                        sources: std::mem::take(local),
+                        dest: copy.dest.clone(),
+                        chown: copy.chown.clone(),
+                        chmod: copy.chmod,
+                        extract: true,
+                    });
+                }
+            };
+            let mut local_sources = Vec::new();
+            let mut remote_inputs = String::new();
+            for (i, source) in copy.sources.iter().enumerate() {
+                if !remote::is_http_url(source) {
+                    local.push(source.clone());
+                    local_sources.push(source.clone());
+                    continue;
+                }
+                flush_local(&mut local, &mut actions);
+                let url = reqwest::Url::parse(source).map_err(|_| {
+                    EngineError::step_in(line, "ADD", RemoteError::BadUrl { url: source.clone() })
+                })?;
+                let file = downloads.join(format!("{i}"));
+                let got = remote::download(&url, policy, &file, copy.checksum.as_deref())
+                    .await
+                    .map_err(|e| EngineError::step_in(line, "ADD", e))?;
+                remote_inputs.push_str(&format!("{source}\0{}\0{}\0", got.digest, got.mtime));
+                actions.push(FsAction::Place {
+                    file: got.path,
+                    dest: copy.dest.clone(),
+                    name: remote::file_name_of(&url),
+                    several,
+                    chown: copy.chown.clone(),
+                    chmod: copy.chmod,
+                    mtime: got.mtime,
+                });
+            }
+            flush_local(&mut local, &mut actions);
+            let (source, local_digest) = if local_sources.is_empty() {
+                (None, String::new())
+            } else {
+                let digest = self.context_digest(line, "ADD", local_sources).await?;
+                (Some(self.context_source()), digest)
+            };
+            if copy.checksum.is_none() {
+                inputs = format!("{remote_inputs}{local_digest}");
+            }
+            let step = format!("{}\0{inputs}", copy.created_by);
+            self.fs_step(state, line, &step, &copy.created_by, source, actions, false)
+                .await
+        }
+        .await;
+        let _ = tokio::fs::remove_dir_all(&downloads).await;
+        result
     }
 
     /// The files `COPY <<EOF` writes, expanded unless the heredoc's delimiter was quoted.
@@ -304,6 +433,22 @@ impl StageRunner<'_> {
     }
 }
 
+/// Whether an ADD/COPY source names a git repository as BuildKit sees one
+/// (`gitutil.ParseGitRef`): `git@host:repo`, a `git://` or `ssh://` URL, or an http(s) URL
+/// whose path ends with `.git` (before a `#ref`).
+fn is_git_source(source: &str) -> bool {
+    let lower = source.to_ascii_lowercase();
+    if lower.starts_with("git@") || lower.starts_with("git://") || lower.starts_with("ssh://") {
+        return true;
+    }
+    if !remote::is_http_url(source) {
+        return false;
+    }
+    let without_ref = lower.split('#').next().unwrap_or_default();
+    let path = without_ref.split('?').next().unwrap_or_default();
+    path.trim_end_matches('/').ends_with(".git")
+}
+
 /// A digest of the context files the sources of one COPY/ADD name (after `.dockerignore`):
 /// paths, types, modes and contents. A changed file changes it; an unrelated one does not.
 ///
@@ -397,6 +542,27 @@ fn io_error(path: &str) -> impl FnOnce(std::io::Error) -> ContextHashError + '_ 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn git_sources_are_told_from_files_and_urls() {
+        for git in [
+            "git@github.com:moby/buildkit.git#v0.12",
+            "git://example.com/repo",
+            "ssh://git@example.com/repo.git",
+            "https://github.com/moby/buildkit.git",
+            "https://github.com/moby/buildkit.git#main:docs",
+        ] {
+            assert!(is_git_source(git), "{git}");
+        }
+        for not_git in [
+            "https://example.com/file.tar.gz",
+            "https://example.com/a.git/file",
+            "src/x.git",
+            "git-notes.txt",
+        ] {
+            assert!(!is_git_source(not_git), "{not_git}");
+        }
+    }
 
     #[test]
     fn context_hashing_stays_in_the_context_and_is_bounded() {
