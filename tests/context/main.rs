@@ -22,6 +22,8 @@ use kiln::engine::context::{
 };
 use kiln::model::{GitCredentials, Secret};
 
+#[path = "../support/http_server.rs"]
+mod http_server;
 mod remote;
 
 // ---------------------------------------------------------------------------------------

@@ -5,10 +5,6 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
     time::Duration,
 };
 
@@ -22,82 +18,64 @@ use kiln::engine::remote::{download, AddressClass, RemoteError, RemotePolicy};
 use reqwest::Url;
 use sha2::{Digest as _, Sha256};
 
+use crate::http_server::CountingServer;
+
 const BODY: &[u8] = b"hello from the remote server\n";
 /// Sun, 06 Nov 1994 08:49:37 GMT (RFC 9110's example date).
 const LAST_MODIFIED: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
 const LAST_MODIFIED_SECS: i64 = 784_111_777;
 
 /// A tiny file server on 127.0.0.1 counting the requests it answers.
-struct Server {
-    port: u16,
-    requests: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
+struct Server(CountingServer);
 
 impl Server {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counted = requests.clone();
-        let app = axum::Router::new()
-            .route(
-                "/files/{name}",
-                get(|UrlPath(name): UrlPath<String>| async move {
-                    match name.as_str() {
-                        "dated.txt" => ([(header::LAST_MODIFIED, LAST_MODIFIED)], BODY).into_response(),
-                        "big.bin" => vec![7u8; 64 * 1024].into_response(),
-                        _ => BODY.into_response(),
-                    }
-                }),
-            )
-            .route(
-                "/redirect/{hops}",
-                get(move |UrlPath(hops): UrlPath<u32>| async move {
-                    let to = if hops == 0 {
-                        "/files/dated.txt".to_owned()
-                    } else {
-                        format!("/redirect/{}", hops - 1)
-                    };
-                    redirect(&to)
-                }),
-            )
-            .route(
-                "/to-metadata",
-                get(|| async { redirect("http://169.254.169.254/latest/meta-data/") }),
-            )
-            .route(
-                "/to-other-loopback",
-                get(move || async move { redirect(&format!("http://127.0.0.2:{port}/files/x")) }),
-            )
-            .route("/missing", get(|| async { StatusCode::NOT_FOUND }))
-            .layer(axum::middleware::from_fn(
-                move |request: axum::extract::Request, next: axum::middleware::Next| {
-                    let counted = counted.clone();
-                    async move {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        next.run(request).await
-                    }
-                },
-            ));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self { port, requests, task }
+        Self(
+            CountingServer::start(|port| {
+                axum::Router::new()
+                    .route(
+                        "/files/{name}",
+                        get(|UrlPath(name): UrlPath<String>| async move {
+                            match name.as_str() {
+                                "dated.txt" => {
+                                    ([(header::LAST_MODIFIED, LAST_MODIFIED)], BODY).into_response()
+                                }
+                                "big.bin" => vec![7u8; 64 * 1024].into_response(),
+                                _ => BODY.into_response(),
+                            }
+                        }),
+                    )
+                    .route(
+                        "/redirect/{hops}",
+                        get(move |UrlPath(hops): UrlPath<u32>| async move {
+                            let to = if hops == 0 {
+                                "/files/dated.txt".to_owned()
+                            } else {
+                                format!("/redirect/{}", hops - 1)
+                            };
+                            redirect(&to)
+                        }),
+                    )
+                    .route(
+                        "/to-metadata",
+                        get(|| async { redirect("http://169.254.169.254/latest/meta-data/") }),
+                    )
+                    .route(
+                        "/to-other-loopback",
+                        get(move || async move { redirect(&format!("http://127.0.0.2:{port}/files/x")) }),
+                    )
+                    .route("/missing", get(|| async { StatusCode::NOT_FOUND }))
+            })
+            .await,
+        )
     }
 
     fn url(&self, path: &str) -> Url {
-        Url::parse(&format!("http://127.0.0.1:{}{path}", self.port)).unwrap()
+        Url::parse(&self.0.url(path)).unwrap()
     }
 
     fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.0.requests()
     }
 }
 
@@ -222,7 +200,7 @@ async fn non_public_addresses_are_refused_before_connecting() {
     let server = Server::start().await;
     let dir = tempfile::tempdir().unwrap();
     let strict = RemotePolicy::default();
-    let port = server.port;
+    let port = server.0.port;
     let cases = [
         (format!("http://127.0.0.1:{port}/files/a"), AddressClass::Loopback),
         (format!("http://localhost:{port}/files/a"), AddressClass::Loopback),

@@ -10,11 +10,6 @@
 //! - with the defaults, URLs to loopback (by address and as `localhost`) and to
 //!   169.254.169.254 fail naming the line and why, and the server never sees a request.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
-};
-
 use axum::{
     extract::Path as UrlPath,
     http::{header, StatusCode},
@@ -26,26 +21,19 @@ use super::{
     busybox_in, digest_of, gzip, raw_tar, read_log, request, run_build, upload, uploaded_source, within,
     Client, Entry, Outcome,
 };
-use crate::support::kiln::{KilnOptions, KilnServer};
+use crate::support::{
+    http_server::CountingServer,
+    kiln::{KilnOptions, KilnServer},
+};
 
 const BODY: &[u8] = b"hello from the remote server\n";
 const LAST_MODIFIED: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
 const LAST_MODIFIED_SECS: i64 = 784_111_777;
 
 /// A file server on 127.0.0.1 counting the requests it gets.
-struct FileServer {
-    port: u16,
-    requests: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FileServer {
-    async fn start(archive: Vec<u8>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counted = requests.clone();
-        let app = axum::Router::new()
+async fn file_server(archive: Vec<u8>) -> CountingServer {
+    CountingServer::start(move |_| {
+        axum::Router::new()
             .route(
                 "/files/{name}",
                 get(move |UrlPath(name): UrlPath<String>| {
@@ -68,30 +56,8 @@ impl FileServer {
                     )
                 }),
             )
-            .layer(axum::middleware::from_fn(
-                move |request: axum::extract::Request, next: axum::middleware::Next| {
-                    let counted = counted.clone();
-                    async move {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        next.run(request).await
-                    }
-                },
-            ));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self { port, requests, task }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-}
-
-impl Drop for FileServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    })
+    .await
 }
 
 /// Builds `dockerfile` with `files` beside it in an uploaded context.
@@ -133,7 +99,7 @@ async fn remote_add_sources_land_as_buildkit_places_them() {
         ));
     let base = busybox_in(&kiln);
     let archive = gzip(&raw_tar(&[Entry::File("inside.txt", b"packed\n")]));
-    let server = FileServer::start(archive.clone()).await;
+    let server = file_server(archive.clone()).await;
     within(600, async {
         let mut client = kiln.builder().await;
         let hello = server.url("/files/hello.txt");
@@ -188,11 +154,11 @@ async fn remote_add_sources_land_as_buildkit_places_them() {
         );
 
         // COPY never downloads.
-        let before = server.requests.load(Ordering::SeqCst);
+        let before = server.requests();
         let dockerfile = format!("FROM {base}\nCOPY {hello} /x/\n");
         let (outcome, text) = build(&mut client, &dockerfile, &[]).await;
         assert_failed_naming("COPY of a URL", &outcome, &text, &["line 2", "COPY"]);
-        assert_eq!(server.requests.load(Ordering::SeqCst), before, "COPY downloaded");
+        assert_eq!(server.requests(), before, "COPY downloaded");
     })
     .await;
 }
@@ -201,7 +167,7 @@ async fn remote_add_sources_land_as_buildkit_places_them() {
 async fn remote_add_urls_to_private_addresses_are_refused() {
     let kiln = KilnServer::start(KilnOptions::embedded());
     let base = busybox_in(&kiln);
-    let server = FileServer::start(Vec::new()).await;
+    let server = file_server(Vec::new()).await;
     within(600, async {
         let mut client = kiln.builder().await;
         let port = server.port;
@@ -223,11 +189,7 @@ async fn remote_add_urls_to_private_addresses_are_refused() {
                 &["line 2", why, "engine.allow_private_add_urls"],
             );
         }
-        assert_eq!(
-            server.requests.load(Ordering::SeqCst),
-            0,
-            "a refused URL reached the server"
-        );
+        assert_eq!(server.requests(), 0, "a refused URL reached the server");
     })
     .await;
 }

@@ -11,6 +11,7 @@ pub mod embedded_registry;
 pub mod fake_kube;
 pub mod fault_proxy;
 pub mod git;
+pub mod http_server;
 pub mod images;
 pub mod kiln;
 pub mod oci_layout;
