@@ -79,10 +79,11 @@ impl StageRunner<'_> {
         let mut mounts = Vec::with_capacity(planned.len() + 1);
         for (i, m) in planned.into_iter().enumerate() {
             match m.what {
+                Prepare::Ready(mount) => mounts.push(mount),
                 // Added after the step's key was made from `env`: never part of it.
                 Prepare::SecretEnv { name, value } => env.push((name, value.to_string())),
-                what => mounts.push(
-                    self.prepare_mount(line, what, &dir.join(format!("bind-{i}")))
+                Prepare::Copy(copy) => mounts.push(
+                    self.copy_bind_source(line, copy, &dir.join(format!("bind-{i}")))
                         .await?,
                 ),
             }
@@ -158,24 +159,28 @@ impl StageRunner<'_> {
                     self.dockerfile.escape,
                 )
                 .map_err(|e| EngineError::step_in(line, "RUN --mount", e))?;
-            if m.kind == MountType::Secret {
-                // Its target has defaults of its own.
-                planned.extend(self.plan_secret(line, &m, cwd)?);
-                continue;
-            }
-            let target = join_path(cwd, &m.target);
-            if target == "/" {
-                return Err(EngineError::at(
-                    line,
-                    format!(
-                        "RUN --mount={}: the target is the root directory; mount it somewhere below",
-                        m.spec
-                    ),
-                ));
-            }
             let read_only = m.read_only;
-            planned.push(match m.kind {
+            let target = || {
+                let target = join_path(cwd, &m.target);
+                if target == "/" {
+                    return Err(EngineError::at(
+                        line,
+                        format!(
+                            "RUN --mount={}: the target is the root directory; mount it somewhere below",
+                            m.spec
+                        ),
+                    ));
+                }
+                Ok(target)
+            };
+            let mount = match m.kind {
+                // Its target has defaults of its own.
+                MountType::Secret => {
+                    planned.extend(self.plan_secret(line, &m, cwd)?);
+                    continue;
+                }
                 MountType::Cache => {
+                    let target = target()?;
                     let id = m.id.clone().unwrap_or_else(|| target.clone());
                     let host_dir = self
                         .engine
@@ -186,15 +191,19 @@ impl StageRunner<'_> {
                         what: Prepare::Ready(StepMount::host_dir(host_dir, target, read_only)),
                     }
                 }
-                MountType::Tmpfs => PlannedMount {
-                    key: format!("tmpfs:{target}:{:?}", m.size),
-                    what: Prepare::Ready(StepMount {
-                        target: target.into(),
-                        source: MountSource::Tmpfs { size_bytes: m.size },
-                        read_only: false,
-                    }),
-                },
+                MountType::Tmpfs => {
+                    let target = target()?;
+                    PlannedMount {
+                        key: format!("tmpfs:{target}:{:?}", m.size),
+                        what: Prepare::Ready(StepMount {
+                            target: target.into(),
+                            source: MountSource::Tmpfs { size_bytes: m.size },
+                            read_only: false,
+                        }),
+                    }
+                }
                 MountType::Bind => {
+                    let target = target()?;
                     let path = m.source.clone().unwrap_or_else(|| "/".into());
                     let keyword = format!("RUN --mount={}", m.spec);
                     let (source, inputs) = match m.from.as_deref() {
@@ -212,15 +221,14 @@ impl StageRunner<'_> {
                     };
                     PlannedMount {
                         key: format!("bind:{target}:{read_only}:{path}:{inputs}"),
-                        what: Prepare::Copy {
+                        what: Prepare::Copy(BindCopy {
                             target,
                             read_only,
                             source,
                             path,
-                        },
+                        }),
                     }
                 }
-                MountType::Secret => unreachable!("secret mounts are planned above"),
                 MountType::Ssh => {
                     return Err(EngineError::at(
                         line,
@@ -228,7 +236,8 @@ impl StageRunner<'_> {
                          fetches as a build secret (RUN --mount=type=secret) instead",
                     ))
                 }
-            });
+            };
+            planned.push(mount);
         }
         Ok(planned)
     }
@@ -299,25 +308,21 @@ impl StageRunner<'_> {
         Ok(planned)
     }
 
-    /// Makes a planned mount real: a bind source is copied (through `fsop`, as COPY copies)
-    /// into `scratch`, so the step sees exactly the files COPY would give it, and whatever it
+    /// Makes a bind mount real: its source is copied (through `fsop`, as COPY copies) into
+    /// `scratch`, so the step sees exactly the files COPY would give it, and whatever it
     /// writes to a `rw` bind is discarded with the step's directory.
-    async fn prepare_mount(
+    async fn copy_bind_source(
         &self,
         line: usize,
-        what: Prepare,
+        copy: BindCopy,
         scratch: &Path,
     ) -> Result<StepMount, EngineError> {
-        let (target, read_only, source, path) = match what {
-            Prepare::Ready(mount) => return Ok(mount),
-            Prepare::Copy {
-                target,
-                read_only,
-                source,
-                path,
-            } => (target, read_only, source, path),
-            Prepare::SecretEnv { .. } => unreachable!("secret variables are not mounts"),
-        };
+        let BindCopy {
+            target,
+            read_only,
+            source,
+            path,
+        } = copy;
         let (upper, work) = (scratch.join("upper"), scratch.join("work"));
         for d in [&upper, &work] {
             std::fs::create_dir_all(d).map_err(EngineError::io("creating a bind mount's directories"))?;
@@ -420,13 +425,16 @@ enum Prepare {
         name: String,
         value: zeroize::Zeroizing<String>,
     },
-    /// A bind mount: `path` of `source` is copied first.
-    Copy {
-        target: String,
-        read_only: bool,
-        source: FsSource,
-        path: String,
-    },
+    /// A bind mount, whose source is copied first.
+    Copy(BindCopy),
+}
+
+/// A bind mount to make: `path` of `source` at `target`.
+struct BindCopy {
+    target: String,
+    read_only: bool,
+    source: FsSource,
+    path: String,
 }
 
 /// Writes a heredoc script into the fresh, private `pipes` directory. `name` passed
@@ -579,26 +587,19 @@ fn etc_files(step_dir: &Path, network: RunNetwork) -> Result<Vec<EtcFile>, Engin
     };
     let hosts =
         format!("127.0.0.1\tlocalhost {SANDBOX_HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    let mut files = vec![
-        EtcFile {
-            name: EtcName::Hosts,
-            host_file: write_step_file(step_dir, "hosts", &hosts)?,
-        },
-        EtcFile {
-            name: EtcName::Hostname,
-            host_file: write_step_file(step_dir, "hostname", &format!("{SANDBOX_HOSTNAME}\n"))?,
-        },
-    ];
-    if let Some(host_file) = resolv_conf {
-        files.insert(
-            0,
-            EtcFile {
-                name: EtcName::ResolvConf,
-                host_file,
-            },
-        );
-    }
-    Ok(files)
+    let resolv_conf = resolv_conf.map(|host_file| EtcFile {
+        name: EtcName::ResolvConf,
+        host_file,
+    });
+    let hosts = EtcFile {
+        name: EtcName::Hosts,
+        host_file: write_step_file(step_dir, "hosts", &hosts)?,
+    };
+    let hostname = EtcFile {
+        name: EtcName::Hostname,
+        host_file: write_step_file(step_dir, "hostname", &format!("{SANDBOX_HOSTNAME}\n"))?,
+    };
+    Ok(resolv_conf.into_iter().chain([hosts, hostname]).collect())
 }
 
 /// A `resolv.conf` for a step on the sandbox network: slirp4netns' DNS forwarder, with the
