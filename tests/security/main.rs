@@ -31,9 +31,8 @@ mod support;
 use std::{
     collections::HashMap,
     future::Future,
-    io::Read as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output, Stdio},
     sync::atomic::Ordering,
     time::Duration,
