@@ -4,7 +4,10 @@
 //!
 //! Fixtures (copied from the acceptance suite, see `tests/fixtures/acceptance/PROVENANCE.md`):
 //! `dockerfiles/<case>/` (a Dockerfile and its context; optional `NOTES`, `expect.json`,
-//! `compare.args`) and `bad/<case>/` (must-fail cases with an `expect.txt`). Every case is a
+//! `compare.args`, `BUILDAH_FAILS`) and `bad/<case>/` (must-fail cases with an `expect.txt`).
+//! A case with `BUILDAH_FAILS` uses what buildah 1.28 cannot build (heredocs, `RUN
+//! --network`, tmpfs `size=`): its expect.json alone judges Kiln's image, and the baseline
+//! checks that buildah still fails as the file says. Every case is a
 //! git repository made on the fly (fixed author and dates, so its commit is reproducible).
 //!
 //! For each case: buildah builds it from a clone of that repository and pushes

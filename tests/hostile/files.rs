@@ -456,6 +456,7 @@ fn symlinked_context(host: &HostDir, base: &str) -> Vec<u8> {
         Entry::Symlink("big", &big),
         Entry::Symlink("Dockerfile.host", &dockerfile_host),
         Entry::Symlink(".dockerignore", &ignore),
+        Entry::Symlink("Dockerfile.dockerignore", &ignore),
         Entry::Symlink("sub", &abs),
         Entry::Symlink("rootdir", "/root"),
     ])
@@ -475,8 +476,9 @@ async fn uploaded_context_symlinks_resolve_inside_the_context() {
         let digest = upload(&mut client, &symlinked_context(&hostdir, &base)).await;
 
         // COPY through an absolute symlink, a symlinked directory, a chain, a relative
-        // climb and a glob; `.dockerignore` (a symlink to a host file excluding everything)
-        // resolves inside the context, where there is none.
+        // climb and a glob; `.dockerignore` and the Dockerfile's own `Dockerfile.dockerignore`
+        // (symlinks to a host file excluding everything) resolve inside the context, where
+        // there is none.
         let outcome = run_build(&mut client, request(uploaded_at(&digest, ".", "Dockerfile", &[]))).await;
         let log = succeeded(&mut client, "copy through symlinks", &outcome).await;
         assert!(log.contains("CONFINED-42"), "{log}");
