@@ -516,9 +516,9 @@ pub struct LogsConfig {
     /// Bytes of each running build's log kept in memory; older bytes are read from disk.
     /// Default 1 MiB.
     pub memory_bytes_per_build: usize,
-    /// Largest log of one build, in bytes. Output past it is dropped (the build goes on) and
-    /// the log ends with one line saying it was truncated; Kiln's own closing lines still
-    /// follow. Default 64 MiB.
+    /// Largest log of one build, in bytes (plus one marker line). Past it the log keeps its
+    /// head (the first half) and its tail (the last half), with one `[… N bytes clipped …]`
+    /// line between them; the build goes on. Default 100 MiB.
     pub max_bytes_per_build: u64,
     /// Where build logs are served over HTTP (`GET /v1/builds/<id>/log` with the headers of
     /// the build's `log_info`; Gitpod's dashboard reads logs this way). Default
@@ -533,7 +533,7 @@ impl Default for LogsConfig {
     fn default() -> Self {
         Self {
             memory_bytes_per_build: 1 << 20,
-            max_bytes_per_build: 64 << 20,
+            max_bytes_per_build: 100 << 20,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_public_url: None,
         }
@@ -1261,7 +1261,7 @@ mod tests {
             c.registry.embedded_credentials_path(Path::new("/d")),
             PathBuf::from("/d/registry-auth.json")
         );
-        assert_eq!(c.logs.max_bytes_per_build, 64 << 20);
+        assert_eq!(c.logs.max_bytes_per_build, 100 << 20);
         assert_eq!(c.engine.cache_mount_scope, CacheMountScope::Source);
         let remote = c.engine.remote_policy().unwrap();
         assert!(!remote.allow_private, "remote ADD reaches public addresses only");
