@@ -55,6 +55,7 @@ pub struct Config {
     pub actors: ActorsConfig,
     pub supervision: SupervisionConfig,
     pub logs: LogsConfig,
+    pub storage: StorageConfig,
     pub engine: EngineSettings,
     pub kubernetes: KubernetesConfig,
     pub chaos: ChaosConfig,
@@ -78,6 +79,7 @@ impl Default for Config {
             actors: ActorsConfig::default(),
             supervision: SupervisionConfig::default(),
             logs: LogsConfig::default(),
+            storage: StorageConfig::default(),
             engine: EngineSettings::default(),
             kubernetes: KubernetesConfig::default(),
             chaos: ChaosConfig::default(),
@@ -505,6 +507,40 @@ impl SupervisionConfig {
                 return crashes;
             }
             crashes += 1;
+        }
+    }
+}
+
+/// What Kiln keeps on disk, and for how long: the embedded registry's garbage collection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Tags of Kiln's base-image repository (`registry.base_repository`, when it is in the
+    /// embedded registry) neither pushed nor pulled by tag for this long are removed, with
+    /// their content once nothing else references it. Workspace images are kept. Default 7
+    /// days.
+    #[serde(with = "humantime_serde")]
+    pub registry_keep_duration: Duration,
+    /// A blob of the embedded registry no manifest references is kept this long after it was
+    /// last uploaded, mounted or checked (`HEAD`), for pushes in flight. Default 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub registry_blob_grace: Duration,
+    /// An upload session of the embedded registry whose data has not grown for this long is
+    /// abandoned and removed. Default 24 hours.
+    #[serde(with = "humantime_serde")]
+    pub registry_upload_max_age: Duration,
+    /// How often the embedded registry collects garbage in the background. Default 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub registry_gc_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            registry_keep_duration: Duration::from_secs(7 * 86_400),
+            registry_blob_grace: Duration::from_secs(3600),
+            registry_upload_max_age: Duration::from_secs(86_400),
+            registry_gc_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -985,6 +1021,21 @@ impl Config {
         if self.logs.max_bytes_per_build == 0 {
             return Err(invalid("logs.max_bytes_per_build", "must be at least 1"));
         }
+        for (key, value) in [
+            (
+                "storage.registry_keep_duration",
+                self.storage.registry_keep_duration,
+            ),
+            (
+                "storage.registry_upload_max_age",
+                self.storage.registry_upload_max_age,
+            ),
+            ("storage.registry_gc_interval", self.storage.registry_gc_interval),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1s"));
+            }
+        }
         if let Some(url) = &self.logs.http_public_url {
             let scheme_ok = ["http://", "https://"].iter().any(|scheme| {
                 url.get(..scheme.len())
@@ -1307,6 +1358,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("logs.max_bytes_per_build"), "{err}");
+        let c = Config::parse(
+            "[storage]\nregistry_keep_duration = \"7d\"\nregistry_blob_grace = \"0s\"\n\
+             registry_upload_max_age = \"2h\"\nregistry_gc_interval = \"10m\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.registry_keep_duration, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.storage.registry_blob_grace, Duration::ZERO);
+        assert_eq!(c.storage.registry_upload_max_age, Duration::from_secs(7200));
+        assert_eq!(c.storage.registry_gc_interval, Duration::from_secs(600));
+        let err = Config::parse("[storage]\nregistry_gc_interval = \"0s\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.registry_gc_interval"), "{err}");
         assert!(Config::parse("[engine]\ncache_mount_scope = \"tenant\"\n").is_err());
     }
 
