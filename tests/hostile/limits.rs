@@ -1,8 +1,9 @@
 //! Issue 9, point 11: limits. Huge logs, sparse archive entries, ARG expansion bombs and queue
 //! time are bounded, and the service stays healthy.
 //!
-//! - A RUN printing 1 GiB (`yes | head -c 1G`) under `logs.max_bytes_per_build = 1 MiB`, and
-//!   one printing 256 MiB without a single newline: each build succeeds, its stored log is
+//! - A RUN printing 1 GiB (`yes | head -c 1G`) under `logs.max_bytes_per_build = 1 MiB` and
+//!   under the default 100 MiB, and one printing 256 MiB without a single newline: each build
+//!   succeeds, its stored log is
 //!   the head and the tail of the output (at most the cap) around one `[… N bytes clipped …]`
 //!   line, ending with Kiln's closing line; a follower from offset 0 and a read after the end
 //!   get the same bytes, as on disk; the server's RSS grows less than 50 MiB.
@@ -71,15 +72,17 @@ impl Drop for RssSampler {
 /// How far the server's RSS may grow while a build prints far past its log cap.
 const CLIPPED_LOG_RSS_BOUND: u64 = 50 << 20;
 
-/// The log cap of the clipping tests: 1 MiB (a head of 512 KiB, a tail of 512 KiB). The
-/// default cap (100 MiB) works the same way; a debug build takes minutes to push 1 GiB
-/// through a cap that large only because it writes 100 MiB more, so the test uses a small one.
+/// The log cap of most clipping tests: 1 MiB (a head of 512 KiB, a tail of 512 KiB).
 const CAP: usize = 1 << 20;
 
-/// Runs `command` in a RUN under a 1 MiB log cap, following its log from offset 0 while it
-/// runs and sampling the server's RSS; checks the clipped log and returns it with the number
-/// of bytes the marker says were clipped.
-async fn clipped_build(kiln: &KilnServer, base: &str, command: &str, printed: u64) -> Vec<u8> {
+/// `logs.max_bytes_per_build`'s default.
+const DEFAULT_CAP: usize = 100 << 20;
+
+/// Runs `command` in a RUN under a log cap of `cap` bytes (the server's), following its log
+/// from offset 0 while it runs and sampling the server's RSS; checks the clipped log (the
+/// head, one marker line, the tail; the follower's bytes, Logs' and the file's the same) and
+/// returns it.
+async fn clipped_build(kiln: &KilnServer, base: &str, command: &str, printed: u64, cap: usize) -> Vec<u8> {
     let pid = kiln.pid().expect("a running server");
     let mut client = kiln.builder().await;
     let rss = RssSampler::start(pid);
@@ -123,15 +126,15 @@ async fn clipped_build(kiln: &KilnServer, base: &str, command: &str, printed: u6
         .unwrap_or_else(|| panic!("a byte count in {marker:?}"));
     let (head, tail) = (&log[..marker_at], &log[marker_end..]);
     assert!(
-        head.len() + tail.len() <= CAP + 1,
-        "head {} + tail {} bytes, the cap is {CAP}",
+        head.len() + tail.len() <= cap + 1,
+        "head {} + tail {} bytes, the cap is {cap}",
         head.len(),
         tail.len()
     );
-    assert!(head.len() >= CAP / 2, "the head has {} bytes", head.len());
+    assert!(head.len() >= cap / 2, "the head has {} bytes", head.len());
     assert!(head.starts_with(b"build "), "the head starts with Kiln's header");
     assert!(
-        clipped >= printed - CAP as u64,
+        clipped >= printed - cap as u64,
         "{clipped} bytes clipped of {printed} printed"
     );
     assert!(
@@ -180,6 +183,7 @@ async fn a_huge_log_keeps_its_head_and_tail_and_the_build_goes_on() {
             &base,
             "yes kiln-hostile-log-line | head -c 1073741824",
             1 << 30,
+            CAP,
         )
         .await;
         // The head holds the first lines of output, the tail the last ones.
@@ -199,6 +203,26 @@ async fn a_huge_log_keeps_its_head_and_tail_and_the_build_goes_on() {
     .await;
 }
 
+/// The same at the default cap: 50 MiB of head followed live, 50 MiB of tail copied in at
+/// the end, and still no memory growth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_log_at_the_default_cap_keeps_its_head_and_tail() {
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    let base = busybox_in(&kiln);
+    within(900, async {
+        let log = clipped_build(
+            &kiln,
+            &base,
+            "yes kiln-hostile-log-line | head -c 1073741824",
+            1 << 30,
+            DEFAULT_CAP,
+        )
+        .await;
+        assert!(log.len() > DEFAULT_CAP - 4096, "the log has {} bytes", log.len());
+    })
+    .await;
+}
+
 /// One line of 256 MiB, no newline anywhere: clipped like any output, the marker on a line of
 /// its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,6 +237,7 @@ async fn a_huge_line_without_newlines_is_clipped() {
             &base,
             "head -c 268435456 /dev/zero | tr '\\0' x",
             256 << 20,
+            CAP,
         )
         .await;
         let marker_at = find(&log, "[… ".as_bytes()).unwrap();
