@@ -159,8 +159,8 @@ async fn expire_uploads(registry: &Registry) -> io::Result<GcReport> {
     let max_age = registry.gc.policy.upload_max_age;
     let now = SystemTime::now();
     let dir = registry.storage.uploads_dir();
-    let mut entries = tokio::fs::read_dir(&dir).await?;
-    while let Some(entry) = entries.next_entry().await? {
+    let mut entries = tokio::fs::read_dir(&dir).await.map_err(at("listing", &dir))?;
+    while let Some(entry) = entries.next_entry().await.map_err(at("listing", &dir))? {
         let Some(id) = entry.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()) else {
             continue;
         };
@@ -204,13 +204,15 @@ fn repositories(root: &Path) -> io::Result<Vec<RepoName>> {
         };
         let mut is_repo = false;
         for entry in entries {
-            let entry = entry?;
+            let entry = entry.map_err(at("listing", &dir))?;
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
             if name == "_layers" || name == "_manifests" {
                 is_repo = true;
-            } else if !name.starts_with('_') && entry.file_type()?.is_dir() {
+            } else if !name.starts_with('_')
+                && entry.file_type().map_err(at("reading", &entry.path()))?.is_dir()
+            {
                 pending.push(if relative.is_empty() {
                     name
                 } else {
@@ -232,11 +234,11 @@ fn digests_in(dir: &Path) -> io::Result<Vec<(Digest, fs::Metadata)>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+        Err(e) => return Err(at("listing", dir)(e)),
     };
     let mut found = Vec::new();
     for entry in entries {
-        let entry = entry?;
+        let entry = entry.map_err(at("listing", dir))?;
         let parsed = entry
             .file_name()
             .to_str()
@@ -245,7 +247,7 @@ fn digests_in(dir: &Path) -> io::Result<Vec<(Digest, fs::Metadata)>> {
             match entry.metadata() {
                 Ok(meta) => found.push((digest, meta)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(at("reading", &entry.path())(e)),
             }
         }
     }
@@ -268,8 +270,13 @@ fn remove(path: &Path) -> io::Result<bool> {
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
+        Err(e) => Err(at("removing", path)(e)),
     }
+}
+
+/// Names the path an I/O error is about.
+fn at<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    move |e| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
 /// Expires the policy's tags and manifests, marks every blob a manifest references, and
