@@ -249,9 +249,42 @@ pub async fn serve(
             credentials_file = %auth_file.display(),
             "embedded registry listening; writes need the credentials in credentials_file"
         );
+        // Kiln's base images expire when unused; workspace images callers may still pull stay.
+        let expiring = config
+            .registry
+            .base_repository()
+            .ok()
+            .filter(|base| base.registry() == config.registry.target_registry())
+            .map(|base| {
+                (
+                    base.repository().to_owned(),
+                    config.storage.registry_keep_duration,
+                )
+            });
+        let policy = registry::server::GcPolicy {
+            blob_grace: config.storage.registry_blob_grace,
+            upload_max_age: config.storage.registry_upload_max_age,
+            expiring: expiring.into_iter().collect(),
+        };
+        let embedded_registry = registry::server::EmbeddedRegistry::open(root, access, policy)
+            .await
+            .context("embedded registry")?;
+        let (collector, every, stop) = (
+            embedded_registry.clone(),
+            config.storage.registry_gc_interval,
+            stopped(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                () = collector.collect_every(every) => {}
+                () = stop => {}
+            }
+            Ok(())
+        });
         let stop = stopped();
         tasks.spawn(async move {
-            registry::server::serve_with(listener, root, access, stop)
+            embedded_registry
+                .serve(listener, stop)
                 .await
                 .context("embedded registry")
         });

@@ -327,9 +327,6 @@ struct LogWriter {
     logs: Arc<Slot<LogFanout>>,
     offset: u64,
     secrets: Vec<Secret>,
-    /// The fan-out stored less than it was sent: the log reached
-    /// `logs.max_bytes_per_build`, so further output is dropped here without a round trip.
-    truncated: bool,
 }
 
 /// How long a build actor's call (a log write, a report) keeps trying while the actor it
@@ -344,13 +341,12 @@ impl LogWriter {
             logs,
             offset: 0,
             secrets: run.secrets.clone(),
-            truncated: false,
         };
         let open = log_fanout::Open {
             build: writer.build.clone(),
         };
         match writer.logs.call_within(open, ACTOR_CALL_PATIENCE).await {
-            Ok(Ok(progress)) => writer.offset = progress.len,
+            Ok(Ok(opened)) => writer.offset = opened.append_at,
             Ok(Err(error)) => tracing::error!(build_id = %writer.build, %error, "cannot open build log"),
             Err(error) => tracing::error!(build_id = %writer.build, %error, "cannot open build log"),
         }
@@ -380,17 +376,16 @@ impl LogWriter {
         out
     }
 
-    /// Appends one line of Kiln's own (a notice, the verdict): stored even past the log's
-    /// size cap, so that a truncated log still says how the build ended.
+    /// Appends one line of Kiln's own (a notice, the verdict). Past the log's size cap it
+    /// goes to the clipped tail like any output, so a clipped log still ends saying how the
+    /// build ended.
     async fn line(&mut self, line: &str) {
         self.append(format!("{line}\n").as_bytes(), true).await;
     }
 
-    /// Appends the build's output (censored), exactly once, up to the log's size cap.
+    /// Appends the build's output (censored), exactly once; the fan-out keeps the head and
+    /// the tail of a log past `logs.max_bytes_per_build`.
     async fn write(&mut self, data: &[u8]) {
-        if self.truncated {
-            return;
-        }
         self.append(data, false).await;
     }
 
@@ -403,12 +398,7 @@ impl LogWriter {
             kiln,
         };
         match self.logs.call_within(append, ACTOR_CALL_PATIENCE).await {
-            Ok(Ok(len)) => {
-                if !kiln && len < self.offset + data.len() as u64 {
-                    self.truncated = true;
-                }
-                self.offset = len;
-            }
+            Ok(Ok(next)) => self.offset = next,
             Ok(Err(error)) => tracing::error!(build_id = %self.build, %error, "build log write failed"),
             Err(error) => {
                 tracing::error!(build_id = %self.build, %error, "log fan-out unavailable; log line dropped")

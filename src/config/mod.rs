@@ -55,6 +55,7 @@ pub struct Config {
     pub actors: ActorsConfig,
     pub supervision: SupervisionConfig,
     pub logs: LogsConfig,
+    pub storage: StorageConfig,
     pub engine: EngineSettings,
     pub kubernetes: KubernetesConfig,
     pub chaos: ChaosConfig,
@@ -78,6 +79,7 @@ impl Default for Config {
             actors: ActorsConfig::default(),
             supervision: SupervisionConfig::default(),
             logs: LogsConfig::default(),
+            storage: StorageConfig::default(),
             engine: EngineSettings::default(),
             kubernetes: KubernetesConfig::default(),
             chaos: ChaosConfig::default(),
@@ -509,6 +511,40 @@ impl SupervisionConfig {
     }
 }
 
+/// What Kiln keeps on disk, and for how long: the embedded registry's garbage collection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Tags of Kiln's base-image repository (`registry.base_repository`, when it is in the
+    /// embedded registry) neither pushed nor pulled by tag for this long are removed, with
+    /// their content once nothing else references it. Workspace images are kept. Default 7
+    /// days.
+    #[serde(with = "humantime_serde")]
+    pub registry_keep_duration: Duration,
+    /// A blob of the embedded registry no manifest references is kept this long after it was
+    /// last uploaded, mounted or checked (`HEAD`), for pushes in flight. Default 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub registry_blob_grace: Duration,
+    /// An upload session of the embedded registry whose data has not grown for this long is
+    /// abandoned and removed. Default 24 hours.
+    #[serde(with = "humantime_serde")]
+    pub registry_upload_max_age: Duration,
+    /// How often the embedded registry collects garbage in the background. Default 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub registry_gc_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            registry_keep_duration: Duration::from_secs(7 * 86_400),
+            registry_blob_grace: Duration::from_secs(3600),
+            registry_upload_max_age: Duration::from_secs(86_400),
+            registry_gc_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Build logs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -516,9 +552,9 @@ pub struct LogsConfig {
     /// Bytes of each running build's log kept in memory; older bytes are read from disk.
     /// Default 1 MiB.
     pub memory_bytes_per_build: usize,
-    /// Largest log of one build, in bytes. Output past it is dropped (the build goes on) and
-    /// the log ends with one line saying it was truncated; Kiln's own closing lines still
-    /// follow. Default 64 MiB.
+    /// Largest log of one build, in bytes (plus one marker line). Past it the log keeps its
+    /// head (the first half) and its tail (the last half), with one `[… N bytes clipped …]`
+    /// line between them; the build goes on. Default 100 MiB.
     pub max_bytes_per_build: u64,
     /// Where build logs are served over HTTP (`GET /v1/builds/<id>/log` with the headers of
     /// the build's `log_info`; Gitpod's dashboard reads logs this way). Default
@@ -533,7 +569,7 @@ impl Default for LogsConfig {
     fn default() -> Self {
         Self {
             memory_bytes_per_build: 1 << 20,
-            max_bytes_per_build: 64 << 20,
+            max_bytes_per_build: 100 << 20,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_public_url: None,
         }
@@ -985,6 +1021,21 @@ impl Config {
         if self.logs.max_bytes_per_build == 0 {
             return Err(invalid("logs.max_bytes_per_build", "must be at least 1"));
         }
+        for (key, value) in [
+            (
+                "storage.registry_keep_duration",
+                self.storage.registry_keep_duration,
+            ),
+            (
+                "storage.registry_upload_max_age",
+                self.storage.registry_upload_max_age,
+            ),
+            ("storage.registry_gc_interval", self.storage.registry_gc_interval),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1s"));
+            }
+        }
         if let Some(url) = &self.logs.http_public_url {
             let scheme_ok = ["http://", "https://"].iter().any(|scheme| {
                 url.get(..scheme.len())
@@ -1261,7 +1312,7 @@ mod tests {
             c.registry.embedded_credentials_path(Path::new("/d")),
             PathBuf::from("/d/registry-auth.json")
         );
-        assert_eq!(c.logs.max_bytes_per_build, 64 << 20);
+        assert_eq!(c.logs.max_bytes_per_build, 100 << 20);
         assert_eq!(c.engine.cache_mount_scope, CacheMountScope::Source);
         let remote = c.engine.remote_policy().unwrap();
         assert!(!remote.allow_private, "remote ADD reaches public addresses only");
@@ -1307,6 +1358,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("logs.max_bytes_per_build"), "{err}");
+        let c = Config::parse(
+            "[storage]\nregistry_keep_duration = \"7d\"\nregistry_blob_grace = \"0s\"\n\
+             registry_upload_max_age = \"2h\"\nregistry_gc_interval = \"10m\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.registry_keep_duration, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.storage.registry_blob_grace, Duration::ZERO);
+        assert_eq!(c.storage.registry_upload_max_age, Duration::from_secs(7200));
+        assert_eq!(c.storage.registry_gc_interval, Duration::from_secs(600));
+        let err = Config::parse("[storage]\nregistry_gc_interval = \"0s\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.registry_gc_interval"), "{err}");
         assert!(Config::parse("[engine]\ncache_mount_scope = \"tenant\"\n").is_err());
     }
 

@@ -523,12 +523,16 @@ pub const RESUMED: &str = "resumed after a restart of Kiln";
 /// line of its own even if the log ends mid-line. Nothing is appended to a log that ended.
 async fn append_line(deps: &OrchestratorDeps, build: &BuildId, line: &str) -> Result<(), BuildError> {
     let logs = &deps.directory.logs;
-    let progress = logs.call(log_fanout::Open { build: build.clone() }).await??;
+    let opened = logs.call(log_fanout::Open { build: build.clone() }).await??;
+    let progress = opened.progress;
     if progress.ended {
         return Ok(());
     }
     let mut text = String::new();
-    if progress.len > 0 {
+    if opened.append_at != progress.len {
+        // Output is being clipped: the line goes to the tail, which may end mid-line.
+        text.push('\n');
+    } else if progress.len > 0 {
         let last = logs
             .call(log_fanout::Read {
                 build: build.clone(),
@@ -543,7 +547,7 @@ async fn append_line(deps: &OrchestratorDeps, build: &BuildId, line: &str) -> Re
     text.push('\n');
     logs.call(log_fanout::Append {
         build: build.clone(),
-        offset: progress.len,
+        offset: opened.append_at,
         data: text.into_bytes().into(),
         kiln: true,
     })
