@@ -241,7 +241,7 @@ impl RegistryClient {
         let (body, digest) = self.fetch_manifest(&oci, image).await?;
         let digest = match inspect(image, &body)? {
             ManifestKind::Image { .. } => parse_digest(image, &digest)?,
-            ManifestKind::Index { .. } => self.choose_platform(image, &body)?,
+            ManifestKind::Index { .. } => self.choose_platform(image, &body, self.platform())?,
         };
         Ok(image.pinned(digest))
     }

@@ -167,6 +167,8 @@ async fn plan_dockerfile(
         pinned: planned.pinned,
         cache_scope: deps.cache_scope(&source.context),
         secrets: source.secrets.clone(),
+        // The service builds for its configured platform.
+        platforms: Vec::new(),
     };
     let job = Job::Dockerfile {
         input: Box::new(input),
