@@ -507,7 +507,8 @@ pub fn arm64_busybox_layout() -> &'static BaseLayout {
         let deb_dir = cache_dir().join("debs-arm64");
         let deb = download_arm64_busybox(&deb_dir);
         let name = deb.file_name().unwrap().to_string_lossy().into_owned();
-        let key = format!("busybox-arm64-{}-{RECIPE_VERSION}", sanitize(&name));
+        let applets = &sha256_hex(ARM64_APPLETS.join(" ").as_bytes())[..8];
+        let key = format!("busybox-arm64-{}-{applets}-{RECIPE_VERSION}", sanitize(&name));
         cached_layout(&key, "base/busybox-arm64", &["latest"], |work| {
             build_arm64_busybox(work, &deb)
         })
