@@ -246,6 +246,20 @@ impl RegistryClient {
         Ok(image.pinned(digest))
     }
 
+    /// Tag → the digest of exactly the manifest it names: an image index stays the index
+    /// (what Kiln itself pushed, which for a multi-platform build is an index). Returns
+    /// `image.pinned(digest)`.
+    pub async fn resolve_exact(
+        &self,
+        image: &ImageRef,
+        auth: &AuthPolicy,
+    ) -> Result<ImageRef, RegistryError> {
+        let oci = self.oci_for_request(image, auth).await?;
+        let (body, digest) = self.fetch_manifest(&oci, image).await?;
+        inspect(image, &body)?;
+        Ok(image.pinned(parse_digest(image, &digest)?))
+    }
+
     /// Whether the manifest exists (a HEAD, falling back to a GET when the registry sends no
     /// digest header). A registry that says "not found" (404, `MANIFEST_UNKNOWN`,
     /// `NAME_UNKNOWN`) gives `Ok(false)`; every other failure is an error.

@@ -7,6 +7,9 @@
 //! `busybox-static:arm64` for arm64, as one index). Everything is read back from the
 //! registry: the index, each manifest, config and layer.
 //!
+//! The same through the Build RPC (`source.file.platforms`, Kiln's field 104) on a real
+//! `kiln serve`: the workspace image is the index, copied whole from the base repository.
+//!
 //! Needs root (the sandbox), an amd64 host and qemu-aarch64 registered in binfmt_misc with
 //! the F flag (`scripts/test` registers it). Without them the test fails unless
 //! `KILN_TEST_ALLOW_SKIP` names `qemu` (or `sandbox` for root), as tests/support/skip.rs
@@ -22,9 +25,20 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use kiln::{engine::sandbox::emulation, registry::Platform};
+use kiln::{
+    engine::sandbox::emulation,
+    proto::builder::{
+        build_source, BuildRequest, BuildSource, BuildSourceDockerfile, BuildStatus, UploadContextRequest,
+    },
+    registry::Platform,
+};
 use serde_json::Value;
-use support::{base_images, docker_registry::DockerRegistry, skip};
+use support::{
+    base_images,
+    docker_registry::DockerRegistry,
+    kiln::{KilnOptions, KilnServer},
+    skip,
+};
 
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -282,4 +296,91 @@ fn bad_platforms_fail_naming_the_flag_or_the_line() {
             "{dockerfile:?} {args:?}: wanted {wanted:?} in {shown}"
         );
     }
+}
+
+/// An uncompressed tar of one file, `Dockerfile`.
+fn dockerfile_tar(dockerfile: &str) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(dockerfile.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
+        .unwrap();
+    builder.into_inner().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_build_rpc_takes_a_platform_list_and_the_workspace_image_is_the_index() {
+    if let Some((what, reason)) = cannot_run() {
+        skip::allow_or_fail(what, &reason);
+        return;
+    }
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    let base = base_images::ensure_multiarch_busybox(kiln.registry_addr());
+    let dockerfile = format!("FROM {base}\nRUN uname -m > /arch\n");
+    let mut client = kiln.builder().await;
+    let digest = client
+        .upload_context(tokio_stream::iter([UploadContextRequest {
+            chunk: dockerfile_tar(&dockerfile),
+        }]))
+        .await
+        .unwrap()
+        .into_inner()
+        .digest;
+    let request = |platforms: &[&str]| BuildRequest {
+        source: Some(BuildSource {
+            from: Some(build_source::From::File(BuildSourceDockerfile {
+                context_digest: digest.clone(),
+                dockerfile_path: "Dockerfile".into(),
+                context_path: ".".into(),
+                platforms: platforms.iter().map(|p| (*p).to_owned()).collect(),
+                ..Default::default()
+            })),
+        }),
+        triggered_by: "kiln-platforms-test".into(),
+        ..Default::default()
+    };
+    let build = |platforms: &'static [&'static str]| {
+        let request = request(platforms);
+        let mut client = client.clone();
+        async move {
+            let mut stream = client.build(request).await.unwrap().into_inner();
+            let mut last = None;
+            while let Some(message) = stream.message().await.unwrap() {
+                last = Some(message);
+            }
+            last.unwrap()
+        }
+    };
+    let multi = tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        build(&["linux/amd64", "linux/arm64"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(multi.status(), BuildStatus::DoneSuccess, "{multi:?}");
+    // The default platform alone is another build (its own key, its own workspace image).
+    let single = tokio::time::timeout(std::time::Duration::from_secs(300), build(&[]))
+        .await
+        .unwrap();
+    assert_eq!(single.status(), BuildStatus::DoneSuccess, "{single:?}");
+    assert_ne!(multi.r#ref, single.r#ref);
+
+    let (repo, tag) = multi.r#ref.rsplit_once(':').unwrap();
+    let repo = Repo::new(kiln.registry_addr(), repo.split_once('/').unwrap().1);
+    let (media_type, index) = repo.manifest(tag).await;
+    assert_eq!(media_type, INDEX, "{index}");
+    let mut machines = Vec::new();
+    for entry in index["manifests"].as_array().unwrap() {
+        let (_, manifest) = repo.manifest(entry["digest"].as_str().unwrap()).await;
+        let (config, files) = repo.image(&manifest).await;
+        assert_eq!(config["architecture"], entry["platform"]["architecture"]);
+        machines.push(files["arch"].trim().to_owned());
+    }
+    assert_eq!(machines, ["x86_64", "aarch64"]);
+    let (repo, tag) = single.r#ref.rsplit_once(':').unwrap();
+    let repo = Repo::new(kiln.registry_addr(), repo.split_once('/').unwrap().1);
+    assert_eq!(repo.manifest(tag).await.0, MANIFEST);
 }
