@@ -23,7 +23,8 @@
 //! - Remote ADD sources (`remote`): downloads stay off loopback, link-local and private
 //!   addresses unless the operator allows them, bounded, checksummed, placed as BuildKit does.
 //! - `FROM --platform` (`platforms`): garbage, `../` and an expansion bomb fail naming the
-//!   line; a RUN emulated for linux/arm64 sees the same confinement as a native one.
+//!   line, a bad `source.file.platforms` is refused naming the field; a RUN emulated for
+//!   linux/arm64 sees the same confinement as a native one.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
 

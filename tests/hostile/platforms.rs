@@ -5,7 +5,10 @@
 
 use kiln::{engine::sandbox::emulation, proto::builder::BuildStatus, registry::Platform};
 
-use super::{base_images, build_dockerfile, read_log, skip, within, KilnOptions, KilnServer};
+use super::{
+    base_images, build_dockerfile, raw_tar, read_log, request, run_build, skip, upload, uploaded_source,
+    within, Entry, KilnOptions, KilnServer,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_from_platforms_fail_naming_the_line() {
@@ -46,6 +49,35 @@ async fn bad_from_platforms_fail_naming_the_line() {
                     dockerfile
                 );
             }
+        }
+        // The request's own list (`source.file.platforms`) is refused before anything runs.
+        let digest = upload(
+            &mut client,
+            &raw_tar(&[Entry::File("Dockerfile", b"FROM scratch\n")]),
+        )
+        .await;
+        for (platforms, wanted) in [
+            (
+                vec!["linux/../../etc"],
+                "source.file.platforms: invalid platform \"linux/../../etc\"",
+            ),
+            (
+                vec!["linux/arm64", "linux/aarch64"],
+                "source.file.platforms: linux/arm64 is given twice",
+            ),
+            (
+                vec!["linux/amd64"; 9],
+                "source.file.platforms: at most 8 platforms",
+            ),
+        ] {
+            let mut req = request(uploaded_source(&digest));
+            if let Some(kiln::proto::builder::build_source::From::File(file)) =
+                req.source.as_mut().and_then(|s| s.from.as_mut())
+            {
+                file.platforms = platforms.iter().map(|p| (*p).to_owned()).collect();
+            }
+            let message = run_build(&mut client, req).await.refusal("platforms");
+            assert!(message.contains(wanted), "{platforms:?}: {message}");
         }
     })
     .await;
