@@ -392,6 +392,10 @@ pub struct BuildArgs {
         conflicts_with = "image_ref"
     )]
     pub secrets: Vec<String>,
+    /// The platforms to build for, comma-separated (os/arch[/variant]); several push an
+    /// image index. [default: the server's registry.platform]
+    #[arg(long, value_name = "PLATFORM[,PLATFORM…]", conflicts_with = "image_ref")]
+    pub platform: Option<String>,
     /// Build even if the workspace image exists already (its ref stays the same).
     #[arg(long)]
     pub force: bool,

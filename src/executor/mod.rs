@@ -167,7 +167,8 @@ impl Executor {
                 let base = &input.destination;
                 let existing = match *force {
                     true => None,
-                    false => match self.registry.resolve(base, &input.auth).await {
+                    // Kiln's own result: an index stays one (a multi-platform build).
+                    false => match self.registry.resolve_exact(base, &input.auth).await {
                         Ok(pinned) => Some(pinned),
                         Err(e) if e.kind() == crate::registry::RegistryErrorKind::NotFound => None,
                         Err(error) => {
@@ -231,7 +232,7 @@ impl Executor {
         auth: &AuthPolicy,
     ) -> Result<ImageRef, ExecutorError> {
         self.registry
-            .resolve(base, auth)
+            .resolve_exact(base, auth)
             .await
             .map_err(|error| ExecutorError::Copy {
                 from: base.clone(),
@@ -259,7 +260,7 @@ impl Executor {
             .copy(source, target, auth, &on_event)
             .await
             .map_err(fail)?;
-        let landed = self.registry.resolve(target, auth).await.map_err(fail)?;
+        let landed = self.registry.resolve_exact(target, auth).await.map_err(fail)?;
         if landed.digest() != Some(&digest) {
             return Err(ExecutorError::NotLanded {
                 target: target.clone(),

@@ -76,7 +76,7 @@ pub enum RegistryError {
     UnsupportedDigest { reference: String, digest: String },
     #[error("copy source {reference} is not pinned by digest")]
     SourceNotPinned { reference: String },
-    #[error("copy source {reference} is an image index; resolve it to one platform first")]
+    #[error("copy source {reference} is an image index inside an image index")]
     SourceIsIndex { reference: String },
     #[error("copy target {reference} has no tag")]
     TargetNotTagged { reference: String },

@@ -22,6 +22,9 @@
 //!   equal to a fresh read) while the server's RSS stays within a bound.
 //! - Remote ADD sources (`remote`): downloads stay off loopback, link-local and private
 //!   addresses unless the operator allows them, bounded, checksummed, placed as BuildKit does.
+//! - `FROM --platform` (`platforms`): garbage, `../` and an expansion bomb fail naming the
+//!   line, a bad `source.file.platforms` is refused naming the field; a RUN emulated for
+//!   linux/arm64 sees the same confinement as a native one.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
 
@@ -31,6 +34,7 @@ mod support;
 mod files;
 mod gitpod;
 mod limits;
+mod platforms;
 mod remote;
 mod sandbox;
 mod surfaces;
@@ -72,6 +76,7 @@ use support::{
     base_images,
     docker_registry::DockerRegistry,
     kiln::{KilnOptions, KilnServer},
+    skip,
 };
 use tonic::{transport::Channel, Code, Status};
 

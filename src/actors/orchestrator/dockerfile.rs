@@ -64,6 +64,7 @@ pub fn identity(source: &DockerfileSource, pinned_context: &str, auth: &AuthPoli
         field(v.as_bytes());
     }
     field(source.target.as_deref().unwrap_or("").as_bytes());
+    field(source.platforms.join(",").as_bytes());
     field(format!("{:?}", auth.installation).as_bytes());
     for (host, creds) in &auth.additional {
         field(host.as_bytes());
@@ -290,13 +291,14 @@ pub async fn plan(
             .await
             .map_err(|e| BuildError::internal("hashing the context", e))?
             .map_err(|e| bad_source(format!("build context: {e}")))?;
+    let platforms = source.platforms_key(&deps.platform);
     let key = BuildKey::for_dockerfile(
         &text,
         &context_digest,
         pinned.values().filter_map(|r| r.digest()),
         &source.build_args,
         source.target.as_deref(),
-        &deps.platform,
+        &platforms,
     );
     let context = PreparedContext {
         _dir: dir,

@@ -173,6 +173,9 @@ pub enum PersistedSource {
         context_path: String,
         build_args: BTreeMap<String, String>,
         target: Option<String>,
+        /// Absent in records written before multi-platform builds.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        platforms: Vec<String>,
     },
 }
 
@@ -262,6 +265,7 @@ impl BuildInputs {
                     context_path: d.context_path.clone(),
                     build_args: d.build_args.clone(),
                     target: d.target.clone(),
+                    platforms: d.platforms.clone(),
                 }
             }
         };
@@ -321,6 +325,7 @@ impl BuildInputs {
                 context_path,
                 build_args,
                 target,
+                platforms,
             } => {
                 let context = match context {
                     PersistedContext::Uploaded { digest } => {
@@ -356,6 +361,7 @@ impl BuildInputs {
                     build_args: build_args.clone(),
                     target: target.clone(),
                     secrets: BuildSecrets::default(),
+                    platforms: platforms.clone(),
                 })
             }
         };
@@ -567,6 +573,7 @@ mod tests {
                 build_args: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
                 target: Some("final".into()),
                 secrets: BuildSecrets::default(),
+                platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
             }),
             auth: AuthPolicy::default(),
             force_rebuild: true,

@@ -9,11 +9,12 @@ use crate::{
         remote::RemoteError,
         sandbox::{
             cgroup::{CgroupError, LimitHit},
+            emulation::EmulationUnavailable,
             SandboxError,
         },
     },
     model::ImageRefError,
-    registry::RegistryError,
+    registry::{PlatformParseError, RegistryError},
 };
 
 /// Why a build failed.
@@ -100,6 +101,12 @@ pub enum StepCause {
     /// RUN's sandbox could not run the command.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// A `FROM --platform` (after expansion) or a requested platform that is not one.
+    #[error(transparent)]
+    Platform(#[from] PlatformParseError),
+    /// A RUN for a foreign architecture on a host without qemu-user emulation for it.
+    #[error(transparent)]
+    Emulation(#[from] EmulationUnavailable),
     /// A blocking task the step ran on panicked or was cancelled.
     #[error(transparent)]
     Task(#[from] tokio::task::JoinError),

@@ -7,7 +7,9 @@
 //! RUN runs in the sandbox over the stage's layers, COPY/ADD/WORKDIR go through
 //! [`fsop`]. Every layer-producing step is looked up in the instruction cache first. The
 //! target stage's state is then pushed: layers (mounted from their origin when possible),
-//! config, manifest.
+//! config, manifest. A build for several platforms runs the stages once per platform
+//! (sequentially, sharing the instruction cache, so a `FROM --platform=$BUILDPLATFORM` stage
+//! is built once) and pushes each image by digest and an OCI image index under the tag.
 //!
 //! The engine keeps no state between builds other than what is on disk (layer store, blob
 //! directory, instruction cache, cache mounts), so any number of builds may share one.
@@ -111,6 +113,8 @@ pub struct EngineConfig {
     pub exe: PathBuf,
     pub compression: Compression,
     pub isolation: Isolation,
+    /// The platform a build targets when its input names none, and whose manifests the
+    /// registry client's pins are (`registry.platform`).
     pub platform: Platform,
     /// What remote ADD sources (`ADD https://…`) may reach and bring.
     pub remote: crate::engine::remote::RemotePolicy,
@@ -139,6 +143,9 @@ pub struct BuildInput {
     pub cache_scope: Option<String>,
     /// What `RUN --mount=type=secret` reads; never written anywhere.
     pub secrets: BuildSecrets,
+    /// The platforms to build for, each once (none: the engine's platform). One platform
+    /// pushes an image manifest, several an image index.
+    pub platforms: Vec<Platform>,
 }
 
 /// What a build pushed.
@@ -294,7 +301,7 @@ impl Engine {
 
     /// Pulls `image`'s layers into the layer store (the cache warmer's pre-fetch).
     pub async fn prefetch(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<usize, EngineError> {
-        let base = pull::pull(self, image, auth).await?;
+        let base = pull::pull(self, image, &self.inner.config.platform, auth).await?;
         Ok(base.layers.len())
     }
 
@@ -327,29 +334,51 @@ impl Engine {
             None => None,
         };
         let cgroup = CgroupGuard(cgroup);
-        let build = stage::StageRunner::new(
-            self,
-            input,
-            &dockerfile,
-            scratch.path(),
-            cgroup.0.as_ref(),
-            log.clone(),
-            cancel.clone(),
-        );
-        let state = tokio::select! {
-            s = build.run() => s?,
-            _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+        let platforms = match input.platforms.as_slice() {
+            [] => std::slice::from_ref(&self.inner.config.platform),
+            list => list,
         };
+        let mut images = Vec::with_capacity(platforms.len());
+        for platform in platforms {
+            if platforms.len() > 1 {
+                log.line(format!("building for {platform}"));
+            }
+            let build = stage::StageRunner::new(
+                self,
+                input,
+                &dockerfile,
+                platform,
+                scratch.path(),
+                cgroup.0.as_ref(),
+                log.clone(),
+                cancel.clone(),
+            );
+            let mut state = tokio::select! {
+                s = build.run() => s?,
+                _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+            };
+            // The image is the target platform's, whatever platform its last stage ran for.
+            state.config.architecture = platform.architecture.clone();
+            state.config.os = platform.os.clone();
+            state.config.variant = platform.variant.clone();
+            images.push((platform.clone(), state));
+        }
         log.line(format!("pushing {}", input.destination));
+        let pushing = async {
+            match images.as_slice() {
+                [(_, state)] => push::push(self, state, &input.destination, &input.auth, &log).await,
+                _ => push::push_index(self, &images, &input.destination, &input.auth, &log).await,
+            }
+        };
         let output = tokio::select! {
-            o = push::push(self, &state, &input.destination, &input.auth, &log) => o?,
+            o = pushing => o?,
             _ = cancel.cancelled() => return Err(EngineError::Cancelled),
         };
         log.line(format!(
             "pushed {}@{} ({} layers) in {:.2}s",
             input.destination,
             output.digest,
-            state.layers.len(),
+            images.iter().map(|(_, s)| s.layers.len()).sum::<usize>(),
             started.elapsed().as_secs_f64()
         ));
         Ok(output)

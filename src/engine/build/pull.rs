@@ -13,6 +13,7 @@ use crate::{
         layers::{BlobSource, LayerBlob},
     },
     model::{AuthPolicy, ImageRef},
+    registry::Platform,
 };
 
 /// A base image, ready to build on.
@@ -23,9 +24,14 @@ pub struct PulledImage {
     pub layers: Vec<Layer>,
 }
 
-/// Pulls `image` (resolving it for the engine's platform) into the layer store.
-pub async fn pull(engine: &Engine, image: &ImageRef, auth: &AuthPolicy) -> Result<PulledImage, EngineError> {
-    let fetched = engine.registry().fetch_image(image, auth).await?;
+/// Pulls `image` (an index resolved to `platform`) into the layer store.
+pub async fn pull(
+    engine: &Engine,
+    image: &ImageRef,
+    platform: &Platform,
+    auth: &AuthPolicy,
+) -> Result<PulledImage, EngineError> {
+    let fetched = engine.registry().fetch_image(image, platform, auth).await?;
     let config: ImageConfig = serde_json::from_slice(&fetched.config_bytes).map_err(|e| EngineError::Io {
         what: format!("reading the config of {}", fetched.reference),
         source: std::io::Error::other(e),

@@ -6,6 +6,14 @@
 //! in the image; ENV wins over ARG of the same name; the predefined proxy ARGs reach RUN
 //! without being declared; TARGET*/BUILD* platform ARGs are set automatically.
 //!
+//! Platforms, as BuildKit: a runner builds for one target platform (`TARGET*`); the build
+//! platform (`BUILD*`) is the host's. A stage runs for its `FROM --platform` (expanded with
+//! the global ARGs and the automatic ones, so `--platform=$BUILDPLATFORM` runs natively),
+//! else for the platform of the stage it is built on, else for the target. Its base image is
+//! resolved for that platform, its state's cache key starts from that platform's image (or
+//! from a platform-specific scratch), and its RUN steps run under qemu-user emulation when
+//! the platform is not the host's (`sandbox::emulation`).
+//!
 //! This module walks the stages and keeps the state, the cache lookups and the layer
 //! commits; `config.rs` applies config-only instructions, `fs.rs` COPY/ADD/WORKDIR, `run.rs`
 //! RUN.
@@ -38,6 +46,7 @@ use crate::{
         layers::{pack_layer_async, PackOptions},
     },
     model::ImageRef,
+    registry::Platform,
 };
 
 /// Proxy ARGs that reach RUN without being declared (and are kept out of history).
@@ -81,6 +90,8 @@ pub struct ImageState {
     pub config: ImageConfig,
     pub layers: Vec<Layer>,
     pub key: StateKey,
+    /// The platform the stage runs for (its base image's, its RUN steps').
+    pub platform: Platform,
 }
 
 impl ImageState {
@@ -178,6 +189,10 @@ pub struct StageRunner<'a> {
     engine: &'a Engine,
     input: &'a BuildInput,
     dockerfile: &'a Dockerfile,
+    /// The platform this runner builds for (`TARGETPLATFORM`).
+    target: &'a Platform,
+    /// The platform of this host (`BUILDPLATFORM`).
+    host: Platform,
     scratch: &'a Path,
     /// The build's cgroup, which every RUN joins; `None` where Kiln has none to manage.
     cgroup: Option<&'a BuildCgroup>,
@@ -188,10 +203,12 @@ pub struct StageRunner<'a> {
 }
 
 impl<'a> StageRunner<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         engine: &'a Engine,
         input: &'a BuildInput,
         dockerfile: &'a Dockerfile,
+        target: &'a Platform,
         scratch: &'a Path,
         cgroup: Option<&'a BuildCgroup>,
         log: BuildLogSink,
@@ -202,6 +219,8 @@ impl<'a> StageRunner<'a> {
             engine,
             input,
             dockerfile,
+            target,
+            host: Platform::host(),
             scratch,
             log,
             cancel,
@@ -210,11 +229,9 @@ impl<'a> StageRunner<'a> {
     }
 
     fn automatic_args(&self) -> BTreeMap<String, String> {
-        let p = &self.engine.config().platform;
-        let platform = p.to_string();
         let mut m = BTreeMap::new();
-        for prefix in ["TARGET", "BUILD"] {
-            m.insert(format!("{prefix}PLATFORM"), platform.clone());
+        for (prefix, p) in [("TARGET", self.target), ("BUILD", &self.host)] {
+            m.insert(format!("{prefix}PLATFORM"), p.to_string());
             m.insert(format!("{prefix}OS"), p.os.clone());
             m.insert(format!("{prefix}ARCH"), p.architecture.clone());
             m.insert(format!("{prefix}VARIANT"), p.variant.clone().unwrap_or_default());
@@ -237,6 +254,16 @@ impl<'a> StageRunner<'a> {
                 .unwrap_or(0)
         });
         image::timestamp(secs)
+    }
+
+    /// The image `name` (as the Dockerfile names it, expanded) for `platform`: its pinned
+    /// form when the build was planned for that platform (pins are the registry client's
+    /// platform's manifests), else the name itself, resolved when pulled.
+    fn image_for(&self, name: &str, platform: &Platform) -> Result<ImageRef, crate::model::ImageRefError> {
+        match self.input.pinned.get(name) {
+            Some(pinned) if platform == self.engine.registry().platform() => Ok(pinned.clone()),
+            _ => name.parse(),
+        }
     }
 
     /// The index of the stage named `name` (alias or number), among those before `before`.
@@ -322,37 +349,49 @@ impl<'a> StageRunner<'a> {
     ) -> Result<(ImageState, String), EngineError> {
         let from = &self.dockerfile.stages[stage_index].from;
         let name = deps::expand_from(self.dockerfile, &from.image, from.line, globals, automatic)?;
+        let platform = match &from.platform {
+            Some(word) => {
+                let expanded = deps::expand_from(self.dockerfile, word, from.line, globals, automatic)?;
+                Some(
+                    expanded
+                        .parse::<Platform>()
+                        .map_err(|e| EngineError::step_in(from.line, "FROM --platform", e))?,
+                )
+            }
+            None => None,
+        };
         if let Some(dep) = self.stage_index(&name, stage_index) {
             // The base stage's own ONBUILD triggers stay in the config: `run_stage` fires
             // them (as BuildKit does) and takes them out.
-            let state = done.get(&dep).cloned().expect("dependencies are built first");
+            let mut state = done.get(&dep).cloned().expect("dependencies are built first");
+            if let Some(platform) = platform {
+                state.platform = platform;
+            }
             return Ok((state, name));
         }
+        let platform = platform.unwrap_or_else(|| self.target.clone());
         if name.eq_ignore_ascii_case("scratch") {
-            let p = &self.engine.config().platform;
             let config = ImageConfig {
-                architecture: p.architecture.clone(),
-                os: p.os.clone(),
-                variant: p.variant.clone(),
+                architecture: platform.architecture.clone(),
+                os: platform.os.clone(),
+                variant: platform.variant.clone(),
                 ..Default::default()
             };
             return Ok((
                 ImageState {
                     config,
                     layers: Vec::new(),
-                    key: StateKey::scratch(),
+                    key: StateKey::scratch(&platform.to_string()),
+                    platform,
                 },
                 name,
             ));
         }
-        let image: ImageRef = match self.input.pinned.get(&name) {
-            Some(pinned) => pinned.clone(),
-            None => name
-                .parse()
-                .map_err(|e| EngineError::step_in(from.line, format!("FROM {name}"), e))?,
-        };
+        let image = self
+            .image_for(&name, &platform)
+            .map_err(|e| EngineError::step_in(from.line, format!("FROM {name}"), e))?;
         let started = Instant::now();
-        let pulled = pull::pull(self.engine, &image, &self.input.auth)
+        let pulled = pull::pull(self.engine, &image, &platform, &self.input.auth)
             .await
             .map_err(|e| e.on_line(from.line, format!("FROM {name}")))?;
         self.log.line(format!(
@@ -371,6 +410,7 @@ impl<'a> StageRunner<'a> {
                 config: pulled.config,
                 layers: pulled.layers,
                 key: StateKey::of_image(&digest),
+                platform,
             },
             name,
         ))
@@ -410,6 +450,7 @@ impl<'a> StageRunner<'a> {
             cmd_set: false,
             done,
             stage_index: index,
+            platform: state.platform.clone(),
         };
         // ONBUILD triggers of the base (image or stage) run first, in order, as if they were
         // written after FROM, and are not passed on: the config keeps only this stage's own.
@@ -605,6 +646,8 @@ struct StageCtx<'a> {
     cmd_set: bool,
     done: &'a HashMap<usize, ImageState>,
     stage_index: usize,
+    /// The platform the stage runs for.
+    platform: Platform,
 }
 
 /// `path` made absolute against `cwd`, cleaned (no `.`/`..`), keeping a trailing `/`.
@@ -651,7 +694,8 @@ mod tests {
         let state = ImageState {
             config: ImageConfig::default(),
             layers: vec![layer("/base"), layer("/empty"), layer("/empty"), layer("/top")],
-            key: StateKey::scratch(),
+            key: StateKey::scratch("linux/amd64"),
+            platform: Platform::linux_amd64(),
         };
         assert_eq!(state.lowers(), ["/top", "/empty", "/base"].map(PathBuf::from));
     }

@@ -19,8 +19,8 @@ use crate::engine::{
     },
     dockerfile::{self, MountType, RunMount, RunScript, ShellOrExec},
     sandbox::{
-        self, cgroup::BuildCgroup, EtcFile, EtcName, MountSource, RunSpec, SecretContent, SecretFile,
-        StepMount,
+        self, cgroup::BuildCgroup, emulation, EtcFile, EtcName, MountSource, RunSpec, SecretContent,
+        SecretFile, StepMount,
     },
 };
 
@@ -71,6 +71,10 @@ impl StageRunner<'_> {
         if let Some(hit) = self.cached(&state, &step, &created_by) {
             return Ok(hit);
         }
+        // Emulated exactly as a native step is confined (same sandbox): only whether the
+        // host can run the platform's binaries at all is checked here.
+        emulation::check(&state.platform, &self.host, Path::new(emulation::BINFMT_MISC))
+            .map_err(|e| EngineError::step(line, e))?;
         let dir = self.step_dir("run-")?;
         let (upper, work) = (dir.join("upper"), dir.join("work"));
         for d in [&upper, &work] {
