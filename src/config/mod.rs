@@ -6,6 +6,9 @@
 //! read too ([`mk3`]), so an installation can switch without writing a new one.
 
 pub mod mk3;
+mod size;
+
+pub use size::{ByteSize, ByteSizeError};
 
 use std::{
     net::SocketAddr,
@@ -55,6 +58,7 @@ pub struct Config {
     pub actors: ActorsConfig,
     pub supervision: SupervisionConfig,
     pub logs: LogsConfig,
+    pub storage: StorageConfig,
     pub engine: EngineSettings,
     pub kubernetes: KubernetesConfig,
     pub chaos: ChaosConfig,
@@ -78,6 +82,7 @@ impl Default for Config {
             actors: ActorsConfig::default(),
             supervision: SupervisionConfig::default(),
             logs: LogsConfig::default(),
+            storage: StorageConfig::default(),
             engine: EngineSettings::default(),
             kubernetes: KubernetesConfig::default(),
             chaos: ChaosConfig::default(),
@@ -540,6 +545,93 @@ impl Default for LogsConfig {
     }
 }
 
+/// The disk budget of the engine store and its garbage collection (`docs/config.md`,
+/// "Storage").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Largest size of the engine store as a whole (unpacked layers, new layer blobs, the
+    /// instruction cache, cache mounts). Default: 10% of the size of the filesystem holding
+    /// `<data_dir>/engine`, at least 2 GiB ([`StorageConfig::engine_budget`]).
+    pub max_bytes: Option<ByteSize>,
+    /// Entries nobody used for this long are removed even under the budget; `0s` keeps them
+    /// until the budget needs room. Default `7d`.
+    #[serde(with = "humantime_serde")]
+    pub keep_duration: Duration,
+    /// Largest size of the `RUN --mount=type=cache` directories, within `max_bytes`.
+    /// Default: no budget of their own.
+    pub cache_mounts_max_bytes: Option<ByteSize>,
+    /// Whether Kiln removes anything by itself. With `false` only `kiln admin prune` does.
+    /// Default `true`.
+    pub gc: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: None,
+            keep_duration: Duration::from_secs(7 * 86_400),
+            cache_mounts_max_bytes: None,
+            gc: true,
+        }
+    }
+}
+
+/// The smallest default engine budget.
+pub const MIN_DEFAULT_ENGINE_BUDGET: u64 = 2 << 30;
+/// The smallest budget the config accepts: less would not hold one build.
+const MIN_ENGINE_BUDGET: u64 = 16 << 20;
+
+impl StorageConfig {
+    /// The engine store's budget: `max_bytes`, else 10% of the filesystem holding `dir`
+    /// (the engine's directory, created if absent), at least [`MIN_DEFAULT_ENGINE_BUDGET`].
+    pub fn engine_budget(&self, dir: &Path) -> std::io::Result<u64> {
+        if let Some(max) = self.max_bytes {
+            return Ok(max.bytes());
+        }
+        std::fs::create_dir_all(dir)?;
+        let fs = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+        let size = fs.blocks() * fs.fragment_size();
+        Ok((size / 10).max(MIN_DEFAULT_ENGINE_BUDGET))
+    }
+
+    /// The engine's garbage-collection policy for a store of `max_bytes`.
+    pub fn policy(&self, max_bytes: u64) -> crate::engine::storage::StoragePolicy {
+        crate::engine::storage::StoragePolicy {
+            max_bytes,
+            cache_mounts_max_bytes: self.cache_mounts_max_bytes.map(ByteSize::bytes),
+            keep_duration: (!self.keep_duration.is_zero()).then_some(self.keep_duration),
+            gc: self.gc,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(max) = self.max_bytes {
+            if max.bytes() < MIN_ENGINE_BUDGET {
+                return Err(invalid(
+                    "storage.max_bytes",
+                    format!("{max} is too small to hold a build; give at least 16 MiB"),
+                ));
+            }
+            if let Some(mounts) = self.cache_mounts_max_bytes {
+                if mounts > max {
+                    return Err(invalid(
+                        "storage.cache_mounts_max_bytes",
+                        format!("{mounts} is more than storage.max_bytes ({max}), which it is part of"),
+                    ));
+                }
+            }
+        }
+        if self.cache_mounts_max_bytes == Some(ByteSize(0)) {
+            return Err(invalid(
+                "storage.cache_mounts_max_bytes",
+                "must be at least 1 (leave it out for no budget of its own)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Chaos mode: crashes random actors on purpose, to prove that nothing is lost when they
 /// crash (soak tests, resilience drills). Also switched at run time with `Admin.SetChaos`.
 #[derive(Debug, Clone, Deserialize)]
@@ -982,6 +1074,7 @@ impl Config {
                 "must not exceed registry.retry_backoff_max",
             ));
         }
+        self.storage.validate()?;
         if self.logs.max_bytes_per_build == 0 {
             return Err(invalid("logs.max_bytes_per_build", "must be at least 1"));
         }
@@ -1329,6 +1422,40 @@ mod tests {
         let c = Config::parse("[resolver]\ncache_ttl = \"90s\"\n[builds]\ntimeout = \"2h\"\n").unwrap();
         assert_eq!(c.resolver.cache_ttl, Duration::from_secs(90));
         assert_eq!(c.builds.timeout, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn storage_sizes_read_both_ways_and_bad_ones_are_named() {
+        let c = Config::parse(
+            "[storage]\nmax_bytes = \"200MiB\"\ncache_mounts_max_bytes = 1048576\ngc = false\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.max_bytes, Some(ByteSize(200 << 20)));
+        let policy = c.storage.policy(c.storage.engine_budget(Path::new("/")).unwrap());
+        assert_eq!(
+            (policy.max_bytes, policy.cache_mounts_max_bytes, policy.gc),
+            (200 << 20, Some(1 << 20), false)
+        );
+        let err = Config::parse("[storage]\nmax_bytes = \"lots\"\n").unwrap_err();
+        assert!(err.contains("max_bytes") && err.contains("not a size"), "{err}");
+        let refused = |toml: &str, key: &str| {
+            let err = Config::parse(toml)
+                .unwrap()
+                .validate()
+                .expect_err(toml)
+                .to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        };
+        refused("[storage]\nmax_bytes = 1000\n", "storage.max_bytes");
+        refused(
+            "[storage]\nmax_bytes = \"1GiB\"\ncache_mounts_max_bytes = \"2GiB\"\n",
+            "storage.cache_mounts_max_bytes",
+        );
+        // The default: 10% of the filesystem, at least 2 GiB.
+        let default = StorageConfig::default();
+        let dir = tempfile::tempdir().unwrap();
+        assert!(default.engine_budget(dir.path()).unwrap() >= MIN_DEFAULT_ENGINE_BUDGET);
     }
 
     #[test]

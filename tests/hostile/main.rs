@@ -22,6 +22,8 @@
 //!   equal to a fresh read) while the server's RSS stays within a bound.
 //! - Remote ADD sources (`remote`): downloads stay off loopback, link-local and private
 //!   addresses unless the operator allows them, bounded, checksummed, placed as BuildKit does.
+//! - Cache mounts full of symlinks out of the store, under ids that climb (`storage`): GC
+//!   (`kiln admin prune --all`) removes them and nothing outside the store.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
 
@@ -33,6 +35,7 @@ mod gitpod;
 mod limits;
 mod remote;
 mod sandbox;
+mod storage;
 mod surfaces;
 
 use std::{

@@ -11,6 +11,7 @@ use crate::{
     engine::{
         image::{Descriptor, ImageConfig},
         layers::{BlobSource, LayerBlob},
+        storage::Lease,
     },
     model::{AuthPolicy, ImageRef},
 };
@@ -24,7 +25,12 @@ pub struct PulledImage {
 }
 
 /// Pulls `image` (resolving it for the engine's platform) into the layer store.
-pub async fn pull(engine: &Engine, image: &ImageRef, auth: &AuthPolicy) -> Result<PulledImage, EngineError> {
+pub async fn pull(
+    engine: &Engine,
+    image: &ImageRef,
+    auth: &AuthPolicy,
+    lease: &Lease,
+) -> Result<PulledImage, EngineError> {
     let fetched = engine.registry().fetch_image(image, auth).await?;
     let config: ImageConfig = serde_json::from_slice(&fetched.config_bytes).map_err(|e| EngineError::Io {
         what: format!("reading the config of {}", fetched.reference),
@@ -65,9 +71,34 @@ pub async fn pull(engine: &Engine, image: &ImageRef, auth: &AuthPolicy) -> Resul
                         .await
                         .map(|_| BlobSource::File(download.clone()))
                 };
-                let stored = engine.layer_store().ensure(&blob, fetch).await;
+                // Pinned before it is looked up, so GC cannot take it between the two.
+                if let Some(diff_id) = &blob.diff_id {
+                    lease.pin_layer_wait(diff_id).await;
+                }
+                let mut stored = engine.layer_store().ensure(&blob, &fetch).await;
+                if let Ok(found) = &stored {
+                    if blob.diff_id.is_none() && !lease.pin_layer(&found.diff_id) {
+                        // Found while GC removed it: wait until it is gone and unpack it again.
+                        lease.pin_layer_wait(&found.diff_id).await;
+                        stored = engine.layer_store().ensure(&blob, &fetch).await;
+                    }
+                }
                 let _ = std::fs::remove_file(&download);
                 let stored = stored?;
+                if stored.unpacked.is_some() {
+                    let (storage, diff_id, dir) = (
+                        engine.storage().clone(),
+                        stored.diff_id.clone(),
+                        stored.dir.clone(),
+                    );
+                    let counted = tokio::task::spawn_blocking(move || {
+                        storage.layer_added(&diff_id, crate::engine::storage::disk_usage(&dir));
+                    })
+                    .await;
+                    if let Err(e) = counted {
+                        tracing::warn!(error = %e, "counting a pulled layer");
+                    }
+                }
                 Ok::<_, EngineError>(Layer {
                     blob: Descriptor {
                         media_type: l.media_type.clone(),

@@ -421,7 +421,7 @@ impl StageRunner<'_> {
             Some(pinned) => pinned.clone(),
             None => from.parse().map_err(|e| EngineError::step_in(line, step, e))?,
         };
-        let pulled = pull::pull(self.engine, &image, &self.input.auth)
+        let pulled = pull::pull(self.engine, &image, &self.input.auth, self.lease)
             .await
             .map_err(|e| e.on_line(line, step))?;
         let digest = pulled.reference.digest().cloned().expect("pinned");
