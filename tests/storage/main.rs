@@ -28,7 +28,7 @@ use std::{
 use kiln::proto::builder::{
     build_source, image_builder_client::ImageBuilderClient, BuildRequest, BuildResponse, BuildSource,
     BuildSourceDockerfile, BuildStatus, BuildStatusRequest, ListBuildsRequest, LogsRequest,
-    UploadContextRequest,
+    ResolveBaseImageRequest, UploadContextRequest,
 };
 use tonic::transport::Channel;
 use tonic_health::pb::{
@@ -372,7 +372,7 @@ async fn a_full_disk_fails_one_build_and_prune_makes_room() {
             failure.message
         );
 
-        // The service keeps answering: health, ListBuilds, status, logs.
+        // The service keeps answering: health, Resolve, ListBuilds, status, logs.
         let mut health = HealthClient::new(kiln.channel().await);
         let serving = health
             .check(HealthCheckRequest {
@@ -382,6 +382,15 @@ async fn a_full_disk_fails_one_build_and_prune_makes_room() {
             .expect("health check")
             .into_inner();
         assert_eq!(serving.status(), ServingStatus::Serving);
+        let resolved = client
+            .resolve_base_image(ResolveBaseImageRequest {
+                r#ref: busybox_ref(&registry),
+                ..Default::default()
+            })
+            .await
+            .expect("ResolveBaseImage")
+            .into_inner();
+        assert!(resolved.r#ref.contains("@sha256:"), "{resolved:?}");
         let listed = client
             .list_builds(ListBuildsRequest {})
             .await
