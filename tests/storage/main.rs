@@ -4,7 +4,8 @@
 //! within budget + one build's working set (`kiln_storage_bytes` sampled every 100 ms, and a
 //! walk of the store at the end), and the last image rebuilds fully cached. With garbage
 //! collection off the filesystem fills: the build that hits it fails saying so, the service
-//! keeps answering, earlier builds' records and logs read back intact, and after
+//! keeps answering, earlier builds' records and logs read back intact (also after the
+//! filesystem was filled for root, whose reserved blocks Kiln's own writes may use), and after
 //! `kiln admin prune` the next build succeeds.
 //!
 //! The embedded registry keeps its blobs in the data dir. For the budget test the
@@ -27,8 +28,8 @@ use std::{
 
 use kiln::proto::builder::{
     build_source, image_builder_client::ImageBuilderClient, BuildRequest, BuildResponse, BuildSource,
-    BuildSourceDockerfile, BuildStatus, BuildStatusRequest, ListBuildsRequest, LogsRequest,
-    ResolveBaseImageRequest, UploadContextRequest,
+    BuildSourceDockerfile, BuildSourceReference, BuildStatus, BuildStatusRequest, ListBuildsRequest,
+    LogsRequest, ResolveBaseImageRequest, UploadContextRequest,
 };
 use tonic::transport::Channel;
 use tonic_health::pb::{
@@ -213,6 +214,31 @@ impl Sampler {
     }
 }
 
+/// Every build record under `dir` (each must parse whole), by file name.
+fn whole_records(dir: &Path) -> std::collections::BTreeMap<String, serde_json::Value> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| {
+            let bytes = std::fs::read(e.path()).unwrap();
+            let record = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|err| panic!("{} is not a whole record: {err}", e.path().display()));
+            (e.file_name().to_string_lossy().into_owned(), record)
+        })
+        .collect()
+}
+
+/// Writes `path` until the filesystem refuses (as root: its reserved blocks too).
+fn fill(path: &Path) {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0x5a_u8; 1 << 20];
+    while file.write_all(&chunk).and_then(|()| file.sync_data()).is_ok() {}
+    let small = [0x5a_u8; 4096];
+    while file.write_all(&small).and_then(|()| file.sync_data()).is_ok() {}
+}
+
 /// Runs the `kiln` CLI; returns its standard output (it must succeed).
 async fn kiln_cli(args: &[&str]) -> String {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -351,6 +377,7 @@ async fn a_full_disk_fails_one_build_and_prune_makes_room() {
         let mut client = kiln.builder().await;
         let mut succeeded = Vec::new();
         let mut failed = None;
+
         for n in 0..BUILDS {
             let digest = upload(&mut client, &dockerfile(&registry, n)).await;
             let (id, done) = build(&mut client, request(&digest, false)).await;
@@ -416,11 +443,52 @@ async fn a_full_disk_fails_one_build_and_prune_makes_room() {
                 "{id}'s log is whole:\n{log}"
             );
         }
-        for record in std::fs::read_dir(fs.path().join("builds")).unwrap().flatten() {
-            let bytes = std::fs::read(record.path()).unwrap();
-            serde_json::from_slice::<serde_json::Value>(&bytes)
-                .unwrap_or_else(|e| panic!("{} is not a whole record: {e}", record.path().display()));
+        let records_before = whole_records(&fs.path().join("builds"));
+
+        // Even Kiln's own writes fail once root's reserved blocks are full too: a Build then
+        // fails (its record cannot be written), and every record on disk stays whole.
+        let filler = fs.path().join("filler");
+        fill(&filler);
+        // An image source: planned without a disk write, so the first write is its record.
+        let copy = BuildRequest {
+            source: Some(BuildSource {
+                from: Some(build_source::From::Ref(BuildSourceReference {
+                    r#ref: busybox_ref(&registry),
+                })),
+            }),
+            triggered_by: "kiln-storage-test-full".into(),
+            ..Default::default()
+        };
+        let refused = match client.build(copy).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let mut last = None;
+                while let Ok(Some(message)) = stream.message().await {
+                    last = Some(message);
+                }
+                Ok(last.map(|m| (m.status(), m.message)))
+            }
+            Err(status) => Err(status.message().to_owned()),
+        };
+        let records_full = whole_records(&fs.path().join("builds"));
+        eprintln!("with the filesystem full for root too, Build answered {refused:?}");
+        for (id, record) in &records_before {
+            assert_eq!(
+                records_full.get(id),
+                Some(record),
+                "record {id} changed on a full disk"
+            );
         }
+        std::fs::remove_file(&filler).unwrap();
+        let status = client
+            .build_status(BuildStatusRequest {
+                build_id: failed_id.clone(),
+                build_ref: String::new(),
+            })
+            .await
+            .expect("BuildStatus after the disk was full for root")
+            .into_inner();
+        assert_eq!(status.status(), BuildStatus::DoneFailure);
 
         // Room again, and the next build succeeds.
         let said = kiln_cli(&["admin", "prune", "--all", "--addr", &kiln.grpc_addr().to_string()]).await;
