@@ -472,6 +472,15 @@ async fn a_full_disk_fails_one_build_and_prune_makes_room() {
         };
         let records_full = whole_records(&fs.path().join("builds"));
         eprintln!("with the filesystem full for root too, Build answered {refused:?}");
+        match &refused {
+            Ok(Some((status, message))) => assert!(
+                *status == BuildStatus::DoneFailure
+                    && message.contains("no space left on the data dir (used "),
+                "{refused:?}"
+            ),
+            Ok(None) => panic!("an empty Build stream"),
+            Err(message) => assert!(message.to_lowercase().contains("no space left"), "{message}"),
+        }
         for (id, record) in &records_before {
             assert_eq!(
                 records_full.get(id),
