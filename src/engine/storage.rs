@@ -856,6 +856,35 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_being_removed_cannot_be_pinned_and_a_pinned_one_is_not_picked() {
+        let (dir, storage) = store(1 << 30);
+        commit(dir.path(), &storage, 'a', 'b', 'c');
+        let layer = UnitId::Layer(digest('a').hex().to_owned());
+        storage.books().removing.insert(layer.clone());
+        let lease = storage.lease();
+        assert!(!lease.pin_layer(&digest('a')), "GC is removing it: a miss");
+        storage.books().removing.remove(&layer);
+        assert!(lease.pin_layer(&digest('a')));
+        assert_eq!(storage.collect(0, Some(Duration::ZERO)).total(), 0);
+        assert!(dir.path().join(LAYERS).join(digest('a').hex()).exists());
+    }
+
+    #[test]
+    fn units_unused_for_keep_duration_go_even_under_the_budget() {
+        let (dir, storage) = store(1 << 30);
+        commit(dir.path(), &storage, 'a', 'b', 'c');
+        std::thread::sleep(Duration::from_millis(30));
+        commit(dir.path(), &storage, 'd', 'e', 'f');
+        let removed = storage.collect(u64::MAX, Some(Duration::from_millis(20)));
+        assert!(removed.total() > 0);
+        assert!(!dir.path().join(LAYERS).join(digest('a').hex()).exists());
+        assert!(
+            dir.path().join(LAYERS).join(digest('d').hex()).exists(),
+            "used recently"
+        );
+    }
+
+    #[test]
     fn gc_never_removes_through_a_symlink_or_outside_its_root() {
         let (dir, storage) = store(1 << 30);
         let outside = tempfile::tempdir().unwrap();
