@@ -402,6 +402,7 @@ impl<'a> StageRunner<'a> {
         };
         let started = Instant::now();
         let (mut state, from) = self.base_state(index, globals, automatic, done).await?;
+        state.config.config.ensure_path();
         self.log.line(format!(
             "[{label} 1/{steps}] FROM {from} ({:.2}s)",
             started.elapsed().as_secs_f64()
