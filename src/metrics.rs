@@ -5,19 +5,31 @@
 //! suffix from prometheus-client. Labels never carry secrets or unbounded values (no refs,
 //! no build ids).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{exponential_buckets, Histogram},
     },
     registry::Registry,
 };
 
-use crate::model::{ActorKind, BuildOutcome};
+use crate::{
+    engine::storage::{Storage, StoreKind},
+    model::{ActorKind, BuildOutcome},
+};
+
+/// The `kind` label of the storage metrics: each [`StoreKind`], and `engine` for the engine
+/// store as a whole (every kind but contexts).
+const ENGINE_KIND: &str = "engine";
 
 /// image-builder-mk3's label: `"true"` or `"false"`, as Go's `strconv.FormatBool`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,6 +90,11 @@ struct Inner {
     log_bytes: Counter,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: HistogramFamily<MethodLabel>,
+    storage_bytes: Family<KindLabel, Gauge>,
+    storage_budget: Family<KindLabel, Gauge>,
+    gc_removed: Family<KindLabel, Counter>,
+    /// The engine store whose books the storage metrics show, read at every scrape.
+    storage: OnceLock<Storage>,
 }
 
 /// The metric handles. Cheap to clone.
@@ -157,6 +174,24 @@ impl Metrics {
             "gRPC request latency (to the response headers), by method",
             rpc_duration.clone(),
         );
+        let storage_bytes = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "kiln_storage_bytes",
+            "Bytes on disk, by kind of store entry (engine: the engine store as a whole)",
+            storage_bytes.clone(),
+        );
+        let storage_budget = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "kiln_storage_budget_bytes",
+            "Storage budget, by kind (0: no budget of its own)",
+            storage_budget.clone(),
+        );
+        let gc_removed = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "kiln_gc_removed_bytes",
+            "Bytes garbage collection removed, by kind",
+            gc_removed.clone(),
+        );
         // Every labelled series exists from the start at 0, so that a dashboard's rate() and a
         // test's "before" reading see it before its first event.
         for outcome in [
@@ -177,6 +212,12 @@ impl Metrics {
         for success in ["true", "false"] {
             let _ = mk3_builds_done.get_or_create(&SuccessLabel { success });
         }
+        let storage_kinds = StoreKind::ALL.iter().map(|k| k.as_str()).chain([ENGINE_KIND]);
+        for kind in storage_kinds {
+            let _ = storage_bytes.get_or_create(&KindLabel { kind });
+            let _ = storage_budget.get_or_create(&KindLabel { kind });
+            let _ = gc_removed.get_or_create(&KindLabel { kind });
+        }
         Self(Arc::new(Inner {
             registry,
             builds_started,
@@ -190,6 +231,10 @@ impl Metrics {
             log_bytes,
             rpc_requests,
             rpc_duration,
+            storage_bytes,
+            storage_budget,
+            gc_removed,
+            storage: OnceLock::new(),
         }))
     }
 
@@ -264,8 +309,46 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Shows `storage`'s books in the storage metrics (read at every scrape); the first
+    /// store given stays.
+    pub fn watch_storage(&self, storage: Storage) {
+        let _ = self.0.storage.set(storage);
+    }
+
+    /// Copies the engine store's books into the storage metrics.
+    fn sample_storage(&self) {
+        let Some(storage) = self.0.storage.get() else {
+            return;
+        };
+        let gauge = |family: &Family<KindLabel, Gauge>, kind, value: u64| {
+            family
+                .get_or_create(&KindLabel { kind })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        let removed = |kind, total: u64| {
+            let counter = self.0.gc_removed.get_or_create(&KindLabel { kind });
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        let usage = storage.usage();
+        for line in &usage {
+            let kind = line.kind.as_str();
+            gauge(&self.0.storage_bytes, kind, line.bytes);
+            gauge(&self.0.storage_budget, kind, line.budget.unwrap_or(0));
+            removed(kind, line.removed);
+        }
+        let engine = usage.iter().filter(|l| l.kind != StoreKind::Contexts);
+        gauge(
+            &self.0.storage_bytes,
+            ENGINE_KIND,
+            engine.clone().map(|l| l.bytes).sum(),
+        );
+        gauge(&self.0.storage_budget, ENGINE_KIND, storage.policy().max_bytes);
+        removed(ENGINE_KIND, engine.map(|l| l.removed).sum());
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        self.sample_storage();
         let mut out = String::new();
         encode(&mut out, &self.0.registry).expect("writing to a String cannot fail");
         out
@@ -320,6 +403,9 @@ mod tests {
             "kiln_resolve_requests_total{result=\"hit\"} 1",
             "kiln_actor_restarts_total{kind=\"resolver\"} 1",
             "kiln_log_bytes_total 7",
+            "kiln_storage_bytes{kind=\"layers\"} 0",
+            "kiln_storage_budget_bytes{kind=\"engine\"} 0",
+            "kiln_gc_removed_bytes_total{kind=\"cache_mounts\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -27,7 +27,10 @@ use super::{
     Directory,
 };
 use crate::{
-    engine::context::{ContextError, ContextStore},
+    engine::{
+        context::{ContextError, ContextStore},
+        storage::{KindUsage, PruneGoal, Removed, Storage},
+    },
     model::{AuthPolicy, BuildId, BuildSource, Digest, ImageRef},
 };
 
@@ -195,15 +198,47 @@ pub struct KilnHandle {
     /// state, and streaming them through a mailbox would copy every byte for nothing.
     contexts: ContextStore,
     max_context_bytes: u64,
+    /// The engine store's books, read and pruned directly for the same reason: they are
+    /// the engine's, not an actor's, and pruning is disk work on a blocking thread.
+    storage: Storage,
 }
 
 impl KilnHandle {
-    pub(super) fn new(directory: Arc<Directory>, contexts: ContextStore, max_context_bytes: u64) -> Self {
+    pub(super) fn new(
+        directory: Arc<Directory>,
+        contexts: ContextStore,
+        max_context_bytes: u64,
+        storage: Storage,
+    ) -> Self {
         Self {
             directory,
             contexts,
             max_context_bytes,
+            storage,
         }
+    }
+
+    /// Bytes per kind of store entry with their budgets, the engine store's bytes and its
+    /// budget.
+    pub fn disk_usage(&self) -> (Vec<KindUsage>, u64, u64) {
+        (
+            self.storage.usage(),
+            self.storage.engine_bytes(),
+            self.storage.policy().max_bytes,
+        )
+    }
+
+    /// Removes what `goal` asks of the engine store (`None`: down to the budget); answers
+    /// what was removed and the engine store's bytes afterwards.
+    pub async fn prune(&self, goal: Option<PruneGoal>) -> Result<(Removed, u64), BuildError> {
+        let storage = self.storage.clone();
+        let goal = goal.unwrap_or(PruneGoal::Keep(storage.policy().max_bytes));
+        tokio::task::spawn_blocking(move || {
+            let removed = storage.prune(goal);
+            (removed, storage.engine_bytes())
+        })
+        .await
+        .map_err(|e| BuildError::internal("pruning the engine store", e))
     }
 
     /// Stores an uploaded context tar; returns its digest and size.

@@ -165,9 +165,15 @@ pub async fn start(
             isolation: config.engine.isolation()?,
             platform: platform.clone(),
             remote: config.engine.remote_policy()?,
+            storage: config
+                .storage
+                .policy(config.storage.engine_budget(&config.data_dir.join("engine"))?),
+            contexts_dir: Some(config.data_dir.join("contexts")),
         },
         registry.clone(),
     )?;
+    metrics.watch_storage(engine.storage().clone());
+    let handle_storage = engine.storage().clone();
     let contexts =
         ContextStore::open(config.data_dir.join("contexts"))?.with_idle_expiry(config.builds.upload_expiry);
     let contexts_tmp = config.data_dir.join("contexts").join("work");
@@ -339,7 +345,12 @@ pub async fn start(
     let (system, directory) = rx.recv()?;
     let max_context_bytes = config_max_context;
     Ok(ActorSystem {
-        handle: KilnHandle::new(directory.clone(), handle_contexts, max_context_bytes),
+        handle: KilnHandle::new(
+            directory.clone(),
+            handle_contexts,
+            max_context_bytes,
+            handle_storage,
+        ),
         system,
         thread: Some(thread),
         directory,

@@ -270,14 +270,22 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
     let remote = settings.remote_policy().map_err(|e| e.to_string())?;
     // This process's own image even if the file is replaced meanwhile.
     let exe = std::path::PathBuf::from("/proc/self/exe");
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    // The service's defaults: 10% of the filesystem, at least 2 GiB, collected by itself.
+    let storage = crate::config::StorageConfig::default();
+    let budget = storage
+        .engine_budget(&data_dir)
+        .map_err(|e| format!("sizing the engine store at {}: {e}", data_dir.display()))?;
     let engine = Engine::new(
         EngineConfig {
-            data_dir: args.data_dir.clone().unwrap_or_else(default_data_dir),
+            data_dir,
             exe,
             compression: settings.compression(),
             isolation,
             platform,
             remote,
+            storage: storage.policy(budget),
+            contexts_dir: None,
         },
         registry.clone(),
     )

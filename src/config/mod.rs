@@ -6,6 +6,9 @@
 //! read too ([`mk3`]), so an installation can switch without writing a new one.
 
 pub mod mk3;
+mod size;
+
+pub use size::{ByteSize, ByteSizeError};
 
 use std::{
     net::SocketAddr,
@@ -511,40 +514,6 @@ impl SupervisionConfig {
     }
 }
 
-/// What Kiln keeps on disk, and for how long: the embedded registry's garbage collection.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StorageConfig {
-    /// Tags of Kiln's base-image repository (`registry.base_repository`, when it is in the
-    /// embedded registry) neither pushed nor pulled by tag for this long are removed, with
-    /// their content once nothing else references it. Workspace images are kept. Default 7
-    /// days.
-    #[serde(with = "humantime_serde")]
-    pub registry_keep_duration: Duration,
-    /// A blob of the embedded registry no manifest references is kept this long after it was
-    /// last uploaded, mounted or checked (`HEAD`), for pushes in flight. Default 1 hour.
-    #[serde(with = "humantime_serde")]
-    pub registry_blob_grace: Duration,
-    /// An upload session of the embedded registry whose data has not grown for this long is
-    /// abandoned and removed. Default 24 hours.
-    #[serde(with = "humantime_serde")]
-    pub registry_upload_max_age: Duration,
-    /// How often the embedded registry collects garbage in the background. Default 1 hour.
-    #[serde(with = "humantime_serde")]
-    pub registry_gc_interval: Duration,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self {
-            registry_keep_duration: Duration::from_secs(7 * 86_400),
-            registry_blob_grace: Duration::from_secs(3600),
-            registry_upload_max_age: Duration::from_secs(86_400),
-            registry_gc_interval: Duration::from_secs(3600),
-        }
-    }
-}
-
 /// Build logs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -573,6 +542,114 @@ impl Default for LogsConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_public_url: None,
         }
+    }
+}
+
+/// What Kiln keeps on disk, and for how long (`docs/config.md`, "Storage"): the engine
+/// store's budget and garbage collection, and the embedded registry's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Largest size of the engine store as a whole (unpacked layers, new layer blobs, the
+    /// instruction cache, cache mounts). Default: 10% of the size of the filesystem holding
+    /// `<data_dir>/engine`, at least 2 GiB ([`StorageConfig::engine_budget`]).
+    pub max_bytes: Option<ByteSize>,
+    /// Entries nobody used for this long are removed even under the budget; `0s` keeps them
+    /// until the budget needs room. Default `7d`.
+    #[serde(with = "humantime_serde")]
+    pub keep_duration: Duration,
+    /// Largest size of the `RUN --mount=type=cache` directories, within `max_bytes`.
+    /// Default: no budget of their own.
+    pub cache_mounts_max_bytes: Option<ByteSize>,
+    /// Whether Kiln removes anything by itself. With `false` only `kiln admin prune` does.
+    /// Default `true`.
+    pub gc: bool,
+    /// Tags of Kiln's base-image repository (`registry.base_repository`, when it is in the
+    /// embedded registry) neither pushed nor pulled by tag for this long are removed, with
+    /// their content once nothing else references it. Workspace images are kept. Default 7
+    /// days.
+    #[serde(with = "humantime_serde")]
+    pub registry_keep_duration: Duration,
+    /// A blob of the embedded registry no manifest references is kept this long after it was
+    /// last uploaded, mounted or checked (`HEAD`), for pushes in flight. Default 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub registry_blob_grace: Duration,
+    /// An upload session of the embedded registry whose data has not grown for this long is
+    /// abandoned and removed. Default 24 hours.
+    #[serde(with = "humantime_serde")]
+    pub registry_upload_max_age: Duration,
+    /// How often the embedded registry collects garbage in the background. Default 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub registry_gc_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: None,
+            keep_duration: Duration::from_secs(7 * 86_400),
+            cache_mounts_max_bytes: None,
+            gc: true,
+            registry_keep_duration: Duration::from_secs(7 * 86_400),
+            registry_blob_grace: Duration::from_secs(3600),
+            registry_upload_max_age: Duration::from_secs(86_400),
+            registry_gc_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The smallest default engine budget.
+pub const MIN_DEFAULT_ENGINE_BUDGET: u64 = 2 << 30;
+/// The smallest budget the config accepts: less would not hold one build.
+const MIN_ENGINE_BUDGET: u64 = 16 << 20;
+
+impl StorageConfig {
+    /// The engine store's budget: `max_bytes`, else 10% of the filesystem holding `dir`
+    /// (the engine's directory, created if absent), at least [`MIN_DEFAULT_ENGINE_BUDGET`].
+    pub fn engine_budget(&self, dir: &Path) -> std::io::Result<u64> {
+        if let Some(max) = self.max_bytes {
+            return Ok(max.bytes());
+        }
+        std::fs::create_dir_all(dir)?;
+        let fs = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+        let size = fs.blocks() * fs.fragment_size();
+        Ok((size / 10).max(MIN_DEFAULT_ENGINE_BUDGET))
+    }
+
+    /// The engine's garbage-collection policy for a store of `max_bytes`.
+    pub fn policy(&self, max_bytes: u64) -> crate::engine::storage::StoragePolicy {
+        crate::engine::storage::StoragePolicy {
+            max_bytes,
+            cache_mounts_max_bytes: self.cache_mounts_max_bytes.map(ByteSize::bytes),
+            keep_duration: (!self.keep_duration.is_zero()).then_some(self.keep_duration),
+            gc: self.gc,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(max) = self.max_bytes {
+            if max.bytes() < MIN_ENGINE_BUDGET {
+                return Err(invalid(
+                    "storage.max_bytes",
+                    format!("{max} is too small to hold a build; give at least 16 MiB"),
+                ));
+            }
+            if let Some(mounts) = self.cache_mounts_max_bytes {
+                if mounts > max {
+                    return Err(invalid(
+                        "storage.cache_mounts_max_bytes",
+                        format!("{mounts} is more than storage.max_bytes ({max}), which it is part of"),
+                    ));
+                }
+            }
+        }
+        if self.cache_mounts_max_bytes == Some(ByteSize(0)) {
+            return Err(invalid(
+                "storage.cache_mounts_max_bytes",
+                "must be at least 1 (leave it out for no budget of its own)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1018,6 +1095,7 @@ impl Config {
                 "must not exceed registry.retry_backoff_max",
             ));
         }
+        self.storage.validate()?;
         if self.logs.max_bytes_per_build == 0 {
             return Err(invalid("logs.max_bytes_per_build", "must be at least 1"));
         }
@@ -1396,6 +1474,40 @@ mod tests {
         let c = Config::parse("[resolver]\ncache_ttl = \"90s\"\n[builds]\ntimeout = \"2h\"\n").unwrap();
         assert_eq!(c.resolver.cache_ttl, Duration::from_secs(90));
         assert_eq!(c.builds.timeout, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn storage_sizes_read_both_ways_and_bad_ones_are_named() {
+        let c = Config::parse(
+            "[storage]\nmax_bytes = \"200MiB\"\ncache_mounts_max_bytes = 1048576\ngc = false\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.max_bytes, Some(ByteSize(200 << 20)));
+        let policy = c.storage.policy(c.storage.engine_budget(Path::new("/")).unwrap());
+        assert_eq!(
+            (policy.max_bytes, policy.cache_mounts_max_bytes, policy.gc),
+            (200 << 20, Some(1 << 20), false)
+        );
+        let err = Config::parse("[storage]\nmax_bytes = \"lots\"\n").unwrap_err();
+        assert!(err.contains("max_bytes") && err.contains("not a size"), "{err}");
+        let refused = |toml: &str, key: &str| {
+            let err = Config::parse(toml)
+                .unwrap()
+                .validate()
+                .expect_err(toml)
+                .to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        };
+        refused("[storage]\nmax_bytes = 1000\n", "storage.max_bytes");
+        refused(
+            "[storage]\nmax_bytes = \"1GiB\"\ncache_mounts_max_bytes = \"2GiB\"\n",
+            "storage.cache_mounts_max_bytes",
+        );
+        // The default: 10% of the filesystem, at least 2 GiB.
+        let default = StorageConfig::default();
+        let dir = tempfile::tempdir().unwrap();
+        assert!(default.engine_budget(dir.path()).unwrap() >= MIN_DEFAULT_ENGINE_BUDGET);
     }
 
     #[test]

@@ -25,6 +25,8 @@
 //! - `FROM --platform` (`platforms`): garbage, `../` and an expansion bomb fail naming the
 //!   line, a bad `source.file.platforms` is refused naming the field; a RUN emulated for
 //!   linux/arm64 sees the same confinement as a native one.
+//! - Cache mounts full of symlinks out of the store, under ids that climb (`storage`): GC
+//!   (`kiln admin prune --all`) removes them and nothing outside the store.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
 
@@ -37,6 +39,7 @@ mod limits;
 mod platforms;
 mod remote;
 mod sandbox;
+mod storage;
 mod surfaces;
 
 use std::{

@@ -15,6 +15,7 @@ pub mod http_server;
 pub mod images;
 pub mod kiln;
 pub mod leak_search;
+pub mod loop_fs;
 pub mod oci_layout;
 pub mod registry_auth;
 pub mod skip;

@@ -81,6 +81,73 @@ pub fn warm_summary(images: u64, failed: u64) -> String {
     }
 }
 
+/// The `kiln admin du` table: KIND, BYTES, BUDGET, REMOVED, then the engine store's total.
+pub fn disk_usage_table(usage: &DiskUsageResponse) -> String {
+    let size = |b: u64| crate::engine::storage::human_bytes(b);
+    let budget = |b: u64| if b == 0 { "-".to_owned() } else { size(b) };
+    let mut rows: Vec<Vec<String>> = usage
+        .kinds
+        .iter()
+        .map(|k| {
+            vec![
+                k.kind.clone(),
+                size(k.bytes),
+                budget(k.budget_bytes),
+                size(k.removed_bytes),
+            ]
+        })
+        .collect();
+    rows.push(vec![
+        "engine (total)".into(),
+        size(usage.engine_bytes),
+        budget(usage.engine_budget_bytes),
+        size(
+            usage
+                .kinds
+                .iter()
+                .filter(|k| k.kind != "contexts")
+                .map(|k| k.removed_bytes)
+                .sum(),
+        ),
+    ]);
+    table(&["KIND", "BYTES", "BUDGET", "REMOVED"], &rows)
+}
+
+/// `kiln admin du --json`.
+pub fn disk_usage_json(usage: &DiskUsageResponse) -> Value {
+    json!({
+        "engine_bytes": usage.engine_bytes,
+        "engine_budget_bytes": usage.engine_budget_bytes,
+        "kinds": usage.kinds.iter().map(|k| json!({
+            "kind": k.kind,
+            "bytes": k.bytes,
+            "budget_bytes": k.budget_bytes,
+            "removed_bytes": k.removed_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// What `kiln admin prune` prints.
+pub fn prune_summary(resp: &PruneResponse) -> String {
+    let size = |b: u64| crate::engine::storage::human_bytes(b);
+    let parts: Vec<String> = resp
+        .removed
+        .iter()
+        .filter(|k| k.bytes > 0)
+        .map(|k| format!("{} {}", k.kind, size(k.bytes)))
+        .collect();
+    let detail = if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    };
+    format!(
+        "removed {}{detail}; the engine store holds {}\n",
+        size(resp.removed_bytes),
+        size(resp.engine_bytes)
+    )
+}
+
 /// The `kiln admin actors` table: NAME, KIND, RESTARTS, MAILBOX.
 pub fn actors_table(actors: &[ActorInfo]) -> String {
     let rows: Vec<Vec<String>> = actors

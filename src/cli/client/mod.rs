@@ -40,8 +40,8 @@ use crate::{
     model::Secret,
     proto::{
         admin::{
-            admin_client::AdminClient, ActorInfo, ListActorsRequest, RestartActorRequest, SetChaosRequest,
-            WarmNowRequest,
+            admin_client::AdminClient, ActorInfo, DiskUsageRequest, DiskUsageResponse, ListActorsRequest,
+            PruneRequest, PruneResponse, RestartActorRequest, SetChaosRequest, WarmNowRequest,
         },
         builder::{
             build_registry_auth, build_source, image_builder_client::ImageBuilderClient, BuildInfo,

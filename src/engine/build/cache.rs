@@ -87,19 +87,20 @@ impl InstructionCache {
         Ok(Self { dir })
     }
 
-    fn path(&self, key: &StateKey) -> PathBuf {
+    /// The file of `key`'s entry.
+    pub(crate) fn entry_path(&self, key: &StateKey) -> PathBuf {
         self.dir.join(format!("{}.json", key.hex()))
     }
 
     pub fn get(&self, key: &StateKey) -> Option<CachedLayer> {
-        let bytes = std::fs::read(self.path(key)).ok()?;
+        let bytes = std::fs::read(self.entry_path(key)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
     /// Records an entry (temp file + rename, so a reader never sees half of one).
     pub fn put(&self, key: &StateKey, entry: &CachedLayer) -> std::io::Result<()> {
         write_atomic(
-            &self.path(key),
+            &self.entry_path(key),
             &serde_json::to_vec(entry).expect("cache entries serialize"),
         )
     }

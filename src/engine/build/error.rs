@@ -50,6 +50,19 @@ pub enum EngineError {
     },
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// The data dir's filesystem filled up during the build.
+    #[error(
+        "no space left on the data dir (used {} of {})",
+        crate::engine::storage::human_bytes(*used),
+        crate::engine::storage::human_bytes(*size)
+    )]
+    NoSpace {
+        used: u64,
+        size: u64,
+        /// What failed for want of space.
+        #[source]
+        source: Box<EngineError>,
+    },
     #[error("layer store: {0}")]
     Layer(#[from] LayerError),
     /// A RUN step hit one of the build's limits (`engine.limits`).

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use cache::{InstructionCache, StateKey};
+pub use cache::{CachedLayer, InstructionCache, StateKey};
 pub use error::{ContextHashError, EngineError, StepCause};
 pub use fsop::child_main as fsop_child_main;
 pub use stage::BuildLogSink;
@@ -42,6 +42,7 @@ use super::{
     dockerfile::{self},
     layers::{Compression, LayerStore},
     sandbox::cgroup::{BuildCgroup, CgroupRoot},
+    storage::{Lease, Storage, StoragePolicy},
 };
 use crate::{
     model::{AuthPolicy, BuildSecrets, Digest, ImageRef},
@@ -118,6 +119,10 @@ pub struct EngineConfig {
     pub platform: Platform,
     /// What remote ADD sources (`ADD https://…`) may reach and bring.
     pub remote: crate::engine::remote::RemotePolicy,
+    /// The store's budget and garbage collection.
+    pub storage: StoragePolicy,
+    /// The uploaded-context store's root, counted in the storage report.
+    pub contexts_dir: Option<PathBuf>,
 }
 
 /// One build's inputs.
@@ -197,6 +202,7 @@ struct EngineInner {
     registry: RegistryClient,
     layers: LayerStore,
     cache: InstructionCache,
+    storage: Storage,
     /// Where builds' cgroups go; `None` when this host gives Kiln no cgroup to manage.
     cgroups: Option<CgroupRoot>,
 }
@@ -234,6 +240,12 @@ impl Engine {
         let layers = LayerStore::open(config.data_dir.join("layers"))?;
         let cache = InstructionCache::open(config.data_dir.join("cache"))
             .map_err(EngineError::io("opening the instruction cache"))?;
+        let storage = Storage::open(
+            &config.data_dir,
+            config.contexts_dir.clone(),
+            config.storage.clone(),
+        )
+        .map_err(EngineError::io("counting the engine store"))?;
         let isolation = &config.isolation;
         if isolation.network == RunNetwork::Sandbox && !on_path(&isolation.slirp4netns) {
             tracing::warn!(
@@ -258,6 +270,7 @@ impl Engine {
                 registry,
                 layers,
                 cache,
+                storage,
                 cgroups,
             }),
         })
@@ -277,6 +290,11 @@ impl Engine {
 
     pub(crate) fn instruction_cache(&self) -> &InstructionCache {
         &self.inner.cache
+    }
+
+    /// The store's books and garbage collection.
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
     }
 
     /// Where compressed layers this engine made are kept (`blobs/sha256/<hex>`).
@@ -301,33 +319,69 @@ impl Engine {
 
     /// Pulls `image`'s layers into the layer store (the cache warmer's pre-fetch).
     pub async fn prefetch(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<usize, EngineError> {
-        let base = pull::pull(self, image, &self.inner.config.platform, auth).await?;
+        let lease = self.inner.storage.lease();
+        let base = pull::pull(self, image, &self.inner.config.platform, auth, &lease).await?;
         Ok(base.layers.len())
     }
 
-    /// Builds `input` and pushes the result. Lines for the build log go to `log`.
+    /// Builds `input` and pushes the result. Lines for the build log go to `log`. A build
+    /// that fails on a full filesystem fails with [`EngineError::NoSpace`] and starts a
+    /// collection of the store.
     pub async fn build(
         &self,
         input: &BuildInput,
         log: mpsc::UnboundedSender<Bytes>,
         cancel: CancellationToken,
     ) -> Result<BuildOutput, EngineError> {
-        let started = Instant::now();
-        let dockerfile = dockerfile::parse(&input.dockerfile)?;
         let scratch = tempfile::Builder::new()
             .prefix("build-")
             .tempdir_in(self.inner.config.data_dir.join("tmp"))
-            .map_err(EngineError::io("creating the build's scratch directory"))?;
+            .map_err(|e| self.no_space_or(EngineError::io("creating the build's scratch directory")(e)))?;
+        // Every store entry the build uses stays until the build is over.
+        let lease = self.inner.storage.lease();
+        let built = self.build_in(input, log, cancel, scratch.path(), &lease).await;
+        // Judged while the build's scratch files still fill the disk.
+        built.map_err(|e| self.no_space_or(e))
+    }
+
+    /// `error`, or [`EngineError::NoSpace`] when the data dir's filesystem is full or the
+    /// error says it was (then a collection starts).
+    fn no_space_or(&self, error: EngineError) -> EngineError {
+        if matches!(error, EngineError::Cancelled) {
+            return error;
+        }
+        let storage = &self.inner.storage;
+        let Some(full) = storage
+            .disk_full()
+            .or_else(|| says_no_space(&error).then(|| storage.disk_use()))
+        else {
+            return error;
+        };
+        tracing::warn!(used = full.used, size = full.size, error = %error, "a build ran out of space on the data dir");
+        storage.collect_soon();
+        EngineError::NoSpace {
+            used: full.used,
+            size: full.size,
+            source: Box::new(error),
+        }
+    }
+
+    async fn build_in(
+        &self,
+        input: &BuildInput,
+        log: mpsc::UnboundedSender<Bytes>,
+        cancel: CancellationToken,
+        scratch: &Path,
+        lease: &Lease,
+    ) -> Result<BuildOutput, EngineError> {
+        let started = Instant::now();
+        let dockerfile = dockerfile::parse(&input.dockerfile)?;
         let log = BuildLogSink::new(log);
         // One cgroup per build, named like its scratch directory; dropping it (the build
         // ended, failed or was cancelled) kills what is left in it and removes it.
         let cgroup = match &self.inner.cgroups {
             Some(root) => {
-                let name = scratch
-                    .path()
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("build");
+                let name = scratch.file_name().and_then(|n| n.to_str()).unwrap_or("build");
                 let limits = &self.inner.config.isolation.limits;
                 Some(BuildCgroup::create(root, name, limits).map_err(EngineError::Cgroup)?)
             }
@@ -348,8 +402,9 @@ impl Engine {
                 input,
                 &dockerfile,
                 platform,
-                scratch.path(),
+                scratch,
                 cgroup.0.as_ref(),
+                lease,
                 log.clone(),
                 cancel.clone(),
             );
@@ -385,19 +440,49 @@ impl Engine {
     }
 }
 
+/// Whether `error` or one of its causes is a write that failed with ENOSPC (also as text:
+/// a RUN step's output, a registry's answer).
+fn says_no_space(error: &EngineError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    error
+        .to_string()
+        .to_ascii_lowercase()
+        .contains("no space left on device")
+}
+
 use sha2::Digest as _;
 
 /// Moves a freshly packed layer's directory (an overlay upper dir, which has the same form as
-/// an unpacked lower dir) into the layer store under its diff id. If the store already has
-/// that layer, the new copy is dropped and the stored one returned.
-fn adopt_layer(store: &LayerStore, diff_id: &Digest, dir: &Path) -> Result<PathBuf, EngineError> {
+/// an unpacked lower dir) into the layer store under its diff id, and counts it in the
+/// store's books. If the store already has that layer, the new copy is dropped and the
+/// stored one returned. The caller has pinned the layer.
+async fn adopt_layer(engine: &Engine, diff_id: &Digest, dir: &Path) -> Result<PathBuf, EngineError> {
+    let store = engine.layer_store();
     if let Some(existing) = store.get(diff_id) {
         let _ = std::fs::remove_dir_all(dir);
         return Ok(existing);
     }
     let target = store.root().join("by-diff-id").join(diff_id.hex());
     match std::fs::rename(dir, &target) {
-        Ok(()) => Ok(target),
+        Ok(()) => {
+            let (storage, diff_id, measured) = (engine.storage().clone(), diff_id.clone(), target.clone());
+            let counted = tokio::task::spawn_blocking(move || {
+                storage.layer_added(&diff_id, crate::engine::storage::disk_usage(&measured));
+            })
+            .await;
+            if let Err(e) = counted {
+                tracing::warn!(error = %e, "counting a new layer");
+            }
+            Ok(target)
+        }
         Err(_) if target.is_dir() => {
             let _ = std::fs::remove_dir_all(dir);
             Ok(target)

@@ -11,6 +11,7 @@ use crate::{
     engine::{
         image::{Descriptor, ImageConfig},
         layers::{BlobSource, LayerBlob},
+        storage::Lease,
     },
     model::{AuthPolicy, ImageRef},
     registry::Platform,
@@ -24,12 +25,14 @@ pub struct PulledImage {
     pub layers: Vec<Layer>,
 }
 
-/// Pulls `image` (an index resolved to `platform`) into the layer store.
+/// Pulls `image` (an index resolved to `platform`) into the layer store, pinning its layers
+/// in `lease`.
 pub async fn pull(
     engine: &Engine,
     image: &ImageRef,
     platform: &Platform,
     auth: &AuthPolicy,
+    lease: &Lease,
 ) -> Result<PulledImage, EngineError> {
     let fetched = engine.registry().fetch_image(image, platform, auth).await?;
     let config: ImageConfig = serde_json::from_slice(&fetched.config_bytes).map_err(|e| EngineError::Io {
@@ -71,9 +74,34 @@ pub async fn pull(
                         .await
                         .map(|_| BlobSource::File(download.clone()))
                 };
-                let stored = engine.layer_store().ensure(&blob, fetch).await;
+                // Pinned before it is looked up, so GC cannot take it between the two.
+                if let Some(diff_id) = &blob.diff_id {
+                    lease.pin_layer_wait(diff_id).await;
+                }
+                let mut stored = engine.layer_store().ensure(&blob, &fetch).await;
+                if let Ok(found) = &stored {
+                    if blob.diff_id.is_none() && !lease.pin_layer(&found.diff_id) {
+                        // Found while GC removed it: wait until it is gone and unpack it again.
+                        lease.pin_layer_wait(&found.diff_id).await;
+                        stored = engine.layer_store().ensure(&blob, &fetch).await;
+                    }
+                }
                 let _ = std::fs::remove_file(&download);
                 let stored = stored?;
+                if stored.unpacked.is_some() {
+                    let (storage, diff_id, dir) = (
+                        engine.storage().clone(),
+                        stored.diff_id.clone(),
+                        stored.dir.clone(),
+                    );
+                    let counted = tokio::task::spawn_blocking(move || {
+                        storage.layer_added(&diff_id, crate::engine::storage::disk_usage(&dir));
+                    })
+                    .await;
+                    if let Err(e) = counted {
+                        tracing::warn!(error = %e, "counting a pulled layer");
+                    }
+                }
                 Ok::<_, EngineError>(Layer {
                     blob: Descriptor {
                         media_type: l.media_type.clone(),

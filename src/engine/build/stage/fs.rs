@@ -419,7 +419,7 @@ impl StageRunner<'_> {
         let image = self
             .image_for(from, platform)
             .map_err(|e| EngineError::step_in(line, step, e))?;
-        let pulled = pull::pull(self.engine, &image, platform, &self.input.auth)
+        let pulled = pull::pull(self.engine, &image, platform, &self.input.auth, self.lease)
             .await
             .map_err(|e| e.on_line(line, step))?;
         let digest = pulled.reference.digest().cloned().expect("pinned");

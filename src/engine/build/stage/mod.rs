@@ -25,6 +25,7 @@ mod run;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::Instant,
@@ -44,6 +45,7 @@ use crate::{
         dockerfile::{self, expand, Dockerfile, Instruction, Located},
         image::{self, Descriptor, HistoryEntry, ImageConfig},
         layers::{pack_layer_async, PackOptions},
+        storage::Lease,
     },
     model::ImageRef,
     registry::Platform,
@@ -196,6 +198,8 @@ pub struct StageRunner<'a> {
     scratch: &'a Path,
     /// The build's cgroup, which every RUN joins; `None` where Kiln has none to manage.
     cgroup: Option<&'a BuildCgroup>,
+    /// The build's hold on the store entries it uses.
+    lease: &'a Lease,
     log: BuildLogSink,
     cancel: CancellationToken,
     /// Set when the last step was answered from the instruction cache.
@@ -211,11 +215,13 @@ impl<'a> StageRunner<'a> {
         target: &'a Platform,
         scratch: &'a Path,
         cgroup: Option<&'a BuildCgroup>,
+        lease: &'a Lease,
         log: BuildLogSink,
         cancel: CancellationToken,
     ) -> Self {
         Self {
             cgroup,
+            lease,
             engine,
             input,
             dockerfile,
@@ -391,7 +397,7 @@ impl<'a> StageRunner<'a> {
             .image_for(&name, &platform)
             .map_err(|e| EngineError::step_in(from.line, format!("FROM {name}"), e))?;
         let started = Instant::now();
-        let pulled = pull::pull(self.engine, &image, &platform, &self.input.auth)
+        let pulled = pull::pull(self.engine, &image, &platform, &self.input.auth, self.lease)
             .await
             .map_err(|e| e.on_line(from.line, format!("FROM {name}")))?;
         self.log.line(format!(
@@ -554,6 +560,11 @@ impl<'a> StageRunner<'a> {
     fn cached(&self, state: &ImageState, step: &str, created_by: &str) -> Option<ImageState> {
         let key = state.key.step(step.as_bytes());
         let entry = self.engine.instruction_cache().get(&key)?;
+        // Pinned before it is checked: from here GC leaves the layer and its blob alone
+        // (and one it is removing right now is a miss).
+        if !self.lease.pin_layer(&entry.diff_id) {
+            return None;
+        }
         let dir = self.engine.layer_store().get(&entry.diff_id)?;
         if !self.engine.blob_path(&entry.digest).exists() {
             return None;
@@ -611,11 +622,13 @@ impl<'a> StageRunner<'a> {
         };
         let out = self.scratch.join(format!("layer-{}.blob", uuid::Uuid::new_v4()));
         let packed = pack_layer_async(upper.to_path_buf(), options, out.clone()).await?;
+        self.lease.pin_layer_wait(&packed.diff_id).await;
+        self.lease.pin_blob_wait(&packed.digest).await;
         let blob = self.engine.blob_path(&packed.digest);
         if !blob.exists() {
             std::fs::rename(&out, &blob).map_err(EngineError::io("storing a new layer blob"))?;
         }
-        let dir = super::adopt_layer(self.engine.layer_store(), &packed.diff_id, upper)?;
+        let dir = super::adopt_layer(self.engine, &packed.diff_id, upper).await?;
         let entry = CachedLayer {
             diff_id: packed.diff_id.clone(),
             digest: packed.digest.clone(),
@@ -623,10 +636,18 @@ impl<'a> StageRunner<'a> {
             media_type: packed.media_type.to_owned(),
         };
         let key = state.key.step(step.as_bytes());
-        self.engine
-            .instruction_cache()
+        let cache = self.engine.instruction_cache();
+        cache
             .put(&key, &entry)
             .map_err(EngineError::io("writing the instruction cache"))?;
+        let on_disk = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+        self.engine.storage().committed(
+            &packed.diff_id,
+            &packed.digest,
+            on_disk(&blob),
+            &key.hex(),
+            on_disk(&cache.entry_path(&key)),
+        );
         self.add_layer(&mut state, entry, dir, created_by);
         Ok(state)
     }
