@@ -21,13 +21,17 @@ use super::{
         self, BuildRequest, BuildSelector, BuildSnapshot, Orchestrator, StatusUpdate, Submission,
         WorkspacePlan,
     },
-    resolver::{shard_of, MostRequested, Resolve},
+    resolver::{self, shard_of, MostRequested, Resolve},
     supervision::Slot,
     supervisor::{self, ActorSummary, RestartError},
     Directory,
 };
 use crate::{
-    engine::context::{ContextError, ContextStore},
+    engine::{
+        build::Engine,
+        context::{ContextError, ContextStore},
+    },
+    metrics::CacheEntries,
     model::{AuthPolicy, BuildId, BuildSource, Digest, ImageRef},
 };
 
@@ -187,6 +191,10 @@ pub fn status_stream(
     }
 }
 
+/// How long a figure for the metrics waits for an actor that is restarting: a scrape must
+/// not hang on it (the figure counts 0 this time).
+const SCRAPE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Everything the gRPC edge may ask of the actors.
 #[derive(Clone)]
 pub struct KilnHandle {
@@ -195,14 +203,51 @@ pub struct KilnHandle {
     /// state, and streaming them through a mailbox would copy every byte for nothing.
     contexts: ContextStore,
     max_context_bytes: u64,
+    /// Read only for the size of its layer store, a directory of content-addressed layers
+    /// (no actor owns the engine's disk state).
+    engine: Engine,
 }
 
 impl KilnHandle {
-    pub(super) fn new(directory: Arc<Directory>, contexts: ContextStore, max_context_bytes: u64) -> Self {
+    pub(super) fn new(
+        directory: Arc<Directory>,
+        contexts: ContextStore,
+        max_context_bytes: u64,
+        engine: Engine,
+    ) -> Self {
         Self {
             directory,
             contexts,
             max_context_bytes,
+            engine,
+        }
+    }
+
+    /// How many entries Kiln's caches hold: the resolvers' shards (summed over the resolvers
+    /// that answer), the orchestrator's plan cache and the layer store. A part that does not
+    /// answer counts 0.
+    pub async fn cache_entries(&self) -> CacheEntries {
+        let mut resolver = 0;
+        for slot in self.directory.resolvers.iter() {
+            resolver += slot
+                .call_within(resolver::CacheEntries, SCRAPE_PATIENCE)
+                .await
+                .unwrap_or(0);
+        }
+        let plan = (self.directory.orchestrator)
+            .call_within(orchestrator::PlanCacheEntries, SCRAPE_PATIENCE)
+            .await
+            .unwrap_or(0);
+        let engine = self.engine.clone();
+        let layer_store = tokio::task::spawn_blocking(move || engine.layer_store_entries())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        CacheEntries {
+            resolver,
+            plan,
+            layer_store,
         }
     }
 

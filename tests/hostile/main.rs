@@ -22,12 +22,16 @@
 //!   equal to a fresh read) while the server's RSS stays within a bound.
 //! - Remote ADD sources (`remote`): downloads stay off loopback, link-local and private
 //!   addresses unless the operator allows them, bounded, checksummed, placed as BuildKit does.
+//! - The dashboard on the metrics address (`dashboard`): beyond loopback or with an admin
+//!   token, no page or endpoint but `/metrics` opens without the token; a Content Security
+//!   Policy of the page's own origin.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
 
 #[path = "../support/mod.rs"]
 mod support;
 
+mod dashboard;
 mod files;
 mod gitpod;
 mod limits;
