@@ -1,7 +1,8 @@
 //! The dashboard on the metrics address, in headless Chromium (Debian's `chromium`): the
 //! build list and a build page render, the build page's log follows a running build, text a
 //! user wrote renders as text, and a screenshot of each page is written to
-//! `<target dir>/test-output/dashboard/`. Without Chromium the test is skipped with a
+//! `<target dir>/test-output/dashboard/`. The builds' gauges and counters are checked on the
+//! way (queued and running builds, slots, registry bytes, step cache, layer store). Without Chromium the test is skipped with a
 //! reason, unless `KILN_REQUIRE_CHROMIUM` is set (as `scripts/test` does).
 
 use std::{
@@ -14,7 +15,7 @@ use tokio::process::Command;
 
 use crate::{
     common::{within, Env, Mode},
-    support::base_images,
+    support::{base_images, kiln::sample},
 };
 
 /// Where the screenshots go: beside Cargo's `target/tmp`.
@@ -216,6 +217,16 @@ async fn dashboard_lists_builds_and_follows_a_running_build_in_chromium() {
             row.contains(" queued "),
             "kiln list shows the waiting build as queued: {row}"
         );
+        // The gauges say the same.
+        let metrics = env.kiln.metrics_text().await;
+        for (name, value) in [
+            ("kiln_build_slots", 1.0),
+            ("kiln_build_slots_in_use", 1.0),
+            ("kiln_builds_running", 1.0),
+            ("kiln_builds_queued", 1.0),
+        ] {
+            assert_eq!(sample(&metrics, name), value, "{name}");
+        }
 
         // The index page lists both builds.
         let index = dump_dom(&chromium, &format!("{base}/"), 1500).await;
@@ -241,8 +252,10 @@ async fn dashboard_lists_builds_and_follows_a_running_build_in_chromium() {
         };
         let first = dump_dom(&chromium, &page, 1000).await;
         let first_ticks = ticks(&first);
+        let out = output_dir();
+        screenshot(&chromium, &page, &out.join("build-running.png")).await;
         assert!(element(&first, "span", "status").contains("running"), "{first}");
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let second = dump_dom(&chromium, &page, 1000).await;
         let second_ticks = ticks(&second);
         assert!(
@@ -269,9 +282,7 @@ async fn dashboard_lists_builds_and_follows_a_running_build_in_chromium() {
             "the step's text: {timeline}"
         );
 
-        let out = output_dir();
         screenshot(&chromium, &format!("{base}/"), &out.join("index.png")).await;
-        screenshot(&chromium, &page, &out.join("build.png")).await;
         eprintln!("screenshots in {}", out.display());
 
         // The finished build's page: complete, with its steps timed.
@@ -289,8 +300,45 @@ async fn dashboard_lists_builds_and_follows_a_running_build_in_chromium() {
             "{done}"
         );
         assert_eq!(ticks(&done), 24, "the whole log, each line once");
-        assert!(element(&done, "td", "cache-hits").contains(" of "), "{done}");
+        // Two RUN steps, neither cached (FROM is no cacheable step).
+        assert!(element(&done, "td", "cache-hits").contains(">0 of 2"), "{done}");
         screenshot(&chromium, &page, &out.join("build-done.png")).await;
+
+        // What the builds moved and how their steps went is counted.
+        let queued_done = loop {
+            let b = get_json(&http, &format!("{base}/api/builds/{queued_id}")).await;
+            if b["status"] != "running" && b["status"] != "queued" {
+                break b;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        assert_eq!(queued_done["status"], "done_success", "{queued_done}");
+        let metrics = env.kiln.metrics_text().await;
+        let host = format!("{{registry=\"{registry}\"}}");
+        assert!(
+            sample(&metrics, &format!("kiln_registry_pulled_bytes_total{host}")) > 0.0,
+            "{metrics}"
+        );
+        assert!(
+            sample(&metrics, &format!("kiln_registry_pushed_bytes_total{host}")) > 0.0,
+            "{metrics}"
+        );
+        // Three RUN steps ran; none was cached.
+        assert!(
+            sample(&metrics, "kiln_step_cache_total{result=\"miss\"}") >= 3.0,
+            "{metrics}"
+        );
+        for name in [
+            "kiln_builds_running",
+            "kiln_builds_queued",
+            "kiln_build_slots_in_use",
+        ] {
+            assert_eq!(sample(&metrics, name), 0.0, "{name} after the builds");
+        }
+        assert!(
+            sample(&metrics, "kiln_cache_entries{cache=\"layer_store\"}") >= 1.0,
+            "{metrics}"
+        );
     })
     .await;
 }

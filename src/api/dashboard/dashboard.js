@@ -143,8 +143,10 @@ function drawTimeline(logText) {
     line.append(label, track, el("span", s.cached ? "cached" : s.seconds.toFixed(2) + " s", "note"));
     timeline.appendChild(line);
   }
-  const cached = steps.filter((s) => s.cached).length;
-  document.getElementById("cache-hits").textContent = cached + " of " + steps.length;
+  // FROM is no cacheable step: its image is pulled or found, never built.
+  const cacheable = steps.filter((s) => !/^\[[^\]]*\] FROM /.test(s.label));
+  const cached = cacheable.filter((s) => s.cached).length;
+  document.getElementById("cache-hits").textContent = cached + " of " + cacheable.length;
 }
 
 function showBuild(b) {
