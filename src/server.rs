@@ -268,6 +268,13 @@ pub async fn serve(
     )
     .await?;
     let dashboard_access = AccessPolicy::for_dashboard(&config)?;
+    if !config.metrics.addr.ip().is_loopback() && config.grpc.admin_token()?.is_none() {
+        tracing::warn!(
+            addr = %config.metrics.addr,
+            "the dashboard listens beyond loopback and no grpc.admin_token is set: it refuses \
+             every request (/metrics stays open)"
+        );
+    }
 
     let registry_client = registry_client(&config, embedded)?;
     if let Some(path) = config.registry.pull_secret.clone() {
