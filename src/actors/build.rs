@@ -295,6 +295,7 @@ async fn announce(run: Arc<BuildRun>, directory: Arc<Directory>, actor: Recipien
             // The first update (running) is the orchestrator's; a build actor reports only
             // its end, which `drive` delivers itself.
             reported: 1,
+            deadline: run.deadline.subscribe(),
         };
         if let Err(error) = directory.orchestrator.call_within(msg, ACTOR_CALL_PATIENCE).await {
             tracing::warn!(build_id = %run.id, %error, "could not announce the build to the orchestrator");
@@ -486,6 +487,7 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
     let _slot = match deps.slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {
+            let _queued = deps.metrics.build_queued();
             log.line("waiting for a free build slot (builds.max_concurrent)")
                 .await;
             deps.slots
@@ -495,6 +497,7 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
                 .expect("the build semaphore is never closed")
         }
     };
+    let _running = deps.metrics.build_running();
     run.start_clock();
     let started = Instant::now();
     let (output, mut output_rx) = mpsc::unbounded_channel::<Bytes>();

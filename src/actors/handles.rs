@@ -21,16 +21,18 @@ use super::{
         self, BuildRequest, BuildSelector, BuildSnapshot, Orchestrator, StatusUpdate, Submission,
         WorkspacePlan,
     },
-    resolver::{shard_of, MostRequested, Resolve},
+    resolver::{self, shard_of, MostRequested, Resolve},
     supervision::Slot,
     supervisor::{self, ActorSummary, RestartError},
     Directory,
 };
 use crate::{
     engine::{
+        build::Engine,
         context::{ContextError, ContextStore},
         storage::{KindUsage, PruneGoal, Removed, Storage},
     },
+    metrics::CacheEntries,
     model::{AuthPolicy, BuildId, BuildSource, Digest, ImageRef},
 };
 
@@ -190,6 +192,10 @@ pub fn status_stream(
     }
 }
 
+/// How long a figure for the metrics waits for an actor that is restarting: a scrape must
+/// not hang on it (the figure counts 0 this time).
+const SCRAPE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Everything the gRPC edge may ask of the actors.
 #[derive(Clone)]
 pub struct KilnHandle {
@@ -201,6 +207,9 @@ pub struct KilnHandle {
     /// The engine store's books, read and pruned directly for the same reason: they are
     /// the engine's, not an actor's, and pruning is disk work on a blocking thread.
     storage: Storage,
+    /// Read only for the size of its layer store, a directory of content-addressed layers
+    /// (no actor owns the engine's disk state).
+    engine: Engine,
 }
 
 impl KilnHandle {
@@ -209,12 +218,42 @@ impl KilnHandle {
         contexts: ContextStore,
         max_context_bytes: u64,
         storage: Storage,
+        engine: Engine,
     ) -> Self {
         Self {
             directory,
             contexts,
             max_context_bytes,
             storage,
+            engine,
+        }
+    }
+
+    /// How many entries Kiln's caches hold: the resolvers' shards (summed over the resolvers
+    /// that answer), the orchestrator's plan cache and the layer store. A part that does not
+    /// answer counts 0.
+    pub async fn cache_entries(&self) -> CacheEntries {
+        let mut resolver = 0;
+        for slot in self.directory.resolvers.iter() {
+            resolver += slot
+                .call_within(resolver::CacheEntries, SCRAPE_PATIENCE)
+                .await
+                .unwrap_or(0);
+        }
+        let plan = (self.directory.orchestrator)
+            .call_within(orchestrator::PlanCacheEntries, SCRAPE_PATIENCE)
+            .await
+            .unwrap_or(0);
+        let engine = self.engine.clone();
+        let layer_store = tokio::task::spawn_blocking(move || engine.layer_store_entries())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        CacheEntries {
+            resolver,
+            plan,
+            layer_store,
         }
     }
 

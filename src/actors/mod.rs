@@ -182,6 +182,7 @@ pub async fn start(
         let _ = std::fs::remove_dir_all(stale.path());
     }
     let handle_contexts = contexts.clone();
+    let handle_engine = engine.clone();
     let builder = match config.builds.executor {
         ExecutorKind::Local => Builder::Local,
         ExecutorKind::Kubernetes => {
@@ -220,6 +221,7 @@ pub async fn start(
         .map(|r| r.parse())
         .collect::<Result<Vec<_>, _>>()?;
     let chaos_settings = ChaosSettings::from_config(&config.chaos)?;
+    metrics.set_build_slots(config.builds.max_concurrent);
     let config = config.clone();
     let (accepting, accepting_rx) = tokio::sync::watch::channel(true);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -350,6 +352,7 @@ pub async fn start(
             handle_contexts,
             max_context_bytes,
             handle_storage,
+            handle_engine,
         ),
         system,
         thread: Some(thread),

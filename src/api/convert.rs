@@ -238,6 +238,7 @@ pub fn info(snapshot: &BuildSnapshot, current: BuildStatus, links: &LogLinks) ->
             .unwrap_or(0),
         build_id: snapshot.id.to_string(),
         log_info: (current == BuildStatus::Running).then(|| links.log_info(&snapshot.id)),
+        queued: current == BuildStatus::Running && snapshot.queued,
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `sandbox`: running RUN steps in Linux namespaces over overlayfs;
 //! - `remote`: downloads of remote ADD sources, refused for non-public addresses;
 //! - `storage`: the store's disk budget, build leases and garbage collection.
+//! - `stats`: process-wide counts of steps answered from the cache, for the metrics.
 pub mod build;
 pub mod context;
 pub mod dockerfile;
@@ -16,3 +17,4 @@ pub mod layers;
 pub mod remote;
 pub mod sandbox;
 pub mod storage;
+pub mod stats;

@@ -177,6 +177,9 @@ impl RegistryClient {
             .max_capacity(CLIENT_CACHE_CAPACITY)
             .time_to_idle(CLIENT_CACHE_IDLE)
             .build();
+        for repository in [&config.base_repository, &config.workspace_repository] {
+            super::stats::seed_host(repository.registry());
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 platform: config.platform,

@@ -193,6 +193,15 @@ pub enum RegistryErrorKind {
 }
 
 impl RegistryErrorKind {
+    /// Every kind, in declaration order (a kind's index is its discriminant).
+    pub const ALL: [Self; 5] = [
+        Self::NotFound,
+        Self::Unauthenticated,
+        Self::Unavailable,
+        Self::InvalidInput,
+        Self::Internal,
+    ];
+
     /// Only `Unavailable` is worth retrying (with backoff); every other kind gives the same
     /// answer again.
     pub fn is_retryable(self) -> bool {

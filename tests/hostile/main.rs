@@ -27,12 +27,16 @@
 //!   linux/arm64 sees the same confinement as a native one.
 //! - Cache mounts full of symlinks out of the store, under ids that climb (`storage`): GC
 //!   (`kiln admin prune --all`) removes them and nothing outside the store.
+//! - The dashboard on the metrics address (`dashboard`): beyond loopback or with an admin
+//!   token, no page or endpoint but `/metrics` opens without the token; a Content Security
+//!   Policy of the page's own origin.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
 
 #[path = "../support/mod.rs"]
 mod support;
 
+mod dashboard;
 mod files;
 mod gitpod;
 mod limits;

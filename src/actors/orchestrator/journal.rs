@@ -219,6 +219,39 @@ pub enum PersistedScope {
     },
 }
 
+impl PersistedSource {
+    /// What is built, in a few words for people (no build arguments).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Image { reference } => format!("image {reference}"),
+            Self::Dockerfile {
+                context,
+                dockerfile_path,
+                target,
+                ..
+            } => {
+                let context = match context {
+                    PersistedContext::Git { remote, target, .. } => {
+                        let at = match target {
+                            PersistedGitTarget::RemoteHead => "HEAD".to_owned(),
+                            PersistedGitTarget::Commit(c)
+                            | PersistedGitTarget::RemoteBranch(c)
+                            | PersistedGitTarget::LocalBranch(c) => c.clone(),
+                        };
+                        format!("git {remote} @ {at}")
+                    }
+                    PersistedContext::Uploaded { digest } => format!("upload {digest}"),
+                };
+                let target = target
+                    .as_ref()
+                    .map(|t| format!(" --target {t}"))
+                    .unwrap_or_default();
+                format!("{dockerfile_path}{target} from {context}")
+            }
+        }
+    }
+}
+
 impl BuildInputs {
     /// The request's inputs, stripped of every secret, and whether it can be run again.
     pub fn of(request: &BuildRequest) -> Self {

@@ -129,6 +129,11 @@ pub struct ListBuilds;
 #[rtype(result = "usize")]
 pub struct CountRunning;
 
+/// How many request identities the plan cache holds.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "u64")]
+pub struct PlanCacheEntries;
+
 /// Cancels a running build.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<(), BuildError>")]
@@ -155,6 +160,9 @@ pub struct Announce {
     pub build: BuildId,
     pub actor: Recipient<CancelRun>,
     pub reported: usize,
+    /// When the build's time is up: `None` while it waits for a build slot. The build's
+    /// outgoing watch, read for `BuildSnapshot::queued`.
+    pub deadline: watch::Receiver<Option<std::time::Instant>>,
 }
 
 /// Recovers the unfinished builds no live build actor runs (see the module doc). Sent by
@@ -254,6 +262,8 @@ pub struct Orchestrator {
     table: BuildTable,
     /// The build actors that announced themselves to this incarnation.
     builds: HashMap<BuildId, Recipient<CancelRun>>,
+    /// The deadlines of the announced builds (`None` while queued for a build slot).
+    deadlines: HashMap<BuildId, watch::Receiver<Option<std::time::Instant>>>,
     /// Cancellations waiting for their build actor to announce itself.
     announce_waiters: HashMap<BuildId, Vec<oneshot::Sender<Recipient<CancelRun>>>>,
     /// Dockerfile requests planned before (identity → key and references), so a repeated
@@ -293,6 +303,7 @@ impl Orchestrator {
             deps,
             table,
             builds: HashMap::new(),
+            deadlines: HashMap::new(),
             announce_waiters: HashMap::new(),
             exists_checks: HashMap::new(),
             tasks: OwnedTasks::default(),
@@ -305,6 +316,19 @@ impl Orchestrator {
         self.table
             .get(id)
             .ok_or_else(|| BuildError::NotFound(id.to_string()))
+    }
+
+    /// Whether the announced build `id` waits for a build slot.
+    fn is_queued(&self, id: &BuildId) -> bool {
+        self.deadlines.get(id).is_some_and(|d| d.borrow().is_none())
+    }
+
+    /// A record's snapshot, with what this incarnation knows beyond the record.
+    fn snapshot_of(&self, record: &BuildRecord) -> BuildSnapshot {
+        BuildSnapshot {
+            queued: !record.has_ended() && self.is_queued(&record.id),
+            ..record.snapshot()
+        }
     }
 
     fn select(&self, selector: &BuildSelector) -> Result<&BuildRecord, BuildError> {
@@ -340,6 +364,7 @@ impl Orchestrator {
         });
         if let Updated::Finished(outcome, took) = updated {
             self.builds.remove(build);
+            self.deadlines.remove(build);
             self.announce_waiters.remove(build);
             tracing::info!(build_id = %build, outcome = outcome.as_str(), took_ms = took.as_millis() as u64, "build finished");
         }
@@ -621,7 +646,7 @@ impl Handler<Lookup> for Orchestrator {
     type Result = Result<BuildSnapshot, BuildError>;
 
     fn handle(&mut self, Lookup(selector): Lookup, _: &mut Self::Context) -> Self::Result {
-        Ok(self.select(&selector)?.snapshot())
+        Ok(self.snapshot_of(self.select(&selector)?))
     }
 }
 
@@ -630,7 +655,7 @@ impl Handler<WatchBuild> for Orchestrator {
 
     fn handle(&mut self, WatchBuild(id): WatchBuild, _: &mut Self::Context) -> Self::Result {
         let record = self.record(&id)?;
-        Ok((record.snapshot(), record.subscribe()))
+        Ok((self.snapshot_of(record), record.subscribe()))
     }
 }
 
@@ -642,6 +667,14 @@ impl Handler<CountRunning> for Orchestrator {
     }
 }
 
+impl Handler<PlanCacheEntries> for Orchestrator {
+    type Result = u64;
+
+    fn handle(&mut self, _: PlanCacheEntries, _: &mut Self::Context) -> u64 {
+        self.plan_cache.entry_count()
+    }
+}
+
 impl Handler<ListBuilds> for Orchestrator {
     type Result = ResponseActFuture<Self, Vec<BuildSnapshot>>;
 
@@ -650,6 +683,9 @@ impl Handler<ListBuilds> for Orchestrator {
         let found = async move { adopt::found_builds(&deps).await };
         Box::pin(found.into_actor(self).map(|found, act, _| {
             let mut rows = act.table.list();
+            for row in &mut rows {
+                row.queued = !row.status.is_terminal() && act.is_queued(&row.id);
+            }
             rows.extend(adopt::cluster_rows(&act.table, found));
             rows
         }))
@@ -723,6 +759,7 @@ impl Handler<Announce> for Orchestrator {
         for waiter in self.announce_waiters.remove(&msg.build).unwrap_or_default() {
             let _ = waiter.send(msg.actor.clone());
         }
+        self.deadlines.insert(msg.build.clone(), msg.deadline);
         self.builds.insert(msg.build, msg.actor);
     }
 }

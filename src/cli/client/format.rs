@@ -2,6 +2,16 @@
 
 use super::*;
 
+/// A build's status as people read it: `queued` for a running build that waits for a
+/// build slot, else the wire name.
+pub fn status_name(b: &BuildInfo) -> &'static str {
+    if b.queued && b.status() == BuildStatus::Running {
+        "queued"
+    } else {
+        b.status().as_str_name()
+    }
+}
+
 /// The `kiln list` table: BUILD ID, STATUS, STARTED, REF.
 pub fn builds_table(builds: &[BuildInfo]) -> String {
     let rows: Vec<Vec<String>> = builds
@@ -9,7 +19,7 @@ pub fn builds_table(builds: &[BuildInfo]) -> String {
         .map(|b| {
             vec![
                 dash_if_empty(&b.build_id),
-                b.status().as_str_name().to_owned(),
+                status_name(b).to_owned(),
                 started(b.started_at),
                 dash_if_empty(&b.r#ref),
             ]
@@ -23,6 +33,7 @@ pub fn build_info_json(b: &BuildInfo) -> Value {
     json!({
         "build_id": b.build_id,
         "status": b.status().as_str_name(),
+        "queued": b.queued,
         "ref": b.r#ref,
         "base_ref": b.base_ref,
         "started_at": b.started_at,
@@ -52,7 +63,13 @@ pub fn build_response_text(r: &BuildResponse) -> String {
     let first = |a: &str, b: &str| if a.is_empty() { b.to_owned() } else { a.to_owned() };
     let fields = [
         ("build id", info.build_id.clone()),
-        ("status", r.status().as_str_name().to_owned()),
+        (
+            "status",
+            match &r.info {
+                Some(i) if i.queued && r.status() == BuildStatus::Running => "queued".to_owned(),
+                _ => r.status().as_str_name().to_owned(),
+            },
+        ),
         ("ref", first(&r.r#ref, &info.r#ref)),
         ("base ref", first(&r.base_ref, &info.base_ref)),
         (

@@ -288,6 +288,11 @@ impl Engine {
         &self.inner.layers
     }
 
+    /// How many unpacked layers the layer store holds (reads a directory: blocking).
+    pub fn layer_store_entries(&self) -> std::io::Result<u64> {
+        self.inner.layers.entries()
+    }
+
     pub(crate) fn instruction_cache(&self) -> &InstructionCache {
         &self.inner.cache
     }

@@ -492,7 +492,14 @@ impl<'a> StageRunner<'a> {
             let text = describe(&instr.inner);
             self.last_step_cached.store(false, Ordering::Relaxed);
             state = self.step(&mut ctx, state, instr).await?;
-            let note = if self.last_step_cached.load(Ordering::Relaxed) {
+            let cached = self.last_step_cached.load(Ordering::Relaxed);
+            if matches!(
+                instr.inner,
+                Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_) | Instruction::Workdir(_)
+            ) {
+                crate::engine::stats::step_cached(cached);
+            }
+            let note = if cached {
                 "cached".to_string()
             } else {
                 format!("{:.2}s", started.elapsed().as_secs_f64())
