@@ -22,7 +22,7 @@ use crate::{
     api::{
         log_http::{self, LogLinks},
         AccessLayer, AccessPolicy, AdminService, Closing, ImageBuilderService, MessageLimitLayer,
-        RpcMetricsLayer,
+        RpcMetricsLayer, RpcTraceLayer,
     },
     config::Config,
     metrics::{self, Metrics},
@@ -382,6 +382,7 @@ pub async fn serve(
         },
     );
     let grpc = server
+        .layer(RpcTraceLayer)
         .layer(RpcMetricsLayer::new(metrics))
         .layer(MessageLimitLayer)
         .layer(AccessLayer::new(access))

@@ -15,6 +15,7 @@ pub mod http_server;
 pub mod images;
 pub mod kiln;
 pub mod oci_layout;
+pub mod otlp_collector;
 pub mod registry_auth;
 pub mod skip;
 pub mod slow_proxy;

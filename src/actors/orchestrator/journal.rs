@@ -388,6 +388,7 @@ impl BuildInputs {
             force_rebuild: r.force_rebuild,
             base_resolved,
             triggered_by: self.triggered_by.clone(),
+            trace_parent: None,
         })
     }
 }
@@ -572,6 +573,7 @@ mod tests {
             force_rebuild: true,
             base_resolved: None,
             triggered_by: "test".into(),
+            trace_parent: None,
         }
     }
 

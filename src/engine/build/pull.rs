@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument as _;
+
 use super::{
     stage::{Layer, LayerOrigin},
     Engine, EngineError,
@@ -25,6 +27,17 @@ pub struct PulledImage {
 
 /// Pulls `image` (resolving it for the engine's platform) into the layer store.
 pub async fn pull(engine: &Engine, image: &ImageRef, auth: &AuthPolicy) -> Result<PulledImage, EngineError> {
+    let span = tracing::debug_span!("pull", image = %image, layers = tracing::field::Empty);
+    let pulled = pull_layers(engine, image, auth).instrument(span.clone()).await?;
+    span.record("layers", pulled.layers.len());
+    Ok(pulled)
+}
+
+async fn pull_layers(
+    engine: &Engine,
+    image: &ImageRef,
+    auth: &AuthPolicy,
+) -> Result<PulledImage, EngineError> {
     let fetched = engine.registry().fetch_image(image, auth).await?;
     let config: ImageConfig = serde_json::from_slice(&fetched.config_bytes).map_err(|e| EngineError::Io {
         what: format!("reading the config of {}", fetched.reference),

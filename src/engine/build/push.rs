@@ -3,6 +3,7 @@
 //! manifest under the destination tag.
 
 use futures::{stream, TryStreamExt as _};
+use tracing::Instrument as _;
 
 use super::{
     stage::{BuildLogSink, ImageState, LayerOrigin},
@@ -17,6 +18,26 @@ use crate::{
 const PUSH_CONCURRENCY: usize = 4;
 
 pub async fn push(
+    engine: &Engine,
+    state: &ImageState,
+    destination: &ImageRef,
+    auth: &AuthPolicy,
+    log: &BuildLogSink,
+) -> Result<BuildOutput, EngineError> {
+    let span = tracing::debug_span!(
+        "push",
+        destination = %destination,
+        layers = state.layers.len(),
+        digest = tracing::field::Empty,
+    );
+    let output = push_image(engine, state, destination, auth, log)
+        .instrument(span.clone())
+        .await?;
+    span.record("digest", tracing::field::display(&output.digest));
+    Ok(output)
+}
+
+async fn push_image(
     engine: &Engine,
     state: &ImageState,
     destination: &ImageRef,
