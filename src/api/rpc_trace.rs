@@ -60,7 +60,8 @@ impl Extractor for TraceHeaders<'_> {
         if values.next().is_some() {
             return None;
         }
-        value.to_str().ok().filter(|v| v.len() <= limit)
+        let value = value.to_str().ok().filter(|v| v.len() <= limit)?;
+        (key != "traceparent" || well_formed_traceparent(value)).then_some(value)
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -68,6 +69,26 @@ impl Extractor for TraceHeaders<'_> {
             .into_iter()
             .filter(|key| self.0.contains_key(*key))
             .collect()
+    }
+}
+
+/// Whether `value` has W3C's `traceparent` form: `version-traceid-parentid-flags` in
+/// lowercase hex of exactly 2, 32, 16 and 2 digits (version `ff` is invalid; only versions
+/// after `00` may append fields). The propagator alone takes shorter ids, zero-padded.
+fn well_formed_traceparent(value: &str) -> bool {
+    let hex = |s: &str, digits: usize| {
+        s.len() == digits && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    match value.split('-').collect::<Vec<_>>().as_slice() {
+        [version, trace, parent, flags, rest @ ..] => {
+            hex(version, 2)
+                && *version != "ff"
+                && (rest.is_empty() || *version != "00")
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+        }
+        _ => false,
     }
 }
 
@@ -178,10 +199,16 @@ mod tests {
             "00-00000000000000000000000000000000-b7ad6b7169203331-01",
             "zz-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         ] {
             assert!(!caller(&[("traceparent", bad)]).is_valid(), "{bad:?}");
         }
-        let long = format!("{PARENT}-{}", "0".repeat(MAX_TRACEPARENT_BYTES));
+        // A later version's extra fields are read past.
+        let later = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later";
+        assert!(caller(&[("traceparent", later)]).is_valid());
+        let long = format!("01{}-{}", &PARENT[2..], "0".repeat(MAX_TRACEPARENT_BYTES));
         assert!(!caller(&[("traceparent", &long)]).is_valid());
         assert!(!caller(&[("traceparent", PARENT), ("traceparent", PARENT)]).is_valid());
         // An oversized tracestate is dropped; the trace goes on.
