@@ -1,5 +1,5 @@
-//! A tower layer that runs every gRPC call in a span of its own (`rpc`, named after the
-//! method: `builder.ImageBuilder/Build`), continuing the caller's W3C trace: the
+//! A tower layer that runs every gRPC call but health checks in a span of its own (`rpc`,
+//! named after the method: `builder.ImageBuilder/Build`), continuing the caller's W3C trace: the
 //! `traceparent` and `tracestate` headers Gitpod's server sends make the call's span a child
 //! of the caller's. A header that is malformed, repeated or longer than the format needs is
 //! ignored (a `traceparent` so ignored starts a new trace); the call itself is unaffected.
@@ -28,6 +28,9 @@ const MAX_TRACEPARENT_BYTES: usize = 256;
 /// The longest `tracestate` taken: the 512 characters W3C asks every vendor to pass on.
 /// A longer one is dropped whole (the trace goes on without it) rather than cut.
 const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// Health checks get no span: a kubelet probes every few seconds, each would be a trace.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 #[derive(Clone, Copy, Default)]
 pub struct RpcTraceLayer;
@@ -123,6 +126,9 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let path = req.uri().path().trim_start_matches('/');
         let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        if service == HEALTH_SERVICE {
+            return Box::pin(self.inner.call(req));
+        }
         let span = tracing::debug_span!(
             "rpc",
             otel.name = %path,
@@ -133,10 +139,12 @@ where
             rpc.method = %method,
             rpc.grpc.status_code = tracing::field::Empty,
         );
-        let caller = TraceContextPropagator::new().extract(&TraceHeaders(req.headers()));
-        if caller.span().span_context().is_valid() {
-            // Refused only when no layer records traces.
-            let _ = span.set_parent(caller);
+        if !span.is_disabled() {
+            let caller = TraceContextPropagator::new().extract(&TraceHeaders(req.headers()));
+            if caller.span().span_context().is_valid() {
+                // Refused only when no layer records traces.
+                let _ = span.set_parent(caller);
+            }
         }
         let fut = span.in_scope(|| self.inner.call(req));
         let record = span.clone();

@@ -4,6 +4,7 @@
 //! - A malformed `traceparent`, an oversized one, a repeated one: the call works and starts
 //!   a new trace (its RPC span has no parent, and not the trace id the header tried). An
 //!   oversized `tracestate` is dropped: the call continues the caller's trace without it.
+//! - A health check, traced or not, exports no span.
 //! - A build whose request carries a registry password (`auth.additional`), a build secret
 //!   (read by `RUN --mount=type=secret`) and an `authorization` header: none of them, nor
 //!   the base64 forms a registry or a header would see, is in any byte of any span
@@ -16,6 +17,7 @@ use kiln::proto::builder::{
     build_registry_auth, BuildRegistryAuth, BuildRegistryAuthTotal, BuildStatus, ListBuildsRequest,
 };
 use sha2::Digest as _;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use super::{
     busybox_in, raw_tar, request, run_build, support::otlp_collector::outline,
@@ -84,6 +86,13 @@ async fn hostile_trace_headers_are_ignored_and_the_call_works() {
             assert_ne!(rpc.trace_id, TRIED_TRACE, "{case}: {rpc:?}");
             assert_eq!(rpc.parent_span_id, "", "{case}: a new trace starts: {rpc:?}");
         }
+        // A health check (a probe every few seconds) adds no span: the next one is the
+        // ListBuilds call's.
+        let before_health = collector.spans().len();
+        let mut health = HealthClient::new(kiln.channel().await);
+        let mut check = tonic::Request::new(HealthCheckRequest::default());
+        check.metadata_mut().insert("traceparent", valid.parse().unwrap());
+        health.check(check).await.expect("a health check");
         let rpc = list_builds_with(
             &kiln,
             &collector,
@@ -92,6 +101,12 @@ async fn hostile_trace_headers_are_ignored_and_the_call_works() {
         )
         .await;
         assert_ne!(rpc.trace_id, TRIED_TRACE, "{rpc:?}");
+        let since_health = collector.spans().split_off(before_health);
+        assert!(
+            since_health.iter().all(|s| !s.name.starts_with("grpc.health")),
+            "{}",
+            outline(&since_health)
+        );
 
         // A tracestate past what W3C asks to pass on is dropped, the trace kept.
         let state = format!("kiln={}", "x".repeat(8192));
