@@ -476,7 +476,9 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
     let span = tracing::Span::current();
     span.set_attribute("kiln.outcome", verdict.outcome.as_str());
     if verdict.outcome != BuildOutcome::Success {
-        span.set_status(opentelemetry::trace::Status::error(verdict.message.clone()));
+        // Not the verdict's message: a failed RUN's ends with its output, which may show a
+        // build secret; the trace leaves the installation.
+        span.set_status(opentelemetry::trace::Status::error(verdict.outcome.as_str()));
     }
     // The verdict's line at the offset recorded with it: written once whichever
     // incarnation gets here, however often.

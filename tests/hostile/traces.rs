@@ -135,11 +135,43 @@ async fn hostile_trace_headers_are_ignored_and_the_call_works() {
     assert!(collector.spans().iter().all(|s| s.trace_state.len() < 100));
 }
 
+const PASSWORD: &str = "kiln-hostile-registry-password-5c1f";
+const BUILD_SECRET: &str = "kiln-hostile-build-secret-93ad";
+const ADMIN_TOKEN: &str = "kiln-hostile-bearer-token-0e77";
+
+/// Builds `dockerfile` with every secret a request can carry: a registry password, the
+/// build secret `token`, an `authorization` header. Returns how it ended and its build id.
+async fn build_with_secrets(client: &mut super::Client, dockerfile: &str) -> (BuildStatus, String) {
+    let tar = raw_tar(&[Entry::File("Dockerfile", dockerfile.as_bytes())]);
+    let digest = upload(client, &tar).await;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("bob:{PASSWORD}"));
+    let mut build = request(uploaded_source(&digest));
+    if let Some(kiln::proto::builder::build_source::From::File(file)) =
+        build.source.as_mut().and_then(|s| s.from.as_mut())
+    {
+        file.secrets
+            .insert("token".into(), BUILD_SECRET.as_bytes().to_vec());
+    }
+    build.auth = Some(BuildRegistryAuth {
+        additional: [("registry.invalid".to_owned(), basic)].into(),
+        mode: Some(build_registry_auth::Mode::Total(BuildRegistryAuthTotal {
+            allow_all: true,
+        })),
+    });
+    let mut call = tonic::Request::new(build);
+    call.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRIED_TRACE}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    call.metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+    let outcome = run_build(client, call).await;
+    let status = outcome.last_status().expect("the build ended");
+    (status, outcome.build_id().expect("a build id"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_of_a_request_is_in_any_exported_span() {
-    const PASSWORD: &str = "kiln-hostile-registry-password-5c1f";
-    const BUILD_SECRET: &str = "kiln-hostile-build-secret-93ad";
-    const ADMIN_TOKEN: &str = "kiln-hostile-bearer-token-0e77";
     let collector = OtlpCollector::start().await;
     let kiln = kiln_exporting_to(&collector);
     let base = busybox_in(&kiln);
@@ -148,60 +180,50 @@ async fn no_secret_of_a_request_is_in_any_exported_span() {
         // The step proves it read the secret by its hash: the Dockerfile (traced as it is)
         // must not hold the secret itself.
         let hash = hex::encode(sha2::Sha256::digest(BUILD_SECRET));
-        let dockerfile = format!(
+        let reads = format!(
             "FROM {base}\n\
              RUN --mount=type=secret,id=token test \"$(sha256sum < /run/secrets/token)\" = \"{hash}  -\"\n"
         );
-        let tar = raw_tar(&[Entry::File("Dockerfile", dockerfile.as_bytes())]);
-        let digest = upload(&mut client, &tar).await;
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!("bob:{PASSWORD}"));
-        let mut build = request(uploaded_source(&digest));
-        if let Some(kiln::proto::builder::build_source::From::File(file)) =
-            build.source.as_mut().and_then(|s| s.from.as_mut())
-        {
-            file.secrets
-                .insert("token".into(), BUILD_SECRET.as_bytes().to_vec());
-        }
-        build.auth = Some(BuildRegistryAuth {
-            additional: [("registry.invalid".to_owned(), basic.clone())].into(),
-            mode: Some(build_registry_auth::Mode::Total(BuildRegistryAuthTotal {
-                allow_all: true,
-            })),
-        });
-        let mut call = tonic::Request::new(build);
-        call.metadata_mut().insert(
-            "traceparent",
-            format!("00-{TRIED_TRACE}-{CALLER_SPAN}-01").parse().unwrap(),
-        );
-        call.metadata_mut()
-            .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
-        let outcome = run_build(&mut client, call).await;
-        outcome.assert_ended(BuildStatus::DoneSuccess);
-        let build_id = outcome.build_id().expect("a build id");
+        let (status, read_id) = build_with_secrets(&mut client, &reads).await;
+        assert_eq!(status, BuildStatus::DoneSuccess);
+        // A step that prints the secret and fails: its output ends the build's message.
+        let prints =
+            format!("FROM {base}\nRUN --mount=type=secret,id=token cat /run/secrets/token; exit 3\n");
+        let (status, print_id) = build_with_secrets(&mut client, &prints).await;
+        assert_eq!(status, BuildStatus::DoneFailure);
         let spans = collector
-            .wait_for("the build's spans", Duration::from_secs(60), |spans| {
-                spans
-                    .iter()
-                    .any(|s| s.name == "build" && s.attr("build_id") == Some(build_id.as_str()))
+            .wait_for("the builds' spans", Duration::from_secs(60), |spans| {
+                [&read_id, &print_id].iter().all(|id| {
+                    spans
+                        .iter()
+                        .any(|s| s.name == "build" && s.attr("build_id") == Some(id.as_str()))
+                })
             })
             .await;
-        assert!(
-            spans
-                .iter()
-                .any(|s| s.trace_id == TRIED_TRACE
-                    && s.attr("instruction").is_some_and(|i| i.contains("secret"))),
-            "the secret-reading step is traced:\n{}",
+        let secret_steps = spans
+            .iter()
+            .filter(|s| {
+                s.trace_id == TRIED_TRACE && s.attr("instruction").is_some_and(|i| i.contains("secret"))
+            })
+            .count();
+        assert_eq!(
+            secret_steps,
+            2,
+            "the secret-reading steps are traced:\n{}",
             outline(&spans)
         );
+        let failed = spans
+            .iter()
+            .find(|s| s.name == "build" && s.attr("build_id") == Some(print_id.as_str()))
+            .unwrap();
+        assert_eq!(
+            failed.status_code, 2,
+            "the failed build's span is an error: {failed:?}"
+        );
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("bob:{PASSWORD}"));
         let secret_b64 = base64::engine::general_purpose::STANDARD.encode(BUILD_SECRET);
         for bytes in collector.encoded() {
-            for needle in [
-                PASSWORD,
-                basic.as_str(),
-                BUILD_SECRET,
-                secret_b64.as_str(),
-                ADMIN_TOKEN,
-            ] {
+            for needle in [PASSWORD, &basic, BUILD_SECRET, &secret_b64, ADMIN_TOKEN] {
                 assert!(
                     !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
                     "{needle} is in an exported span:\n{}",
