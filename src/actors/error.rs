@@ -19,6 +19,15 @@ pub enum BuildError {
     /// user's mistake from a system failure.
     #[error("cannot resolve image: {0}")]
     Resolve(Arc<RegistryError>),
+    /// [`BuildError::Resolve`] of an image a Dockerfile line names (`at`: "Dockerfile line 5:
+    /// COPY --from=name"), when the registry did not answer: worth a retry, and the message
+    /// still says which line needs it.
+    #[error("{at}: cannot resolve image: {source}")]
+    ResolveAt {
+        at: String,
+        #[source]
+        source: Arc<RegistryError>,
+    },
     /// The source cannot be built as written: its Dockerfile does not parse or is missing,
     /// the branch or commit is not in the remote, an image it builds FROM does not exist or
     /// may not be read. The message names the Dockerfile line or the request field, and the
@@ -79,7 +88,7 @@ impl BuildError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Unavailable(_) | Self::SourceUnavailable { .. } | Self::ShuttingDown => true,
-            Self::Registry(e) | Self::Resolve(e) => e.is_retryable(),
+            Self::Registry(e) | Self::Resolve(e) | Self::ResolveAt { source: e, .. } => e.is_retryable(),
             _ => false,
         }
     }

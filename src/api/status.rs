@@ -10,13 +10,15 @@ use crate::{
 /// The gRPC status for an actor-layer error.
 pub fn from_build_error(error: BuildError) -> Status {
     let code = match &error {
-        BuildError::Registry(e) | BuildError::Resolve(e) => match e.kind() {
-            RegistryErrorKind::NotFound => Code::NotFound,
-            RegistryErrorKind::Unauthenticated => Code::Unauthenticated,
-            RegistryErrorKind::Unavailable => Code::Unavailable,
-            RegistryErrorKind::InvalidInput => Code::InvalidArgument,
-            RegistryErrorKind::Internal => Code::Internal,
-        },
+        BuildError::Registry(e) | BuildError::Resolve(e) | BuildError::ResolveAt { source: e, .. } => {
+            match e.kind() {
+                RegistryErrorKind::NotFound => Code::NotFound,
+                RegistryErrorKind::Unauthenticated => Code::Unauthenticated,
+                RegistryErrorKind::Unavailable => Code::Unavailable,
+                RegistryErrorKind::InvalidInput => Code::InvalidArgument,
+                RegistryErrorKind::Internal => Code::Internal,
+            }
+        }
         BuildError::InvalidInput(_) | BuildError::BadSource(_) => Code::InvalidArgument,
         BuildError::NotFound(_) | BuildError::Log(LogError::NotFound(_)) => Code::NotFound,
         BuildError::Unsupported(_) => Code::Unimplemented,

@@ -299,7 +299,7 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
     };
     let dockerfile = std::fs::read_to_string(&dockerfile_path)
         .map_err(|e| format!("reading {}: {e}", dockerfile_path.display()))?;
-    let dockerignore = std::fs::read_to_string(context_dir.join(".dockerignore")).unwrap_or_default();
+    let dockerignore = crate::engine::context::dockerignore::read_local(&context_dir, &dockerfile_path);
     let input = BuildInput {
         dockerfile,
         context: context_dir,

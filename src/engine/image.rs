@@ -17,6 +17,9 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// The media type of an OCI image config.
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
+/// Docker's `PATH` for an image that sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// `{}` in `ExposedPorts` and `Volumes`.
 pub type Empty = BTreeMap<String, serde_json::Value>;
 
@@ -50,6 +53,21 @@ pub struct RunConfig {
     pub shell: Option<Vec<String>>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl RunConfig {
+    /// Adds Docker's default `PATH` to an environment without one, as BuildKit does for every
+    /// stage's base (`FROM scratch` included), so the image records the `PATH` its steps ran
+    /// with.
+    pub fn ensure_path(&mut self) {
+        let env = self.env.get_or_insert_with(Vec::new);
+        if !env
+            .iter()
+            .any(|e| e.split_once('=').is_some_and(|(k, _)| k == "PATH"))
+        {
+            env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+    }
 }
 
 /// Docker's health check (durations in nanoseconds, as Docker writes them).

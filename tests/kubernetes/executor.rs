@@ -844,3 +844,157 @@ fn builder_pods_are_unprivileged_and_never_silently_lose_their_user_namespace() 
 fn cluster_is_empty(kube: &FakeKube) -> bool {
     kube.pods().is_empty() && kube.secrets().is_empty()
 }
+
+/// Issue 12's fourth path for build secrets: given over gRPC to a replica that builds in
+/// pods, they reach the builder only through its Secret (mounted as `build-secret-<id>`),
+/// the RUN steps that mount them succeed, and once the pod and its Secret are gone neither
+/// secret nor any base64 form of it is anywhere else: the pushed image (layers searched
+/// decompressed), the replica's data dir and journal, the cluster's pod volumes, every pod
+/// object seen while it ran, the container's log, Kiln's stored log, ListBuilds, /metrics
+/// and the replica's own output.
+#[test]
+fn build_secrets_reach_the_builder_pod_only_through_its_secret() {
+    use kiln::proto::builder::ListBuildsRequest;
+    use sha2::{Digest as _, Sha256};
+
+    use crate::support::leak_search::{files_under, find_canaries, memmem, with_gunzipped};
+
+    const FILE_SECRET: &str = "cnryKubeFile3f8a1c";
+    const ENV_SECRET: &str = "cnryKubeEnv7d2e9b";
+    let sha = |s: &str| hex::encode(Sha256::digest(s.as_bytes()));
+    let cluster = Cluster::start();
+    let kiln = KilnServer::start(cluster.replica_options("", "retention = \"10s\""));
+    let repo = cluster.dir.path().join("secrets");
+    std::fs::create_dir_all(&repo).unwrap();
+    // The markers are computed by the shell, so the command lines in the log lack them.
+    std::fs::write(
+        repo.join("Dockerfile"),
+        format!(
+            "ARG BASE_REGISTRY\n\
+             FROM ${{BASE_REGISTRY}}/base/busybox:latest\n\
+             RUN --mount=type=secret,id=npmrc,required sha256sum /run/secrets/npmrc | grep -q {} \
+                 && echo FILE-SECRET-$((40+2))\n\
+             RUN --mount=type=secret,id=token,env=TOKEN,required printf %s \"$TOKEN\" | sha256sum \
+                 | grep -q {} && echo ENV-SECRET-$((40+2))\n\
+             RUN sleep 1 && echo GONE-$((40+2)) > /gone\n",
+            sha(FILE_SECRET),
+            sha(ENV_SECRET)
+        ),
+    )
+    .unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "secrets"]);
+    let mut build_request = request(&format!("file://{}", repo.display()), cluster.reg());
+    if let Some(build_source::From::File(f)) = build_request.source.as_mut().and_then(|s| s.from.as_mut()) {
+        f.secrets = [
+            ("npmrc".to_owned(), FILE_SECRET.as_bytes().to_vec()),
+            ("token".to_owned(), ENV_SECRET.as_bytes().to_vec()),
+        ]
+        .into();
+    }
+
+    runtime().block_on(async {
+        let mut client = kiln.builder().await;
+        let mut outputs: Vec<(String, Vec<u8>)> = Vec::new();
+        // While the build runs, keep every pod object and container log the cluster shows,
+        // and check the Secret volume really carries the secret (else the search below
+        // would prove nothing about this path).
+        let mut secret_mounted = false;
+        let mut watcher = client.clone();
+        let running = build(&mut watcher, build_request);
+        tokio::pin!(running);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut running => break outcome,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    for pod in cluster.kube.pods() {
+                        let name = pod.metadata.name.clone().unwrap_or_default();
+                        if let Some(dir) = cluster.kube.volume_dir(&name, "credentials") {
+                            secret_mounted |= std::fs::read(dir.join("build-secret-npmrc"))
+                                .is_ok_and(|bytes| bytes == FILE_SECRET.as_bytes());
+                        }
+                        if let Some(log) = cluster.kube.pod_log(&name) {
+                            outputs.push((format!("container log of {name}"), log.into_bytes()));
+                        }
+                        outputs.push((format!("pod object {name}"), serde_json::to_vec(&pod).unwrap()));
+                    }
+                }
+            }
+        };
+        assert_eq!(outcome.status, BuildStatus::DoneSuccess, "{outcome:?}");
+        assert!(
+            secret_mounted,
+            "the builder pod's Secret volume never held build-secret-npmrc"
+        );
+        assert!(
+            outputs.iter().any(|(name, _)| name.starts_with("pod object")),
+            "no pod object was seen while the build ran"
+        );
+        let log = log_of(&mut client, &outcome.build_id).await;
+        for marker in ["FILE-SECRET-42", "ENV-SECRET-42"] {
+            assert!(log.contains(marker), "no {marker} in the build's log:\n{log}");
+        }
+        outputs.push(("the build's log (gRPC)".into(), log.into_bytes()));
+        // The finished pod's volumes (its `kiln execute` data dir, scratch space) before
+        // retention removes them; only the Secret's own volume may hold the secrets.
+        let mut pod_files = 0;
+        for (path, bytes) in files_under(cluster.kube.state_dir()) {
+            if !path.components().any(|c| c.as_os_str() == "credentials") {
+                pod_files += 1;
+                outputs.push((path.display().to_string(), with_gunzipped(bytes)));
+            }
+        }
+        assert!(
+            cluster.kube.pods().len() == 1,
+            "the finished pod was removed before its volumes were searched"
+        );
+        cluster
+            .wait_pods(
+                "the finished pod and its Secret are removed after retention",
+                |k| k.pods().is_empty() && k.secrets().is_empty(),
+            )
+            .await;
+
+        let listed = client
+            .list_builds(ListBuildsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        outputs.push(("ListBuilds".into(), format!("{listed:?}").into_bytes()));
+        outputs.push(("/metrics".into(), kiln.metrics_text().await.into_bytes()));
+        outputs.push(("the replica's stdout and stderr".into(), kiln.log().into_bytes()));
+        let roots = [
+            kiln.data_dir(),
+            cluster.registry.dir(),
+            cluster.kube.state_dir().to_owned(),
+        ];
+        let mut searched_files = 0;
+        for root in roots {
+            for (path, bytes) in files_under(&root) {
+                searched_files += 1;
+                outputs.push((path.display().to_string(), with_gunzipped(bytes)));
+            }
+        }
+        // Positive control: the pushed layers were searched decompressed.
+        assert!(
+            outputs.iter().any(|(_, bytes)| memmem(bytes, b"GONE-42")),
+            "no searched file holds /gone's content: a secret in a layer would go unseen"
+        );
+        let leaks: Vec<String> = outputs
+            .iter()
+            .flat_map(|(name, bytes)| {
+                find_canaries(bytes, &[FILE_SECRET, ENV_SECRET])
+                    .into_iter()
+                    .map(move |c| format!("{c} in {name}"))
+            })
+            .collect();
+        assert!(leaks.is_empty(), "build secrets leaked:\n{}", leaks.join("\n"));
+        eprintln!(
+            "kubernetes: build secret search: {} outputs ({searched_files} files, {pod_files} in the \
+             finished pod), {} bytes",
+            outputs.len(),
+            outputs.iter().map(|(_, b)| b.len()).sum::<usize>()
+        );
+    });
+}

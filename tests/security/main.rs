@@ -31,9 +31,8 @@ mod support;
 use std::{
     collections::HashMap,
     future::Future,
-    io::Read as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output, Stdio},
     sync::atomic::Ordering,
     time::Duration,
@@ -59,6 +58,7 @@ use support::{
     git,
     images::push_image_with,
     kiln::{free_port, KilnOptions, KilnServer},
+    leak_search::{encoded_forms, files_under, find_canaries, memmem, with_gunzipped},
 };
 use tonic::{
     metadata::MetadataValue,
@@ -866,48 +866,6 @@ fn all_canaries() -> Vec<&'static str> {
     ]
 }
 
-/// The forms a secret can take in output: itself, and its base64 at each of the three
-/// alignments it can have inside a longer encoded string (only the characters that depend on
-/// the secret alone), padded and unpadded, standard and URL-safe alphabet.
-fn encoded_forms(secret: &str) -> Vec<String> {
-    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-    let mut forms = vec![secret.to_owned()];
-    for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
-        for pad in 0..3usize {
-            let mut bytes = vec![0u8; pad];
-            bytes.extend_from_slice(secret.as_bytes());
-            let encoded = engine.encode(&bytes);
-            let start = (8 * pad).div_ceil(6);
-            let end = 8 * (pad + secret.len()) / 6;
-            forms.push(encoded[start..end].to_owned());
-        }
-    }
-    forms.sort();
-    forms.dedup();
-    forms
-}
-
-/// The canaries (or their encodings) found in `haystack`, as `canary (form)`.
-fn find_canaries(haystack: &[u8], canaries: &[&str]) -> Vec<String> {
-    let mut found = Vec::new();
-    for canary in canaries {
-        for form in encoded_forms(canary) {
-            if memmem(haystack, form.as_bytes()) {
-                found.push(if form == *canary {
-                    form
-                } else {
-                    format!("{canary} (as {form})")
-                });
-            }
-        }
-    }
-    found
-}
-
-fn memmem(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn encoded_forms_find_base64_at_any_offset() {
     for prefix in ["", "a", "ab", "abc:"] {
@@ -934,42 +892,6 @@ fn push_busybox_with_auth(registry: &DockerRegistry) {
         .output()
         .unwrap();
     assert!(out.status.success(), "skopeo copy: {}", text(&out));
-}
-
-/// Every file under `dir` (recursively, symlinks not followed) with its bytes.
-fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in walkdir::WalkDir::new(dir)
-        .follow_links(false)
-        .into_iter()
-        .filter_map(Result::ok)
-    {
-        if entry.file_type().is_file() {
-            let mut bytes = Vec::new();
-            if let Ok(mut f) = std::fs::File::open(entry.path()) {
-                let _ = f.read_to_end(&mut bytes);
-            }
-            out.push((entry.path().to_owned(), bytes));
-        }
-    }
-    out
-}
-
-/// Gzip'd files (layers, compressed blobs) decompressed too, so that a secret inside a
-/// layer is found.
-fn with_gunzipped(bytes: Vec<u8>) -> Vec<u8> {
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut plain = Vec::new();
-        if flate2::read::MultiGzDecoder::new(&bytes[..])
-            .read_to_end(&mut plain)
-            .is_ok()
-        {
-            let mut all = bytes;
-            all.extend_from_slice(&plain);
-            return all;
-        }
-    }
-    bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ pub mod git;
 pub mod http_server;
 pub mod images;
 pub mod kiln;
+pub mod leak_search;
 pub mod oci_layout;
 pub mod otlp_collector;
 pub mod registry_auth;

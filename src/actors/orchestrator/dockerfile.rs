@@ -129,9 +129,9 @@ fn open_context(checkout: &Path, source: &DockerfileSource) -> Result<OpenedCont
     };
     inside(checkout, dockerfile_rel, "source.file.dockerfile_path")?;
     // Gitpod resolves the Dockerfile against the checkout; fall back to the context.
-    let (bytes, dockerfile_from_root) =
+    let (bytes, dockerfile_from_root, dockerfile_found_in) =
         match securejoin::read_in_root(checkout, dockerfile_rel, MAX_DOCKERFILE_BYTES) {
-            Ok(bytes) => (bytes, dockerfile_rel.to_owned()),
+            Ok(bytes) => (bytes, dockerfile_rel.to_owned(), checkout),
             Err(first) => {
                 let rel = Path::new(&source.context_path).join(dockerfile_rel);
                 let bytes =
@@ -147,7 +147,7 @@ fn open_context(checkout: &Path, source: &DockerfileSource) -> Result<OpenedCont
                             plain(&e)
                         ))
                     })?;
-                (bytes, rel.to_string_lossy().into_owned())
+                (bytes, rel.to_string_lossy().into_owned(), root.as_path())
             }
         };
     let text = String::from_utf8(bytes).map_err(|_| {
@@ -155,15 +155,12 @@ fn open_context(checkout: &Path, source: &DockerfileSource) -> Result<OpenedCont
             "source.file.dockerfile_path: {dockerfile_rel:?} is not UTF-8 text"
         ))
     })?;
-    let dockerignore = match securejoin::read_in_root(&root, ".dockerignore", MAX_DOCKERFILE_BYTES) {
-        Ok(bytes) => String::from_utf8(bytes).map_err(|_| bad_source(".dockerignore: not UTF-8 text"))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => {
-            return Err(bad_source(format!(
-                ".dockerignore: cannot read it: {}",
-                plain(&e)
-            )))
-        }
+    // A Dockerfile's own `<Dockerfile>.dockerignore` beside it replaces the context's
+    // `.dockerignore` (BuildKit's dockerui, the Docker CLI).
+    let own_ignore = format!("{dockerfile_rel}{}", DockerIgnore::DOCKERFILE_SUFFIX);
+    let dockerignore = match read_ignore_file(dockerfile_found_in, &own_ignore)? {
+        Some(text) => text,
+        None => read_ignore_file(&root, ".dockerignore")?.unwrap_or_default(),
     };
     Ok(OpenedContext {
         root,
@@ -171,6 +168,17 @@ fn open_context(checkout: &Path, source: &DockerfileSource) -> Result<OpenedCont
         dockerfile_from_root,
         dockerignore,
     })
+}
+
+/// The ignore file `rel` inside `root`, if there is one.
+fn read_ignore_file(root: &Path, rel: &str) -> Result<Option<String>, BuildError> {
+    match securejoin::read_in_root(root, rel, MAX_DOCKERFILE_BYTES) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| bad_source(format!("{rel}: not UTF-8 text"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(bad_source(format!("{rel}: cannot read it: {}", plain(&e)))),
+    }
 }
 
 /// An I/O error's text without any path (the errors here carry none, but say so).
@@ -380,6 +388,10 @@ async fn resolve_images(
                 BuildError::Resolve(_) if !e.is_retryable() => {
                     bad_source(format!("Dockerfile line {line}: {keyword}{name}: {e}"))
                 }
+                BuildError::Resolve(source) => BuildError::ResolveAt {
+                    at: format!("Dockerfile line {line}: {keyword}{name}"),
+                    source,
+                },
                 e => e,
             })?;
         pinned.insert(name, resolved);

@@ -130,18 +130,24 @@ pub fn build_request(args: &BuildArgs) -> Result<BuildRequest, ClientError> {
     })
 }
 
-/// Packs `dir` (honouring its `.dockerignore`) and uploads it; returns the context digest.
+/// Packs `dir` (honouring the ignore file of `dockerfile`, a path inside it) and uploads
+/// it; returns the context digest. The Dockerfile and both ignore files are always sent, so
+/// the server reads the same patterns.
 pub(super) async fn upload_dir(
     client: &mut ImageBuilderClient<Transport>,
     dir: &std::path::Path,
+    dockerfile: &str,
     quiet: bool,
 ) -> Result<String, ClientError> {
-    use crate::engine::context::{pack_dir, DockerIgnore};
-    let ignore = std::fs::read_to_string(dir.join(".dockerignore")).unwrap_or_default();
+    use crate::engine::context::{dockerignore, pack_dir_keeping, DockerIgnore};
+    let ignore = dockerignore::read_local(dir, &dir.join(dockerfile));
+    let own_ignore = format!("{dockerfile}{}", DockerIgnore::DOCKERFILE_SUFFIX);
+    let keep = [dockerfile.to_owned(), own_ignore, ".dockerignore".to_owned()];
     let dir_owned = dir.to_path_buf();
     let tar = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        pack_dir(&dir_owned, &DockerIgnore::parse(&ignore), &mut out).map(|_| out)
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        pack_dir_keeping(&dir_owned, &DockerIgnore::parse(&ignore), &keep, &mut out).map(|_| out)
     })
     .await
     .map_err(|e| ClientError::Usage(format!("packing {}: {e}", dir.display())))?

@@ -20,7 +20,8 @@ pub async fn build(args: BuildArgs) -> Result<(), ClientError> {
     let request = match &args.dir {
         None => build_request(&args)?,
         Some(dir) => {
-            let digest = upload_dir(&mut client, dir, args.quiet).await?;
+            let dockerfile = args.dockerfile.as_deref().unwrap_or("Dockerfile");
+            let digest = upload_dir(&mut client, dir, dockerfile, args.quiet).await?;
             BuildRequest {
                 source: Some(build_source_with(&args, Some(digest))?),
                 auth: registry_auth(&args.auth_additional, args.allow_all_auth)?,

@@ -749,6 +749,7 @@ impl CopyPlan<'_> {
             let rels: Vec<String> = if clean == "." || clean == "./" {
                 vec![String::new()]
             } else if has_glob(clean) {
+                // A pattern that matches nothing adds nothing (BuildKit's AllowEmptyWildcard).
                 glob(src_root, clean, ignore)
             } else {
                 let rel = clean.trim_end_matches('/').trim_start_matches("./").to_owned();
@@ -761,9 +762,6 @@ impl CopyPlan<'_> {
                 }
                 vec![rel]
             };
-            if rels.is_empty() {
-                return Err(format!("{pattern}: no files match in the build context"));
-            }
             for rel in rels {
                 let path = resolve_in_root(src_root, &rel, true).map_err(|e| format!("{rel}: {e}"))?;
                 matched.push((rel, path));

@@ -21,6 +21,10 @@
 //! descend into an excluded directory: like BuildKit they do whenever an exception contains
 //! a wildcard, or a literal exception lies beneath the directory.
 //!
+//! Which file holds the patterns: a Dockerfile's own `<Dockerfile>.dockerignore` beside it
+//! when there is one, else the context's `.dockerignore` (BuildKit's dockerui and the Docker
+//! CLI; [`read_local`] for contexts on the caller's disk).
+//!
 //! `Dockerfile` and `.dockerignore` are always sent to the builder (see
 //! [`super::upload::ALWAYS_SENT`]), but `COPY .` still honours the patterns for them, so
 //! [`DockerIgnore::is_excluded`] applies no special case.
@@ -29,7 +33,20 @@
 //! the characters `*` and `?` are literal (Go splices its own regexp for them into the
 //! class), and `\d`, `\w`, `\s`, `\b` mean the letters, not Go's regexp classes.
 
+use std::path::Path;
+
 use super::ContextError;
+
+/// The ignore text of a build of `dockerfile` with the context `context`, both on the
+/// caller's own disk (`kiln build DIR`, `kiln execute`): `<dockerfile>.dockerignore` if it
+/// exists, else `<context>/.dockerignore`, else none.
+pub fn read_local(context: &Path, dockerfile: &Path) -> String {
+    let mut own = dockerfile.as_os_str().to_owned();
+    own.push(DockerIgnore::DOCKERFILE_SUFFIX);
+    std::fs::read_to_string(own)
+        .or_else(|_| std::fs::read_to_string(context.join(".dockerignore")))
+        .unwrap_or_default()
+}
 
 /// A parsed `.dockerignore`.
 #[derive(Debug, Clone, Default)]
@@ -81,6 +98,9 @@ enum Token {
 }
 
 impl DockerIgnore {
+    /// Appended to a Dockerfile's path, the name of its own ignore file.
+    pub const DOCKERFILE_SUFFIX: &str = ".dockerignore";
+
     /// Parses `.dockerignore` text. Patterns Docker would reject (an unclosed `[`, a trailing
     /// `\`, a lone `!`) are dropped; use [`DockerIgnore::try_parse`] to fail on them like
     /// `docker build` does.

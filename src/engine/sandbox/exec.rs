@@ -41,6 +41,8 @@ use nix::{
     unistd::{access, chdir, dup2_stdin, execve, setgid, setgroups, setuid, AccessFlags, Gid, Uid},
 };
 
+use crate::engine::image::DEFAULT_PATH;
+
 use super::{
     child::{ChildError, ReportChannel},
     seccomp,
@@ -50,9 +52,6 @@ use super::{
 
 /// The exit code when the command could not be started (the shells' "not found").
 const EXIT_EXEC_FAILED: i32 = 127;
-
-/// Docker's `PATH` for an image that sets none.
-pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Docker's default capabilities without `CAP_NET_RAW` (raw sockets serve ping and packet
 /// capture, nothing a build needs); every other one leaves the bounding set.

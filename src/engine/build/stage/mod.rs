@@ -407,6 +407,7 @@ impl<'a> StageRunner<'a> {
             .instrument(span.clone())
             .await
             .inspect_err(|_| failed(&span))?;
+        state.config.config.ensure_path();
         self.log.line(format!(
             "[{label} 1/{steps}] FROM {from} ({:.2}s)",
             started.elapsed().as_secs_f64()
