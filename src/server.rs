@@ -24,7 +24,7 @@ use crate::{
         dashboard,
         log_http::{self, LogLinks},
         AccessLayer, AccessPolicy, AdminService, Closing, ImageBuilderService, MessageLimitLayer,
-        RpcMetricsLayer,
+        RpcMetricsLayer, RpcTraceLayer,
     },
     config::Config,
     metrics::Metrics,
@@ -429,6 +429,7 @@ pub async fn serve(
         },
     );
     let grpc = server
+        .layer(RpcTraceLayer)
         .layer(RpcMetricsLayer::new(metrics))
         .layer(MessageLimitLayer)
         .layer(AccessLayer::new(access))

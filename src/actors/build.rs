@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{
     log_fanout::{self, LogFanout},
@@ -83,6 +84,9 @@ pub struct BuildRun {
     cancel: CancellationToken,
     /// Secrets of the request, censored from the log.
     secrets: Vec<Secret>,
+    /// The span context of the call that created the build: every incarnation's `build`
+    /// span is its child.
+    trace_parent: Option<opentelemetry::trace::SpanContext>,
     /// The decided end, and the log offset its line is written at (so that every
     /// incarnation can (re)write it exactly once). Written once, by the first incarnation
     /// to decide; read by the later ones.
@@ -119,6 +123,7 @@ impl BuildRun {
         Self {
             secrets,
             deadline: watch::Sender::new(None),
+            trace_parent: request.trace_parent.clone(),
             ..Self::adopted(id, plan, timeout)
         }
     }
@@ -133,6 +138,7 @@ impl BuildRun {
             timeout,
             cancel: CancellationToken::new(),
             secrets: Vec::new(),
+            trace_parent: None,
             verdict: watch::Sender::new(None),
         }
     }
@@ -273,6 +279,9 @@ impl Actor for BuildActor {
         )));
         let span =
             tracing::info_span!("build", build_id = %self.run.id, incarnation = self.guard.generation());
+        super::trace::continue_trace(&span, self.run.trace_parent.as_ref());
+        // For the trace only: log lines have the build id, and the workspace once.
+        span.set_attribute("kiln.workspace", self.run.plan.refs.workspace.to_string());
         let drive = drive(
             self.run.clone(),
             self.deps.clone(),
@@ -455,6 +464,13 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
             run.decide(verdict, log.offset)
         }
     };
+    let span = tracing::Span::current();
+    span.set_attribute("kiln.outcome", verdict.outcome.as_str());
+    if verdict.outcome != BuildOutcome::Success {
+        // Not the verdict's message: a failed RUN's ends with its output, which may show a
+        // build secret; the trace leaves the installation.
+        span.set_status(opentelemetry::trace::Status::error(verdict.outcome.as_str()));
+    }
     // The verdict's line at the offset recorded with it: written once whichever
     // incarnation gets here, however often.
     log.offset = log_at;

@@ -13,6 +13,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use super::{
     error::BuildError,
@@ -61,19 +62,24 @@ impl ResolverPool {
             .map(|i| &resolvers[(first + i) % resolvers.len()])
             .collect();
         order.sort_by_key(|slot| slot.is_abandoned());
-        let mut last_error = None;
-        for slot in order {
-            let msg = Resolve {
-                image: image.clone(),
-                auth: auth.clone(),
-                refresh,
-            };
-            match slot.call(msg).await {
-                Ok(reply) => return reply.map_err(BuildError::Resolve),
-                Err(unavailable) => last_error = Some(unavailable),
+        let span = tracing::debug_span!("resolve", image = %image, refresh);
+        async move {
+            let mut last_error = None;
+            for slot in order {
+                let msg = Resolve {
+                    image: image.clone(),
+                    auth: auth.clone(),
+                    refresh,
+                };
+                match slot.call(msg).await {
+                    Ok(reply) => return reply.map_err(BuildError::Resolve),
+                    Err(unavailable) => last_error = Some(unavailable),
+                }
             }
+            Err(last_error.expect("the pool has at least one resolver").into())
         }
-        Err(last_error.expect("the pool has at least one resolver").into())
+        .instrument(span)
+        .await
     }
 
     /// The `limit` tags callers asked the pool for most since the last call (each resolver
@@ -324,11 +330,18 @@ impl KilnHandle {
     ) -> Result<WorkspacePlan, BuildError> {
         self.directory
             .orchestrator
-            .call(orchestrator::PlanWorkspace { source, auth })
+            .call(orchestrator::PlanWorkspace {
+                source,
+                auth,
+                trace_parent: super::trace::current(),
+            })
             .await?
     }
 
-    pub async fn submit(&self, request: BuildRequest) -> Result<Submission, BuildError> {
+    /// Starts or joins a build. Its planning and its build continue the trace of the
+    /// current span (the RPC's).
+    pub async fn submit(&self, mut request: BuildRequest) -> Result<Submission, BuildError> {
+        request.trace_parent = super::trace::current();
         self.directory
             .orchestrator
             .call(orchestrator::Submit(request))

@@ -22,6 +22,7 @@ mod resolver;
 mod supervision;
 mod supervisor;
 mod tasks;
+mod trace;
 
 use std::{sync::Arc, thread};
 

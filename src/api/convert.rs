@@ -204,6 +204,7 @@ pub fn build_request(req: pb::BuildRequest) -> Result<BuildRequest, BuildError> 
         force_rebuild: req.force_rebuild,
         base_resolved,
         triggered_by: req.triggered_by,
+        trace_parent: None,
     })
 }
 

@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod log_http;
 mod message_limits;
 mod rpc_metrics;
+mod rpc_trace;
 mod status;
 
 pub use access::{AccessLayer, AccessPolicy};
@@ -23,3 +24,4 @@ pub use builder::ImageBuilderService;
 pub use closing::Closing;
 pub use message_limits::MessageLimitLayer;
 pub use rpc_metrics::RpcMetricsLayer;
+pub use rpc_trace::RpcTraceLayer;

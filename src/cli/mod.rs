@@ -620,15 +620,20 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let Err(e) = crate::telemetry::init(args.log_format) {
-        eprintln!("kiln: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    let telemetry = match crate::telemetry::init(args.log_format, &config.telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("kiln: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     if !config.ignored_keys.is_empty() {
         let keys: Vec<String> = config.ignored_keys.iter().map(ToString::to_string).collect();
         tracing::warn!(keys = %keys.join("; "), "image-builder-mk3 configuration read; these keys have no meaning in Kiln");
     }
-    match crate::server::run(config) {
+    let served = crate::server::run(config);
+    telemetry.shutdown();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "kiln serve failed");

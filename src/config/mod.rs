@@ -62,6 +62,7 @@ pub struct Config {
     pub engine: EngineSettings,
     pub kubernetes: KubernetesConfig,
     pub chaos: ChaosConfig,
+    pub telemetry: TelemetryConfig,
     /// Keys of a configuration in another builder's format (image-builder-mk3's) that have
     /// no Kiln meaning, each with why; `kiln serve` names them at start-up.
     #[serde(skip)]
@@ -86,6 +87,7 @@ impl Default for Config {
             engine: EngineSettings::default(),
             kubernetes: KubernetesConfig::default(),
             chaos: ChaosConfig::default(),
+            telemetry: TelemetryConfig::default(),
             ignored_keys: Vec::new(),
         }
     }
@@ -681,6 +683,52 @@ impl Default for ChaosConfig {
     }
 }
 
+/// Traces: OpenTelemetry spans of every RPC and build, exported over OTLP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Where spans go: an OTLP/gRPC collector, `http://host:4317` (or `https://`). Default:
+    /// unset, no spans are recorded or exported.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the exported spans. Default `kiln`.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "kiln".into(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let usable = url::Url::parse(endpoint).is_ok_and(|url| {
+                matches!(url.scheme(), "http" | "https")
+                    && url.host().is_some()
+                    && url.username().is_empty()
+                    && url.password().is_none()
+                    && url.query().is_none()
+                    && url.fragment().is_none()
+            });
+            if !usable {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// or https:// URL of an OTLP/gRPC collector without \
+                     credentials, query or fragment, e.g. \"http://otel-collector:4317\"",
+                ));
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(invalid("telemetry.service_name", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
 /// The Kubernetes executor (`builds.executor = "kubernetes"`): where and how builder pods run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1172,6 +1220,7 @@ impl Config {
                 .map_err(|e| invalid("warmer.refs", e.to_string()))?;
         }
         self.kubernetes.validate()?;
+        self.telemetry.validate()?;
         Ok(())
     }
 
@@ -1561,5 +1610,37 @@ mod tests {
             c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         assert!(!Config::default().kubernetes.privileged);
+    }
+
+    #[test]
+    fn telemetry_endpoints_are_collector_urls() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.telemetry.otlp_endpoint, None);
+        assert_eq!(c.telemetry.service_name, "kiln");
+        for ok in ["http://127.0.0.1:4317", "https://otel-collector.monitoring:4317/"] {
+            let c = Config::parse(&format!("[telemetry]\notlp_endpoint = {ok:?}\n")).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "127.0.0.1:4317",
+            "grpc://collector:4317",
+            "http://user:secret@collector:4317",
+            "http://collector:4317/?token=x",
+            "http://",
+        ] {
+            let c = Config::parse(&format!("[telemetry]\notlp_endpoint = {bad:?}\n")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("telemetry.otlp_endpoint"), "{bad}: {err}");
+            assert!(
+                !err.contains("secret"),
+                "the refusal does not repeat the URL: {err}"
+            );
+        }
+        let c = Config::parse("[telemetry]\nservice_name = \" \"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("telemetry.service_name"));
     }
 }

@@ -20,6 +20,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     engine::build::{BuildInput, Engine, EngineError},
@@ -305,6 +306,7 @@ impl Executor {
         let digest = self
             .registry
             .copy(source, target, auth, &on_event)
+            .instrument(tracing::debug_span!("copy", %source, %target))
             .await
             .map_err(fail)?;
         let landed = self.registry.resolve_exact(target, auth).await.map_err(fail)?;

@@ -21,6 +21,7 @@ use oci_client::manifest::{
     IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use reqwest::header::HeaderValue;
+use tracing::Instrument as _;
 
 use super::{
     client::{parse_digest, Oci},
@@ -224,6 +225,7 @@ impl RegistryClient {
                         source: Arc::new(e),
                     })
             })
+            .instrument(tracing::debug_span!("push_manifest", %target, %digest))
             .await
     }
 

@@ -32,6 +32,8 @@
 //!   Policy of the page's own origin.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
+//! - Trace headers (`traces`): a malformed or oversized `traceparent`/`tracestate` is
+//!   ignored and the call works; no secret of a request reaches an exported span.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -45,6 +47,7 @@ mod remote;
 mod sandbox;
 mod storage;
 mod surfaces;
+mod traces;
 
 use std::{
     collections::HashMap,
@@ -373,7 +376,7 @@ impl Outcome {
 }
 
 /// Runs a Build to its end (or its error).
-async fn run_build(client: &mut Client, request: BuildRequest) -> Outcome {
+async fn run_build(client: &mut Client, request: impl tonic::IntoRequest<BuildRequest>) -> Outcome {
     let mut stream = match client.build(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => {

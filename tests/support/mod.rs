@@ -17,6 +17,7 @@ pub mod kiln;
 pub mod leak_search;
 pub mod loop_fs;
 pub mod oci_layout;
+pub mod otlp_collector;
 pub mod registry_auth;
 pub mod skip;
 pub mod slow_proxy;

@@ -427,6 +427,7 @@ impl BuildInputs {
             force_rebuild: r.force_rebuild,
             base_resolved,
             triggered_by: self.triggered_by.clone(),
+            trace_parent: None,
         })
     }
 }
@@ -612,6 +613,7 @@ mod tests {
             force_rebuild: true,
             base_resolved: None,
             triggered_by: "test".into(),
+            trace_parent: None,
         }
     }
 

@@ -39,6 +39,7 @@ use std::{
 
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch, Semaphore};
+use tracing::Instrument as _;
 
 pub use dockerfile::PreparedContext;
 pub use journal::{BuildInputs, Journal, NotResumable};
@@ -70,6 +71,11 @@ pub struct BuildRequest {
     /// The caller already resolved the base image (Gitpod's `base_image_name_resolved`).
     pub base_resolved: Option<ImageRef>,
     pub triggered_by: String,
+    /// The span context of the call that made the request ([`KilnHandle::submit`] sets
+    /// it): planning and the build it starts continue that trace. Never persisted.
+    ///
+    /// [`KilnHandle::submit`]: super::KilnHandle::submit
+    pub trace_parent: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// How a build request was answered.
@@ -106,6 +112,8 @@ pub struct Submit(pub BuildRequest);
 pub struct PlanWorkspace {
     pub source: BuildSource,
     pub auth: AuthPolicy,
+    /// The span context of the call that asks (see [`BuildRequest::trace_parent`]).
+    pub trace_parent: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// The current state of one build.
@@ -607,16 +615,21 @@ impl Handler<Submit> for Orchestrator {
 
     fn handle(&mut self, Submit(request): Submit, ctx: &mut Self::Context) -> Self::Result {
         let me = ctx.address();
+        // The flow continues the trace of the request that started it; the requests that
+        // join it add no span.
+        let span = tracing::debug_span!("submit", force_rebuild = request.force_rebuild);
+        super::trace::continue_trace(&span, request.trace_parent.as_ref());
         if request.force_rebuild {
             // Never shared with another request: the flow answers its caller itself.
             let work = submit::submit(me, self.deps.clone(), self.planning.clone(), request);
-            return self.tasks.reply_later(ctx, work);
+            return self.tasks.reply_later(ctx, work.instrument(span));
         }
         let (answer, replier) = Later::deferred();
         let Some(flow) = self.submits.add(&request, replier) else {
             return answer; // an identical request's flow answers it too
         };
-        let work = submit::submit(me.clone(), self.deps.clone(), self.planning.clone(), request);
+        let work =
+            submit::submit(me.clone(), self.deps.clone(), self.planning.clone(), request).instrument(span);
         self.tasks.spawn(ctx, async move {
             let answer = work.await;
             me.do_send(submit::Submitted { flow, answer });
@@ -629,8 +642,10 @@ impl Handler<PlanWorkspace> for Orchestrator {
     type Result = Later<Result<WorkspacePlan, BuildError>>;
 
     fn handle(&mut self, msg: PlanWorkspace, ctx: &mut Self::Context) -> Self::Result {
+        let span = tracing::debug_span!("plan_workspace");
+        super::trace::continue_trace(&span, msg.trace_parent.as_ref());
         let flow = submit::plan_workspace(ctx.address(), self.deps.clone(), self.planning.clone(), msg);
-        self.tasks.reply_later(ctx, flow)
+        self.tasks.reply_later(ctx, flow.instrument(span))
     }
 }
 

@@ -597,6 +597,7 @@ mod tests {
             force_rebuild: false,
             base_resolved: None,
             triggered_by: "t".into(),
+            trace_parent: None,
         })
     }
 

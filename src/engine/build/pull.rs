@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument as _;
+
 use super::{
     stage::{Layer, LayerOrigin},
     Engine, EngineError,
@@ -28,6 +30,21 @@ pub struct PulledImage {
 /// Pulls `image` (an index resolved to `platform`) into the layer store, pinning its layers
 /// in `lease`.
 pub async fn pull(
+    engine: &Engine,
+    image: &ImageRef,
+    platform: &Platform,
+    auth: &AuthPolicy,
+    lease: &Lease,
+) -> Result<PulledImage, EngineError> {
+    let span = tracing::debug_span!("pull", image = %image, layers = tracing::field::Empty);
+    let pulled = pull_layers(engine, image, platform, auth, lease)
+        .instrument(span.clone())
+        .await?;
+    span.record("layers", pulled.layers.len());
+    Ok(pulled)
+}
+
+async fn pull_layers(
     engine: &Engine,
     image: &ImageRef,
     platform: &Platform,

@@ -4,6 +4,7 @@
 //! manifest by digest and then an OCI image index naming them under the tag.
 
 use futures::{stream, TryStreamExt as _};
+use tracing::Instrument as _;
 
 use super::{
     stage::{BuildLogSink, ImageState, LayerOrigin},
@@ -28,7 +29,16 @@ pub async fn push(
     auth: &AuthPolicy,
     log: &BuildLogSink,
 ) -> Result<BuildOutput, EngineError> {
-    let (digest, _) = push_image(engine, state, destination, false, auth, log).await?;
+    let span = tracing::debug_span!(
+        "push",
+        destination = %destination,
+        layers = state.layers.len(),
+        digest = tracing::field::Empty,
+    );
+    let (digest, _) = push_image(engine, state, destination, false, auth, log)
+        .instrument(span.clone())
+        .await?;
+    span.record("digest", tracing::field::display(&digest));
     Ok(BuildOutput {
         reference: destination.pinned(digest.clone()),
         digest,

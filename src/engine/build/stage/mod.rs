@@ -34,6 +34,7 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::{
     super::sandbox::cgroup::BuildCgroup,
@@ -440,7 +441,18 @@ impl<'a> StageRunner<'a> {
             None => format!("stage {ordinal}/{total}"),
         };
         let started = Instant::now();
-        let (mut state, from) = self.base_state(index, globals, automatic, done).await?;
+        let span = step_span(
+            &label,
+            1,
+            steps,
+            stage.from.line,
+            &format!("FROM {}", stage.from.image),
+        );
+        let (mut state, from) = self
+            .base_state(index, globals, automatic, done)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|_| failed(&span))?;
         state.config.config.ensure_path();
         self.log.line(format!(
             "[{label} 1/{steps}] FROM {from} ({:.2}s)",
@@ -482,7 +494,8 @@ impl<'a> StageRunner<'a> {
                 inner,
             };
             self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
-            state = self.step(&mut ctx, state, &located).await?;
+            let span = step_span(&label, 1, steps, located.line, &format!("ONBUILD {trigger}"));
+            state = self.traced_step(&mut ctx, state, &located, span).await?;
         }
         for (n, instr) in stage.instructions.iter().enumerate() {
             if self.cancel.is_cancelled() {
@@ -490,8 +503,9 @@ impl<'a> StageRunner<'a> {
             }
             let started = Instant::now();
             let text = describe(&instr.inner);
+            let span = step_span(&label, n + 2, steps, instr.line, &text);
             self.last_step_cached.store(false, Ordering::Relaxed);
-            state = self.step(&mut ctx, state, instr).await?;
+            state = self.traced_step(&mut ctx, state, instr, span).await?;
             let cached = self.last_step_cached.load(Ordering::Relaxed);
             if matches!(
                 instr.inner,
@@ -508,6 +522,28 @@ impl<'a> StageRunner<'a> {
                 .line(format!("[{label} {}/{steps}] {text} ({note})", n + 2));
         }
         Ok(StageRun::Built(Box::new(state)))
+    }
+
+    /// [`Self::step`] in `span`, which gets the step's cache result (a step that makes a
+    /// layer) or its failure.
+    async fn traced_step(
+        &self,
+        ctx: &mut StageCtx<'_>,
+        state: ImageState,
+        located: &Located<Instruction>,
+        span: tracing::Span,
+    ) -> Result<ImageState, EngineError> {
+        self.last_step_cached.store(false, Ordering::Relaxed);
+        let state = self
+            .step(ctx, state, located)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|_| failed(&span))?;
+        if makes_layer(&located.inner) {
+            let cached = self.last_step_cached.load(Ordering::Relaxed);
+            span.record("cache", if cached { "hit" } else { "miss" });
+        }
+        Ok(state)
     }
 
     /// Applies one instruction: COPY, ADD and WORKDIR through the filesystem helper
@@ -696,6 +732,42 @@ pub fn join_path(cwd: &str, path: &str) -> String {
         }
     }
     format!("/{}", parts.join("/"))
+}
+
+/// The longest instruction text a step's span carries (a RUN heredoc can be pages long).
+const SPAN_INSTRUCTION_CHARS: usize = 256;
+
+/// The span of one Dockerfile step: the trace's view of its `[label step/steps]` log line.
+/// `cache` is set for steps that make a layer (`hit`: from the instruction cache, `miss`:
+/// done).
+fn step_span(label: &str, step: usize, steps: usize, line: usize, text: &str) -> tracing::Span {
+    let text = match text.char_indices().nth(SPAN_INSTRUCTION_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    };
+    tracing::debug_span!(
+        "step",
+        stage = %label,
+        step,
+        steps,
+        dockerfile.line = line,
+        instruction = %text,
+        cache = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// Marks a span's work failed (an exported span's status).
+fn failed(span: &tracing::Span) {
+    span.record("otel.status_code", "ERROR");
+}
+
+/// Whether `instr` makes a layer, and so is looked up in the instruction cache.
+fn makes_layer(instr: &Instruction) -> bool {
+    matches!(
+        instr,
+        Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_) | Instruction::Workdir(_)
+    )
 }
 
 /// A canonical, human-readable form of an instruction (logs, history, ONBUILD triggers).
