@@ -13,7 +13,6 @@
 //! `/proc/self` (prometheus-client has no process collector).
 
 use std::{
-    future::Future,
     sync::{Arc, OnceLock},
     time::Duration,
 };

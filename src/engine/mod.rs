@@ -16,5 +16,5 @@ pub mod image;
 pub mod layers;
 pub mod remote;
 pub mod sandbox;
-pub mod storage;
 pub mod stats;
+pub mod storage;

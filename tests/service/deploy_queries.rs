@@ -249,7 +249,7 @@ async fn grafana_and_alert_queries_name_metrics_kiln_exports() {
         .list_builds(ListBuildsRequest::default())
         .await;
     assert!(listed.is_ok(), "{listed:?}");
-    let mut exported = exported_names(&kiln.metrics_text().await);
+    let exported = exported_names(&kiln.metrics_text().await);
 
     let (dashboard, alerts) = (dashboard_queries(), alert_queries());
     assert!(dashboard.len() >= 20, "{} dashboard queries", dashboard.len());
