@@ -1,5 +1,6 @@
 //! `kiln serve`: wires the configuration into running parts — the embedded registry, the
-//! actor system, the metrics endpoint and the gRPC server — and takes them down again.
+//! actor system, the metrics endpoint with the dashboard, and the gRPC server — and takes
+//! them down again.
 //!
 //! [`serve`] takes its shutdown signal as a parameter so tests can run a whole server
 //! in-process; [`run`] is the binary's entry point and stops on SIGINT or SIGTERM.
@@ -20,12 +21,13 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::{
     actors,
     api::{
+        dashboard,
         log_http::{self, LogLinks},
         AccessLayer, AccessPolicy, AdminService, Closing, ImageBuilderService, MessageLimitLayer,
-        RpcMetricsLayer,
+        RpcMetricsLayer, RpcTraceLayer,
     },
     config::Config,
-    metrics::{self, Metrics},
+    metrics::Metrics,
     model::{BasicCredentials, Secret},
     private_fs,
     proto::{admin::admin_server::AdminServer, builder::image_builder_server::ImageBuilderServer},
@@ -249,9 +251,42 @@ pub async fn serve(
             credentials_file = %auth_file.display(),
             "embedded registry listening; writes need the credentials in credentials_file"
         );
+        // Kiln's base images expire when unused; workspace images callers may still pull stay.
+        let expiring = config
+            .registry
+            .base_repository()
+            .ok()
+            .filter(|base| base.registry() == config.registry.target_registry())
+            .map(|base| {
+                (
+                    base.repository().to_owned(),
+                    config.storage.registry_keep_duration,
+                )
+            });
+        let policy = registry::server::GcPolicy {
+            blob_grace: config.storage.registry_blob_grace,
+            upload_max_age: config.storage.registry_upload_max_age,
+            expiring: expiring.into_iter().collect(),
+        };
+        let embedded_registry = registry::server::EmbeddedRegistry::open(root, access, policy)
+            .await
+            .context("embedded registry")?;
+        let (collector, every, stop) = (
+            embedded_registry.clone(),
+            config.storage.registry_gc_interval,
+            stopped(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                () = collector.collect_every(every) => {}
+                () = stop => {}
+            }
+            Ok(())
+        });
         let stop = stopped();
         tasks.spawn(async move {
-            registry::server::serve_with(listener, root, access, stop)
+            embedded_registry
+                .serve(listener, stop)
                 .await
                 .context("embedded registry")
         });
@@ -265,14 +300,14 @@ pub async fn serve(
         Some("--metrics-addr"),
     )
     .await?;
-    tracing::info!(addr = %config.metrics.addr, "metrics listening on /metrics");
-    let m = metrics.clone();
-    let stop = stopped();
-    tasks.spawn(async move {
-        metrics::serve(metrics_listener, m, stop)
-            .await
-            .context("metrics server")
-    });
+    let dashboard_access = AccessPolicy::for_dashboard(&config)?;
+    if !config.metrics.addr.ip().is_loopback() && config.grpc.admin_token()?.is_none() {
+        tracing::warn!(
+            addr = %config.metrics.addr,
+            "the dashboard listens beyond loopback and no grpc.admin_token is set: it refuses \
+             every request (/metrics stays open)"
+        );
+    }
 
     let registry_client = registry_client(&config, embedded)?;
     if let Some(path) = config.registry.pull_secret.clone() {
@@ -285,6 +320,18 @@ pub async fn serve(
     let system = actors::start(&config, registry_client, metrics.clone()).await?;
     let kiln = system.handle();
     fix_up_data_dir(&config.data_dir)?;
+
+    tracing::info!(
+        addr = %config.metrics.addr,
+        token = dashboard_access.is_guarded(),
+        "metrics on /metrics, the dashboard on /"
+    );
+    let (dashboard_kiln, m, stop) = (kiln.clone(), metrics.clone(), stopped());
+    tasks.spawn(async move {
+        dashboard::serve(metrics_listener, dashboard_kiln, m, dashboard_access, stop)
+            .await
+            .context("metrics and dashboard server")
+    });
 
     let log_listener = bind(
         "the build log endpoint",
@@ -382,6 +429,7 @@ pub async fn serve(
         },
     );
     let grpc = server
+        .layer(RpcTraceLayer)
         .layer(RpcMetricsLayer::new(metrics))
         .layer(MessageLimitLayer)
         .layer(AccessLayer::new(access))

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{
     log_fanout::{self, LogFanout},
@@ -83,6 +84,9 @@ pub struct BuildRun {
     cancel: CancellationToken,
     /// Secrets of the request, censored from the log.
     secrets: Vec<Secret>,
+    /// The span context of the call that created the build: every incarnation's `build`
+    /// span is its child.
+    trace_parent: Option<opentelemetry::trace::SpanContext>,
     /// The decided end, and the log offset its line is written at (so that every
     /// incarnation can (re)write it exactly once). Written once, by the first incarnation
     /// to decide; read by the later ones.
@@ -119,6 +123,7 @@ impl BuildRun {
         Self {
             secrets,
             deadline: watch::Sender::new(None),
+            trace_parent: request.trace_parent.clone(),
             ..Self::adopted(id, plan, timeout)
         }
     }
@@ -133,6 +138,7 @@ impl BuildRun {
             timeout,
             cancel: CancellationToken::new(),
             secrets: Vec::new(),
+            trace_parent: None,
             verdict: watch::Sender::new(None),
         }
     }
@@ -273,6 +279,9 @@ impl Actor for BuildActor {
         )));
         let span =
             tracing::info_span!("build", build_id = %self.run.id, incarnation = self.guard.generation());
+        super::trace::continue_trace(&span, self.run.trace_parent.as_ref());
+        // For the trace only: log lines have the build id, and the workspace once.
+        span.set_attribute("kiln.workspace", self.run.plan.refs.workspace.to_string());
         let drive = drive(
             self.run.clone(),
             self.deps.clone(),
@@ -295,6 +304,7 @@ async fn announce(run: Arc<BuildRun>, directory: Arc<Directory>, actor: Recipien
             // The first update (running) is the orchestrator's; a build actor reports only
             // its end, which `drive` delivers itself.
             reported: 1,
+            deadline: run.deadline.subscribe(),
         };
         if let Err(error) = directory.orchestrator.call_within(msg, ACTOR_CALL_PATIENCE).await {
             tracing::warn!(build_id = %run.id, %error, "could not announce the build to the orchestrator");
@@ -327,9 +337,6 @@ struct LogWriter {
     logs: Arc<Slot<LogFanout>>,
     offset: u64,
     secrets: Vec<Secret>,
-    /// The fan-out stored less than it was sent: the log reached
-    /// `logs.max_bytes_per_build`, so further output is dropped here without a round trip.
-    truncated: bool,
 }
 
 /// How long a build actor's call (a log write, a report) keeps trying while the actor it
@@ -344,13 +351,12 @@ impl LogWriter {
             logs,
             offset: 0,
             secrets: run.secrets.clone(),
-            truncated: false,
         };
         let open = log_fanout::Open {
             build: writer.build.clone(),
         };
         match writer.logs.call_within(open, ACTOR_CALL_PATIENCE).await {
-            Ok(Ok(progress)) => writer.offset = progress.len,
+            Ok(Ok(opened)) => writer.offset = opened.append_at,
             Ok(Err(error)) => tracing::error!(build_id = %writer.build, %error, "cannot open build log"),
             Err(error) => tracing::error!(build_id = %writer.build, %error, "cannot open build log"),
         }
@@ -380,17 +386,16 @@ impl LogWriter {
         out
     }
 
-    /// Appends one line of Kiln's own (a notice, the verdict): stored even past the log's
-    /// size cap, so that a truncated log still says how the build ended.
+    /// Appends one line of Kiln's own (a notice, the verdict). Past the log's size cap it
+    /// goes to the clipped tail like any output, so a clipped log still ends saying how the
+    /// build ended.
     async fn line(&mut self, line: &str) {
         self.append(format!("{line}\n").as_bytes(), true).await;
     }
 
-    /// Appends the build's output (censored), exactly once, up to the log's size cap.
+    /// Appends the build's output (censored), exactly once; the fan-out keeps the head and
+    /// the tail of a log past `logs.max_bytes_per_build`.
     async fn write(&mut self, data: &[u8]) {
-        if self.truncated {
-            return;
-        }
         self.append(data, false).await;
     }
 
@@ -403,12 +408,7 @@ impl LogWriter {
             kiln,
         };
         match self.logs.call_within(append, ACTOR_CALL_PATIENCE).await {
-            Ok(Ok(len)) => {
-                if !kiln && len < self.offset + data.len() as u64 {
-                    self.truncated = true;
-                }
-                self.offset = len;
-            }
+            Ok(Ok(next)) => self.offset = next,
             Ok(Err(error)) => tracing::error!(build_id = %self.build, %error, "build log write failed"),
             Err(error) => {
                 tracing::error!(build_id = %self.build, %error, "log fan-out unavailable; log line dropped")
@@ -464,6 +464,13 @@ async fn drive(run: Arc<BuildRun>, deps: BuildDeps, directory: Arc<Directory>, i
             run.decide(verdict, log.offset)
         }
     };
+    let span = tracing::Span::current();
+    span.set_attribute("kiln.outcome", verdict.outcome.as_str());
+    if verdict.outcome != BuildOutcome::Success {
+        // Not the verdict's message: a failed RUN's ends with its output, which may show a
+        // build secret; the trace leaves the installation.
+        span.set_status(opentelemetry::trace::Status::error(verdict.outcome.as_str()));
+    }
     // The verdict's line at the offset recorded with it: written once whichever
     // incarnation gets here, however often.
     log.offset = log_at;
@@ -496,6 +503,7 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
     let _slot = match deps.slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {
+            let _queued = deps.metrics.build_queued();
             log.line("waiting for a free build slot (builds.max_concurrent)")
                 .await;
             deps.slots
@@ -505,6 +513,7 @@ async fn work(run: &BuildRun, deps: &BuildDeps, log: &mut LogWriter) -> Verdict 
                 .expect("the build semaphore is never closed")
         }
     };
+    let _running = deps.metrics.build_running();
     run.start_clock();
     let started = Instant::now();
     let (output, mut output_rx) = mpsc::unbounded_channel::<Bytes>();

@@ -13,6 +13,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use super::{
     error::BuildError,
@@ -21,13 +22,18 @@ use super::{
         self, BuildRequest, BuildSelector, BuildSnapshot, Orchestrator, StatusUpdate, Submission,
         WorkspacePlan,
     },
-    resolver::{shard_of, MostRequested, Resolve},
+    resolver::{self, shard_of, MostRequested, Resolve},
     supervision::Slot,
     supervisor::{self, ActorSummary, RestartError},
     Directory,
 };
 use crate::{
-    engine::context::{ContextError, ContextStore},
+    engine::{
+        build::Engine,
+        context::{ContextError, ContextStore},
+        storage::{KindUsage, PruneGoal, Removed, Storage},
+    },
+    metrics::CacheEntries,
     model::{AuthPolicy, BuildId, BuildSource, Digest, ImageRef},
 };
 
@@ -56,19 +62,24 @@ impl ResolverPool {
             .map(|i| &resolvers[(first + i) % resolvers.len()])
             .collect();
         order.sort_by_key(|slot| slot.is_abandoned());
-        let mut last_error = None;
-        for slot in order {
-            let msg = Resolve {
-                image: image.clone(),
-                auth: auth.clone(),
-                refresh,
-            };
-            match slot.call(msg).await {
-                Ok(reply) => return reply.map_err(BuildError::Resolve),
-                Err(unavailable) => last_error = Some(unavailable),
+        let span = tracing::debug_span!("resolve", image = %image, refresh);
+        async move {
+            let mut last_error = None;
+            for slot in order {
+                let msg = Resolve {
+                    image: image.clone(),
+                    auth: auth.clone(),
+                    refresh,
+                };
+                match slot.call(msg).await {
+                    Ok(reply) => return reply.map_err(BuildError::Resolve),
+                    Err(unavailable) => last_error = Some(unavailable),
+                }
             }
+            Err(last_error.expect("the pool has at least one resolver").into())
         }
-        Err(last_error.expect("the pool has at least one resolver").into())
+        .instrument(span)
+        .await
     }
 
     /// The `limit` tags callers asked the pool for most since the last call (each resolver
@@ -187,6 +198,10 @@ pub fn status_stream(
     }
 }
 
+/// How long a figure for the metrics waits for an actor that is restarting: a scrape must
+/// not hang on it (the figure counts 0 this time).
+const SCRAPE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Everything the gRPC edge may ask of the actors.
 #[derive(Clone)]
 pub struct KilnHandle {
@@ -195,15 +210,80 @@ pub struct KilnHandle {
     /// state, and streaming them through a mailbox would copy every byte for nothing.
     contexts: ContextStore,
     max_context_bytes: u64,
+    /// The engine store's books, read and pruned directly for the same reason: they are
+    /// the engine's, not an actor's, and pruning is disk work on a blocking thread.
+    storage: Storage,
+    /// Read only for the size of its layer store, a directory of content-addressed layers
+    /// (no actor owns the engine's disk state).
+    engine: Engine,
 }
 
 impl KilnHandle {
-    pub(super) fn new(directory: Arc<Directory>, contexts: ContextStore, max_context_bytes: u64) -> Self {
+    pub(super) fn new(
+        directory: Arc<Directory>,
+        contexts: ContextStore,
+        max_context_bytes: u64,
+        storage: Storage,
+        engine: Engine,
+    ) -> Self {
         Self {
             directory,
             contexts,
             max_context_bytes,
+            storage,
+            engine,
         }
+    }
+
+    /// How many entries Kiln's caches hold: the resolvers' shards (summed over the resolvers
+    /// that answer), the orchestrator's plan cache and the layer store. A part that does not
+    /// answer counts 0.
+    pub async fn cache_entries(&self) -> CacheEntries {
+        let mut resolver = 0;
+        for slot in self.directory.resolvers.iter() {
+            resolver += slot
+                .call_within(resolver::CacheEntries, SCRAPE_PATIENCE)
+                .await
+                .unwrap_or(0);
+        }
+        let plan = (self.directory.orchestrator)
+            .call_within(orchestrator::PlanCacheEntries, SCRAPE_PATIENCE)
+            .await
+            .unwrap_or(0);
+        let engine = self.engine.clone();
+        let layer_store = tokio::task::spawn_blocking(move || engine.layer_store_entries())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        CacheEntries {
+            resolver,
+            plan,
+            layer_store,
+        }
+    }
+
+    /// Bytes per kind of store entry with their budgets, the engine store's bytes and its
+    /// budget.
+    pub fn disk_usage(&self) -> (Vec<KindUsage>, u64, u64) {
+        (
+            self.storage.usage(),
+            self.storage.engine_bytes(),
+            self.storage.policy().max_bytes,
+        )
+    }
+
+    /// Removes what `goal` asks of the engine store (`None`: down to the budget); answers
+    /// what was removed and the engine store's bytes afterwards.
+    pub async fn prune(&self, goal: Option<PruneGoal>) -> Result<(Removed, u64), BuildError> {
+        let storage = self.storage.clone();
+        let goal = goal.unwrap_or(PruneGoal::Keep(storage.policy().max_bytes));
+        tokio::task::spawn_blocking(move || {
+            let removed = storage.prune(goal);
+            (removed, storage.engine_bytes())
+        })
+        .await
+        .map_err(|e| BuildError::internal("pruning the engine store", e))
     }
 
     /// Stores an uploaded context tar; returns its digest and size.
@@ -250,11 +330,18 @@ impl KilnHandle {
     ) -> Result<WorkspacePlan, BuildError> {
         self.directory
             .orchestrator
-            .call(orchestrator::PlanWorkspace { source, auth })
+            .call(orchestrator::PlanWorkspace {
+                source,
+                auth,
+                trace_parent: super::trace::current(),
+            })
             .await?
     }
 
-    pub async fn submit(&self, request: BuildRequest) -> Result<Submission, BuildError> {
+    /// Starts or joins a build. Its planning and its build continue the trace of the
+    /// current span (the RPC's).
+    pub async fn submit(&self, mut request: BuildRequest) -> Result<Submission, BuildError> {
+        request.trace_parent = super::trace::current();
         self.directory
             .orchestrator
             .call(orchestrator::Submit(request))

@@ -7,12 +7,20 @@
 //! doubled. Readers pull bytes with [`Read`] and learn about new bytes through the watch
 //! channel that [`Subscribe`] hands out (see [`super::handles::LogsHandle::follow`]).
 //!
-//! A log holds at most `logs.max_bytes_per_build` bytes of build output: the append that
-//! crosses the cap is stored up to it, followed by one [`truncation_marker`] line, and later
-//! output is acknowledged and dropped, so a build printing without end neither fills the
-//! disk nor stops. Kiln's own lines (`Append::kiln`: notices, the verdict) are still stored,
-//! so a truncated log says how its build ended. Memory per log is bounded by
-//! `logs.memory_bytes_per_build` whatever the log's size.
+//! A log holds at most `logs.max_bytes_per_build` bytes of build output (plus one marker
+//! line), its *head* and its *tail*, as BuildKit clips: the first half of the cap is written
+//! live; output past it is *diverted* to a bounded tail on disk (`<build id>.clip/`, segment
+//! files of half the cap each, the oldest deleted as a new one starts, so at most the cap's
+//! size on disk), and `Finish` appends one [`clip_marker`] line and the last bytes of that
+//! tail. The log's offset space stays append-only (nothing published is ever rewritten), so a
+//! follower reading from 0 and a read after the end get the same bytes; while output is
+//! diverted followers simply see nothing new. Writers address appends in their own offset
+//! space (every byte they sent, stored or diverted; [`Opened::append_at`]), so resends stay
+//! idempotent across clipping and across restarts: the clip directory's segment names
+//! (`<head>-<segment size>-<index>`) tell a new incarnation where the head ended and how much
+//! was diverted. The build goes on whatever it prints, and neither disk nor memory grows with
+//! it: memory per log is bounded by `logs.memory_bytes_per_build`, the tail is copied to the
+//! log in bounded chunks.
 //!
 //! **No file I/O on the arbiter.** The actor only keeps books in memory ([`LogState`]:
 //! what is accepted, the tail, the cap); every file operation runs on a blocking thread:
@@ -109,28 +117,37 @@ impl LogError {
 
 /// Creates an empty log for a new build (idempotent).
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<LogProgress, LogError>")]
+#[rtype(result = "Result<Opened, LogError>")]
 pub struct Open {
     pub build: BuildId,
 }
 
-/// Appends `data` at `offset`; replies the log's new length, which is less than
-/// `offset + data.len()` when the size cap dropped some or all of `data`.
+/// An open log: what readers see, and where the writer's next [`Append`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub progress: LogProgress,
+    /// The writer's offset: every byte appended so far, stored or diverted to the clipped
+    /// tail. Equal to `progress.len` until the log passes half of its cap.
+    pub append_at: u64,
+}
+
+/// Appends `data` at `offset`, in the writer's offset space ([`Opened::append_at`]): replies
+/// the writer's next offset. Past half of `logs.max_bytes_per_build` the bytes go to the
+/// clipped tail and readers see them (the last of them) only when the log is finished.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<u64, LogError>")]
 pub struct Append {
     pub build: BuildId,
     pub offset: u64,
     pub data: Bytes,
-    /// Kiln's own line rather than the build's output: stored even past the size cap.
+    /// Kiln's own line rather than the build's output: written to the head even past half
+    /// of the cap (once the log is clipped, it goes to the tail like any output).
     pub kiln: bool,
 }
 
-/// The line that ends a log cut at `cap` bytes.
-pub fn truncation_marker(cap: u64) -> String {
-    format!(
-        "[kiln] log truncated at {cap} bytes (logs.max_bytes_per_build); further output of this build is dropped\n"
-    )
+/// The line between a clipped log's head and its tail.
+pub fn clip_marker(clipped: u64) -> String {
+    format!("[… {clipped} bytes clipped …] (logs.max_bytes_per_build)\n")
 }
 
 /// Marks the log complete (idempotent); every follower's stream then ends.
@@ -165,46 +182,91 @@ pub struct Forget {
 // ---------------------------------------------------------------------------------------
 // The books: plain data, no I/O.
 
-/// What an [`Append`] asks of the file.
+/// Where a clipped log's tail lives: the log's head ended at `head` bytes, and output past it
+/// is diverted to segment files of `segment` bytes each (of the writer's offsets
+/// `head + k × segment ..`). Both are in the segments' names, so they survive a restart and a
+/// change of the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Clip {
+    head: u64,
+    segment: u64,
+}
+
+impl Clip {
+    /// The name of segment `index`.
+    fn segment_name(self, index: u64) -> String {
+        format!("{}-{}-{index}", self.head, self.segment)
+    }
+
+    /// Parses a segment's name into its clip and index.
+    fn parse(name: &str) -> Option<(Self, u64)> {
+        let mut parts = name.splitn(3, '-').map(|p| p.parse::<u64>().ok());
+        let (head, segment, index) = (parts.next()??, parts.next()??, parts.next()??);
+        (segment > 0).then_some((Self { head, segment }, index))
+    }
+}
+
+/// Output diverted to a clipped log's tail: `bytes` at the writer's offset `at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Diverted {
+    at: u64,
+    bytes: Bytes,
+    clip: Clip,
+}
+
+/// What an [`Append`] asks of the files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Accepted {
-    /// Nothing to write (a resend, or output past the cap); the log is `len` bytes long once
-    /// the writes accepted before are done.
-    Nothing { len: u64 },
-    /// Write `bytes` at `at`.
-    Write { at: u64, bytes: Bytes },
+    /// Nothing to write (a resend); the writer's next offset is `next` once the writes
+    /// accepted before are done.
+    Nothing { next: u64 },
+    /// Write `log` (at its offset) to the log and `divert` to the clipped tail; the writer's
+    /// next offset is then `next`.
+    Store {
+        log: Option<(u64, Bytes)>,
+        divert: Option<Diverted>,
+        next: u64,
+    },
 }
 
 /// One log's books: what has been accepted (written or queued for the writer), the tail
-/// kept for readers, and the cap.
+/// kept for readers, and the clip once the head is full.
 #[derive(Debug, Clone)]
 struct LogState {
-    /// Bytes accepted: the length the log has once every queued write is done.
+    /// Bytes of the log file accepted: its length once every queued write is done.
     accepted: u64,
+    /// The writer's offset: `accepted` plus every byte diverted to the clipped tail.
+    input: u64,
     /// `Finish` was accepted (or the log was complete when loaded): appends are refused.
     ending: bool,
-    /// The cap cut the build's output: only Kiln's own lines are accepted from now on.
-    truncated: bool,
-    /// The last accepted bytes, starting at `tail_start`, for cheap reads by followers.
+    /// Set once the head is full: further output goes to the tail.
+    clip: Option<Clip>,
+    /// The last accepted bytes of the log file, starting at `tail_start`, for cheap reads by
+    /// followers.
     tail: Vec<u8>,
     tail_start: u64,
 }
 
 impl LogState {
-    /// The books of a log found on disk `len` bytes long.
-    fn loaded(len: u64, ended: bool, cap: u64) -> Self {
+    /// The books of a log found on disk.
+    fn loaded(found: &Found) -> Self {
+        let (accepted, input, clip) = match found.clip {
+            Some((clip, input)) if !found.progress.ended => (clip.head, input, Some(clip)),
+            _ => (found.progress.len, found.progress.len, None),
+        };
         Self {
-            accepted: len,
-            ending: ended,
-            // A log at the cap was cut (or is about to be) by an earlier incarnation.
-            truncated: len >= cap,
+            accepted,
+            input,
+            ending: found.progress.ended,
+            clip,
             tail: Vec::new(),
-            tail_start: len,
+            tail_start: accepted,
         }
     }
 
-    /// Takes an append into the books: idempotent by offset, refused after `Finish` or
-    /// past a gap, cut at `cap` (with the marker line, once) unless it is Kiln's own.
+    /// Takes an append into the books: idempotent by offset, refused after `Finish` or past
+    /// a gap; build output past half of `cap` is diverted to the clipped tail (Kiln's own
+    /// lines only once the log is clipped).
     fn accept(
         &mut self,
         build: &BuildId,
@@ -214,48 +276,61 @@ impl LogState {
         cap: u64,
         memory_limit: usize,
     ) -> Result<Accepted, LogError> {
-        let len = self.accepted;
+        let input = self.input;
         let end = offset + data.len() as u64;
-        if end <= len {
-            return Ok(Accepted::Nothing { len }); // already taken: a resend after a lost reply
+        if end <= input {
+            return Ok(Accepted::Nothing { next: input }); // already taken: a resend after a lost reply
         }
         if self.ending {
             return Err(LogError::Ended { build: build.clone() });
         }
-        if offset > len {
+        if offset > input {
             return Err(LogError::Gap {
                 build: build.clone(),
                 offset,
-                len,
+                len: input,
             });
         }
-        let new_bytes = &data[(len - offset) as usize..];
-        // The size cap: output past it is dropped; the append that crosses it is cut there
-        // and followed by the marker line, once.
-        let bytes = if kiln || len + new_bytes.len() as u64 <= cap {
-            Bytes::copy_from_slice(new_bytes)
-        } else if self.truncated {
-            return Ok(Accepted::Nothing { len });
-        } else {
-            let kept = &new_bytes[..cap.saturating_sub(len) as usize];
-            let last = kept.last().or(self.tail.last()).copied();
-            let newline = if len + (kept.len() as u64) > 0 && last != Some(b'\n') {
-                "\n"
-            } else {
-                ""
-            };
-            self.truncated = true;
-            tracing::warn!(build_id = %build, cap, "build log truncated (logs.max_bytes_per_build)");
-            Bytes::from([kept, newline.as_bytes(), truncation_marker(cap).as_bytes()].concat())
+        let new_bytes = &data[(input - offset) as usize..];
+        let head_cap = cap / 2;
+        let to_log = match self.clip {
+            Some(_) => 0,
+            None if kiln => new_bytes.len(),
+            None => (head_cap.saturating_sub(self.accepted) as usize).min(new_bytes.len()),
         };
-        self.tail.extend_from_slice(&bytes);
-        if self.tail.len() > memory_limit {
-            let drop = self.tail.len() - memory_limit;
-            self.tail.drain(..drop);
-            self.tail_start += drop as u64;
+        let (logged, diverted) = new_bytes.split_at(to_log);
+        if !diverted.is_empty() && self.clip.is_none() {
+            tracing::warn!(build_id = %build, cap, "build log clipped (logs.max_bytes_per_build): keeping its head and tail");
+            self.clip = Some(Clip {
+                head: self.accepted + logged.len() as u64,
+                segment: (cap - head_cap).max(1),
+            });
         }
-        self.accepted = len + bytes.len() as u64;
-        Ok(Accepted::Write { at: len, bytes })
+        let log = (!logged.is_empty()).then(|| {
+            let at = self.accepted;
+            self.tail.extend_from_slice(logged);
+            if self.tail.len() > memory_limit {
+                let drop = self.tail.len() - memory_limit;
+                self.tail.drain(..drop);
+                self.tail_start += drop as u64;
+            }
+            self.accepted += logged.len() as u64;
+            (at, Bytes::copy_from_slice(logged))
+        });
+        let divert = match (self.clip, diverted.is_empty()) {
+            (Some(clip), false) => Some(Diverted {
+                at: input + logged.len() as u64,
+                bytes: Bytes::copy_from_slice(diverted),
+                clip,
+            }),
+            _ => None,
+        };
+        self.input = end;
+        Ok(Accepted::Store {
+            log,
+            divert,
+            next: end,
+        })
     }
 
     /// Bytes `[offset, min(published, offset + READ_CHUNK))` if the tail holds them.
@@ -270,11 +345,15 @@ impl LogState {
         (from < to).then(|| Bytes::copy_from_slice(&self.tail[from..to]))
     }
 
-    /// The log is complete: a finished log is read from disk, so keep no copy in memory.
-    fn ended(&mut self) {
+    /// The log is complete, `len` bytes long: a finished log is read from disk, so keep no
+    /// copy in memory.
+    fn ended(&mut self, len: u64) {
         self.ending = true;
+        self.accepted = len;
+        self.input = len;
+        self.clip = None;
         self.tail = Vec::new();
-        self.tail_start = self.accepted;
+        self.tail_start = len;
     }
 }
 
@@ -289,14 +368,27 @@ fn end_path(dir: &Path, build: &BuildId) -> PathBuf {
     dir.join(format!("{build}.end"))
 }
 
+/// The directory of a clipped log's tail segments.
+fn clip_dir(dir: &Path, build: &BuildId) -> PathBuf {
+    dir.join(format!("{build}.clip"))
+}
+
 /// Why a log could not be loaded.
 enum LoadError {
     NotFound,
     Io(&'static str, io::Error),
 }
 
-/// The log's length and completeness on disk; with `create`, an empty log if there is none.
-fn load_blocking(dir: &Path, build: &BuildId, create: bool) -> Result<LogProgress, LoadError> {
+/// A log as found on disk.
+struct Found {
+    progress: LogProgress,
+    /// The clip and the writer's offset, if output was diverted to a tail.
+    clip: Option<(Clip, u64)>,
+}
+
+/// The log's length and completeness on disk, and its clipped tail if it has one; with
+/// `create`, an empty log if there is none.
+fn load_blocking(dir: &Path, build: &BuildId, create: bool) -> Result<Found, LoadError> {
     let path = log_path(dir, build);
     if create {
         crate::private_fs::create_dir_all(dir).map_err(|e| LoadError::Io("creating the log directory", e))?;
@@ -312,10 +404,42 @@ fn load_blocking(dir: &Path, build: &BuildId, create: bool) -> Result<LogProgres
         Err(e) => return Err(LoadError::Io("reading the log file's size", e)),
     };
     let ended = end_path(dir, build).exists();
-    Ok(LogProgress { len, ended })
+    let clips = clip_dir(dir, build);
+    let clip = if ended {
+        // A finish that stopped between the `.end` marker and removing the tail.
+        let _ = fs::remove_dir_all(&clips);
+        None
+    } else {
+        last_segment(&clips).map_err(|e| LoadError::Io("reading the log's clipped tail", e))?
+    };
+    let len = clip.map_or(len, |(clip, _)| clip.head);
+    Ok(Found {
+        progress: LogProgress { len, ended },
+        clip,
+    })
 }
 
-/// Up to `want` bytes of the log file from `offset`.
+/// The clip of the newest segment in `clips` and the writer's offset at its end.
+fn last_segment(clips: &Path) -> io::Result<Option<(Clip, u64)>> {
+    let entries = match fs::read_dir(clips) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut newest: Option<(Clip, u64, u64)> = None;
+    for entry in entries {
+        let entry = entry?;
+        let Some((clip, index)) = entry.file_name().to_str().and_then(Clip::parse) else {
+            continue;
+        };
+        if newest.is_none_or(|(_, i, _)| index >= i) {
+            newest = Some((clip, index, entry.metadata()?.len()));
+        }
+    }
+    Ok(newest.map(|(clip, index, len)| (clip, clip.head + index * clip.segment + len)))
+}
+
+/// Up to `want` bytes of the file at `path` from `offset`.
 fn read_blocking(path: &Path, offset: u64, want: usize) -> io::Result<Bytes> {
     let file = File::open(path)?;
     let mut buf = vec![0; want];
@@ -332,21 +456,34 @@ fn read_blocking(path: &Path, offset: u64, want: usize) -> io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
+/// How much of a clipped tail is copied into the log at once when it is finished.
+const TAIL_COPY_CHUNK: usize = 1 << 20;
+
+/// The end of a clipped log: its tail, `keep` bytes of it at most, goes after the marker.
+#[derive(Debug, Clone, Copy)]
+struct TailEnd {
+    clip: Clip,
+    /// The writer's offset: where the diverted output ends.
+    input: u64,
+    keep: u64,
+}
+
 /// One job for a log's writer; `done` gets its outcome.
 enum Job {
-    /// Write `bytes` at `at`.
+    /// Write `log` to the log file and `divert` to the clipped tail.
     Write {
-        at: u64,
-        bytes: Bytes,
+        log: Option<(u64, Bytes)>,
+        divert: Option<Diverted>,
         done: oneshot::Sender<io::Result<()>>,
     },
     /// Nothing; done once every earlier job is.
     Barrier(oneshot::Sender<io::Result<()>>),
-    /// Cut the file at `len` (the accepted length), flush it to disk and write the `.end`
-    /// marker.
+    /// Append the marker and the clipped tail (if any), cut the file at its length, flush it
+    /// to disk and write the `.end` marker; answers the log's final length.
     End {
         len: u64,
-        done: oneshot::Sender<io::Result<()>>,
+        tail: Option<TailEnd>,
+        done: oneshot::Sender<io::Result<u64>>,
     },
 }
 
@@ -354,7 +491,10 @@ enum Job {
 struct WriterFile {
     path: PathBuf,
     end_path: PathBuf,
+    clip_dir: PathBuf,
     file: Option<File>,
+    /// The tail segment being written, by index.
+    segment: Option<(u64, File)>,
     /// The first write error; every later job fails with it, so the file never gets a hole.
     poisoned: Option<(io::ErrorKind, String)>,
 }
@@ -368,30 +508,117 @@ impl WriterFile {
         Ok(self.file.as_ref().expect("opened above"))
     }
 
-    fn run(&mut self, job: &Job) -> io::Result<()> {
+    /// Segment `index` of the tail, created if new; starting one deletes the one before
+    /// its predecessor, so the tail keeps between one and two segments of the newest output.
+    fn segment(&mut self, clip: Clip, index: u64) -> io::Result<&File> {
+        if self.segment.as_ref().is_none_or(|(i, _)| *i != index) {
+            crate::private_fs::create_dir_all(&self.clip_dir)?;
+            let file = crate::private_fs::options()
+                .create(true)
+                .write(true)
+                .read(true)
+                .truncate(false)
+                .open(self.clip_dir.join(clip.segment_name(index)))?;
+            if let Some(old) = index.checked_sub(2) {
+                match fs::remove_file(self.clip_dir.join(clip.segment_name(old))) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            self.segment = Some((index, file));
+        }
+        Ok(&self.segment.as_ref().expect("opened above").1)
+    }
+
+    /// Writes diverted output into the tail's segments.
+    fn divert(&mut self, diverted: &Diverted) -> io::Result<()> {
+        let Diverted { mut at, bytes, clip } = diverted;
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let relative = at - clip.head;
+            let (index, within) = (relative / clip.segment, relative % clip.segment);
+            let n = rest.len().min((clip.segment - within) as usize);
+            self.segment(*clip, index)?.write_all_at(&rest[..n], within)?;
+            rest = &rest[n..];
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Appends the marker and the last `keep` bytes of the tail after the head; answers the
+    /// log's new length. Copies in bounded chunks: the tail may be half the cap.
+    fn append_tail(&mut self, tail: TailEnd) -> io::Result<u64> {
+        let TailEnd { clip, input, keep } = tail;
+        let diverted = input - clip.head;
+        let keep = keep.min(diverted).min(clip.segment);
+        let newline = clip.head > 0 && read_blocking(&self.path, clip.head - 1, 1)?.first() != Some(&b'\n');
+        let marker = format!(
+            "{}{}",
+            if newline { "\n" } else { "" },
+            clip_marker(diverted - keep)
+        );
+        self.file()?.write_all_at(marker.as_bytes(), clip.head)?;
+        let mut to = clip.head + marker.len() as u64;
+        let mut from = input - keep;
+        while from < input {
+            let relative = from - clip.head;
+            let (index, within) = (relative / clip.segment, relative % clip.segment);
+            let want = ((input - from).min(clip.segment - within) as usize).min(TAIL_COPY_CHUNK);
+            let path = self.clip_dir.join(clip.segment_name(index));
+            let chunk = read_blocking(&path, within, want)?;
+            if chunk.len() != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the clipped tail's segment {} is short", path.display()),
+                ));
+            }
+            self.file()?.write_all_at(&chunk, to)?;
+            to += want as u64;
+            from += want as u64;
+        }
+        Ok(to)
+    }
+
+    fn run(&mut self, job: &Job) -> io::Result<u64> {
         if let Some((kind, message)) = &self.poisoned {
             return Err(io::Error::new(
                 *kind,
                 format!("an earlier write failed: {message}"),
             ));
         }
-        let result = match job {
-            Job::Write { at, bytes, .. } => self.file().and_then(|f| f.write_all_at(bytes, *at)),
-            Job::Barrier(_) => Ok(()),
+        let result: io::Result<u64> = match job {
+            Job::Write { log, divert, .. } => (|| {
+                if let Some((at, bytes)) = log {
+                    self.file()?.write_all_at(bytes, *at)?;
+                }
+                if let Some(divert) = divert {
+                    self.divert(divert)?;
+                }
+                Ok(0)
+            })(),
+            Job::Barrier(_) => Ok(0),
             // The cut drops bytes past the accepted length that a write of a crashed
             // incarnation may have left beyond what its successor wrote again.
-            Job::End { len, .. } => self
-                .file()
-                .and_then(|f| f.set_len(*len).and_then(|()| f.sync_data()))
-                .and_then(|()| {
-                    // The marker makes completeness survive a restart of the fan-out or of Kiln.
-                    crate::private_fs::options()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&self.end_path)
-                        .map(drop)
-                }),
+            Job::End { len, tail, .. } => (|| {
+                let len = match tail {
+                    Some(tail) => self.append_tail(*tail)?,
+                    None => *len,
+                };
+                let file = self.file()?;
+                file.set_len(len)?;
+                file.sync_data()?;
+                // The marker makes completeness survive a restart of the fan-out or of Kiln.
+                crate::private_fs::options()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&self.end_path)?;
+                if tail.is_some() {
+                    self.segment = None;
+                    fs::remove_dir_all(&self.clip_dir)?;
+                }
+                Ok(len)
+            })(),
         };
         if let Err(e) = &result {
             self.poisoned = Some((e.kind(), e.to_string()));
@@ -403,10 +630,10 @@ impl WriterFile {
     fn run_batch(&mut self, jobs: Vec<Job>) {
         for job in jobs {
             let result = self.run(&job);
-            let done = match job {
-                Job::Write { done, .. } | Job::Barrier(done) | Job::End { done, .. } => done,
-            };
-            let _ = done.send(result);
+            match job {
+                Job::Write { done, .. } | Job::Barrier(done) => drop(done.send(result.map(drop))),
+                Job::End { done, .. } => drop(done.send(result)),
+            }
         }
     }
 }
@@ -446,7 +673,7 @@ type Reply<T> = oneshot::Sender<Result<T, LogError>>;
 
 /// A message waiting for its log to be loaded.
 enum Op {
-    Open(Reply<LogProgress>),
+    Open(Reply<Opened>),
     Append {
         offset: u64,
         data: Bytes,
@@ -464,7 +691,8 @@ enum Op {
 impl Op {
     fn fail(self, error: LogError) {
         match self {
-            Self::Open(reply) | Self::Finish(reply) => drop(reply.send(Err(error))),
+            Self::Open(reply) => drop(reply.send(Err(error))),
+            Self::Finish(reply) => drop(reply.send(Err(error))),
             Self::Append { reply, .. } => drop(reply.send(Err(error))),
             Self::Read { reply, .. } => drop(reply.send(Err(error))),
             Self::Subscribe(reply) => drop(reply.send(Err(error))),
@@ -483,6 +711,8 @@ struct BuildLog {
     /// What readers see: bytes in the file, and whether the log is complete.
     progress: watch::Sender<LogProgress>,
     books: LogState,
+    /// The writer's offset up to which every byte is stored (in the log or its tail).
+    stored: u64,
     /// The writer's queue; started on the first job, dropped when the log ends.
     writer: Option<mpsc::UnboundedSender<Job>>,
 }
@@ -492,9 +722,16 @@ impl BuildLog {
         *self.progress.borrow()
     }
 
-    /// Every accepted byte is in the file.
+    /// Every accepted byte is stored.
     fn settled(&self) -> bool {
-        self.progress().len == self.books.accepted
+        self.stored == self.books.input
+    }
+
+    fn opened(&self) -> Opened {
+        Opened {
+            progress: self.progress(),
+            append_at: self.books.input,
+        }
     }
 }
 
@@ -567,17 +804,19 @@ impl LogFanout {
         );
     }
 
-    fn loaded(&mut self, build: BuildId, loaded: Result<LogProgress, LoadError>, ctx: &mut Context<Self>) {
+    fn loaded(&mut self, build: BuildId, loaded: Result<Found, LoadError>, ctx: &mut Context<Self>) {
         let Some(Entry::Loading(waiting)) = self.logs.remove(&build) else {
             return; // forgotten meanwhile
         };
         match loaded {
-            Ok(progress) => {
+            Ok(found) => {
                 self.next_epoch += 1;
+                let books = LogState::loaded(&found);
                 let log = BuildLog {
                     epoch: self.next_epoch,
-                    progress: watch::Sender::new(progress),
-                    books: LogState::loaded(progress.len, progress.ended, self.max_bytes_per_build),
+                    progress: watch::Sender::new(found.progress),
+                    stored: books.input,
+                    books,
                     writer: None,
                 };
                 self.logs.insert(build.clone(), Entry::Ready(log));
@@ -629,7 +868,9 @@ impl LogFanout {
             let file = WriterFile {
                 path: log_path(&dir, build),
                 end_path: end_path(&dir, build),
+                clip_dir: clip_dir(&dir, build),
                 file: None,
+                segment: None,
                 poisoned: None,
             };
             ctx.spawn(actix::fut::wrap_future(writer(file, rx)));
@@ -680,7 +921,7 @@ impl LogFanout {
             Op::Subscribe(reply) => drop(reply.send(Ok(log.progress.subscribe()))),
             Op::Open(reply) => self.after_writes(build.clone(), ctx, move |act, result| {
                 let answer = match (result, act.ready(&build)) {
-                    (Ok(()), Some(log)) => Ok(log.progress()),
+                    (Ok(()), Some(log)) => Ok(log.opened()),
                     (Err(e), _) => Err(LogError::storage(&build, "writing the log")(e)),
                     (Ok(()), None) => Err(LogError::NotFound(build)),
                 };
@@ -713,17 +954,19 @@ impl LogFanout {
         let epoch = log.epoch;
         match log.books.accept(&build, offset, &data, kiln, cap, memory) {
             Err(e) => drop(reply.send(Err(e))),
-            Ok(Accepted::Nothing { len }) => self.after_writes(build.clone(), ctx, move |_, result| {
+            Ok(Accepted::Nothing { next }) => self.after_writes(build.clone(), ctx, move |_, result| {
                 let answer = result
-                    .map(|()| len)
+                    .map(|()| next)
                     .map_err(LogError::storage(&build, "writing the log"));
                 let _ = reply.send(answer);
             }),
-            Ok(Accepted::Write { at, bytes }) => {
-                let end = at + bytes.len() as u64;
-                self.metrics.log_bytes(bytes.len() as u64);
+            Ok(Accepted::Store { log, divert, next }) => {
+                let log_end = log.as_ref().map(|(at, bytes)| {
+                    self.metrics.log_bytes(bytes.len() as u64);
+                    at + bytes.len() as u64
+                });
                 let (done, written) = oneshot::channel();
-                self.enqueue(&build, Job::Write { at, bytes, done }, ctx);
+                self.enqueue(&build, Job::Write { log, divert, done }, ctx);
                 ctx.spawn(
                     actix::fut::wrap_future(written).map(move |result, act: &mut Self, _| {
                         let result =
@@ -731,9 +974,12 @@ impl LogFanout {
                         let answer = match result {
                             Ok(()) => {
                                 if let Some(log) = act.ready(&build).filter(|l| l.epoch == epoch) {
-                                    log.progress.send_modify(|p| p.len = p.len.max(end));
+                                    log.stored = log.stored.max(next);
+                                    if let Some(end) = log_end {
+                                        log.progress.send_modify(|p| p.len = p.len.max(end));
+                                    }
                                 }
-                                Ok(end)
+                                Ok(next)
                             }
                             Err(e) => {
                                 act.forget_books(&build, epoch);
@@ -748,6 +994,7 @@ impl LogFanout {
     }
 
     fn finish(&mut self, build: BuildId, reply: Reply<LogProgress>, ctx: &mut Context<Self>) {
+        let cap = self.max_bytes_per_build;
         let Some(log) = self.ready(&build) else {
             return drop(reply.send(Err(LogError::NotFound(build))));
         };
@@ -764,22 +1011,35 @@ impl LogFanout {
         }
         log.books.ending = true;
         let (epoch, len) = (log.epoch, log.books.accepted);
+        let tail = log.books.clip.map(|clip| TailEnd {
+            clip,
+            input: log.books.input,
+            keep: cap.saturating_sub(clip.head),
+        });
         let (done, ended) = oneshot::channel();
-        self.enqueue(&build, Job::End { len, done }, ctx);
+        self.enqueue(&build, Job::End { len, tail, done }, ctx);
         ctx.spawn(
             actix::fut::wrap_future(ended).map(move |result, act: &mut Self, _| {
                 let result = result.unwrap_or_else(|_| Err(io::Error::other("the log's writer stopped")));
+                if let Ok(final_len) = result {
+                    // The marker and the clipped tail.
+                    act.metrics.log_bytes(final_len.saturating_sub(len));
+                }
                 let answer = match result {
                     Err(e) => {
                         act.forget_books(&build, epoch);
                         Err(LogError::storage(&build, "ending the log")(e))
                     }
-                    Ok(()) => match act.ready(&build).filter(|l| l.epoch == epoch) {
+                    Ok(final_len) => match act.ready(&build).filter(|l| l.epoch == epoch) {
                         Some(log) => {
-                            log.books.ended();
+                            log.books.ended(final_len);
+                            log.stored = final_len;
                             // No more jobs: the writer ends when its queue closes.
                             log.writer = None;
-                            log.progress.send_modify(|p| p.ended = true);
+                            log.progress.send_modify(|p| {
+                                p.len = final_len;
+                                p.ended = true;
+                            });
                             Ok(log.progress())
                         }
                         None => Err(LogError::NotFound(build.clone())),
@@ -849,7 +1109,7 @@ impl Actor for LogFanout {
 }
 
 impl Handler<Open> for LogFanout {
-    type Result = ResponseActFuture<Self, Result<LogProgress, LogError>>;
+    type Result = ResponseActFuture<Self, Result<Opened, LogError>>;
 
     fn handle(&mut self, msg: Open, ctx: &mut Self::Context) -> Self::Result {
         self.call(msg.build, Op::Open, ctx)
@@ -916,9 +1176,11 @@ impl Handler<Forget> for LogFanout {
             }
         }
         let (log, end) = (log_path(&self.dir, &msg.build), end_path(&self.dir, &msg.build));
+        let clips = clip_dir(&self.dir, &msg.build);
         tokio::task::spawn_blocking(move || {
             let _ = fs::remove_file(log);
             let _ = fs::remove_file(end);
+            let _ = fs::remove_dir_all(clips);
         });
     }
 }
@@ -971,7 +1233,11 @@ mod tests {
     }
 
     async fn open(f: &Addr<LogFanout>, build: &BuildId) -> LogProgress {
-        f.send(Open { build: build.clone() }).await.unwrap().unwrap()
+        f.send(Open { build: build.clone() })
+            .await
+            .unwrap()
+            .unwrap()
+            .progress
     }
 
     async fn append(f: &Addr<LogFanout>, build: &BuildId, offset: u64, data: &[u8], kiln: bool) -> u64 {
@@ -1013,26 +1279,14 @@ mod tests {
     #[test]
     fn the_books_take_each_byte_once_and_refuse_gaps_and_late_output() {
         let build = BuildId::random();
-        let mut books = LogState::loaded(0, false, 1000);
+        let mut books = fresh();
         let accept = |books: &mut LogState, offset, data: &[u8]| {
             books.accept(&build, offset, data, false, 1000, 4).unwrap()
         };
-        assert_eq!(
-            accept(&mut books, 0, b"hello "),
-            Accepted::Write {
-                at: 0,
-                bytes: Bytes::from_static(b"hello ")
-            }
-        );
+        assert_eq!(accept(&mut books, 0, b"hello "), stored(0, b"hello "));
         // A resend of what was taken, whole or in part: nothing new, or only the new part.
-        assert_eq!(accept(&mut books, 0, b"hello "), Accepted::Nothing { len: 6 });
-        assert_eq!(
-            accept(&mut books, 3, b"lo world"),
-            Accepted::Write {
-                at: 6,
-                bytes: Bytes::from_static(b"world")
-            }
-        );
+        assert_eq!(accept(&mut books, 0, b"hello "), Accepted::Nothing { next: 6 });
+        assert_eq!(accept(&mut books, 3, b"lo world"), stored(6, b"world"));
         assert!(matches!(
             books.accept(&build, 20, b"x", false, 1000, 4),
             Err(LogError::Gap {
@@ -1052,100 +1306,207 @@ mod tests {
             books.accept(&build, 11, b"!", false, 1000, 4),
             Err(LogError::Ended { .. })
         ));
-        assert_eq!(accept(&mut books, 6, b"world"), Accepted::Nothing { len: 11 });
+        assert_eq!(accept(&mut books, 6, b"world"), Accepted::Nothing { next: 11 });
+    }
+
+    fn fresh() -> LogState {
+        LogState::loaded(&Found {
+            progress: LogProgress::default(),
+            clip: None,
+        })
+    }
+
+    /// What a log write of `bytes` at `at` (nothing diverted) is accepted as.
+    fn stored(at: u64, bytes: &'static [u8]) -> Accepted {
+        Accepted::Store {
+            log: Some((at, Bytes::from_static(bytes))),
+            divert: None,
+            next: at + bytes.len() as u64,
+        }
     }
 
     #[test]
-    fn the_books_cut_at_the_cap_once_and_keep_kilns_lines() {
+    fn the_books_keep_the_head_and_divert_the_rest_in_the_writers_offsets() {
         let build = BuildId::random();
-        let marker = truncation_marker(10);
-        let mut books = LogState::loaded(0, false, 10);
-        books.accept(&build, 0, b"12345678", false, 10, 64).unwrap();
-        let Ok(Accepted::Write { at, bytes }) = books.accept(&build, 8, b"abcd", false, 10, 64) else {
-            panic!("the crossing append is written, cut")
-        };
-        assert_eq!(at, 8);
-        assert_eq!(bytes, [&b"ab\n"[..], marker.as_bytes()].concat());
-        let len = 11 + marker.len() as u64;
+        let mut books = fresh();
+        // Kiln's own line goes to the head even past half the cap (5 of 10 here).
         assert_eq!(
-            books.accept(&build, len, b"more", false, 10, 64).unwrap(),
-            Accepted::Nothing { len }
+            books.accept(&build, 0, b"kiln:\n", true, 10, 64).unwrap(),
+            stored(0, b"kiln:\n")
+        );
+        let clip = Clip { head: 6, segment: 5 };
+        assert_eq!(
+            books.accept(&build, 6, b"abcd", false, 10, 64).unwrap(),
+            Accepted::Store {
+                log: None,
+                divert: Some(Diverted {
+                    at: 6,
+                    bytes: Bytes::from_static(b"abcd"),
+                    clip
+                }),
+                next: 10,
+            }
+        );
+        let mut books = fresh();
+        let head = Clip { head: 5, segment: 5 };
+        assert_eq!(
+            books.accept(&build, 0, b"12345678", false, 10, 64).unwrap(),
+            Accepted::Store {
+                log: Some((0, Bytes::from_static(b"12345"))),
+                divert: Some(Diverted {
+                    at: 5,
+                    bytes: Bytes::from_static(b"678"),
+                    clip: head
+                }),
+                next: 8,
+            }
+        );
+        assert_eq!((books.accepted, books.input), (5, 8));
+        // Resends are acknowledged in the writer's offsets; later lines, Kiln's too, divert.
+        assert_eq!(
+            books.accept(&build, 0, b"12345678", false, 10, 64).unwrap(),
+            Accepted::Nothing { next: 8 }
         );
         assert!(matches!(
-            books.accept(&build, len, b"verdict\n", true, 10, 64),
-            Ok(Accepted::Write { at, .. }) if at == len
+            books.accept(&build, 8, b"done\n", true, 10, 64).unwrap(),
+            Accepted::Store {
+                log: None,
+                divert: Some(Diverted { at: 8, .. }),
+                next: 13
+            }
         ));
-        // Loaded at the cap: cut before, so no second marker.
-        let mut again = LogState::loaded(len + 8, false, 10);
-        assert_eq!(
-            again.accept(&build, len + 8, b"x", false, 10, 64).unwrap(),
-            Accepted::Nothing { len: len + 8 }
-        );
+        // Loaded with a tail: the head's end and the writer's offset come from the segments.
+        let again = LogState::loaded(&Found {
+            progress: LogProgress { len: 5, ended: false },
+            clip: Some((head, 13)),
+        });
+        assert_eq!((again.accepted, again.input, again.clip), (5, 13, Some(head)));
+        assert_eq!(Clip::parse(&head.segment_name(7)), Some((head, 7)));
+        assert_eq!(Clip::parse("5-0-1"), None);
+        assert_eq!(Clip::parse("../../x"), None);
     }
 
     // ---- the actor -------------------------------------------------------------------------
 
+    async fn opened(f: &Addr<LogFanout>, build: &BuildId) -> Opened {
+        f.send(Open { build: build.clone() }).await.unwrap().unwrap()
+    }
+
+    /// A follower's whole log: reads from 0 as bytes are published, until the log ends.
+    async fn follow(f: Addr<LogFanout>, build: BuildId) -> Vec<u8> {
+        let mut progress = f.send(Subscribe { build: build.clone() }).await.unwrap().unwrap();
+        let mut got = Vec::new();
+        loop {
+            progress.borrow_and_update();
+            let chunk = f
+                .send(Read {
+                    build: build.clone(),
+                    offset: got.len() as u64,
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            got.extend_from_slice(&chunk.data);
+            if chunk.data.is_empty() {
+                if chunk.progress.ended {
+                    return got;
+                }
+                progress.changed().await.unwrap();
+            }
+        }
+    }
+
     #[test]
-    fn the_cap_cuts_output_once_and_keeps_kilns_lines() {
+    fn a_clipped_log_keeps_its_head_and_tail_and_followers_agree() {
         let dir = tempfile::tempdir().unwrap();
         let logs = dir.path().join("logs");
         let build = BuildId::random();
         let id = build.clone();
+        // Cap 100: a head of 50, a tail of 50 kept from segments of 50 bytes.
         with_fanout(&logs, 100, move |f| async move {
             open(&f, &id).await;
-            assert_eq!(append(&f, &id, 0, &[b'a'; 60], false).await, 60);
-            // Crossing the cap: cut at 100, then a newline and the marker.
-            let len = append(&f, &id, 60, &[b'b'; 60], false).await;
-            let marker = truncation_marker(100);
-            assert_eq!(len, 100 + 1 + marker.len() as u64);
-            // A resend of the same append and any later output are acknowledged, not stored.
-            assert_eq!(append(&f, &id, 60, &[b'b'; 60], false).await, len);
-            assert_eq!(append(&f, &id, len, b"more output\n", false).await, len);
-            // Kiln's own line still goes in.
-            let end = append(&f, &id, len, b"pushed x\n", true).await;
-            assert_eq!(end, len + 9);
-            finish(&f, &id).await;
+            let follower = actix::spawn(follow(f.clone(), id.clone()));
+            let mut printed = Vec::new();
+            let mut at = 0;
+            for i in 0..40u32 {
+                let line = format!("line {i:03}\n"); // 9 bytes
+                printed.extend_from_slice(line.as_bytes());
+                at = append(&f, &id, at, line.as_bytes(), false).await;
+                assert_eq!(at, printed.len() as u64, "the writer's offset counts every byte");
+            }
+            // A resend while clipping changes nothing.
+            assert_eq!(append(&f, &id, 9, b"line 001\n", false).await, at);
+            assert_eq!(
+                opened(&f, &id).await,
+                Opened {
+                    progress: LogProgress {
+                        len: 50,
+                        ended: false
+                    },
+                    append_at: at,
+                }
+            );
+            let end = append(&f, &id, at, b"pushed x\n", true).await;
+            printed.extend_from_slice(b"pushed x\n");
+            let finished = finish(&f, &id).await;
             let log = whole(&f, &id).await;
-            let expected = [
-                &[b'a'; 60][..],
-                &[b'b'; 40],
-                b"\n",
-                marker.as_bytes(),
-                b"pushed x\n",
-            ]
-            .concat();
-            assert_eq!(log, expected);
+            assert_eq!(finished.len, log.len() as u64);
+            let kept = &printed[printed.len() - 50..];
+            let clipped = end - 50 - 50;
+            let expected = [&printed[..50], b"\n", clip_marker(clipped).as_bytes(), kept].concat();
+            assert_eq!(String::from_utf8_lossy(&log), String::from_utf8_lossy(&expected));
+            assert!(log.ends_with(b"pushed x\n"));
+            assert_eq!(
+                follower.await.unwrap(),
+                log,
+                "the follower from 0 saw the same bytes"
+            );
         });
-        let path = logs.join(format!("{build}.log"));
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode & 0o077, 0, "log file mode {mode:o}");
-        let stored = fs::read(&path).unwrap();
+        assert!(
+            !logs.join(format!("{build}.clip")).exists(),
+            "the tail's segments are gone"
+        );
+        let stored = fs::read(logs.join(format!("{build}.log"))).unwrap();
         assert_eq!(
-            String::from_utf8_lossy(&stored)
-                .matches("log truncated at 100 bytes")
-                .count(),
+            String::from_utf8_lossy(&stored).matches("bytes clipped").count(),
             1
         );
+    }
 
-        // A restarted fan-out knows the log was cut: output stays dropped, no second marker.
+    /// A fan-out restarted while a log is clipped goes on in the writer's offsets (from the
+    /// segments' names), with only the last segments on disk.
+    #[test]
+    fn a_restart_while_clipping_goes_on_where_the_writer_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        let build = BuildId::random();
         let id = build.clone();
-        with_fanout(&logs, 100, move |f| async move {
-            assert_eq!(open(&f, &id).await.len, stored.len() as u64);
-        });
-        let unfinished = BuildId::random();
-        let id = unfinished.clone();
+        let printed: Vec<u8> = (0..1000u32)
+            .flat_map(|i| format!("{i:04}\n").into_bytes())
+            .collect();
+        let first = printed[..3000].to_vec();
         with_fanout(&logs, 100, move |f| async move {
             open(&f, &id).await;
-            append(&f, &id, 0, &[b'c'; 150], false).await;
+            let mut at = 0;
+            for chunk in first.chunks(7) {
+                at = append(&f, &id, at, chunk, false).await;
+            }
+            assert_eq!(at, 3000);
         });
-        let id = unfinished.clone();
+        let segments = fs::read_dir(logs.join(format!("{build}.clip"))).unwrap().count();
+        assert!(segments <= 2, "{segments} segments on disk");
+        let id = build.clone();
+        let rest = printed.clone();
         with_fanout(&logs, 100, move |f| async move {
-            let len = open(&f, &id).await.len;
-            assert_eq!(append(&f, &id, len, b"late output\n", false).await, len);
+            let opened = opened(&f, &id).await;
+            assert_eq!((opened.progress.len, opened.append_at), (50, 3000));
+            // A resend of the last append, then the rest.
+            assert_eq!(append(&f, &id, 2996, &rest[2996..3000], false).await, 3000);
+            append(&f, &id, 3000, &rest[3000..], false).await;
+            finish(&f, &id).await;
             let log = whole(&f, &id).await;
-            assert_eq!(String::from_utf8_lossy(&log).matches("log truncated").count(), 1);
-            assert!(log.starts_with(&[b'c'; 100]) && !log.windows(4).any(|w| w == b"late"));
+            let expected = [&rest[..50], clip_marker(5000 - 100).as_bytes(), &rest[4950..]].concat();
+            assert_eq!(String::from_utf8_lossy(&log), String::from_utf8_lossy(&expected));
         });
     }
 

@@ -22,6 +22,7 @@ mod resolver;
 mod supervision;
 mod supervisor;
 mod tasks;
+mod trace;
 
 use std::{sync::Arc, thread};
 
@@ -165,9 +166,15 @@ pub async fn start(
             isolation: config.engine.isolation()?,
             platform: platform.clone(),
             remote: config.engine.remote_policy()?,
+            storage: config
+                .storage
+                .policy(config.storage.engine_budget(&config.data_dir.join("engine"))?),
+            contexts_dir: Some(config.data_dir.join("contexts")),
         },
         registry.clone(),
     )?;
+    metrics.watch_storage(engine.storage().clone());
+    let handle_storage = engine.storage().clone();
     let contexts =
         ContextStore::open(config.data_dir.join("contexts"))?.with_idle_expiry(config.builds.upload_expiry);
     let contexts_tmp = config.data_dir.join("contexts").join("work");
@@ -176,6 +183,7 @@ pub async fn start(
         let _ = std::fs::remove_dir_all(stale.path());
     }
     let handle_contexts = contexts.clone();
+    let handle_engine = engine.clone();
     let builder = match config.builds.executor {
         ExecutorKind::Local => Builder::Local,
         ExecutorKind::Kubernetes => {
@@ -214,6 +222,7 @@ pub async fn start(
         .map(|r| r.parse())
         .collect::<Result<Vec<_>, _>>()?;
     let chaos_settings = ChaosSettings::from_config(&config.chaos)?;
+    metrics.set_build_slots(config.builds.max_concurrent);
     let config = config.clone();
     let (accepting, accepting_rx) = tokio::sync::watch::channel(true);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -339,7 +348,13 @@ pub async fn start(
     let (system, directory) = rx.recv()?;
     let max_context_bytes = config_max_context;
     Ok(ActorSystem {
-        handle: KilnHandle::new(directory.clone(), handle_contexts, max_context_bytes),
+        handle: KilnHandle::new(
+            directory.clone(),
+            handle_contexts,
+            max_context_bytes,
+            handle_storage,
+            handle_engine,
+        ),
         system,
         thread: Some(thread),
         directory,

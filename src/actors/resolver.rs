@@ -245,6 +245,19 @@ impl Handler<Resolve> for Resolver {
     }
 }
 
+/// How many resolved references this resolver's cache shard holds.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "u64")]
+pub struct CacheEntries;
+
+impl Handler<CacheEntries> for Resolver {
+    type Result = u64;
+
+    fn handle(&mut self, _: CacheEntries, _: &mut Self::Context) -> u64 {
+        self.cache.entry_count()
+    }
+}
+
 impl Handler<MostRequested> for Resolver {
     type Result = MessageResult<MostRequested>;
 

@@ -100,6 +100,41 @@ impl AccessPolicy {
         }
     }
 
+    /// The dashboard's policy (`api::dashboard`, on `metrics.addr`): guarded when that
+    /// address is not loopback or an admin token is configured, as the Admin API. Only the
+    /// token opens it: a browser has no client certificate to offer over plain HTTP.
+    pub fn for_dashboard(config: &Config) -> Result<Self, ConfigError> {
+        let token = config.grpc.admin_token()?;
+        if !config.metrics.addr.ip().is_loopback() || token.is_some() {
+            Ok(Self::guarded(token.as_ref(), false))
+        } else {
+            Ok(Self::open())
+        }
+    }
+
+    /// Decides one dashboard request by its `Authorization` header: `Bearer <token>`, or
+    /// HTTP Basic with the token as the password (what a browser sends after its login
+    /// prompt; the user name is ignored). `Err` says what to send.
+    pub fn check_http(&self, authorization: Option<&[u8]>) -> Result<(), &'static str> {
+        let Some(guard) = &self.guard else {
+            return Ok(());
+        };
+        let Some(expected) = &guard.token_digest else {
+            return Err("the dashboard beyond loopback needs grpc.admin_token, and this Kiln has none");
+        };
+        let what_to_send =
+            "send `Authorization: Bearer <grpc.admin_token>`, or log in with the admin token as the password";
+        let token = authorization.and_then(|raw| {
+            bearer_token(raw)
+                .map(<[u8]>::to_vec)
+                .or_else(|| basic_password(raw))
+        });
+        match token {
+            Some(token) if constant_time_eq(expected, &digest(&token)) => Ok(()),
+            _ => Err(what_to_send),
+        }
+    }
+
     /// Whether operator RPCs need credentials at all.
     pub fn is_guarded(&self) -> bool {
         self.guard.is_some()
@@ -172,6 +207,22 @@ fn bearer_token(raw: &[u8]) -> Option<&[u8]> {
     }
     let token = rest.trim_ascii();
     (rest.first().is_some_and(u8::is_ascii_whitespace) && !token.is_empty()).then_some(token)
+}
+
+/// The password of `Basic <base64(user:password)>` (the scheme is case-insensitive).
+fn basic_password(raw: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let raw = raw.trim_ascii();
+    let (scheme, rest) = raw.split_at_checked(5)?;
+    if !scheme.eq_ignore_ascii_case(b"basic") || !rest.first().is_some_and(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let pair = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim_ascii())
+        .ok()?;
+    let colon = pair.iter().position(|b| *b == b':')?;
+    let password = &pair[colon + 1..];
+    (!password.is_empty()).then(|| password.to_vec())
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -287,6 +338,35 @@ mod tests {
 
     const ADMIN: &str = "/kiln.admin.v1.Admin/ListActors";
     const CANCEL: &str = "/builder.ImageBuilder/CancelBuild";
+
+    #[test]
+    fn the_dashboard_opens_to_the_token_as_bearer_or_basic_password() {
+        use base64::Engine as _;
+        let basic = |pair: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair));
+        assert_eq!(AccessPolicy::open().check_http(None), Ok(()));
+        let policy = AccessPolicy::guarded(Some(&Secret::new("s3cret-token")), false);
+        assert!(policy.check_http(None).is_err());
+        assert_eq!(policy.check_http(Some(b"Bearer s3cret-token")), Ok(()));
+        assert_eq!(
+            policy.check_http(Some(basic("admin:s3cret-token").as_bytes())),
+            Ok(())
+        );
+        assert_eq!(policy.check_http(Some(basic(":s3cret-token").as_bytes())), Ok(()));
+        for wrong in [
+            "Bearer s3cret-toke".to_owned(),
+            "Bearer".to_owned(),
+            basic("s3cret-token:"),
+            basic("admin:wrong"),
+            "Basic !!!".to_owned(),
+            "s3cret-token".to_owned(),
+        ] {
+            let refused = policy.check_http(Some(wrong.as_bytes()));
+            assert!(refused.is_err(), "{wrong:?} was let in");
+            assert!(!refused.unwrap_err().contains("s3cret"), "the token leaks");
+        }
+        let no_token = AccessPolicy::guarded(None, true);
+        assert!(no_token.check_http(Some(b"Bearer x")).is_err());
+    }
 
     #[test]
     fn only_operator_rpcs_are_protected() {

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::status::{from_build_error, from_restart_error};
 use crate::{
     actors::{parse_kinds, BuildError, ChaosSettings, KilnHandle},
+    engine::storage::{PruneGoal, StoreKind},
     proto::admin::{self as pb, admin_server::Admin},
 };
 
@@ -78,6 +79,53 @@ impl Admin for AdminService {
         Ok(Response::new(pb::WarmNowResponse {
             images: warmed.images,
             failed: warmed.failed,
+        }))
+    }
+
+    async fn disk_usage(
+        &self,
+        _: Request<pb::DiskUsageRequest>,
+    ) -> Result<Response<pb::DiskUsageResponse>, Status> {
+        let (usage, engine_bytes, engine_budget_bytes) = self.kiln.disk_usage();
+        Ok(Response::new(pb::DiskUsageResponse {
+            engine_bytes,
+            engine_budget_bytes,
+            kinds: usage
+                .into_iter()
+                .map(|u| pb::StoreUsage {
+                    kind: u.kind.as_str().into(),
+                    bytes: u.bytes,
+                    budget_bytes: u.budget.unwrap_or(0),
+                    removed_bytes: u.removed,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn prune(&self, request: Request<pb::PruneRequest>) -> Result<Response<pb::PruneResponse>, Status> {
+        let request = request.into_inner();
+        let goal = match (request.all, request.keep_bytes) {
+            (true, 0) => Some(PruneGoal::All),
+            (true, _) => {
+                return Err(Status::invalid_argument(
+                    "prune: give all or keep_bytes, not both",
+                ))
+            }
+            (false, 0) => None,
+            (false, keep) => Some(PruneGoal::Keep(keep)),
+        };
+        let (removed, engine_bytes) = self.kiln.prune(goal).await.map_err(from_build_error)?;
+        Ok(Response::new(pb::PruneResponse {
+            removed: StoreKind::ALL
+                .iter()
+                .map(|&kind| pb::StoreUsage {
+                    kind: kind.as_str().into(),
+                    bytes: removed.of(kind),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_bytes: removed.total(),
+            engine_bytes,
         }))
     }
 }

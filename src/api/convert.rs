@@ -14,6 +14,9 @@ use crate::{
 
 use super::log_http::LogLinks;
 
+/// The most platforms one build request may name.
+const MAX_PLATFORMS: usize = 8;
+
 fn invalid(message: impl Into<String>) -> BuildError {
     BuildError::InvalidInput(message.into())
 }
@@ -100,6 +103,24 @@ fn dockerfile_source(f: pb::BuildSourceDockerfile) -> Result<BuildSource, BuildE
             .insert(id, value)
             .map_err(|e| invalid(format!("source.file.secrets: {e}")))?;
     }
+    let mut platforms: Vec<String> = Vec::new();
+    if f.platforms.len() > MAX_PLATFORMS {
+        return Err(invalid(format!(
+            "source.file.platforms: at most {MAX_PLATFORMS} platforms"
+        )));
+    }
+    for p in &f.platforms {
+        let platform: crate::registry::Platform = p
+            .parse()
+            .map_err(|e| invalid(format!("source.file.platforms: {e}")))?;
+        let platform = platform.to_string();
+        if platforms.contains(&platform) {
+            return Err(invalid(format!(
+                "source.file.platforms: {platform} is given twice"
+            )));
+        }
+        platforms.push(platform);
+    }
     Ok(BuildSource::Dockerfile(DockerfileSource {
         context,
         dockerfile_path,
@@ -107,6 +128,7 @@ fn dockerfile_source(f: pb::BuildSourceDockerfile) -> Result<BuildSource, BuildE
         build_args: f.build_args.into_iter().collect(),
         target,
         secrets,
+        platforms,
     }))
 }
 
@@ -182,6 +204,7 @@ pub fn build_request(req: pb::BuildRequest) -> Result<BuildRequest, BuildError> 
         force_rebuild: req.force_rebuild,
         base_resolved,
         triggered_by: req.triggered_by,
+        trace_parent: None,
     })
 }
 
@@ -216,6 +239,7 @@ pub fn info(snapshot: &BuildSnapshot, current: BuildStatus, links: &LogLinks) ->
             .unwrap_or(0),
         build_id: snapshot.id.to_string(),
         log_info: (current == BuildStatus::Running).then(|| links.log_info(&snapshot.id)),
+        queued: current == BuildStatus::Running && snapshot.queued,
     }
 }
 
@@ -258,6 +282,38 @@ pub fn failed_response(message: String) -> pb::BuildResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platforms_are_checked_and_each_named_once() {
+        let convert = |platforms: &[&str]| {
+            let file = pb::BuildSourceDockerfile {
+                context_digest: format!("sha256:{}", "a".repeat(64)),
+                platforms: platforms.iter().map(|p| (*p).to_owned()).collect(),
+                ..Default::default()
+            };
+            source(Some(pb::BuildSource {
+                from: Some(pb::build_source::From::File(file)),
+            }))
+        };
+        match convert(&["linux/amd64", "linux/aarch64"]).unwrap() {
+            BuildSource::Dockerfile(d) => assert_eq!(d.platforms, ["linux/amd64", "linux/arm64"]),
+            other => panic!("{other:?}"),
+        }
+        for (bad, wanted) in [
+            (
+                &["linux/../etc"][..],
+                "source.file.platforms: invalid platform \"linux/../etc\"",
+            ),
+            (
+                &["linux/arm64", "linux/aarch64"],
+                "source.file.platforms: linux/arm64 is given twice",
+            ),
+            (&["linux/amd64"; 9], "source.file.platforms: at most 8 platforms"),
+        ] {
+            let err = convert(bad).unwrap_err().to_string();
+            assert!(err.contains(wanted), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn paths_are_read_as_mk3_reads_them() {

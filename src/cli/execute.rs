@@ -89,7 +89,9 @@ pub struct ExecuteArgs {
     /// Registries (host[:port]) to reach over plain HTTP; loopback always is. Repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
-    /// The platform to build for.
+    /// The platform to build for, or a comma-separated list of them (an image index is
+    /// then pushed, one image per platform). RUN for a platform that is not the host's
+    /// needs qemu-user emulation registered in binfmt_misc (qemu-user-static).
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
     /// Layer compression: gzip or zstd.
@@ -202,13 +204,27 @@ fn data_dir_for(
     cache.join("kiln/execute")
 }
 
+/// `--platform`: one platform or a comma-separated list, each once.
+fn parse_platforms(list: &str) -> Result<Vec<Platform>, String> {
+    let mut platforms: Vec<Platform> = Vec::new();
+    for word in list.split(',') {
+        let platform: Platform = word.parse().map_err(|e| format!("--platform: {e}"))?;
+        if platforms.contains(&platform) {
+            return Err(format!("--platform: {platform} is given twice"));
+        }
+        platforms.push(platform);
+    }
+    Ok(platforms)
+}
+
 /// Builds and pushes; returns the pushed reference (`REPO:TAG@DIGEST`).
 async fn execute(args: ExecuteArgs) -> Result<String, String> {
     let destination: ImageRef = args
         .destination
         .parse()
         .map_err(|e| format!("--destination: {e}"))?;
-    let platform: Platform = args.platform.parse().map_err(|e| format!("--platform: {e}"))?;
+    let platforms = parse_platforms(&args.platform)?;
+    let platform = platforms[0].clone();
     let build_args: BTreeMap<String, String> = pairs("build-arg", &args.build_args)?
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -254,14 +270,22 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
     let remote = settings.remote_policy().map_err(|e| e.to_string())?;
     // This process's own image even if the file is replaced meanwhile.
     let exe = std::path::PathBuf::from("/proc/self/exe");
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    // The service's defaults: 10% of the filesystem, at least 2 GiB, collected by itself.
+    let storage = crate::config::StorageConfig::default();
+    let budget = storage
+        .engine_budget(&data_dir)
+        .map_err(|e| format!("sizing the engine store at {}: {e}", data_dir.display()))?;
     let engine = Engine::new(
         EngineConfig {
-            data_dir: args.data_dir.clone().unwrap_or_else(default_data_dir),
+            data_dir,
             exe,
             compression: settings.compression(),
             isolation,
             platform,
             remote,
+            storage: storage.policy(budget),
+            contexts_dir: None,
         },
         registry.clone(),
     )
@@ -315,6 +339,7 @@ async fn execute(args: ExecuteArgs) -> Result<String, String> {
         // A builder pod's cache mounts live and die with the pod: there is nothing to share.
         cache_scope: None,
         secrets: super::secret_flags::read_secret_flags(&args.secrets)?,
+        platforms,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
     let printer = tokio::spawn(async move {
@@ -449,5 +474,21 @@ mod tests {
             data_dir_for(None, None, 1000),
             PathBuf::from("/var/tmp/kiln-1000/kiln/execute")
         );
+    }
+
+    #[test]
+    fn platform_lists_are_each_platform_once() {
+        let list = parse_platforms("linux/amd64,linux/arm64/v8").unwrap();
+        let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["linux/amd64", "linux/arm64/v8"]);
+        assert!(parse_platforms("linux/amd64,linux/x86_64")
+            .unwrap_err()
+            .contains("linux/amd64 is given twice"));
+        for bad in ["", "linux/amd64,", "linux/../arm64", "linux/arm64,windows"] {
+            assert!(
+                parse_platforms(bad).unwrap_err().starts_with("--platform: "),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -139,7 +139,7 @@ pub enum Command {
     /// Operator commands: inspect and restart the service's actors.
     #[command(
         subcommand,
-        after_help = "Examples:\n  kiln admin actors\n  kiln admin restart resolver-0\n  kiln admin chaos on --interval 100ms\n  kiln admin warm"
+        after_help = "Examples:\n  kiln admin actors\n  kiln admin restart resolver-0\n  kiln admin chaos on --interval 100ms\n  kiln admin warm\n  kiln admin du\n  kiln admin prune --all"
     )]
     Admin(AdminCommand),
 
@@ -243,6 +243,46 @@ pub enum AdminCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show the bytes each kind of store entry takes, with its budget.
+    #[command(
+        long_about = "Show the bytes each kind of store entry takes on disk (unpacked layers, \
+            new layer blobs, the instruction cache, cache mounts, uploaded contexts), their \
+            budgets (`[storage]` in the service's config) and what garbage collection removed \
+            so far, from the service's books.",
+        after_help = "Examples:\n  kiln admin du\n  kiln admin du --json"
+    )]
+    Du {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove engine store entries no build holds, least recently used first.
+    #[command(
+        long_about = "Remove engine store entries (layers with their cache entries and blobs, \
+            cache mounts) that no running or queued build holds, least recently used first: \
+            down to the budget, to --keep, or everything with --all. Works when the service's \
+            garbage collection is off (`storage.gc = false`). Prints what was removed.",
+        after_help = "Examples:\n  kiln admin prune\n  kiln admin prune --keep 10GiB\n  kiln admin prune --all"
+    )]
+    Prune {
+        /// Remove everything no build holds.
+        #[arg(long, conflicts_with = "keep")]
+        all: bool,
+        /// Remove until the engine store holds at most this much (`10GiB`, bytes).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        keep: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// A size flag: bytes, or a number with a unit (`10GiB`).
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<crate::config::ByteSize>()
+        .map(|s| s.bytes())
+        .map_err(|e| e.to_string())
 }
 
 /// Flags of `kiln serve`.
@@ -392,6 +432,10 @@ pub struct BuildArgs {
         conflicts_with = "image_ref"
     )]
     pub secrets: Vec<String>,
+    /// The platforms to build for, comma-separated (os/arch[/variant]); several push an
+    /// image index. [default: the server's registry.platform]
+    #[arg(long, value_name = "PLATFORM[,PLATFORM…]", conflicts_with = "image_ref")]
+    pub platform: Option<String>,
     /// Build even if the workspace image exists already (its ref stays the same).
     #[arg(long)]
     pub force: bool,
@@ -557,6 +601,10 @@ pub fn run(cli: Cli) -> ExitCode {
             client,
         }) => client::run(client::admin_chaos(client, state == "on", kinds, interval)),
         Command::Admin(AdminCommand::Warm { client }) => client::run(client::admin_warm(client)),
+        Command::Admin(AdminCommand::Du { json, client }) => client::run(client::admin_du(client, json)),
+        Command::Admin(AdminCommand::Prune { all, keep, client }) => {
+            client::run(client::admin_prune(client, all, keep))
+        }
         Command::Sandbox => crate::engine::sandbox::child_main(),
         Command::Fsop => crate::engine::build::fsop_child_main(),
         Command::Execute(args) => execute::run(args),
@@ -572,15 +620,20 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let Err(e) = crate::telemetry::init(args.log_format) {
-        eprintln!("kiln: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    let telemetry = match crate::telemetry::init(args.log_format, &config.telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("kiln: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     if !config.ignored_keys.is_empty() {
         let keys: Vec<String> = config.ignored_keys.iter().map(ToString::to_string).collect();
         tracing::warn!(keys = %keys.join("; "), "image-builder-mk3 configuration read; these keys have no meaning in Kiln");
     }
-    match crate::server::run(config) {
+    let served = crate::server::run(config);
+    telemetry.shutdown();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "kiln serve failed");
@@ -932,6 +985,26 @@ mod tests {
             client::warm_summary(2, 1),
             "2 images warmed, 1 failed (see the service's log)\n"
         );
+        let Command::Admin(AdminCommand::Prune { all, keep, .. }) =
+            parse(&["admin", "prune", "--keep", "10GiB"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!((all, keep), (false, Some(10 << 30)));
+        assert_eq!(
+            parse_err(&["admin", "prune", "--all", "--keep", "1"]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            parse_err(&["admin", "prune", "--keep", "lots"]),
+            ErrorKind::ValueValidation
+        );
+        let Command::Admin(AdminCommand::Du { json, .. }) =
+            parse(&["admin", "du", "--json"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert!(json);
     }
 
     #[test]

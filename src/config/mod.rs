@@ -6,6 +6,9 @@
 //! read too ([`mk3`]), so an installation can switch without writing a new one.
 
 pub mod mk3;
+mod size;
+
+pub use size::{ByteSize, ByteSizeError};
 
 use std::{
     net::SocketAddr,
@@ -55,9 +58,11 @@ pub struct Config {
     pub actors: ActorsConfig,
     pub supervision: SupervisionConfig,
     pub logs: LogsConfig,
+    pub storage: StorageConfig,
     pub engine: EngineSettings,
     pub kubernetes: KubernetesConfig,
     pub chaos: ChaosConfig,
+    pub telemetry: TelemetryConfig,
     /// Keys of a configuration in another builder's format (image-builder-mk3's) that have
     /// no Kiln meaning, each with why; `kiln serve` names them at start-up.
     #[serde(skip)]
@@ -78,9 +83,11 @@ impl Default for Config {
             actors: ActorsConfig::default(),
             supervision: SupervisionConfig::default(),
             logs: LogsConfig::default(),
+            storage: StorageConfig::default(),
             engine: EngineSettings::default(),
             kubernetes: KubernetesConfig::default(),
             chaos: ChaosConfig::default(),
+            telemetry: TelemetryConfig::default(),
             ignored_keys: Vec::new(),
         }
     }
@@ -516,9 +523,9 @@ pub struct LogsConfig {
     /// Bytes of each running build's log kept in memory; older bytes are read from disk.
     /// Default 1 MiB.
     pub memory_bytes_per_build: usize,
-    /// Largest log of one build, in bytes. Output past it is dropped (the build goes on) and
-    /// the log ends with one line saying it was truncated; Kiln's own closing lines still
-    /// follow. Default 64 MiB.
+    /// Largest log of one build, in bytes (plus one marker line). Past it the log keeps its
+    /// head (the first half) and its tail (the last half), with one `[… N bytes clipped …]`
+    /// line between them; the build goes on. Default 100 MiB.
     pub max_bytes_per_build: u64,
     /// Where build logs are served over HTTP (`GET /v1/builds/<id>/log` with the headers of
     /// the build's `log_info`; Gitpod's dashboard reads logs this way). Default
@@ -533,10 +540,118 @@ impl Default for LogsConfig {
     fn default() -> Self {
         Self {
             memory_bytes_per_build: 1 << 20,
-            max_bytes_per_build: 64 << 20,
+            max_bytes_per_build: 100 << 20,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_public_url: None,
         }
+    }
+}
+
+/// What Kiln keeps on disk, and for how long (`docs/config.md`, "Storage"): the engine
+/// store's budget and garbage collection, and the embedded registry's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Largest size of the engine store as a whole (unpacked layers, new layer blobs, the
+    /// instruction cache, cache mounts). Default: 10% of the size of the filesystem holding
+    /// `<data_dir>/engine`, at least 2 GiB ([`StorageConfig::engine_budget`]).
+    pub max_bytes: Option<ByteSize>,
+    /// Entries nobody used for this long are removed even under the budget; `0s` keeps them
+    /// until the budget needs room. Default `7d`.
+    #[serde(with = "humantime_serde")]
+    pub keep_duration: Duration,
+    /// Largest size of the `RUN --mount=type=cache` directories, within `max_bytes`.
+    /// Default: no budget of their own.
+    pub cache_mounts_max_bytes: Option<ByteSize>,
+    /// Whether Kiln removes anything by itself. With `false` only `kiln admin prune` does.
+    /// Default `true`.
+    pub gc: bool,
+    /// Tags of Kiln's base-image repository (`registry.base_repository`, when it is in the
+    /// embedded registry) neither pushed nor pulled by tag for this long are removed, with
+    /// their content once nothing else references it. Workspace images are kept. Default 7
+    /// days.
+    #[serde(with = "humantime_serde")]
+    pub registry_keep_duration: Duration,
+    /// A blob of the embedded registry no manifest references is kept this long after it was
+    /// last uploaded, mounted or checked (`HEAD`), for pushes in flight. Default 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub registry_blob_grace: Duration,
+    /// An upload session of the embedded registry whose data has not grown for this long is
+    /// abandoned and removed. Default 24 hours.
+    #[serde(with = "humantime_serde")]
+    pub registry_upload_max_age: Duration,
+    /// How often the embedded registry collects garbage in the background. Default 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub registry_gc_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: None,
+            keep_duration: Duration::from_secs(7 * 86_400),
+            cache_mounts_max_bytes: None,
+            gc: true,
+            registry_keep_duration: Duration::from_secs(7 * 86_400),
+            registry_blob_grace: Duration::from_secs(3600),
+            registry_upload_max_age: Duration::from_secs(86_400),
+            registry_gc_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The smallest default engine budget.
+pub const MIN_DEFAULT_ENGINE_BUDGET: u64 = 2 << 30;
+/// The smallest budget the config accepts: less would not hold one build.
+const MIN_ENGINE_BUDGET: u64 = 16 << 20;
+
+impl StorageConfig {
+    /// The engine store's budget: `max_bytes`, else 10% of the filesystem holding `dir`
+    /// (the engine's directory, created if absent), at least [`MIN_DEFAULT_ENGINE_BUDGET`].
+    pub fn engine_budget(&self, dir: &Path) -> std::io::Result<u64> {
+        if let Some(max) = self.max_bytes {
+            return Ok(max.bytes());
+        }
+        std::fs::create_dir_all(dir)?;
+        let fs = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+        let size = fs.blocks() * fs.fragment_size();
+        Ok((size / 10).max(MIN_DEFAULT_ENGINE_BUDGET))
+    }
+
+    /// The engine's garbage-collection policy for a store of `max_bytes`.
+    pub fn policy(&self, max_bytes: u64) -> crate::engine::storage::StoragePolicy {
+        crate::engine::storage::StoragePolicy {
+            max_bytes,
+            cache_mounts_max_bytes: self.cache_mounts_max_bytes.map(ByteSize::bytes),
+            keep_duration: (!self.keep_duration.is_zero()).then_some(self.keep_duration),
+            gc: self.gc,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(max) = self.max_bytes {
+            if max.bytes() < MIN_ENGINE_BUDGET {
+                return Err(invalid(
+                    "storage.max_bytes",
+                    format!("{max} is too small to hold a build; give at least 16 MiB"),
+                ));
+            }
+            if let Some(mounts) = self.cache_mounts_max_bytes {
+                if mounts > max {
+                    return Err(invalid(
+                        "storage.cache_mounts_max_bytes",
+                        format!("{mounts} is more than storage.max_bytes ({max}), which it is part of"),
+                    ));
+                }
+            }
+        }
+        if self.cache_mounts_max_bytes == Some(ByteSize(0)) {
+            return Err(invalid(
+                "storage.cache_mounts_max_bytes",
+                "must be at least 1 (leave it out for no budget of its own)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -565,6 +680,52 @@ impl Default for ChaosConfig {
                 .collect(),
             interval: Duration::from_millis(100),
         }
+    }
+}
+
+/// Traces: OpenTelemetry spans of every RPC and build, exported over OTLP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Where spans go: an OTLP/gRPC collector, `http://host:4317` (or `https://`). Default:
+    /// unset, no spans are recorded or exported.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the exported spans. Default `kiln`.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "kiln".into(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let usable = url::Url::parse(endpoint).is_ok_and(|url| {
+                matches!(url.scheme(), "http" | "https")
+                    && url.host().is_some()
+                    && url.username().is_empty()
+                    && url.password().is_none()
+                    && url.query().is_none()
+                    && url.fragment().is_none()
+            });
+            if !usable {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// or https:// URL of an OTLP/gRPC collector without \
+                     credentials, query or fragment, e.g. \"http://otel-collector:4317\"",
+                ));
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(invalid("telemetry.service_name", "must not be empty"));
+        }
+        Ok(())
     }
 }
 
@@ -982,8 +1143,24 @@ impl Config {
                 "must not exceed registry.retry_backoff_max",
             ));
         }
+        self.storage.validate()?;
         if self.logs.max_bytes_per_build == 0 {
             return Err(invalid("logs.max_bytes_per_build", "must be at least 1"));
+        }
+        for (key, value) in [
+            (
+                "storage.registry_keep_duration",
+                self.storage.registry_keep_duration,
+            ),
+            (
+                "storage.registry_upload_max_age",
+                self.storage.registry_upload_max_age,
+            ),
+            ("storage.registry_gc_interval", self.storage.registry_gc_interval),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1s"));
+            }
         }
         if let Some(url) = &self.logs.http_public_url {
             let scheme_ok = ["http://", "https://"].iter().any(|scheme| {
@@ -1043,6 +1220,7 @@ impl Config {
                 .map_err(|e| invalid("warmer.refs", e.to_string()))?;
         }
         self.kubernetes.validate()?;
+        self.telemetry.validate()?;
         Ok(())
     }
 
@@ -1261,7 +1439,7 @@ mod tests {
             c.registry.embedded_credentials_path(Path::new("/d")),
             PathBuf::from("/d/registry-auth.json")
         );
-        assert_eq!(c.logs.max_bytes_per_build, 64 << 20);
+        assert_eq!(c.logs.max_bytes_per_build, 100 << 20);
         assert_eq!(c.engine.cache_mount_scope, CacheMountScope::Source);
         let remote = c.engine.remote_policy().unwrap();
         assert!(!remote.allow_private, "remote ADD reaches public addresses only");
@@ -1307,6 +1485,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("logs.max_bytes_per_build"), "{err}");
+        let c = Config::parse(
+            "[storage]\nregistry_keep_duration = \"7d\"\nregistry_blob_grace = \"0s\"\n\
+             registry_upload_max_age = \"2h\"\nregistry_gc_interval = \"10m\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.registry_keep_duration, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.storage.registry_blob_grace, Duration::ZERO);
+        assert_eq!(c.storage.registry_upload_max_age, Duration::from_secs(7200));
+        assert_eq!(c.storage.registry_gc_interval, Duration::from_secs(600));
+        let err = Config::parse("[storage]\nregistry_gc_interval = \"0s\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.registry_gc_interval"), "{err}");
         assert!(Config::parse("[engine]\ncache_mount_scope = \"tenant\"\n").is_err());
     }
 
@@ -1329,6 +1523,40 @@ mod tests {
         let c = Config::parse("[resolver]\ncache_ttl = \"90s\"\n[builds]\ntimeout = \"2h\"\n").unwrap();
         assert_eq!(c.resolver.cache_ttl, Duration::from_secs(90));
         assert_eq!(c.builds.timeout, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn storage_sizes_read_both_ways_and_bad_ones_are_named() {
+        let c = Config::parse(
+            "[storage]\nmax_bytes = \"200MiB\"\ncache_mounts_max_bytes = 1048576\ngc = false\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.max_bytes, Some(ByteSize(200 << 20)));
+        let policy = c.storage.policy(c.storage.engine_budget(Path::new("/")).unwrap());
+        assert_eq!(
+            (policy.max_bytes, policy.cache_mounts_max_bytes, policy.gc),
+            (200 << 20, Some(1 << 20), false)
+        );
+        let err = Config::parse("[storage]\nmax_bytes = \"lots\"\n").unwrap_err();
+        assert!(err.contains("max_bytes") && err.contains("not a size"), "{err}");
+        let refused = |toml: &str, key: &str| {
+            let err = Config::parse(toml)
+                .unwrap()
+                .validate()
+                .expect_err(toml)
+                .to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        };
+        refused("[storage]\nmax_bytes = 1000\n", "storage.max_bytes");
+        refused(
+            "[storage]\nmax_bytes = \"1GiB\"\ncache_mounts_max_bytes = \"2GiB\"\n",
+            "storage.cache_mounts_max_bytes",
+        );
+        // The default: 10% of the filesystem, at least 2 GiB.
+        let default = StorageConfig::default();
+        let dir = tempfile::tempdir().unwrap();
+        assert!(default.engine_budget(dir.path()).unwrap() >= MIN_DEFAULT_ENGINE_BUDGET);
     }
 
     #[test]
@@ -1382,5 +1610,37 @@ mod tests {
             c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         assert!(!Config::default().kubernetes.privileged);
+    }
+
+    #[test]
+    fn telemetry_endpoints_are_collector_urls() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.telemetry.otlp_endpoint, None);
+        assert_eq!(c.telemetry.service_name, "kiln");
+        for ok in ["http://127.0.0.1:4317", "https://otel-collector.monitoring:4317/"] {
+            let c = Config::parse(&format!("[telemetry]\notlp_endpoint = {ok:?}\n")).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "127.0.0.1:4317",
+            "grpc://collector:4317",
+            "http://user:secret@collector:4317",
+            "http://collector:4317/?token=x",
+            "http://",
+        ] {
+            let c = Config::parse(&format!("[telemetry]\notlp_endpoint = {bad:?}\n")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("telemetry.otlp_endpoint"), "{bad}: {err}");
+            assert!(
+                !err.contains("secret"),
+                "the refusal does not repeat the URL: {err}"
+            );
+        }
+        let c = Config::parse("[telemetry]\nservice_name = \" \"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("telemetry.service_name"));
     }
 }

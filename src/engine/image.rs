@@ -14,6 +14,8 @@ use crate::model::Digest;
 
 /// The media type of an OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The media type of an OCI image index (a multi-platform build's result).
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// The media type of an OCI image config.
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
@@ -210,6 +212,48 @@ impl Manifest {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("manifests always serialize")
+    }
+}
+
+/// The platform of an [`IndexEntry`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexPlatform {
+    pub architecture: String,
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+/// One image of an [`ImageIndex`]: its manifest and the platform it is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexEntry {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub platform: IndexPlatform,
+}
+
+/// An OCI image index: one image manifest per platform.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageIndex {
+    pub schema_version: u32,
+    pub media_type: String,
+    pub manifests: Vec<IndexEntry>,
+}
+
+impl ImageIndex {
+    pub fn new(manifests: Vec<IndexEntry>) -> Self {
+        Self {
+            schema_version: 2,
+            media_type: OCI_INDEX.into(),
+            manifests,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("indexes always serialize")
     }
 }
 

@@ -20,6 +20,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     engine::build::{BuildInput, Engine, EngineError},
@@ -98,6 +99,19 @@ pub enum ExecutorError {
     Cluster(#[from] ClusterError),
     #[error("this Kiln runs builds locally; it cannot follow builder pod {0}")]
     NoCluster(String),
+    /// The job failed while the data dir's filesystem was full (a copy into the embedded
+    /// registry, say); the engine names its own such failures ([`EngineError::NoSpace`]).
+    #[error(
+        "no space left on the data dir (used {} of {})",
+        crate::engine::storage::human_bytes(*used),
+        crate::engine::storage::human_bytes(*size)
+    )]
+    NoSpace {
+        used: u64,
+        size: u64,
+        #[source]
+        source: Box<ExecutorError>,
+    },
 }
 
 /// A build log channel that takes text lines.
@@ -148,7 +162,41 @@ impl Executor {
     }
 
     /// Runs `job` for `ticket`, sending log output (step lines, RUN output) to `log`.
+    /// Runs `job`. A job that fails while the data dir's filesystem is full fails with
+    /// [`ExecutorError::NoSpace`] and starts a collection of the engine store.
     pub async fn run(
+        &self,
+        ticket: &Ticket<'_>,
+        job: &Job,
+        log: &mpsc::UnboundedSender<Bytes>,
+        cancel: CancellationToken,
+    ) -> Result<JobOutput, ExecutorError> {
+        self.run_job(ticket, job, log, cancel)
+            .await
+            .map_err(|error| self.no_space_or(error))
+    }
+
+    fn no_space_or(&self, error: ExecutorError) -> ExecutorError {
+        if matches!(
+            error,
+            ExecutorError::Engine(EngineError::NoSpace { .. } | EngineError::Cancelled)
+        ) {
+            return error;
+        }
+        let storage = self.engine.storage();
+        let Some(full) = storage.disk_full() else {
+            return error;
+        };
+        tracing::warn!(used = full.used, size = full.size, %error, "a job failed on a full data dir");
+        storage.collect_soon();
+        ExecutorError::NoSpace {
+            used: full.used,
+            size: full.size,
+            source: Box::new(error),
+        }
+    }
+
+    async fn run_job(
         &self,
         ticket: &Ticket<'_>,
         job: &Job,
@@ -167,7 +215,8 @@ impl Executor {
                 let base = &input.destination;
                 let existing = match *force {
                     true => None,
-                    false => match self.registry.resolve(base, &input.auth).await {
+                    // Kiln's own result: an index stays one (a multi-platform build).
+                    false => match self.registry.resolve_exact(base, &input.auth).await {
                         Ok(pinned) => Some(pinned),
                         Err(e) if e.kind() == crate::registry::RegistryErrorKind::NotFound => None,
                         Err(error) => {
@@ -231,7 +280,7 @@ impl Executor {
         auth: &AuthPolicy,
     ) -> Result<ImageRef, ExecutorError> {
         self.registry
-            .resolve(base, auth)
+            .resolve_exact(base, auth)
             .await
             .map_err(|error| ExecutorError::Copy {
                 from: base.clone(),
@@ -257,9 +306,10 @@ impl Executor {
         let digest = self
             .registry
             .copy(source, target, auth, &on_event)
+            .instrument(tracing::debug_span!("copy", %source, %target))
             .await
             .map_err(fail)?;
-        let landed = self.registry.resolve(target, auth).await.map_err(fail)?;
+        let landed = self.registry.resolve_exact(target, auth).await.map_err(fail)?;
         if landed.digest() != Some(&digest) {
             return Err(ExecutorError::NotLanded {
                 target: target.clone(),

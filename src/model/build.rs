@@ -41,6 +41,21 @@ pub struct DockerfileSource {
     /// For `RUN --mount=type=secret`; not part of the build key (as in BuildKit, a secret
     /// does not change what a build is) and never kept.
     pub secrets: BuildSecrets,
+    /// The platforms to build for, `os/arch[/variant]` as the API checked them (each once);
+    /// empty: the installation's platform. Part of the build key.
+    pub platforms: Vec<String>,
+}
+
+impl DockerfileSource {
+    /// The platforms the build key covers, as one string: the list
+    /// (`linux/amd64,linux/arm64`), or `default` (the installation's platform) when the
+    /// source names none, so that naming that platform alone is the same build.
+    pub fn platforms_key(&self, default: &dyn fmt::Display) -> String {
+        match self.platforms.as_slice() {
+            [] => default.to_string(),
+            list => list.join(","),
+        }
+    }
 }
 
 /// The stable key of a build, derived only from its inputs: the same inputs always give the
@@ -238,6 +253,31 @@ mod tests {
         assert_ne!(base, key("FROM x", &ctx2, &args, None));
         assert_ne!(base, key("FROM x", &ctx, &BTreeMap::new(), None));
         assert_ne!(base, key("FROM x", &ctx, &args, Some("t")));
+    }
+
+    #[test]
+    fn the_platform_list_is_part_of_the_key_and_none_means_the_default() {
+        let source = |platforms: &[&str]| DockerfileSource {
+            context: ContextSource::Uploaded(format!("sha256:{}", "c".repeat(64)).parse().unwrap()),
+            dockerfile_path: "Dockerfile".into(),
+            context_path: ".".into(),
+            build_args: BTreeMap::new(),
+            target: None,
+            secrets: BuildSecrets::default(),
+            platforms: platforms.iter().map(|p| (*p).to_owned()).collect(),
+        };
+        let ctx: Digest = format!("sha256:{}", "c".repeat(64)).parse().unwrap();
+        let key = |platforms: &[&str]| {
+            let p = source(platforms).platforms_key(&"linux/amd64");
+            BuildKey::for_dockerfile("FROM x", &ctx, [], &BTreeMap::new(), None, &p)
+        };
+        assert_eq!(key(&[]), key(&["linux/amd64"]));
+        assert_ne!(key(&[]), key(&["linux/arm64"]));
+        assert_ne!(key(&["linux/amd64"]), key(&["linux/amd64", "linux/arm64"]));
+        assert_ne!(
+            key(&["linux/amd64", "linux/arm64"]),
+            key(&["linux/arm64", "linux/amd64"])
+        );
     }
 
     #[test]

@@ -177,6 +177,9 @@ impl RegistryClient {
             .max_capacity(CLIENT_CACHE_CAPACITY)
             .time_to_idle(CLIENT_CACHE_IDLE)
             .build();
+        for repository in [&config.base_repository, &config.workspace_repository] {
+            super::stats::seed_host(repository.registry());
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 platform: config.platform,
@@ -241,9 +244,23 @@ impl RegistryClient {
         let (body, digest) = self.fetch_manifest(&oci, image).await?;
         let digest = match inspect(image, &body)? {
             ManifestKind::Image { .. } => parse_digest(image, &digest)?,
-            ManifestKind::Index { .. } => self.choose_platform(image, &body)?,
+            ManifestKind::Index { .. } => self.choose_platform(image, &body, self.platform())?,
         };
         Ok(image.pinned(digest))
+    }
+
+    /// Tag → the digest of exactly the manifest it names: an image index stays the index
+    /// (what Kiln itself pushed, which for a multi-platform build is an index). Returns
+    /// `image.pinned(digest)`.
+    pub async fn resolve_exact(
+        &self,
+        image: &ImageRef,
+        auth: &AuthPolicy,
+    ) -> Result<ImageRef, RegistryError> {
+        let oci = self.oci_for_request(image, auth).await?;
+        let (body, digest) = self.fetch_manifest(&oci, image).await?;
+        inspect(image, &body)?;
+        Ok(image.pinned(parse_digest(image, &digest)?))
     }
 
     /// Whether the manifest exists (a HEAD, falling back to a GET when the registry sends no

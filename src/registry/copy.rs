@@ -15,10 +15,12 @@
 
 use std::{collections::HashSet, fmt, sync::Arc};
 
+use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
-use oci_client::manifest::OciDescriptor;
+use oci_client::manifest::{OciDescriptor, OciImageIndex};
 
 use super::{
+    client::{parse_digest, Oci},
     credentials::normalize_registry,
     manifests::{content_type, inspect, parse_image_manifest, ManifestKind},
     BlobPush, RegistryClient, RegistryError,
@@ -73,8 +75,10 @@ impl fmt::Display for CopyEvent {
 }
 
 impl RegistryClient {
-    /// Copies the single-platform image `source` (pinned by digest) to the tag `target`, and
-    /// returns the manifest digest (the source's: the manifest bytes are pushed unchanged).
+    /// Copies the image `source` (pinned by digest) to the tag `target`, and returns the
+    /// manifest digest (the source's: the manifest bytes are pushed unchanged). An image
+    /// index (a multi-platform build's result) is copied whole: each of its images by digest,
+    /// then the index under the tag.
     ///
     /// `source` is read with the credentials `auth` allows for it. `target` is Kiln's own
     /// workspace repository, so it is always written with the **installation's** credentials
@@ -107,55 +111,49 @@ impl RegistryClient {
 
         // oci-client checks the bytes against the pinned digest.
         let (body, _) = self.fetch_manifest(&src, source).await?;
-        let media_type = match inspect(source, &body)? {
-            ManifestKind::Image { media_type } => media_type,
-            ManifestKind::Index { .. } => {
-                return Err(RegistryError::SourceIsIndex {
-                    reference: source.to_string(),
-                })
+        match inspect(source, &body)? {
+            ManifestKind::Image { media_type } => {
+                self.copy_image(&src, &dst, source, &target, &body, &media_type, &digest, on_event)
+                    .await?
             }
-        };
-        let manifest = parse_image_manifest(source, &body)?;
-
-        let mut seen = HashSet::new();
-        let blobs: Vec<OciDescriptor> = std::iter::once(manifest.config)
-            .chain(manifest.layers)
-            .filter(|d| !NON_DISTRIBUTABLE.contains(&d.media_type.as_str()))
-            .filter(|d| seen.insert(d.digest.clone()))
-            .collect();
-        let same_registry = normalize_registry(source.registry()) == normalize_registry(target.registry());
-        tracing::debug!(%source, %target, blobs = blobs.len(), same_registry, "copying image");
-
-        let content_type = content_type(source, &media_type)?;
-        let target_reference = target.to_oci();
-        for attempt in 1.. {
-            futures::stream::iter(
-                blobs
-                    .iter()
-                    .map(|d| self.transfer(&src, &dst, source, &target, d)),
-            )
-            .buffer_unordered(MAX_CONCURRENT_BLOBS)
-            .try_for_each(|(digest, push)| {
-                on_event(CopyEvent::blob(digest, push));
-                futures::future::ready(Ok(()))
-            })
-            .await?;
-            let pushed = self
-                .push_manifest(&dst, &target, &body, &content_type, &digest)
-                .await;
-            match pushed {
-                Ok(_) => break,
-                // Blobs checked (and mounted or uploaded) again, then the manifest once more.
-                Err(e) if attempt < 3 && e.is_manifest_blob_unknown() => {
-                    tracing::warn!(%target, error = %e, attempt, "registry does not see the blobs of the manifest yet; pushing them again");
+            ManifestKind::Index { media_type } => {
+                let index: OciImageIndex =
+                    serde_json::from_slice(&body).map_err(|e| RegistryError::InvalidManifest {
+                        reference: source.to_string(),
+                        reason: format!("invalid image index: {e}"),
+                    })?;
+                for entry in &index.manifests {
+                    let entry_digest = parse_digest(source, &entry.digest)?;
+                    let image = source.pinned(entry_digest.clone());
+                    let (image_body, _) = self.fetch_manifest(&src, &image).await?;
+                    let ManifestKind::Image { media_type } = inspect(&image, &image_body)? else {
+                        return Err(RegistryError::SourceIsIndex {
+                            reference: image.to_string(),
+                        });
+                    };
+                    let by_digest = target.pinned(entry_digest.clone());
+                    self.copy_image(
+                        &src,
+                        &dst,
+                        &image,
+                        &by_digest,
+                        &image_body,
+                        &media_type,
+                        &entry_digest,
+                        on_event,
+                    )
+                    .await?;
                 }
-                Err(e) => return Err(e),
+                let content_type = content_type(source, &media_type)?;
+                self.push_manifest(&dst, &target, &body, &content_type, &digest)
+                    .await?;
+                on_event(CopyEvent::ManifestPushed {
+                    digest: digest.clone(),
+                });
             }
         }
-        on_event(CopyEvent::ManifestPushed {
-            digest: digest.clone(),
-        });
 
+        let target_reference = target.to_oci();
         let actual = self
             .retry_policy()
             .run(target.registry(), "check pushed manifest", || async {
@@ -177,6 +175,57 @@ impl RegistryClient {
         }
         tracing::debug!(%source, %target, %digest, "image copied");
         Ok(digest)
+    }
+
+    /// Copies the blobs of the image manifest `body` (of `source`, with `media_type` and
+    /// `digest`) and then the manifest to `target` (a tag, or the digest for an image of an
+    /// index).
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_image(
+        &self,
+        src: &Oci,
+        dst: &Oci,
+        source: &ImageRef,
+        target: &ImageRef,
+        body: &Bytes,
+        media_type: &str,
+        digest: &Digest,
+        on_event: &(dyn Fn(CopyEvent) + Send + Sync),
+    ) -> Result<(), RegistryError> {
+        let manifest = parse_image_manifest(source, body)?;
+
+        let mut seen = HashSet::new();
+        let blobs: Vec<OciDescriptor> = std::iter::once(manifest.config)
+            .chain(manifest.layers)
+            .filter(|d| !NON_DISTRIBUTABLE.contains(&d.media_type.as_str()))
+            .filter(|d| seen.insert(d.digest.clone()))
+            .collect();
+        let same_registry = normalize_registry(source.registry()) == normalize_registry(target.registry());
+        tracing::debug!(%source, %target, blobs = blobs.len(), same_registry, "copying image");
+
+        let content_type = content_type(source, media_type)?;
+        for attempt in 1.. {
+            futures::stream::iter(blobs.iter().map(|d| self.transfer(src, dst, source, target, d)))
+                .buffer_unordered(MAX_CONCURRENT_BLOBS)
+                .try_for_each(|(digest, push)| {
+                    on_event(CopyEvent::blob(digest, push));
+                    futures::future::ready(Ok(()))
+                })
+                .await?;
+            let pushed = self.push_manifest(dst, target, body, &content_type, digest).await;
+            match pushed {
+                Ok(_) => break,
+                // Blobs checked (and mounted or uploaded) again, then the manifest once more.
+                Err(e) if attempt < 3 && e.is_manifest_blob_unknown() => {
+                    tracing::warn!(%target, error = %e, attempt, "registry does not see the blobs of the manifest yet; pushing them again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        on_event(CopyEvent::ManifestPushed {
+            digest: digest.clone(),
+        });
+        Ok(())
     }
 }
 

@@ -76,7 +76,7 @@ pub enum RegistryError {
     UnsupportedDigest { reference: String, digest: String },
     #[error("copy source {reference} is not pinned by digest")]
     SourceNotPinned { reference: String },
-    #[error("copy source {reference} is an image index; resolve it to one platform first")]
+    #[error("copy source {reference} is an image index inside an image index")]
     SourceIsIndex { reference: String },
     #[error("copy target {reference} has no tag")]
     TargetNotTagged { reference: String },
@@ -193,6 +193,15 @@ pub enum RegistryErrorKind {
 }
 
 impl RegistryErrorKind {
+    /// Every kind, in declaration order (a kind's index is its discriminant).
+    pub const ALL: [Self; 5] = [
+        Self::NotFound,
+        Self::Unauthenticated,
+        Self::Unavailable,
+        Self::InvalidInput,
+        Self::Internal,
+    ];
+
     /// Only `Unavailable` is worth retrying (with backoff); every other kind gives the same
     /// answer again.
     pub fn is_retryable(self) -> bool {

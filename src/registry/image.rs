@@ -16,7 +16,7 @@ use super::{
     blobs::{blob_descriptor, is_digest_error},
     client::Oci,
     manifests::{descriptor_parts, manifest_kind, parse_image_manifest, ManifestKind},
-    RegistryClient, RegistryError,
+    Platform, RegistryClient, RegistryError,
 };
 use crate::model::{AuthPolicy, Digest, ImageRef};
 
@@ -28,7 +28,7 @@ pub const MAX_CONFIG_BYTES: u64 = 32 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchedImage {
     /// The image pinned to the platform manifest's digest (an index was resolved to the
-    /// configured platform).
+    /// platform asked for).
     pub reference: ImageRef,
     /// The manifest exactly as the registry served it (its digest is `reference`'s).
     pub manifest_bytes: Vec<u8>,
@@ -53,13 +53,14 @@ impl RegistryClient {
     /// The platform-resolved image manifest of `image` (pinned digest form) and its parsed
     /// config bytes.
     ///
-    /// An index (OCI index or Docker manifest list) is resolved to the configured platform
-    /// and that manifest is fetched by digest. Docker schema 2 and OCI image manifests are
+    /// An index (OCI index or Docker manifest list) is resolved to `platform` (a build's
+    /// stages may each want another) and that manifest is fetched by digest. Docker schema 2 and OCI image manifests are
     /// accepted; a schema 1 manifest, an unknown media type, a nested index or a config that
     /// is not an image config is an `InvalidInput` error naming the media type.
     pub async fn fetch_image(
         &self,
         image: &ImageRef,
+        platform: &Platform,
         auth: &AuthPolicy,
     ) -> Result<FetchedImage, RegistryError> {
         let oci = self.oci_for_request(image, auth).await?;
@@ -67,7 +68,7 @@ impl RegistryClient {
         let (reference, media_type) = match manifest_kind(image, &body)? {
             ManifestKind::Image { media_type } => (image.pinned(Digest::of(&body)), media_type),
             ManifestKind::Index { .. } => {
-                let pinned = image.pinned(self.choose_platform(image, &body)?);
+                let pinned = image.pinned(self.choose_platform(image, &body, platform)?);
                 // oci-client checks the bytes against the digest in the reference.
                 (body, _) = self.fetch_manifest(&oci, &pinned).await?;
                 match manifest_kind(&pinned, &body)? {

@@ -5,7 +5,7 @@
 //!   type, same digest).
 //! - Fetching one under the client's retry policy ([`RegistryClient::fetch_manifest`]; a
 //!   pinned reference is checked against its digest by oci-client).
-//! - Choosing the configured platform's manifest from an index
+//! - Choosing a platform's manifest from an index
 //!   ([`RegistryClient::choose_platform`]; the matching itself is `platform.rs`').
 //! - Pushing manifest bytes unchanged under the retry policy
 //!   ([`RegistryClient::push_manifest`], and the engine's
@@ -21,11 +21,12 @@ use oci_client::manifest::{
     IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use reqwest::header::HeaderValue;
+use tracing::Instrument as _;
 
 use super::{
     client::{parse_digest, Oci},
     platform::select_manifest,
-    RegistryClient, RegistryError,
+    Platform, RegistryClient, RegistryError,
 };
 use crate::model::{AuthPolicy, Digest, ImageRef};
 
@@ -177,22 +178,26 @@ impl RegistryClient {
             .await
     }
 
-    /// The digest of the configured platform's manifest in the index `body` of `image`;
+    /// The digest of `platform`'s manifest in the index `body` of `image`;
     /// `PlatformNotFound` (naming the platforms the index offers) when it has none.
-    pub(crate) fn choose_platform(&self, image: &ImageRef, body: &[u8]) -> Result<Digest, RegistryError> {
+    pub(crate) fn choose_platform(
+        &self,
+        image: &ImageRef,
+        body: &[u8],
+        platform: &Platform,
+    ) -> Result<Digest, RegistryError> {
         let index: OciImageIndex =
             serde_json::from_slice(body).map_err(|e| RegistryError::InvalidManifest {
                 reference: image.to_string(),
                 reason: format!("invalid image index: {e}"),
             })?;
-        let entry = select_manifest(&index, self.platform()).map_err(|available| {
-            RegistryError::PlatformNotFound {
+        let entry =
+            select_manifest(&index, platform).map_err(|available| RegistryError::PlatformNotFound {
                 reference: image.to_string(),
-                platform: self.platform().to_string(),
+                platform: platform.to_string(),
                 available,
-            }
-        })?;
-        tracing::debug!(image = %image, manifest = %entry.digest, platform = %self.platform(),
+            })?;
+        tracing::debug!(image = %image, manifest = %entry.digest, platform = %platform,
             "picked the platform manifest from the index");
         parse_digest(image, &entry.digest)
     }
@@ -220,6 +225,7 @@ impl RegistryClient {
                         source: Arc::new(e),
                     })
             })
+            .instrument(tracing::debug_span!("push_manifest", %target, %digest))
             .await
     }
 

@@ -11,6 +11,7 @@ mod image;
 mod manifests;
 mod platform;
 mod retry;
+pub mod stats;
 
 pub use blobs::BlobPush;
 pub use client::{

@@ -36,6 +36,24 @@ impl Platform {
         }
     }
 
+    /// The platform of the machine this process runs on (a build's `BUILDPLATFORM`): Linux
+    /// and the architecture Kiln was compiled for, in OCI's names.
+    pub fn host() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+            "loongarch64" => "loong64",
+            other => other,
+        };
+        Self {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: None,
+        }
+    }
+
     /// Whether an index entry's platform satisfies this one.
     pub fn matches(&self, os: &str, architecture: &str, variant: Option<&str>) -> bool {
         if self.os != os || self.architecture != normalize_arch(architecture) {
@@ -198,6 +216,17 @@ mod tests {
         ] {
             assert!(bad.parse::<Platform>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn the_host_platform_is_linux_on_the_compiled_architecture() {
+        let host = Platform::host();
+        assert_eq!(host.os, "linux");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(host.to_string(), "linux/amd64");
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(host.to_string(), "linux/arm64");
+        assert_eq!(host.to_string().parse::<Platform>().unwrap(), host);
     }
 
     #[test]

@@ -135,6 +135,7 @@ impl Attempts<'_> {
         retryable: bool,
     ) -> Result<(), RegistryError> {
         self.failed += 1;
+        super::stats::failed(error.kind());
         if !retryable {
             return Err(error);
         }

@@ -1,9 +1,12 @@
 //! Issue 9, point 11: limits. Huge logs, sparse archive entries, ARG expansion bombs and queue
 //! time are bounded, and the service stays healthy.
 //!
-//! - A RUN printing 100 MB under `logs.max_bytes_per_build = 1 MiB`: the build succeeds, its
-//!   stored log is the cap plus one marker line plus Kiln's closing line, on disk as through
-//!   Logs, and the server's RSS stays bounded.
+//! - A RUN printing 1 GiB (`yes | head -c 1G`) under `logs.max_bytes_per_build = 1 MiB` and
+//!   under the default 100 MiB, and one printing 256 MiB without a single newline: each build
+//!   succeeds, its stored log is
+//!   the head and the tail of the output (at most the cap) around one `[… N bytes clipped …]`
+//!   line, ending with Kiln's closing line; a follower from offset 0 and a read after the end
+//!   get the same bytes, as on disk; the server's RSS grows less than 50 MiB.
 //! - ARG expansion bombs (exponential growth of one word; many large words): the build fails
 //!   with a message naming the Dockerfile line and the limit; the server's RSS stays bounded
 //!   and it builds again afterwards.
@@ -66,68 +69,182 @@ impl Drop for RssSampler {
     }
 }
 
+/// How far the server's RSS may grow while a build prints far past its log cap.
+const CLIPPED_LOG_RSS_BOUND: u64 = 50 << 20;
+
+/// The log cap of most clipping tests: 1 MiB (a head of 512 KiB, a tail of 512 KiB).
+const CAP: usize = 1 << 20;
+
+/// `logs.max_bytes_per_build`'s default.
+const DEFAULT_CAP: usize = 100 << 20;
+
+/// Runs `command` in a RUN under a log cap of `cap` bytes (the server's), following its log
+/// from offset 0 while it runs and sampling the server's RSS; checks the clipped log (the
+/// head, one marker line, the tail; the follower's bytes, Logs' and the file's the same) and
+/// returns it.
+async fn clipped_build(kiln: &KilnServer, base: &str, command: &str, printed: u64, cap: usize) -> Vec<u8> {
+    let pid = kiln.pid().expect("a running server");
+    let mut client = kiln.builder().await;
+    let rss = RssSampler::start(pid);
+    // A follower from offset 0 while the build runs (the first build running on this server).
+    let mut follower_client = kiln.builder().await;
+    let follower = tokio::spawn(async move {
+        loop {
+            let builds = follower_client
+                .list_builds(ListBuildsRequest {})
+                .await
+                .expect("ListBuilds")
+                .into_inner()
+                .builds;
+            if let Some(running) = builds.iter().find(|b| b.status == BuildStatus::Running as i32) {
+                return read_log(&mut follower_client, &running.build_id).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let dockerfile = format!("FROM {base}\nRUN {command}; echo; echo after-$((6*7))\n");
+    let outcome = build_dockerfile(&mut client, &dockerfile).await;
+    outcome.assert_ended(BuildStatus::DoneSuccess);
+    let id = outcome.build_id().expect("a build id");
+    let log = read_log(&mut client, &id).await;
+    let text = String::from_utf8_lossy(&log);
+    let marker_at = find(&log, "[… ".as_bytes()).unwrap_or_else(|| {
+        panic!(
+            "no clip marker in the log of {} bytes: {}",
+            log.len(),
+            &text[..text.len().min(3000)]
+        )
+    });
+    let marker_end = marker_at + log[marker_at..].iter().position(|b| *b == b'\n').unwrap() + 1;
+    let marker = &text[marker_at..marker_end];
+    assert_eq!(text.matches("bytes clipped …]").count(), 1, "one marker line");
+    let clipped: u64 = marker
+        .trim_start_matches("[… ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a byte count in {marker:?}"));
+    let (head, tail) = (&log[..marker_at], &log[marker_end..]);
+    assert!(
+        head.len() + tail.len() <= cap + 1,
+        "head {} + tail {} bytes, the cap is {cap}",
+        head.len(),
+        tail.len()
+    );
+    assert!(head.len() >= cap / 2, "the head has {} bytes", head.len());
+    assert!(head.starts_with(b"build "), "the head starts with Kiln's header");
+    assert!(
+        clipped >= printed - cap as u64,
+        "{clipped} bytes clipped of {printed} printed"
+    );
+    assert!(
+        tail.ends_with(b"\n") && String::from_utf8_lossy(tail).contains("after-42\n"),
+        "the tail ends with the command's last line"
+    );
+    assert!(
+        String::from_utf8_lossy(&tail[tail.len().saturating_sub(4096)..]).contains("pushed "),
+        "the verdict line ends the tail"
+    );
+    let on_disk = std::fs::read(kiln.data_dir().join(format!("logs/{id}.log"))).expect("the log file");
+    assert!(on_disk == log, "the file and Logs disagree");
+    let followed = follower.await.expect("the follower");
+    assert!(
+        followed == log,
+        "the follower from 0 got {} bytes, a read after the end {}",
+        followed.len(),
+        log.len()
+    );
+    assert!(
+        !kiln.data_dir().join(format!("logs/{id}.clip")).exists(),
+        "the clipped tail's segments are removed"
+    );
+    eprintln!(
+        "clipped log: {} bytes of {printed} printed ({clipped} clipped); RSS growth {:.1} MiB",
+        log.len(),
+        rss.growth() as f64 / 1048576.0
+    );
+    assert!(
+        rss.growth() < CLIPPED_LOG_RSS_BOUND,
+        "RSS grew by {} MiB",
+        rss.growth() >> 20
+    );
+    log
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_huge_log_is_capped_and_the_build_goes_on() {
-    const CAP: usize = 1 << 20;
-    const PRINTED: usize = 100_000_000;
+async fn a_huge_log_keeps_its_head_and_tail_and_the_build_goes_on() {
     let kiln = KilnServer::start(
         KilnOptions::embedded().with_toml(&format!("[logs]\nmax_bytes_per_build = {CAP}\n")),
     );
     let base = busybox_in(&kiln);
-    let pid = kiln.pid().expect("a running server");
-    within(600, async {
-        let mut client = kiln.builder().await;
-        let rss = RssSampler::start(pid);
-        let outcome = build_dockerfile(
-            &mut client,
-            &format!("FROM {base}\nRUN yes kiln-hostile-log-line | head -c {PRINTED}; echo after-$((6*7))\n"),
+    within(900, async {
+        let log = clipped_build(
+            &kiln,
+            &base,
+            "yes kiln-hostile-log-line | head -c 1073741824",
+            1 << 30,
+            CAP,
         )
         .await;
-        outcome.assert_ended(BuildStatus::DoneSuccess);
-        let id = outcome.build_id().expect("a build id");
-        let log = read_log(&mut client, &id).await;
-        let marker = format!("log truncated at {CAP} bytes (logs.max_bytes_per_build)");
+        // The head holds the first lines of output, the tail the last ones.
         let text = String::from_utf8_lossy(&log);
-        assert_eq!(text.matches(&marker).count(), 1, "one marker line in the log");
-        // The cap, the marker line and Kiln's own closing line ("pushed …"), nothing more.
-        assert!(
-            log.len() <= CAP + 4096,
-            "the stored log has {} bytes, the cap is {CAP}",
-            log.len()
-        );
-        let at = find(&log, marker.as_bytes()).unwrap();
-        assert!(at <= CAP + 64, "the marker comes at {at}, past the cap");
-        assert!(
-            !text[at..].contains("kiln-hostile-log-line"),
-            "output after the marker"
-        );
-        assert!(
-            text[at..].contains("pushed "),
-            "the verdict line is missing after the marker:\n{}",
-            &text[at..]
-        );
-        let on_disk = std::fs::metadata(kiln.data_dir().join(format!("logs/{id}.log")))
-            .expect("the log file")
-            .len();
-        assert_eq!(on_disk as usize, log.len(), "the file and Logs disagree");
-        eprintln!(
-            "capped log: {} bytes of {PRINTED} printed; RSS growth {:.1} MiB",
-            log.len(),
-            rss.growth() as f64 / 1048576.0
-        );
-        assert!(
-            rss.growth() < RSS_GROWTH_BOUND,
-            "RSS grew by {} MiB",
-            rss.growth() >> 20
-        );
+        assert!(text[..CAP / 2].contains("kiln-hostile-log-line\nkiln-hostile-log-line\n"));
+        assert!(text[text.len() - CAP / 4..].contains("kiln-hostile-log-line\nkiln-hostile-log-line\n"));
 
         // The service is healthy and builds again.
+        let mut client = kiln.builder().await;
         client
             .list_builds(ListBuildsRequest {})
             .await
             .expect("ListBuilds");
         let again = build_dockerfile(&mut client, &format!("FROM {base}\nRUN echo fine-$((6*7))\n")).await;
         again.assert_ended(BuildStatus::DoneSuccess);
+    })
+    .await;
+}
+
+/// The same at the default cap: 50 MiB of head followed live, 50 MiB of tail copied in at
+/// the end, and still no memory growth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_log_at_the_default_cap_keeps_its_head_and_tail() {
+    let kiln = KilnServer::start(KilnOptions::embedded());
+    let base = busybox_in(&kiln);
+    within(900, async {
+        let log = clipped_build(
+            &kiln,
+            &base,
+            "yes kiln-hostile-log-line | head -c 1073741824",
+            1 << 30,
+            DEFAULT_CAP,
+        )
+        .await;
+        assert!(log.len() > DEFAULT_CAP - 4096, "the log has {} bytes", log.len());
+    })
+    .await;
+}
+
+/// One line of 256 MiB, no newline anywhere: clipped like any output, the marker on a line of
+/// its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_line_without_newlines_is_clipped() {
+    let kiln = KilnServer::start(
+        KilnOptions::embedded().with_toml(&format!("[logs]\nmax_bytes_per_build = {CAP}\n")),
+    );
+    let base = busybox_in(&kiln);
+    within(900, async {
+        let log = clipped_build(
+            &kiln,
+            &base,
+            "head -c 268435456 /dev/zero | tr '\\0' x",
+            256 << 20,
+            CAP,
+        )
+        .await;
+        let marker_at = find(&log, "[… ".as_bytes()).unwrap();
+        assert_eq!(log[marker_at - 1], b'\n', "the marker starts a line of its own");
+        assert!(log[marker_at - 1 - CAP / 4..marker_at - 1]
+            .iter()
+            .all(|b| *b == b'x'));
     })
     .await;
 }

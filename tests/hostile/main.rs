@@ -22,18 +22,32 @@
 //!   equal to a fresh read) while the server's RSS stays within a bound.
 //! - Remote ADD sources (`remote`): downloads stay off loopback, link-local and private
 //!   addresses unless the operator allows them, bounded, checksummed, placed as BuildKit does.
+//! - `FROM --platform` (`platforms`): garbage, `../` and an expansion bomb fail naming the
+//!   line, a bad `source.file.platforms` is refused naming the field; a RUN emulated for
+//!   linux/arm64 sees the same confinement as a native one.
+//! - Cache mounts full of symlinks out of the store, under ids that climb (`storage`): GC
+//!   (`kiln admin prune --all`) removes them and nothing outside the store.
+//! - The dashboard on the metrics address (`dashboard`): beyond loopback or with an admin
+//!   token, no page or endpoint but `/metrics` opens without the token; a Content Security
+//!   Policy of the page's own origin.
 //! - A registry (a tiny axum app here) answering a manifest that is not JSON, or one larger
 //!   than 4 MiB: ResolveBaseImage and Build fail with a clear code, never Unknown, never a hang.
+//! - Trace headers (`traces`): a malformed or oversized `traceparent`/`tracestate` is
+//!   ignored and the call works; no secret of a request reaches an exported span.
 
 #[path = "../support/mod.rs"]
 mod support;
 
+mod dashboard;
 mod files;
 mod gitpod;
 mod limits;
+mod platforms;
 mod remote;
 mod sandbox;
+mod storage;
 mod surfaces;
+mod traces;
 
 use std::{
     collections::HashMap,
@@ -72,6 +86,7 @@ use support::{
     base_images,
     docker_registry::DockerRegistry,
     kiln::{KilnOptions, KilnServer},
+    skip,
 };
 use tonic::{transport::Channel, Code, Status};
 
@@ -361,7 +376,7 @@ impl Outcome {
 }
 
 /// Runs a Build to its end (or its error).
-async fn run_build(client: &mut Client, request: BuildRequest) -> Outcome {
+async fn run_build(client: &mut Client, request: impl tonic::IntoRequest<BuildRequest>) -> Outcome {
     let mut stream = match client.build(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => {

@@ -20,6 +20,11 @@
 //!   `/v1/builds/<id>/log` are refused and show no log or file. Its supervisor calls
 //!   (Gitpod's grpc-web WebSockets) likewise: the headers must name the build and carry its
 //!   token, the task must be the build's, and frames outside the protocol are refused.
+//! - The embedded registry's garbage collector (issue 13, point 3) cannot be turned against
+//!   the store: manifests referencing blobs or manifests of another repository, or digests
+//!   crafted as paths (`sha256:../../…`, other algorithms, upper case, too long), are refused
+//!   before anything is stored; background collections then run, and the victim's image
+//!   pulls whole, files beside the registry's store are untouched.
 
 use std::{
     collections::HashMap,
@@ -956,4 +961,154 @@ async fn the_build_log_endpoint_opens_only_with_its_builds_token() {
         assert!(!log.contains(&token_a["x-kiln-log-token"]));
     })
     .await;
+}
+
+/// Issue 13, point 3: manifests crafted to make the registry's collector delete what it must
+/// not — blobs of another repository, paths outside the store — are refused, and collections
+/// running meanwhile leave the victim's image and every file beside the store alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_gc_cannot_be_aimed_outside_a_repository_or_the_store() {
+    let kiln = KilnServer::start(
+        KilnOptions::embedded()
+            .with_toml("[storage]\nregistry_blob_grace = \"1s\"\nregistry_gc_interval = \"1s\"\n"),
+    );
+    let addr = kiln.registry_addr().to_owned();
+    let (user, password) = kiln.registry_credentials().expect("registered credentials");
+    let auth = basic(&user, &password);
+    // Files an escaping path would reach: in the data dir, and beside it.
+    let data_dir = kiln.data_dir();
+    let sentinels = [
+        data_dir.join("hostile-gc-sentinel"),
+        data_dir.parent().unwrap().join("hostile-gc-sentinel"),
+        data_dir.join("registry/hostile-gc-sentinel"),
+    ];
+    for sentinel in &sentinels {
+        std::fs::write(sentinel, b"keep me").unwrap();
+    }
+    within(120, async {
+        // The victim's image.
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        let layer = b"the victim's layer".to_vec();
+        let mut digests = Vec::new();
+        for bytes in [&config, &layer] {
+            let digest = digest_of(bytes);
+            let (status, _, body) = call(
+                &addr,
+                Method::POST,
+                &format!("/v2/victim/app/blobs/uploads/?digest={digest}"),
+                Some(&auth),
+                bytes.clone(),
+                Some("application/octet-stream"),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&body));
+            digests.push(digest);
+        }
+        let image = |config: &str, layer: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": 2}],
+            }))
+            .unwrap()
+        };
+        let put = |repo: &'static str, reference: &'static str, body: Vec<u8>, media_type: &'static str| {
+            let (addr, auth) = (addr.clone(), auth.clone());
+            async move {
+                call(
+                    &addr,
+                    Method::PUT,
+                    &format!("/v2/{repo}/manifests/{reference}"),
+                    Some(&auth),
+                    body,
+                    Some(media_type),
+                )
+                .await
+            }
+        };
+        const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+        let victim = image(&digests[0], &digests[1]);
+        let (status, _, body) = put("victim/app", "v1", victim.clone(), MANIFEST).await;
+        assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&body));
+
+        // Another repository's blobs: refused, as is an index of another repository's manifest.
+        let (status, _, body) = put("evil/app", "stolen", victim.clone(), MANIFEST).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(String::from_utf8_lossy(&body).contains("MANIFEST_BLOB_UNKNOWN"));
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": MANIFEST, "digest": digest_of(&victim), "size": victim.len()}],
+        }))
+        .unwrap();
+        let (status, _, body) = put("evil/app", "index", index, "application/vnd.oci.image.index.v1+json").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(String::from_utf8_lossy(&body).contains("MANIFEST_BLOB_UNKNOWN"));
+
+        // Digests crafted as paths, or outside the grammar.
+        let hex = &digests[1]["sha256:".len()..];
+        let crafted = [
+            "sha256:../../../hostile-gc-sentinel".to_owned(),
+            "sha256:../../hostile-gc-sentinel".to_owned(),
+            format!("sha256:{hex}/../../../../hostile-gc-sentinel"),
+            format!("sha256:../{}", &hex[3..]),
+            format!("sha256:{}", hex.to_uppercase()),
+            format!("sha256:{hex}00"),
+            format!("sha512:{hex}{hex}"),
+            "/etc/passwd".to_owned(),
+        ];
+        for digest in &crafted {
+            let (status, _, body) = put("evil/app", "crafted", image(&digests[0], digest), MANIFEST).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{digest}: {}", String::from_utf8_lossy(&body));
+            let (status, _, _) = call(
+                &addr,
+                Method::DELETE,
+                &format!("/v2/evil/app/blobs/{}", digest.replace('/', "%2F")),
+                Some(&auth),
+                Vec::new(),
+                None,
+            )
+            .await;
+            assert!(status.is_client_error(), "DELETE of blob {digest}: {status}");
+        }
+
+        // An orphan of the attacker's own, which collections do remove.
+        let orphan = b"an orphan".to_vec();
+        let orphan_digest = digest_of(&orphan);
+        let (status, _, _) = call(
+            &addr,
+            Method::POST,
+            &format!("/v2/evil/app/blobs/uploads/?digest={orphan_digest}"),
+            Some(&auth),
+            orphan,
+            Some("application/octet-stream"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+
+        // Collections run (every second, a grace of one second); the victim pulls whole.
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        let (status, _, body) = call(&addr, Method::GET, "/v2/victim/app/manifests/v1", None, Vec::new(), None).await;
+        assert_eq!((status, body), (StatusCode::OK, victim.clone()));
+        for (digest, bytes) in digests.iter().zip([&config, &layer]) {
+            let path = format!("/v2/victim/app/blobs/{digest}");
+            let (status, _, body) = call(&addr, Method::GET, &path, None, Vec::new(), None).await;
+            assert_eq!((status, &body), (StatusCode::OK, bytes), "{digest}");
+        }
+        let (status, _, _) = call(&addr, Method::GET, "/v2/evil/app/manifests/stolen", None, Vec::new(), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let orphan_path = format!("/v2/evil/app/blobs/{orphan_digest}");
+        let (status, _, _) = call(&addr, Method::HEAD, &orphan_path, Some(&auth), Vec::new(), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "collections ran and removed the orphan");
+    })
+    .await;
+    for sentinel in &sentinels {
+        assert_eq!(
+            std::fs::read(sentinel).unwrap(),
+            b"keep me",
+            "{}",
+            sentinel.display()
+        );
+    }
 }

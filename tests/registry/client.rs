@@ -574,9 +574,9 @@ async fn copy_pushes_with_the_installation_credentials_whatever_the_policy() {
 }
 
 #[tokio::test]
-async fn copy_refuses_unpinned_sources_and_indexes() {
+async fn copy_refuses_unpinned_sources_and_copies_indexes_whole() {
     let reg = DockerRegistry::start();
-    let (index, _) = push_index(reg.addr(), "base/multi", "1", &["linux/amd64"]).await;
+    let (index, platforms) = push_index(reg.addr(), "base/multi", "1", &["linux/amd64", "linux/arm64"]).await;
     let c = client(reg.addr());
     let target = image_ref(reg.addr(), "kiln/workspace", "x");
     let (_, on_event) = recorder();
@@ -585,12 +585,19 @@ async fn copy_refuses_unpinned_sources_and_indexes() {
         c.copy(&unpinned, &target, &anonymous(), &on_event).await,
         RegistryErrorKind::InvalidInput,
     );
-    let err = assert_kind(
-        c.copy(&unpinned.pinned(index), &target, &anonymous(), &on_event)
-            .await,
-        RegistryErrorKind::InvalidInput,
+    // An index (a multi-platform build's result) is copied with every image it names.
+    let copied = c
+        .copy(&unpinned.pinned(index.clone()), &target, &anonymous(), &on_event)
+        .await
+        .unwrap();
+    assert_eq!(copied, index);
+    assert_eq!(
+        c.resolve_exact(&target, &anonymous()).await.unwrap(),
+        target.pinned(index)
     );
-    assert!(err.to_string().contains("index"), "{err}");
+    for (_, digest) in platforms {
+        assert!(c.exists(&target.pinned(digest), &anonymous()).await.unwrap());
+    }
 }
 
 // ---- statuses a real registry will not produce on demand -------------------------------------

@@ -14,7 +14,9 @@ use std::{
 use kiln::{
     engine::image::{Descriptor, ImageConfig, Manifest, OCI_CONFIG, OCI_MANIFEST},
     model::{AuthPolicy, BasicCredentials, Digest, ImageRef, InstallationCredentialScope, Secret},
-    registry::{BlobPush, ClientConfig, CredentialStore, RegistryClient, RegistryError, RegistryErrorKind},
+    registry::{
+        BlobPush, ClientConfig, CredentialStore, Platform, RegistryClient, RegistryError, RegistryErrorKind,
+    },
 };
 use oci_client::{
     client::{ClientConfig as OciConfig, ClientProtocol},
@@ -184,7 +186,10 @@ async fn fetches_an_image(reg: Reg) {
     let digest = push_image(&reg.addr, "base/app", "1", 3, 101).await;
     let c = client(&reg.addr);
     let tagged = reg.image("base/app", "1");
-    let fetched = c.fetch_image(&tagged, &anonymous()).await.unwrap();
+    let fetched = c
+        .fetch_image(&tagged, &Platform::linux_amd64(), &anonymous())
+        .await
+        .unwrap();
 
     assert_eq!(fetched.reference, tagged.pinned(digest.clone()));
     assert_eq!(Digest::of(&fetched.manifest_bytes), digest);
@@ -212,10 +217,18 @@ async fn fetches_an_image(reg: Reg) {
     }
 
     // The pinned form fetches the same, and a missing tag is NotFound.
-    let again = c.fetch_image(&fetched.reference, &anonymous()).await.unwrap();
+    let again = c
+        .fetch_image(&fetched.reference, &Platform::linux_amd64(), &anonymous())
+        .await
+        .unwrap();
     assert_eq!(again, fetched);
     assert_kind(
-        c.fetch_image(&reg.image("base/app", "nope"), &anonymous()).await,
+        c.fetch_image(
+            &reg.image("base/app", "nope"),
+            &Platform::linux_amd64(),
+            &anonymous(),
+        )
+        .await,
         RegistryErrorKind::NotFound,
     );
 }
@@ -232,7 +245,7 @@ async fn fetches_the_platform_image_of_an_index(reg: Reg) {
     let tagged = reg.image("base/multi", "1");
 
     let amd64 = client(&reg.addr)
-        .fetch_image(&tagged, &anonymous())
+        .fetch_image(&tagged, &Platform::linux_amd64(), &anonymous())
         .await
         .unwrap();
     assert_eq!(amd64.reference, tagged.pinned(digest_of("linux/amd64")));
@@ -241,15 +254,13 @@ async fn fetches_the_platform_image_of_an_index(reg: Reg) {
     assert_eq!(config.architecture, "amd64");
     assert_eq!(amd64.layers.len(), 1);
 
-    let mut arm = ClientConfig::new(
-        image_ref(&reg.addr, "kiln/base", "latest"),
-        image_ref(&reg.addr, "kiln/workspace", "latest"),
-    );
-    arm.platform = "linux/arm64".parse().unwrap();
-    let arm = RegistryClient::new(arm).unwrap();
     // Through the index's own digest too.
-    let arm64 = arm
-        .fetch_image(&tagged.pinned(index), &anonymous())
+    let arm64 = client(&reg.addr)
+        .fetch_image(
+            &tagged.pinned(index),
+            &"linux/arm64".parse().unwrap(),
+            &anonymous(),
+        )
         .await
         .unwrap();
     assert_eq!(arm64.reference, tagged.pinned(digest_of("linux/arm64/v8")));
@@ -260,15 +271,9 @@ async fn fetches_the_platform_image_of_an_index(reg: Reg) {
     );
     assert_ne!(arm64.layers, amd64.layers);
 
-    let mut s390x = ClientConfig::new(
-        image_ref(&reg.addr, "kiln/base", "latest"),
-        image_ref(&reg.addr, "kiln/workspace", "latest"),
-    );
-    s390x.platform = "linux/s390x".parse().unwrap();
     let err = assert_kind(
-        RegistryClient::new(s390x)
-            .unwrap()
-            .fetch_image(&tagged, &anonymous())
+        client(&reg.addr)
+            .fetch_image(&tagged, &"linux/s390x".parse().unwrap(), &anonymous())
             .await,
         RegistryErrorKind::NotFound,
     );
@@ -293,7 +298,10 @@ async fn fetches_docker_schema2_images_and_refuses_artifacts(reg: Reg) {
         .push_manifest_bytes(&tagged, manifest.clone(), DOCKER_MANIFEST, &anonymous())
         .await
         .unwrap();
-    let fetched = c.fetch_image(&tagged, &anonymous()).await.unwrap();
+    let fetched = c
+        .fetch_image(&tagged, &Platform::linux_amd64(), &anonymous())
+        .await
+        .unwrap();
     assert_eq!(fetched.reference, tagged.pinned(digest));
     assert_eq!(fetched.manifest_bytes, manifest);
     assert_eq!(fetched.manifest_media_type, DOCKER_MANIFEST);
@@ -318,7 +326,8 @@ async fn fetches_docker_schema2_images_and_refuses_artifacts(reg: Reg) {
         .await
         .unwrap();
     let err = assert_kind(
-        c.fetch_image(&chart, &anonymous()).await,
+        c.fetch_image(&chart, &Platform::linux_amd64(), &anonymous())
+            .await,
         RegistryErrorKind::InvalidInput,
     );
     assert!(err.to_string().contains(HELM_CONFIG), "{err}");
@@ -686,7 +695,10 @@ async fn pushes_a_built_manifest_and_fetches_it_back(reg: Reg) {
         .unwrap();
     assert_eq!(digest, Digest::of(&bytes));
 
-    let fetched = c.fetch_image(&workspace, &anonymous()).await.unwrap();
+    let fetched = c
+        .fetch_image(&workspace, &Platform::linux_amd64(), &anonymous())
+        .await
+        .unwrap();
     assert_eq!(fetched.reference, workspace.pinned(digest.clone()));
     assert_eq!(fetched.manifest_bytes, bytes);
     assert_eq!(fetched.manifest_media_type, OCI_MANIFEST);
@@ -723,7 +735,10 @@ async fn pushes_a_built_manifest_and_fetches_it_back(reg: Reg) {
     );
     assert!(c.exists(&pinned, &anonymous()).await.unwrap());
     assert_eq!(
-        c.fetch_image(&pinned, &anonymous()).await.unwrap().manifest_bytes,
+        c.fetch_image(&pinned, &Platform::linux_amd64(), &anonymous())
+            .await
+            .unwrap()
+            .manifest_bytes,
         bytes
     );
 

@@ -6,4 +6,5 @@ mod support;
 
 mod client;
 mod engine_io;
+mod gc;
 mod server;

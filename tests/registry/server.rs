@@ -138,12 +138,12 @@ impl TestRegistry {
 
 /// A plain-HTTP client. reqwest is built (through oci-client) without a rustls crypto
 /// provider, so install the crate's (ring) before building one.
-fn http_client() -> reqwest::Client {
+pub(crate) fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
-async fn text(resp: reqwest::Response) -> String {
+pub(crate) async fn text(resp: reqwest::Response) -> String {
     resp.text().await.unwrap_or_default()
 }
 
@@ -174,7 +174,7 @@ async fn error_of(resp: reqwest::Response) -> (StatusCode, String) {
 
 /// Runs skopeo with an isolated HOME (no credentials, no shared blob-info cache) and
 /// returns its stdout; panics with its stderr on failure.
-async fn skopeo(home: &Path, args: &[&str]) -> Vec<u8> {
+pub(crate) async fn skopeo(home: &Path, args: &[&str]) -> Vec<u8> {
     tools::ensure_installed("skopeo", "skopeo");
     let output = tokio::process::Command::new("skopeo")
         .arg("--insecure-policy")
@@ -196,7 +196,7 @@ async fn skopeo(home: &Path, args: &[&str]) -> Vec<u8> {
     output.stdout
 }
 
-fn oci_ref(dir: &Path, tag: &str) -> String {
+pub(crate) fn oci_ref(dir: &Path, tag: &str) -> String {
     format!("oci:{}:{tag}", dir.display())
 }
 

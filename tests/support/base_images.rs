@@ -392,8 +392,204 @@ fn build_busybox(work: &Path, version: &BusyboxVersion) -> (String, String) {
         &format!("busybox-static {} rootfs (make-base-images.sh)", version.upstream),
         "sh",
         &["--owner=0", "--group=0", "--mtime=@0"],
+        &host_arch(),
     );
     safe_rmtree(&root);
+    result
+}
+
+// ---------------------------------------------------------------------------------------
+// multi-platform busybox
+
+/// The applets the arm64 busybox image links (its binary cannot be run here to list them
+/// without emulation).
+const ARM64_APPLETS: [&str; 16] = [
+    "sh", "uname", "cat", "echo", "ls", "mkdir", "true", "false", "test", "env", "id", "stat", "wc", "grep",
+    "cp", "rm",
+];
+
+/// `REGISTRY/base/busybox-multi:latest`: an OCI image index of the host's busybox image
+/// ([`busybox_layout`]) for linux/amd64 and one for linux/arm64 made from Debian's
+/// `busybox-static:arm64` (downloaded with `apt-get download`, after `dpkg
+/// --add-architecture arm64` when the machine lacks it). Pushed once per registry and
+/// process; returns the reference. Only meaningful on an amd64 host.
+pub fn ensure_multiarch_busybox(registry: &str) -> String {
+    static LAYOUT: OnceLock<BaseLayout> = OnceLock::new();
+    let layout = LAYOUT.get_or_init(|| {
+        let amd64 = busybox_layout();
+        let arm64 = arm64_busybox_layout();
+        let key = format!(
+            "busybox-multi-{}-{}-{RECIPE_VERSION}",
+            &amd64.manifest_digest[7..19],
+            &arm64.manifest_digest[7..19]
+        );
+        cached_layout(&key, "base/busybox-multi", &["latest"], |work| {
+            build_index_layout(work, &[(amd64, "amd64"), (arm64, "arm64")])
+        })
+    });
+    push_all_once(registry, layout);
+    layout.reference(registry)
+}
+
+/// An OCI layout at `work/oci` whose one tag is an image index of `images` (each a
+/// single-image layout, with its architecture); returns (`""`, index digest).
+fn build_index_layout(work: &Path, images: &[(&BaseLayout, &str)]) -> (String, String) {
+    let layout = work.join("oci");
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut entries = Vec::new();
+    for (image, arch) in images {
+        for blob in fs::read_dir(image.dir.join("blobs/sha256")).unwrap() {
+            let blob = blob.unwrap();
+            fs::copy(blob.path(), blobs.join(blob.file_name())).unwrap();
+        }
+        let size = fs::metadata(image.dir.join("blobs/sha256").join(&image.manifest_digest[7..]))
+            .unwrap()
+            .len();
+        entries.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": image.manifest_digest,
+            "size": size,
+            "platform": { "architecture": arch, "os": "linux" },
+        }));
+    }
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    }))
+    .unwrap();
+    let index_hex = sha256_hex(&index);
+    fs::write(blobs.join(&index_hex), &index).unwrap();
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{index_hex}"),
+            "size": index.len(),
+            "annotations": { REF_NAME: "latest" },
+        }],
+    });
+    fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    (String::new(), format!("sha256:{index_hex}"))
+}
+
+/// `skopeo copy --all` of each tag of `layout` (an index and every image in it), once per
+/// registry and process.
+fn push_all_once(registry: &str, layout: &BaseLayout) {
+    static PUSHED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut pushed = PUSHED.lock().unwrap_or_else(|p| p.into_inner());
+    let pushed = pushed.get_or_insert_with(HashSet::new);
+    let key = format!("{registry} {}", layout.dir.display());
+    if pushed.contains(&key) {
+        return;
+    }
+    tools::ensure_installed("skopeo", "skopeo");
+    for tag in &layout.tags {
+        let dest = format!("{registry}/{}:{tag}", layout.repository);
+        let mut skopeo = Command::new("skopeo");
+        skopeo.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(kiln) = super::registry_auth::lookup(registry) {
+            skopeo.arg("--dest-authfile").arg(&kiln.auth_file);
+        }
+        run(skopeo
+            .arg(format!("oci:{}:{tag}", layout.dir.display()))
+            .arg(format!("docker://{dest}")));
+    }
+    pushed.insert(key);
+}
+
+/// The arm64 busybox layout (`base/busybox-arm64`), built on first use (cached on disk).
+pub fn arm64_busybox_layout() -> &'static BaseLayout {
+    static LAYOUT: OnceLock<BaseLayout> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let deb_dir = cache_dir().join("debs-arm64");
+        let deb = download_arm64_busybox(&deb_dir);
+        let name = deb.file_name().unwrap().to_string_lossy().into_owned();
+        let applets = &sha256_hex(ARM64_APPLETS.join(" ").as_bytes())[..8];
+        let key = format!("busybox-arm64-{}-{applets}-{RECIPE_VERSION}", sanitize(&name));
+        cached_layout(&key, "base/busybox-arm64", &["latest"], |work| {
+            build_arm64_busybox(work, &deb)
+        })
+    })
+}
+
+/// Downloads `busybox-static:arm64` into `dir` (once); returns the .deb's path.
+fn download_arm64_busybox(dir: &Path) -> PathBuf {
+    static DOWNLOAD: Mutex<()> = Mutex::new(());
+    let _guard = DOWNLOAD.lock().unwrap_or_else(|p| p.into_inner());
+    fs::create_dir_all(dir).unwrap();
+    let _lock = FileLock::acquire(&dir.join(".lock"));
+    let find = || {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy().starts_with("busybox-static_")
+                        && n.to_string_lossy().ends_with("_arm64.deb")
+                })
+            })
+    };
+    if let Some(deb) = find() {
+        return deb;
+    }
+    let foreign = run_stdout(Command::new("dpkg").arg("--print-foreign-architectures"));
+    if !foreign.lines().any(|a| a.trim() == "arm64") {
+        eprintln!("base_images: dpkg --add-architecture arm64 (to download busybox-static:arm64)");
+        run(Command::new("dpkg").args(["--add-architecture", "arm64"]));
+        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "-q", "update"]));
+    }
+    eprintln!("base_images: apt-get download busybox-static:arm64");
+    let download = || {
+        Command::new("apt-get")
+            .args(["-q", "download", "busybox-static:arm64"])
+            .current_dir(dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !download() {
+        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "-q", "update"]));
+        assert!(download(), "apt-get download busybox-static:arm64 failed");
+    }
+    find().expect("apt-get download wrote no busybox-static arm64 .deb")
+}
+
+/// Builds the arm64 busybox layout into `work/oci` from `deb`; returns (diff_id, config
+/// digest). Same rootfs as [`build_busybox`], with [`ARM64_APPLETS`] linked.
+fn build_arm64_busybox(work: &Path, deb: &Path) -> (String, String) {
+    let extracted = work.join("deb");
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&extracted));
+    let root = work.join("rootfs");
+    for d in ["bin", "etc", "root", "tmp", "proc", "sys", "dev"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    chmod(&root.join("tmp"), 0o1777);
+    chmod(&root.join("root"), 0o700);
+    fs::copy(extracted.join("bin/busybox"), root.join("bin/busybox")).expect("copying the arm64 busybox");
+    chmod(&root.join("bin/busybox"), 0o755);
+    for applet in ARM64_APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )
+    .unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    let result = pack_rootfs(
+        &root,
+        work,
+        &["latest"],
+        "busybox-static:arm64 rootfs",
+        "sh",
+        &["--owner=0", "--group=0", "--mtime=@0"],
+        "arm64",
+    );
+    safe_rmtree(&root);
+    safe_rmtree(&extracted);
     result
 }
 
@@ -513,6 +709,7 @@ fn build_debian(work: &Path, mirror: &str) -> (String, String) {
         &format!("debootstrap --variant=minbase {DEBIAN_SUITE} {mirror} (make-base-images.sh)"),
         "bash",
         &[],
+        &host_arch(),
     );
     safe_rmtree(&root);
     result
@@ -663,6 +860,7 @@ fn pack_rootfs(
     created_by: &str,
     cmd: &str,
     tar_opts: &[&str],
+    arch: &str,
 ) -> (String, String) {
     // names sorted bytewise (LC_ALL=C sort -z), NUL-separated, without a ./ prefix
     let mut names: Vec<Vec<u8>> = walkdir::WalkDir::new(rootfs)
@@ -727,7 +925,6 @@ fn pack_rootfs(
 
     // The config and manifest as umoci writes them (same keys, same order, Go's json.Encoder
     // newline at the end).
-    let arch = run_stdout(Command::new("dpkg").arg("--print-architecture"));
     let config = format!(
         "{{\"created\":\"{CREATED}\",\"architecture\":{arch},\"os\":\"linux\",\"config\":{{\"Env\":[{env}],\
          \"Cmd\":[{cmd}]}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[\"{diff_id}\"]}},\
@@ -768,6 +965,13 @@ fn pack_rootfs(
 
 // ---------------------------------------------------------------------------------------
 // helpers
+
+/// dpkg's name of this machine's architecture (`amd64`, `arm64`, …), which is OCI's too.
+fn host_arch() -> String {
+    run_stdout(Command::new("dpkg").arg("--print-architecture"))
+        .trim()
+        .to_owned()
+}
 
 fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap()

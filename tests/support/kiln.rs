@@ -51,6 +51,8 @@ pub struct KilnOptions {
     /// The IP the gRPC port listens on instead of 127.0.0.1 (e.g. `0.0.0.0`); clients still
     /// connect to `127.0.0.1:PORT`.
     pub grpc_listen_ip: Option<std::net::IpAddr>,
+    /// The same for the metrics port (and the dashboard on it).
+    pub metrics_listen_ip: Option<std::net::IpAddr>,
     /// Environment variables added to the service's.
     pub env: Vec<(String, String)>,
 }
@@ -65,6 +67,7 @@ impl Default for KilnOptions {
             grpc_toml: String::new(),
             registry_toml: String::new(),
             grpc_listen_ip: None,
+            metrics_listen_ip: None,
             env: Vec::new(),
         }
     }
@@ -131,6 +134,10 @@ impl KilnServer {
         let grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let grpc_listen = SocketAddr::new(options.grpc_listen_ip.unwrap_or(grpc_addr.ip()), grpc_addr.port());
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics_listen = SocketAddr::new(
+            options.metrics_listen_ip.unwrap_or(metrics_addr.ip()),
+            metrics_addr.port(),
+        );
         let data_dir = options
             .data_dir
             .clone()
@@ -143,7 +150,7 @@ impl KilnServer {
             RegistryMode::External(addr) => (format!("[registry]\nexternal = \"{addr}\"\n"), addr.clone()),
         };
         let config = format!(
-            "data_dir = {data_dir:?}\n\n[grpc]\naddr = \"{grpc_listen}\"\n{}\n[metrics]\naddr = \"{metrics_addr}\"\n\n\
+            "data_dir = {data_dir:?}\n\n[grpc]\naddr = \"{grpc_listen}\"\n{}\n[metrics]\naddr = \"{metrics_listen}\"\n\n\
              {registry_table}{}\n{}",
             options.grpc_toml,
             options.registry_toml,

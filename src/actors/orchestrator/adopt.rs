@@ -209,6 +209,9 @@ pub fn cluster_rows(table: &BuildTable, found: Vec<FoundBuild>) -> Vec<BuildSnap
                 started_at: f.created.unwrap_or(SystemTime::UNIX_EPOCH),
                 status,
                 message,
+                finished_at: None,
+                queued: false,
+                source: format!("builder pod {}", f.pod),
             }
         })
         .collect()

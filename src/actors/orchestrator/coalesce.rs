@@ -117,6 +117,7 @@ mod tests {
             force_rebuild: false,
             base_resolved: None,
             triggered_by: "test".into(),
+            trace_parent: None,
         }
     }
 

@@ -13,6 +13,7 @@ use std::{
 };
 
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use super::OrchestratorDeps;
 use crate::{
@@ -64,6 +65,7 @@ pub fn identity(source: &DockerfileSource, pinned_context: &str, auth: &AuthPoli
         field(v.as_bytes());
     }
     field(source.target.as_deref().unwrap_or("").as_bytes());
+    field(source.platforms.join(",").as_bytes());
     field(format!("{:?}", auth.installation).as_bytes());
     for (host, creds) in &auth.additional {
         field(host.as_bytes());
@@ -262,7 +264,13 @@ pub async fn plan(
         .acquire()
         .await
         .map_err(|e| BuildError::internal("planning slots", e))?;
-    let (dir, checkout, pinned_context, origin) = materialize(deps, source).await?;
+    let kind = match &source.context {
+        ContextSource::Git(_) => "git",
+        ContextSource::Uploaded(_) => "upload",
+    };
+    let span = tracing::debug_span!("checkout", context = kind, pinned = tracing::field::Empty);
+    let (dir, checkout, pinned_context, origin) = materialize(deps, source).instrument(span.clone()).await?;
+    span.record("pinned", pinned_context.as_str());
     let opened = {
         let (checkout, source) = (checkout.clone(), source.clone());
         tokio::task::spawn_blocking(move || open_context(&checkout, &source))
@@ -285,18 +293,22 @@ pub async fn plan(
         .acquire()
         .await
         .map_err(|e| BuildError::internal("planning slots", e))?;
+    let span = tracing::debug_span!("context_hash", digest = tracing::field::Empty);
     let context_digest =
         tokio::task::spawn_blocking(move || context::context_digest(&root_for_digest, &ignore))
+            .instrument(span.clone())
             .await
             .map_err(|e| BuildError::internal("hashing the context", e))?
             .map_err(|e| bad_source(format!("build context: {e}")))?;
+    span.record("digest", tracing::field::display(&context_digest));
+    let platforms = source.platforms_key(&deps.platform);
     let key = BuildKey::for_dockerfile(
         &text,
         &context_digest,
         pinned.values().filter_map(|r| r.digest()),
         &source.build_args,
         source.target.as_deref(),
-        &deps.platform,
+        &platforms,
     );
     let context = PreparedContext {
         _dir: dir,

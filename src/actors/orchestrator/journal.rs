@@ -173,6 +173,9 @@ pub enum PersistedSource {
         context_path: String,
         build_args: BTreeMap<String, String>,
         target: Option<String>,
+        /// Absent in records written before multi-platform builds.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        platforms: Vec<String>,
     },
 }
 
@@ -214,6 +217,39 @@ pub enum PersistedScope {
         workspace_repo: bool,
         any_of: Vec<String>,
     },
+}
+
+impl PersistedSource {
+    /// What is built, in a few words for people (no build arguments).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Image { reference } => format!("image {reference}"),
+            Self::Dockerfile {
+                context,
+                dockerfile_path,
+                target,
+                ..
+            } => {
+                let context = match context {
+                    PersistedContext::Git { remote, target, .. } => {
+                        let at = match target {
+                            PersistedGitTarget::RemoteHead => "HEAD".to_owned(),
+                            PersistedGitTarget::Commit(c)
+                            | PersistedGitTarget::RemoteBranch(c)
+                            | PersistedGitTarget::LocalBranch(c) => c.clone(),
+                        };
+                        format!("git {remote} @ {at}")
+                    }
+                    PersistedContext::Uploaded { digest } => format!("upload {digest}"),
+                };
+                let target = target
+                    .as_ref()
+                    .map(|t| format!(" --target {t}"))
+                    .unwrap_or_default();
+                format!("{dockerfile_path}{target} from {context}")
+            }
+        }
+    }
 }
 
 impl BuildInputs {
@@ -262,6 +298,7 @@ impl BuildInputs {
                     context_path: d.context_path.clone(),
                     build_args: d.build_args.clone(),
                     target: d.target.clone(),
+                    platforms: d.platforms.clone(),
                 }
             }
         };
@@ -321,6 +358,7 @@ impl BuildInputs {
                 context_path,
                 build_args,
                 target,
+                platforms,
             } => {
                 let context = match context {
                     PersistedContext::Uploaded { digest } => {
@@ -356,6 +394,7 @@ impl BuildInputs {
                     build_args: build_args.clone(),
                     target: target.clone(),
                     secrets: BuildSecrets::default(),
+                    platforms: platforms.clone(),
                 })
             }
         };
@@ -388,6 +427,7 @@ impl BuildInputs {
             force_rebuild: r.force_rebuild,
             base_resolved,
             triggered_by: self.triggered_by.clone(),
+            trace_parent: None,
         })
     }
 }
@@ -567,11 +607,13 @@ mod tests {
                 build_args: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
                 target: Some("final".into()),
                 secrets: BuildSecrets::default(),
+                platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
             }),
             auth: AuthPolicy::default(),
             force_rebuild: true,
             base_resolved: None,
             triggered_by: "test".into(),
+            trace_parent: None,
         }
     }
 

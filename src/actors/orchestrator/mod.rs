@@ -39,6 +39,7 @@ use std::{
 
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch, Semaphore};
+use tracing::Instrument as _;
 
 pub use dockerfile::PreparedContext;
 pub use journal::{BuildInputs, Journal, NotResumable};
@@ -70,6 +71,11 @@ pub struct BuildRequest {
     /// The caller already resolved the base image (Gitpod's `base_image_name_resolved`).
     pub base_resolved: Option<ImageRef>,
     pub triggered_by: String,
+    /// The span context of the call that made the request ([`KilnHandle::submit`] sets
+    /// it): planning and the build it starts continue that trace. Never persisted.
+    ///
+    /// [`KilnHandle::submit`]: super::KilnHandle::submit
+    pub trace_parent: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// How a build request was answered.
@@ -106,6 +112,8 @@ pub struct Submit(pub BuildRequest);
 pub struct PlanWorkspace {
     pub source: BuildSource,
     pub auth: AuthPolicy,
+    /// The span context of the call that asks (see [`BuildRequest::trace_parent`]).
+    pub trace_parent: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// The current state of one build.
@@ -128,6 +136,11 @@ pub struct ListBuilds;
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "usize")]
 pub struct CountRunning;
+
+/// How many request identities the plan cache holds.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "u64")]
+pub struct PlanCacheEntries;
 
 /// Cancels a running build.
 #[derive(Debug, Clone, Message)]
@@ -155,6 +168,9 @@ pub struct Announce {
     pub build: BuildId,
     pub actor: Recipient<CancelRun>,
     pub reported: usize,
+    /// When the build's time is up: `None` while it waits for a build slot. The build's
+    /// outgoing watch, read for `BuildSnapshot::queued`.
+    pub deadline: watch::Receiver<Option<std::time::Instant>>,
 }
 
 /// Recovers the unfinished builds no live build actor runs (see the module doc). Sent by
@@ -254,6 +270,8 @@ pub struct Orchestrator {
     table: BuildTable,
     /// The build actors that announced themselves to this incarnation.
     builds: HashMap<BuildId, Recipient<CancelRun>>,
+    /// The deadlines of the announced builds (`None` while queued for a build slot).
+    deadlines: HashMap<BuildId, watch::Receiver<Option<std::time::Instant>>>,
     /// Cancellations waiting for their build actor to announce itself.
     announce_waiters: HashMap<BuildId, Vec<oneshot::Sender<Recipient<CancelRun>>>>,
     /// Dockerfile requests planned before (identity → key and references), so a repeated
@@ -293,6 +311,7 @@ impl Orchestrator {
             deps,
             table,
             builds: HashMap::new(),
+            deadlines: HashMap::new(),
             announce_waiters: HashMap::new(),
             exists_checks: HashMap::new(),
             tasks: OwnedTasks::default(),
@@ -305,6 +324,19 @@ impl Orchestrator {
         self.table
             .get(id)
             .ok_or_else(|| BuildError::NotFound(id.to_string()))
+    }
+
+    /// Whether the announced build `id` waits for a build slot.
+    fn is_queued(&self, id: &BuildId) -> bool {
+        self.deadlines.get(id).is_some_and(|d| d.borrow().is_none())
+    }
+
+    /// A record's snapshot, with what this incarnation knows beyond the record.
+    fn snapshot_of(&self, record: &BuildRecord) -> BuildSnapshot {
+        BuildSnapshot {
+            queued: !record.has_ended() && self.is_queued(&record.id),
+            ..record.snapshot()
+        }
     }
 
     fn select(&self, selector: &BuildSelector) -> Result<&BuildRecord, BuildError> {
@@ -340,6 +372,7 @@ impl Orchestrator {
         });
         if let Updated::Finished(outcome, took) = updated {
             self.builds.remove(build);
+            self.deadlines.remove(build);
             self.announce_waiters.remove(build);
             tracing::info!(build_id = %build, outcome = outcome.as_str(), took_ms = took.as_millis() as u64, "build finished");
         }
@@ -523,12 +556,16 @@ pub const RESUMED: &str = "resumed after a restart of Kiln";
 /// line of its own even if the log ends mid-line. Nothing is appended to a log that ended.
 async fn append_line(deps: &OrchestratorDeps, build: &BuildId, line: &str) -> Result<(), BuildError> {
     let logs = &deps.directory.logs;
-    let progress = logs.call(log_fanout::Open { build: build.clone() }).await??;
+    let opened = logs.call(log_fanout::Open { build: build.clone() }).await??;
+    let progress = opened.progress;
     if progress.ended {
         return Ok(());
     }
     let mut text = String::new();
-    if progress.len > 0 {
+    if opened.append_at != progress.len {
+        // Output is being clipped: the line goes to the tail, which may end mid-line.
+        text.push('\n');
+    } else if progress.len > 0 {
         let last = logs
             .call(log_fanout::Read {
                 build: build.clone(),
@@ -543,7 +580,7 @@ async fn append_line(deps: &OrchestratorDeps, build: &BuildId, line: &str) -> Re
     text.push('\n');
     logs.call(log_fanout::Append {
         build: build.clone(),
-        offset: progress.len,
+        offset: opened.append_at,
         data: text.into_bytes().into(),
         kiln: true,
     })
@@ -578,16 +615,21 @@ impl Handler<Submit> for Orchestrator {
 
     fn handle(&mut self, Submit(request): Submit, ctx: &mut Self::Context) -> Self::Result {
         let me = ctx.address();
+        // The flow continues the trace of the request that started it; the requests that
+        // join it add no span.
+        let span = tracing::debug_span!("submit", force_rebuild = request.force_rebuild);
+        super::trace::continue_trace(&span, request.trace_parent.as_ref());
         if request.force_rebuild {
             // Never shared with another request: the flow answers its caller itself.
             let work = submit::submit(me, self.deps.clone(), self.planning.clone(), request);
-            return self.tasks.reply_later(ctx, work);
+            return self.tasks.reply_later(ctx, work.instrument(span));
         }
         let (answer, replier) = Later::deferred();
         let Some(flow) = self.submits.add(&request, replier) else {
             return answer; // an identical request's flow answers it too
         };
-        let work = submit::submit(me.clone(), self.deps.clone(), self.planning.clone(), request);
+        let work =
+            submit::submit(me.clone(), self.deps.clone(), self.planning.clone(), request).instrument(span);
         self.tasks.spawn(ctx, async move {
             let answer = work.await;
             me.do_send(submit::Submitted { flow, answer });
@@ -600,8 +642,10 @@ impl Handler<PlanWorkspace> for Orchestrator {
     type Result = Later<Result<WorkspacePlan, BuildError>>;
 
     fn handle(&mut self, msg: PlanWorkspace, ctx: &mut Self::Context) -> Self::Result {
+        let span = tracing::debug_span!("plan_workspace");
+        super::trace::continue_trace(&span, msg.trace_parent.as_ref());
         let flow = submit::plan_workspace(ctx.address(), self.deps.clone(), self.planning.clone(), msg);
-        self.tasks.reply_later(ctx, flow)
+        self.tasks.reply_later(ctx, flow.instrument(span))
     }
 }
 
@@ -617,7 +661,7 @@ impl Handler<Lookup> for Orchestrator {
     type Result = Result<BuildSnapshot, BuildError>;
 
     fn handle(&mut self, Lookup(selector): Lookup, _: &mut Self::Context) -> Self::Result {
-        Ok(self.select(&selector)?.snapshot())
+        Ok(self.snapshot_of(self.select(&selector)?))
     }
 }
 
@@ -626,7 +670,7 @@ impl Handler<WatchBuild> for Orchestrator {
 
     fn handle(&mut self, WatchBuild(id): WatchBuild, _: &mut Self::Context) -> Self::Result {
         let record = self.record(&id)?;
-        Ok((record.snapshot(), record.subscribe()))
+        Ok((self.snapshot_of(record), record.subscribe()))
     }
 }
 
@@ -638,6 +682,14 @@ impl Handler<CountRunning> for Orchestrator {
     }
 }
 
+impl Handler<PlanCacheEntries> for Orchestrator {
+    type Result = u64;
+
+    fn handle(&mut self, _: PlanCacheEntries, _: &mut Self::Context) -> u64 {
+        self.plan_cache.entry_count()
+    }
+}
+
 impl Handler<ListBuilds> for Orchestrator {
     type Result = ResponseActFuture<Self, Vec<BuildSnapshot>>;
 
@@ -646,6 +698,9 @@ impl Handler<ListBuilds> for Orchestrator {
         let found = async move { adopt::found_builds(&deps).await };
         Box::pin(found.into_actor(self).map(|found, act, _| {
             let mut rows = act.table.list();
+            for row in &mut rows {
+                row.queued = !row.status.is_terminal() && act.is_queued(&row.id);
+            }
             rows.extend(adopt::cluster_rows(&act.table, found));
             rows
         }))
@@ -719,6 +774,7 @@ impl Handler<Announce> for Orchestrator {
         for waiter in self.announce_waiters.remove(&msg.build).unwrap_or_default() {
             let _ = waiter.send(msg.actor.clone());
         }
+        self.deadlines.insert(msg.build.clone(), msg.deadline);
         self.builds.insert(msg.build, msg.actor);
     }
 }

@@ -167,6 +167,14 @@ async fn plan_dockerfile(
         pinned: planned.pinned,
         cache_scope: deps.cache_scope(&source.context),
         secrets: source.secrets.clone(),
+        platforms: source
+            .platforms
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e: crate::registry::PlatformParseError| {
+                BuildError::InvalidInput(format!("source.file.platforms: {e}"))
+            })?,
     };
     let job = Job::Dockerfile {
         input: Box::new(input),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use futures::FutureExt as _;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use super::{
     plan::{self, Plan, WorkspacePlan},
@@ -140,6 +141,7 @@ pub(super) async fn plan_workspace(
         force_rebuild: false,
         base_resolved: None,
         triggered_by: String::new(),
+        trace_parent: msg.trace_parent,
     };
     let known = match plan::quick_identity(deps.clone(), request.clone()).await {
         Some(identity) => ask(&me, Recall(identity)).await?,
@@ -184,11 +186,18 @@ async fn plan_caught(
     planning: Arc<Semaphore>,
     request: BuildRequest,
 ) -> Result<Plan, BuildError> {
+    let span = tracing::debug_span!("plan", workspace = tracing::field::Empty);
     // Boxed: a plan's future is large (tens of KiB: the Dockerfile path's state), and a flow
     // lives on after planning; unboxed, every flow in flight would carry it.
-    catch_panic(Box::pin(plan::plan_owned(deps, planning, request)))
-        .await
-        .unwrap_or_else(|panicked| Err(BuildError::internal("planning", panicked)))
+    let planned = catch_panic(Box::pin(
+        plan::plan_owned(deps, planning, request).instrument(span.clone()),
+    ))
+    .await
+    .unwrap_or_else(|panicked| Err(BuildError::internal("planning", panicked)));
+    if let Ok(plan) = &planned {
+        span.record("workspace", tracing::field::display(&plan.refs.workspace));
+    }
+    planned
 }
 
 async fn remember(me: &Addr<Orchestrator>, plan: &Plan) -> Result<(), BuildError> {

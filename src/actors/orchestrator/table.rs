@@ -93,6 +93,13 @@ pub struct BuildSnapshot {
     pub started_at: SystemTime,
     pub status: BuildStatus,
     pub message: String,
+    /// When it ended, if it did.
+    pub finished_at: Option<SystemTime>,
+    /// Running, but waiting for a build slot (`builds.max_concurrent`): known to the
+    /// orchestrator incarnation from its build actor, never persisted.
+    pub queued: bool,
+    /// What is built, for people (`PersistedSource::describe`); empty when unknown.
+    pub source: String,
 }
 
 /// The `Instant` that was `wall` on the wall clock (now if that is before this boot).
@@ -206,6 +213,11 @@ impl BuildRecord {
             started_at: self.started_at,
             status: last.status,
             message: last.message,
+            finished_at: self.finished_wall(),
+            queued: false,
+            source: (self.inputs.as_ref())
+                .map(|i| i.request.source.describe())
+                .unwrap_or_default(),
         }
     }
 
@@ -585,6 +597,7 @@ mod tests {
             force_rebuild: false,
             base_resolved: None,
             triggered_by: "t".into(),
+            trace_parent: None,
         })
     }
 
@@ -841,6 +854,7 @@ mod tests {
                 journal::to_ms(s.started_at),
                 BuildSnapshot {
                     started_at: SystemTime::UNIX_EPOCH,
+                    finished_at: None,
                     ..s
                 },
             )

@@ -125,3 +125,26 @@ pub async fn admin_warm(client: ClientArgs) -> Result<(), ClientError> {
     let resp = admin.warm_now(WarmNowRequest {}).await?.into_inner();
     print_out(&warm_summary(resp.images, resp.failed))
 }
+
+/// `kiln admin du`: bytes per kind of store entry, with budgets.
+pub async fn admin_du(client: ClientArgs, json: bool) -> Result<(), ClientError> {
+    let mut admin = AdminClient::new(connect(&client).await?);
+    let usage = admin.disk_usage(DiskUsageRequest {}).await?.into_inner();
+    let text = if json {
+        pretty(&disk_usage_json(&usage))
+    } else {
+        disk_usage_table(&usage)
+    };
+    print_out(&text)
+}
+
+/// `kiln admin prune [--all|--keep SIZE]`: prints what was removed.
+pub async fn admin_prune(client: ClientArgs, all: bool, keep: Option<u64>) -> Result<(), ClientError> {
+    let mut admin = AdminClient::new(connect(&client).await?);
+    let request = PruneRequest {
+        all,
+        keep_bytes: keep.unwrap_or(0),
+    };
+    let resp = admin.prune(request).await?.into_inner();
+    print_out(&prune_summary(&resp))
+}

@@ -2,6 +2,16 @@
 
 use super::*;
 
+/// A build's status as people read it: `queued` for a running build that waits for a
+/// build slot, else the wire name.
+pub fn status_name(b: &BuildInfo) -> &'static str {
+    if b.queued && b.status() == BuildStatus::Running {
+        "queued"
+    } else {
+        b.status().as_str_name()
+    }
+}
+
 /// The `kiln list` table: BUILD ID, STATUS, STARTED, REF.
 pub fn builds_table(builds: &[BuildInfo]) -> String {
     let rows: Vec<Vec<String>> = builds
@@ -9,7 +19,7 @@ pub fn builds_table(builds: &[BuildInfo]) -> String {
         .map(|b| {
             vec![
                 dash_if_empty(&b.build_id),
-                b.status().as_str_name().to_owned(),
+                status_name(b).to_owned(),
                 started(b.started_at),
                 dash_if_empty(&b.r#ref),
             ]
@@ -23,6 +33,7 @@ pub fn build_info_json(b: &BuildInfo) -> Value {
     json!({
         "build_id": b.build_id,
         "status": b.status().as_str_name(),
+        "queued": b.queued,
         "ref": b.r#ref,
         "base_ref": b.base_ref,
         "started_at": b.started_at,
@@ -52,7 +63,13 @@ pub fn build_response_text(r: &BuildResponse) -> String {
     let first = |a: &str, b: &str| if a.is_empty() { b.to_owned() } else { a.to_owned() };
     let fields = [
         ("build id", info.build_id.clone()),
-        ("status", r.status().as_str_name().to_owned()),
+        (
+            "status",
+            match &r.info {
+                Some(i) if i.queued && r.status() == BuildStatus::Running => "queued".to_owned(),
+                _ => r.status().as_str_name().to_owned(),
+            },
+        ),
         ("ref", first(&r.r#ref, &info.r#ref)),
         ("base ref", first(&r.base_ref, &info.base_ref)),
         (
@@ -79,6 +96,73 @@ pub fn warm_summary(images: u64, failed: u64) -> String {
     } else {
         format!("{images} {noun} warmed, {failed} failed (see the service's log)\n")
     }
+}
+
+/// The `kiln admin du` table: KIND, BYTES, BUDGET, REMOVED, then the engine store's total.
+pub fn disk_usage_table(usage: &DiskUsageResponse) -> String {
+    let size = |b: u64| crate::engine::storage::human_bytes(b);
+    let budget = |b: u64| if b == 0 { "-".to_owned() } else { size(b) };
+    let mut rows: Vec<Vec<String>> = usage
+        .kinds
+        .iter()
+        .map(|k| {
+            vec![
+                k.kind.clone(),
+                size(k.bytes),
+                budget(k.budget_bytes),
+                size(k.removed_bytes),
+            ]
+        })
+        .collect();
+    rows.push(vec![
+        "engine (total)".into(),
+        size(usage.engine_bytes),
+        budget(usage.engine_budget_bytes),
+        size(
+            usage
+                .kinds
+                .iter()
+                .filter(|k| k.kind != "contexts")
+                .map(|k| k.removed_bytes)
+                .sum(),
+        ),
+    ]);
+    table(&["KIND", "BYTES", "BUDGET", "REMOVED"], &rows)
+}
+
+/// `kiln admin du --json`.
+pub fn disk_usage_json(usage: &DiskUsageResponse) -> Value {
+    json!({
+        "engine_bytes": usage.engine_bytes,
+        "engine_budget_bytes": usage.engine_budget_bytes,
+        "kinds": usage.kinds.iter().map(|k| json!({
+            "kind": k.kind,
+            "bytes": k.bytes,
+            "budget_bytes": k.budget_bytes,
+            "removed_bytes": k.removed_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// What `kiln admin prune` prints.
+pub fn prune_summary(resp: &PruneResponse) -> String {
+    let size = |b: u64| crate::engine::storage::human_bytes(b);
+    let parts: Vec<String> = resp
+        .removed
+        .iter()
+        .filter(|k| k.bytes > 0)
+        .map(|k| format!("{} {}", k.kind, size(k.bytes)))
+        .collect();
+    let detail = if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    };
+    format!(
+        "removed {}{detail}; the engine store holds {}\n",
+        size(resp.removed_bytes),
+        size(resp.engine_bytes)
+    )
 }
 
 /// The `kiln admin actors` table: NAME, KIND, RESTARTS, MAILBOX.

@@ -40,8 +40,8 @@ use crate::{
     model::Secret,
     proto::{
         admin::{
-            admin_client::AdminClient, ActorInfo, ListActorsRequest, RestartActorRequest, SetChaosRequest,
-            WarmNowRequest,
+            admin_client::AdminClient, ActorInfo, DiskUsageRequest, DiskUsageResponse, ListActorsRequest,
+            PruneRequest, PruneResponse, RestartActorRequest, SetChaosRequest, WarmNowRequest,
         },
         builder::{
             build_registry_auth, build_source, image_builder_client::ImageBuilderClient, BuildInfo,
@@ -429,6 +429,7 @@ mod tests {
                 url: "http://logs".into(),
                 headers: [("Authorization".to_owned(), "Bearer canary-token".to_owned())].into(),
             }),
+            queued: false,
         }
     }
 
@@ -437,12 +438,17 @@ mod tests {
         let builds = [
             info("b-1", BuildStatus::Running, 1_714_564_800, "reg/ws:aaa"),
             info("build-22", BuildStatus::DoneFailure, 0, ""),
+            BuildInfo {
+                queued: true,
+                ..info("b-3", BuildStatus::Running, 1_714_564_800, "reg/ws:ccc")
+            },
         ];
         assert_eq!(
             builds_table(&builds),
             "BUILD ID  STATUS        STARTED               REF\n\
              b-1       running       2024-05-01T12:00:00Z  reg/ws:aaa\n\
-             build-22  done_failure  -                     -\n"
+             build-22  done_failure  -                     -\n\
+             b-3       queued        2024-05-01T12:00:00Z  reg/ws:ccc\n"
         );
         assert_eq!(builds_table(&[]), "BUILD ID  STATUS  STARTED  REF\n");
     }
@@ -456,6 +462,7 @@ mod tests {
             json!([{
                 "build_id": "b-1",
                 "status": "done_success",
+                "queued": false,
                 "ref": "reg/ws:aaa",
                 "base_ref": "base@sha256:1",
                 "started_at": 1_714_564_800,

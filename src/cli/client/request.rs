@@ -52,6 +52,12 @@ pub fn build_source_with(args: &BuildArgs, uploaded: Option<String>) -> Result<B
             build_args: build_args_of(&args.build_args)?,
             target: args.target.clone().unwrap_or_default(),
             secrets: secrets_of(&args.secrets)?,
+            // The server checks each one.
+            platforms: args
+                .platform
+                .as_deref()
+                .map(|list| list.split(',').map(|p| p.trim().to_owned()).collect())
+                .unwrap_or_default(),
         }))
     };
     let from = match (&args.image_ref, &args.git, uploaded) {

@@ -31,9 +31,10 @@ impl StateKey {
         ])
     }
 
-    /// The empty state (`FROM scratch`).
-    pub fn scratch() -> Self {
-        Self::hash(&[BUILD_PROCESS_VERSION.as_bytes(), b"scratch"])
+    /// The empty state (`FROM scratch`) of a stage for `platform`: what a RUN on it does
+    /// (a copied-in binary run natively or emulated) depends on the platform.
+    pub fn scratch(platform: &str) -> Self {
+        Self::hash(&[BUILD_PROCESS_VERSION.as_bytes(), b"scratch", platform.as_bytes()])
     }
 
     pub fn hash(parts: &[&[u8]]) -> Self {
@@ -86,19 +87,20 @@ impl InstructionCache {
         Ok(Self { dir })
     }
 
-    fn path(&self, key: &StateKey) -> PathBuf {
+    /// The file of `key`'s entry.
+    pub(crate) fn entry_path(&self, key: &StateKey) -> PathBuf {
         self.dir.join(format!("{}.json", key.hex()))
     }
 
     pub fn get(&self, key: &StateKey) -> Option<CachedLayer> {
-        let bytes = std::fs::read(self.path(key)).ok()?;
+        let bytes = std::fs::read(self.entry_path(key)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
     /// Records an entry (temp file + rename, so a reader never sees half of one).
     pub fn put(&self, key: &StateKey, entry: &CachedLayer) -> std::io::Result<()> {
         write_atomic(
-            &self.path(key),
+            &self.entry_path(key),
             &serde_json::to_vec(entry).expect("cache entries serialize"),
         )
     }
@@ -119,7 +121,7 @@ mod tests {
 
     #[test]
     fn identical_output_rejoins_the_chain() {
-        let base = StateKey::scratch();
+        let base = StateKey::scratch("linux/amd64");
         let d: Digest = format!("sha256:{}", "1".repeat(64)).parse().unwrap();
         // Two different instructions that produced the same layer lead to the same state.
         assert_ne!(base.step(b"COPY a /"), base.step(b"COPY b /"));
@@ -130,7 +132,7 @@ mod tests {
     fn entries_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let cache = InstructionCache::open(dir.path().to_path_buf()).unwrap();
-        let key = StateKey::scratch().step(b"RUN true");
+        let key = StateKey::scratch("linux/amd64").step(b"RUN true");
         assert_eq!(cache.get(&key), None);
         let d: Digest = format!("sha256:{}", "2".repeat(64)).parse().unwrap();
         let entry = CachedLayer {

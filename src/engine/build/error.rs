@@ -9,11 +9,12 @@ use crate::{
         remote::RemoteError,
         sandbox::{
             cgroup::{CgroupError, LimitHit},
+            emulation::EmulationUnavailable,
             SandboxError,
         },
     },
     model::ImageRefError,
-    registry::RegistryError,
+    registry::{PlatformParseError, RegistryError},
 };
 
 /// Why a build failed.
@@ -49,6 +50,19 @@ pub enum EngineError {
     },
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// The data dir's filesystem filled up during the build.
+    #[error(
+        "no space left on the data dir (used {} of {})",
+        crate::engine::storage::human_bytes(*used),
+        crate::engine::storage::human_bytes(*size)
+    )]
+    NoSpace {
+        used: u64,
+        size: u64,
+        /// What failed for want of space.
+        #[source]
+        source: Box<EngineError>,
+    },
     #[error("layer store: {0}")]
     Layer(#[from] LayerError),
     /// A RUN step hit one of the build's limits (`engine.limits`).
@@ -100,6 +114,12 @@ pub enum StepCause {
     /// RUN's sandbox could not run the command.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// A `FROM --platform` (after expansion) or a requested platform that is not one.
+    #[error(transparent)]
+    Platform(#[from] PlatformParseError),
+    /// A RUN for a foreign architecture on a host without qemu-user emulation for it.
+    #[error(transparent)]
+    Emulation(#[from] EmulationUnavailable),
     /// A blocking task the step ran on panicked or was cancelled.
     #[error(transparent)]
     Task(#[from] tokio::task::JoinError),

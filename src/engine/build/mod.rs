@@ -7,7 +7,9 @@
 //! RUN runs in the sandbox over the stage's layers, COPY/ADD/WORKDIR go through
 //! [`fsop`]. Every layer-producing step is looked up in the instruction cache first. The
 //! target stage's state is then pushed: layers (mounted from their origin when possible),
-//! config, manifest.
+//! config, manifest. A build for several platforms runs the stages once per platform
+//! (sequentially, sharing the instruction cache, so a `FROM --platform=$BUILDPLATFORM` stage
+//! is built once) and pushes each image by digest and an OCI image index under the tag.
 //!
 //! The engine keeps no state between builds other than what is on disk (layer store, blob
 //! directory, instruction cache, cache mounts), so any number of builds may share one.
@@ -31,7 +33,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use cache::{InstructionCache, StateKey};
+pub use cache::{CachedLayer, InstructionCache, StateKey};
 pub use error::{ContextHashError, EngineError, StepCause};
 pub use fsop::child_main as fsop_child_main;
 pub use stage::BuildLogSink;
@@ -40,6 +42,7 @@ use super::{
     dockerfile::{self},
     layers::{Compression, LayerStore},
     sandbox::cgroup::{BuildCgroup, CgroupRoot},
+    storage::{Lease, Storage, StoragePolicy},
 };
 use crate::{
     model::{AuthPolicy, BuildSecrets, Digest, ImageRef},
@@ -111,9 +114,15 @@ pub struct EngineConfig {
     pub exe: PathBuf,
     pub compression: Compression,
     pub isolation: Isolation,
+    /// The platform a build targets when its input names none, and whose manifests the
+    /// registry client's pins are (`registry.platform`).
     pub platform: Platform,
     /// What remote ADD sources (`ADD https://…`) may reach and bring.
     pub remote: crate::engine::remote::RemotePolicy,
+    /// The store's budget and garbage collection.
+    pub storage: StoragePolicy,
+    /// The uploaded-context store's root, counted in the storage report.
+    pub contexts_dir: Option<PathBuf>,
 }
 
 /// One build's inputs.
@@ -139,6 +148,9 @@ pub struct BuildInput {
     pub cache_scope: Option<String>,
     /// What `RUN --mount=type=secret` reads; never written anywhere.
     pub secrets: BuildSecrets,
+    /// The platforms to build for, each once (none: the engine's platform). One platform
+    /// pushes an image manifest, several an image index.
+    pub platforms: Vec<Platform>,
 }
 
 /// What a build pushed.
@@ -190,6 +202,7 @@ struct EngineInner {
     registry: RegistryClient,
     layers: LayerStore,
     cache: InstructionCache,
+    storage: Storage,
     /// Where builds' cgroups go; `None` when this host gives Kiln no cgroup to manage.
     cgroups: Option<CgroupRoot>,
 }
@@ -227,6 +240,12 @@ impl Engine {
         let layers = LayerStore::open(config.data_dir.join("layers"))?;
         let cache = InstructionCache::open(config.data_dir.join("cache"))
             .map_err(EngineError::io("opening the instruction cache"))?;
+        let storage = Storage::open(
+            &config.data_dir,
+            config.contexts_dir.clone(),
+            config.storage.clone(),
+        )
+        .map_err(EngineError::io("counting the engine store"))?;
         let isolation = &config.isolation;
         if isolation.network == RunNetwork::Sandbox && !on_path(&isolation.slirp4netns) {
             tracing::warn!(
@@ -251,6 +270,7 @@ impl Engine {
                 registry,
                 layers,
                 cache,
+                storage,
                 cgroups,
             }),
         })
@@ -268,8 +288,18 @@ impl Engine {
         &self.inner.layers
     }
 
+    /// How many unpacked layers the layer store holds (reads a directory: blocking).
+    pub fn layer_store_entries(&self) -> std::io::Result<u64> {
+        self.inner.layers.entries()
+    }
+
     pub(crate) fn instruction_cache(&self) -> &InstructionCache {
         &self.inner.cache
+    }
+
+    /// The store's books and garbage collection.
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
     }
 
     /// Where compressed layers this engine made are kept (`blobs/sha256/<hex>`).
@@ -294,81 +324,170 @@ impl Engine {
 
     /// Pulls `image`'s layers into the layer store (the cache warmer's pre-fetch).
     pub async fn prefetch(&self, image: &ImageRef, auth: &AuthPolicy) -> Result<usize, EngineError> {
-        let base = pull::pull(self, image, auth).await?;
+        let lease = self.inner.storage.lease();
+        let base = pull::pull(self, image, &self.inner.config.platform, auth, &lease).await?;
         Ok(base.layers.len())
     }
 
-    /// Builds `input` and pushes the result. Lines for the build log go to `log`.
+    /// Builds `input` and pushes the result. Lines for the build log go to `log`. A build
+    /// that fails on a full filesystem fails with [`EngineError::NoSpace`] and starts a
+    /// collection of the store.
     pub async fn build(
         &self,
         input: &BuildInput,
         log: mpsc::UnboundedSender<Bytes>,
         cancel: CancellationToken,
     ) -> Result<BuildOutput, EngineError> {
-        let started = Instant::now();
-        let dockerfile = dockerfile::parse(&input.dockerfile)?;
         let scratch = tempfile::Builder::new()
             .prefix("build-")
             .tempdir_in(self.inner.config.data_dir.join("tmp"))
-            .map_err(EngineError::io("creating the build's scratch directory"))?;
+            .map_err(|e| self.no_space_or(EngineError::io("creating the build's scratch directory")(e)))?;
+        // Every store entry the build uses stays until the build is over.
+        let lease = self.inner.storage.lease();
+        let built = self.build_in(input, log, cancel, scratch.path(), &lease).await;
+        // Judged while the build's scratch files still fill the disk.
+        built.map_err(|e| self.no_space_or(e))
+    }
+
+    /// `error`, or [`EngineError::NoSpace`] when the data dir's filesystem is full or the
+    /// error says it was (then a collection starts).
+    fn no_space_or(&self, error: EngineError) -> EngineError {
+        if matches!(error, EngineError::Cancelled) {
+            return error;
+        }
+        let storage = &self.inner.storage;
+        let Some(full) = storage
+            .disk_full()
+            .or_else(|| says_no_space(&error).then(|| storage.disk_use()))
+        else {
+            return error;
+        };
+        tracing::warn!(used = full.used, size = full.size, error = %error, "a build ran out of space on the data dir");
+        storage.collect_soon();
+        EngineError::NoSpace {
+            used: full.used,
+            size: full.size,
+            source: Box::new(error),
+        }
+    }
+
+    async fn build_in(
+        &self,
+        input: &BuildInput,
+        log: mpsc::UnboundedSender<Bytes>,
+        cancel: CancellationToken,
+        scratch: &Path,
+        lease: &Lease,
+    ) -> Result<BuildOutput, EngineError> {
+        let started = Instant::now();
+        let dockerfile = dockerfile::parse(&input.dockerfile)?;
         let log = BuildLogSink::new(log);
         // One cgroup per build, named like its scratch directory; dropping it (the build
         // ended, failed or was cancelled) kills what is left in it and removes it.
         let cgroup = match &self.inner.cgroups {
             Some(root) => {
-                let name = scratch
-                    .path()
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("build");
+                let name = scratch.file_name().and_then(|n| n.to_str()).unwrap_or("build");
                 let limits = &self.inner.config.isolation.limits;
                 Some(BuildCgroup::create(root, name, limits).map_err(EngineError::Cgroup)?)
             }
             None => None,
         };
         let cgroup = CgroupGuard(cgroup);
-        let build = stage::StageRunner::new(
-            self,
-            input,
-            &dockerfile,
-            scratch.path(),
-            cgroup.0.as_ref(),
-            log.clone(),
-            cancel.clone(),
-        );
-        let state = tokio::select! {
-            s = build.run() => s?,
-            _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+        let platforms = match input.platforms.as_slice() {
+            [] => std::slice::from_ref(&self.inner.config.platform),
+            list => list,
         };
+        let mut images = Vec::with_capacity(platforms.len());
+        for platform in platforms {
+            if platforms.len() > 1 {
+                log.line(format!("building for {platform}"));
+            }
+            let build = stage::StageRunner::new(
+                self,
+                input,
+                &dockerfile,
+                platform,
+                scratch,
+                cgroup.0.as_ref(),
+                lease,
+                log.clone(),
+                cancel.clone(),
+            );
+            let mut state = tokio::select! {
+                s = build.run() => s?,
+                _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+            };
+            // The image is the target platform's, whatever platform its last stage ran for.
+            state.config.architecture = platform.architecture.clone();
+            state.config.os = platform.os.clone();
+            state.config.variant = platform.variant.clone();
+            images.push((platform.clone(), state));
+        }
         log.line(format!("pushing {}", input.destination));
+        let pushing = async {
+            match images.as_slice() {
+                [(_, state)] => push::push(self, state, &input.destination, &input.auth, &log).await,
+                _ => push::push_index(self, &images, &input.destination, &input.auth, &log).await,
+            }
+        };
         let output = tokio::select! {
-            o = push::push(self, &state, &input.destination, &input.auth, &log) => o?,
+            o = pushing => o?,
             _ = cancel.cancelled() => return Err(EngineError::Cancelled),
         };
         log.line(format!(
             "pushed {}@{} ({} layers) in {:.2}s",
             input.destination,
             output.digest,
-            state.layers.len(),
+            images.iter().map(|(_, s)| s.layers.len()).sum::<usize>(),
             started.elapsed().as_secs_f64()
         ));
         Ok(output)
     }
 }
 
+/// Whether `error` or one of its causes is a write that failed with ENOSPC (also as text:
+/// a RUN step's output, a registry's answer).
+fn says_no_space(error: &EngineError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    error
+        .to_string()
+        .to_ascii_lowercase()
+        .contains("no space left on device")
+}
+
 use sha2::Digest as _;
 
 /// Moves a freshly packed layer's directory (an overlay upper dir, which has the same form as
-/// an unpacked lower dir) into the layer store under its diff id. If the store already has
-/// that layer, the new copy is dropped and the stored one returned.
-fn adopt_layer(store: &LayerStore, diff_id: &Digest, dir: &Path) -> Result<PathBuf, EngineError> {
+/// an unpacked lower dir) into the layer store under its diff id, and counts it in the
+/// store's books. If the store already has that layer, the new copy is dropped and the
+/// stored one returned. The caller has pinned the layer.
+async fn adopt_layer(engine: &Engine, diff_id: &Digest, dir: &Path) -> Result<PathBuf, EngineError> {
+    let store = engine.layer_store();
     if let Some(existing) = store.get(diff_id) {
         let _ = std::fs::remove_dir_all(dir);
         return Ok(existing);
     }
     let target = store.root().join("by-diff-id").join(diff_id.hex());
     match std::fs::rename(dir, &target) {
-        Ok(()) => Ok(target),
+        Ok(()) => {
+            let (storage, diff_id, measured) = (engine.storage().clone(), diff_id.clone(), target.clone());
+            let counted = tokio::task::spawn_blocking(move || {
+                storage.layer_added(&diff_id, crate::engine::storage::disk_usage(&measured));
+            })
+            .await;
+            if let Err(e) = counted {
+                tracing::warn!(error = %e, "counting a new layer");
+            }
+            Ok(target)
+        }
         Err(_) if target.is_dir() => {
             let _ = std::fs::remove_dir_all(dir);
             Ok(target)

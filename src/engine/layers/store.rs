@@ -138,6 +138,11 @@ impl LayerStore {
     }
 
     /// The unpacked directory of the layer whose uncompressed tar has digest `diff_id`.
+    /// How many layers are stored (reads a directory: blocking).
+    pub fn entries(&self) -> io::Result<u64> {
+        Ok(fs::read_dir(self.root.join(BY_DIFF_ID))?.count() as u64)
+    }
+
     pub fn get(&self, diff_id: &Digest) -> Option<PathBuf> {
         let dir = self.root.join(BY_DIFF_ID).join(diff_id.hex());
         dir.is_dir().then_some(dir)

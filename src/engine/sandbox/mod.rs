@@ -49,10 +49,12 @@
 //!
 //! Files: `spec.rs` (the values that cross the process boundary), `child.rs` (the launcher),
 //! `init.rs` (PID 1), `mounts.rs` (the overlay and the mounts inside), `user.rs` (USER
-//! resolution), `exec.rs` (the command process).
+//! resolution), `exec.rs` (the command process), `emulation.rs` (whether a RUN for a foreign
+//! architecture can run here, through qemu-user in binfmt_misc).
 
 pub mod cgroup;
 mod child;
+pub mod emulation;
 mod exec;
 mod init;
 mod mounts;

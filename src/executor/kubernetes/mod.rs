@@ -446,7 +446,14 @@ impl KubernetesBuilder {
             args.push(value);
         };
         flag("destination", input.destination.to_string());
-        flag("platform", self.inner.registry.platform().to_string());
+        let platforms: Vec<String> = input.platforms.iter().map(ToString::to_string).collect();
+        flag(
+            "platform",
+            match platforms.as_slice() {
+                [] => self.inner.registry.platform().to_string(),
+                list => list.join(","),
+            },
+        );
         flag(
             "compression",
             match engine.compression {

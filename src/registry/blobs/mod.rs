@@ -43,6 +43,7 @@ use std::{fmt, io, path::Path, sync::Arc};
 use oci_client::{errors::DigestError, manifest::OciDescriptor};
 
 use bytes::Bytes;
+use tracing::Instrument as _;
 
 use self::{
     pull::pull_to_file,
@@ -101,6 +102,7 @@ impl RegistryClient {
             .run(repo.registry(), "pull blob", || {
                 pull_to_file(&oci, repo, digest, expected_size, dest)
             })
+            .instrument(tracing::debug_span!("pull_blob", %repo, %digest))
             .await
     }
 
@@ -180,8 +182,25 @@ impl RegistryClient {
     /// present); else, if `mount_from` names another repository on the same registry, a
     /// cross-repository mount (a refused mount is not an error); else `upload` runs (it is
     /// not started otherwise) and its byte count is reported. Every write of a blob goes
-    /// through here.
+    /// through here, in a `push_blob` span.
     async fn make_present(
+        &self,
+        dst: &Oci,
+        repo: &ImageRef,
+        digest: &Digest,
+        mount_from: Option<&ImageRef>,
+        upload: impl std::future::Future<Output = Result<u64, RegistryError>>,
+    ) -> Result<BlobPush, RegistryError> {
+        let span = tracing::debug_span!("push_blob", %repo, %digest, outcome = tracing::field::Empty);
+        let pushed = self
+            .present_or_upload(dst, repo, digest, mount_from, upload)
+            .instrument(span.clone())
+            .await?;
+        span.record("outcome", tracing::field::display(&pushed));
+        Ok(pushed)
+    }
+
+    async fn present_or_upload(
         &self,
         dst: &Oci,
         repo: &ImageRef,

@@ -70,6 +70,7 @@ pub(super) async fn pull_to_file(
             None => break Ok(()),
             Some(Ok(chunk)) => {
                 received += chunk.len() as u64;
+                crate::registry::stats::pulled(repo.registry(), chunk.len() as u64);
                 if let Some(expected) = expected_size.filter(|e| received > *e) {
                     break Err(size_error(received, expected));
                 }

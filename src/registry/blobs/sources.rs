@@ -197,12 +197,14 @@ async fn pull_from(
             BlobResponse::Full(pulled) => (pulled.stream, offset),
         }
     };
+    let host = reference.registry().to_owned();
     let stream = async_stream::stream! {
         let mut stream = stream;
         let mut skip = skip;
         while let Some(item) = stream.next().await {
             match item {
                 Ok(mut chunk) => {
+                    crate::registry::stats::pulled(&host, chunk.len() as u64);
                     if skip > 0 {
                         let n = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
                         let _ = chunk.split_to(n);

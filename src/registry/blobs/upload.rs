@@ -435,6 +435,7 @@ impl Upload<'_> {
         }
         session.committed = start + len;
         session.hashed = hashed;
+        crate::registry::stats::pushed(self.repo.registry(), len);
         session.confirmed = true;
         session.tentative = None;
         Ok(())

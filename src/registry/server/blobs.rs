@@ -158,6 +158,12 @@ pub async fn get(
     };
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if head {
+        // A client checking before a push: the blob is needed (see `gc`).
+        registry
+            .storage
+            .stamp_blob(&digest)
+            .await
+            .map_err(|e| ErrorResponse::internal("stamping blob", e))?;
         return Ok((status, headers).into_response());
     }
     if start > 0 {

@@ -192,11 +192,21 @@ pub async fn get(registry: &Registry, repo: &RepoName, reference: &str) -> Resul
     let storage = &registry.storage;
     let digest = match parsed {
         Reference::Digest(d) => d,
-        Reference::Tag(tag) => storage
-            .resolve_tag(repo, &tag)
-            .await
-            .map_err(|e| ErrorResponse::internal("resolving tag", e))?
-            .ok_or_else(|| manifest_unknown(reference))?,
+        Reference::Tag(tag) => {
+            let digest = storage
+                .resolve_tag(repo, &tag)
+                .await
+                .map_err(|e| ErrorResponse::internal("resolving tag", e))?
+                .ok_or_else(|| manifest_unknown(reference))?;
+            if registry.gc.expires(repo) {
+                // A use: the tag's expiry starts again (see `gc`).
+                storage
+                    .stamp_tag(repo, &tag)
+                    .await
+                    .map_err(|e| ErrorResponse::internal("stamping tag", e))?;
+            }
+            digest
+        }
     };
     let media_type = storage
         .manifest_media_type(repo, &digest)

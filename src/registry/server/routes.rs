@@ -303,6 +303,18 @@ async fn dispatch(registry: &Registry, request: Request) -> Result<Response> {
         .inspect_err(
             |_| tracing::debug!(method = %method, "registry request refused: no valid credentials"),
         )?;
+    // Requests that make a blob needed hold off garbage collections (see `gc`).
+    let _needs_blobs = match (&route, &method) {
+        (Route::Blob { .. }, &Method::HEAD | &Method::DELETE)
+        | (Route::UploadStart { .. }, &Method::POST)
+        | (Route::Upload { .. }, &Method::PUT)
+        | (Route::Manifest { .. }, &Method::PUT | &Method::DELETE) => Some(registry.gc.lock.read().await),
+        // A pull by tag stamps the tag where tags expire.
+        (Route::Manifest { name, .. }, &Method::GET | &Method::HEAD) if registry.gc.expires(name) => {
+            Some(registry.gc.lock.read().await)
+        }
+        _ => None,
+    };
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => {
             let mut response =

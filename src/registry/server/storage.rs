@@ -13,8 +13,11 @@
 //! reader sees either nothing or the whole file, and two writers of the same blob (same
 //! digest, so same bytes) cannot corrupt it. Paths are built only from [`RepoName`], [`Tag`]
 //! and [`Digest`], whose grammars rule out `..`, absolute paths and the `_` prefix of the
-//! directories above. Deleting never removes blob content (there is no garbage collector):
-//! it only unlinks it from a repository.
+//! directories above. Deleting only unlinks; content no manifest references is removed by
+//! the garbage collector (`gc`), which reads this layout through the accessors below. Blob
+//! and tag files' modification times are *stamps*: a blob's is renewed whenever a push
+//! shows it needs it (upload, mount, `HEAD`), a tag's when it is pushed or pulled by tag in
+//! a repository whose tags expire; the collector's grace period and expiry read them.
 
 use std::{
     io,
@@ -53,7 +56,37 @@ impl Storage {
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs/sha256").join(digest.hex())
+        self.blobs_dir().join(digest.hex())
+    }
+
+    pub(super) fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+
+    pub(super) fn uploads_dir(&self) -> PathBuf {
+        self.root.join("uploads")
+    }
+
+    pub(super) fn repositories_dir(&self) -> PathBuf {
+        self.root.join("repositories")
+    }
+
+    pub(super) fn layers_dir(&self, repo: &RepoName) -> PathBuf {
+        self.repo_dir(repo).join("_layers/sha256")
+    }
+
+    pub(super) fn revisions_dir(&self, repo: &RepoName) -> PathBuf {
+        self.repo_dir(repo).join("_manifests/revisions/sha256")
+    }
+
+    /// Renews blob `digest`'s stamp: a push needs it (see the module's doc).
+    pub async fn stamp_blob(&self, digest: &Digest) -> io::Result<()> {
+        stamp(self.blob_path(digest)).await
+    }
+
+    /// Renews `tag`'s stamp in `repo`: it was used.
+    pub async fn stamp_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<()> {
+        stamp(self.tags_dir(repo).join(tag.as_str())).await
     }
 
     /// Where a new upload's data goes.
@@ -62,20 +95,18 @@ impl Storage {
     }
 
     fn repo_dir(&self, repo: &RepoName) -> PathBuf {
-        self.root.join("repositories").join(repo.as_str())
+        self.repositories_dir().join(repo.as_str())
     }
 
-    fn layer_link(&self, repo: &RepoName, digest: &Digest) -> PathBuf {
-        self.repo_dir(repo).join("_layers/sha256").join(digest.hex())
+    pub(super) fn layer_link(&self, repo: &RepoName, digest: &Digest) -> PathBuf {
+        self.layers_dir(repo).join(digest.hex())
     }
 
-    fn revision_link(&self, repo: &RepoName, digest: &Digest) -> PathBuf {
-        self.repo_dir(repo)
-            .join("_manifests/revisions/sha256")
-            .join(digest.hex())
+    pub(super) fn revision_link(&self, repo: &RepoName, digest: &Digest) -> PathBuf {
+        self.revisions_dir(repo).join(digest.hex())
     }
 
-    fn tags_dir(&self, repo: &RepoName) -> PathBuf {
+    pub(super) fn tags_dir(&self, repo: &RepoName) -> PathBuf {
         self.repo_dir(repo).join("_manifests/tags")
     }
 
@@ -130,9 +161,10 @@ impl Storage {
         }
     }
 
-    /// Records that `repo` has blob `digest`.
+    /// Records that `repo` has blob `digest`, and renews the blob's stamp.
     pub async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<()> {
-        self.write_atomic(&self.layer_link(repo, digest), b"").await
+        self.write_atomic(&self.layer_link(repo, digest), b"").await?;
+        self.stamp_blob(digest).await
     }
 
     /// Whether `repo` has blob `digest` (as a layer/config, or as a manifest) and its content
@@ -243,6 +275,18 @@ impl Storage {
     }
 }
 
+/// Sets `path`'s modification time to now (nothing if it is gone).
+async fn stamp(path: PathBuf) -> io::Result<()> {
+    tokio::task::spawn_blocking(
+        move || match filetime::set_file_mtime(&path, filetime::FileTime::now()) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+    )
+    .await
+    .map_err(io::Error::other)?
+}
+
 async fn exists(path: &Path) -> io::Result<bool> {
     fs::try_exists(path).await
 }
@@ -321,7 +365,7 @@ mod tests {
         assert_eq!(storage.resolve_tag(&a, &v1).await.unwrap(), None);
         assert!(storage.unlink_blob(&a, &digest).await.unwrap());
         assert!(!storage.blob_in_repo(&a, &digest).await.unwrap());
-        // Content stays (no garbage collection); staging is empty.
+        // Content stays (until a garbage collection); staging is empty.
         assert_eq!(storage.blob_size(&digest).await.unwrap(), Some(data.len() as u64));
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }

@@ -3,7 +3,8 @@
 //! mounts.
 //!
 //! An upload session lives in memory (its id, repository, size and running sha256 state)
-//! with its data in `uploads/<uuid>`; sessions do not survive a restart and do not expire.
+//! with its data in `uploads/<uuid>`; sessions do not survive a restart, and the garbage
+//! collector closes those whose data has not grown for `upload_max_age` ([`Uploads::close_if_idle`]).
 //! Bodies are streamed to disk chunk by chunk while the digest is computed, so a blob is
 //! never held in memory and never re-read to be verified. A chunk that fails half-way (a
 //! client that disconnects, a size that disagrees with its `Content-Range`) is rolled back:
@@ -61,6 +62,21 @@ impl Uploads {
 
     fn remove(&self, id: Uuid) {
         self.lock().remove(&id);
+    }
+
+    /// Closes session `id` unless a request holds it now; whether it is closed (or was not
+    /// there). A request waiting for a closed session finds it closed and fails as unknown.
+    pub fn close_if_idle(&self, id: Uuid) -> bool {
+        let mut sessions = self.lock();
+        let Some(session) = sessions.get(&id) else {
+            return true;
+        };
+        match session.try_lock() {
+            Ok(mut session) => session.closed = true,
+            Err(_) => return false,
+        }
+        sessions.remove(&id);
+        true
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<tokio::sync::Mutex<Session>>>> {

@@ -7,17 +7,14 @@ use std::path::Path;
 use sha2::{Digest as _, Sha256};
 
 use super::{join_path, ImageState, StageCtx, StageRunner};
-use crate::{
-    engine::{
-        build::{
-            cache::StateKey,
-            fsop::{self, FsAction, FsOp, FsSource, Overlay},
-            pull, securejoin, ContextHashError, EngineError,
-        },
-        dockerfile::{self, expand_heredoc},
-        remote::{self, RemoteError},
+use crate::engine::{
+    build::{
+        cache::StateKey,
+        fsop::{self, FsAction, FsOp, FsSource, Overlay},
+        pull, securejoin, ContextHashError, EngineError,
     },
-    model::ImageRef,
+    dockerfile::{self, expand_heredoc},
+    remote::{self, RemoteError},
 };
 
 /// What a COPY or ADD line says, expanded.
@@ -417,11 +414,12 @@ impl StageRunner<'_> {
                 .cloned()
                 .ok_or_else(|| EngineError::at(line, format!("{step}: stage not built")));
         }
-        let image: ImageRef = match self.input.pinned.get(from) {
-            Some(pinned) => pinned.clone(),
-            None => from.parse().map_err(|e| EngineError::step_in(line, step, e))?,
-        };
-        let pulled = pull::pull(self.engine, &image, &self.input.auth)
+        // An image is read for the platform of the stage that copies from it.
+        let platform = &ctx.platform;
+        let image = self
+            .image_for(from, platform)
+            .map_err(|e| EngineError::step_in(line, step, e))?;
+        let pulled = pull::pull(self.engine, &image, platform, &self.input.auth, self.lease)
             .await
             .map_err(|e| e.on_line(line, step))?;
         let digest = pulled.reference.digest().cloned().expect("pinned");
@@ -429,6 +427,7 @@ impl StageRunner<'_> {
             config: pulled.config,
             layers: pulled.layers,
             key: StateKey::of_image(&digest),
+            platform: platform.clone(),
         })
     }
 }

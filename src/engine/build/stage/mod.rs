@@ -6,6 +6,14 @@
 //! in the image; ENV wins over ARG of the same name; the predefined proxy ARGs reach RUN
 //! without being declared; TARGET*/BUILD* platform ARGs are set automatically.
 //!
+//! Platforms, as BuildKit: a runner builds for one target platform (`TARGET*`); the build
+//! platform (`BUILD*`) is the host's. A stage runs for its `FROM --platform` (expanded with
+//! the global ARGs and the automatic ones, so `--platform=$BUILDPLATFORM` runs natively),
+//! else for the platform of the stage it is built on, else for the target. Its base image is
+//! resolved for that platform, its state's cache key starts from that platform's image (or
+//! from a platform-specific scratch), and its RUN steps run under qemu-user emulation when
+//! the platform is not the host's (`sandbox::emulation`).
+//!
 //! This module walks the stages and keeps the state, the cache lookups and the layer
 //! commits; `config.rs` applies config-only instructions, `fs.rs` COPY/ADD/WORKDIR, `run.rs`
 //! RUN.
@@ -17,6 +25,7 @@ mod run;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::Instant,
@@ -25,6 +34,7 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::{
     super::sandbox::cgroup::BuildCgroup,
@@ -36,8 +46,10 @@ use crate::{
         dockerfile::{self, expand, Dockerfile, Instruction, Located},
         image::{self, Descriptor, HistoryEntry, ImageConfig},
         layers::{pack_layer_async, PackOptions},
+        storage::Lease,
     },
     model::ImageRef,
+    registry::Platform,
 };
 
 /// Proxy ARGs that reach RUN without being declared (and are kept out of history).
@@ -81,6 +93,8 @@ pub struct ImageState {
     pub config: ImageConfig,
     pub layers: Vec<Layer>,
     pub key: StateKey,
+    /// The platform the stage runs for (its base image's, its RUN steps').
+    pub platform: Platform,
 }
 
 impl ImageState {
@@ -178,9 +192,15 @@ pub struct StageRunner<'a> {
     engine: &'a Engine,
     input: &'a BuildInput,
     dockerfile: &'a Dockerfile,
+    /// The platform this runner builds for (`TARGETPLATFORM`).
+    target: &'a Platform,
+    /// The platform of this host (`BUILDPLATFORM`).
+    host: Platform,
     scratch: &'a Path,
     /// The build's cgroup, which every RUN joins; `None` where Kiln has none to manage.
     cgroup: Option<&'a BuildCgroup>,
+    /// The build's hold on the store entries it uses.
+    lease: &'a Lease,
     log: BuildLogSink,
     cancel: CancellationToken,
     /// Set when the last step was answered from the instruction cache.
@@ -188,20 +208,26 @@ pub struct StageRunner<'a> {
 }
 
 impl<'a> StageRunner<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         engine: &'a Engine,
         input: &'a BuildInput,
         dockerfile: &'a Dockerfile,
+        target: &'a Platform,
         scratch: &'a Path,
         cgroup: Option<&'a BuildCgroup>,
+        lease: &'a Lease,
         log: BuildLogSink,
         cancel: CancellationToken,
     ) -> Self {
         Self {
             cgroup,
+            lease,
             engine,
             input,
             dockerfile,
+            target,
+            host: Platform::host(),
             scratch,
             log,
             cancel,
@@ -210,11 +236,9 @@ impl<'a> StageRunner<'a> {
     }
 
     fn automatic_args(&self) -> BTreeMap<String, String> {
-        let p = &self.engine.config().platform;
-        let platform = p.to_string();
         let mut m = BTreeMap::new();
-        for prefix in ["TARGET", "BUILD"] {
-            m.insert(format!("{prefix}PLATFORM"), platform.clone());
+        for (prefix, p) in [("TARGET", self.target), ("BUILD", &self.host)] {
+            m.insert(format!("{prefix}PLATFORM"), p.to_string());
             m.insert(format!("{prefix}OS"), p.os.clone());
             m.insert(format!("{prefix}ARCH"), p.architecture.clone());
             m.insert(format!("{prefix}VARIANT"), p.variant.clone().unwrap_or_default());
@@ -237,6 +261,16 @@ impl<'a> StageRunner<'a> {
                 .unwrap_or(0)
         });
         image::timestamp(secs)
+    }
+
+    /// The image `name` (as the Dockerfile names it, expanded) for `platform`: its pinned
+    /// form when the build was planned for that platform (pins are the registry client's
+    /// platform's manifests), else the name itself, resolved when pulled.
+    fn image_for(&self, name: &str, platform: &Platform) -> Result<ImageRef, crate::model::ImageRefError> {
+        match self.input.pinned.get(name) {
+            Some(pinned) if platform == self.engine.registry().platform() => Ok(pinned.clone()),
+            _ => name.parse(),
+        }
     }
 
     /// The index of the stage named `name` (alias or number), among those before `before`.
@@ -322,37 +356,49 @@ impl<'a> StageRunner<'a> {
     ) -> Result<(ImageState, String), EngineError> {
         let from = &self.dockerfile.stages[stage_index].from;
         let name = deps::expand_from(self.dockerfile, &from.image, from.line, globals, automatic)?;
+        let platform = match &from.platform {
+            Some(word) => {
+                let expanded = deps::expand_from(self.dockerfile, word, from.line, globals, automatic)?;
+                Some(
+                    expanded
+                        .parse::<Platform>()
+                        .map_err(|e| EngineError::step_in(from.line, "FROM --platform", e))?,
+                )
+            }
+            None => None,
+        };
         if let Some(dep) = self.stage_index(&name, stage_index) {
             // The base stage's own ONBUILD triggers stay in the config: `run_stage` fires
             // them (as BuildKit does) and takes them out.
-            let state = done.get(&dep).cloned().expect("dependencies are built first");
+            let mut state = done.get(&dep).cloned().expect("dependencies are built first");
+            if let Some(platform) = platform {
+                state.platform = platform;
+            }
             return Ok((state, name));
         }
+        let platform = platform.unwrap_or_else(|| self.target.clone());
         if name.eq_ignore_ascii_case("scratch") {
-            let p = &self.engine.config().platform;
             let config = ImageConfig {
-                architecture: p.architecture.clone(),
-                os: p.os.clone(),
-                variant: p.variant.clone(),
+                architecture: platform.architecture.clone(),
+                os: platform.os.clone(),
+                variant: platform.variant.clone(),
                 ..Default::default()
             };
             return Ok((
                 ImageState {
                     config,
                     layers: Vec::new(),
-                    key: StateKey::scratch(),
+                    key: StateKey::scratch(&platform.to_string()),
+                    platform,
                 },
                 name,
             ));
         }
-        let image: ImageRef = match self.input.pinned.get(&name) {
-            Some(pinned) => pinned.clone(),
-            None => name
-                .parse()
-                .map_err(|e| EngineError::step_in(from.line, format!("FROM {name}"), e))?,
-        };
+        let image = self
+            .image_for(&name, &platform)
+            .map_err(|e| EngineError::step_in(from.line, format!("FROM {name}"), e))?;
         let started = Instant::now();
-        let pulled = pull::pull(self.engine, &image, &self.input.auth)
+        let pulled = pull::pull(self.engine, &image, &platform, &self.input.auth, self.lease)
             .await
             .map_err(|e| e.on_line(from.line, format!("FROM {name}")))?;
         self.log.line(format!(
@@ -371,6 +417,7 @@ impl<'a> StageRunner<'a> {
                 config: pulled.config,
                 layers: pulled.layers,
                 key: StateKey::of_image(&digest),
+                platform,
             },
             name,
         ))
@@ -394,7 +441,18 @@ impl<'a> StageRunner<'a> {
             None => format!("stage {ordinal}/{total}"),
         };
         let started = Instant::now();
-        let (mut state, from) = self.base_state(index, globals, automatic, done).await?;
+        let span = step_span(
+            &label,
+            1,
+            steps,
+            stage.from.line,
+            &format!("FROM {}", stage.from.image),
+        );
+        let (mut state, from) = self
+            .base_state(index, globals, automatic, done)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|_| failed(&span))?;
         state.config.config.ensure_path();
         self.log.line(format!(
             "[{label} 1/{steps}] FROM {from} ({:.2}s)",
@@ -410,6 +468,7 @@ impl<'a> StageRunner<'a> {
             cmd_set: false,
             done,
             stage_index: index,
+            platform: state.platform.clone(),
         };
         // ONBUILD triggers of the base (image or stage) run first, in order, as if they were
         // written after FROM, and are not passed on: the config keeps only this stage's own.
@@ -435,7 +494,8 @@ impl<'a> StageRunner<'a> {
                 inner,
             };
             self.log.line(format!("[{label} 1/{steps}] ONBUILD {trigger}"));
-            state = self.step(&mut ctx, state, &located).await?;
+            let span = step_span(&label, 1, steps, located.line, &format!("ONBUILD {trigger}"));
+            state = self.traced_step(&mut ctx, state, &located, span).await?;
         }
         for (n, instr) in stage.instructions.iter().enumerate() {
             if self.cancel.is_cancelled() {
@@ -443,9 +503,17 @@ impl<'a> StageRunner<'a> {
             }
             let started = Instant::now();
             let text = describe(&instr.inner);
+            let span = step_span(&label, n + 2, steps, instr.line, &text);
             self.last_step_cached.store(false, Ordering::Relaxed);
-            state = self.step(&mut ctx, state, instr).await?;
-            let note = if self.last_step_cached.load(Ordering::Relaxed) {
+            state = self.traced_step(&mut ctx, state, instr, span).await?;
+            let cached = self.last_step_cached.load(Ordering::Relaxed);
+            if matches!(
+                instr.inner,
+                Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_) | Instruction::Workdir(_)
+            ) {
+                crate::engine::stats::step_cached(cached);
+            }
+            let note = if cached {
                 "cached".to_string()
             } else {
                 format!("{:.2}s", started.elapsed().as_secs_f64())
@@ -454,6 +522,28 @@ impl<'a> StageRunner<'a> {
                 .line(format!("[{label} {}/{steps}] {text} ({note})", n + 2));
         }
         Ok(StageRun::Built(Box::new(state)))
+    }
+
+    /// [`Self::step`] in `span`, which gets the step's cache result (a step that makes a
+    /// layer) or its failure.
+    async fn traced_step(
+        &self,
+        ctx: &mut StageCtx<'_>,
+        state: ImageState,
+        located: &Located<Instruction>,
+        span: tracing::Span,
+    ) -> Result<ImageState, EngineError> {
+        self.last_step_cached.store(false, Ordering::Relaxed);
+        let state = self
+            .step(ctx, state, located)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|_| failed(&span))?;
+        if makes_layer(&located.inner) {
+            let cached = self.last_step_cached.load(Ordering::Relaxed);
+            span.record("cache", if cached { "hit" } else { "miss" });
+        }
+        Ok(state)
     }
 
     /// Applies one instruction: COPY, ADD and WORKDIR through the filesystem helper
@@ -513,6 +603,11 @@ impl<'a> StageRunner<'a> {
     fn cached(&self, state: &ImageState, step: &str, created_by: &str) -> Option<ImageState> {
         let key = state.key.step(step.as_bytes());
         let entry = self.engine.instruction_cache().get(&key)?;
+        // Pinned before it is checked: from here GC leaves the layer and its blob alone
+        // (and one it is removing right now is a miss).
+        if !self.lease.pin_layer(&entry.diff_id) {
+            return None;
+        }
         let dir = self.engine.layer_store().get(&entry.diff_id)?;
         if !self.engine.blob_path(&entry.digest).exists() {
             return None;
@@ -570,11 +665,13 @@ impl<'a> StageRunner<'a> {
         };
         let out = self.scratch.join(format!("layer-{}.blob", uuid::Uuid::new_v4()));
         let packed = pack_layer_async(upper.to_path_buf(), options, out.clone()).await?;
+        self.lease.pin_layer_wait(&packed.diff_id).await;
+        self.lease.pin_blob_wait(&packed.digest).await;
         let blob = self.engine.blob_path(&packed.digest);
         if !blob.exists() {
             std::fs::rename(&out, &blob).map_err(EngineError::io("storing a new layer blob"))?;
         }
-        let dir = super::adopt_layer(self.engine.layer_store(), &packed.diff_id, upper)?;
+        let dir = super::adopt_layer(self.engine, &packed.diff_id, upper).await?;
         let entry = CachedLayer {
             diff_id: packed.diff_id.clone(),
             digest: packed.digest.clone(),
@@ -582,10 +679,18 @@ impl<'a> StageRunner<'a> {
             media_type: packed.media_type.to_owned(),
         };
         let key = state.key.step(step.as_bytes());
-        self.engine
-            .instruction_cache()
+        let cache = self.engine.instruction_cache();
+        cache
             .put(&key, &entry)
             .map_err(EngineError::io("writing the instruction cache"))?;
+        let on_disk = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+        self.engine.storage().committed(
+            &packed.diff_id,
+            &packed.digest,
+            on_disk(&blob),
+            &key.hex(),
+            on_disk(&cache.entry_path(&key)),
+        );
         self.add_layer(&mut state, entry, dir, created_by);
         Ok(state)
     }
@@ -605,6 +710,8 @@ struct StageCtx<'a> {
     cmd_set: bool,
     done: &'a HashMap<usize, ImageState>,
     stage_index: usize,
+    /// The platform the stage runs for.
+    platform: Platform,
 }
 
 /// `path` made absolute against `cwd`, cleaned (no `.`/`..`), keeping a trailing `/`.
@@ -625,6 +732,42 @@ pub fn join_path(cwd: &str, path: &str) -> String {
         }
     }
     format!("/{}", parts.join("/"))
+}
+
+/// The longest instruction text a step's span carries (a RUN heredoc can be pages long).
+const SPAN_INSTRUCTION_CHARS: usize = 256;
+
+/// The span of one Dockerfile step: the trace's view of its `[label step/steps]` log line.
+/// `cache` is set for steps that make a layer (`hit`: from the instruction cache, `miss`:
+/// done).
+fn step_span(label: &str, step: usize, steps: usize, line: usize, text: &str) -> tracing::Span {
+    let text = match text.char_indices().nth(SPAN_INSTRUCTION_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    };
+    tracing::debug_span!(
+        "step",
+        stage = %label,
+        step,
+        steps,
+        dockerfile.line = line,
+        instruction = %text,
+        cache = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// Marks a span's work failed (an exported span's status).
+fn failed(span: &tracing::Span) {
+    span.record("otel.status_code", "ERROR");
+}
+
+/// Whether `instr` makes a layer, and so is looked up in the instruction cache.
+fn makes_layer(instr: &Instruction) -> bool {
+    matches!(
+        instr,
+        Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_) | Instruction::Workdir(_)
+    )
 }
 
 /// A canonical, human-readable form of an instruction (logs, history, ONBUILD triggers).
@@ -651,7 +794,8 @@ mod tests {
         let state = ImageState {
             config: ImageConfig::default(),
             layers: vec![layer("/base"), layer("/empty"), layer("/empty"), layer("/top")],
-            key: StateKey::scratch(),
+            key: StateKey::scratch("linux/amd64"),
+            platform: Platform::linux_amd64(),
         };
         assert_eq!(state.lowers(), ["/top", "/empty", "/base"].map(PathBuf::from));
     }

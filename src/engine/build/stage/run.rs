@@ -19,8 +19,8 @@ use crate::engine::{
     },
     dockerfile::{self, MountType, RunMount, RunScript, ShellOrExec},
     sandbox::{
-        self, cgroup::BuildCgroup, EtcFile, EtcName, MountSource, RunSpec, SecretContent, SecretFile,
-        StepMount,
+        self, cgroup::BuildCgroup, emulation, EtcFile, EtcName, MountSource, RunSpec, SecretContent,
+        SecretFile, StepMount,
     },
 };
 
@@ -71,11 +71,23 @@ impl StageRunner<'_> {
         if let Some(hit) = self.cached(&state, &step, &created_by) {
             return Ok(hit);
         }
+        // Emulated exactly as a native step is confined (same sandbox): only whether the
+        // host can run the platform's binaries at all is checked here.
+        emulation::check(&state.platform, &self.host, Path::new(emulation::BINFMT_MISC))
+            .map_err(|e| EngineError::step(line, e))?;
         let dir = self.step_dir("run-")?;
         let (upper, work) = (dir.join("upper"), dir.join("work"));
         for d in [&upper, &work] {
             std::fs::create_dir_all(d).map_err(EngineError::io("creating overlay directories"))?;
         }
+        let cache_dirs: Vec<PathBuf> = planned
+            .iter()
+            .filter(|m| m.key.starts_with("cache:"))
+            .filter_map(|m| match &m.what {
+                Prepare::Ready(mount) => mount.host_path().map(Path::to_path_buf),
+                _ => None,
+            })
+            .collect();
         let mut mounts = Vec::with_capacity(planned.len() + 1);
         for (i, m) in planned.into_iter().enumerate() {
             match m.what {
@@ -118,8 +130,27 @@ impl StageRunner<'_> {
             cgroup_procs: self.cgroup.map(BuildCgroup::procs_files).unwrap_or_default(),
             no_new_privileges: isolation.no_new_privileges,
         };
-        self.run_in_sandbox(&spec, line, shown).await?;
+        let ran = self.run_in_sandbox(&spec, line, shown).await;
+        self.measure_cache_mounts(cache_dirs).await;
+        ran?;
         self.commit_layer(state, &step, &upper, &created_by, false).await
+    }
+
+    /// Tells the store's books what the step's cache mounts hold now (a walk of those
+    /// directories only).
+    async fn measure_cache_mounts(&self, dirs: Vec<PathBuf>) {
+        let storage = self.lease.storage().clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+                    storage.cache_mount_measured(name, crate::engine::storage::disk_usage(&dir));
+                }
+            }
+        })
+        .await;
+        if let Err(e) = measured {
+            tracing::warn!(error = %e, "measuring cache mounts");
+        }
     }
 
     /// The network `RUN --network=…` asks for, within what the operator allows.
@@ -185,6 +216,12 @@ impl StageRunner<'_> {
                     let host_dir = self
                         .engine
                         .cache_mount_dir(self.input.cache_scope.as_deref(), &id);
+                    // Held for the build: GC never removes a cache mount in use.
+                    let name = host_dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    self.lease.pin_cache_mount_wait(&name).await;
                     std::fs::create_dir_all(&host_dir).map_err(EngineError::io("creating a cache mount"))?;
                     PlannedMount {
                         key: format!("cache:{id}:{target}:{read_only}"),
