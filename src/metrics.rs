@@ -41,6 +41,8 @@ use crate::{
 /// The `kind` label of the storage metrics: each [`StoreKind`], and `engine` for the engine
 /// store as a whole (every kind but contexts).
 const ENGINE_KIND: &str = "engine";
+/// The `kind` label of `kiln_gc_removed_bytes_total` for the embedded registry's collections.
+const REGISTRY_KIND: &str = "registry";
 
 /// image-builder-mk3's label: `"true"` or `"false"`, as Go's `strconv.FormatBool`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -153,6 +155,9 @@ struct Inner {
     gc_removed: Family<KindLabel, Counter>,
     /// The engine store whose books the storage metrics show, read at every scrape.
     storage: OnceLock<Storage>,
+    /// The embedded registry whose collections `kiln_gc_removed_bytes_total{kind="registry"}`
+    /// counts, read at every scrape.
+    embedded_registry: OnceLock<registry::server::EmbeddedRegistry>,
 }
 
 /// The metric handles. Cheap to clone.
@@ -317,6 +322,7 @@ impl Metrics {
             let _ = storage_budget.get_or_create(&KindLabel { kind });
             let _ = gc_removed.get_or_create(&KindLabel { kind });
         }
+        let _ = gc_removed.get_or_create(&KindLabel { kind: REGISTRY_KIND });
         Self(Arc::new(Inner {
             registry,
             builds_running,
@@ -340,6 +346,7 @@ impl Metrics {
             storage_budget,
             gc_removed,
             storage: OnceLock::new(),
+            embedded_registry: OnceLock::new(),
         }))
     }
 
@@ -479,8 +486,19 @@ impl Metrics {
         let _ = self.0.storage.set(storage);
     }
 
-    /// Copies the engine store's books into the storage metrics.
+    /// Counts the embedded registry's collections in `kiln_gc_removed_bytes_total`; the
+    /// first registry given stays.
+    pub fn watch_embedded_registry(&self, registry: registry::server::EmbeddedRegistry) {
+        let _ = self.0.embedded_registry.set(registry);
+    }
+
+    /// Copies the engine store's books and the embedded registry's collected bytes into the
+    /// storage metrics.
     fn sample_storage(&self) {
+        if let Some(registry) = self.0.embedded_registry.get() {
+            let counter = self.0.gc_removed.get_or_create(&KindLabel { kind: REGISTRY_KIND });
+            counter.inc_by(registry.gc_removed_bytes().saturating_sub(counter.get()));
+        }
         let Some(storage) = self.0.storage.get() else {
             return;
         };

@@ -204,6 +204,8 @@ pub async fn serve(
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut embedded = None;
+    // The embedded registry, when Kiln runs one: its collections are counted in the metrics.
+    let mut collected = None;
     if config.registry.external.is_none() {
         let registry_addr = config.registry.target_registry();
         let credentials = generate_registry_credentials();
@@ -283,6 +285,7 @@ pub async fn serve(
             }
             Ok(())
         });
+        collected = Some(embedded_registry.clone());
         let stop = stopped();
         tasks.spawn(async move {
             embedded_registry
@@ -293,6 +296,9 @@ pub async fn serve(
     }
 
     let metrics = Metrics::new();
+    if let Some(registry) = collected {
+        metrics.watch_embedded_registry(registry);
+    }
     let metrics_listener = bind(
         "metrics",
         config.metrics.addr,

@@ -1101,6 +1101,9 @@ async fn registry_gc_cannot_be_aimed_outside_a_repository_or_the_store() {
         let orphan_path = format!("/v2/evil/app/blobs/{orphan_digest}");
         let (status, _, _) = call(&addr, Method::HEAD, &orphan_path, Some(&auth), Vec::new(), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "collections ran and removed the orphan");
+        // The operator sees what the collections removed (the orphan's bytes at least).
+        let removed = kiln.metric("kiln_gc_removed_bytes_total{kind=\"registry\"}").await;
+        assert!(removed >= 9.0, "kiln_gc_removed_bytes_total{{kind=\"registry\"}} is {removed}");
     })
     .await;
     for sentinel in &sentinels {
