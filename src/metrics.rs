@@ -496,7 +496,10 @@ impl Metrics {
     /// storage metrics.
     fn sample_storage(&self) {
         if let Some(registry) = self.0.embedded_registry.get() {
-            let counter = self.0.gc_removed.get_or_create(&KindLabel { kind: REGISTRY_KIND });
+            let counter = self
+                .0
+                .gc_removed
+                .get_or_create(&KindLabel { kind: REGISTRY_KIND });
             counter.inc_by(registry.gc_removed_bytes().saturating_sub(counter.get()));
         }
         let Some(storage) = self.0.storage.get() else {
