@@ -134,8 +134,10 @@ impl Removed {
     }
 }
 
-/// The data dir's filesystem is full: `used` of `size` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The data dir's filesystem is full: `used` of `size` bytes. Its text is what a build that
+/// failed on it ends with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no space left on the data dir (used {} of {})", human_bytes(*.used), human_bytes(*.size))]
 pub struct DiskFull {
     pub used: u64,
     pub size: u64,

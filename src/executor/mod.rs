@@ -101,14 +101,9 @@ pub enum ExecutorError {
     NoCluster(String),
     /// The job failed while the data dir's filesystem was full (a copy into the embedded
     /// registry, say); the engine names its own such failures ([`EngineError::NoSpace`]).
-    #[error(
-        "no space left on the data dir (used {} of {})",
-        crate::engine::storage::human_bytes(*used),
-        crate::engine::storage::human_bytes(*size)
-    )]
+    #[error("{full}")]
     NoSpace {
-        used: u64,
-        size: u64,
+        full: crate::engine::storage::DiskFull,
         #[source]
         source: Box<ExecutorError>,
     },
@@ -190,8 +185,7 @@ impl Executor {
         tracing::warn!(used = full.used, size = full.size, %error, "a job failed on a full data dir");
         storage.collect_soon();
         ExecutorError::NoSpace {
-            used: full.used,
-            size: full.size,
+            full,
             source: Box::new(error),
         }
     }

@@ -51,14 +51,9 @@ pub enum EngineError {
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     /// The data dir's filesystem filled up during the build.
-    #[error(
-        "no space left on the data dir (used {} of {})",
-        crate::engine::storage::human_bytes(*used),
-        crate::engine::storage::human_bytes(*size)
-    )]
+    #[error("{full}")]
     NoSpace {
-        used: u64,
-        size: u64,
+        full: crate::engine::storage::DiskFull,
         /// What failed for want of space.
         #[source]
         source: Box<EngineError>,

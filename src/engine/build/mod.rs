@@ -365,8 +365,7 @@ impl Engine {
         tracing::warn!(used = full.used, size = full.size, error = %error, "a build ran out of space on the data dir");
         storage.collect_soon();
         EngineError::NoSpace {
-            used: full.used,
-            size: full.size,
+            full,
             source: Box::new(error),
         }
     }
