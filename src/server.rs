@@ -296,8 +296,8 @@ pub async fn serve(
     }
 
     let metrics = Metrics::new();
-    if let Some(registry) = collected {
-        metrics.watch_embedded_registry(registry);
+    if let Some(registry) = &collected {
+        metrics.watch_embedded_registry(registry.clone());
     }
     let metrics_listener = bind(
         "metrics",
@@ -323,7 +323,7 @@ pub async fn serve(
             Ok(())
         });
     }
-    let system = actors::start(&config, registry_client, metrics.clone()).await?;
+    let system = actors::start(&config, registry_client, metrics.clone(), collected.clone()).await?;
     let kiln = system.handle();
     fix_up_data_dir(&config.data_dir)?;
 

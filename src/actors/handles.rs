@@ -35,7 +35,19 @@ use crate::{
     },
     metrics::CacheEntries,
     model::{AuthPolicy, BuildId, BuildSource, Digest, ImageRef},
+    registry::server::EmbeddedRegistry,
 };
+
+/// What `KilnHandle::prune` removed.
+#[derive(Debug, Clone, Default)]
+pub struct Pruned {
+    /// From the engine store, per kind.
+    pub engine: Removed,
+    /// The engine store's bytes afterwards.
+    pub engine_bytes: u64,
+    /// Blob and upload bytes the embedded registry's collection removed.
+    pub registry_bytes: u64,
+}
 
 /// The resolver pool. A reference goes to the resolver that owns its cache shard
 /// ([`shard_of`]); when that one is down, to the next.
@@ -216,6 +228,9 @@ pub struct KilnHandle {
     /// Read only for the size of its layer store, a directory of content-addressed layers
     /// (no actor owns the engine's disk state).
     engine: Engine,
+    /// The registry Kiln serves itself, if any, collected by `prune` after the engine store
+    /// (its collections are the registry's own work, online and safe with pushes).
+    embedded_registry: Option<EmbeddedRegistry>,
 }
 
 impl KilnHandle {
@@ -225,6 +240,7 @@ impl KilnHandle {
         max_context_bytes: u64,
         storage: Storage,
         engine: Engine,
+        embedded_registry: Option<EmbeddedRegistry>,
     ) -> Self {
         Self {
             directory,
@@ -232,6 +248,7 @@ impl KilnHandle {
             max_context_bytes,
             storage,
             engine,
+            embedded_registry,
         }
     }
 
@@ -273,17 +290,34 @@ impl KilnHandle {
         )
     }
 
-    /// Removes what `goal` asks of the engine store (`None`: down to the budget); answers
-    /// what was removed and the engine store's bytes afterwards.
-    pub async fn prune(&self, goal: Option<PruneGoal>) -> Result<(Removed, u64), BuildError> {
+    /// Removes what `goal` asks of the engine store (`None`: down to the budget), then runs
+    /// a collection of the embedded registry (under its own policy: grace periods and kept
+    /// workspace images hold whatever `goal` says); answers what was removed from each, and
+    /// the engine store's bytes afterwards.
+    pub async fn prune(&self, goal: Option<PruneGoal>) -> Result<Pruned, BuildError> {
         let storage = self.storage.clone();
         let goal = goal.unwrap_or(PruneGoal::Keep(storage.policy().max_bytes));
-        tokio::task::spawn_blocking(move || {
+        let (engine, engine_bytes) = tokio::task::spawn_blocking(move || {
             let removed = storage.prune(goal);
             (removed, storage.engine_bytes())
         })
         .await
-        .map_err(|e| BuildError::internal("pruning the engine store", e))
+        .map_err(|e| BuildError::internal("pruning the engine store", e))?;
+        let registry_bytes = match &self.embedded_registry {
+            Some(registry) => {
+                registry
+                    .collect_garbage()
+                    .await
+                    .map_err(|e| BuildError::internal("collecting the embedded registry's garbage", e))?
+                    .bytes
+            }
+            None => 0,
+        };
+        Ok(Pruned {
+            engine,
+            engine_bytes,
+            registry_bytes,
+        })
     }
 
     /// Stores an uploaded context tar; returns its digest and size.

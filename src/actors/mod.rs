@@ -33,7 +33,7 @@ pub use build::RESTART_NOTICE;
 pub use cache_warmer::Warmed;
 pub use chaos::{parse_kinds, ChaosError, ChaosSettings};
 pub use error::BuildError;
-pub use handles::{KilnHandle, LogsHandle, ResolverPool};
+pub use handles::{KilnHandle, LogsHandle, Pruned, ResolverPool};
 pub use log_censor::Censor;
 pub use log_fanout::LogError;
 pub use orchestrator::{
@@ -61,7 +61,7 @@ use crate::{
     },
     executor::{kubernetes::KubernetesBuilder, Builder, Executor},
     metrics::Metrics,
-    registry::RegistryClient,
+    registry::{server::EmbeddedRegistry, RegistryClient},
 };
 
 /// Where every long-lived actor can be reached right now. Slots are created once; the
@@ -149,10 +149,13 @@ where
 }
 
 /// Starts the actor tree for `config` on its own threads (one per `actors.arbiters`).
+/// `embedded_registry` is the registry Kiln serves itself, if any: `kiln admin prune`
+/// collects its garbage too.
 pub async fn start(
     config: &Config,
     registry: RegistryClient,
     metrics: Metrics,
+    embedded_registry: Option<EmbeddedRegistry>,
 ) -> anyhow::Result<ActorSystem> {
     let restart_wait = config.supervision.backoff_max + std::time::Duration::from_secs(5);
     let platform = config.platform()?;
@@ -354,6 +357,7 @@ pub async fn start(
             max_context_bytes,
             handle_storage,
             handle_engine,
+            embedded_registry,
         ),
         system,
         thread: Some(thread),

@@ -114,18 +114,21 @@ impl Admin for AdminService {
             (false, 0) => None,
             (false, keep) => Some(PruneGoal::Keep(keep)),
         };
-        let (removed, engine_bytes) = self.kiln.prune(goal).await.map_err(from_build_error)?;
+        let pruned = self.kiln.prune(goal).await.map_err(from_build_error)?;
+        let removed = StoreKind::ALL
+            .iter()
+            .map(|&kind| (kind.as_str(), pruned.engine.of(kind)))
+            .chain([("registry", pruned.registry_bytes)]);
         Ok(Response::new(pb::PruneResponse {
-            removed: StoreKind::ALL
-                .iter()
-                .map(|&kind| pb::StoreUsage {
-                    kind: kind.as_str().into(),
-                    bytes: removed.of(kind),
+            removed: removed
+                .map(|(kind, bytes)| pb::StoreUsage {
+                    kind: kind.into(),
+                    bytes,
                     ..Default::default()
                 })
                 .collect(),
-            removed_bytes: removed.total(),
-            engine_bytes,
+            removed_bytes: pruned.engine.total() + pruned.registry_bytes,
+            engine_bytes: pruned.engine_bytes,
         }))
     }
 }

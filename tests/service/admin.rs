@@ -1,9 +1,9 @@
-//! The admin API on a quiet service: the actor tree as ListActors shows it, and RestartActor
+//! The admin API on a quiet service: the actor tree as ListActors shows it, RestartActor
 //! counting restarts in the reply, in ListActors and in the metric, with the service still
-//! answering afterwards.
+//! answering afterwards, and Prune reaching the embedded registry.
 
 use kiln::proto::{
-    admin::{ListActorsRequest, RestartActorRequest},
+    admin::{ListActorsRequest, PruneRequest, RestartActorRequest},
     builder::ResolveBaseImageRequest,
 };
 
@@ -278,6 +278,74 @@ async fn health_is_per_service_and_reflection_speaks_v1_and_v1alpha() {
                 "v1alpha lacks {name}: {alpha_names:?}"
             );
         }
+    })
+    .await;
+}
+
+/// `Admin.Prune` also collects the embedded registry's garbage: a blob no manifest
+/// references, past the (here zero) grace period, goes, and the answer counts its bytes
+/// under `registry`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_collects_the_embedded_registry_too() {
+    use sha2::{Digest as _, Sha256};
+    within(60, async {
+        let env = Env::start_with(Mode::Embedded, "[storage]\nregistry_blob_grace = \"0s\"\n");
+        let (user, password) = env
+            .kiln
+            .registry_credentials()
+            .expect("the embedded registry's credentials");
+        let blob = b"a blob no manifest references".to_vec();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
+        let registry = env.kiln.registry_addr().to_owned();
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let uploaded = http
+            .post(format!(
+                "http://{registry}/v2/prune/orphan/blobs/uploads/?digest={digest}"
+            ))
+            .basic_auth(&user, Some(&password))
+            .header("content-type", "application/octet-stream")
+            .body(blob.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(uploaded.status(), 201, "monolithic upload");
+        let head = |http: reqwest::Client| {
+            let (url, user, password) = (
+                format!("http://{registry}/v2/prune/orphan/blobs/{digest}"),
+                user.clone(),
+                password.clone(),
+            );
+            async move {
+                http.head(url)
+                    .basic_auth(user, Some(password))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        };
+        assert_eq!(
+            head(http.clone()).await,
+            200,
+            "the blob is there before the prune"
+        );
+
+        let pruned = env
+            .kiln
+            .admin()
+            .await
+            .prune(PruneRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let by_registry = pruned
+            .removed
+            .iter()
+            .find(|k| k.kind == "registry")
+            .unwrap_or_else(|| panic!("no registry entry in {pruned:?}"));
+        assert!(by_registry.bytes >= blob.len() as u64, "{pruned:?}");
+        assert!(pruned.removed_bytes >= by_registry.bytes, "{pruned:?}");
+        assert_eq!(head(http).await, 404, "the prune collected the unreferenced blob");
     })
     .await;
 }
