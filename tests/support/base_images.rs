@@ -113,8 +113,14 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 
 /// Whether `reference` (`HOST:PORT/repo:tag`) exists in its (plain-HTTP) registry.
 pub fn image_exists(reference: &str) -> bool {
-    Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
+    let mut skopeo = Command::new("skopeo");
+    skopeo.args(["inspect", "--raw", "--tls-verify=false"]);
+    // A Kiln server's embedded registry may want its credentials for reads too.
+    let registry = reference.split('/').next().unwrap_or_default();
+    if let Some(kiln) = super::registry_auth::lookup(registry) {
+        skopeo.arg("--authfile").arg(&kiln.auth_file);
+    }
+    skopeo
         .arg(format!("docker://{reference}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -170,7 +176,10 @@ fn push_once(registry: &str, layout: &BaseLayout) {
     let mut pushed = PUSHED.lock().unwrap_or_else(|p| p.into_inner());
     let pushed = pushed.get_or_insert_with(HashSet::new);
     let key = format!("{registry} {} {}", layout.dir.display(), layout.manifest_digest);
-    if pushed.contains(&key) {
+    // The address alone does not name a registry: a test's registry that stopped frees its
+    // port for the next one, which starts empty. So a push remembered is checked too.
+    let first = layout.tags.first().map(|tag| format!("{registry}/{}:{tag}", layout.repository));
+    if pushed.contains(&key) && first.as_deref().is_some_and(image_exists) {
         return;
     }
     tools::ensure_installed("skopeo", "skopeo");
