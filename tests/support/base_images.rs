@@ -178,7 +178,10 @@ fn push_once(registry: &str, layout: &BaseLayout) {
     let key = format!("{registry} {} {}", layout.dir.display(), layout.manifest_digest);
     // The address alone does not name a registry: a test's registry that stopped frees its
     // port for the next one, which starts empty. So a push remembered is checked too.
-    let first = layout.tags.first().map(|tag| format!("{registry}/{}:{tag}", layout.repository));
+    let first = layout
+        .tags
+        .first()
+        .map(|tag| format!("{registry}/{}:{tag}", layout.repository));
     if pushed.contains(&key) && first.as_deref().is_some_and(image_exists) {
         return;
     }
